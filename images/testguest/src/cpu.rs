@@ -1,0 +1,267 @@
+//! Descriptor tables and the CPL0 side of the guest: the GDT (kernel and user segments, TSS), the
+//! TSS, the IDT with its exception stubs, the exception report, and halting.
+//!
+//! The IDT is loaded (lidt) by the CPL0 entry code while still empty and filled afterwards from
+//! CPL3 (`fill_idt`): all memory is mapped user-writable, and the CPU reads gates only when an
+//! exception is delivered. Exceptions are fatal: the handler prints a FAIL line and exits 33.
+//!
+//! Halting from CPL3 (needed when there is no exit port): `hlt` at the label `user_halt` raises
+//! #GP, and the handler, seeing that address, parks the CPU in CPL0. Software interrupts are no
+//! use here: under PVM `int n` from CPL3 raises #UD, and `int` in CPL0 is an emulation failure.
+use core::arch::{asm, global_asm};
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use crate::{io, scenario, serial};
+
+pub const KERNEL_CS64: u16 = 0x08;
+pub const KERNEL_DS: u16 = 0x10;
+pub const KERNEL_CS32: u16 = 0x18;
+pub const USER_DS: u16 = 0x20 | 3;
+pub const USER_CS: u16 = 0x28 | 3;
+pub const TSS_SEL: u16 = 0x30;
+
+const GDT_ENTRIES: usize = 8;
+pub const GDT_LIMIT: u16 = (GDT_ENTRIES * 8 - 1) as u16;
+
+/// The GDT. Its TSS descriptor base is written by the entry code, and `ltr` sets the busy bit,
+/// so it lives in writable memory.
+#[repr(C, align(16))]
+pub struct Gdt(UnsafeCell<[u64; GDT_ENTRIES]>);
+
+// SAFETY: Rust code never accesses the GDT's contents; only the CPU and the BSP's entry code do.
+unsafe impl Sync for Gdt {}
+
+pub static GDT: Gdt = Gdt(UnsafeCell::new([
+    0,
+    0x00af_9b00_0000_ffff, // 0x08 kernel code, 64-bit
+    0x00cf_9300_0000_ffff, // 0x10 kernel data
+    0x00cf_9b00_0000_ffff, // 0x18 kernel code, 32-bit (entry and AP trampoline)
+    0x00cf_f300_0000_ffff, // 0x20 user data (DPL3)
+    0x00af_fb00_0000_ffff, // 0x28 user code, 64-bit (DPL3)
+    TSS_DESCRIPTOR_LOW,    // 0x30 TSS (available); base filled at boot
+    0,                     //      TSS base bits 63:32
+]));
+
+/// Offset of the I/O permission bitmap in the TSS (right after the 104-byte hardware TSS).
+pub const TSS_IOPB_OFFSET: usize = 104;
+/// Bitmap bytes: one bit per port for all 65536 ports, all clear (allowed).
+const IOPB_BYTES: usize = 65536 / 8;
+/// The bitmap is followed by one 0xff byte (the CPU may read a byte past it); the entry code
+/// writes it.
+pub const TSS_LEN: usize = TSS_IOPB_OFFSET + IOPB_BYTES + 1;
+const TSS_DESCRIPTOR_LOW: u64 = (0x89 << 40) | (TSS_LEN as u64 - 1);
+
+/// The 64-bit TSS with an I/O permission bitmap that allows every port. CPL3 code may use `in`
+/// and `out` both through RFLAGS.IOPL=3 and through this bitmap: the PVM-backed KVM on the
+/// target machines ignores the guest's IOPL but honours the bitmap. The entry code sets RSP0,
+/// the bitmap offset and the terminating byte.
+#[repr(C, align(16))]
+pub struct Tss(UnsafeCell<[u8; TSS_LEN]>);
+
+// SAFETY: Rust code never accesses the TSS; only the CPU and the BSP's entry code do.
+unsafe impl Sync for Tss {}
+
+pub static TSS: Tss = Tss(UnsafeCell::new([0; TSS_LEN]));
+
+const IDT_ENTRIES: usize = 256;
+pub const IDT_LIMIT: u16 = (IDT_ENTRIES * 16 - 1) as u16;
+const EXCEPTIONS: usize = 32;
+const GP_VECTOR: u64 = 13;
+/// Stride of the exception stubs in the assembly below.
+const STUB_STRIDE: u64 = 16;
+
+/// The IDT: 256 16-byte gates, two u64 each.
+#[repr(C, align(4096))]
+pub struct Idt(UnsafeCell<[u64; IDT_ENTRIES * 2]>);
+
+// SAFETY: written once by the BSP in `fill_idt` before any other CPU runs; afterwards only the
+// CPUs read it.
+unsafe impl Sync for Idt {}
+
+pub static IDT: Idt = Idt(UnsafeCell::new([0; IDT_ENTRIES * 2]));
+
+extern "C" {
+    static exception_stubs: u8;
+    /// `hlt` in CPL3: faults with #GP, which `exception_report` turns into a park.
+    fn user_halt() -> !;
+}
+
+/// A present 64-bit interrupt gate (DPL0, no IST) to `handler` in the kernel code segment.
+fn gate(handler: u64) -> (u64, u64) {
+    const PRESENT_INTERRUPT_GATE: u64 = 0x8e;
+    let low = (handler & 0xffff)
+        | (u64::from(KERNEL_CS64) << 16)
+        | (PRESENT_INTERRUPT_GATE << 40)
+        | (((handler >> 16) & 0xffff) << 48);
+    (low, handler >> 32)
+}
+
+/// Fills the IDT: vectors 0..31 report the exception. Runs in CPL3 on the BSP before anything
+/// else.
+pub fn fill_idt() {
+    let stubs = core::ptr::addr_of!(exception_stubs) as u64;
+    let idt = IDT.0.get().cast::<u64>();
+    let set = |vector: usize, (low, high): (u64, u64)| {
+        // SAFETY: vector < 256, so both words are inside the IDT; no other CPU is running and no
+        // Rust reference to the IDT exists.
+        unsafe {
+            idt.add(vector * 2).write_volatile(low);
+            idt.add(vector * 2 + 1).write_volatile(high);
+        }
+    };
+    for vector in 0..EXCEPTIONS {
+        set(vector, gate(stubs + vector as u64 * STUB_STRIDE));
+    }
+}
+
+global_asm!(
+    r#"
+    .macro tg_stub_noerr v
+    .balign 16
+    pushq $0
+    pushq $\v
+    jmp exception_common
+    .endm
+    .macro tg_stub_err v
+    .balign 16
+    pushq $\v
+    jmp exception_common
+    .endm
+
+    .pushsection .text.exceptions, "ax"
+    .balign 16
+    .global exception_stubs
+exception_stubs:
+    tg_stub_noerr 0
+    tg_stub_noerr 1
+    tg_stub_noerr 2
+    tg_stub_noerr 3
+    tg_stub_noerr 4
+    tg_stub_noerr 5
+    tg_stub_noerr 6
+    tg_stub_noerr 7
+    tg_stub_err 8
+    tg_stub_noerr 9
+    tg_stub_err 10
+    tg_stub_err 11
+    tg_stub_err 12
+    tg_stub_err 13
+    tg_stub_err 14
+    tg_stub_noerr 15
+    tg_stub_noerr 16
+    tg_stub_err 17
+    tg_stub_noerr 18
+    tg_stub_noerr 19
+    tg_stub_noerr 20
+    tg_stub_err 21
+    tg_stub_noerr 22
+    tg_stub_noerr 23
+    tg_stub_noerr 24
+    tg_stub_noerr 25
+    tg_stub_noerr 26
+    tg_stub_noerr 27
+    tg_stub_noerr 28
+    tg_stub_err 29
+    tg_stub_err 30
+    tg_stub_noerr 31
+
+exception_common:
+    /* rsp -> [vector, error, rip, cs, rflags, rsp, ss]; handlers never return. */
+    movq %rsp, %rdi
+    andq $-16, %rsp
+    call {report}
+    ud2
+
+    .global user_halt
+user_halt:
+    hlt
+    jmp user_halt
+    .popsection
+"#,
+    report = sym exception_report,
+    options(att_syntax)
+);
+
+/// What the exception stubs and the CPU pushed.
+#[repr(C)]
+struct ExceptionFrame {
+    vector: u64,
+    error: u64,
+    rip: u64,
+    cs: u64,
+    rflags: u64,
+    rsp: u64,
+    ss: u64,
+}
+
+const EXCEPTION_NAMES: [&str; 32] = [
+    "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "CSO", "#TS", "#NP", "#SS",
+    "#GP", "#PF", "15", "#MF", "#AC", "#MC", "#XM", "#VE", "#CP", "22", "23", "24", "25", "26",
+    "27", "28", "#VC", "#SX", "31",
+];
+
+static IN_EXCEPTION: AtomicBool = AtomicBool::new(false);
+
+/// Runs in CPL0 (emulated, so kept short): prints
+/// `testguest: FAIL <scenario>: exception <n> (<name>) ...` and exits 33.
+extern "C" fn exception_report(frame: &ExceptionFrame) -> ! {
+    if frame.vector == GP_VECTOR && frame.rip == user_halt as *const () as u64 && frame.cs & 3 == 3
+    {
+        park();
+    }
+    if IN_EXCEPTION.swap(true, Ordering::AcqRel) {
+        park(); // a fault while reporting a fault (or on two CPUs): stop quietly
+    }
+    let cr2: u64;
+    // SAFETY: reading CR2 has no side effects; this handler runs in CPL0.
+    unsafe { asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack, preserves_flags)) };
+    let name = EXCEPTION_NAMES
+        .get(frame.vector as usize)
+        .copied()
+        .unwrap_or("?");
+    serial::line_forced()
+        .str("testguest: FAIL ")
+        .str(scenario::current_name())
+        .str(": exception ")
+        .dec(frame.vector)
+        .str(" (")
+        .str(name)
+        .str(") rip=")
+        .hex(frame.rip)
+        .str(" err=")
+        .hex(frame.error)
+        .str(" cr2=")
+        .hex(cr2)
+        .str(" cpl=")
+        .dec(frame.cs & 3)
+        .str(" rsp=")
+        .hex(frame.rsp)
+        .str(" rflags=")
+        .hex(frame.rflags)
+        .str(" ss=")
+        .hex(frame.ss)
+        .str("\n");
+    io::exit(scenario::EXIT_FAIL)
+}
+
+/// Stops this CPU for good, from CPL0 or CPL3.
+pub fn halt_forever() -> ! {
+    let cs: u16;
+    // SAFETY: reading CS has no side effects.
+    unsafe { asm!("mov {0:x}, cs", out(reg) cs, options(nomem, nostack, preserves_flags)) };
+    if cs & 3 == 0 {
+        park();
+    }
+    // SAFETY: `user_halt` is a CPL3-callable label whose `hlt` faults into `exception_report`,
+    // which parks the CPU; it never returns.
+    unsafe { user_halt() }
+}
+
+/// Parks the calling CPU with interrupts off. CPL0 only (the APs and the exception handler).
+pub fn park() -> ! {
+    loop {
+        // SAFETY: the caller runs in CPL0; cli/hlt touch no memory.
+        unsafe { asm!("cli", "hlt", options(nomem, nostack)) };
+    }
+}

@@ -1,0 +1,131 @@
+//! The scenario runner: splits the command line into tokens, runs the recognised ones in order,
+//! and owns the verdict lines (`done`, `FAIL`) and exit codes. The scenarios themselves live in
+//! their own modules (memcheck, smp); the tiny ones (hello, exit=N, fault, panic, spin) live here.
+use core::sync::atomic::{AtomicU8, Ordering};
+
+use crate::bootinfo::BootInfo;
+use crate::serial::{self, Line};
+use crate::{io, memcheck, smp};
+
+/// Exit code when every scenario passed.
+pub const EXIT_OK: u8 = 0;
+/// Exit code after a `FAIL` line.
+pub const EXIT_FAIL: u8 = 33;
+/// Exit code after a `PANIC` line.
+pub const EXIT_PANIC: u8 = 34;
+
+/// Names used in FAIL lines, indexed by `CURRENT`.
+const NAMES: [&str; 8] = [
+    "boot", "hello", "memcheck", "smp", "exit", "fault", "panic", "spin",
+];
+const BOOT: u8 = 0;
+const HELLO: u8 = 1;
+const MEMCHECK: u8 = 2;
+const SMP: u8 = 3;
+const EXIT: u8 = 4;
+const FAULT: u8 = 5;
+const PANIC: u8 = 6;
+const SPIN: u8 = 7;
+
+/// The scenario now running, for FAIL lines from the exception handler.
+static CURRENT: AtomicU8 = AtomicU8::new(BOOT);
+
+/// Name of the scenario now running (`boot` before the first one).
+pub fn current_name() -> &'static str {
+    NAMES
+        .get(usize::from(CURRENT.load(Ordering::Relaxed)))
+        .copied()
+        .unwrap_or("?")
+}
+
+/// Prints `testguest: FAIL <scenario>: <reason>`, where `reason` writes the reason, and exits 33.
+pub fn fail(reason: impl FnOnce(&mut Line)) -> ! {
+    {
+        let mut w = serial::line();
+        w.str("testguest: FAIL ").str(current_name()).str(": ");
+        reason(&mut w);
+        w.str("\n");
+    }
+    io::exit(EXIT_FAIL)
+}
+
+/// `fail` with a fixed reason.
+pub fn fail_msg(reason: &str) -> ! {
+    fail(|w| {
+        w.str(reason);
+    })
+}
+
+/// Runs every recognised token of the command line in order, then prints `testguest: done` and
+/// exits 0. Unknown tokens (such as `console=ttyS0`) are ignored.
+pub fn run_all(info: &BootInfo) -> ! {
+    for token in info.cmdline().split(u8::is_ascii_whitespace) {
+        let start = |id: u8| CURRENT.store(id, Ordering::Relaxed);
+        match token {
+            b"hello" => {
+                start(HELLO);
+                serial::line().str("testguest: hello\n");
+            }
+            b"memcheck" => {
+                start(MEMCHECK);
+                memcheck::run(info);
+            }
+            b"smp" => {
+                start(SMP);
+                smp::run(info);
+            }
+            b"fault" => {
+                start(FAULT);
+                // SAFETY: ud2 raises #UD on purpose; the exception handler reports it and exits.
+                unsafe { core::arch::asm!("ud2", options(nomem, nostack)) };
+            }
+            b"panic" => {
+                start(PANIC);
+                panic!("panic requested on the command line");
+            }
+            b"spin" => {
+                // A hung guest, for the VMM's timeout and signal tests: prints once, then loops
+                // in CPL3 forever without exiting.
+                start(SPIN);
+                serial::line().str("testguest: spinning\n");
+                loop {
+                    core::hint::spin_loop();
+                }
+            }
+            _ if token.starts_with(b"exit=") => {
+                start(EXIT);
+                let Some(code) = parse_u8(&token[5..]) else {
+                    fail(|w| {
+                        w.str("bad exit code \"")
+                            .bytes(&token[5..])
+                            .str("\" (want 0..255)");
+                    })
+                };
+                serial::line()
+                    .str("testguest: exit ")
+                    .dec(code.into())
+                    .str("\n");
+                io::exit(code);
+            }
+            _ => {}
+        }
+    }
+    CURRENT.store(BOOT, Ordering::Relaxed);
+    serial::line().str("testguest: done\n");
+    io::exit(EXIT_OK)
+}
+
+/// Parses a decimal 0..=255.
+fn parse_u8(digits: &[u8]) -> Option<u8> {
+    if digits.is_empty() || digits.len() > 3 {
+        return None;
+    }
+    let mut v: u32 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        v = v * 10 + u32::from(d - b'0');
+    }
+    u8::try_from(v).ok()
+}

@@ -1,0 +1,140 @@
+//! COM1 (16550 at I/O 0x3f8) output and the console lock that keeps lines from different CPUs
+//! apart. Formatting helpers (decimal, hex) live here so callers in CPL0 (AP start-up, the
+//! exception handler) never need `core::fmt`. Input is not supported.
+use core::hint::spin_loop;
+use core::marker::PhantomData;
+use core::sync::atomic::{AtomicBool, Ordering};
+
+use crate::io::{inb, outb};
+
+const COM1: u16 = 0x3f8;
+const LSR: u16 = COM1 + 5;
+const LSR_THR_EMPTY: u8 = 1 << 5;
+/// Polls of LSR before a byte is written anyway (a missing or broken UART must not hang us).
+const MAX_LSR_POLLS: u32 = 100_000;
+/// Spins before the exception/panic path takes the console without the lock.
+const FORCED_LOCK_SPINS: u32 = 10_000;
+
+/// The console lock: `swap` compiles to `xchg`, which the CPL0 emulator handles.
+static LOCK: AtomicBool = AtomicBool::new(false);
+
+/// Minimal 16550 set-up: 115200 8N1, FIFOs on, interrupts off.
+pub fn init() {
+    outb(COM1 + 1, 0x00); // IER: no interrupts
+    outb(COM1 + 3, 0x80); // LCR: DLAB on
+    outb(COM1, 0x01); // DLL: divisor 1 = 115200 baud
+    outb(COM1 + 1, 0x00); // DLM
+    outb(COM1 + 3, 0x03); // LCR: 8N1, DLAB off
+    outb(COM1 + 2, 0xc7); // FCR: enable and clear FIFOs
+    outb(COM1 + 4, 0x03); // MCR: DTR, RTS (OUT2 off: no IRQ)
+}
+
+fn put_byte(b: u8) {
+    let mut polls = 0;
+    while inb(LSR) & LSR_THR_EMPTY == 0 && polls < MAX_LSR_POLLS {
+        polls += 1;
+        spin_loop();
+    }
+    outb(COM1, b);
+}
+
+/// One console line being written; holds the console lock until dropped.
+pub struct Line {
+    owns_lock: bool,
+    // Not Send: the lock belongs to the CPU that took it.
+    _cpu_local: PhantomData<*const ()>,
+}
+
+/// Takes the console lock (spinning) and returns a writer for one line.
+pub fn line() -> Line {
+    while LOCK.swap(true, Ordering::Acquire) {
+        spin_loop();
+    }
+    Line {
+        owns_lock: true,
+        _cpu_local: PhantomData,
+    }
+}
+
+/// Like `line`, but for the exception and panic paths: if the lock stays busy (perhaps held by
+/// the code that faulted), writes without it rather than deadlock.
+pub fn line_forced() -> Line {
+    for _ in 0..FORCED_LOCK_SPINS {
+        if !LOCK.swap(true, Ordering::Acquire) {
+            return Line {
+                owns_lock: true,
+                _cpu_local: PhantomData,
+            };
+        }
+        spin_loop();
+    }
+    Line {
+        owns_lock: false,
+        _cpu_local: PhantomData,
+    }
+}
+
+impl Line {
+    /// Writes raw bytes.
+    pub fn bytes(&mut self, bytes: &[u8]) -> &mut Self {
+        for &b in bytes {
+            put_byte(b);
+        }
+        self
+    }
+
+    /// Writes a string.
+    pub fn str(&mut self, s: &str) -> &mut Self {
+        self.bytes(s.as_bytes())
+    }
+
+    /// Writes `v` in decimal.
+    pub fn dec(&mut self, mut v: u64) -> &mut Self {
+        let mut buf = [0u8; 20];
+        let mut i = buf.len();
+        loop {
+            i -= 1;
+            buf[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        self.bytes(&buf[i..])
+    }
+
+    /// Writes `v` as `0x` followed by lowercase hex digits without leading zeros.
+    pub fn hex(&mut self, v: u64) -> &mut Self {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut buf = [0u8; 18];
+        let mut i = buf.len();
+        let mut rest = v;
+        loop {
+            i -= 1;
+            buf[i] = DIGITS[(rest & 0xf) as usize];
+            rest >>= 4;
+            if rest == 0 {
+                break;
+            }
+        }
+        i -= 2;
+        buf[i] = b'0';
+        buf[i + 1] = b'x';
+        self.bytes(&buf[i..])
+    }
+}
+
+impl core::fmt::Write for Line {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        self.str(s);
+        Ok(())
+    }
+}
+
+impl Drop for Line {
+    fn drop(&mut self) {
+        if self.owns_lock {
+            LOCK.store(false, Ordering::Release);
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! The `smp` scenario: counts CPUs from the ACPI MADT, starts every AP with INIT-SIPI-SIPI
+//! through the xAPIC and waits for each to check in. Also owns the 16-bit AP trampoline and
+//! `ap_main`.
+//!
+//! The BSP side runs in CPL3 (the LAPIC page is identity-mapped user-accessible and uncached, and
+//! `rdtsc` is native there). APs never leave CPL0: each runs the trampoline (real -> protected ->
+//! long mode, shared with the BSP's path in entry.rs), prints one line, bumps `ONLINE`, and
+//! halts with interrupts off, so parked APs cost the host nothing.
+use core::arch::global_asm;
+use core::arch::x86_64::{__cpuid, _rdtsc, CpuidResult};
+use core::hint::spin_loop;
+use core::sync::atomic::{AtomicU32, Ordering};
+
+use crate::acpi::{self, Madt, RootTable};
+use crate::bootinfo::BootInfo;
+use crate::paging::mapped_limit;
+use crate::scenario::{fail, fail_msg};
+use crate::{cpu, serial};
+
+/// Physical page the trampoline is copied to; the SIPI vector is its page number.
+pub const TRAMPOLINE: u64 = 0x8000;
+/// Highest APIC ID with an AP stack (entry.rs sizes the stacks from it).
+pub const MAX_APIC_ID: u32 = 63;
+
+const LAPIC_ID: u64 = 0x20;
+const LAPIC_SVR: u64 = 0xf0;
+const LAPIC_ICR_LOW: u64 = 0x300;
+const LAPIC_ICR_HIGH: u64 = 0x310;
+const ICR_INIT_ASSERT: u32 = 0x0000_4500;
+const ICR_STARTUP: u32 = 0x0000_4600;
+const ICR_DELIVERY_PENDING: u32 = 1 << 12;
+/// How long the BSP waits for all APs, in microseconds.
+const AP_TIMEOUT_US: u64 = 10_000_000;
+/// TSC rate assumed when CPUID reports none.
+const DEFAULT_TSC_MHZ: u64 = 3000;
+
+/// APs that have printed their line.
+static ONLINE: AtomicU32 = AtomicU32::new(0);
+
+global_asm!(
+    r#"
+    /* Copied to {tramp} and entered by SIPI in real mode with CS = {tramp} >> 4, IP = 0.
+     * Position-independent: data is addressed as {tramp} + offset with DS = 0. */
+    .pushsection .text.ap_trampoline, "ax"
+    .code16
+    .global ap_trampoline_start
+ap_trampoline_start:
+    cli
+    cld
+    xorw %ax, %ax
+    movw %ax, %ds
+    lgdtl {tramp} + ap_tramp_gdt_desc - ap_trampoline_start
+    movl %cr0, %eax
+    orl $1, %eax
+    movl %eax, %cr0
+    ljmpl ${kernel_cs32}, $ap_entry32
+    .balign 8
+ap_tramp_gdt_desc:
+    .word {gdt_limit}
+    .quad {gdt}
+    .global ap_trampoline_end
+ap_trampoline_end:
+    .code64
+    .popsection
+"#,
+    tramp = const TRAMPOLINE,
+    kernel_cs32 = const cpu::KERNEL_CS32,
+    gdt_limit = const cpu::GDT_LIMIT,
+    gdt = sym cpu::GDT,
+    options(att_syntax)
+);
+
+extern "C" {
+    static ap_trampoline_start: u8;
+    static ap_trampoline_end: u8;
+}
+
+/// AP entry from entry.rs, in CPL0 on the AP's own stack. Kept short: CPL0 is emulated.
+pub extern "C" fn ap_main(apic_id: u32) -> ! {
+    serial::line()
+        .str("testguest: smp cpu ")
+        .dec(apic_id.into())
+        .str(" online\n");
+    ONLINE.fetch_add(1, Ordering::Release);
+    cpu::park()
+}
+
+/// CPUID leaf `leaf`. `__cpuid` became a safe function only in recent Rust.
+#[allow(unused_unsafe)]
+fn cpuid(leaf: u32) -> CpuidResult {
+    // SAFETY: CPUID is always available in long mode and has no side effects.
+    unsafe { __cpuid(leaf) }
+}
+
+/// TSC rate for timeouts only. CPUID runs in CPL3 here and may report the host's leaves under
+/// PVM, which is good enough for a delay.
+fn tsc_mhz() -> u64 {
+    let max_leaf = cpuid(0).eax;
+    if max_leaf >= 0x16 {
+        let base_mhz = cpuid(0x16).eax & 0xffff;
+        if base_mhz != 0 {
+            return base_mhz.into();
+        }
+    }
+    if max_leaf >= 0x15 {
+        let l = cpuid(0x15);
+        if l.eax != 0 && l.ebx != 0 && l.ecx != 0 {
+            return u64::from(l.ecx) * u64::from(l.ebx) / u64::from(l.eax) / 1_000_000;
+        }
+    }
+    DEFAULT_TSC_MHZ
+}
+
+fn rdtsc() -> u64 {
+    // SAFETY: CR4.TSD is clear (entry.rs), so rdtsc works in CPL3; it has no side effects.
+    unsafe { _rdtsc() }
+}
+
+fn delay_us(us: u64, mhz: u64) {
+    let start = rdtsc();
+    while rdtsc().wrapping_sub(start) < us * mhz {
+        spin_loop();
+    }
+}
+
+struct Lapic {
+    base: u64,
+}
+
+impl Lapic {
+    fn write(&self, reg: u64, value: u32) {
+        // SAFETY: `base` is the LAPIC MMIO page (checked against the identity map in `run`),
+        // mapped user-accessible and uncached; the access is an aligned 32-bit volatile store.
+        unsafe { ((self.base + reg) as *mut u32).write_volatile(value) };
+    }
+
+    fn read(&self, reg: u64) -> u32 {
+        // SAFETY: as for `write`.
+        unsafe { ((self.base + reg) as *const u32).read_volatile() }
+    }
+
+    fn send_ipi(&self, apic_id: u8, icr_low: u32) {
+        self.write(LAPIC_ICR_HIGH, u32::from(apic_id) << 24);
+        self.write(LAPIC_ICR_LOW, icr_low);
+        for _ in 0..1_000_000 {
+            if self.read(LAPIC_ICR_LOW) & ICR_DELIVERY_PENDING == 0 {
+                return;
+            }
+            spin_loop();
+        }
+    }
+}
+
+fn lapic(madt: &Madt) -> Lapic {
+    let base = madt.lapic_base;
+    if base == 0 || base & 0xfff != 0 || base + 4096 > mapped_limit() {
+        fail(|w| {
+            w.str("unusable local APIC base ").hex(base);
+        });
+    }
+    Lapic { base }
+}
+
+fn madt(info: &BootInfo) -> Madt {
+    let Some(rsdp) = acpi::find_rsdp(info.rsdp_paddr) else {
+        fail(|w| {
+            w.str("no ACPI RSDP (start_info rsdp_paddr ")
+                .hex(info.rsdp_paddr)
+                .str(", none in 0xe0000-0xfffff)");
+        })
+    };
+    let root = RootTable::new(rsdp).unwrap_or_else(|e| fail_msg(e));
+    let Some(addr) = root.find(b"APIC") else {
+        fail_msg("no MADT (APIC) table in the RSDT/XSDT")
+    };
+    Madt::parse(addr).unwrap_or_else(|e| fail_msg(e))
+}
+
+/// Copies the trampoline to its page. Refuses if that page holds an ACPI table.
+fn install_trampoline(info: &BootInfo) {
+    let mut clash = false;
+    acpi::for_each_table(info.rsdp_paddr, |s, e| {
+        clash |= s < TRAMPOLINE + 4096 && e > TRAMPOLINE;
+    });
+    if clash {
+        fail(|w| {
+            w.str("an ACPI table overlaps the AP trampoline page ")
+                .hex(TRAMPOLINE);
+        });
+    }
+    let src = core::ptr::addr_of!(ap_trampoline_start);
+    let len = core::ptr::addr_of!(ap_trampoline_end) as usize - src as usize;
+    // SAFETY: the source is the trampoline's bytes in the image; the destination page is RAM
+    // below 1 MiB that holds nothing the guest still needs (start_info was copied at boot, no
+    // ACPI table is there); the two do not overlap.
+    unsafe { core::ptr::copy_nonoverlapping(src, TRAMPOLINE as *mut u8, len) };
+}
+
+pub fn run(info: &BootInfo) {
+    let madt = madt(info);
+    let ids = madt.apic_ids();
+    serial::line()
+        .str("testguest: smp cpus=")
+        .dec(ids.len() as u64)
+        .str("\n");
+    if ids.is_empty() {
+        fail_msg("MADT lists no enabled CPU");
+    }
+    let lapic = lapic(&madt);
+    // The LAPIC ID register, not CPUID: CPUID in CPL3 may return the host's APIC ID under PVM.
+    let bsp = (lapic.read(LAPIC_ID) >> 24) as u8;
+    if !ids.contains(&bsp) {
+        fail(|w| {
+            w.str("the BSP's APIC ID ")
+                .dec(bsp.into())
+                .str(" is not in the MADT");
+        });
+    }
+    if let Some(&id) = ids.iter().find(|&&id| u32::from(id) > MAX_APIC_ID) {
+        fail(|w| {
+            w.str("APIC ID ")
+                .dec(id.into())
+                .str(" is above the supported maximum ")
+                .dec(MAX_APIC_ID.into());
+        });
+    }
+
+    let aps = ids.len() as u32 - 1;
+    if aps > 0 {
+        install_trampoline(info);
+        // Software-enable the BSP's APIC (spurious vector 0xff); IF stays 0, nothing is delivered.
+        lapic.write(LAPIC_SVR, 0x1ff);
+        let mhz = tsc_mhz();
+        let before = ONLINE.load(Ordering::Acquire);
+        let vector = (TRAMPOLINE >> 12) as u32;
+        for &id in ids.iter().filter(|&&id| id != bsp) {
+            lapic.send_ipi(id, ICR_INIT_ASSERT);
+            delay_us(10_000, mhz);
+            lapic.send_ipi(id, ICR_STARTUP | vector);
+            delay_us(200, mhz);
+            lapic.send_ipi(id, ICR_STARTUP | vector);
+        }
+        let start = rdtsc();
+        while ONLINE.load(Ordering::Acquire) - before < aps {
+            if rdtsc().wrapping_sub(start) > AP_TIMEOUT_US * mhz {
+                let online = ONLINE.load(Ordering::Acquire) - before;
+                fail(|w| {
+                    w.str("only ")
+                        .dec(online.into())
+                        .str(" of ")
+                        .dec(aps.into())
+                        .str(" APs came online within 10 s");
+                });
+            }
+            spin_loop();
+        }
+    }
+    serial::line()
+        .str("testguest: smp ok cpus=")
+        .dec(ids.len() as u64)
+        .str("\n");
+}

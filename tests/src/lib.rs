@@ -1,0 +1,349 @@
+//! The harness skiff's end-to-end tests use: build and locate the `skiff` binary and the guest
+//! images, start skiff, wait for serial lines with a timeout, collect the exit code, and kill the
+//! VM on drop so a failing test never leaves one running.
+//!
+//! Tests that need KVM call `require_kvm()`, which fails (never skips) when `/dev/kvm` is absent.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Fails the test unless `/dev/kvm` exists: KVM tests must not pass vacuously.
+pub fn require_kvm() {
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "/dev/kvm is missing: this test needs KVM and must not be skipped"
+    );
+}
+
+fn run_build(cmd: &mut Command, what: &str) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run the build of {what}: {e}"));
+    assert!(
+        out.status.success(),
+        "building {what} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The release `skiff` binary, built once per test process.
+pub fn skiff_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(p) = std::env::var("SKIFF_BIN") {
+            return PathBuf::from(p);
+        }
+        let root = workspace_root();
+        run_build(
+            Command::new(env!("CARGO")).current_dir(&root).args([
+                "build",
+                "--release",
+                "-p",
+                "vmm",
+                "--bin",
+                "skiff",
+            ]),
+            "skiff",
+        );
+        root.join("target/release/skiff")
+    })
+}
+
+/// The test guest ELF (`images/testguest`), built once per test process.
+pub fn testguest() -> &'static Path {
+    static ELF: OnceLock<PathBuf> = OnceLock::new();
+    ELF.get_or_init(|| {
+        if let Ok(p) = std::env::var("SKIFF_TESTGUEST") {
+            return PathBuf::from(p);
+        }
+        let dir = workspace_root().join("images/testguest");
+        run_build(
+            Command::new(env!("CARGO"))
+                .current_dir(&dir)
+                .env_remove("RUSTFLAGS")
+                .env_remove("CARGO_TARGET_DIR")
+                .args(["build", "--release", "--target", "x86_64-unknown-none"]),
+            "the test guest",
+        );
+        dir.join("target/x86_64-unknown-none/release/testguest")
+    })
+}
+
+/// The minimal Linux kernel and initramfs (`images/linux/build.sh`, cached by config hash).
+#[derive(Debug, Clone)]
+pub struct LinuxImages {
+    /// ELF vmlinux (PVH).
+    pub vmlinux: PathBuf,
+    /// bzImage.
+    pub bzimage: PathBuf,
+    /// busybox initramfs.
+    pub initramfs: PathBuf,
+}
+
+/// Builds (or finds cached) Linux images.
+pub fn linux_images() -> &'static LinuxImages {
+    static IMAGES: OnceLock<LinuxImages> = OnceLock::new();
+    IMAGES.get_or_init(|| {
+        let dir = match std::env::var("SKIFF_LINUX_DIR") {
+            Ok(d) => PathBuf::from(d),
+            Err(_) => {
+                let script = workspace_root().join("images/linux/build.sh");
+                let out = Command::new("bash")
+                    .arg(&script)
+                    .stderr(Stdio::inherit())
+                    .output()
+                    .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+                assert!(out.status.success(), "{} failed", script.display());
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                PathBuf::from(stdout.lines().last().unwrap_or_default().trim())
+            }
+        };
+        LinuxImages {
+            vmlinux: dir.join("vmlinux"),
+            bzimage: dir.join("bzImage"),
+            initramfs: dir.join("initramfs.cpio.gz"),
+        }
+    })
+}
+
+/// What a finished skiff run produced.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    /// Exit code (None if killed by a signal).
+    pub code: Option<i32>,
+    /// Everything written to stdout (the serial console by default).
+    pub stdout: String,
+    /// Everything written to stderr.
+    pub stderr: String,
+    /// Wall time from spawn to exit.
+    pub elapsed: Duration,
+}
+
+impl Finished {
+    /// Asserts the run exited with `code`, showing the output otherwise.
+    pub fn assert_code(&self, code: i32) -> &Self {
+        assert_eq!(
+            self.code,
+            Some(code),
+            "unexpected exit code\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+
+    /// Asserts stdout contains `text`.
+    pub fn assert_stdout_has(&self, text: &str) -> &Self {
+        assert!(
+            self.stdout.contains(text),
+            "stdout lacks {text:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+
+    /// Asserts stderr contains `text`.
+    pub fn assert_stderr_has(&self, text: &str) -> &Self {
+        assert!(
+            self.stderr.contains(text),
+            "stderr lacks {text:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+}
+
+/// A running skiff process. Killed on drop.
+#[derive(Debug)]
+pub struct Skiff {
+    child: Child,
+    started: Instant,
+    lines: Receiver<String>,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+    readers: Vec<thread::JoinHandle<()>>,
+}
+
+fn pump<R: Read + Send + 'static>(
+    source: R,
+    sink: Arc<Mutex<String>>,
+    lines: Option<std::sync::mpsc::Sender<String>>,
+) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut reader = BufReader::new(source);
+        let mut buf = Vec::new();
+        while let Ok(n) = reader.read_until(b'\n', &mut buf) {
+            if n == 0 {
+                break;
+            }
+            let line = String::from_utf8_lossy(&buf).into_owned();
+            sink.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push_str(&line);
+            if let Some(tx) = &lines {
+                let _ = tx.send(line.trim_end().to_string());
+            }
+            buf.clear();
+        }
+    })
+}
+
+impl Skiff {
+    /// Starts `skiff` with `args` (stdin closed).
+    pub fn spawn<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Self {
+        Self::spawn_command(Command::new(skiff_bin()).args(args))
+    }
+
+    /// Starts a prepared command (for wrappers such as `unshare` or `setpriv`).
+    pub fn spawn_command(cmd: &mut Command) -> Self {
+        let started = Instant::now();
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start skiff: {e}"));
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (tx, lines) = channel();
+        let mut readers = Vec::new();
+        if let Some(out) = child.stdout.take() {
+            readers.push(pump(out, stdout.clone(), Some(tx)));
+        }
+        if let Some(err) = child.stderr.take() {
+            readers.push(pump(err, stderr.clone(), None));
+        }
+        Self {
+            child,
+            started,
+            lines,
+            stdout,
+            stderr,
+            readers,
+        }
+    }
+
+    /// Waits until a stdout line contains `pattern`; returns that line.
+    pub fn wait_for_line(&mut self, pattern: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(pattern) => return line,
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    let _ = self.child.kill();
+                    panic!(
+                        "no line with {pattern:?} within {timeout:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                        self.stdout_text(),
+                        self.stderr_text()
+                    );
+                }
+                Err(RecvTimeoutError::Disconnected) => panic!(
+                    "skiff ended before printing {pattern:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                    self.stdout_text(),
+                    self.stderr_text()
+                ),
+            }
+        }
+    }
+
+    /// stdout so far.
+    pub fn stdout_text(&self) -> String {
+        self.stdout
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// stderr so far.
+    pub fn stderr_text(&self) -> String {
+        self.stderr
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for exit (killing the VM after `timeout`) and collects its output.
+    pub fn wait(mut self, timeout: Duration) -> Finished {
+        let deadline = self.started + timeout;
+        let status: Option<ExitStatus> = loop {
+            match self.child.try_wait() {
+                Ok(Some(s)) => break Some(s),
+                Ok(None) if Instant::now() >= deadline => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break None;
+                }
+                Ok(None) => thread::sleep(Duration::from_millis(2)),
+                Err(e) => panic!("waiting for skiff failed: {e}"),
+            }
+        };
+        let elapsed = self.started.elapsed();
+        for r in self.readers.drain(..) {
+            let _ = r.join();
+        }
+        let finished = Finished {
+            code: status.and_then(|s| s.code()),
+            stdout: self.stdout_text(),
+            stderr: self.stderr_text(),
+            elapsed,
+        };
+        assert!(
+            status.is_some(),
+            "skiff did not exit within {timeout:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            finished.stdout,
+            finished.stderr
+        );
+        finished
+    }
+}
+
+impl Drop for Skiff {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs skiff with `args` to completion (killed after `timeout`).
+pub fn run_skiff<S: AsRef<std::ffi::OsStr>>(args: &[S], timeout: Duration) -> Finished {
+    Skiff::spawn(args).wait(timeout)
+}
+
+/// Runs the test guest with `cmdline` and extra skiff arguments.
+pub fn run_testguest(cmdline: &str, extra: &[&str], timeout: Duration) -> Finished {
+    require_kvm();
+    let kernel = testguest().to_string_lossy().into_owned();
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "--kernel".into(),
+        kernel,
+        "--cmdline".into(),
+        cmdline.into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    run_skiff(&args, timeout)
+}

@@ -1,0 +1,113 @@
+//! Placing the initrd: read straight from the file into the highest page-aligned spot of low RAM
+//! that lies above the kernel and below the kernel's `initrd_addr_max`.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::memory::GuestMemory;
+
+/// Errors from loading the initrd.
+#[derive(Debug, Error)]
+pub enum InitrdError {
+    /// The file could not be opened or read.
+    #[error("cannot read initrd {path}")]
+    Read {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The initrd does not fit.
+    #[error("initrd {path} ({size} bytes) does not fit in guest RAM between the kernel's end {low:#x} and {high:#x}")]
+    TooLarge {
+        /// The path.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+        /// Lowest usable address.
+        low: u64,
+        /// Highest usable address (exclusive).
+        high: u64,
+    },
+}
+
+/// Where the initrd lives in guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadedInitrd {
+    /// Guest physical address.
+    pub address: u64,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// Picks the initrd's address: the highest page-aligned `a` with `a + size <= high`, `a >= low`.
+pub fn place(size: u64, low: u64, high: u64) -> Option<u64> {
+    let page = arch::layout::PAGE_SIZE;
+    let start = high.checked_sub(size)? & !(page - 1);
+    let low = low.checked_add(page - 1)? & !(page - 1);
+    (start >= low).then_some(start)
+}
+
+/// Loads the initrd at `path` between `kernel_end` and `ram_top` (exclusive).
+pub fn load_initrd(
+    mem: &GuestMemory,
+    path: &Path,
+    kernel_end: u64,
+    ram_top: u64,
+) -> Result<LoadedInitrd, InitrdError> {
+    let read_err = |source| InitrdError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = File::open(path).map_err(read_err)?;
+    let size = file.metadata().map_err(read_err)?.len();
+    let address = place(size, kernel_end, ram_top).ok_or_else(|| InitrdError::TooLarge {
+        path: path.to_path_buf(),
+        size,
+        low: kernel_end,
+        high: ram_top,
+    })?;
+    let len = usize::try_from(size).map_err(|_| InitrdError::TooLarge {
+        path: path.to_path_buf(),
+        size,
+        low: kernel_end,
+        high: ram_top,
+    })?;
+    mem.read_exact_volatile_from(GuestAddress(address), &mut file, len)
+        .map_err(|e| read_err(std::io::Error::other(e.to_string())))?;
+    Ok(LoadedInitrd { address, size })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn placement_is_highest_aligned_fit() {
+        assert_eq!(place(0x1800, 0x10_0000, 0x20_0000), Some(0x1f_e000));
+        assert_eq!(place(0x1000, 0x10_0000, 0x20_0000), Some(0x1f_f000));
+        assert_eq!(place(0x10_0000, 0x10_0000, 0x20_0000), Some(0x10_0000));
+        assert_eq!(place(0x10_0001, 0x10_0000, 0x20_0000), None);
+        assert_eq!(place(u64::MAX, 0, 0x20_0000), None);
+    }
+
+    #[test]
+    fn loads_bytes_and_rejects_oversize() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(b"initrd-bytes").unwrap();
+        let r = load_initrd(&mem, f.path(), 2 << 20, 4 << 20).unwrap();
+        assert_eq!(r.size, 12);
+        assert_eq!(r.address, (4 << 20) - 0x1000);
+        let mut back = [0u8; 12];
+        mem.read_slice(&mut back, GuestAddress(r.address)).unwrap();
+        assert_eq!(&back, b"initrd-bytes");
+        let e = load_initrd(&mem, f.path(), (4 << 20) - 8, 4 << 20).unwrap_err();
+        assert!(e.to_string().contains("does not fit"), "{e}");
+    }
+}

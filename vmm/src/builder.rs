@@ -1,0 +1,318 @@
+//! Builds a VM from a `VmConfig` in named steps: check inputs, guest memory, hypervisor VM,
+//! boot (kernel, initrd, tables), devices, vCPUs. Each step is a function; the builder only
+//! composes them. If a step fails, a memory file the build created is removed again.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use devices::bus::{Bus, BusError};
+use devices::legacy::debug_exit::{DebugExit, DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_LEN};
+use devices::legacy::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
+use devices::legacy::serial::{Serial, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
+use devices::vm_exit::VmExitSignal;
+use thiserror::Error;
+use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::boot::{prepare_boot, BootConfig, BootCpuState, BootError};
+use crate::config::{SerialConfig, VmConfig};
+use crate::hypervisor::kvm::KvmHypervisor;
+use crate::hypervisor::{Hypervisor, HypervisorError, Vcpu, Vm};
+use crate::memory::backing::BackingKind;
+use crate::memory::{GuestRam, MemoryError};
+
+/// Errors from building a VM.
+#[derive(Debug, Error)]
+pub enum BuildError {
+    /// An input file is missing or unreadable.
+    #[error("cannot read {what} {path}")]
+    Input {
+        /// "kernel" or "initrd".
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An input path is not a regular file.
+    #[error("{what} {path} is not a regular file")]
+    NotAFile {
+        /// "kernel" or "initrd".
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+    },
+    /// The hypervisor refused.
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    /// More vCPUs than the host allows.
+    #[error("--cpus {requested} exceeds the host's limit of {max} vCPUs")]
+    TooManyVcpus {
+        /// Requested.
+        requested: u32,
+        /// Host limit.
+        max: usize,
+    },
+    /// The memory backing is larger than the host can hold.
+    #[error("--memory size {size:#x} exceeds the host's {total:#x} bytes of RAM (use file= for a larger, file-backed guest)")]
+    MemoryExceedsHost {
+        /// Requested.
+        size: u64,
+        /// Host total.
+        total: u64,
+    },
+    /// Guest memory could not be built.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Boot preparation failed.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// The serial output file could not be opened.
+    #[error("cannot open serial output file {path}")]
+    SerialFile {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// Device placement failed.
+    #[error("cannot place a device on the bus")]
+    Bus(#[source] BusError),
+}
+
+/// A VM ready to run: memory, hypervisor VM, buses, devices and vCPUs in their boot state.
+pub struct BuiltVm {
+    /// Guest RAM. Must outlive `vm` (its mappings back the memory slots).
+    pub ram: GuestRam,
+    /// The hypervisor VM.
+    pub vm: Box<dyn Vm>,
+    /// vCPUs, index = APIC ID.
+    pub vcpus: Vec<Box<dyn Vcpu>>,
+    /// Port I/O bus.
+    pub pio: Arc<Bus>,
+    /// MMIO bus.
+    pub mmio: Arc<Bus>,
+    /// The serial port (the event loop feeds it host input).
+    pub serial: Arc<Mutex<Serial>>,
+    /// Where the guest's end is recorded.
+    pub exit: VmExitSignal,
+}
+
+impl std::fmt::Debug for BuiltVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BuiltVm")
+            .field("regions", &self.ram.regions().len())
+            .field("vcpus", &self.vcpus.len())
+            .finish()
+    }
+}
+
+/// Builds the VM `cfg` describes.
+pub fn build_vm(cfg: &VmConfig) -> Result<BuiltVm, BuildError> {
+    check_input("kernel", &cfg.kernel)?;
+    if let Some(initrd) = &cfg.initrd {
+        check_input("initrd", initrd)?;
+    }
+    check_memory_fits_host(cfg)?;
+    let hypervisor = KvmHypervisor::new()?;
+    let max = hypervisor.max_vcpus();
+    if usize::try_from(cfg.cpus).map_or(true, |n| n > max) {
+        return Err(BuildError::TooManyVcpus {
+            requested: cfg.cpus,
+            max,
+        });
+    }
+    let ram = GuestRam::create(&cfg.memory, hypervisor.max_memory_slots())?;
+    build_on_ram(&hypervisor, cfg, ram).map_err(|(e, ram)| {
+        if let BackingKind::File(path) = &cfg.memory.backing {
+            if ram.created_file() {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        e
+    })
+}
+
+fn build_on_ram(
+    hypervisor: &dyn Hypervisor,
+    cfg: &VmConfig,
+    ram: GuestRam,
+) -> Result<BuiltVm, (BuildError, GuestRam)> {
+    let steps = || -> Result<_, BuildError> {
+        let vm = create_vm(hypervisor, &ram)?;
+        let boot = prepare_boot(
+            ram.memory(),
+            &ram_ranges(&ram),
+            &BootConfig {
+                kernel: cfg.kernel.clone(),
+                initrd: cfg.initrd.clone(),
+                cmdline: cfg.cmdline.clone(),
+                cpus: cfg.cpus,
+            },
+        )?;
+        let exit = VmExitSignal::new().map_err(BuildError::EventFd)?;
+        let (pio, serial) = create_legacy_devices(&*vm, &cfg.serial, &exit)?;
+        let vcpus = create_vcpus(hypervisor, &*vm, cfg.cpus, &boot)?;
+        Ok((vm, vcpus, pio, serial, exit))
+    };
+    match steps() {
+        Ok((vm, vcpus, pio, serial, exit)) => Ok(BuiltVm {
+            ram,
+            vm,
+            vcpus,
+            pio: Arc::new(pio),
+            mmio: Arc::new(Bus::new()),
+            serial,
+            exit,
+        }),
+        Err(e) => Err((e, ram)),
+    }
+}
+
+fn check_input(what: &'static str, path: &Path) -> Result<(), BuildError> {
+    let file = File::open(path).map_err(|source| BuildError::Input {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let meta = file.metadata().map_err(|source| BuildError::Input {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if !meta.is_file() {
+        return Err(BuildError::NotAFile {
+            what,
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
+/// Refuses anonymous (memfd) guest RAM larger than the host's physical memory: such a guest
+/// could be killed by SIGBUS when shmem runs out. File-backed RAM may be larger.
+fn check_memory_fits_host(cfg: &VmConfig) -> Result<(), BuildError> {
+    if matches!(cfg.memory.backing, BackingKind::File(_)) {
+        return Ok(());
+    }
+    // SAFETY: sysconf has no memory effects.
+    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
+    // SAFETY: as above.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    let total = u64::try_from(pages).unwrap_or(0) * u64::try_from(page).unwrap_or(0);
+    if total > 0 && cfg.memory.size > total {
+        return Err(BuildError::MemoryExceedsHost {
+            size: cfg.memory.size,
+            total,
+        });
+    }
+    Ok(())
+}
+
+fn ram_ranges(ram: &GuestRam) -> Vec<arch::layout::RamRange> {
+    ram.regions()
+        .iter()
+        .map(|r| arch::layout::RamRange {
+            start: r.guest_address,
+            size: r.size,
+        })
+        .collect()
+}
+
+/// Step: the hypervisor VM with its platform devices and one memory slot per region.
+fn create_vm(hypervisor: &dyn Hypervisor, ram: &GuestRam) -> Result<Box<dyn Vm>, BuildError> {
+    let vm = hypervisor.create_vm()?;
+    vm.create_platform_devices()?;
+    for (slot, region) in ram.memory().iter().enumerate() {
+        let host = region.as_ptr() as u64;
+        let slot = u32::try_from(slot).map_err(|_| {
+            HypervisorError::op(
+                "numbering memory slots",
+                std::io::Error::from_raw_os_error(libc::E2BIG),
+            )
+        })?;
+        // SAFETY: the mapping belongs to `ram`, which `BuiltVm` keeps alive as long as the VM.
+        unsafe { vm.map_memory(slot, region.start_addr().0, region.len(), host) }?;
+    }
+    Ok(vm)
+}
+
+/// Step: COM1, the i8042 and the debug-exit port on the I/O bus.
+fn create_legacy_devices(
+    vm: &dyn Vm,
+    serial_cfg: &SerialConfig,
+    exit: &VmExitSignal,
+) -> Result<(Bus, Arc<Mutex<Serial>>), BuildError> {
+    let output: Option<Box<dyn Write + Send>> = match serial_cfg {
+        SerialConfig::Stdio => Some(Box::new(std::io::stdout())),
+        SerialConfig::Off => None,
+        SerialConfig::File(path) => Some(Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| BuildError::SerialFile {
+                    path: path.clone(),
+                    source,
+                })?,
+        )),
+    };
+    let irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    vm.register_irqfd(&irq, COM1_IRQ)?;
+    let serial = Arc::new(Mutex::new(Serial::new(output, irq)));
+    let mut pio = Bus::new();
+    pio.insert(serial.clone(), COM1_PORT, COM1_PORT_LEN)
+        .map_err(BuildError::Bus)?;
+    pio.insert(
+        Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        I8042_PORT,
+        I8042_PORT_LEN,
+    )
+    .map_err(BuildError::Bus)?;
+    pio.insert(
+        Arc::new(Mutex::new(DebugExit::new(exit.clone()))),
+        DEBUG_EXIT_PORT,
+        DEBUG_EXIT_PORT_LEN,
+    )
+    .map_err(BuildError::Bus)?;
+    Ok((pio, serial))
+}
+
+/// Step: vCPUs with CPUID, MSRs, FPU and LAPIC set up; the boot vCPU gets the boot registers,
+/// the others wait in the in-kernel LAPIC for INIT/SIPI.
+fn create_vcpus(
+    hypervisor: &dyn Hypervisor,
+    vm: &dyn Vm,
+    count: u32,
+    boot: &BootCpuState,
+) -> Result<Vec<Box<dyn Vcpu>>, BuildError> {
+    let supported = hypervisor.supported_cpuid()?;
+    let msrs = arch::msr::boot_msrs();
+    (0..count)
+        .map(|index| {
+            let vcpu = vm.create_vcpu(index)?;
+            let mut cpuid = supported.clone();
+            arch::cpuid::adjust_cpuid(&mut cpuid, index, count);
+            vcpu.set_cpuid(&cpuid)?;
+            vcpu.set_msrs(&msrs)?;
+            vcpu.reset_fpu()?;
+            vcpu.setup_lapic_lint()?;
+            if index == 0 {
+                // Segment state first: the general registers do not depend on it, but the
+                // protocol's CR0/EFER must be in place before the vCPU first runs.
+                let mut sregs = vcpu.sregs()?;
+                boot.apply_sregs(&mut sregs);
+                vcpu.set_sregs(&sregs)?;
+                vcpu.set_regs(&boot.regs)?;
+            }
+            Ok(vcpu)
+        })
+        .collect()
+}

@@ -1,0 +1,84 @@
+//! The process exit codes skiff documents, and the one-line report for each way a guest ends.
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0..=255 | the guest wrote this byte to the debug-exit port 0xf4 |
+//! | 0 | the guest powered off |
+//! | 1 | skiff could not start or run the VM (the message says why) |
+//! | 2 | invalid command line |
+//! | 120 | the guest asked for a reset or reboot |
+//! | 121 | a vCPU triple-faulted |
+//! | 122 | the hypervisor could not run a vCPU (KVM internal error, e.g. emulation failure) |
+//! | 124 | `--timeout` expired |
+//! | 128+N | skiff was stopped by signal N (130 for SIGINT, 143 for SIGTERM) |
+
+use devices::vm_exit::GuestEnd;
+
+/// skiff failed (bad input, set-up or run-time error).
+pub const VMM_ERROR: u8 = 1;
+/// Command-line usage error.
+pub const USAGE: u8 = 2;
+/// Guest reset or reboot.
+pub const GUEST_RESET: u8 = 120;
+/// Triple fault.
+pub const TRIPLE_FAULT: u8 = 121;
+/// Hypervisor internal error.
+pub const INTERNAL_ERROR: u8 = 122;
+/// Timeout.
+pub const TIMEOUT: u8 = 124;
+
+/// The exit code for `end`, and the line to print on stderr (none for a guest's own clean exit).
+pub fn report(end: GuestEnd) -> (u8, Option<String>) {
+    match end {
+        GuestEnd::DebugExit(v) => (v, None),
+        GuestEnd::PowerOff => (0, None),
+        GuestEnd::Reset => (
+            GUEST_RESET,
+            Some(format!("guest requested a reset (exit code {GUEST_RESET})")),
+        ),
+        GuestEnd::TripleFault { vcpu } => (
+            TRIPLE_FAULT,
+            Some(format!("vCPU {vcpu} triple-faulted (exit code {TRIPLE_FAULT})")),
+        ),
+        GuestEnd::InternalError { vcpu, suberror } => (
+            INTERNAL_ERROR,
+            Some(format!(
+                "vCPU {vcpu} hit a hypervisor internal error, suberror {suberror} (exit code {INTERNAL_ERROR})"
+            )),
+        ),
+        GuestEnd::Timeout => (
+            TIMEOUT,
+            Some(format!("timeout expired, guest stopped (exit code {TIMEOUT})")),
+        ),
+        GuestEnd::VmmError => (VMM_ERROR, Some("the VMM failed while running the guest".into())),
+        GuestEnd::HostSignal(sig) => {
+            let code = 128u8.saturating_add(u8::try_from(sig).unwrap_or(127));
+            (code, Some(format!("stopped by signal {sig} (exit code {code})")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_distinct_and_documented() {
+        assert_eq!(report(GuestEnd::DebugExit(42)), (42, None));
+        assert_eq!(report(GuestEnd::PowerOff).0, 0);
+        assert_eq!(report(GuestEnd::Reset).0, GUEST_RESET);
+        assert_eq!(report(GuestEnd::TripleFault { vcpu: 1 }).0, TRIPLE_FAULT);
+        assert_eq!(
+            report(GuestEnd::InternalError {
+                vcpu: 0,
+                suberror: 1
+            })
+            .0,
+            INTERNAL_ERROR
+        );
+        assert_eq!(report(GuestEnd::Timeout).0, TIMEOUT);
+        assert_eq!(report(GuestEnd::HostSignal(libc::SIGINT)).0, 130);
+        assert_eq!(report(GuestEnd::HostSignal(libc::SIGTERM)).0, 143);
+        assert!(report(GuestEnd::Reset).1.unwrap().contains("reset"));
+    }
+}

@@ -1,0 +1,47 @@
+//! The skiff virtual machine monitor.
+//!
+//! - `memory`: guest RAM as `ShareableRegion`s (backing files, validation, mapping).
+//! - `hypervisor`: the seam to KVM (and later WHP).
+//! - `config`: the typed, validated VM configuration parsed from the command line.
+//! - `boot`: loading the kernel, initrd and command line, and the boot CPU state.
+//! - `builder`: builds a VM in named steps (memory, VM, boot, devices, vCPUs).
+//! - `vcpu`: the per-vCPU run loop that dispatches exits to the device buses.
+//! - `event_loop`: the event-loop subscribers (VM end, serial input, stop signals).
+//! - `runner`: runs a built VM to its end: vCPU threads, event loop, timeout, outcome.
+//! - `exit_code`: the process exit codes skiff documents.
+//! - `terminal`: raw mode for the host terminal.
+
+pub mod hypervisor;
+pub mod memory;
+
+#[cfg(target_os = "linux")]
+pub mod boot;
+#[cfg(target_os = "linux")]
+pub mod builder;
+#[cfg(target_os = "linux")]
+pub mod config;
+#[cfg(target_os = "linux")]
+pub mod event_loop;
+#[cfg(target_os = "linux")]
+pub mod exit_code;
+#[cfg(target_os = "linux")]
+pub mod runner;
+#[cfg(target_os = "linux")]
+pub mod terminal;
+#[cfg(target_os = "linux")]
+pub mod vcpu;
+
+/// Formats an error and its `source()` chain on one line: `outer: inner: root`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let text = s.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cur = s.source();
+    }
+    out
+}
