@@ -226,10 +226,9 @@ fn ram_ranges(ram: &GuestRam) -> Vec<arch::layout::RamRange> {
         .collect()
 }
 
-/// Step: the hypervisor VM with its platform devices and one memory slot per region.
+/// Step: the hypervisor VM with one memory slot per region and its platform devices.
 fn create_vm(hypervisor: &dyn Hypervisor, ram: &GuestRam) -> Result<Box<dyn Vm>, BuildError> {
     let vm = hypervisor.create_vm()?;
-    vm.create_platform_devices()?;
     for (slot, region) in ram.memory().iter().enumerate() {
         let host = region.as_ptr() as u64;
         let slot = u32::try_from(slot).map_err(|_| {
@@ -241,6 +240,9 @@ fn create_vm(hypervisor: &dyn Hypervisor, ram: &GuestRam) -> Result<Box<dyn Vm>,
         // SAFETY: the mapping belongs to `ram`, which `BuiltVm` keeps alive as long as the VM.
         unsafe { vm.map_memory(slot, region.start_addr().0, region.len(), host) }?;
     }
+    // Memory slots first: with an in-kernel irqchip present, each slot registration waits for
+    // an SRCU grace period (measured: 0.2 ms before, 5-11 ms after on a 256 MiB slot).
+    vm.create_platform_devices()?;
     Ok(vm)
 }
 

@@ -9,6 +9,7 @@
 //! - `event_loop`: the event-loop subscribers (VM end, serial input, stop signals).
 //! - `runner`: runs a built VM to its end: vCPU threads, event loop, timeout, outcome.
 //! - `exit_code`: the process exit codes skiff documents.
+//! - `teardown`: ends skiff without waiting for the kernel's VM teardown.
 //! - `terminal`: raw mode for the host terminal.
 
 pub mod hypervisor;
@@ -26,6 +27,8 @@ pub mod event_loop;
 pub mod exit_code;
 #[cfg(target_os = "linux")]
 pub mod runner;
+#[cfg(target_os = "linux")]
+pub mod teardown;
 #[cfg(target_os = "linux")]
 pub mod terminal;
 #[cfg(target_os = "linux")]

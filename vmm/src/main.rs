@@ -115,6 +115,8 @@ mod cli {
         if let Some(line) = outcome.detail.or(line) {
             eprintln!("skiff: {line}");
         }
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        outcome.teardown.detach();
         ExitCode::from(code)
     }
 

@@ -15,6 +15,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use crate::builder::BuiltVm;
 use crate::config::SerialConfig;
 use crate::event_loop::{block_stop_signals, ExitWatcher, SerialInput, StopSignals};
+use crate::teardown::Teardown;
 use crate::terminal::RawModeGuard;
 use crate::vcpu::{run_vcpu, VcpuContext};
 
@@ -41,12 +42,14 @@ pub enum RunError {
 }
 
 /// How the run ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct RunOutcome {
     /// The recorded end.
     pub end: GuestEnd,
     /// A vCPU's description of an abnormal end, if one gave it.
     pub detail: Option<String>,
+    /// The stopped VM and its memory, for the caller to tear down.
+    pub teardown: Teardown,
 }
 
 fn vcpu_kick_signal() -> i32 {
@@ -151,12 +154,10 @@ pub fn run_vm(
 
     let detail = stop_vcpus(&mut threads);
     drop(raw_mode);
-    // The VM's memory slots point into `ram`: drop the VM first.
-    drop(hypervisor_vm);
-    drop(ram);
     Ok(RunOutcome {
         end: exit.reason().unwrap_or(GuestEnd::VmmError),
         detail,
+        teardown: Teardown::new(hypervisor_vm, ram),
     })
 }
 

@@ -159,6 +159,15 @@ impl GuestRam {
         &self.regions
     }
 
+    /// Releases the `flock` a user memory file holds (before another process inherits it).
+    pub fn release_file_lock(&self) {
+        use std::os::fd::{AsFd, AsRawFd};
+        if let Some(r) = self.regions.first() {
+            // SAFETY: flock on a descriptor the region owns; unlocking has no memory effects.
+            unsafe { libc::flock(r.file.as_fd().as_raw_fd(), libc::LOCK_UN) };
+        }
+    }
+
     /// Whether building this RAM created its memory file (so a failed start should remove it).
     pub fn created_file(&self) -> bool {
         self.created_file
