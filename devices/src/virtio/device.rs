@@ -1,0 +1,107 @@
+//! The `VirtioDevice` trait every device model implements, and what a device gets when the
+//! driver activates it: guest memory, its queues with their kick eventfds, a way to signal the
+//! driver, and the event loop to register its queue handlers with.
+
+use std::sync::{Arc, Mutex};
+
+use event_manager::{MutEventSubscriber, RemoteEndpoint};
+use thiserror::Error;
+use vm_memory::bitmap::AtomicBitmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Guest memory as every device sees it: the VM's `ShareableRegion` mappings, with a dirty
+/// bitmap that records device writes (for live snapshots). Cloning shares the mappings.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+
+/// A handle to the VMM's event loop (`event-manager`), for registering queue handlers from any
+/// thread. `call_blocking` runs a closure on the loop's thread.
+pub type EventLoop = RemoteEndpoint<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
+
+/// How a device talks back to the driver, through its transport.
+pub trait DeviceSignals: Send + Sync + std::fmt::Debug {
+    /// Raises the used-buffer notification for queue `queue` (its MSI-X vector).
+    fn notify_queue(&self, queue: u16) -> std::io::Result<()>;
+    /// Raises the configuration-change notification.
+    fn notify_config(&self) -> std::io::Result<()>;
+    /// Marks the device broken (virtio `DEVICE_NEEDS_RESET`) and notifies the driver. A device
+    /// calls this when the guest handed it something it cannot process safely (a malformed
+    /// descriptor chain, an address outside guest memory) and it stops using its queues.
+    fn set_needs_reset(&self);
+}
+
+/// One queue the driver enabled.
+#[derive(Debug)]
+pub struct ActivatedQueue {
+    /// Queue index.
+    pub index: u16,
+    /// The queue, with the addresses and size the driver programmed.
+    pub queue: virtio_queue::Queue,
+    /// Written by KVM (ioeventfd) when the driver kicks this queue.
+    pub kick: EventFd,
+}
+
+/// Everything a device gets on activation (the driver set `DRIVER_OK`).
+pub struct ActivateContext {
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// The features the driver accepted (a subset of `device_features`).
+    pub acked_features: u64,
+    /// The enabled queues, in index order.
+    pub queues: Vec<ActivatedQueue>,
+    /// Notifications and failure reporting.
+    pub signals: Arc<dyn DeviceSignals>,
+    /// The event loop to register queue handlers with.
+    pub event_loop: EventLoop,
+}
+
+impl std::fmt::Debug for ActivateContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ActivateContext")
+            .field("acked_features", &self.acked_features)
+            .field("queues", &self.queues)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a device could not be activated.
+#[derive(Debug, Error)]
+pub enum ActivateError {
+    /// The driver enabled a queue set the device cannot work with.
+    #[error("virtio {device}: {reason}")]
+    BadQueues {
+        /// Device name.
+        device: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A host resource failed (eventfd, thread, file).
+    #[error("virtio {device}: cannot activate")]
+    Host {
+        /// Device name.
+        device: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A virtio device model behind the PCI transport.
+pub trait VirtioDevice: Send {
+    /// virtio device type (1 = net, 2 = blk, 3 = console, 4 = rng, ...).
+    fn device_type(&self) -> u32;
+    /// A short name for messages ("blk", "net", ...).
+    fn name(&self) -> &'static str;
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> Vec<u16>;
+    /// Features the device offers (must include `VIRTIO_F_VERSION_1`, bit 32).
+    fn device_features(&self) -> u64;
+    /// Reads the device-specific configuration space at `offset`.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device-specific configuration space at `offset` (ignore read-only fields).
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts processing the queues. Called once per driver initialisation.
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError>;
+    /// Stops processing (the driver reset the device) and drops the queues, so a later
+    /// `activate` starts afresh. Must deregister the device's event-loop handlers.
+    fn reset(&mut self);
+}

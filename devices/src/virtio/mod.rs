@@ -1,0 +1,14 @@
+//! virtio 1.x devices over PCI.
+//!
+//! `device` is the seam between the PCI transport and each device model: the transport owns
+//! feature negotiation, queue set-up, status and interrupts; a device owns its configuration space
+//! and what it does with its queues once activated. Each device is a folder (`blk/`, `net/`, ...)
+//! split by job: `device.rs` (config, features, activation), an `event-manager` subscriber that
+//! knows which queue kicked, and the request parsing, testable without KVM.
+
+pub mod device;
+
+pub use device::{
+    ActivateContext, ActivateError, ActivatedQueue, DeviceSignals, EventLoop, GuestMemoryMmap,
+    VirtioDevice,
+};
