@@ -163,3 +163,6 @@ pub fn prepare_boot(
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
