@@ -1,6 +1,7 @@
 //! Read-only ACPI discovery through the identity map: finds the RSDP, walks the RSDT/XSDT,
-//! parses the MADT's enabled processor Local APIC entries, and lists where the tables live so
-//! memcheck can leave them alone. All checksums are verified. Runs in CPL3.
+//! parses the MADT's enabled processor Local APIC entries and the MCFG's ECAM area, and lists
+//! where the tables live so memcheck can leave them alone. All checksums are verified. Runs in
+//! CPL3.
 use crate::paging::read;
 
 /// Most CPUs the MADT parser records.
@@ -170,6 +171,28 @@ impl Madt {
     pub fn apic_ids(&self) -> &[u8] {
         &self.apic_ids[..self.count]
     }
+}
+
+/// The PCI ECAM area of segment 0 from the MCFG table: `(base, last_bus)` for the entry whose
+/// bus range starts at 0. `None` if there is no valid MCFG or no such entry.
+pub fn mcfg_ecam(hint: u64) -> Option<(u64, u8)> {
+    const MCFG_ENTRIES: u64 = 44;
+    const MCFG_ENTRY_LEN: u64 = 16;
+    let root = RootTable::new(find_rsdp(hint)?).ok()?;
+    let mcfg = root.find(b"MCFG")?;
+    let len = table_len(mcfg).ok()?;
+    let mut off = MCFG_ENTRIES;
+    while off + MCFG_ENTRY_LEN <= len {
+        let entry = mcfg + off;
+        let base = read::<u64>(entry)?;
+        let segment = read::<u16>(entry + 8)?;
+        let (first_bus, last_bus) = (read::<u8>(entry + 10)?, read::<u8>(entry + 11)?);
+        if segment == 0 && first_bus == 0 && base != 0 {
+            return Some((base, last_bus));
+        }
+        off += MCFG_ENTRY_LEN;
+    }
+    None
 }
 
 /// Calls `f(start, end)` for every ACPI structure the guest can find: the RSDP, the root table,

@@ -12,7 +12,7 @@ use core::arch::{asm, global_asm};
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use crate::{io, scenario, serial};
+use crate::{entry, io, scenario, serial};
 
 pub const KERNEL_CS64: u16 = 0x08;
 pub const KERNEL_DS: u16 = 0x10;
@@ -23,62 +23,99 @@ pub const TSS_SEL: u16 = 0x30;
 
 const GDT_ENTRIES: usize = 8;
 pub const GDT_LIMIT: u16 = (GDT_ENTRIES * 8 - 1) as u16;
-
-/// The GDT. Its TSS descriptor base is written by the entry code, and `ltr` sets the busy bit,
-/// so it lives in writable memory.
-#[repr(C, align(16))]
-pub struct Gdt(UnsafeCell<[u64; GDT_ENTRIES]>);
-
-// SAFETY: Rust code never accesses the GDT's contents; only the CPU and the BSP's entry code do.
-unsafe impl Sync for Gdt {}
-
-pub static GDT: Gdt = Gdt(UnsafeCell::new([
-    0,
-    0x00af_9b00_0000_ffff, // 0x08 kernel code, 64-bit
-    0x00cf_9300_0000_ffff, // 0x10 kernel data
-    0x00cf_9b00_0000_ffff, // 0x18 kernel code, 32-bit (entry and AP trampoline)
-    0x00cf_f300_0000_ffff, // 0x20 user data (DPL3)
-    0x00af_fb00_0000_ffff, // 0x28 user code, 64-bit (DPL3)
-    TSS_DESCRIPTOR_LOW,    // 0x30 TSS (available); base filled at boot
-    0,                     //      TSS base bits 63:32
-]));
+const KERNEL_CODE64: u64 = 0x00af_9b00_0000_ffff;
+const KERNEL_DATA: u64 = 0x00cf_9300_0000_ffff;
+const KERNEL_CODE32: u64 = 0x00cf_9b00_0000_ffff;
+const USER_DATA: u64 = 0x00cf_f300_0000_ffff;
+const USER_CODE64: u64 = 0x00af_fb00_0000_ffff;
 
 /// Offset of the I/O permission bitmap in the TSS (right after the 104-byte hardware TSS).
-pub const TSS_IOPB_OFFSET: usize = 104;
+const TSS_IOPB_OFFSET: usize = 104;
 /// Bitmap bytes: one bit per port for all 65536 ports, all clear (allowed).
 const IOPB_BYTES: usize = 65536 / 8;
-/// The bitmap is followed by one 0xff byte (the CPU may read a byte past it); the entry code
-/// writes it.
-pub const TSS_LEN: usize = TSS_IOPB_OFFSET + IOPB_BYTES + 1;
-const TSS_DESCRIPTOR_LOW: u64 = (0x89 << 40) | (TSS_LEN as u64 - 1);
+/// The bitmap is followed by one 0xff byte (the CPU may read a byte past it).
+const TSS_LEN: usize = TSS_IOPB_OFFSET + IOPB_BYTES + 1;
+/// Offset of RSP0 in the TSS.
+const TSS_RSP0: usize = 4;
+/// Type byte of an available 64-bit TSS descriptor (present, DPL0, type 9).
+const TSS_AVAILABLE: u32 = 0x89;
 
-/// The 64-bit TSS with an I/O permission bitmap that allows every port. CPL3 code may use `in`
-/// and `out` both through RFLAGS.IOPL=3 and through this bitmap: the PVM-backed KVM on the
-/// target machines ignores the guest's IOPL but honours the bitmap. The entry code sets RSP0,
-/// the bitmap offset and the terminating byte.
-#[repr(C, align(16))]
-pub struct Tss(UnsafeCell<[u8; TSS_LEN]>);
+// The GDT and the TSS are initialised data, complete at link time, so the CPL0 entry code only
+// runs lgdt and ltr.
+//
+// The GDT lives in writable memory because `ltr` sets the TSS descriptor's busy bit. In the TSS
+// descriptor, bytes 2..=4 hold base bits 23:0 and byte 5 the type, so one 32-bit field holds
+// both: `tg_tss + (0x89 << 24)`. That needs the TSS below 16 MiB, which linker.ld asserts; base
+// bits 63:24 are then zero.
+//
+// The TSS carries RSP0 (the BSP's CPL0 stack, used by the exception handler) and an I/O
+// permission bitmap that allows every port. CPL3 code may use `in` and `out` both through
+// RFLAGS.IOPL=3 and through this bitmap: the PVM-backed KVM on the target machines ignores the
+// guest's IOPL but honours the bitmap. Rust code never accesses either table.
+global_asm!(
+    r#"
+    .pushsection .data.tg_gdt, "aw"
+    .balign 16
+    .global tg_gdt
+tg_gdt:
+    .quad 0
+    .quad {kernel_code64}   /* 0x08 kernel code, 64-bit */
+    .quad {kernel_data}     /* 0x10 kernel data */
+    .quad {kernel_code32}   /* 0x18 kernel code, 32-bit (entry and AP trampoline) */
+    .quad {user_data}       /* 0x20 user data (DPL3) */
+    .quad {user_code64}     /* 0x28 user code, 64-bit (DPL3) */
+    .word {tss_len} - 1     /* 0x30 TSS (available): limit 15:0 */
+    .long tg_tss + ({tss_type} << 24) /* base 23:0, type */
+    .byte 0, 0              /* limit 19:16 and flags, base 31:24 */
+    .long 0, 0              /* base 63:32, reserved */
+    .popsection
 
-// SAFETY: Rust code never accesses the TSS; only the CPU and the BSP's entry code do.
-unsafe impl Sync for Tss {}
+    .pushsection .data.tg_tss, "aw"
+    .balign 16
+    .global tg_tss
+tg_tss:
+    .long 0
+    .quad {kstack} + {kstack_size} /* RSP0 */
+    .skip {iopb} - 2 - ({rsp0} + 8)
+    .word {iopb}            /* I/O map base */
+    .skip {iopb_bytes}      /* the bitmap: every port allowed */
+    .byte 0xff
+    .popsection
+"#,
+    kernel_code64 = const KERNEL_CODE64,
+    kernel_data = const KERNEL_DATA,
+    kernel_code32 = const KERNEL_CODE32,
+    user_data = const USER_DATA,
+    user_code64 = const USER_CODE64,
+    tss_len = const TSS_LEN,
+    tss_type = const TSS_AVAILABLE,
+    rsp0 = const TSS_RSP0,
+    iopb = const TSS_IOPB_OFFSET,
+    iopb_bytes = const IOPB_BYTES,
+    kstack = sym entry::KERNEL_STACK,
+    kstack_size = const entry::KERNEL_STACK_SIZE,
+    options(att_syntax)
+);
 
-pub static TSS: Tss = Tss(UnsafeCell::new([0; TSS_LEN]));
-
-const IDT_ENTRIES: usize = 256;
-pub const IDT_LIMIT: u16 = (IDT_ENTRIES * 16 - 1) as u16;
 const EXCEPTIONS: usize = 32;
+/// The IDT covers the exception vectors only: interrupts are never enabled, and `int n` does not
+/// work under PVM (see above). Any other vector would raise #GP, which is reported too.
+const IDT_ENTRIES: usize = EXCEPTIONS;
+pub const IDT_LIMIT: u16 = (IDT_ENTRIES * 16 - 1) as u16;
 const GP_VECTOR: u64 = 13;
 /// Stride of the exception stubs in the assembly below.
 const STUB_STRIDE: u64 = 16;
 
-/// The IDT: 256 16-byte gates, two u64 each.
-#[repr(C, align(4096))]
+/// The IDT: 16-byte gates, two u64 each.
+#[repr(C, align(16))]
 pub struct Idt(UnsafeCell<[u64; IDT_ENTRIES * 2]>);
 
 // SAFETY: written once by the BSP in `fill_idt` before any other CPU runs; afterwards only the
 // CPUs read it.
 unsafe impl Sync for Idt {}
 
+/// In `.data.tg_hot` with the other statics the boot touches (see linker.ld).
+#[link_section = ".data.tg_hot"]
 pub static IDT: Idt = Idt(UnsafeCell::new([0; IDT_ENTRIES * 2]));
 
 extern "C" {

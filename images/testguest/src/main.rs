@@ -15,10 +15,14 @@ mod cpu;
 mod entry;
 mod io;
 mod memcheck;
+mod mmio;
 mod paging;
+mod pci;
 mod scenario;
 mod serial;
 mod smp;
+mod tsc;
+mod virtio;
 
 use core::fmt::Write;
 use core::panic::PanicInfo;
@@ -26,11 +30,10 @@ use core::panic::PanicInfo;
 /// First Rust code on the BSP, running in CPL3 with IOPL=3. `start_info` is the physical address
 /// the loader passed in `ebx`.
 extern "C" fn rust_main(start_info: u64) -> ! {
-    // The IDT must be valid before anything can fault; then the console; then the rest of the
-    // identity map (the CPL0 entry mapped only the first GiB).
+    // The IDT must be valid before anything can fault; then the console. The identity map grows
+    // on demand (`paging::map`).
     cpu::fill_idt();
     serial::init();
-    paging::extend_identity_map();
 
     let info = match bootinfo::BootInfo::read(start_info) {
         Ok(info) => info,

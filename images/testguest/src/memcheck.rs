@@ -4,7 +4,7 @@
 //! twice) are caught too. Skips the guest's own image (code, data, BSS with stacks and page
 //! tables), the AP trampoline page and every ACPI table it can find.
 use crate::bootinfo::BootInfo;
-use crate::paging::mapped_limit;
+use crate::paging;
 use crate::scenario::fail;
 use crate::{acpi, serial, smp};
 
@@ -105,16 +105,15 @@ pub fn run(info: &BootInfo) {
     protected.add(smp::TRAMPOLINE, smp::TRAMPOLINE + PAGE);
     acpi::for_each_table(info.rsdp_paddr, |s, e| protected.add(s, e));
 
-    let limit = mapped_limit();
     for r in info.ram() {
-        if r.end > limit {
+        if !paging::map(r.start, r.end) {
             fail(|w| {
                 w.str("range ")
                     .hex(r.start)
                     .str("-")
                     .hex(r.end)
                     .str(" ends above the identity map (")
-                    .hex(limit)
+                    .hex(paging::capacity())
                     .str(")");
             });
         }
@@ -123,8 +122,8 @@ pub fn run(info: &BootInfo) {
     for r in info.ram() {
         for page in whole_pages(r.start, r.end).step_by(PAGE as usize) {
             if !protected.covers(page) {
-                // SAFETY: `page` is RAM per the memory map, identity-mapped user-writable below
-                // `limit`, and outside the guest image, the trampoline and the ACPI tables, so no
+                // SAFETY: `page` is RAM per the memory map, identity-mapped user-writable (mapped
+                // above), and outside the guest image, the trampoline and the ACPI tables, so no
                 // Rust object or structure the guest still needs lives there.
                 unsafe { poke(page, pattern(page)) };
             }

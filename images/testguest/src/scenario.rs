@@ -1,11 +1,13 @@
 //! The scenario runner: splits the command line into tokens, runs the recognised ones in order,
 //! and owns the verdict lines (`done`, `FAIL`) and exit codes. The scenarios themselves live in
-//! their own modules (memcheck, smp); the tiny ones (hello, exit=N, fault, panic, spin) live here.
+//! their own modules (memcheck, smp, pci, virtio::*); the tiny ones (hello, exit=N, fault, panic,
+//! spin) live here.
 use core::sync::atomic::{AtomicU8, Ordering};
 
 use crate::bootinfo::BootInfo;
 use crate::serial::{self, Line};
-use crate::{io, memcheck, smp};
+use crate::virtio::{blk, console, net, rng};
+use crate::{io, memcheck, pci, smp};
 
 /// Exit code when every scenario passed.
 pub const EXIT_OK: u8 = 0;
@@ -15,8 +17,21 @@ pub const EXIT_FAIL: u8 = 33;
 pub const EXIT_PANIC: u8 = 34;
 
 /// Names used in FAIL lines, indexed by `CURRENT`.
-const NAMES: [&str; 8] = [
-    "boot", "hello", "memcheck", "smp", "exit", "fault", "panic", "spin",
+const NAMES: [&str; 14] = [
+    "boot",
+    "hello",
+    "memcheck",
+    "smp",
+    "exit",
+    "fault",
+    "panic",
+    "spin",
+    "pci",
+    "virtio-rng",
+    "virtio-blk",
+    "blkbench",
+    "virtio-net",
+    "virtio-console",
 ];
 const BOOT: u8 = 0;
 const HELLO: u8 = 1;
@@ -26,8 +41,16 @@ const EXIT: u8 = 4;
 const FAULT: u8 = 5;
 const PANIC: u8 = 6;
 const SPIN: u8 = 7;
+const PCI: u8 = 8;
+const VIRTIO_RNG: u8 = 9;
+const VIRTIO_BLK: u8 = 10;
+const BLKBENCH: u8 = 11;
+const VIRTIO_NET: u8 = 12;
+const VIRTIO_CONSOLE: u8 = 13;
 
-/// The scenario now running, for FAIL lines from the exception handler.
+/// The scenario now running, for FAIL lines from the exception handler. In `.data.tg_hot` (see
+/// linker.ld).
+#[link_section = ".data.tg_hot"]
 static CURRENT: AtomicU8 = AtomicU8::new(BOOT);
 
 /// Name of the scenario now running (`boot` before the first one).
@@ -92,6 +115,38 @@ pub fn run_all(info: &BootInfo) -> ! {
                     core::hint::spin_loop();
                 }
             }
+            b"pci" => {
+                start(PCI);
+                pci::run(info);
+            }
+            b"virtio-rng" => {
+                start(VIRTIO_RNG);
+                rng::run(info);
+            }
+            b"virtio-blk" => {
+                start(VIRTIO_BLK);
+                blk::run(info);
+            }
+            b"virtio-net" => {
+                start(VIRTIO_NET);
+                net::run(info);
+            }
+            b"virtio-console" => {
+                start(VIRTIO_CONSOLE);
+                console::run(info);
+            }
+            _ if token.starts_with(b"blkbench=") => {
+                start(BLKBENCH);
+                let digits = &token[9..];
+                match parse_u64(digits).filter(|&mib| mib > 0 && mib < 1 << 24) {
+                    Some(mib) => blk::bench(info, mib),
+                    None => fail(|w| {
+                        w.str("bad size \"")
+                            .bytes(digits)
+                            .str("\" (want MiB, 1..16777215)");
+                    }),
+                }
+            }
             _ if token.starts_with(b"exit=") => {
                 start(EXIT);
                 let Some(code) = parse_u8(&token[5..]) else {
@@ -117,15 +172,23 @@ pub fn run_all(info: &BootInfo) -> ! {
 
 /// Parses a decimal 0..=255.
 fn parse_u8(digits: &[u8]) -> Option<u8> {
-    if digits.is_empty() || digits.len() > 3 {
+    if digits.len() > 3 {
         return None;
     }
-    let mut v: u32 = 0;
+    parse_u64(digits).and_then(|v| u8::try_from(v).ok())
+}
+
+/// Parses a decimal of at most 18 digits (so it cannot overflow).
+fn parse_u64(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 18 {
+        return None;
+    }
+    let mut v: u64 = 0;
     for &d in digits {
         if !d.is_ascii_digit() {
             return None;
         }
-        v = v * 10 + u32::from(d - b'0');
+        v = v * 10 + u64::from(d - b'0');
     }
-    u8::try_from(v).ok()
+    Some(v)
 }

@@ -1,24 +1,43 @@
-//! COM1 (16550 at I/O 0x3f8) output and the console lock that keeps lines from different CPUs
+//! COM1 (16550A at I/O 0x3f8) output and the console lock that keeps lines from different CPUs
 //! apart. Formatting helpers (decimal, hex) live here so callers in CPL0 (AP start-up, the
 //! exception handler) never need `core::fmt`. Input is not supported.
+//!
+//! Every port access is a VM exit (tens of us on the target machines), so output uses the
+//! transmit FIFO as a 16550A driver does: once LSR shows THR empty, the FIFO has room for 16
+//! bytes, and up to that many are written before LSR is polled again. The remaining room is
+//! carried from line to line under the console lock; the FIFO only drains in the meantime. A UART
+//! without a working FIFO (IIR bits 7:6 not both set after enabling it) gets one byte per poll.
 use core::hint::spin_loop;
 use core::marker::PhantomData;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use crate::io::{inb, outb};
 
 const COM1: u16 = 0x3f8;
+const IIR: u16 = COM1 + 2;
 const LSR: u16 = COM1 + 5;
 const LSR_THR_EMPTY: u8 = 1 << 5;
+/// IIR bits 7:6: both set when the FIFOs are enabled (16550A).
+const IIR_FIFO_ENABLED: u8 = 0xc0;
+/// Transmit FIFO depth of a 16550A.
+const FIFO_DEPTH: u8 = 16;
 /// Polls of LSR before a byte is written anyway (a missing or broken UART must not hang us).
 const MAX_LSR_POLLS: u32 = 100_000;
 /// Spins before the exception/panic path takes the console without the lock.
 const FORCED_LOCK_SPINS: u32 = 10_000;
 
-/// The console lock: `swap` compiles to `xchg`, which the CPL0 emulator handles.
+/// The console lock: `swap` compiles to `xchg`, which the CPL0 emulator handles. This, `BURST`
+/// and `ROOM` are in `.data.tg_hot` (see linker.ld).
+#[link_section = ".data.tg_hot"]
 static LOCK: AtomicBool = AtomicBool::new(false);
+/// Bytes THR takes per LSR poll: `FIFO_DEPTH` once `init` found the FIFO working, else 1.
+#[link_section = ".data.tg_hot"]
+static BURST: AtomicU8 = AtomicU8::new(1);
+/// Bytes that may still be written without polling LSR, handed from line to line with the lock.
+#[link_section = ".data.tg_hot"]
+static ROOM: AtomicU8 = AtomicU8::new(0);
 
-/// Minimal 16550 set-up: 115200 8N1, FIFOs on, interrupts off.
+/// Minimal 16550 set-up: 115200 8N1, FIFOs on, interrupts off; then checks that the FIFO is on.
 pub fn init() {
     outb(COM1 + 1, 0x00); // IER: no interrupts
     outb(COM1 + 3, 0x80); // LCR: DLAB on
@@ -27,20 +46,27 @@ pub fn init() {
     outb(COM1 + 3, 0x03); // LCR: 8N1, DLAB off
     outb(COM1 + 2, 0xc7); // FCR: enable and clear FIFOs
     outb(COM1 + 4, 0x03); // MCR: DTR, RTS (OUT2 off: no IRQ)
+    if inb(IIR) & IIR_FIFO_ENABLED == IIR_FIFO_ENABLED {
+        BURST.store(FIFO_DEPTH, Ordering::Relaxed);
+    }
 }
 
-fn put_byte(b: u8) {
-    let mut polls = 0;
-    while inb(LSR) & LSR_THR_EMPTY == 0 && polls < MAX_LSR_POLLS {
-        polls += 1;
+/// Waits (boundedly) for THR empty and returns how many bytes may be written now.
+fn wait_for_room() -> u8 {
+    for _ in 0..MAX_LSR_POLLS {
+        if inb(LSR) & LSR_THR_EMPTY != 0 {
+            return BURST.load(Ordering::Relaxed);
+        }
         spin_loop();
     }
-    outb(COM1, b);
+    1
 }
 
 /// One console line being written; holds the console lock until dropped.
 pub struct Line {
     owns_lock: bool,
+    /// Bytes that fit in the transmit FIFO without another LSR poll.
+    room: u8,
     // Not Send: the lock belongs to the CPU that took it.
     _cpu_local: PhantomData<*const ()>,
 }
@@ -52,6 +78,7 @@ pub fn line() -> Line {
     }
     Line {
         owns_lock: true,
+        room: ROOM.load(Ordering::Relaxed),
         _cpu_local: PhantomData,
     }
 }
@@ -63,6 +90,7 @@ pub fn line_forced() -> Line {
         if !LOCK.swap(true, Ordering::Acquire) {
             return Line {
                 owns_lock: true,
+                room: ROOM.load(Ordering::Relaxed),
                 _cpu_local: PhantomData,
             };
         }
@@ -70,6 +98,7 @@ pub fn line_forced() -> Line {
     }
     Line {
         owns_lock: false,
+        room: 0,
         _cpu_local: PhantomData,
     }
 }
@@ -78,7 +107,11 @@ impl Line {
     /// Writes raw bytes.
     pub fn bytes(&mut self, bytes: &[u8]) -> &mut Self {
         for &b in bytes {
-            put_byte(b);
+            if self.room == 0 {
+                self.room = wait_for_room();
+            }
+            outb(COM1, b);
+            self.room -= 1;
         }
         self
     }
@@ -134,6 +167,7 @@ impl core::fmt::Write for Line {
 impl Drop for Line {
     fn drop(&mut self) {
         if self.owns_lock {
+            ROOM.store(self.room, Ordering::Relaxed);
             LOCK.store(false, Ordering::Release);
         }
     }

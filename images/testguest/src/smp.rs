@@ -13,7 +13,7 @@ use core::sync::atomic::{AtomicU32, Ordering};
 
 use crate::acpi::{self, Madt, RootTable};
 use crate::bootinfo::BootInfo;
-use crate::paging::mapped_limit;
+use crate::paging;
 use crate::scenario::{fail, fail_msg};
 use crate::{cpu, serial};
 
@@ -57,7 +57,7 @@ ap_trampoline_start:
     .balign 8
 ap_tramp_gdt_desc:
     .word {gdt_limit}
-    .quad {gdt}
+    .quad tg_gdt
     .global ap_trampoline_end
 ap_trampoline_end:
     .code64
@@ -66,7 +66,6 @@ ap_trampoline_end:
     tramp = const TRAMPOLINE,
     kernel_cs32 = const cpu::KERNEL_CS32,
     gdt_limit = const cpu::GDT_LIMIT,
-    gdt = sym cpu::GDT,
     options(att_syntax)
 );
 
@@ -129,8 +128,8 @@ struct Lapic {
 
 impl Lapic {
     fn write(&self, reg: u64, value: u32) {
-        // SAFETY: `base` is the LAPIC MMIO page (checked against the identity map in `run`),
-        // mapped user-accessible and uncached; the access is an aligned 32-bit volatile store.
+        // SAFETY: `base` is the LAPIC MMIO page, which `lapic` had `paging::map` make accessible
+        // (user, uncached); the access is an aligned 32-bit volatile store.
         unsafe { ((self.base + reg) as *mut u32).write_volatile(value) };
     }
 
@@ -153,7 +152,7 @@ impl Lapic {
 
 fn lapic(madt: &Madt) -> Lapic {
     let base = madt.lapic_base;
-    if base == 0 || base & 0xfff != 0 || base + 4096 > mapped_limit() {
+    if base == 0 || base & 0xfff != 0 || !paging::map(base, base + 4096) {
         fail(|w| {
             w.str("unusable local APIC base ").hex(base);
         });
