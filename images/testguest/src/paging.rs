@@ -149,7 +149,11 @@ fn map_gib(gib: u64) {
         (gib * GIB) | LEAF_FLAGS
     } else {
         // Fill the directory before the PDPT entry makes it reachable.
-        let pd = PDS.0.get().cast::<u64>().wrapping_add((gib as usize - 1) * 512);
+        let pd = PDS
+            .0
+            .get()
+            .cast::<u64>()
+            .wrapping_add((gib as usize - 1) * 512);
         for i in 0..512 {
             // SAFETY: without 1 GiB pages gib < PD_COUNT (see `capacity`), and with them
             // gib == 3, so the entry is inside PDS; nothing maps this directory yet.
