@@ -209,11 +209,15 @@ impl Skiff {
         Self::spawn_command(Command::new(skiff_bin()).args(args))
     }
 
-    /// Starts a prepared command (for wrappers such as `unshare` or `setpriv`).
+    /// Starts a prepared command (for wrappers such as `unshare` or `setpriv`), stdin closed.
     pub fn spawn_command(cmd: &mut Command) -> Self {
+        Self::spawn_command_with_stdin(cmd.stdin(Stdio::null()))
+    }
+
+    /// Starts a prepared command with the stdin it already has (a terminal, say).
+    pub fn spawn_command_with_stdin(cmd: &mut Command) -> Self {
         let started = Instant::now();
         let mut child = cmd
-            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

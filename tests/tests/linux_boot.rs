@@ -79,9 +79,10 @@ fn minimal_kernel_boots_with_the_memory_map_and_cpus_skiff_gave_it() {
 fn bzimage_is_loaded_and_entered_through_the_64bit_protocol() {
     require_kvm();
     let images = linux_images();
-    // The bzImage's decompressor prints its first line early; decompression itself runs in
-    // emulated kernel mode on PVM and takes minutes, so stop once it has started.
-    let cmdline = format!("earlyprintk=serial,ttyS0,115200 console=ttyS0 {PVM_SAFE_ARGS}");
+    // The bzImage decompresses itself in emulated kernel mode on PVM; once the kernel proper
+    // prints its banner, command line and e820 map, loading, the 64-bit entry and boot_params
+    // are proven, so stop there.
+    let cmdline = format!("console=ttyS0 earlyprintk=serial,ttyS0,115200 {PVM_SAFE_ARGS}");
     let mut vm = Skiff::spawn(&[
         "run".as_ref(),
         "--kernel".as_ref(),
@@ -93,5 +94,10 @@ fn bzimage_is_loaded_and_entered_through_the_64bit_protocol() {
         "--cmdline".as_ref(),
         cmdline.as_ref(),
     ]);
-    vm.wait_for_line("Decompressing Linux", Duration::from_secs(120));
+    vm.wait_for_line("Linux version", Duration::from_secs(180));
+    vm.wait_for_line(&format!("Command line: {cmdline}"), Duration::from_secs(60));
+    vm.wait_for_line(
+        "BIOS-e820: [mem 0x0000000000100000-0x000000000fffffff] usable",
+        Duration::from_secs(60),
+    );
 }
