@@ -4,11 +4,17 @@
 //! ACPI_SIZE` (the RSDP first, where a scanning guest finds it, then each table 16-byte
 //! aligned). The platform is hardware-reduced ACPI: no PM1/GPE blocks, no SCI, no FACS. It
 //! describes the CPUs and interrupt controllers (MADT) and the PCI ECAM area (MCFG); the DSDT
-//! holds only `\_S5_`. PCI host bridge resources and the sleep registers for ACPI poweroff are
-//! left to the device model to add here (`dsdt`, `fadt`).
+//! holds `\_S5_`, the PCI host bridge `\_SB.PCI0` with its resources (bus numbers, the 0xCF8
+//! configuration ports, the 32-bit and 64-bit MMIO windows) and a motherboard-resources device
+//! reserving the ECAM area. The sleep registers for ACPI poweroff are left to the device model to
+//! add here (`fadt`).
 
-use acpi_tables::aml::{Name, Package};
+use acpi_tables::aml::{
+    AddressSpace, AddressSpaceCacheable, Device, EISAName, Memory32Fixed, Name, Package,
+    ResourceTemplate, Scope, IO,
+};
 use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace as GasSpace, GAS};
 use acpi_tables::madt::{EnabledStatus, IoApic, ProcessorLocalApic};
 use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
@@ -20,7 +26,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError};
 
 use crate::cpuid::cpu_topology_apic_id;
 use crate::layout::{
-    ACPI_SIZE, ACPI_START, IOAPIC_START, LAPIC_START, PCI_ECAM_SIZE, PCI_ECAM_START,
+    ACPI_PM_PORT, ACPI_SIZE, ACPI_START, IOAPIC_START, LAPIC_START, PCI_CONFIG_IO_PORT,
+    PCI_CONFIG_IO_PORT_LEN, PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO32_SIZE, PCI_MMIO32_START,
+    PCI_MMIO64_SIZE, PCI_MMIO64_START,
 };
 
 /// OEM ID in every table header.
@@ -32,6 +40,14 @@ const OEM_REVISION: u32 = 1;
 /// `SLP_TYP` value of the `\_S5_` (soft-off) package; the ACPI sleep control register the
 /// device model provides must treat a write of this value as poweroff.
 pub const S5_SLEEP_TYPE: u8 = 5;
+/// Offsets of the sleep control, sleep status and reset registers from `ACPI_PM_PORT`.
+pub const ACPI_SLEEP_CONTROL_OFFSET: u64 = 0;
+/// See `ACPI_SLEEP_CONTROL_OFFSET`.
+pub const ACPI_SLEEP_STATUS_OFFSET: u64 = 1;
+/// See `ACPI_SLEEP_CONTROL_OFFSET`.
+pub const ACPI_RESET_OFFSET: u64 = 2;
+/// The value that, written to the reset register, resets the guest.
+pub const ACPI_RESET_VALUE: u8 = 1;
 /// ISA IRQ of the PIT.
 pub const PIT_ISA_IRQ: u8 = 0;
 /// GSI (IOAPIC pin) the PIT is wired to, stated by the MADT interrupt source override. It must
@@ -46,6 +62,11 @@ const _: () = assert!(PCI_ECAM_SIZE >> 20 >= 1 && PCI_ECAM_SIZE >> 20 <= 256);
 const _: () = assert!(IOAPIC_START <= u32::MAX as u64);
 const _: () = assert!(LAPIC_START <= u32::MAX as u64);
 const _: () = assert!(ACPI_START.is_multiple_of(16));
+// The host bridge's _CRS describes these in 16-bit and 32-bit descriptors.
+const _: () = assert!(PCI_CONFIG_IO_PORT + PCI_CONFIG_IO_PORT_LEN <= 0x1_0000);
+const _: () = assert!(PCI_CONFIG_IO_PORT_LEN <= 0xff);
+const _: () = assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= 1 << 32);
+const _: () = assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= 1 << 32);
 
 /// Every table starts on this alignment.
 const TABLE_ALIGN: u64 = 16;
@@ -188,7 +209,8 @@ fn aml_bytes(aml: &dyn Aml) -> Vec<u8> {
     bytes
 }
 
-/// The DSDT: `\_S5_` so that the guest's ACPI poweroff path knows the soft-off sleep type.
+/// The DSDT: `\_S5_` so that the guest's ACPI poweroff path knows the soft-off sleep type, and
+/// the `\_SB` devices (PCI host bridge, motherboard resources).
 fn dsdt() -> Vec<u8> {
     let mut dsdt = Sdt::new(
         *b"DSDT",
@@ -200,7 +222,65 @@ fn dsdt() -> Vec<u8> {
     );
     let s5 = Name::new("_S5_".into(), &Package::new(vec![&S5_SLEEP_TYPE]));
     dsdt.append_slice(&aml_bytes(&s5));
+    dsdt.append_slice(&system_bus());
     dsdt.as_slice().to_vec()
+}
+
+/// `\_SB.PCI0`, the PCI Express host bridge of segment 0 (config access through the MCFG's ECAM
+/// area or ports 0xCF8/0xCFC), and `\_SB.MBRD`, which reserves the ECAM area as a motherboard
+/// resource (Linux then trusts the MCFG without relying on e820 alone).
+fn system_bus() -> Vec<u8> {
+    let (hid, cid) = (EISAName::new("PNP0A08"), EISAName::new("PNP0A03"));
+    let bus_numbers = AddressSpace::<u16>::new_bus_number(0, u16::from(ECAM_END_BUS));
+    let config_ports = IO::new(
+        PCI_CONFIG_IO_PORT as u16,
+        PCI_CONFIG_IO_PORT as u16,
+        1,
+        PCI_CONFIG_IO_PORT_LEN as u8,
+    );
+    let mmio32 = AddressSpace::<u32>::new_memory(
+        AddressSpaceCacheable::NotCacheable,
+        true,
+        PCI_MMIO32_START as u32,
+        (PCI_MMIO32_START + PCI_MMIO32_SIZE - 1) as u32,
+        None,
+    );
+    let mmio64 = AddressSpace::<u64>::new_memory(
+        AddressSpaceCacheable::NotCacheable,
+        true,
+        PCI_MMIO64_START,
+        PCI_MMIO64_START + PCI_MMIO64_SIZE - 1,
+        None,
+    );
+    let crs = ResourceTemplate::new(vec![&bus_numbers, &config_ports, &mmio32, &mmio64]);
+    let (hid_name, cid_name) = (
+        Name::new("_HID".into(), &hid),
+        Name::new("_CID".into(), &cid),
+    );
+    let (seg, bbn, uid) = (
+        Name::new("_SEG".into(), &0u8),
+        Name::new("_BBN".into(), &0u8),
+        Name::new("_UID".into(), &0u8),
+    );
+    let crs_name = Name::new("_CRS".into(), &crs);
+    let pci0 = Device::new(
+        "PCI0".into(),
+        vec![&hid_name, &cid_name, &seg, &bbn, &uid, &crs_name],
+    );
+
+    let mbrd_hid = EISAName::new("PNP0C02");
+    let ecam = Memory32Fixed::new(true, PCI_ECAM_START as u32, PCI_ECAM_SIZE as u32);
+    let mbrd_crs = ResourceTemplate::new(vec![&ecam]);
+    let (mbrd_hid_name, mbrd_uid, mbrd_crs_name) = (
+        Name::new("_HID".into(), &mbrd_hid),
+        Name::new("_UID".into(), &1u8),
+        Name::new("_CRS".into(), &mbrd_crs),
+    );
+    let mbrd = Device::new(
+        "MBRD".into(),
+        vec![&mbrd_hid_name, &mbrd_uid, &mbrd_crs_name],
+    );
+    aml_bytes(&Scope::new("\\_SB_".into(), vec![&pci0, &mbrd]))
 }
 
 /// The FADT (revision 6.5): hardware-reduced ACPI, power and sleep buttons (if any) as control
@@ -210,8 +290,23 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
         .dsdt_64(dsdt_addr)
         .flag(Flags::HwReducedAcpi)
         .flag(Flags::PwrButton)
-        .flag(Flags::SlpButton);
+        .flag(Flags::SlpButton)
+        .flag(Flags::ResetRegSup);
     fadt.iapc_boot_arch = IAPC_BOOT_ARCH.into();
+    // Hardware-reduced power management: one-byte I/O registers (devices::legacy::acpi_pm).
+    let port = |offset: u64| {
+        GAS::new(
+            GasSpace::SystemIo,
+            8,
+            0,
+            AccessSize::ByteAccess,
+            ACPI_PM_PORT + offset,
+        )
+    };
+    fadt.sleep_control_reg = port(ACPI_SLEEP_CONTROL_OFFSET);
+    fadt.sleep_status_reg = port(ACPI_SLEEP_STATUS_OFFSET);
+    fadt.reset_reg = port(ACPI_RESET_OFFSET);
+    fadt.reset_value = ACPI_RESET_VALUE;
     aml_bytes(&fadt.finalize())
 }
 

@@ -112,9 +112,104 @@ fn fadt_is_hardware_reduced_and_points_at_the_dsdt() {
     assert_eq!(&dsdt[..4], b"DSDT");
     // NameOp "_S5_" PackageOp len=4 count=1 BytePrefix 5.
     assert_eq!(
-        &dsdt[36..],
+        &dsdt[36..46],
         &[0x08, b'_', b'S', b'5', b'_', 0x12, 0x04, 0x01, 0x0a, 0x05]
     );
+}
+
+fn position(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// An ACPI address space descriptor (large resource `tag`) with fixed min and max, built by hand
+/// from the ACPI specification's layout: length, resource type, general flags (MinFixed and
+/// MaxFixed), type flags, then granularity, min, max, translation and length of `width` bytes.
+fn address_descriptor(
+    tag: u8,
+    kind: u8,
+    type_flags: u8,
+    width: usize,
+    min: u64,
+    max: u64,
+) -> Vec<u8> {
+    let mut d = vec![tag];
+    d.extend_from_slice(&((3 + 5 * width) as u16).to_le_bytes());
+    d.extend_from_slice(&[kind, 0x0c, type_flags]);
+    for v in [0, min, max, 0, max - min + 1] {
+        d.extend_from_slice(&v.to_le_bytes()[..width]);
+    }
+    d
+}
+
+#[test]
+fn dsdt_describes_the_pci_host_bridge_and_its_windows() {
+    let mem = guest_mem();
+    let all = tables(
+        &mem,
+        write_acpi_tables(&mem, &AcpiConfig { cpus: 1 }).unwrap(),
+    );
+    let dsdt = table(&mem, u64_at(find(&all, "FACP"), 140));
+    let scope = position(&dsdt, b"\\_SB_").expect("\\_SB_ scope");
+    let pci0 = position(&dsdt, b"PCI0").expect("PCI0 device");
+    assert!(scope < pci0);
+    // DeviceOp (ExtOpPrefix 0x5b, 0x82), then a PkgLength of 1 to 4 bytes, then the name.
+    assert!(
+        (1..=4).any(|n| dsdt[pci0 - n - 2..pci0 - n] == [0x5b, 0x82]),
+        "PCI0 is not a Device"
+    );
+    let body = &dsdt[pci0..];
+    // _HID EISAID("PNP0A08") and _CID EISAID("PNP0A03"): DWordPrefix and the compressed ID.
+    for (name, id) in [(b"_HID", 0x080a_d041u32), (b"_CID", 0x030a_d041)] {
+        let mut expect = vec![0x08];
+        expect.extend_from_slice(name);
+        expect.push(0x0c);
+        expect.extend_from_slice(&id.to_le_bytes());
+        assert!(
+            position(body, &expect).is_some(),
+            "{}",
+            String::from_utf8_lossy(name)
+        );
+    }
+    for name in [b"_SEG", b"_BBN", b"_UID"] {
+        let mut expect = vec![0x08];
+        expect.extend_from_slice(name);
+        expect.push(0x00); // ZeroOp
+        assert!(
+            position(body, &expect).is_some(),
+            "{}",
+            String::from_utf8_lossy(name)
+        );
+    }
+    let crs = position(body, b"_CRS").expect("_CRS");
+    let crs = &body[crs..];
+    let bus = address_descriptor(0x88, 2, 0, 2, 0, 255);
+    let io = [0x47, 0x01, 0xf8, 0x0c, 0xf8, 0x0c, 0x01, 0x08];
+    let mmio32 = address_descriptor(0x87, 0, 1, 4, 0xc000_0000, 0xdfff_ffff);
+    let mmio64 = address_descriptor(
+        0x8a,
+        0,
+        1,
+        8,
+        PCI_MMIO64_START,
+        PCI_MMIO64_START + PCI_MMIO64_SIZE - 1,
+    );
+    let mut at = 0;
+    for (what, d) in [
+        ("bus", &bus[..]),
+        ("io", &io),
+        ("mmio32", &mmio32),
+        ("mmio64", &mmio64),
+    ] {
+        let p = position(&crs[at..], d)
+            .unwrap_or_else(|| panic!("{what} range missing or out of order"));
+        at += p + d.len();
+    }
+    // The motherboard resources device reserves the ECAM area with a Memory32Fixed descriptor.
+    let mbrd = position(&dsdt, b"MBRD").expect("MBRD device");
+    let mut ecam = vec![0x86, 0x09, 0x00, 0x01];
+    ecam.extend_from_slice(&(PCI_ECAM_START as u32).to_le_bytes());
+    ecam.extend_from_slice(&(PCI_ECAM_SIZE as u32).to_le_bytes());
+    assert!(position(&dsdt[mbrd..], &ecam).is_some());
 }
 
 #[test]

@@ -43,6 +43,12 @@ pub const ACPI_SIZE: u64 = 0x20000;
 /// First byte above the legacy area: RAM from here up is usable by the kernel.
 pub const HIGH_MEMORY_START: u64 = 0x10_0000;
 
+/// I/O ports of the ACPI power-management registers the FADT describes: sleep control at
+/// `ACPI_PM_PORT`, sleep status at +1, reset at +2.
+pub const ACPI_PM_PORT: u64 = 0x600;
+/// Number of ACPI power-management ports.
+pub const ACPI_PM_PORT_LEN: u64 = 3;
+
 /// Start of the 32-bit MMIO hole. RAM above this address moves to `HIGH_RAM_START`.
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 /// 32-bit PCI MMIO window (BARs below 4 GiB).
@@ -63,6 +69,16 @@ pub const HIGH_RAM_START: u64 = 0x1_0000_0000;
 /// Largest guest RAM skiff lays out (1 TiB): keeps every guest physical address within 41 bits,
 /// which every x86_64 host KVM supports.
 pub const MAX_RAM_SIZE: u64 = 1 << 40;
+
+/// 64-bit PCI MMIO window (64-bit BARs), above the highest RAM address any guest can have
+/// (`HIGH_RAM_START + MAX_RAM_SIZE - MMIO_HOLE_START`) and ending at 2 TiB, within 41 bits.
+pub const PCI_MMIO64_START: u64 = 0x180_0000_0000;
+/// Size of the 64-bit PCI MMIO window (512 GiB).
+pub const PCI_MMIO64_SIZE: u64 = 0x80_0000_0000;
+/// Legacy PCI configuration mechanism #1: address register at 0xCF8, data at 0xCFC..0xD00.
+pub const PCI_CONFIG_IO_PORT: u64 = 0xcf8;
+/// Ports the configuration mechanism decodes.
+pub const PCI_CONFIG_IO_PORT_LEN: u64 = 8;
 
 /// Smallest guest RAM that can hold the boot structures and a kernel.
 pub const MIN_RAM_SIZE: u64 = 2 << 20;
@@ -177,5 +193,7 @@ mod tests {
         }
         const { assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START) };
         const { assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START) };
+        const { assert!(HIGH_RAM_START + MAX_RAM_SIZE - MMIO_HOLE_START <= PCI_MMIO64_START) };
+        const { assert!(PCI_MMIO64_START + PCI_MMIO64_SIZE <= 1 << 41) };
     }
 }

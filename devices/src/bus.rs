@@ -87,6 +87,11 @@ impl Bus {
         Ok(())
     }
 
+    /// Every occupied range as `(base, len)`, in address order.
+    pub fn ranges(&self) -> Vec<(u64, u64)> {
+        self.ranges.iter().map(|(&b, e)| (b, e.len)).collect()
+    }
+
     /// The device covering `addr` and the offset of `addr` within it, if the whole access
     /// `addr..addr+size` lies inside that device's range.
     fn find(&self, addr: u64, size: usize) -> Option<(u64, &Entry)> {

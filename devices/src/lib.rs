@@ -8,5 +8,6 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod pci;
 pub mod virtio;
 pub mod vm_exit;

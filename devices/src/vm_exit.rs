@@ -33,6 +33,8 @@ pub enum GuestEnd {
     VmmError,
     /// The host asked skiff to stop with this signal (SIGINT, SIGTERM, SIGHUP).
     HostSignal(i32),
+    /// The VMM's control API stopped the guest (shutdown, or a snapshot taken with `stop`).
+    Stopped,
 }
 
 /// Shared between every device, vCPU and the main thread: records the first `GuestEnd` and

@@ -6,6 +6,8 @@
 //! guest runs its busybox init, which prints a marker and powers off. The test prints which tier
 //! ran.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::path::Path;
 use std::time::Duration;
 

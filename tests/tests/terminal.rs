@@ -2,6 +2,8 @@
 //! in raw mode (no line buffering, no echo) so keystrokes reach the guest, and its settings are
 //! restored when skiff exits, whatever the exit path (guest exit, timeout, signal).
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Command, Stdio};
 use std::time::Duration;

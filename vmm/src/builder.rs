@@ -1,5 +1,5 @@
 //! Builds a VM from a `VmConfig` in named steps: check inputs, guest memory, hypervisor VM,
-//! boot (kernel, initrd, tables), devices, vCPUs. Each step is a function; the builder only
+//! boot (kernel, initrd, tables), legacy devices, PCI devices, vCPUs. Each step is a function; the builder only
 //! composes them. If a step fails, a memory file the build created is removed again.
 
 use std::fs::{File, OpenOptions};
@@ -8,10 +8,16 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use devices::bus::{Bus, BusError};
+use devices::legacy::acpi_pm::{AcpiPm, ACPI_PM_PORT, ACPI_PM_PORT_LEN};
 use devices::legacy::debug_exit::{DebugExit, DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_LEN};
 use devices::legacy::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
 use devices::legacy::serial::{Serial, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
+use devices::virtio::blk::{BlkError, VirtioBlk};
+use devices::virtio::console::{ConsoleError, ConsoleInput, VirtioConsole};
+use devices::virtio::net::{NetError, VirtioNet};
+use devices::virtio::rng::VirtioRng;
 use devices::vm_exit::VmExitSignal;
+use event_manager::{EventManager, MutEventSubscriber};
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -21,7 +27,11 @@ use crate::config::{SerialConfig, VmConfig};
 use crate::hypervisor::kvm::KvmHypervisor;
 use crate::hypervisor::{Hypervisor, HypervisorError, Vcpu, Vm};
 use crate::memory::backing::BackingKind;
-use crate::memory::{GuestRam, MemoryError};
+use crate::memory::{GuestMemory, GuestRam, MemoryError};
+use crate::pci_devices::{PciDevices, PciDevicesError};
+
+/// The VM's event loop (`event-manager`): device handlers, host input, signals, the VM's end.
+pub type VmEvents = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
 
 /// Errors from building a VM.
 #[derive(Debug, Error)]
@@ -85,6 +95,30 @@ pub enum BuildError {
     /// Device placement failed.
     #[error("cannot place a device on the bus")]
     Bus(#[source] BusError),
+    /// The event loop could not be created.
+    #[error("cannot create the event loop: {0}")]
+    EventLoop(String),
+    /// The PCI devices could not be built (boxed: it is the largest cause).
+    #[error(transparent)]
+    Pci(Box<PciDevicesError>),
+    /// A `--disk` could not be opened (missing, wrong type or size, locked).
+    #[error(transparent)]
+    Disk(#[from] BlkError),
+    /// A `--net` device could not be set up (its tap, its MAC).
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// The `--console` device could not be set up.
+    #[error(transparent)]
+    Console(#[from] ConsoleError),
+    /// A saved serial port state cannot be used.
+    #[error("cannot restore the serial port")]
+    SerialState(#[source] devices::legacy::serial::SerialError),
+}
+
+impl From<PciDevicesError> for BuildError {
+    fn from(e: PciDevicesError) -> Self {
+        Self::Pci(Box::new(e))
+    }
 }
 
 /// A VM ready to run: memory, hypervisor VM, buses, devices and vCPUs in their boot state.
@@ -101,8 +135,16 @@ pub struct BuiltVm {
     pub mmio: Arc<Bus>,
     /// The serial port (the event loop feeds it host input).
     pub serial: Arc<Mutex<Serial>>,
+    /// The i8042 controller (kept for snapshots).
+    pub i8042: Arc<Mutex<I8042>>,
     /// Where the guest's end is recorded.
     pub exit: VmExitSignal,
+    /// The event loop the devices were built against (their handlers join it when the driver
+    /// activates them); the runner runs it. `None`: the runner makes a fresh one.
+    pub events: Option<VmEvents>,
+    /// The virtio console's input (`--console`): the runner feeds it stdin instead of the
+    /// serial port.
+    pub console_input: Option<ConsoleInput>,
 }
 
 impl std::fmt::Debug for BuiltVm {
@@ -158,19 +200,36 @@ fn build_on_ram(
             },
         )?;
         let exit = VmExitSignal::new().map_err(BuildError::EventFd)?;
-        let (pio, serial) = create_legacy_devices(&*vm, &cfg.serial, &exit)?;
+        let (mut pio, serial, i8042) = create_legacy_devices(&*vm, &cfg.serial, &exit, None)?;
+        let events = VmEvents::new().map_err(|e| BuildError::EventLoop(format!("{e:?}")))?;
+        let mut mmio = Bus::new();
+        let console_input =
+            create_pci_devices(&*vm, ram.memory(), cfg, &events, &mut pio, &mut mmio)?;
         let vcpus = create_vcpus(hypervisor, &*vm, cfg.cpus, &boot)?;
-        Ok((vm, vcpus, pio, serial, exit))
+        Ok((
+            vm,
+            vcpus,
+            pio,
+            mmio,
+            serial,
+            i8042,
+            exit,
+            events,
+            console_input,
+        ))
     };
     match steps() {
-        Ok((vm, vcpus, pio, serial, exit)) => Ok(BuiltVm {
+        Ok((vm, vcpus, pio, mmio, serial, i8042, exit, events, console_input)) => Ok(BuiltVm {
             ram,
             vm,
             vcpus,
             pio: Arc::new(pio),
-            mmio: Arc::new(Bus::new()),
+            mmio: Arc::new(mmio),
             serial,
+            i8042,
             exit,
+            events: Some(events),
+            console_input,
         }),
         Err(e) => Err((e, ram)),
     }
@@ -227,7 +286,10 @@ fn ram_ranges(ram: &GuestRam) -> Vec<arch::layout::RamRange> {
 }
 
 /// Step: the hypervisor VM with one memory slot per region and its platform devices.
-fn create_vm(hypervisor: &dyn Hypervisor, ram: &GuestRam) -> Result<Box<dyn Vm>, BuildError> {
+pub(crate) fn create_vm(
+    hypervisor: &dyn Hypervisor,
+    ram: &GuestRam,
+) -> Result<Box<dyn Vm>, BuildError> {
     let vm = hypervisor.create_vm()?;
     for (slot, region) in ram.memory().iter().enumerate() {
         let host = region.as_ptr() as u64;
@@ -246,12 +308,17 @@ fn create_vm(hypervisor: &dyn Hypervisor, ram: &GuestRam) -> Result<Box<dyn Vm>,
     Ok(vm)
 }
 
-/// Step: COM1, the i8042 and the debug-exit port on the I/O bus.
-fn create_legacy_devices(
+/// The legacy devices on the I/O bus, as `create_legacy_devices` returns them.
+pub(crate) type LegacyDevices = (Bus, Arc<Mutex<Serial>>, Arc<Mutex<I8042>>);
+
+/// Step: COM1, the i8042 and the debug-exit port on the I/O bus; in the saved state `restore`
+/// when a snapshot is being restored.
+pub(crate) fn create_legacy_devices(
     vm: &dyn Vm,
     serial_cfg: &SerialConfig,
     exit: &VmExitSignal,
-) -> Result<(Bus, Arc<Mutex<Serial>>), BuildError> {
+    restore: Option<&crate::snapshot::DeviceStates>,
+) -> Result<LegacyDevices, BuildError> {
     let output: Option<Box<dyn Write + Send>> = match serial_cfg {
         SerialConfig::Stdio => Some(Box::new(std::io::stdout())),
         SerialConfig::Off => None,
@@ -268,23 +335,65 @@ fn create_legacy_devices(
     };
     let irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     vm.register_irqfd(&irq, COM1_IRQ)?;
-    let serial = Arc::new(Mutex::new(Serial::new(output, irq)));
+    let (serial, i8042) = match restore {
+        None => (Serial::new(output, irq), I8042::new(exit.clone())),
+        Some(saved) => (
+            Serial::restore(output, irq, &saved.serial).map_err(BuildError::SerialState)?,
+            I8042::restore(exit.clone(), &saved.i8042),
+        ),
+    };
+    let serial = Arc::new(Mutex::new(serial));
+    let i8042 = Arc::new(Mutex::new(i8042));
     let mut pio = Bus::new();
     pio.insert(serial.clone(), COM1_PORT, COM1_PORT_LEN)
         .map_err(BuildError::Bus)?;
-    pio.insert(
-        Arc::new(Mutex::new(I8042::new(exit.clone()))),
-        I8042_PORT,
-        I8042_PORT_LEN,
-    )
-    .map_err(BuildError::Bus)?;
+    pio.insert(i8042.clone(), I8042_PORT, I8042_PORT_LEN)
+        .map_err(BuildError::Bus)?;
     pio.insert(
         Arc::new(Mutex::new(DebugExit::new(exit.clone()))),
         DEBUG_EXIT_PORT,
         DEBUG_EXIT_PORT_LEN,
     )
     .map_err(BuildError::Bus)?;
-    Ok((pio, serial))
+    pio.insert(
+        Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
+        ACPI_PM_PORT,
+        ACPI_PM_PORT_LEN,
+    )
+    .map_err(BuildError::Bus)?;
+    Ok((pio, serial, i8042))
+}
+
+/// Step: the PCI host bridge, configuration access and the virtio devices `cfg` asks for.
+/// Returns the virtio console's input handle when `--console` added one.
+fn create_pci_devices(
+    vm: &dyn Vm,
+    mem: &GuestMemory,
+    cfg: &VmConfig,
+    events: &VmEvents,
+    pio: &mut Bus,
+    mmio: &mut Bus,
+) -> Result<Option<ConsoleInput>, BuildError> {
+    let mut pci = PciDevices::new(vm, mem.clone(), events.remote_endpoint())?;
+    for disk in &cfg.disks {
+        pci.add_virtio_device(Box::new(VirtioBlk::new(disk)?))?;
+    }
+    for _ in &cfg.rngs {
+        pci.add_virtio_device(Box::new(VirtioRng::new()))?;
+    }
+    for net in &cfg.nets {
+        pci.add_virtio_device(Box::new(VirtioNet::open(&net.tap, net.mac)?))?;
+    }
+    let console_input = if cfg.console {
+        let console = VirtioConsole::new(Box::new(std::io::stdout()))?;
+        let input = console.input();
+        pci.add_virtio_device(Box::new(console))?;
+        Some(input)
+    } else {
+        None
+    };
+    pci.attach(pio, mmio)?;
+    Ok(console_input)
 }
 
 /// Step: vCPUs with CPUID, MSRs, FPU and LAPIC set up; the boot vCPU gets the boot registers,

@@ -1,12 +1,13 @@
 //! The event-loop thread's subscribers (`event-manager`): the VM-end eventfd, host terminal input
-//! for the serial port, and SIGINT/SIGTERM/SIGHUP through a signalfd. Later devices (virtqueue
-//! ioeventfds, sockets) join the same loop.
+//! for the serial port (or the virtio console with `--console`), and SIGINT/SIGTERM/SIGHUP
+//! through a signalfd. Later devices (virtqueue ioeventfds, sockets) join the same loop.
 
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use devices::legacy::serial::Serial;
+use devices::virtio::console::ConsoleInput;
 use devices::vm_exit::{GuestEnd, VmExitSignal};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
@@ -39,9 +40,17 @@ impl MutEventSubscriber for ExitWatcher {
     }
 }
 
-/// Feeds host stdin to the guest's serial port.
+/// Where host stdin goes.
+enum InputTarget {
+    /// The 16550 serial port's RX FIFO.
+    Serial(Arc<Mutex<Serial>>),
+    /// The virtio console's receive buffer (`--console`).
+    Console(ConsoleInput),
+}
+
+/// Feeds host stdin to the guest's serial port, or to its virtio console.
 pub struct SerialInput {
-    serial: Arc<Mutex<Serial>>,
+    target: InputTarget,
     pending: Vec<u8>,
     stdin: io::Stdin,
     closed: bool,
@@ -58,31 +67,48 @@ impl std::fmt::Debug for SerialInput {
 impl SerialInput {
     /// Reads from this process's stdin.
     pub fn new(serial: Arc<Mutex<Serial>>) -> Self {
+        Self::with_target(InputTarget::Serial(serial))
+    }
+
+    /// Reads from this process's stdin into the virtio console instead of the serial port.
+    pub fn for_console(console: ConsoleInput) -> Self {
+        Self::with_target(InputTarget::Console(console))
+    }
+
+    fn with_target(target: InputTarget) -> Self {
         Self {
-            serial,
+            target,
             pending: Vec::new(),
             stdin: io::stdin(),
             closed: false,
         }
     }
 
-    /// Whether bytes wait for room in the UART's FIFO (the loop then retries on a short timer).
+    /// Whether bytes wait for room in the UART's FIFO or the console's buffer (the loop then
+    /// retries on a short timer).
     pub fn has_pending(&self) -> bool {
         !self.pending.is_empty()
     }
 
-    /// Moves pending bytes into the UART as far as its FIFO allows.
+    /// Moves pending bytes into the UART (or console) as far as its buffer allows.
     pub fn flush_pending(&mut self) {
         if self.pending.is_empty() {
             return;
         }
-        let mut serial = self.serial.lock().unwrap_or_else(PoisonError::into_inner);
-        match serial.enqueue_input(&self.pending) {
-            Ok(n) => {
-                self.pending.drain(..n);
+        let taken = match &self.target {
+            InputTarget::Serial(serial) => {
+                let mut serial = serial.lock().unwrap_or_else(PoisonError::into_inner);
+                match serial.enqueue_input(&self.pending) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        log::warn!("serial input: {e}");
+                        return;
+                    }
+                }
             }
-            Err(e) => log::warn!("serial input: {e}"),
-        }
+            InputTarget::Console(console) => console.enqueue(&self.pending),
+        };
+        self.pending.drain(..taken);
     }
 }
 

@@ -3,7 +3,7 @@
 //! | code | meaning |
 //! |---|---|
 //! | 0..=255 | the guest wrote this byte to the debug-exit port 0xf4 |
-//! | 0 | the guest powered off |
+//! | 0 | the guest powered off, or the control API stopped it |
 //! | 1 | skiff could not start or run the VM (the message says why) |
 //! | 2 | invalid command line |
 //! | 120 | the guest asked for a reset or reboot |
@@ -51,6 +51,7 @@ pub fn report(end: GuestEnd) -> (u8, Option<String>) {
             Some(format!("timeout expired, guest stopped (exit code {TIMEOUT})")),
         ),
         GuestEnd::VmmError => (VMM_ERROR, Some("the VMM failed while running the guest".into())),
+        GuestEnd::Stopped => (0, Some("stopped through the control API (exit code 0)".into())),
         GuestEnd::HostSignal(sig) => {
             let code = 128u8.saturating_add(u8::try_from(sig).unwrap_or(127));
             (code, Some(format!("stopped by signal {sig} (exit code {code})")))

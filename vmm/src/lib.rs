@@ -7,7 +7,12 @@
 //! - `builder`: builds a VM in named steps (memory, VM, boot, devices, vCPUs).
 //! - `vcpu`: the per-vCPU run loop that dispatches exits to the device buses.
 //! - `event_loop`: the event-loop subscribers (VM end, serial input, stop signals).
+//! - `pci_devices`: the PCI segment: host bridge, config access, virtio devices on PCI.
 //! - `runner`: runs a built VM to its end: vCPU threads, event loop, timeout, outcome.
+//! - `running_vm`: a VM with live vCPU threads: pause, resume, status, snapshot.
+//! - `snapshot`: snapshot directories: manifest, state file, sparse memory files, restore.
+//! - `commands`: the `skiff restore` and `skiff ctl` subcommands.
+//! - `api`: the control API (HTTP + JSON on a Unix socket) and its `skiff ctl` client.
 //! - `exit_code`: the process exit codes skiff documents.
 //! - `teardown`: ends skiff without waiting for the kernel's VM teardown.
 //! - `terminal`: raw mode for the host terminal.
@@ -16,9 +21,13 @@ pub mod hypervisor;
 pub mod memory;
 
 #[cfg(target_os = "linux")]
+pub mod api;
+#[cfg(target_os = "linux")]
 pub mod boot;
 #[cfg(target_os = "linux")]
 pub mod builder;
+#[cfg(target_os = "linux")]
+pub mod commands;
 #[cfg(target_os = "linux")]
 pub mod config;
 #[cfg(target_os = "linux")]
@@ -26,7 +35,13 @@ pub mod event_loop;
 #[cfg(target_os = "linux")]
 pub mod exit_code;
 #[cfg(target_os = "linux")]
+pub mod pci_devices;
+#[cfg(target_os = "linux")]
 pub mod runner;
+#[cfg(target_os = "linux")]
+pub mod running_vm;
+#[cfg(target_os = "linux")]
+pub mod snapshot;
 #[cfg(target_os = "linux")]
 pub mod teardown;
 #[cfg(target_os = "linux")]

@@ -9,8 +9,8 @@ mod cli {
 
     use clap::{Parser, Subcommand};
     use vmm::config::{
-        parse_cpus, parse_timeout, MemoryArg, SerialConfig, VmConfig, DEFAULT_CMDLINE,
-        DEFAULT_MEMORY,
+        parse_cpus, parse_timeout, DiskArg, MemoryArg, NetConfig, RngConfig, SerialConfig,
+        VmConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY,
     };
     use vmm::exit_code;
     use vmm::memory::backing::BackingKind;
@@ -28,6 +28,10 @@ mod cli {
     enum Command {
         /// Boot a kernel and run the VM until the guest ends.
         Run(RunArgs),
+        /// Restore a VM from a snapshot directory and run it until the guest ends.
+        Restore(vmm::commands::RestoreArgs),
+        /// Send a control request to a running skiff (its --api-socket) and print the answer.
+        Ctl(vmm::commands::CtlArgs),
     }
 
     #[derive(Debug, clap::Args)]
@@ -53,6 +57,24 @@ mod cli {
         /// End the guest after this many seconds (exit code 124).
         #[arg(long, value_name = "SECONDS", value_parser = parse_timeout)]
         timeout: Option<Duration>,
+        /// Serve the control API (HTTP + JSON) on this Unix socket, created owner-only.
+        #[arg(long, value_name = "PATH")]
+        api_socket: Option<PathBuf>,
+        /// virtio-blk on a raw file or block device:
+        /// path=FILE[,readonly=on][,id=NAME][,queues=N][,io=auto|uring|threads] (repeatable).
+        #[arg(long = "disk", value_name = "SPEC")]
+        disks: Vec<DiskArg>,
+        /// virtio-net on a host tap: tap=NAME[,mac=MAC] (the tap is created if missing; repeatable).
+        #[arg(long = "net", value_name = "SPEC")]
+        nets: Vec<NetConfig>,
+        /// Add a virtio console (hvc0; put console=hvc0 in --cmdline to make it the kernel's).
+        /// Its output goes to stdout, and stdin feeds it instead of the serial port (which
+        /// still prints).
+        #[arg(long)]
+        console: bool,
+        /// Add a virtio-rng device fed from the host's getrandom (repeatable).
+        #[arg(long, action = clap::ArgAction::Count)]
+        rng: u8,
     }
 
     impl RunArgs {
@@ -69,6 +91,10 @@ mod cli {
                 }),
                 serial: self.serial,
                 timeout: self.timeout,
+                disks: self.disks.into_iter().map(|d| d.0).collect(),
+                nets: self.nets,
+                console: self.console,
+                rngs: RngConfig::repeated(self.rng),
             }
         }
     }
@@ -98,19 +124,37 @@ mod cli {
             }
         };
         match cli.command {
-            Command::Run(args) => run(args.into_config()),
+            Command::Run(args) => {
+                let api_socket = args.api_socket.clone();
+                run(args.into_config(), api_socket)
+            }
+            Command::Restore(args) => match vmm::commands::restore(args) {
+                Ok(outcome) => report(outcome),
+                Err(e) => fail(exit_code::VMM_ERROR, &e),
+            },
+            Command::Ctl(args) => vmm::commands::ctl(args),
         }
     }
 
-    fn run(cfg: VmConfig) -> ExitCode {
+    fn run(cfg: VmConfig, api_socket: Option<PathBuf>) -> ExitCode {
         let vm = match vmm::builder::build_vm(&cfg) {
             Ok(vm) => vm,
             Err(e) => return fail(exit_code::VMM_ERROR, &vmm::error_chain(&e)),
         };
-        let outcome = match vmm::runner::run_vm(vm, &cfg.serial, cfg.timeout) {
-            Ok(o) => o,
-            Err(e) => return fail(exit_code::VMM_ERROR, &vmm::error_chain(&e)),
+        let opts = vmm::runner::RunOptions {
+            serial: cfg.serial.clone(),
+            timeout: cfg.timeout,
+            api_socket,
+            description: vmm::snapshot::manifest::VmDescription::from_config(&cfg),
         };
+        match vmm::runner::run_vm(vm, &opts) {
+            Ok(outcome) => report(outcome),
+            Err(e) => fail(exit_code::VMM_ERROR, &vmm::error_chain(&e)),
+        }
+    }
+
+    /// Prints the one-line report for how the guest ended and returns its exit code.
+    fn report(outcome: vmm::runner::RunOutcome) -> ExitCode {
         let (code, line) = exit_code::report(outcome.end);
         if let Some(line) = outcome.detail.or(line) {
             eprintln!("skiff: {line}");

@@ -1,26 +1,33 @@
-//! Runs a built VM to its end: one thread per vCPU, the event loop on the calling thread, the
-//! `--timeout` deadline, then stopping and joining every vCPU and reporting how the guest ended.
+//! Runs a built VM to its end: one thread per vCPU (`RunningVm`), the event loop on the calling
+//! thread, the `--timeout` deadline, the control API when `--api-socket` is given, then stopping
+//! and joining every vCPU and reporting how the guest ended.
+//!
+//! Control requests are parsed by the API subscriber during an event-loop turn and acted on here
+//! between turns; a snapshot's memory write runs on its own thread and wakes the loop when done,
+//! so the loop keeps answering (status, a refused second snapshot, shutdown) meanwhile.
 
 use std::io;
 use std::os::fd::AsFd;
-use std::thread::{self, JoinHandle};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use devices::vm_exit::GuestEnd;
-use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
-use std::sync::{Arc, Mutex};
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use std::sync::{Arc, Mutex, PoisonError};
 use thiserror::Error;
-use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
+use crate::api::server::{ApiServer, ServerError, Token};
+use crate::api::Route;
 use crate::builder::BuiltVm;
 use crate::config::SerialConfig;
 use crate::event_loop::{block_stop_signals, ExitWatcher, SerialInput, StopSignals};
+use crate::running_vm::RunningVm;
+use crate::snapshot::manifest::VmDescription;
 use crate::teardown::Teardown;
 use crate::terminal::RawModeGuard;
-use crate::vcpu::{run_vcpu, VcpuContext};
 
-/// How often a stopping vCPU thread is signalled again until it leaves `KVM_RUN`.
-const KICK_INTERVAL: Duration = Duration::from_millis(1);
 /// Retry period for serial input waiting on a full UART FIFO.
 const INPUT_RETRY_MS: i32 = 10;
 
@@ -39,6 +46,9 @@ pub enum RunError {
         #[source]
         source: io::Error,
     },
+    /// The control socket could not be created.
+    #[error(transparent)]
+    Api(#[from] ServerError),
 }
 
 /// How the run ended.
@@ -52,6 +62,19 @@ pub struct RunOutcome {
     pub teardown: Teardown,
 }
 
+/// How to run a VM besides the VM itself.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Serial port mode (stdin feeds the guest for `stdio` on a terminal).
+    pub serial: SerialConfig,
+    /// End the guest after this long.
+    pub timeout: Option<Duration>,
+    /// Serve the control API on this Unix socket.
+    pub api_socket: Option<PathBuf>,
+    /// The VM's configuration as given, for snapshot manifests.
+    pub description: VmDescription,
+}
+
 fn vcpu_kick_signal() -> i32 {
     SIGRTMIN()
 }
@@ -60,69 +83,80 @@ extern "C" fn on_vcpu_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
     // Only there to make KVM_RUN return EINTR.
 }
 
-/// Runs `vm` until it ends (guest exit, error, signal or `timeout`).
-pub fn run_vm(
-    vm: BuiltVm,
-    serial_cfg: &SerialConfig,
-    timeout: Option<Duration>,
-) -> Result<RunOutcome, RunError> {
+/// Drains an eventfd whose only job is to wake the loop (a snapshot write that ended).
+#[derive(Debug)]
+struct Wakeup(EventFd);
+
+impl MutEventSubscriber for Wakeup {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.0, EventSet::IN)) {
+            log::error!("cannot watch the snapshot completion event: {e:?}");
+        }
+    }
+}
+
+/// Runs `vm` until it ends (guest exit, error, signal, `timeout` or a control request).
+pub fn run_vm(mut vm: BuiltVm, opts: &RunOptions) -> Result<RunOutcome, RunError> {
     let ev_err = RunError::EventLoop;
     block_stop_signals().map_err(ev_err)?;
     register_signal_handler(vcpu_kick_signal(), on_vcpu_kick)
         .map_err(|e| RunError::EventLoop(io::Error::from_raw_os_error(e.errno())))?;
 
-    let mut events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
-        EventManager::new().map_err(|e| RunError::EventLoop(io::Error::other(format!("{e:?}"))))?;
+    // The builder made the loop its devices will register their handlers with.
+    let mut events: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> = match vm.events.take()
+    {
+        Some(events) => events,
+        None => EventManager::new()
+            .map_err(|e| RunError::EventLoop(io::Error::other(format!("{e:?}"))))?,
+    };
     events.add_subscriber(Arc::new(Mutex::new(ExitWatcher::new(vm.exit.clone()))));
     events.add_subscriber(Arc::new(Mutex::new(
         StopSignals::new(vm.exit.clone()).map_err(ev_err)?,
     )));
+    // The socket before the vCPUs: a path that cannot be served fails the start, not the run.
+    let api = match &opts.api_socket {
+        Some(path) => {
+            let server = Arc::new(Mutex::new(ApiServer::bind(path)?));
+            events.add_subscriber(server.clone());
+            Some(server)
+        }
+        None => None,
+    };
 
-    // Host terminal input goes to the guest only when stdin is a terminal.
+    // Host terminal input goes to the guest only when stdin is a terminal: to the virtio
+    // console with `--console`, else to the serial port with `--serial stdio`.
+    let console_input = vm.console_input.take();
     let stdin = io::stdin();
-    let raw_mode = match serial_cfg {
-        SerialConfig::Stdio => RawModeGuard::enable(stdin.as_fd()).map_err(ev_err)?,
+    let raw_mode = match (&console_input, &opts.serial) {
+        (Some(_), _) | (None, SerialConfig::Stdio) => {
+            RawModeGuard::enable(stdin.as_fd()).map_err(ev_err)?
+        }
         _ => None,
     };
     let serial_input = raw_mode.as_ref().map(|_| {
-        let input = Arc::new(Mutex::new(SerialInput::new(vm.serial.clone())));
+        let input = match console_input {
+            Some(console) => SerialInput::for_console(console),
+            None => SerialInput::new(vm.serial.clone()),
+        };
+        let input = Arc::new(Mutex::new(input));
         events.add_subscriber(input.clone());
         input
     });
 
-    let BuiltVm {
-        ram,
-        vm: hypervisor_vm,
-        vcpus,
-        pio,
-        mmio,
-        exit,
-        serial: _serial,
-    } = vm;
-
-    let mut threads: Vec<JoinHandle<Option<String>>> = Vec::with_capacity(vcpus.len());
-    for (index, vcpu) in (0u32..).zip(vcpus) {
-        let ctx = VcpuContext {
-            index,
-            vcpu,
-            pio: pio.clone(),
-            mmio: mmio.clone(),
-            exit: exit.clone(),
-        };
-        let spawned = thread::Builder::new()
-            .name(format!("skiff-vcpu{index}"))
-            .spawn(move || run_vcpu(ctx));
-        match spawned {
-            Ok(handle) => threads.push(handle),
-            Err(source) => {
-                exit.request(GuestEnd::VmmError);
-                stop_vcpus(&mut threads);
-                return Err(RunError::Spawn { index, source });
-            }
-        }
+    let mut running = RunningVm::start(vm, opts.description.clone())
+        .map_err(|(index, source)| RunError::Spawn { index, source })?;
+    let exit = running.exit().clone();
+    if let Ok(fd) = running.job_done_event().try_clone() {
+        events.add_subscriber(Arc::new(Mutex::new(Wakeup(fd))));
     }
+    // The request whose answer waits for the snapshot write.
+    let mut snapshot_token: Option<Token> = None;
 
-    let deadline = timeout.map(|t| Instant::now() + t);
+    let deadline = opts.timeout.map(|t| Instant::now() + t);
     while !exit.is_requested() {
         let mut wait_ms = -1;
         if let Some(d) = deadline {
@@ -134,9 +168,7 @@ pub fn run_vm(
             wait_ms = i32::try_from(left.as_millis().max(1)).unwrap_or(i32::MAX);
         }
         if let Some(input) = &serial_input {
-            let mut input = input
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut input = input.lock().unwrap_or_else(PoisonError::into_inner);
             input.flush_pending();
             if input.has_pending() {
                 wait_ms = if wait_ms < 0 {
@@ -150,31 +182,80 @@ pub fn run_vm(
             log::error!("event loop failed: {e:?}");
             exit.request(GuestEnd::VmmError);
         }
+        if let Some(api) = &api {
+            let mut api = api.lock().unwrap_or_else(PoisonError::into_inner);
+            serve_requests(&mut api, &mut running, &mut snapshot_token);
+        }
     }
 
-    let detail = stop_vcpus(&mut threads);
+    // The loop first: a vCPU thread waiting for it (a device activating through
+    // `call_blocking`) is released with an error instead of blocking the stop forever.
+    drop(events);
+    let (detail, cancelled, teardown) = running.stop();
+    if let (Some(api), Some(token), Some(msg)) = (&api, snapshot_token, cancelled) {
+        let mut api = api.lock().unwrap_or_else(PoisonError::into_inner);
+        api.respond(token, 500, &crate::api::http::error_body(&msg));
+    }
+    drop(api);
     drop(raw_mode);
     Ok(RunOutcome {
         end: exit.reason().unwrap_or(GuestEnd::VmmError),
         detail,
-        teardown: Teardown::new(hypervisor_vm, ram),
+        teardown,
     })
 }
 
-/// Kicks every vCPU thread out of `KVM_RUN` until it returns, joins them all, and returns the
-/// first abnormal-end description any of them gave.
-fn stop_vcpus(threads: &mut Vec<JoinHandle<Option<String>>>) -> Option<String> {
-    let mut detail = None;
-    for handle in threads.drain(..) {
-        // A signal sent just before the thread enters KVM_RUN is lost, so keep kicking.
-        while !handle.is_finished() {
-            let _ = handle.kill(vcpu_kick_signal());
-            thread::sleep(KICK_INTERVAL);
-        }
-        match handle.join() {
-            Ok(d) => detail = detail.or(d),
-            Err(_) => detail = detail.or(Some("a vCPU thread panicked".into())),
+fn json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).unwrap_or_else(|e| crate::api::http::error_body(&e.to_string()))
+}
+
+/// Acts on the queued control requests and on a finished snapshot write.
+fn serve_requests(api: &mut ApiServer, vm: &mut RunningVm, snapshot_token: &mut Option<Token>) {
+    use crate::api::http::error_body;
+    for (token, route) in api.take_requests() {
+        let answer = match route {
+            Route::Status => Ok(json(&vm.status())),
+            Route::Pause => vm.pause().map(|d| {
+                json(&serde_json::json!({
+                    "state": "paused",
+                    "pause_ms": d.as_secs_f64() * 1000.0,
+                }))
+            }),
+            Route::Resume => vm
+                .resume()
+                .map(|()| json(&serde_json::json!({ "state": "running" }))),
+            Route::Shutdown => {
+                vm.exit().request(GuestEnd::Stopped);
+                Ok(json(&serde_json::json!({ "state": "stopping" })))
+            }
+            Route::Snapshot { dir, stop } => match vm.start_snapshot(dir, stop) {
+                Ok(()) => {
+                    *snapshot_token = Some(token);
+                    continue;
+                }
+                Err(e) => Err(e),
+            },
+        };
+        match answer {
+            Ok(body) => api.respond(token, 200, &body),
+            Err(e) => api.respond(token, e.status(), &error_body(&e.to_string())),
         }
     }
-    detail
+    if let Some(done) = vm.finish_snapshot() {
+        let Some(token) = snapshot_token.take() else {
+            return;
+        };
+        match done {
+            Ok(summary) => {
+                log::info!(
+                    "snapshot {} written: {} bytes in {:.1} ms",
+                    summary.dir.display(),
+                    summary.bytes_written,
+                    summary.time_ms
+                );
+                api.respond(token, 200, &json(&summary));
+            }
+            Err(e) => api.respond(token, e.status(), &error_body(&e.to_string())),
+        }
+    }
 }

@@ -158,6 +158,56 @@ impl I8042 {
     }
 }
 
+/// The controller's snapshot state: everything but the VM-end signal it reports resets to.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042State {
+    /// Controller configuration byte.
+    pub ccb: u8,
+    /// Output port.
+    pub output_port: u8,
+    /// The command waiting for its parameter byte.
+    pub pending_command: Option<u8>,
+    /// Bytes waiting on the data port (at most 16 are restored).
+    pub output: Vec<u8>,
+    /// The byte the data port last returned.
+    pub last_output: u8,
+    /// System control port B latch.
+    pub port_b: u8,
+}
+
+impl I8042 {
+    /// The state to save in a snapshot.
+    pub fn save(&self) -> I8042State {
+        I8042State {
+            ccb: self.ccb,
+            output_port: self.output_port,
+            pending_command: self.pending_command,
+            output: self.output.iter().copied().collect(),
+            last_output: self.last_output,
+            port_b: self.port_b,
+        }
+    }
+
+    /// A controller in the saved `state`, reporting resets to `exit`. An over-long output
+    /// buffer (from a corrupt snapshot) is cut to the controller's capacity.
+    pub fn restore(exit: VmExitSignal, state: &I8042State) -> Self {
+        Self {
+            exit,
+            ccb: state.ccb,
+            output_port: state.output_port,
+            pending_command: state.pending_command,
+            output: state
+                .output
+                .iter()
+                .copied()
+                .take(OUTPUT_BUFFER_MAX)
+                .collect(),
+            last_output: state.last_output,
+            port_b: state.port_b,
+        }
+    }
+}
+
 impl BusDevice for I8042 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let [byte] = data else {
@@ -251,6 +301,28 @@ mod tests {
         command(&mut dev, CMD_KBD_ENABLE, &[]);
         command(&mut dev, CMD_AUX_ENABLE, &[]);
         assert_eq!(command(&mut dev, CMD_READ_CCB, &[]), [0x00]);
+    }
+
+    #[test]
+    fn restored_controller_continues_where_the_saved_one_was() {
+        let (mut dev, exit) = controller();
+        command(&mut dev, CMD_WRITE_CCB, &[0x30]);
+        dev.write(PORT_B, &[0x02]);
+        dev.write(STATUS_COMMAND, &[CMD_READ_CCB]);
+        let state = dev.save();
+        let mut back = I8042::restore(exit.clone(), &state);
+        assert_eq!(back.save(), state);
+        assert_eq!(read(&mut back, STATUS_COMMAND), STATUS_OUTPUT_FULL);
+        assert_eq!(read(&mut back, DATA), 0x30, "the unread response survives");
+        assert_eq!(read(&mut back, PORT_B), 0x02);
+        let huge = I8042State {
+            output: vec![1; 1000],
+            ..state
+        };
+        assert_eq!(
+            I8042::restore(exit, &huge).save().output.len(),
+            OUTPUT_BUFFER_MAX
+        );
     }
 
     #[test]

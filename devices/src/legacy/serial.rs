@@ -33,6 +33,9 @@ pub enum SerialError {
         #[source]
         source: io::Error,
     },
+    /// A saved UART state cannot be used.
+    #[error("cannot restore the serial port: {0}")]
+    Restore(String),
 }
 
 /// Raises the UART's interrupt by writing to an eventfd (a KVM irqfd on the VMM side).
@@ -136,6 +139,79 @@ impl Serial {
     pub fn lost_output_bytes(&self) -> u64 {
         self.lost_output_bytes
     }
+
+    /// The UART's registers and RX FIFO, to save in a snapshot.
+    pub fn save(&self) -> SerialState {
+        let s = self.uart.state();
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            rx_fifo: s.in_buffer,
+        }
+    }
+
+    /// A UART in the saved `state`, writing to `output` and raising `interrupt` as `new` does.
+    /// An interrupt the saved UART had pending is raised again at once.
+    pub fn restore(
+        output: Option<Box<dyn Write + Send>>,
+        interrupt: EventFd,
+        state: &SerialState,
+    ) -> Result<Self, SerialError> {
+        let uart_state = vm_superio::serial::SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.rx_fifo.clone(),
+        };
+        let uart = vm_superio::Serial::from_state(
+            &uart_state,
+            IrqTrigger(interrupt),
+            NoEvents,
+            GuestOutput(output),
+        )
+        .map_err(|e| match e {
+            UartError::FullFifo => SerialError::Restore(format!(
+                "saved RX FIFO holds {} bytes, more than the UART's 64",
+                state.rx_fifo.len()
+            )),
+            UartError::Trigger(source) => SerialError::Interrupt { queued: 0, source },
+            UartError::IOError(source) => SerialError::Restore(source.to_string()),
+        })?;
+        Ok(Self {
+            uart,
+            lost_output_bytes: 0,
+        })
+    }
+}
+
+/// The UART's snapshot state (the registers `vm_superio` keeps, and the RX FIFO's bytes).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[allow(missing_docs)]
+pub struct SerialState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    /// Host input the guest has not read yet.
+    pub rx_fifo: Vec<u8>,
 }
 
 impl BusDevice for Serial {
@@ -292,6 +368,31 @@ mod tests {
         serial.enqueue_input(b"z").unwrap();
         serial.write(IER, &[IER_RX]);
         assert_eq!(irq.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn restored_uart_keeps_registers_fifo_and_output() {
+        let (mut serial, _irq) = serial_with(None);
+        serial.write(LCR, &[0x1b]);
+        serial.write(7, &[0x77]);
+        serial.enqueue_input(b"xy").unwrap();
+        let state = serial.save();
+        let out = SharedBuf::default();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut back = Serial::restore(Some(Box::new(out.clone())), irq, &state).unwrap();
+        assert_eq!(back.save(), state);
+        assert_eq!(read_reg(&mut back, LCR), 0x1b);
+        assert_eq!(read_reg(&mut back, 7), 0x77);
+        assert_eq!(read_reg(&mut back, RBR), b'x');
+        back.write(THR, b"!");
+        assert_eq!(*out.0.lock().unwrap(), b"!");
+        let too_long = SerialState {
+            rx_fifo: vec![0; 65],
+            ..state
+        };
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let e = Serial::restore(None, irq, &too_long).unwrap_err();
+        assert!(e.to_string().contains("65 bytes"), "{e}");
     }
 
     #[test]

@@ -6,7 +6,16 @@
 //! split by job: `device.rs` (config, features, activation), an `event-manager` subscriber that
 //! knows which queue kicked, and the request parsing, testable without KVM.
 
+pub mod blk;
+pub mod console;
 pub mod device;
+pub mod net;
+pub mod queue_ops;
+pub mod rng;
+pub mod subscription;
+#[cfg(test)]
+pub(crate) mod test_support;
+pub mod transport;
 
 pub use device::{
     ActivateContext, ActivateError, ActivatedQueue, DeviceSignals, EventLoop, GuestMemoryMmap,

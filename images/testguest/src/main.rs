@@ -11,6 +11,7 @@ compile_error!("testguest builds only with --target x86_64-unknown-none (see REA
 
 mod acpi;
 mod bootinfo;
+mod counter;
 mod cpu;
 mod entry;
 mod io;
@@ -18,6 +19,7 @@ mod memcheck;
 mod mmio;
 mod paging;
 mod pci;
+mod power;
 mod scenario;
 mod serial;
 mod smp;

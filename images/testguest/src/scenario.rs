@@ -7,7 +7,7 @@ use core::sync::atomic::{AtomicU8, Ordering};
 use crate::bootinfo::BootInfo;
 use crate::serial::{self, Line};
 use crate::virtio::{blk, console, net, rng};
-use crate::{io, memcheck, pci, smp};
+use crate::{counter, io, memcheck, pci, power, smp};
 
 /// Exit code when every scenario passed.
 pub const EXIT_OK: u8 = 0;
@@ -17,7 +17,7 @@ pub const EXIT_FAIL: u8 = 33;
 pub const EXIT_PANIC: u8 = 34;
 
 /// Names used in FAIL lines, indexed by `CURRENT`.
-const NAMES: [&str; 14] = [
+const NAMES: [&str; 17] = [
     "boot",
     "hello",
     "memcheck",
@@ -32,6 +32,9 @@ const NAMES: [&str; 14] = [
     "blkbench",
     "virtio-net",
     "virtio-console",
+    "counter",
+    "poweroff",
+    "acpi-reset",
 ];
 const BOOT: u8 = 0;
 const HELLO: u8 = 1;
@@ -47,6 +50,9 @@ const VIRTIO_BLK: u8 = 10;
 const BLKBENCH: u8 = 11;
 const VIRTIO_NET: u8 = 12;
 const VIRTIO_CONSOLE: u8 = 13;
+const COUNTER: u8 = 14;
+const POWEROFF: u8 = 15;
+const ACPI_RESET: u8 = 16;
 
 /// The scenario now running, for FAIL lines from the exception handler. In `.data.tg_hot` (see
 /// linker.ld).
@@ -131,6 +137,14 @@ pub fn run_all(info: &BootInfo) -> ! {
                 start(VIRTIO_NET);
                 net::run(info);
             }
+            b"poweroff" => {
+                start(POWEROFF);
+                power::poweroff(info);
+            }
+            b"acpi-reset" => {
+                start(ACPI_RESET);
+                power::reset(info);
+            }
             b"virtio-console" => {
                 start(VIRTIO_CONSOLE);
                 console::run(info);
@@ -145,6 +159,13 @@ pub fn run_all(info: &BootInfo) -> ! {
                             .bytes(digits)
                             .str("\" (want MiB, 1..16777215)");
                     }),
+                }
+            }
+            _ if token.starts_with(b"counter=") => {
+                start(COUNTER);
+                match parse_u64(&token[8..]).filter(|&n| n > 0) {
+                    Some(lines) => counter::run(info, lines),
+                    None => fail_msg("bad line count (want counter=N, N >= 1)"),
                 }
             }
             _ if token.starts_with(b"exit=") => {

@@ -1,7 +1,9 @@
 //! The VM configuration: command-line strings parsed into typed structs and validated once.
 //!
 //! `--memory size=SIZE[,file=PATH][,hugepages=on][,prealloc=on]` becomes a `MemoryConfig`,
-//! `--serial stdio|file=PATH|off` a `SerialConfig`. Nothing downstream re-parses these strings.
+//! `--serial stdio|file=PATH|off` a `SerialConfig`, `--net tap=NAME[,mac=MAC]` a `NetConfig`
+//! (module `net`), `--disk path=FILE[,...]` a `DiskConfig` (module `disk`). Nothing downstream
+//! re-parses these strings.
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -11,6 +13,12 @@ use thiserror::Error;
 
 use crate::memory::backing::BackingKind;
 use crate::memory::MemoryConfig;
+
+pub mod disk;
+pub mod net;
+
+pub use disk::{DiskArg, DiskConfig};
+pub use net::NetConfig;
 
 /// Most vCPUs skiff creates: APIC IDs and ACPI processor UIDs are 8-bit in the xAPIC MADT
 /// entries skiff writes.
@@ -208,6 +216,26 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     /// Ends the VM after this long.
     pub timeout: Option<Duration>,
+    /// virtio-blk disks (`--disk`), in command-line order.
+    pub disks: Vec<DiskConfig>,
+    /// virtio-net devices (`--net`), in command-line order.
+    pub nets: Vec<NetConfig>,
+    /// A virtio console (`--console`). Host stdin then feeds it instead of the serial port;
+    /// the serial port still prints.
+    pub console: bool,
+    /// virtio-rng devices (`--rng`, repeatable).
+    pub rngs: Vec<RngConfig>,
+}
+
+/// One virtio-rng device (`--rng`): entropy from the host's `getrandom`. No options yet.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RngConfig;
+
+impl RngConfig {
+    /// The devices `--rng` given `count` times asks for.
+    pub fn repeated(count: u8) -> Vec<Self> {
+        vec![Self; usize::from(count)]
+    }
 }
 
 #[cfg(test)]
@@ -275,6 +303,12 @@ mod tests {
         );
         assert!("file=".parse::<SerialConfig>().is_err());
         assert!("tcp:1234".parse::<SerialConfig>().is_err());
+    }
+
+    #[test]
+    fn rng_flag_counts_devices() {
+        assert_eq!(RngConfig::repeated(0), vec![]);
+        assert_eq!(RngConfig::repeated(3), vec![RngConfig; 3]);
     }
 
     #[test]

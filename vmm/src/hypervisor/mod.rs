@@ -10,6 +10,7 @@ use thiserror::Error;
 
 #[cfg(target_os = "linux")]
 pub mod kvm;
+pub mod state;
 
 /// A failed hypervisor operation: which operation, and the OS error.
 #[derive(Debug, Error)]
@@ -66,7 +67,7 @@ pub trait Hypervisor: Send + Sync {
 }
 
 /// One virtual machine.
-pub trait Vm: Send + Sync {
+pub trait Vm: Send + Sync + VmSnapshot {
     /// Maps `size` bytes of host memory at `host_address` as guest physical `guest_address..`,
     /// in memory slot `slot`.
     ///
@@ -86,8 +87,47 @@ pub trait Vm: Send + Sync {
     /// Makes every write to `event` raise interrupt line `gsi`.
     #[cfg(target_os = "linux")]
     fn register_irqfd(&self, event: &vmm_sys_util::eventfd::EventFd, gsi: u32) -> Result<()>;
+    /// Makes a guest write to MMIO address `address` signal `event` in the kernel, without an
+    /// exit to skiff. `len` is the access width that matches (1, 2, 4 or 8), or 0 for any width;
+    /// the value written is not matched.
+    #[cfg(target_os = "linux")]
+    fn register_ioevent(
+        &self,
+        event: &vmm_sys_util::eventfd::EventFd,
+        address: u64,
+        len: u32,
+    ) -> Result<()>;
+    /// Replaces every MSI route (see `MsiRouting::set_msi_routes`).
+    fn set_msi_routes(&self, routes: &[MsiRoute]) -> Result<()>;
+    /// A handle that sets this VM's MSI routes from any thread, for devices whose guest-programmed
+    /// MSI-X tables change the routes while the VM runs. It keeps the VM's descriptor open.
+    fn msi_routing(&self) -> Result<std::sync::Arc<dyn MsiRouting>>;
     /// Creates vCPU number `index` (also its APIC ID). The platform devices must exist first.
     fn create_vcpu(&self, index: u32) -> Result<Box<dyn Vcpu>>;
+}
+
+/// First GSI free for MSI routes: GSIs below it are the platform's interrupt controller pins
+/// (IOAPIC pins 0..24, which also cover the PIC's 16).
+pub const FIRST_MSI_GSI: u32 = 24;
+
+/// One MSI route: interrupts raised on `gsi` (through an irqfd) are delivered as the MSI
+/// message `address`/`data`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MsiRoute {
+    /// The GSI, at least `FIRST_MSI_GSI`.
+    pub gsi: u32,
+    /// MSI address.
+    pub address: u64,
+    /// MSI data.
+    pub data: u32,
+}
+
+/// Sets a VM's MSI routes.
+pub trait MsiRouting: Send + Sync {
+    /// Replaces every MSI route: afterwards each `route.gsi` (at least `FIRST_MSI_GSI`) delivers
+    /// its MSI, and other GSIs above the platform's interrupt pins deliver nothing. The
+    /// platform's own routes (GSIs below `FIRST_MSI_GSI`) are kept as the platform set them up.
+    fn set_msi_routes(&self, routes: &[MsiRoute]) -> Result<()>;
 }
 
 /// Why `Vcpu::run` returned.
@@ -144,7 +184,7 @@ pub enum VcpuExit<'a> {
 }
 
 /// One virtual CPU. Used only by its own thread.
-pub trait Vcpu: Send {
+pub trait Vcpu: Send + VcpuSnapshot {
     /// Runs until the next exit.
     fn run(&mut self) -> Result<VcpuExit<'_>>;
     /// General-purpose registers.
@@ -165,4 +205,27 @@ pub trait Vcpu: Send {
     fn internal_error_info(&mut self) -> (u32, String);
     /// Programs the local APIC's LINT0 as ExtINT and LINT1 as NMI, as firmware would.
     fn setup_lapic_lint(&self) -> Result<()>;
+}
+
+// --- Snapshot state (issue 5): saving and restoring what the hypervisor keeps for a VM. ---
+
+/// Saving and restoring one vCPU's state. Call only while the vCPU is out of `run` (paused),
+/// from the thread that runs it (or before its thread starts).
+pub trait VcpuSnapshot {
+    /// Reads every piece of state a restore needs. State the host cannot give (nested
+    /// virtualization state when the host refuses it) is left out and named in the second value.
+    fn save_state(&self) -> Result<(state::VcpuState, state::SkippedState)>;
+    /// Puts `state` back, in the order the hypervisor needs.
+    fn restore_state(&self, state: &state::VcpuState) -> Result<()>;
+}
+
+/// Saving and restoring the VM-wide state: in-kernel interrupt controllers, timer and clock.
+pub trait VmSnapshot {
+    /// Reads the platform devices' state and the clock. Every vCPU must be paused.
+    fn save_state(&self) -> Result<state::VmState>;
+    /// Puts the interrupt controllers and timer back (after `create_platform_devices`).
+    fn restore_devices(&self, state: &state::VmState) -> Result<()>;
+    /// Sets the guest clock to the saved value (last, once every vCPU is restored), so the
+    /// guest sees no jump.
+    fn restore_clock(&self, state: &state::VmState) -> Result<()>;
 }

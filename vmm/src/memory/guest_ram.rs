@@ -79,6 +79,7 @@ pub struct GuestRam {
     regions: Vec<ShareableRegion>,
     memory: GuestMemory,
     created_file: bool,
+    private: bool,
 }
 
 impl GuestRam {
@@ -140,10 +141,33 @@ impl GuestRam {
         hugetlb: bool,
         max_slots: usize,
     ) -> Result<Self, MemoryError> {
+        Self::map_regions(regions, page_size, hugetlb, max_slots, false)
+    }
+
+    /// Validates and maps a region list copy-on-write (`MAP_PRIVATE`): the guest's writes stay
+    /// in this process and never reach the files, and mapping costs the same whatever the size.
+    /// For restoring from snapshot files without copying them. Such regions cannot be shared
+    /// with another process (a vhost-user backend mapping the file would not see the guest's
+    /// writes); `is_private` tells.
+    pub fn from_regions_private(
+        regions: Vec<ShareableRegion>,
+        page_size: u64,
+        max_slots: usize,
+    ) -> Result<Self, MemoryError> {
+        Self::map_regions(regions, page_size, false, max_slots, true)
+    }
+
+    fn map_regions(
+        regions: Vec<ShareableRegion>,
+        page_size: u64,
+        hugetlb: bool,
+        max_slots: usize,
+        private: bool,
+    ) -> Result<Self, MemoryError> {
         validate_regions(&regions, page_size, max_slots)?;
         let mapped = regions
             .iter()
-            .map(|r| map_region(r, hugetlb))
+            .map(|r| map_region(r, hugetlb, private))
             .collect::<Result<Vec<_>, _>>()?;
         let memory = GuestMemoryMmap::from_regions(mapped)
             .map_err(|e| MemoryError::Assemble(e.to_string()))?;
@@ -151,7 +175,14 @@ impl GuestRam {
             regions,
             memory,
             created_file: false,
+            private,
         })
+    }
+
+    /// Whether the regions are mapped copy-on-write (see `from_regions_private`), so their
+    /// files do not hold the guest's current memory.
+    pub fn is_private(&self) -> bool {
+        self.private
     }
 
     /// The regions, in guest address order.
@@ -182,6 +213,7 @@ impl GuestRam {
 fn map_region(
     r: &ShareableRegion,
     hugetlb: bool,
+    private: bool,
 ) -> Result<GuestRegionMmap<AtomicBitmap>, MemoryError> {
     let map_err = |source| MemoryError::Map {
         guest_address: r.guest_address,
@@ -195,7 +227,13 @@ fn map_region(
         MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::new(size, DIRTY_PAGE_SIZE))
             .with_file_offset(FileOffset::new(file, r.file_offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+            .with_mmap_flags(
+                if private {
+                    libc::MAP_PRIVATE
+                } else {
+                    libc::MAP_SHARED
+                } | libc::MAP_NORESERVE,
+            )
             .with_hugetlbfs(hugetlb)
             .build()
             .map_err(|e| map_err(std::io::Error::other(e.to_string())))?;

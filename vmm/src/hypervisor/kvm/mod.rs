@@ -1,8 +1,12 @@
 //! The KVM implementation of the hypervisor seam (`/dev/kvm` through `kvm-ioctls`).
 
 mod convert;
+mod irq;
+mod state_convert;
 mod vcpu;
+mod vcpu_state;
 mod vm;
+mod vm_state;
 
 use std::io;
 

@@ -19,7 +19,7 @@ const APIC_MODE_NMI: u32 = 0x4;
 /// A KVM vCPU file descriptor.
 #[derive(Debug)]
 pub struct KvmVcpu {
-    fd: VcpuFd,
+    pub(super) fd: VcpuFd,
 }
 
 impl KvmVcpu {

@@ -1,11 +1,12 @@
-//! A KVM VM: memory slots, the in-kernel irqchip and PIT, irqfds, vCPU creation.
+//! A KVM VM: memory slots, the in-kernel irqchip and PIT, irqfds, ioeventfds and MSI routes
+//! (those two in `irq.rs`), vCPU creation.
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::vcpu::KvmVcpu;
-use crate::hypervisor::{HypervisorError, Result, Vcpu, Vm};
+use crate::hypervisor::{HypervisorError, MsiRoute, MsiRouting, Result, Vcpu, Vm};
 
 /// Where KVM places the three-page TSS it needs for real-mode emulation on Intel: inside the MMIO
 /// hole, above the local APIC, clear of RAM and devices.
@@ -14,7 +15,7 @@ const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 /// A KVM VM file descriptor.
 #[derive(Debug)]
 pub struct KvmVm {
-    fd: VmFd,
+    pub(super) fd: VmFd,
 }
 
 impl KvmVm {
@@ -65,6 +66,20 @@ impl Vm for KvmVm {
         self.fd
             .register_irqfd(event, gsi)
             .map_err(|e| HypervisorError::op("KVM_IRQFD", e))
+    }
+
+    fn register_ioevent(&self, event: &EventFd, address: u64, len: u32) -> Result<()> {
+        super::irq::register_mmio_ioevent(&self.fd, event, address, len)
+    }
+
+    fn set_msi_routes(&self, routes: &[MsiRoute]) -> Result<()> {
+        super::irq::set_msi_routes(&self.fd, routes)
+    }
+
+    fn msi_routing(&self) -> Result<std::sync::Arc<dyn MsiRouting>> {
+        Ok(std::sync::Arc::new(super::irq::KvmMsiRouting::new(
+            &self.fd,
+        )?))
     }
 
     fn create_vcpu(&self, index: u32) -> Result<Box<dyn Vcpu>> {

@@ -1,0 +1,338 @@
+//! Engine tests on a temporary file with heap buffers standing in for guest memory, run
+//! against both back-ends; and an engine-only throughput benchmark (ignored by default).
+
+#![allow(clippy::unwrap_used)]
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::*;
+
+const KINDS: [IoEngineKind; 2] = [IoEngineKind::IoUring, IoEngineKind::Threads];
+
+fn temp_file(len: u64) -> (tempfile::NamedTempFile, Arc<File>) {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    f.as_file().set_len(len).unwrap();
+    let file = Arc::new(f.reopen().unwrap());
+    (f, file)
+}
+
+fn engine(kind: IoEngineKind, file: &Arc<File>) -> IoEngine {
+    if kind == IoEngineKind::IoUring && probe_uring().is_err() {
+        // The host has no io_uring: the pool still gets tested.
+        return IoEngine::start(IoEngineKind::Threads, file.clone()).unwrap();
+    }
+    IoEngine::start(kind, file.clone()).unwrap()
+}
+
+fn iov(bufs: &mut [&mut [u8]]) -> IoVecs {
+    IoVecs::new(
+        bufs.iter_mut()
+            .map(|b| libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            })
+            .collect(),
+    )
+}
+
+/// Waits until `n` completions arrived (or 10 s passed).
+fn wait_for(e: &mut IoEngine, n: usize) -> Vec<Completion> {
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    e.commit();
+    while out.len() < n && Instant::now() < deadline {
+        let mut pfd = libc::pollfd {
+            fd: e.completion_fd().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd on the stack.
+        unsafe { libc::poll(&mut pfd, 1, 100) };
+        e.reap(&mut out);
+    }
+    out
+}
+
+#[test]
+fn iovecs_advance_across_entries() {
+    let mut a = [0u8; 4];
+    let mut b = [0u8; 0];
+    let mut c = [0u8; 8];
+    let mut v = iov(&mut [&mut a, &mut b, &mut c]);
+    assert_eq!(v.remaining_len(), 12);
+    v.advance(3);
+    assert_eq!(v.remaining_len(), 9);
+    v.advance(1);
+    // The empty entry is skipped with the first one.
+    assert_eq!(v.batch().1, 1);
+    v.advance(5);
+    assert_eq!(v.remaining_len(), 3);
+    v.advance(3);
+    assert!(v.is_empty());
+}
+
+#[test]
+fn write_then_read_back() {
+    for kind in KINDS {
+        let (_f, file) = temp_file(1 << 20);
+        let mut e = engine(kind, &file);
+        let mut src1: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+        let mut src2 = vec![0xa5u8; 8192];
+        let op = IoOp::Write {
+            offset: 65536,
+            iov: iov(&mut [&mut src1, &mut src2]),
+        };
+        e.submit(7, op);
+        assert_eq!(
+            wait_for(&mut e, 1),
+            vec![Completion {
+                tag: 7,
+                result: Ok(())
+            }]
+        );
+        let mut dst = vec![0u8; 12288];
+        e.submit(
+            8,
+            IoOp::Read {
+                offset: 65536,
+                iov: iov(&mut [&mut dst]),
+            },
+        );
+        e.submit(9, IoOp::Flush);
+        let mut done = wait_for(&mut e, 2);
+        done.sort_by_key(|c| c.tag);
+        assert_eq!(done.len(), 2, "{}", e.name());
+        assert!(done.iter().all(|c| c.result.is_ok()));
+        assert_eq!(&dst[..4096], &src1[..]);
+        assert_eq!(&dst[4096..], &src2[..]);
+        assert_eq!(e.in_flight(), 0);
+    }
+}
+
+#[test]
+fn read_past_end_of_file_fails() {
+    for kind in KINDS {
+        let (_f, file) = temp_file(4096);
+        let mut e = engine(kind, &file);
+        let mut dst = vec![0u8; 8192];
+        e.submit(
+            1,
+            IoOp::Read {
+                offset: 0,
+                iov: iov(&mut [&mut dst]),
+            },
+        );
+        let done = wait_for(&mut e, 1);
+        assert_eq!(
+            done,
+            vec![Completion {
+                tag: 1,
+                result: Err(libc::EIO)
+            }]
+        );
+    }
+}
+
+#[test]
+fn punch_and_zero_ranges() {
+    for kind in KINDS {
+        let (f, file) = temp_file(0);
+        (&*file).write_all(&vec![0xffu8; 1 << 20]).unwrap();
+        file.sync_all().unwrap();
+        let mut e = engine(kind, &file);
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        let zero = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+        e.submit(
+            1,
+            IoOp::Fallocate {
+                offset: 0,
+                len: 256 << 10,
+                mode: punch,
+                unsupported: Unsupported::Fail,
+            },
+        );
+        e.submit(
+            2,
+            IoOp::Fallocate {
+                offset: 512 << 10,
+                len: 4096,
+                mode: zero,
+                unsupported: Unsupported::Fail,
+            },
+        );
+        let done = wait_for(&mut e, 2);
+        assert!(done.iter().all(|c| c.result.is_ok()), "{done:?}");
+        let mut data = Vec::new();
+        let mut r = f.reopen().unwrap();
+        r.seek(SeekFrom::Start(0)).unwrap();
+        r.read_to_end(&mut data).unwrap();
+        assert_eq!(data.len(), 1 << 20, "KEEP_SIZE keeps the length");
+        assert!(data[..256 << 10].iter().all(|&b| b == 0));
+        assert!(data[256 << 10..512 << 10].iter().all(|&b| b == 0xff));
+        assert!(data[512 << 10..(512 << 10) + 4096].iter().all(|&b| b == 0));
+        assert!(data[(512 << 10) + 4096..].iter().all(|&b| b == 0xff));
+        // The punched range no longer takes space (1 MiB written, 256 KiB freed).
+        let blocks = f.as_file().metadata().unwrap().blocks() * 512;
+        assert!(
+            blocks <= (1 << 20) - (256 << 10),
+            "{blocks} bytes allocated"
+        );
+    }
+}
+
+#[test]
+fn unsupported_fallocate_follows_its_fallback() {
+    let mut p = PendingOp::new(
+        1,
+        IoOp::Fallocate {
+            offset: 0,
+            len: 512,
+            mode: 1,
+            unsupported: Unsupported::TryMode(2),
+        },
+    );
+    assert!(matches!(
+        p.advance(-i64::from(libc::EOPNOTSUPP)),
+        Next::Again
+    ));
+    assert!(matches!(p.op, IoOp::Fallocate { mode: 2, .. }));
+    assert!(matches!(
+        p.advance(-i64::from(libc::EOPNOTSUPP)),
+        Next::Done(Err(libc::EOPNOTSUPP))
+    ));
+    let mut p = PendingOp::new(
+        1,
+        IoOp::Fallocate {
+            offset: 0,
+            len: 512,
+            mode: 1,
+            unsupported: Unsupported::Succeed,
+        },
+    );
+    assert!(matches!(
+        p.advance(-i64::from(libc::EOPNOTSUPP)),
+        Next::Done(Ok(()))
+    ));
+    let mut p = PendingOp::new(1, IoOp::Flush);
+    for _ in 1..MAX_STALLS {
+        assert!(matches!(p.advance(-i64::from(libc::EINTR)), Next::Again));
+    }
+    assert!(matches!(
+        p.advance(-i64::from(libc::EINTR)),
+        Next::Done(Err(libc::EIO))
+    ));
+}
+
+#[test]
+fn more_operations_than_slots_all_complete() {
+    for kind in KINDS {
+        let (_f, file) = temp_file(1 << 20);
+        let mut e = engine(kind, &file);
+        let n = MAX_IN_FLIGHT + 44;
+        let mut bufs = vec![vec![0u8; 512]; n];
+        for (i, b) in bufs.iter_mut().enumerate() {
+            e.submit(
+                i as u64,
+                IoOp::Read {
+                    offset: (i as u64 % 2048) * 512,
+                    iov: iov(&mut [b]),
+                },
+            );
+        }
+        assert_eq!(e.in_flight(), n);
+        let done = wait_for(&mut e, n);
+        assert_eq!(done.len(), n, "{}", e.name());
+        assert!(done.iter().all(|c| c.result.is_ok()));
+        assert_eq!(e.in_flight(), 0);
+    }
+}
+
+#[test]
+fn drain_waits_for_everything() {
+    for kind in KINDS {
+        let (_f, file) = temp_file(4 << 20);
+        let mut e = engine(kind, &file);
+        let mut bufs = vec![vec![0u8; 64 << 10]; 32];
+        for (i, b) in bufs.iter_mut().enumerate() {
+            e.submit(
+                i as u64,
+                IoOp::Write {
+                    offset: i as u64 * (64 << 10),
+                    iov: iov(&mut [b]),
+                },
+            );
+        }
+        e.commit();
+        let mut out = Vec::new();
+        e.drain(&mut out);
+        assert_eq!(out.len(), 32);
+        assert_eq!(e.in_flight(), 0);
+    }
+}
+
+/// Engine-only throughput: 512 KiB requests, 8 in flight, on a 256 MiB file in the page cache.
+/// `cargo test -p devices --release -- --ignored engine_throughput --nocapture`
+#[test]
+#[ignore]
+fn engine_throughput() {
+    const REQ: usize = 512 << 10;
+    const DEPTH: usize = 8;
+    const FILE: u64 = 256 << 20;
+    const ROUNDS: u64 = 4;
+    let (_f, file) = temp_file(FILE);
+    for kind in KINDS {
+        for write in [true, false] {
+            let mut e = engine(kind, &file);
+            let mut bufs = vec![vec![0x5au8; REQ]; DEPTH];
+            let total = FILE * ROUNDS;
+            let start = Instant::now();
+            let mut next = 0u64;
+            let mut submitted = 0usize;
+            let mut out = Vec::new();
+            let mut free: Vec<usize> = (0..DEPTH).collect();
+            while next < total || e.in_flight() > 0 {
+                while next < total {
+                    let Some(i) = free.pop() else { break };
+                    let offset = next % FILE;
+                    let v = iov(&mut [&mut bufs[i]]);
+                    let op = if write {
+                        IoOp::Write { offset, iov: v }
+                    } else {
+                        IoOp::Read { offset, iov: v }
+                    };
+                    e.submit(i as u64, op);
+                    submitted += 1;
+                    next += REQ as u64;
+                }
+                e.commit();
+                out.clear();
+                e.reap(&mut out);
+                if out.is_empty() {
+                    let mut pfd = libc::pollfd {
+                        fd: e.completion_fd().as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one pollfd on the stack.
+                    unsafe { libc::poll(&mut pfd, 1, 100) };
+                }
+                for c in &out {
+                    assert!(c.result.is_ok());
+                    free.push(c.tag as usize);
+                }
+            }
+            let secs = start.elapsed().as_secs_f64();
+            println!(
+                "engine {:>8} {:>5}: {:7.0} MiB/s ({submitted} x 512 KiB, depth {DEPTH})",
+                e.name(),
+                if write { "write" } else { "read" },
+                total as f64 / secs / f64::from(1 << 20)
+            );
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! The io_uring engine: one ring per activated disk. Operations become SQEs (`READV`, `WRITEV`,
+//! `FSYNC` with `DATASYNC`, `FALLOCATE`), submitted in one `io_uring_enter` per batch; the kernel
+//! signals a registered eventfd when completions arrive. At most `MAX_IN_FLIGHT` operations are
+//! in the ring; more wait in a backlog, so the completion queue (twice that size) never overflows.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use io_uring::{opcode, squeue, types, IoUring, Probe};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{Completion, EngineError, IoOp, Next, PendingOp, MAX_IN_FLIGHT};
+
+/// Submission-queue entries (the completion queue gets twice as many).
+const RING_ENTRIES: u32 = MAX_IN_FLIGHT as u32;
+
+/// Reads and writes at least this large go straight to io_uring's worker threads.
+const ASYNC_MIN_BYTES: usize = 64 << 10;
+
+/// Whether an operation skips the inline attempt in `io_uring_enter`. By default the kernel
+/// first tries an operation on the submitting thread, so a page-cache hit is copied there: for
+/// large transfers that serialises every copy on the event loop. Sent to io_uring's workers
+/// instead, they are copied in parallel while the loop goes on (measured with the test guest's
+/// `blkbench`, 512 KiB requests: reads about 2.5x faster, writes about the same). Small
+/// transfers stay inline, where a cache hit completes at once. Flushes and `fallocate` block
+/// anyway.
+fn goes_async(op: &IoOp) -> bool {
+    match op {
+        IoOp::Read { iov, .. } | IoOp::Write { iov, .. } => iov.remaining_len() >= ASYNC_MIN_BYTES,
+        IoOp::Flush | IoOp::Fallocate { .. } => true,
+    }
+}
+
+/// Checks that a ring can be created and supports every opcode the engine uses.
+pub fn probe() -> Result<(), EngineError> {
+    let ring = IoUring::new(4).map_err(EngineError::UringUnavailable)?;
+    let mut probe = Probe::new();
+    ring.submitter()
+        .register_probe(&mut probe)
+        .map_err(EngineError::UringUnavailable)?;
+    for (code, name) in [
+        (opcode::Readv::CODE, "READV"),
+        (opcode::Writev::CODE, "WRITEV"),
+        (opcode::Fsync::CODE, "FSYNC"),
+        (opcode::Fallocate::CODE, "FALLOCATE"),
+    ] {
+        if !probe.is_supported(code) {
+            return Err(EngineError::UringOpMissing(name));
+        }
+    }
+    Ok(())
+}
+
+/// An io_uring and the operations it is running.
+pub struct UringEngine {
+    ring: IoUring,
+    file: Arc<File>,
+    /// Operations in the ring, indexed by their SQE `user_data`.
+    slots: Vec<Option<PendingOp>>,
+    free: Vec<usize>,
+    /// Operations waiting for a free slot.
+    backlog: VecDeque<PendingOp>,
+    /// SQEs pushed since the last `io_uring_enter`.
+    unsubmitted: usize,
+    done_fd: EventFd,
+    scratch: Vec<(u64, i32)>,
+}
+
+impl std::fmt::Debug for UringEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UringEngine")
+            .field("in_flight", &self.in_flight())
+            .field("backlog", &self.backlog.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl UringEngine {
+    /// Creates the ring and registers its completion eventfd.
+    pub fn new(file: Arc<File>) -> Result<Self, EngineError> {
+        let ring = IoUring::builder()
+            .setup_cqsize(RING_ENTRIES * 2)
+            .build(RING_ENTRIES)
+            .map_err(EngineError::UringUnavailable)?;
+        let done_fd = EventFd::new(EFD_NONBLOCK).map_err(EngineError::EventFd)?;
+        ring.submitter()
+            .register_eventfd(done_fd.as_raw_fd())
+            .map_err(EngineError::EventFd)?;
+        Ok(Self {
+            ring,
+            file,
+            slots: (0..MAX_IN_FLIGHT).map(|_| None).collect(),
+            free: (0..MAX_IN_FLIGHT).rev().collect(),
+            backlog: VecDeque::new(),
+            unsubmitted: 0,
+            done_fd,
+            scratch: Vec::with_capacity(MAX_IN_FLIGHT),
+        })
+    }
+
+    pub fn completion_fd(&self) -> &EventFd {
+        &self.done_fd
+    }
+
+    pub fn in_flight(&self) -> usize {
+        MAX_IN_FLIGHT - self.free.len() + self.backlog.len()
+    }
+
+    pub(super) fn submit(&mut self, op: PendingOp) {
+        match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot] = Some(op);
+                self.push_sqe(slot);
+            }
+            None => self.backlog.push_back(op),
+        }
+    }
+
+    /// Builds the SQE for the operation in `slot` and queues it.
+    fn push_sqe(&mut self, slot: usize) {
+        let fd = types::Fd(self.file.as_raw_fd());
+        let Some(p) = &self.slots[slot] else {
+            return;
+        };
+        let entry: squeue::Entry = match &p.op {
+            IoOp::Read { offset, iov } => {
+                let (ptr, n) = iov.batch();
+                // `n` is at most IOV_MAX.
+                opcode::Readv::new(fd, ptr, n as u32)
+                    .offset(*offset)
+                    .build()
+            }
+            IoOp::Write { offset, iov } => {
+                let (ptr, n) = iov.batch();
+                opcode::Writev::new(fd, ptr, n as u32)
+                    .offset(*offset)
+                    .build()
+            }
+            IoOp::Flush => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+            IoOp::Fallocate {
+                offset, len, mode, ..
+            } => opcode::Fallocate::new(fd, *len)
+                .offset(*offset)
+                .mode(*mode)
+                .build(),
+        };
+        let mut entry = entry.user_data(slot as u64);
+        if goes_async(&p.op) {
+            entry = entry.flags(squeue::Flags::ASYNC);
+        }
+        // SAFETY: the SQE's pointers (the iovec array and the guest buffers it lists) belong
+        // to the operation stored in `slots[slot]`, which stays there until its CQE is reaped;
+        // the buffers are guest memory kept mapped for at least as long (module rule of
+        // `engine`), and `drain` waits for every CQE before the engine goes away.
+        let pushed = unsafe { self.ring.submission().push(&entry) };
+        if pushed.is_err() {
+            // The queue is full of SQEs not yet entered (cannot happen: one SQE per slot and as
+            // many slots as entries). Enter them and retry once.
+            self.commit();
+            // SAFETY: as above.
+            if unsafe { self.ring.submission().push(&entry) }.is_err() {
+                log::error!("virtio-blk: io_uring submission queue full");
+                if let Some(p) = self.slots[slot].take() {
+                    self.free.push(slot);
+                    self.backlog.push_front(p);
+                }
+                return;
+            }
+        }
+        self.unsubmitted += 1;
+    }
+
+    pub fn commit(&mut self) {
+        while self.unsubmitted > 0 {
+            match self.ring.submit() {
+                // `submit` enters every SQE in the queue.
+                Ok(_) => self.unsubmitted = 0,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => {
+                    // EBUSY/EAGAIN: the SQEs stay queued; the next completion retries.
+                    log::debug!("virtio-blk: io_uring_enter: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    pub fn reap(&mut self, out: &mut Vec<Completion>) {
+        let _ = self.done_fd.read();
+        loop {
+            self.scratch.clear();
+            self.scratch.extend(
+                self.ring
+                    .completion()
+                    .map(|cqe| (cqe.user_data(), cqe.result())),
+            );
+            if self.scratch.is_empty() {
+                break;
+            }
+            for i in 0..self.scratch.len() {
+                let (slot, res) = self.scratch[i];
+                self.complete_slot(slot, res, out);
+            }
+            self.refill();
+            self.commit();
+        }
+        self.refill();
+        self.commit();
+    }
+
+    fn complete_slot(&mut self, user_data: u64, res: i32, out: &mut Vec<Completion>) {
+        let Ok(slot) = usize::try_from(user_data) else {
+            return;
+        };
+        let Some(Some(p)) = self.slots.get_mut(slot) else {
+            log::error!("virtio-blk: io_uring completion for unknown slot {slot}");
+            return;
+        };
+        match p.advance(i64::from(res)) {
+            Next::Again => self.push_sqe(slot),
+            Next::Done(result) => {
+                if let Some(p) = self.slots[slot].take() {
+                    out.push(Completion { tag: p.tag, result });
+                }
+                self.free.push(slot);
+            }
+        }
+    }
+
+    /// Moves backlog operations into free slots.
+    fn refill(&mut self) {
+        while !self.free.is_empty() {
+            let Some(op) = self.backlog.pop_front() else {
+                break;
+            };
+            self.submit(op);
+        }
+    }
+
+    pub fn drain(&mut self, out: &mut Vec<Completion>) {
+        out.extend(self.backlog.drain(..).map(|p| Completion {
+            tag: p.tag,
+            result: Err(libc::ECANCELED),
+        }));
+        self.commit();
+        while self.free.len() < MAX_IN_FLIGHT {
+            if let Err(e) = self.ring.submit_and_wait(1) {
+                if e.raw_os_error() != Some(libc::EINTR) && e.raw_os_error() != Some(libc::EBUSY) {
+                    log::error!("virtio-blk: waiting for io_uring completions: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            }
+            self.unsubmitted = 0;
+            self.reap(out);
+            // `reap` resubmits short transfers; nothing new is taken from the (empty) backlog.
+        }
+    }
+}
+
+impl Drop for UringEngine {
+    fn drop(&mut self) {
+        let mut discard = Vec::new();
+        self.drain(&mut discard);
+    }
+}

@@ -1,0 +1,20 @@
+//! virtio-blk (device type 2) on a raw disk file or block device.
+//!
+//! Split by job: `disk` opens, checks and locks the backing file; `device` is the `VirtioDevice`
+//! the transport drives (features, configuration space, activation and reset); `queue_handler`
+//! is the event-loop subscriber that pops descriptor chains when a queue is kicked and completes
+//! requests when the I/O engine reports; `request` parses and checks one request; `engine` runs
+//! the file I/O off the event loop (io_uring, or a worker pool where io_uring is missing).
+//! The PCI transport, feature negotiation and interrupts are not here (`transport`, `pci`).
+
+pub mod device;
+pub mod disk;
+mod engine;
+mod queue_handler;
+mod request;
+
+pub use device::{BlkError, VirtioBlk};
+pub use disk::{DiskConfig, DiskError, IoEngineKind};
+
+#[cfg(test)]
+mod tests;

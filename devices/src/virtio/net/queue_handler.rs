@@ -1,0 +1,315 @@
+//! The virtio-net event-loop subscriber: knows which fd fired (a receive-queue kick, a
+//! transmit-queue kick, or the tap becoming readable) and moves frames accordingly.
+//!
+//! Receive: a frame is read from the tap first and kept until a receive chain is available;
+//! when the driver has no buffers left the tap is taken off the loop (so a level-triggered
+//! readable tap cannot spin it) and put back on the next receive kick. Transmit: every
+//! available chain is gathered and written to the tap; chains that cannot be used are
+//! returned with length 0. A queue the device can no longer use safely (an available index
+//! beyond the queue size, a head index out of range, a used ring outside memory) marks the
+//! device `NEEDS_RESET` and the handler stops.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+
+use super::frames::{gather_tx, scatter_rx, FrameError};
+use super::tap::Tap;
+use super::{MAX_BUFFER_LEN, VNET_HDR_LEN};
+use crate::virtio::device::{ActivatedQueue, DeviceSignals, GuestMemoryMmap};
+use crate::virtio::queue_ops::{add_used, needs_notification, next_chain, QueueFailure};
+
+/// Event data tags.
+const RX_KICK: u32 = 0;
+const TX_KICK: u32 = 1;
+const TAP_READABLE: u32 = 2;
+
+/// Most frames moved per wake-up before yielding to other subscribers.
+const BATCH: usize = 256;
+
+/// What the device has done, for tests and diagnostics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct NetCounters {
+    /// Frames the guest sent that reached the tap.
+    pub tx_frames: u64,
+    /// Transmit chains returned unused (malformed) or whose write to the tap failed.
+    pub tx_dropped: u64,
+    /// Frames delivered into the guest's receive buffers.
+    pub rx_frames: u64,
+    /// Frames from the tap that could not be delivered (malformed or too small buffers).
+    pub rx_dropped: u64,
+}
+
+/// The activated device's queues and host side, run by the event loop.
+pub(crate) struct NetQueueHandler {
+    mem: GuestMemoryMmap,
+    rx: ActivatedQueue,
+    tx: ActivatedQueue,
+    tap: Arc<Tap>,
+    signals: Arc<dyn DeviceSignals>,
+    /// The driver accepted VIRTIO_NET_F_GUEST_CSUM; without it the header's flags must be 0.
+    guest_csum: bool,
+    /// Set by `reset`: do nothing more with guest memory.
+    stopped: Arc<AtomicBool>,
+    /// The queues are unusable; the driver was told to reset.
+    broken: bool,
+    tap_watched: bool,
+    rx_buf: Box<[u8]>,
+    /// Length of a frame read from the tap and not yet delivered.
+    rx_pending: Option<usize>,
+    tx_buf: Box<[u8]>,
+    counters: NetCounters,
+    warned: bool,
+}
+
+impl std::fmt::Debug for NetQueueHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NetQueueHandler")
+            .field("tap", &self.tap.name())
+            .field("broken", &self.broken)
+            .field("tap_watched", &self.tap_watched)
+            .field("counters", &self.counters)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NetQueueHandler {
+    pub(crate) fn new(
+        mem: GuestMemoryMmap,
+        rx: ActivatedQueue,
+        tx: ActivatedQueue,
+        tap: Arc<Tap>,
+        signals: Arc<dyn DeviceSignals>,
+        guest_csum: bool,
+        stopped: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            mem,
+            rx,
+            tx,
+            tap,
+            signals,
+            guest_csum,
+            stopped,
+            broken: false,
+            tap_watched: false,
+            rx_buf: vec![0u8; MAX_BUFFER_LEN].into_boxed_slice(),
+            rx_pending: None,
+            tx_buf: vec![0u8; MAX_BUFFER_LEN].into_boxed_slice(),
+            counters: NetCounters::default(),
+            warned: false,
+        }
+    }
+
+    pub(crate) fn counters(&self) -> NetCounters {
+        self.counters
+    }
+
+    fn halted(&self) -> bool {
+        self.broken || self.stopped.load(Ordering::Acquire)
+    }
+
+    fn bad_chain(&mut self, e: &FrameError) {
+        if self.warned {
+            log::debug!("virtio-net {}: dropped {e}", self.tap.name());
+        } else {
+            self.warned = true;
+            log::warn!(
+                "virtio-net {}: dropped {e} (further drops are logged at debug level)",
+                self.tap.name()
+            );
+        }
+    }
+
+    fn fail(&mut self, e: QueueFailure) {
+        log::error!(
+            "virtio-net {}: {e}; the device needs a reset",
+            self.tap.name()
+        );
+        self.broken = true;
+        self.signals.set_needs_reset();
+    }
+
+    fn notify(&mut self, rx: bool) {
+        let queue = if rx { &mut self.rx } else { &mut self.tx };
+        // A used ring the guest asked not to be interrupted for: no notification.
+        if needs_notification(queue, &self.mem) {
+            if let Err(e) = self.signals.notify_queue(queue.index) {
+                log::warn!(
+                    "virtio-net {}: cannot notify queue {}: {e}",
+                    self.tap.name(),
+                    queue.index
+                );
+            }
+        }
+    }
+
+    fn watch_tap(&mut self, ops: &mut EventOps, watch: bool) {
+        if watch == self.tap_watched {
+            return;
+        }
+        let events = Events::with_data(&*self.tap, TAP_READABLE, EventSet::IN);
+        let done = if watch {
+            ops.add(events)
+        } else {
+            ops.remove(events)
+        };
+        match done {
+            Ok(()) => self.tap_watched = watch,
+            Err(e) => log::error!(
+                "virtio-net {}: cannot (un)watch the tap: {e:?}",
+                self.tap.name()
+            ),
+        }
+    }
+
+    /// Moves frames from the tap into receive buffers until either runs out.
+    fn process_rx(&mut self, ops: &mut EventOps) {
+        let mut delivered = false;
+        for _ in 0..BATCH {
+            if self.halted() {
+                break;
+            }
+            let len = match self.rx_pending {
+                Some(len) => len,
+                None => match self.tap.read_frame(&mut self.rx_buf) {
+                    Ok(len) if len < VNET_HDR_LEN || len > self.rx_buf.len() => {
+                        self.counters.rx_dropped += 1;
+                        continue;
+                    }
+                    Ok(len) => len,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        // Retried on the next receive kick rather than spinning on an error.
+                        log::warn!("virtio-net {}: reading the tap: {e}", self.tap.name());
+                        self.watch_tap(ops, false);
+                        break;
+                    }
+                },
+            };
+            self.rx_pending = Some(len);
+            let chain = match next_chain(&mut self.rx, &self.mem) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => {
+                    // No buffers: keep the frame, stop watching the tap until a kick.
+                    self.watch_tap(ops, false);
+                    break;
+                }
+                Err(e) => return self.fail(e),
+            };
+            let head = chain.head_index();
+            if !self.guest_csum {
+                // The tap may mark frames DATA_VALID; a driver without GUEST_CSUM gets flags 0
+                // (its frames are fully checksummed: the tap's offloads are off).
+                self.rx_buf[0] = 0;
+            }
+            let used = match scatter_rx(&self.mem, chain, &mut self.rx_buf[..len]) {
+                Ok(used) => {
+                    self.counters.rx_frames += 1;
+                    used
+                }
+                Err(e) => {
+                    self.counters.rx_dropped += 1;
+                    self.bad_chain(&e);
+                    0
+                }
+            };
+            self.rx_pending = None;
+            if let Err(e) = add_used(&mut self.rx, &self.mem, head, used) {
+                return self.fail(e);
+            }
+            delivered = true;
+        }
+        if delivered && !self.halted() {
+            self.notify(true);
+        }
+    }
+
+    /// Sends every available transmit chain to the tap.
+    fn process_tx(&mut self) {
+        let mut completed = 0;
+        while !self.halted() {
+            if completed == BATCH {
+                // Come back after the other subscribers had their turn.
+                let _ = self.tx.kick.write(1);
+                break;
+            }
+            let chain = match next_chain(&mut self.tx, &self.mem) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => break,
+                Err(e) => return self.fail(e),
+            };
+            let head = chain.head_index();
+            match gather_tx(&self.mem, chain, &mut self.tx_buf) {
+                Ok(len) => match self.tap.write_frame(&self.tx_buf[..len]) {
+                    Ok(_) => self.counters.tx_frames += 1,
+                    Err(e) => {
+                        self.counters.tx_dropped += 1;
+                        log::debug!("virtio-net {}: writing to the tap: {e}", self.tap.name());
+                    }
+                },
+                Err(e) => {
+                    self.counters.tx_dropped += 1;
+                    self.bad_chain(&e);
+                }
+            }
+            if let Err(e) = add_used(&mut self.tx, &self.mem, head, 0) {
+                return self.fail(e);
+            }
+            completed += 1;
+        }
+        if completed > 0 && !self.halted() {
+            self.notify(false);
+        }
+    }
+
+    fn unwatch_all(&mut self, ops: &mut EventOps) {
+        let _ = ops.remove(Events::empty(&self.rx.kick));
+        let _ = ops.remove(Events::empty(&self.tx.kick));
+        self.watch_tap(ops, false);
+    }
+}
+
+impl MutEventSubscriber for NetQueueHandler {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if self.halted() {
+            self.unwatch_all(ops);
+            return;
+        }
+        match events.data() {
+            RX_KICK => {
+                let _ = self.rx.kick.read();
+                self.watch_tap(ops, true);
+                self.process_rx(ops);
+            }
+            TX_KICK => {
+                let _ = self.tx.kick.read();
+                self.process_tx();
+            }
+            TAP_READABLE => self.process_rx(ops),
+            _ => {}
+        }
+        if self.broken {
+            self.unwatch_all(ops);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let kicks = [
+            Events::with_data(&self.rx.kick, RX_KICK, EventSet::IN),
+            Events::with_data(&self.tx.kick, TX_KICK, EventSet::IN),
+        ];
+        for events in kicks {
+            if let Err(e) = ops.add(events) {
+                log::error!(
+                    "virtio-net {}: cannot watch a queue kick: {e:?}",
+                    self.tap.name()
+                );
+            }
+        }
+        self.watch_tap(ops, true);
+    }
+}

@@ -1,0 +1,121 @@
+//! The `skiff restore` and `skiff ctl` subcommands: their arguments (clap) and what they do.
+//! `main.rs` parses the command line and reports outcomes; `skiff run` stays there.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::api::client;
+use crate::config::{parse_timeout, SerialConfig};
+use crate::runner::{run_vm, RunOptions, RunOutcome};
+use crate::snapshot::restore::{load, restore_vm, MemoryMode};
+
+/// `skiff restore DIR ...`
+#[derive(Debug, clap::Args)]
+pub struct RestoreArgs {
+    /// The snapshot directory.
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Guest RAM from the memory files: cow (map them copy-on-write; fast, not shareable with
+    /// vhost-user backends) or copy (copy into fresh memory).
+    #[arg(long, value_name = "MODE", default_value = "cow")]
+    pub memory_mode: MemoryMode,
+    /// Serve the control API on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// Serial port (COM1) output: stdio, file=PATH or off.
+    #[arg(long, value_name = "MODE", default_value = "stdio")]
+    pub serial: SerialConfig,
+    /// End the guest after this many seconds (exit code 124).
+    #[arg(long, value_name = "SECONDS", value_parser = parse_timeout)]
+    pub timeout: Option<Duration>,
+}
+
+/// Restores the snapshot and runs the VM to its end. The error is one line.
+pub fn restore(args: RestoreArgs) -> Result<RunOutcome, String> {
+    let snap = load(&args.dir).map_err(|e| crate::error_chain(&e))?;
+    let vm =
+        restore_vm(&snap, args.memory_mode, &args.serial).map_err(|e| crate::error_chain(&e))?;
+    let opts = RunOptions {
+        serial: args.serial,
+        timeout: args.timeout,
+        api_socket: args.api_socket,
+        description: snap.manifest.vm.clone(),
+    };
+    run_vm(vm, &opts).map_err(|e| crate::error_chain(&e))
+}
+
+/// `skiff ctl --api-socket PATH ACTION`
+#[derive(Debug, clap::Args)]
+pub struct CtlArgs {
+    /// The running skiff's control socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: PathBuf,
+    /// What to do.
+    #[command(subcommand)]
+    pub action: CtlAction,
+}
+
+/// The `ctl` actions.
+#[derive(Debug, clap::Subcommand)]
+pub enum CtlAction {
+    /// Print the VM's state.
+    Status,
+    /// Pause every vCPU.
+    Pause,
+    /// Resume a paused VM.
+    Resume,
+    /// End the VM.
+    Shutdown,
+    /// Write a full snapshot to DIR (which must not exist).
+    Snapshot {
+        /// The snapshot directory to create.
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        /// End the VM once the snapshot is complete.
+        #[arg(long)]
+        stop: bool,
+    },
+}
+
+/// Sends the request, prints the JSON answer on stdout, and returns 0; on an error answer or
+/// failure prints one line on stderr and returns 1.
+pub fn ctl(args: CtlArgs) -> ExitCode {
+    let (method, path, body) = match args.action {
+        CtlAction::Status => ("GET", "/vm", None),
+        CtlAction::Pause => ("PUT", "/vm/pause", None),
+        CtlAction::Resume => ("PUT", "/vm/resume", None),
+        CtlAction::Shutdown => ("PUT", "/vm/shutdown", None),
+        CtlAction::Snapshot { dir, stop } => {
+            // The server resolves nothing against its own working directory: send an
+            // absolute path, resolved against ours.
+            let dir = if dir.is_absolute() {
+                dir
+            } else {
+                match std::env::current_dir() {
+                    Ok(cwd) => cwd.join(dir),
+                    Err(e) => {
+                        eprintln!("skiff: cannot resolve {}: {e}", dir.display());
+                        return ExitCode::from(1);
+                    }
+                }
+            };
+            let body = serde_json::json!({ "dir": dir, "stop": stop }).to_string();
+            ("PUT", "/vm/snapshot", Some(body))
+        }
+    };
+    match client::request(&args.api_socket, method, path, body.as_deref()) {
+        Ok((status, body)) if (200..300).contains(&status) => {
+            println!("{body}");
+            ExitCode::SUCCESS
+        }
+        Ok((status, body)) => {
+            eprintln!("skiff: {}", client::error_line(status, &body));
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("skiff: {}", crate::error_chain(&e));
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! A snapshot write running on its own thread, so the event loop keeps serving the control API
+//! (status, a refused second snapshot, shutdown) while memory is copied. The VM stays paused for
+//! the whole write: a full snapshot needs memory to hold still.
+//!
+//! The thread signals an eventfd when it is done; the event loop then collects the report with
+//! `finish`. Ending the VM mid-write cancels the job, which removes the temporary directory.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::Instant;
+
+use serde::Serialize;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::writer::{write, PendingSnapshot, WriteError, WriteReport};
+
+/// A running snapshot write.
+#[derive(Debug)]
+pub struct SnapshotJob {
+    handle: Option<JoinHandle<Result<WriteReport, WriteError>>>,
+    cancel: Arc<AtomicBool>,
+    /// Set by the thread just before it signals `done` (its handle may still be running then).
+    ended: Arc<AtomicBool>,
+    /// Timings and options from before the write started.
+    pub meta: JobMeta,
+}
+
+/// What the caller measured and decided before the write started.
+#[derive(Debug, Clone)]
+pub struct JobMeta {
+    /// When the request arrived.
+    pub requested: Instant,
+    /// Time to pause the vCPUs, in ms (0 when the VM was paused already).
+    pub pause_ms: f64,
+    /// Time to gather and encode the state, in ms.
+    pub state_ms: f64,
+    /// Whether the VM should end once the snapshot is complete.
+    pub stop: bool,
+    /// Whether the VM was running before (and should run again after).
+    pub was_running: bool,
+    /// State the host could not give.
+    pub notes: Vec<String>,
+}
+
+/// One region in the API response.
+#[derive(Debug, Clone, Serialize)]
+pub struct RegionSummary {
+    /// Region start.
+    pub guest_address: u64,
+    /// Region size.
+    pub size: u64,
+    /// File in the snapshot directory.
+    pub file: String,
+    /// `sparse-copy` or `reflink`.
+    pub method: &'static str,
+    /// Bytes of data copied.
+    pub copied_bytes: u64,
+}
+
+/// The machine-readable summary of a completed snapshot.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotSummary {
+    /// The snapshot directory.
+    pub dir: PathBuf,
+    /// Bytes written (copied memory, state, manifest).
+    pub bytes_written: u64,
+    /// From request to completion, in ms.
+    pub time_ms: f64,
+    /// Time to pause the vCPUs, in ms.
+    pub pause_ms: f64,
+    /// Time to gather the vCPU, VM and device state, in ms.
+    pub state_ms: f64,
+    /// Time to write and sync the files, in ms.
+    pub write_ms: f64,
+    /// Per region.
+    pub regions: Vec<RegionSummary>,
+    /// Whether the VM ends now (`stop`).
+    pub stopped: bool,
+    /// State left out because the host could not give it.
+    pub notes: Vec<String>,
+}
+
+impl SnapshotJob {
+    /// Starts writing `pending` on a new thread; `done` is written when the thread ends.
+    pub fn start(pending: PendingSnapshot, done: EventFd, meta: JobMeta) -> io::Result<Self> {
+        let cancel = Arc::new(AtomicBool::new(false));
+        let ended = Arc::new(AtomicBool::new(false));
+        let (flag, end) = (cancel.clone(), ended.clone());
+        let handle = thread::Builder::new()
+            .name("skiff-snapshot".into())
+            .spawn(move || {
+                let r = write(pending, &flag);
+                end.store(true, Ordering::Release);
+                let _ = done.write(1);
+                r
+            })?;
+        Ok(Self {
+            handle: Some(handle),
+            cancel,
+            ended,
+            meta,
+        })
+    }
+
+    /// Whether the write has ended (successfully or not); `finish` then returns at once.
+    pub fn is_finished(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
+            || self.handle.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// Waits for the write and returns its summary or its error, as one line.
+    pub fn finish(mut self) -> Result<SnapshotSummary, String> {
+        let report = match self.handle.take().map(JoinHandle::join) {
+            Some(Ok(Ok(r))) => r,
+            Some(Ok(Err(e))) => return Err(crate::error_chain(&e)),
+            Some(Err(_)) => return Err("the snapshot thread panicked".into()),
+            None => return Err("the snapshot was already collected".into()),
+        };
+        let m = &self.meta;
+        Ok(SnapshotSummary {
+            dir: report.dir,
+            bytes_written: report.bytes_written,
+            time_ms: m.requested.elapsed().as_secs_f64() * 1000.0,
+            pause_ms: m.pause_ms,
+            state_ms: m.state_ms,
+            write_ms: report.write_ms,
+            regions: report
+                .regions
+                .iter()
+                .map(|r| RegionSummary {
+                    guest_address: r.guest_address,
+                    size: r.size,
+                    file: r.file.clone(),
+                    method: r.method.name(),
+                    copied_bytes: r.copied_bytes,
+                })
+                .collect(),
+            stopped: m.stop,
+            notes: m.notes.clone(),
+        })
+    }
+
+    /// Cancels the write and waits for the thread (which removes the temporary directory).
+    pub fn cancel(self) -> String {
+        self.cancel.store(true, Ordering::Relaxed);
+        match self.finish() {
+            Ok(s) => format!(
+                "the VM ended while the snapshot was written; it completed: {}",
+                s.dir.display()
+            ),
+            Err(e) => format!("the VM ended while the snapshot was written: {e}"),
+        }
+    }
+}

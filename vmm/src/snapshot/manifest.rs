@@ -1,0 +1,344 @@
+//! `manifest.json`: what a snapshot directory holds and how to read it back.
+//!
+//! The manifest names the format version, the skiff that wrote it, the VM's configuration as it
+//! was given (kernel path, command line, CPUs, memory), one entry per memory region (guest
+//! address, size, file, page size, how it was written) and the state file's size and checksum.
+//! It is untrusted input on restore: `parse` caps its size, checks the version first, and
+//! `validate` checks every value restore relies on (file names are plain names inside the
+//! directory, sizes are page multiples, the CPU count is in range).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::config::{VmConfig, MAX_VCPUS};
+use crate::memory::backing::BackingKind;
+
+/// The manifest's file name inside a snapshot directory.
+pub const MANIFEST_FILE: &str = "manifest.json";
+/// The state file's name inside a snapshot directory.
+pub const STATE_FILE: &str = "state.bin";
+/// The version of the snapshot directory layout this skiff writes and reads.
+pub const MANIFEST_FORMAT_VERSION: u32 = 1;
+/// Largest manifest `parse` reads.
+pub const MAX_MANIFEST_BYTES: usize = 1 << 20;
+/// Most memory regions a manifest may list.
+pub const MAX_REGIONS: usize = 64;
+
+/// A snapshot directory's manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotManifest {
+    /// `MANIFEST_FORMAT_VERSION` of the writer.
+    pub format_version: u32,
+    /// The writing skiff's version.
+    pub skiff_version: String,
+    /// When the snapshot was taken, in milliseconds since the Unix epoch.
+    pub created_unix_ms: u64,
+    /// The VM's configuration as it was given when it first booted.
+    pub vm: VmDescription,
+    /// One entry per memory region, in guest address order.
+    pub memory: Vec<MemoryRegionEntry>,
+    /// The state file.
+    pub state: StateFileEntry,
+    /// State the host could not give and that was left out (e.g. nested virtualization state).
+    pub notes: Vec<String>,
+}
+
+/// The VM configuration a snapshot came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmDescription {
+    /// Kernel image path.
+    pub kernel: PathBuf,
+    /// Initrd path.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// vCPU count.
+    pub cpus: u32,
+    /// Guest RAM size in bytes.
+    pub memory_size: u64,
+    /// The original backing: `memfd`, `hugetlb-memfd` or `file`.
+    pub memory_backing: String,
+    /// The original memory file, for `file`.
+    pub memory_file: Option<PathBuf>,
+}
+
+impl VmDescription {
+    /// The description of a VM built from `cfg`.
+    pub fn from_config(cfg: &VmConfig) -> Self {
+        let (backing, file) = match &cfg.memory.backing {
+            BackingKind::Memfd => ("memfd", None),
+            BackingKind::HugetlbMemfd => ("hugetlb-memfd", None),
+            BackingKind::File(p) => ("file", Some(p.clone())),
+        };
+        Self {
+            kernel: cfg.kernel.clone(),
+            initrd: cfg.initrd.clone(),
+            cmdline: cfg.cmdline.clone(),
+            cpus: cfg.cpus,
+            memory_size: cfg.memory.size,
+            memory_backing: backing.into(),
+            memory_file: file,
+        }
+    }
+}
+
+/// One memory region and the file holding its contents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryRegionEntry {
+    /// Guest physical address.
+    pub guest_address: u64,
+    /// Size in bytes (also the file's length).
+    pub size: u64,
+    /// File name inside the snapshot directory.
+    pub file: String,
+    /// The backing's page size when saved.
+    pub page_size: u64,
+    /// How the file was written: `sparse-copy` or `reflink`.
+    pub method: String,
+}
+
+/// The state file's size and checksum (the file carries both in its header too).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateFileEntry {
+    /// File name inside the snapshot directory.
+    pub file: String,
+    /// Its length in bytes.
+    pub size: u64,
+    /// CRC-32 of its payload.
+    pub crc32: u32,
+}
+
+/// Why a manifest cannot be used.
+#[derive(Debug, Error)]
+pub enum ManifestError {
+    /// The manifest could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Too large to be a manifest.
+    #[error("{path} is {len} bytes, larger than a manifest can be ({MAX_MANIFEST_BYTES})")]
+    TooLarge {
+        /// The path.
+        path: PathBuf,
+        /// Its length.
+        len: u64,
+    },
+    /// Not JSON of the expected shape.
+    #[error("{path} is not a valid snapshot manifest: {reason}")]
+    Parse {
+        /// The path.
+        path: PathBuf,
+        /// serde_json's description.
+        reason: String,
+    },
+    /// Another format version.
+    #[error("snapshot format version {found} is not supported (this skiff reads version {MANIFEST_FORMAT_VERSION})")]
+    Version {
+        /// The manifest's version.
+        found: u64,
+    },
+    /// A value restore cannot use.
+    #[error("snapshot manifest is invalid: {0}")]
+    Invalid(String),
+}
+
+/// Reads and checks `dir/manifest.json`.
+pub fn read(dir: &Path) -> Result<SnapshotManifest, ManifestError> {
+    let path = dir.join(MANIFEST_FILE);
+    let read_err = |source| ManifestError::Read {
+        path: path.clone(),
+        source,
+    };
+    let len = std::fs::metadata(&path).map_err(read_err)?.len();
+    if len > MAX_MANIFEST_BYTES as u64 {
+        return Err(ManifestError::TooLarge { path, len });
+    }
+    let text = std::fs::read(&path).map_err(read_err)?;
+    parse(&text, &path)
+}
+
+/// Parses manifest bytes (`path` only names them in errors).
+pub fn parse(text: &[u8], path: &Path) -> Result<SnapshotManifest, ManifestError> {
+    let parse_err = |e: serde_json::Error| ManifestError::Parse {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    // The version first, so that a manifest of another version says so rather than failing on
+    // a field it renamed.
+    let value: serde_json::Value = serde_json::from_slice(text).map_err(parse_err)?;
+    let version = value
+        .get("format_version")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| ManifestError::Parse {
+            path: path.to_path_buf(),
+            reason: "no numeric format_version".into(),
+        })?;
+    if version != u64::from(MANIFEST_FORMAT_VERSION) {
+        return Err(ManifestError::Version { found: version });
+    }
+    let manifest: SnapshotManifest = serde_json::from_value(value).map_err(parse_err)?;
+    manifest.validate()?;
+    Ok(manifest)
+}
+
+/// Whether `name` is a plain file name inside the directory (no separators, not `.` or `..`).
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.contains('\0')
+}
+
+impl SnapshotManifest {
+    /// Checks the values restore relies on.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        let invalid = |m: String| Err(ManifestError::Invalid(m));
+        if self.vm.cpus == 0 || self.vm.cpus > MAX_VCPUS {
+            return invalid(format!("cpus {} is outside 1..={MAX_VCPUS}", self.vm.cpus));
+        }
+        if self.memory.is_empty() || self.memory.len() > MAX_REGIONS {
+            return invalid(format!(
+                "{} memory regions (expected 1 to {MAX_REGIONS})",
+                self.memory.len()
+            ));
+        }
+        if !is_plain_name(&self.state.file) {
+            return invalid(format!(
+                "state file name {:?} is not a plain file name",
+                self.state.file
+            ));
+        }
+        let mut total: u64 = 0;
+        for (i, r) in self.memory.iter().enumerate() {
+            if !is_plain_name(&r.file) || r.file == self.state.file || r.file == MANIFEST_FILE {
+                return invalid(format!(
+                    "memory region {i}: file name {:?} is not usable",
+                    r.file
+                ));
+            }
+            if self.memory[..i].iter().any(|o| o.file == r.file) {
+                return invalid(format!(
+                    "memory region {i}: file {:?} is listed twice",
+                    r.file
+                ));
+            }
+            if !r.page_size.is_power_of_two() || r.page_size < 4096 {
+                return invalid(format!(
+                    "memory region {i}: page size {:#x} is not a power of two of at least 4 KiB",
+                    r.page_size
+                ));
+            }
+            if r.size == 0 || r.size % r.page_size != 0 || r.guest_address % r.page_size != 0 {
+                return invalid(format!(
+                    "memory region {i} at {:#x}, size {:#x}: not a non-empty multiple of its page size {:#x}",
+                    r.guest_address, r.size, r.page_size
+                ));
+            }
+            if r.guest_address.checked_add(r.size).is_none() {
+                return invalid(format!(
+                    "memory region {i} at {:#x} wraps the address space",
+                    r.guest_address
+                ));
+            }
+            total = total.saturating_add(r.size);
+        }
+        if total != self.vm.memory_size {
+            return invalid(format!(
+                "memory regions add up to {total:#x} bytes but the VM has {:#x}",
+                self.vm.memory_size
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> SnapshotManifest {
+        SnapshotManifest {
+            format_version: MANIFEST_FORMAT_VERSION,
+            skiff_version: "0.1.0".into(),
+            created_unix_ms: 1,
+            vm: VmDescription {
+                kernel: "/k".into(),
+                initrd: None,
+                cmdline: "hello".into(),
+                cpus: 2,
+                memory_size: 8 << 20,
+                memory_backing: "memfd".into(),
+                memory_file: None,
+            },
+            memory: vec![MemoryRegionEntry {
+                guest_address: 0,
+                size: 8 << 20,
+                file: "memory-0.bin".into(),
+                page_size: 4096,
+                method: "sparse-copy".into(),
+            }],
+            state: StateFileEntry {
+                file: STATE_FILE.into(),
+                size: 100,
+                crc32: 5,
+            },
+            notes: vec![],
+        }
+    }
+
+    fn parse_value(v: &serde_json::Value) -> Result<SnapshotManifest, ManifestError> {
+        parse(&serde_json::to_vec(v).unwrap(), Path::new("m.json"))
+    }
+
+    #[test]
+    fn round_trip_and_version_check() {
+        let m = sample();
+        let text = serde_json::to_vec_pretty(&m).unwrap();
+        assert_eq!(parse(&text, Path::new("m.json")).unwrap(), m);
+        let mut v = serde_json::to_value(&m).unwrap();
+        v["format_version"] = 99.into();
+        // Also drop a field: the version error must still win.
+        v.as_object_mut().unwrap().remove("memory");
+        let e = parse_value(&v).unwrap_err();
+        assert!(matches!(e, ManifestError::Version { found: 99 }), "{e}");
+        assert!(parse(b"{not json", Path::new("m.json")).is_err());
+    }
+
+    #[test]
+    fn rejects_values_restore_cannot_use() {
+        type Damage = Box<dyn Fn(&mut SnapshotManifest)>;
+        let cases: Vec<(&str, Damage)> = vec![
+            ("cpus 0", Box::new(|m| m.vm.cpus = 0)),
+            (
+                "not a plain file name",
+                Box::new(|m| m.state.file = "../x".into()),
+            ),
+            (
+                "not usable",
+                Box::new(|m| m.memory[0].file = "/etc/passwd".into()),
+            ),
+            (
+                "multiple of its page size",
+                Box::new(|m| m.memory[0].size = 4097),
+            ),
+            ("add up to", Box::new(|m| m.vm.memory_size = 1 << 30)),
+            ("power of two", Box::new(|m| m.memory[0].page_size = 3000)),
+            ("0 memory regions", Box::new(|m| m.memory.clear())),
+        ];
+        for (needle, damage) in cases {
+            let mut m = sample();
+            damage(&mut m);
+            let e = parse_value(&serde_json::to_value(&m).unwrap()).unwrap_err();
+            assert!(e.to_string().contains(needle), "{needle}: {e}");
+        }
+    }
+}

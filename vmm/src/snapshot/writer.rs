@@ -1,0 +1,423 @@
+//! Writing a snapshot directory atomically.
+//!
+//! Everything goes into `DIR.tmp-<pid>` next to the target: one memory file per region (reflinked
+//! where the filesystem can, else copied sparsely), `state.bin`, then `manifest.json`. Every file
+//! and the temporary directory are fsynced, the directory is renamed to `DIR` with
+//! `RENAME_NOREPLACE` (so a `DIR` that appeared meanwhile is never replaced), and the parent is
+//! fsynced. A crash at any point leaves no `DIR` or a complete one; any error removes the
+//! temporary directory. The VM is not touched here: the caller paused it and gathered the state.
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use thiserror::Error;
+
+use super::manifest::{
+    MemoryRegionEntry, SnapshotManifest, StateFileEntry, MANIFEST_FILE, STATE_FILE,
+};
+use super::memory_file::{
+    copy_sparse, overlay_private_pages, reflink, CopyMethod, MemoryFileError, PrivateMapping,
+};
+use crate::memory::ShareableRegion;
+
+/// hugetlbfs's `statfs.f_type`.
+const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+
+/// Errors from writing a snapshot directory.
+#[derive(Debug, Error)]
+pub enum WriteError {
+    /// The target must be an absolute path.
+    #[error("snapshot directory {0} is not an absolute path")]
+    NotAbsolute(PathBuf),
+    /// The target exists already.
+    #[error("snapshot directory {0} already exists")]
+    Exists(PathBuf),
+    /// The target's parent is missing.
+    #[error("cannot create snapshot directory {path}: parent directory is missing or unusable")]
+    Parent {
+        /// The target.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file or directory operation failed.
+    #[error("cannot {op} {path}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Copying a memory region failed.
+    #[error("cannot write memory region at {guest_address:#x} to {path}")]
+    Memory {
+        /// Region start.
+        guest_address: u64,
+        /// The memory file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: MemoryFileError,
+    },
+}
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> WriteError + 'a {
+    move |source| WriteError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What one region's memory file holds and how it was made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionReport {
+    /// Region start.
+    pub guest_address: u64,
+    /// Region size.
+    pub size: u64,
+    /// File name in the snapshot directory.
+    pub file: String,
+    /// Reflinked or copied.
+    pub method: CopyMethod,
+    /// Bytes of data copied (0 for a reflink).
+    pub copied_bytes: u64,
+}
+
+/// The result of a complete write.
+#[derive(Debug, Clone)]
+pub struct WriteReport {
+    /// The snapshot directory.
+    pub dir: PathBuf,
+    /// Bytes written: copied memory plus the state file and manifest.
+    pub bytes_written: u64,
+    /// Per region.
+    pub regions: Vec<RegionReport>,
+    /// Time spent writing, in milliseconds.
+    pub write_ms: f64,
+}
+
+/// A snapshot to write: the reserved temporary directory and everything to put in it.
+#[derive(Debug)]
+pub struct PendingSnapshot {
+    /// The final directory.
+    pub dir: PathBuf,
+    /// The temporary directory (already created).
+    pub temp: PathBuf,
+    /// The regions to save (their backing files stay open through the `Arc`s).
+    pub regions: Vec<ShareableRegion>,
+    /// For RAM mapped copy-on-write (a `cow` restore): each region's private mapping, whose
+    /// own pages are written over the file's data. Empty for shared RAM.
+    pub private: Vec<PrivateMapping>,
+    /// The encoded state file.
+    pub state: Vec<u8>,
+    /// The manifest, without memory entries (filled in here).
+    pub manifest: SnapshotManifest,
+}
+
+/// Checks `dir` can be created and reserves its temporary sibling `DIR.tmp-<pid>`.
+pub fn reserve(dir: &Path) -> Result<PathBuf, WriteError> {
+    if !dir.is_absolute() {
+        return Err(WriteError::NotAbsolute(dir.to_path_buf()));
+    }
+    if std::fs::symlink_metadata(dir).is_ok() {
+        return Err(WriteError::Exists(dir.to_path_buf()));
+    }
+    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
+        return Err(WriteError::Parent {
+            path: dir.to_path_buf(),
+            source: std::io::Error::from_raw_os_error(libc::EINVAL),
+        });
+    };
+    let mut temp_name = name.to_os_string();
+    temp_name.push(format!(".tmp-{}", std::process::id()));
+    let temp = parent.join(temp_name);
+    match std::fs::create_dir(&temp) {
+        Ok(()) => Ok(temp),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(WriteError::Parent {
+            path: dir.to_path_buf(),
+            source: e,
+        }),
+        Err(e) => Err(io("create", &temp)(e)),
+    }
+}
+
+/// Writes everything into the temporary directory and renames it into place. On error the
+/// temporary directory is removed.
+pub fn write(pending: PendingSnapshot, cancel: &AtomicBool) -> Result<WriteReport, WriteError> {
+    let temp = pending.temp.clone();
+    let result = write_inner(pending, cancel);
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&temp);
+    }
+    result
+}
+
+fn write_inner(pending: PendingSnapshot, cancel: &AtomicBool) -> Result<WriteReport, WriteError> {
+    let started = Instant::now();
+    let PendingSnapshot {
+        dir,
+        temp,
+        regions,
+        private,
+        state,
+        mut manifest,
+    } = pending;
+    let mut reports = Vec::with_capacity(regions.len());
+    let mut bytes = 0u64;
+    for (i, region) in regions.iter().enumerate() {
+        if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(WriteError::Memory {
+                guest_address: region.guest_address,
+                path: temp.clone(),
+                source: MemoryFileError::Cancelled,
+            });
+        }
+        let name = format!("memory-{i}.bin");
+        // SAFETY: the caller keeps the private mappings alive and unwritten (VM paused) until
+        // the write ends (`PendingSnapshot::private`).
+        let report = unsafe {
+            write_region(
+                region,
+                private.get(i).copied(),
+                &temp.join(&name),
+                name,
+                cancel,
+            )
+        }?;
+        bytes += report.copied_bytes;
+        manifest.memory.push(MemoryRegionEntry {
+            guest_address: region.guest_address,
+            size: region.size,
+            file: report.file.clone(),
+            page_size: page_size(region),
+            method: report.method.name().into(),
+        });
+        reports.push(report);
+    }
+    let crc = state
+        .get(20..24)
+        .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    manifest.state = StateFileEntry {
+        file: STATE_FILE.into(),
+        size: state.len() as u64,
+        crc32: crc,
+    };
+    write_file(&temp.join(STATE_FILE), &state)?;
+    let text = serde_json::to_vec_pretty(&manifest)
+        .map_err(|e| io("encode", &temp.join(MANIFEST_FILE))(std::io::Error::other(e)))?;
+    write_file(&temp.join(MANIFEST_FILE), &text)?;
+    bytes += (state.len() + text.len()) as u64;
+    fsync_dir(&temp)?;
+    rename_no_replace(&temp, &dir)?;
+    if let Some(parent) = dir.parent() {
+        fsync_dir(parent)?;
+    }
+    Ok(WriteReport {
+        dir,
+        bytes_written: bytes,
+        regions: reports,
+        write_ms: started.elapsed().as_secs_f64() * 1000.0,
+    })
+}
+
+/// # Safety
+/// `private`, if given, must be a live mapping of `region` that nobody writes during the call.
+unsafe fn write_region(
+    region: &ShareableRegion,
+    private: Option<PrivateMapping>,
+    path: &Path,
+    name: String,
+    cancel: &AtomicBool,
+) -> Result<RegionReport, WriteError> {
+    let mem_err = |source| WriteError::Memory {
+        guest_address: region.guest_address,
+        path: path.to_path_buf(),
+        source,
+    };
+    let src = region
+        .file
+        .try_clone_file()
+        .map_err(io("duplicate the memory descriptor of", path))?;
+    let dst = create_file(path)?;
+    dst.set_len(region.size).map_err(io("size", path))?;
+    // A private mapping's own pages are not in the file, so its file is copied, then overlaid.
+    let reflinked = private.is_none()
+        && reflink(&src, region.file_offset, &dst, region.size).map_err(mem_err)?;
+    let (method, mut copied_bytes) = if reflinked {
+        (CopyMethod::Reflink, 0)
+    } else {
+        let n =
+            copy_sparse(&src, region.file_offset, &dst, 0, region.size, cancel).map_err(mem_err)?;
+        (CopyMethod::SparseCopy, n)
+    };
+    if let Some(mapping) = private {
+        // SAFETY: guaranteed by the caller.
+        copied_bytes += unsafe { overlay_private_pages(mapping, &dst, cancel) }.map_err(mem_err)?;
+    }
+    dst.sync_all().map_err(io("fsync", path))?;
+    Ok(RegionReport {
+        guest_address: region.guest_address,
+        size: region.size,
+        file: name,
+        method,
+        copied_bytes,
+    })
+}
+
+fn page_size(region: &ShareableRegion) -> u64 {
+    use std::os::fd::AsRawFd;
+    // SAFETY: an all-zero statfs is valid storage for the kernel to fill.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is writable and the descriptor is open for the region's lifetime.
+    let rc = unsafe { libc::fstatfs(region.file.as_fd().as_raw_fd(), &mut st) };
+    #[allow(clippy::unnecessary_cast)]
+    if rc == 0 && st.f_type as i64 == HUGETLBFS_MAGIC {
+        return st.f_bsize as u64;
+    }
+    arch::layout::PAGE_SIZE
+}
+
+fn create_file(path: &Path) -> Result<File, WriteError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(io("create", path))
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
+    let mut f = create_file(path)?;
+    f.write_all(bytes).map_err(io("write", path))?;
+    f.sync_all().map_err(io("fsync", path))
+}
+
+fn fsync_dir(path: &Path) -> Result<(), WriteError> {
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(io("fsync directory", path))
+}
+
+fn rename_no_replace(from: &Path, to: &Path) -> Result<(), WriteError> {
+    let c = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| io("name", p)(std::io::Error::from_raw_os_error(libc::EINVAL)))
+    };
+    let (cf, ct) = (c(from)?, c(to)?);
+    // SAFETY: both are NUL-terminated paths that outlive the call.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            cf.as_ptr(),
+            libc::AT_FDCWD,
+            ct.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EEXIST) {
+            return Err(WriteError::Exists(to.to_path_buf()));
+        }
+        return Err(io("rename into place", to)(e));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::Mappable;
+    use crate::snapshot::manifest;
+    use std::os::unix::fs::FileExt;
+    use std::sync::Arc;
+
+    fn region_file(len: u64) -> Arc<Mappable> {
+        let f = tempfile::tempfile().unwrap();
+        f.set_len(len).unwrap();
+        f.write_all_at(b"guest", 4096).unwrap();
+        Arc::new(Mappable::new(f.into()))
+    }
+
+    fn pending(dir: &Path, temp: PathBuf) -> PendingSnapshot {
+        let file = region_file(2 << 20);
+        let mut m = manifest::tests::sample();
+        m.memory.clear();
+        PendingSnapshot {
+            dir: dir.to_path_buf(),
+            temp,
+            regions: vec![
+                ShareableRegion {
+                    guest_address: 0,
+                    size: 1 << 20,
+                    file: file.clone(),
+                    file_offset: 0,
+                },
+                ShareableRegion {
+                    guest_address: 1 << 32,
+                    size: 1 << 20,
+                    file,
+                    file_offset: 1 << 20,
+                },
+            ],
+            private: Vec::new(),
+            state: vec![1, 2, 3],
+            manifest: m,
+        }
+    }
+
+    #[test]
+    fn writes_a_complete_directory_and_refuses_to_replace_it() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("snap");
+        let temp = reserve(&dir).unwrap();
+        assert!(temp.to_string_lossy().contains(".tmp-"));
+        let report = write(pending(&dir, temp.clone()), &AtomicBool::new(false)).unwrap();
+        assert!(!temp.exists(), "the temporary directory is renamed away");
+        assert_eq!(report.regions.len(), 2);
+        let m: SnapshotManifest =
+            serde_json::from_slice(&std::fs::read(dir.join(MANIFEST_FILE)).unwrap()).unwrap();
+        assert_eq!(m.memory[1].guest_address, 1 << 32);
+        assert_eq!(m.memory[0].file, "memory-0.bin");
+        let mem0 = std::fs::read(dir.join("memory-0.bin")).unwrap();
+        assert_eq!(mem0.len(), 1 << 20);
+        assert_eq!(&mem0[4096..4101], b"guest");
+        assert_eq!(std::fs::read(dir.join(STATE_FILE)).unwrap(), [1, 2, 3]);
+        assert!(matches!(reserve(&dir), Err(WriteError::Exists(_))));
+        assert!(matches!(
+            reserve(Path::new("rel/dir")),
+            Err(WriteError::NotAbsolute(_))
+        ));
+    }
+
+    #[test]
+    fn a_failed_write_leaves_nothing_behind() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("snap");
+        let temp = reserve(&dir).unwrap();
+        let e = write(pending(&dir, temp.clone()), &AtomicBool::new(true)).unwrap_err();
+        assert!(e.to_string().contains("memory region at 0x0"), "{e}");
+        assert!(!temp.exists() && !dir.exists());
+        // A target that appears while writing is not replaced.
+        let temp = reserve(&dir).unwrap();
+        std::fs::create_dir(&dir).unwrap();
+        let e = write(pending(&dir, temp.clone()), &AtomicBool::new(false)).unwrap_err();
+        assert!(matches!(e, WriteError::Exists(_)), "{e}");
+        assert!(!temp.exists());
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+    }
+}
