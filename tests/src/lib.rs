@@ -351,3 +351,45 @@ pub fn run_testguest(cmdline: &str, extra: &[&str], timeout: Duration) -> Finish
     args.extend(extra.iter().map(|s| s.to_string()));
     run_skiff(&args, timeout)
 }
+
+/// A network namespace of the test's own with a tap in it, removed on drop: network tests
+/// never touch the host's interfaces.
+#[derive(Debug)]
+pub struct NetNs {
+    name: String,
+}
+
+impl NetNs {
+    /// Creates the namespace and a `vnet_hdr` tap named `tap` in it, up.
+    pub fn new(tap: &str) -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("skiff-test-{}-{n}", std::process::id());
+        let ip = |args: &[&str]| {
+            let ok = Command::new("ip").args(args).status().map(|s| s.success());
+            assert!(matches!(ok, Ok(true)), "ip {args:?} failed");
+        };
+        ip(&["netns", "add", &name]);
+        let ns = NetNs { name };
+        ip(&[
+            "-n", &ns.name, "tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr",
+        ]);
+        ip(&["-n", &ns.name, "link", "set", tap, "up"]);
+        ns
+    }
+
+    /// A command that runs `program` inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}

@@ -11,7 +11,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use skiff_tests::{linux_images, require_kvm, Skiff};
+use skiff_tests::{linux_images, require_kvm, skiff_bin, NetNs, Skiff};
 
 /// The PVM emulator cannot run `xsave`/`xrstor`, `cmpxchg16b`, SMAP/SMEP's `stac`/`clac` or
 /// `popcnt` in kernel mode; hardware KVM hosts need none of this, but it is harmless there.
@@ -22,7 +22,7 @@ fn pvm_host() -> bool {
 }
 
 #[test]
-fn minimal_kernel_boots_with_the_memory_map_and_cpus_skiff_gave_it() {
+fn minimal_kernel_boots_with_the_memory_map_cpus_and_devices_skiff_gave_it() {
     require_kvm();
     let images = linux_images();
     let pvm = pvm_host();
@@ -34,22 +34,39 @@ fn minimal_kernel_boots_with_the_memory_map_and_cpus_skiff_gave_it() {
             "hardware KVM, boot to busybox init and power off"
         }
     );
-    let cmdline = format!("console=ttyS0 reboot=k panic=-1 {PVM_SAFE_ARGS}");
-    let mut vm = Skiff::spawn(&[
-        "run".as_ref(),
-        "--kernel".as_ref(),
-        images.vmlinux.as_os_str(),
-        "--initrd".as_ref(),
-        images.initramfs.as_os_str(),
-        "--cpus".as_ref(),
-        "2".as_ref(),
-        "--memory".as_ref(),
-        "size=512M".as_ref(),
-        "--cmdline".as_ref(),
-        cmdline.as_ref(),
-        "--timeout".as_ref(),
-        "900".as_ref(),
-    ]);
+    let disk = tempfile::NamedTempFile::new().unwrap();
+    disk.as_file().set_len(64 << 20).unwrap();
+    let disk_spec = format!("path={},id=linuxdisk", disk.path().display());
+    // The tap lives in a namespace of the test's own; `ip=` makes the kernel bring eth0 up and
+    // log it.
+    let ns = NetNs::new("sklnx0");
+    let cmdline = format!(
+        "console=ttyS0 console=hvc0 reboot=k panic=-1 ip=10.0.2.15::10.0.2.2:255.255.255.0::eth0:off {PVM_SAFE_ARGS}"
+    );
+    let mut cmd = ns.command(&skiff_bin().to_string_lossy());
+    cmd.arg("run")
+        .arg("--kernel")
+        .arg(&images.vmlinux)
+        .arg("--initrd")
+        .arg(&images.initramfs)
+        .args([
+            "--cpus",
+            "2",
+            "--memory",
+            "size=512M",
+            "--cmdline",
+            &cmdline,
+        ])
+        .args([
+            "--disk",
+            &disk_spec,
+            "--net",
+            "tap=sklnx0",
+            "--rng",
+            "--console",
+        ])
+        .args(["--timeout", "900"]);
+    let mut vm = Skiff::spawn_command(&mut cmd);
     vm.wait_for_line("Run /init as init process", Duration::from_secs(900));
     if !pvm {
         vm.wait_for_line("skiff-init: started", Duration::from_secs(60));
@@ -64,17 +81,20 @@ fn minimal_kernel_boots_with_the_memory_map_and_cpus_skiff_gave_it() {
         "BIOS-e820: [mem 0x000000000009fc00-0x00000000000fffff] reserved",
         "BIOS-e820: [mem 0x0000000000100000-0x000000001fffffff] usable",
         "BIOS-e820: [mem 0x00000000e0000000-0x00000000efffffff] reserved",
+        // Both vCPUs, from the MADT.
+        "Brought up 1 node, 2 CPUs",
+        "ACPI: MADT",
+        // PCI through the DSDT's host bridge and the MCFG's ECAM.
+        "PCI host bridge to bus 0000:00",
+        // The 64 MiB virtio-blk disk, with its capacity.
+        "[vda] 131072 512-byte logical blocks",
+        // virtio-net came up as eth0 (kernel IP autoconfiguration).
+        "device=eth0",
+        // virtio-console became a console.
+        "console [hvc0] enabled",
     ] {
         assert!(log.contains(line), "kernel log lacks {line:?}\n{log}");
     }
-    assert!(
-        log.contains("Brought up 1 node, 2 CPUs"),
-        "the kernel did not bring up both vCPUs\n{log}"
-    );
-    assert!(
-        log.contains("ACPI: MADT"),
-        "the kernel did not find the MADT\n{log}"
-    );
 }
 
 #[test]

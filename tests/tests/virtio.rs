@@ -6,10 +6,10 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use skiff_tests::{require_kvm, run_skiff, run_testguest, skiff_bin, testguest, Skiff};
+use skiff_tests::{require_kvm, run_skiff, run_testguest, skiff_bin, testguest, NetNs, Skiff};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -101,42 +101,6 @@ fn acpi_poweroff_ends_the_vm_with_exit_code_zero() {
 fn acpi_reset_register_ends_the_vm_as_a_reset() {
     let r = run_testguest("acpi-reset", &[], T);
     r.assert_code(120).assert_stderr_has("reset");
-}
-
-/// A network namespace with a tap in it, removed on drop.
-struct NetNs {
-    name: String,
-}
-
-impl NetNs {
-    fn new(tap: &str) -> Self {
-        let name = format!("skiff-test-{}", std::process::id());
-        let ip = |args: &[&str]| {
-            let ok = Command::new("ip").args(args).status().map(|s| s.success());
-            assert!(matches!(ok, Ok(true)), "ip {args:?} failed");
-        };
-        ip(&["netns", "add", &name]);
-        let ns = NetNs { name };
-        ip(&[
-            "-n", &ns.name, "tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr",
-        ]);
-        ip(&["-n", &ns.name, "link", "set", tap, "up"]);
-        ns
-    }
-
-    fn command(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name, program]);
-        c
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
 }
 
 /// Answers the guest's ping frame (ethertype 0x88b5) with a pong to the guest's MAC.
