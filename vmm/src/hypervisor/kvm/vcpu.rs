@@ -1,12 +1,11 @@
 //! A KVM vCPU: run and translate exits, get and set registers, CPUID, MSRs, FPU and LAPIC LINTs.
 
 use arch::regs::{CpuidEntry, MsrEntry, SpecialRegisters, StandardRegisters};
-use kvm_bindings::{
-    kvm_fpu, kvm_msr_entry, CpuId, Msrs, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
-};
+use kvm_bindings::{kvm_fpu, CpuId, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit as KvmExit, VcpuFd};
 
 use super::convert;
+use crate::hypervisor::state::MsrValue;
 use crate::hypervisor::{HypervisorError, Result, Vcpu, VcpuExit};
 
 /// Offsets of the LVT LINT0/LINT1 registers in the local APIC page.
@@ -136,32 +135,14 @@ impl Vcpu for KvmVcpu {
     }
 
     fn set_msrs(&self, msrs: &[MsrEntry]) -> Result<()> {
-        let entries: Vec<_> = msrs
+        let values: Vec<MsrValue> = msrs
             .iter()
-            .map(|m| kvm_msr_entry {
+            .map(|m| MsrValue {
                 index: m.index,
                 data: m.data,
-                ..Default::default()
             })
             .collect();
-        let list = Msrs::from_entries(&entries).map_err(|_| {
-            HypervisorError::op(
-                "building the MSR list",
-                std::io::Error::from_raw_os_error(libc::E2BIG),
-            )
-        })?;
-        let written = self
-            .fd
-            .set_msrs(&list)
-            .map_err(|e| HypervisorError::op("KVM_SET_MSRS", e))?;
-        if written != entries.len() {
-            let index = entries.get(written).map_or(0, |e| e.index);
-            return Err(HypervisorError::op(
-                "KVM_SET_MSRS",
-                std::io::Error::other(format!("the host refused MSR {index:#x}")),
-            ));
-        }
-        Ok(())
+        super::vcpu_state::write_msrs(&self.fd, &values)
     }
 
     fn reset_fpu(&self) -> Result<()> {

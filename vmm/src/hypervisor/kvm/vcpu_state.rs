@@ -233,7 +233,8 @@ fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<MsrValue>> {
     Ok(out)
 }
 
-fn write_msrs(fd: &VcpuFd, msrs: &[MsrValue]) -> Result<()> {
+/// Writes `msrs` in chunks KVM accepts; fails naming the first MSR the host refused.
+pub(super) fn write_msrs(fd: &VcpuFd, msrs: &[MsrValue]) -> Result<()> {
     for chunk in msrs.chunks(KVM_MAX_MSR_ENTRIES) {
         let entries: Vec<_> = chunk
             .iter()
