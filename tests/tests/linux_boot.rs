@@ -83,7 +83,7 @@ fn minimal_kernel_boots_with_the_memory_map_cpus_and_devices_skiff_gave_it() {
         "BIOS-e820: [mem 0x00000000e0000000-0x00000000efffffff] reserved",
         // Both vCPUs, from the MADT.
         "Brought up 1 node, 2 CPUs",
-        "ACPI: MADT",
+        "ACPI: APIC 0x00000000000E",
         // PCI through the DSDT's host bridge and the MCFG's ECAM.
         "PCI host bridge to bus 0000:00",
         // The 64 MiB virtio-blk disk, with its capacity.
