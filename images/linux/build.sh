@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # images/linux/build.sh: build skiff's minimal Linux guest from Debian packages.
 #
-# Produces vmlinux (ELF, PVH entry), bzImage, initramfs.cpio.gz (+ plain
-# initramfs.cpio) and config in ${SKIFF_CACHE:-$HOME/.cache/skiff}/linux/<hash>/
+# Produces vmlinux (ELF, PVH entry), bzImage, the busybox initramfs as
+# initramfs.cpio.gz and plain initramfs.cpio, a few-KiB initramfs-min.cpio
+# (static /init that only prints a marker and powers off; see README.md), and
+# config, in ${SKIFF_CACHE:-$HOME/.cache/skiff}/linux/<hash>/
 # where <hash> covers every input. A second run with the same inputs only
 # prints the directory. Progress goes to stderr; the last line on stdout is
 # the output directory:   dir=$(images/linux/build.sh | tail -1)
@@ -43,13 +45,16 @@ if ((${#missing[@]})); then
         apt-get install -y --no-install-recommends "${missing[@]}"
 fi
 [[ -f $tarball ]] || die "$tarball missing although $srcpkg is installed"
-busybox=$(dpkg -L busybox-static | grep -E '/bin/busybox$' | head -1)
+busybox_files=$(dpkg -L busybox-static)
+busybox=$(grep -E '/bin/busybox$' <<<"$busybox_files" || true)
+busybox=${busybox%%$'\n'*}
 [[ -x $busybox ]] || die "busybox binary from busybox-static not found"
 
 # --- 2. Cache key -----------------------------------------------------------
 patches=()
 for f in "$here"/patches/*.patch; do [[ -e $f ]] && patches+=("$f"); done
-inputs=("$here/build.sh" "$here/config.fragment" "$here/init" "${patches[@]}")
+inputs=("$here/build.sh" "$here/config.fragment" "$here/init" "$here/init-min.c"
+        "${patches[@]}")
 src_ver=$(dpkg-query -W -f='${Version}' "$srcpkg")
 key_versions() {
     echo "$srcpkg $src_ver"
@@ -65,7 +70,7 @@ key_text() {
 }
 hash=$(key_text | sha256sum | cut -c1-16)
 out=$cache/$hash
-outputs=(vmlinux bzImage initramfs.cpio.gz initramfs.cpio config)
+outputs=(vmlinux bzImage initramfs.cpio.gz initramfs.cpio initramfs-min.cpio config)
 
 is_complete() {
     local f
@@ -149,8 +154,8 @@ fi
 # --- 7. Kernel ----------------------------------------------------------------
 log "building vmlinux and bzImage (make -j$jobs; takes a while)"
 kmake -j"$jobs" vmlinux bzImage
-readelf -n "$obj/vmlinux" | grep -q 'Xen' \
-    || die "vmlinux has no Xen/PVH ELF note; is CONFIG_PVH set?"
+notes=$(readelf -n "$obj/vmlinux")
+[[ $notes == *Xen* ]] || die "vmlinux has no Xen/PVH ELF note; is CONFIG_PVH set?"
 
 # --- 8. Initramfs: busybox-static + /init, written by the kernel's own tool --
 [[ -x $obj/usr/gen_init_cpio ]] || kmake -s usr/gen_init_cpio
@@ -172,6 +177,14 @@ list=$work/initramfs.list
 } >"$list"
 "$obj/usr/gen_init_cpio" -t 0 "$list" >"$work/out/initramfs.cpio"
 gzip -9 -n -c "$work/out/initramfs.cpio" >"$work/out/initramfs.cpio.gz"
+
+# The minimal initramfs: /dev/console and a freestanding static /init.
+gcc -static -nostdlib -ffreestanding -fno-stack-protector -fcf-protection=none \
+    -fno-pie -no-pie -mgeneral-regs-only -Os -s -Wall -Wextra -Werror \
+    -Wl,--build-id=none -o "$work/init-min" "$here/init-min.c"
+printf '%s\n' "dir /dev 0755 0 0" "nod /dev/console 0600 0 0 c 5 1" \
+    "file /init $work/init-min 0755 0 0" >"$work/initramfs-min.list"
+"$obj/usr/gen_init_cpio" -t 0 "$work/initramfs-min.list" >"$work/out/initramfs-min.cpio"
 
 # --- 9. Publish atomically -----------------------------------------------------
 cp "$obj/vmlinux" "$work/out/vmlinux"

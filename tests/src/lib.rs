@@ -91,6 +91,9 @@ pub struct LinuxImages {
     pub bzimage: PathBuf,
     /// busybox initramfs.
     pub initramfs: PathBuf,
+    /// A 10 KiB initramfs whose static `/init` prints a marker and powers off: for hosts where
+    /// unpacking the busybox one costs minutes (PVM, whose kernel mode is emulated).
+    pub initramfs_min: PathBuf,
 }
 
 /// Builds (or finds cached) Linux images.
@@ -115,6 +118,7 @@ pub fn linux_images() -> &'static LinuxImages {
             vmlinux: dir.join("vmlinux"),
             bzimage: dir.join("bzImage"),
             initramfs: dir.join("initramfs.cpio.gz"),
+            initramfs_min: dir.join("initramfs-min.cpio"),
         }
     })
 }
@@ -391,5 +395,103 @@ impl Drop for NetNs {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
+    }
+}
+
+/// A vhost-user backend process a test started (skiff's own, qemu-storage-daemon, ...),
+/// killed on drop; its stderr is kept for messages.
+#[derive(Debug)]
+pub struct Backend {
+    child: Child,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Backend {
+    /// Starts `cmd` and waits (up to 10 s) until `socket` exists as a socket.
+    pub fn start(cmd: &mut Command, socket: &Path) -> Self {
+        use std::os::unix::fs::FileTypeExt;
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start the backend {cmd:?}: {e}"));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        if let Some(err) = child.stderr.take() {
+            pump(err, stderr.clone(), None);
+        }
+        let backend = Self { child, stderr };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ready = std::fs::metadata(socket).is_ok_and(|m| m.file_type().is_socket());
+            if ready {
+                return backend;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the backend did not create {} within 10 s; stderr:\n{}",
+                socket.display(),
+                backend.stderr_text()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `skiff vhost-user-blk` serving `disk` on `socket`.
+    pub fn skiff_blk(socket: &Path, disk: &Path, extra: &[&str]) -> Self {
+        let mut cmd = Command::new(skiff_bin());
+        cmd.arg("vhost-user-blk")
+            .arg("--socket")
+            .arg(socket)
+            .arg("--disk")
+            .arg(disk)
+            .args(extra);
+        Self::start(&mut cmd, socket)
+    }
+
+    /// `qemu-storage-daemon` exporting `image` (raw) as vhost-user-blk on `socket`, writable.
+    pub fn qemu_storage_daemon(socket: &Path, image: &Path) -> Self {
+        let mut cmd = Command::new("qemu-storage-daemon");
+        cmd.arg("--blockdev")
+            .arg(format!(
+                "driver=file,filename={},node-name=d0",
+                image.display()
+            ))
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on",
+                socket.display()
+            ));
+        Self::start(&mut cmd, socket)
+    }
+
+    /// What the backend wrote to stderr so far.
+    pub fn stderr_text(&self) -> String {
+        self.stderr
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Kills the backend and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
