@@ -12,6 +12,7 @@ use devices::legacy::acpi_pm::{AcpiPm, ACPI_PM_PORT, ACPI_PM_PORT_LEN};
 use devices::legacy::debug_exit::{DebugExit, DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_LEN};
 use devices::legacy::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
 use devices::legacy::serial::{Serial, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
+use devices::vhost_user::{VhostUserDevice, VhostUserError};
 use devices::virtio::blk::{BlkError, VirtioBlk};
 use devices::virtio::console::{ConsoleError, ConsoleInput, VirtioConsole};
 use devices::virtio::net::{NetError, VirtioNet};
@@ -27,7 +28,7 @@ use crate::config::{SerialConfig, VmConfig};
 use crate::hypervisor::kvm::KvmHypervisor;
 use crate::hypervisor::{Hypervisor, HypervisorError, Vcpu, Vm};
 use crate::memory::backing::BackingKind;
-use crate::memory::{GuestMemory, GuestRam, MemoryError};
+use crate::memory::{GuestRam, MemoryError};
 use crate::pci_devices::{PciDevices, PciDevicesError};
 
 /// The VM's event loop (`event-manager`): device handlers, host input, signals, the VM's end.
@@ -107,12 +108,24 @@ pub enum BuildError {
     /// A `--net` device could not be set up (its tap, its MAC).
     #[error(transparent)]
     Net(#[from] NetError),
+    /// A `--vhost-user` backend could not be reached or refused the set-up (boxed: large).
+    #[error(transparent)]
+    VhostUser(Box<VhostUserError>),
+    /// Guest memory cannot be shared with a vhost-user backend.
+    #[error(transparent)]
+    ShareMemory(#[from] crate::memory::share::ShareError),
     /// The `--console` device could not be set up.
     #[error(transparent)]
     Console(#[from] ConsoleError),
     /// A saved serial port state cannot be used.
     #[error("cannot restore the serial port")]
     SerialState(#[source] devices::legacy::serial::SerialError),
+}
+
+impl From<VhostUserError> for BuildError {
+    fn from(e: VhostUserError) -> Self {
+        Self::VhostUser(Box::new(e))
+    }
 }
 
 impl From<PciDevicesError> for BuildError {
@@ -203,8 +216,7 @@ fn build_on_ram(
         let (mut pio, serial, i8042) = create_legacy_devices(&*vm, &cfg.serial, &exit, None)?;
         let events = VmEvents::new().map_err(|e| BuildError::EventLoop(format!("{e:?}")))?;
         let mut mmio = Bus::new();
-        let console_input =
-            create_pci_devices(&*vm, ram.memory(), cfg, &events, &mut pio, &mut mmio)?;
+        let console_input = create_pci_devices(&*vm, &ram, cfg, &events, &mut pio, &mut mmio)?;
         let vcpus = create_vcpus(hypervisor, &*vm, cfg.cpus, &boot)?;
         Ok((
             vm,
@@ -368,13 +380,13 @@ pub(crate) fn create_legacy_devices(
 /// Returns the virtio console's input handle when `--console` added one.
 fn create_pci_devices(
     vm: &dyn Vm,
-    mem: &GuestMemory,
+    ram: &GuestRam,
     cfg: &VmConfig,
     events: &VmEvents,
     pio: &mut Bus,
     mmio: &mut Bus,
 ) -> Result<Option<ConsoleInput>, BuildError> {
-    let mut pci = PciDevices::new(vm, mem.clone(), events.remote_endpoint())?;
+    let mut pci = PciDevices::new(vm, ram.memory().clone(), events.remote_endpoint())?;
     for disk in &cfg.disks {
         pci.add_virtio_device(Box::new(VirtioBlk::new(disk)?))?;
     }
@@ -383,6 +395,10 @@ fn create_pci_devices(
     }
     for net in &cfg.nets {
         pci.add_virtio_device(Box::new(VirtioNet::open(&net.tap, net.mac)?))?;
+    }
+    for vhost_user in &cfg.vhost_user {
+        let regions = crate::memory::share::shared_regions(ram)?;
+        pci.add_virtio_device(Box::new(VhostUserDevice::new(vhost_user, regions)?))?;
     }
     let console_input = if cfg.console {
         let console = VirtioConsole::new(Box::new(std::io::stdout()))?;

@@ -45,6 +45,29 @@ pub fn restore(args: RestoreArgs) -> Result<RunOutcome, String> {
     run_vm(vm, &opts).map_err(|e| crate::error_chain(&e))
 }
 
+/// `skiff snapshot-merge DIFF [PARENT]`
+#[derive(Debug, clap::Args)]
+pub struct MergeArgs {
+    /// The diff snapshot to replace with the equivalent full snapshot.
+    #[arg(value_name = "DIFF")]
+    pub dir: PathBuf,
+    /// Its parent, when it no longer sits where the diff says (its checksum must still match).
+    #[arg(value_name = "PARENT")]
+    pub parent: Option<PathBuf>,
+}
+
+/// Folds a diff and its parents into a full snapshot in the diff's place; prints a JSON
+/// summary. The error is one line.
+pub fn snapshot_merge(args: MergeArgs) -> Result<(), String> {
+    let report = crate::snapshot::chain::merge(&args.dir, args.parent.as_deref())
+        .map_err(|e| crate::error_chain(&e))?;
+    println!(
+        "{}",
+        serde_json::to_string(&report).map_err(|e| e.to_string())?
+    );
+    Ok(())
+}
+
 /// `skiff ctl --api-socket PATH ACTION`
 #[derive(Debug, clap::Args)]
 pub struct CtlArgs {
@@ -67,7 +90,7 @@ pub enum CtlAction {
     Resume,
     /// End the VM.
     Shutdown,
-    /// Write a full snapshot to DIR (which must not exist).
+    /// Write a snapshot to DIR (which must not exist).
     Snapshot {
         /// The snapshot directory to create.
         #[arg(value_name = "DIR")]
@@ -75,6 +98,12 @@ pub enum CtlAction {
         /// End the VM once the snapshot is complete.
         #[arg(long)]
         stop: bool,
+        /// Copy memory while the guest runs; pause only for the last dirty pages and the state.
+        #[arg(long)]
+        live: bool,
+        /// Only the pages dirtied since this VM's previous snapshot, which becomes its parent.
+        #[arg(long)]
+        diff: bool,
     },
 }
 
@@ -86,7 +115,12 @@ pub fn ctl(args: CtlArgs) -> ExitCode {
         CtlAction::Pause => ("PUT", "/vm/pause", None),
         CtlAction::Resume => ("PUT", "/vm/resume", None),
         CtlAction::Shutdown => ("PUT", "/vm/shutdown", None),
-        CtlAction::Snapshot { dir, stop } => {
+        CtlAction::Snapshot {
+            dir,
+            stop,
+            live,
+            diff,
+        } => {
             // The server resolves nothing against its own working directory: send an
             // absolute path, resolved against ours.
             let dir = if dir.is_absolute() {
@@ -100,7 +134,8 @@ pub fn ctl(args: CtlArgs) -> ExitCode {
                     }
                 }
             };
-            let body = serde_json::json!({ "dir": dir, "stop": stop }).to_string();
+            let body = serde_json::json!({ "dir": dir, "stop": stop, "live": live, "diff": diff })
+                .to_string();
             ("PUT", "/vm/snapshot", Some(body))
         }
     };

@@ -16,6 +16,7 @@
 //! - `exit_code`: the process exit codes skiff documents.
 //! - `teardown`: ends skiff without waiting for the kernel's VM teardown.
 //! - `terminal`: raw mode for the host terminal.
+//! - `vhost_user_blk`: the `skiff vhost-user-blk` subcommand (skiff's own vhost-user backend).
 
 pub mod hypervisor;
 pub mod memory;
@@ -48,6 +49,8 @@ pub mod teardown;
 pub mod terminal;
 #[cfg(target_os = "linux")]
 pub mod vcpu;
+#[cfg(target_os = "linux")]
+pub mod vhost_user_blk;
 
 /// Formats an error and its `source()` chain on one line: `outer: inner: root`.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

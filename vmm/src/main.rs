@@ -10,7 +10,7 @@ mod cli {
     use clap::{Parser, Subcommand};
     use vmm::config::{
         parse_cpus, parse_timeout, DiskArg, MemoryArg, NetConfig, RngConfig, SerialConfig,
-        VmConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY,
+        VhostUserArg, VmConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY,
     };
     use vmm::exit_code;
     use vmm::memory::backing::BackingKind;
@@ -32,6 +32,10 @@ mod cli {
         Restore(vmm::commands::RestoreArgs),
         /// Send a control request to a running skiff (its --api-socket) and print the answer.
         Ctl(vmm::commands::CtlArgs),
+        /// Fold a diff snapshot and its parents into a full snapshot, in the diff's place.
+        SnapshotMerge(vmm::commands::MergeArgs),
+        /// Serve a raw disk file as a vhost-user-blk backend on a Unix socket.
+        VhostUserBlk(vmm::vhost_user_blk::VhostUserBlkArgs),
     }
 
     #[derive(Debug, clap::Args)]
@@ -75,6 +79,11 @@ mod cli {
         /// Add a virtio-rng device fed from the host's getrandom (repeatable).
         #[arg(long, action = clap::ArgAction::Count)]
         rng: u8,
+        /// A virtio device served by a vhost-user backend process:
+        /// type=blk|fs|net|vsock|rng|generic,socket=PATH[,queues=N][,tag=TAG][,reconnect=SECONDS]
+        /// (repeatable).
+        #[arg(long = "vhost-user", value_name = "SPEC")]
+        vhost_user: Vec<VhostUserArg>,
     }
 
     impl RunArgs {
@@ -95,6 +104,7 @@ mod cli {
                 nets: self.nets,
                 console: self.console,
                 rngs: RngConfig::repeated(self.rng),
+                vhost_user: self.vhost_user.into_iter().map(|v| v.0).collect(),
             }
         }
     }
@@ -133,6 +143,11 @@ mod cli {
                 Err(e) => fail(exit_code::VMM_ERROR, &e),
             },
             Command::Ctl(args) => vmm::commands::ctl(args),
+            Command::VhostUserBlk(args) => vmm::vhost_user_blk::run(args),
+            Command::SnapshotMerge(args) => match vmm::commands::snapshot_merge(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(exit_code::VMM_ERROR, &e),
+            },
         }
     }
 

@@ -228,7 +228,7 @@ fn serve_requests(api: &mut ApiServer, vm: &mut RunningVm, snapshot_token: &mut 
                 vm.exit().request(GuestEnd::Stopped);
                 Ok(json(&serde_json::json!({ "state": "stopping" })))
             }
-            Route::Snapshot { dir, stop } => match vm.start_snapshot(dir, stop) {
+            Route::Snapshot(req) => match vm.start_snapshot(req) {
                 Ok(()) => {
                     *snapshot_token = Some(token);
                     continue;

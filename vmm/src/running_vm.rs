@@ -4,8 +4,8 @@
 //! devices with state, and one thread plus `VcpuControl` per vCPU. Pausing kicks every thread
 //! out of `KVM_RUN` with the kick signal until all are parked; a snapshot then saves each
 //! vCPU's state on its own thread, the VM's and the devices' state here, and hands the memory
-//! write to a `SnapshotJob` thread. Not here: the event loop and the HTTP side (`runner.rs`,
-//! `api/`).
+//! write to a `SnapshotJob` thread (full, diff and live snapshots: `running_vm/snapshot.rs`).
+//! Not here: the event loop and the HTTP side (`runner.rs`, `api/`).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -25,15 +25,17 @@ use vmm_sys_util::signal::{Killable, SIGRTMIN};
 use crate::builder::BuiltVm;
 use crate::hypervisor::Vm;
 use crate::memory::GuestRam;
-use crate::snapshot::job::{JobMeta, SnapshotJob, SnapshotSummary};
+use crate::snapshot::job::SnapshotJob;
 use crate::snapshot::manifest::{
     SnapshotManifest, StateFileEntry, VmDescription, MANIFEST_FORMAT_VERSION,
 };
-use crate::snapshot::memory_file::PrivateMapping;
-use crate::snapshot::writer::{reserve, PendingSnapshot, WriteError};
-use crate::snapshot::{state_file, DeviceStates, SnapshotState};
+use crate::snapshot::{DeviceStates, SnapshotState};
 use crate::teardown::Teardown;
 use crate::vcpu::{run_vcpu, VcpuContext, VcpuControl};
+
+mod snapshot;
+
+pub use snapshot::DiffBase;
 
 /// How often a vCPU thread is signalled again until it leaves `KVM_RUN`.
 const KICK_INTERVAL: Duration = Duration::from_millis(1);
@@ -84,6 +86,8 @@ pub struct VmStatus {
     pub snapshot_in_progress: bool,
     /// Whether guest RAM is a copy-on-write mapping of snapshot files (restored with `cow`).
     pub memory_private: bool,
+    /// The snapshot a `diff` snapshot would be layered over, if any.
+    pub diff_parent: Option<PathBuf>,
 }
 
 struct VcpuThread {
@@ -106,6 +110,9 @@ pub struct RunningVm {
     job: Option<SnapshotJob>,
     /// Written by a snapshot thread when it ends; the event loop watches it.
     job_done: EventFd,
+    /// What a diff snapshot is taken against: set by every successful snapshot, once dirty
+    /// tracking is on (see `snapshot.rs`).
+    diff_base: Option<DiffBase>,
 }
 
 impl std::fmt::Debug for RunningVm {
@@ -147,6 +154,7 @@ impl RunningVm {
             paused: false,
             job: None,
             job_done,
+            diff_base: None,
         };
         for (index, vcpu) in (0u32..).zip(vcpus) {
             let control = Arc::new(VcpuControl::new(index));
@@ -191,6 +199,7 @@ impl RunningVm {
             memory_bytes: self.ram.regions().iter().map(|r| r.size).sum(),
             snapshot_in_progress: self.job.is_some(),
             memory_private: self.ram.is_private(),
+            diff_parent: self.diff_base.as_ref().map(|b| b.parent.dir.clone()),
         }
     }
 
@@ -219,7 +228,7 @@ impl RunningVm {
         Ok(started.elapsed())
     }
 
-    fn release(&mut self) {
+    pub(crate) fn release(&mut self) {
         for t in &self.threads {
             t.control.resume();
         }
@@ -241,7 +250,7 @@ impl RunningVm {
     /// message: everything but the legacy devices and the PCI configuration access (host
     /// bridge), i.e. every virtio PCI function's BAR, and any device added later that nobody
     /// taught snapshots about (refused rather than saved wrong).
-    fn unsupported_devices(&self) -> Vec<String> {
+    pub(crate) fn unsupported_devices(&self) -> Vec<String> {
         // Serial and i8042 are saved; debug-exit and the ACPI PM block have no state.
         let known_pio = [
             COM1_PORT,
@@ -267,122 +276,7 @@ impl RunningVm {
         list
     }
 
-    /// Starts a full snapshot into `dir`: checks, pauses, saves the state, and starts the
-    /// memory write on its own thread. The VM stays paused until `finish_snapshot`.
-    pub fn start_snapshot(&mut self, dir: PathBuf, stop: bool) -> Result<(), ControlError> {
-        let requested = Instant::now();
-        if self.job.is_some() {
-            return Err(ControlError::Conflict(
-                "a snapshot is already being written".into(),
-            ));
-        }
-        let blockers = self.unsupported_devices();
-        if !blockers.is_empty() {
-            return Err(ControlError::Unsupported(format!(
-                "snapshot of virtio devices is not supported yet: {}",
-                blockers.join(", ")
-            )));
-        }
-        let temp = reserve(&dir).map_err(|e| match e {
-            WriteError::NotAbsolute(_) | WriteError::Exists(_) | WriteError::Parent { .. } => {
-                ControlError::BadRequest(crate::error_chain(&e))
-            }
-            e => ControlError::Internal(crate::error_chain(&e)),
-        })?;
-        let was_running = !self.paused;
-        let result = self.pause().and_then(|pause| {
-            let state_started = Instant::now();
-            let (state, notes) = self.gather_state()?;
-            let bytes =
-                state_file::encode(&state).map_err(|e| ControlError::Internal(e.to_string()))?;
-            Ok((pause, state_started.elapsed(), bytes, notes))
-        });
-        let (pause, state_time, bytes, notes) = match result {
-            Ok(v) => v,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&temp);
-                if was_running {
-                    self.release();
-                }
-                return Err(e);
-            }
-        };
-        let pending = PendingSnapshot {
-            dir,
-            temp: temp.clone(),
-            regions: self.ram.regions().to_vec(),
-            private: self.private_mappings(),
-            state: bytes,
-            manifest: self.manifest(notes.clone()),
-        };
-        let meta = JobMeta {
-            requested,
-            pause_ms: pause.as_secs_f64() * 1000.0,
-            state_ms: state_time.as_secs_f64() * 1000.0,
-            stop,
-            was_running,
-            notes,
-        };
-        let done = self
-            .job_done
-            .try_clone()
-            .map_err(|e| ControlError::Internal(format!("cannot clone an eventfd: {e}")));
-        match done.and_then(|done| {
-            SnapshotJob::start(pending, done, meta).map_err(|e| {
-                ControlError::Internal(format!("cannot start the snapshot thread: {e}"))
-            })
-        }) {
-            Ok(job) => {
-                self.job = Some(job);
-                Ok(())
-            }
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&temp);
-                if was_running {
-                    self.release();
-                }
-                Err(e)
-            }
-        }
-    }
-
-    /// If the snapshot write has ended, collects it: resumes the VM if it was running (and is
-    /// not to stop), or records the VM's end for `stop`. `None` while it is still writing.
-    pub fn finish_snapshot(&mut self) -> Option<Result<SnapshotSummary, ControlError>> {
-        let _ = self.job_done.read();
-        if !self.job.as_ref()?.is_finished() {
-            return None;
-        }
-        let job = self.job.take()?;
-        let (was_running, stop) = (job.meta.was_running, job.meta.stop);
-        let result = job.finish().map_err(ControlError::Internal);
-        match &result {
-            Ok(_) if stop => self.exit.request(GuestEnd::Stopped),
-            _ if was_running => self.release(),
-            _ => {}
-        }
-        Some(result)
-    }
-
-    /// For RAM mapped copy-on-write, each region's mapping in this process (see
-    /// `PendingSnapshot::private`): they stay mapped while `self.ram` lives, and the snapshot
-    /// job ends before `stop` drops it.
-    fn private_mappings(&self) -> Vec<PrivateMapping> {
-        use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
-        if !self.ram.is_private() {
-            return Vec::new();
-        }
-        self.ram
-            .memory()
-            .iter()
-            .map(|r| PrivateMapping {
-                host_address: r.as_ptr() as usize,
-                len: usize::try_from(r.len()).unwrap_or(0),
-            })
-            .collect()
-    }
-
-    fn gather_state(&self) -> Result<(SnapshotState, Vec<String>), ControlError> {
+    pub(crate) fn gather_state(&self) -> Result<(SnapshotState, Vec<String>), ControlError> {
         let mut vcpus = Vec::with_capacity(self.threads.len());
         let mut notes: Vec<String> = Vec::new();
         for (index, t) in self.threads.iter().enumerate() {
@@ -422,7 +316,7 @@ impl RunningVm {
         Ok((SnapshotState { vcpus, vm, devices }, notes))
     }
 
-    fn manifest(&self, notes: Vec<String>) -> SnapshotManifest {
+    pub(crate) fn manifest(&self, notes: Vec<String>) -> SnapshotManifest {
         SnapshotManifest {
             format_version: MANIFEST_FORMAT_VERSION,
             skiff_version: env!("CARGO_PKG_VERSION").into(),
@@ -437,6 +331,7 @@ impl RunningVm {
                 crc32: 0,
             },
             notes,
+            parent: None,
         }
     }
 

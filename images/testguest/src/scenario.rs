@@ -6,7 +6,7 @@ use core::sync::atomic::{AtomicU8, Ordering};
 
 use crate::bootinfo::BootInfo;
 use crate::serial::{self, Line};
-use crate::virtio::{blk, console, net, rng};
+use crate::virtio::{abuse, blk, console, net, rng};
 use crate::{counter, io, memcheck, pci, power, smp};
 
 /// Exit code when every scenario passed.
@@ -17,7 +17,7 @@ pub const EXIT_FAIL: u8 = 33;
 pub const EXIT_PANIC: u8 = 34;
 
 /// Names used in FAIL lines, indexed by `CURRENT`.
-const NAMES: [&str; 17] = [
+const NAMES: [&str; 18] = [
     "boot",
     "hello",
     "memcheck",
@@ -35,6 +35,7 @@ const NAMES: [&str; 17] = [
     "counter",
     "poweroff",
     "acpi-reset",
+    "virtio-abuse",
 ];
 const BOOT: u8 = 0;
 const HELLO: u8 = 1;
@@ -53,6 +54,7 @@ const VIRTIO_CONSOLE: u8 = 13;
 const COUNTER: u8 = 14;
 const POWEROFF: u8 = 15;
 const ACPI_RESET: u8 = 16;
+const VIRTIO_ABUSE: u8 = 17;
 
 /// The scenario now running, for FAIL lines from the exception handler. In `.data.tg_hot` (see
 /// linker.ld).
@@ -144,6 +146,10 @@ pub fn run_all(info: &BootInfo) -> ! {
             b"acpi-reset" => {
                 start(ACPI_RESET);
                 power::reset(info);
+            }
+            b"virtio-abuse" => {
+                start(VIRTIO_ABUSE);
+                abuse::run(info);
             }
             b"virtio-console" => {
                 start(VIRTIO_CONSOLE);

@@ -6,12 +6,12 @@
 //! | `GET /vm` | | `{"state": "running"\|"paused", "vcpus", "memory_bytes", "snapshot_in_progress", "memory_private"}` |
 //! | `PUT /vm/pause` | | `{"state": "paused", "pause_ms"}` |
 //! | `PUT /vm/resume` | | `{"state": "running"}` |
-//! | `PUT /vm/snapshot` | `{"dir": "/abs/path", "stop": false}` | `{"dir", "bytes_written", "time_ms", "pause_ms", "state_ms", "write_ms", "regions": [{"guest_address", "size", "file", "method", "copied_bytes"}], "stopped", "notes"}` |
+//! | `PUT /vm/snapshot` | `{"dir": "/abs/path", "stop": false, "live": false, "diff": false}` | `{"dir", "kind", "parent", "bytes_written", "time_ms", "pause_ms", "state_ms", "write_ms", "blackout_ms", "live": {"passes": [{"pages", "bytes", "ms"}], "precopy_ms", "final_pass"} or null, "regions": [{"guest_address", "size", "file", "method", "copied_bytes"}], "stopped", "notes"}` |
 //! | `PUT /vm/shutdown` | | `{"state": "stopping"}` |
 //!
 //! Errors answer 4xx or 5xx with `{"error": "one line"}`: 400 bad request (bad JSON, a relative
 //! or existing directory), 404 unknown path, 405 wrong method, 409 conflict (a snapshot is
-//! already being written; resume during a snapshot), 501 devices whose state cannot be saved
+//! already being written; resume during a snapshot; a diff with no earlier snapshot), 501 devices whose state cannot be saved
 //! yet, 500 anything else.
 //!
 //! - `http`: request parsing and response formatting.
@@ -28,6 +28,8 @@ use serde::Deserialize;
 
 use http::Request;
 
+use crate::snapshot::SnapshotRequest;
+
 /// A request the VM has to act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
@@ -38,12 +40,7 @@ pub enum Route {
     /// `PUT /vm/resume`.
     Resume,
     /// `PUT /vm/snapshot`.
-    Snapshot {
-        /// The directory to create.
-        dir: PathBuf,
-        /// End the VM after a successful snapshot.
-        stop: bool,
-    },
+    Snapshot(SnapshotRequest),
     /// `PUT /vm/shutdown`.
     Shutdown,
 }
@@ -54,6 +51,10 @@ struct SnapshotBody {
     dir: PathBuf,
     #[serde(default)]
     stop: bool,
+    #[serde(default)]
+    live: bool,
+    #[serde(default)]
+    diff: bool,
 }
 
 /// Maps a request to a route, or to the error status and message to answer with.
@@ -79,13 +80,15 @@ pub fn route(req: &Request) -> Result<Route, (u16, String)> {
             let body: SnapshotBody = serde_json::from_slice(&req.body).map_err(|e| {
                 (
                     400,
-                    format!("snapshot body must be {{\"dir\": \"/absolute/path\", \"stop\": false}}: {e}"),
+                    format!("snapshot body must be {{\"dir\": \"/absolute/path\", \"stop\": false, \"live\": false, \"diff\": false}}: {e}"),
                 )
             })?;
-            Ok(Route::Snapshot {
+            Ok(Route::Snapshot(SnapshotRequest {
                 dir: body.dir,
                 stop: body.stop,
-            })
+                live: body.live,
+                diff: body.diff,
+            }))
         }
         _ => Err((404, format!("no such route: {} {}", req.method, req.path))),
     }
@@ -113,17 +116,25 @@ mod tests {
                 "/vm/snapshot",
                 r#"{"dir": "/s", "stop": true}"#
             )),
-            Ok(Route::Snapshot {
+            Ok(Route::Snapshot(SnapshotRequest {
                 dir: "/s".into(),
-                stop: true
-            })
+                stop: true,
+                live: false,
+                diff: false,
+            }))
         );
         assert_eq!(
-            route(&req("PUT", "/vm/snapshot", r#"{"dir": "/s"}"#)),
-            Ok(Route::Snapshot {
+            route(&req(
+                "PUT",
+                "/vm/snapshot",
+                r#"{"dir": "/s", "live": true, "diff": true}"#
+            )),
+            Ok(Route::Snapshot(SnapshotRequest {
                 dir: "/s".into(),
-                stop: false
-            })
+                stop: false,
+                live: true,
+                diff: true,
+            }))
         );
         assert_eq!(route(&req("GET", "/vm/pause", "")).unwrap_err().0, 405);
         assert_eq!(route(&req("GET", "/nope", "")).unwrap_err().0, 404);
@@ -132,7 +143,7 @@ mod tests {
             route(&req(
                 "PUT",
                 "/vm/snapshot",
-                r#"{"dir": "/s", "live": true}"#
+                r#"{"dir": "/s", "incremental": true}"#
             ))
             .unwrap_err()
             .0,

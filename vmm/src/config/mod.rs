@@ -2,7 +2,8 @@
 //!
 //! `--memory size=SIZE[,file=PATH][,hugepages=on][,prealloc=on]` becomes a `MemoryConfig`,
 //! `--serial stdio|file=PATH|off` a `SerialConfig`, `--net tap=NAME[,mac=MAC]` a `NetConfig`
-//! (module `net`), `--disk path=FILE[,...]` a `DiskConfig` (module `disk`). Nothing downstream
+//! (module `net`), `--disk path=FILE[,...]` a `DiskConfig` (module `disk`), `--vhost-user
+//! type=...,socket=PATH[,...]` a `VhostUserConfig` (module `vhost_user`). Nothing downstream
 //! re-parses these strings.
 
 use std::path::PathBuf;
@@ -16,9 +17,11 @@ use crate::memory::MemoryConfig;
 
 pub mod disk;
 pub mod net;
+pub mod vhost_user;
 
 pub use disk::{DiskArg, DiskConfig};
 pub use net::NetConfig;
+pub use vhost_user::{VhostUserArg, VhostUserConfig};
 
 /// Most vCPUs skiff creates: APIC IDs and ACPI processor UIDs are 8-bit in the xAPIC MADT
 /// entries skiff writes.
@@ -225,6 +228,8 @@ pub struct VmConfig {
     pub console: bool,
     /// virtio-rng devices (`--rng`, repeatable).
     pub rngs: Vec<RngConfig>,
+    /// Devices served by vhost-user backends (`--vhost-user`), in command-line order.
+    pub vhost_user: Vec<VhostUserConfig>,
 }
 
 /// One virtio-rng device (`--rng`): entropy from the host's `getrandom`. No options yet.

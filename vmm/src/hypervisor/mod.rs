@@ -104,6 +104,36 @@ pub trait Vm: Send + Sync + VmSnapshot {
     fn msi_routing(&self) -> Result<std::sync::Arc<dyn MsiRouting>>;
     /// Creates vCPU number `index` (also its APIC ID). The platform devices must exist first.
     fn create_vcpu(&self, index: u32) -> Result<Box<dyn Vcpu>>;
+    /// A handle that tracks which guest pages vCPUs write (see `DirtyLog`), usable from any
+    /// thread. It keeps the VM's descriptor open.
+    fn dirty_log(&self) -> Result<std::sync::Arc<dyn DirtyLog>>;
+}
+
+/// The pages vCPUs wrote in one memory slot: one bit per 4 KiB page from `guest_address`,
+/// page `64 * w + b` in bit `b` of word `w`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotDirtyPages {
+    /// Guest physical address of the slot's first page.
+    pub guest_address: u64,
+    /// The slot's size in bytes.
+    pub size: u64,
+    /// The bitmap.
+    pub bitmap: Vec<u64>,
+}
+
+/// Dirty page tracking for live and diff snapshots: which guest pages vCPUs wrote since the
+/// last look. Only writes through the hypervisor's memory slots are seen; writes skiff's own
+/// devices make through guest memory are tracked by `vm-memory`'s bitmap instead, and writes by
+/// another process mapping the memory (a vhost-user backend) by neither.
+pub trait DirtyLog: Send + Sync {
+    /// Turns tracking on or off for every memory slot mapped so far. Turning it on starts
+    /// with every page clean.
+    fn set_tracking(&self, on: bool) -> Result<()>;
+    /// Whether tracking is on.
+    fn is_tracking(&self) -> bool;
+    /// Every slot's pages written since tracking started or since the last call, and marks
+    /// them clean again. Fails while tracking is off.
+    fn take_dirty_pages(&self) -> Result<Vec<SlotDirtyPages>>;
 }
 
 /// First GSI free for MSI routes: GSIs below it are the platform's interrupt controller pins

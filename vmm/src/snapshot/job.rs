@@ -1,6 +1,8 @@
 //! A snapshot write running on its own thread, so the event loop keeps serving the control API
-//! (status, a refused second snapshot, shutdown) while memory is copied. The VM stays paused for
-//! the whole write: a full snapshot needs memory to hold still.
+//! (status, a refused second snapshot, shutdown) while memory is copied. For a full or diff
+//! snapshot the VM stays paused for the whole write: memory must hold still. A live snapshot
+//! runs two jobs: the precopy passes while the guest runs (`live.rs`), then, after the short
+//! pause, the write of the state, manifest and rename while the guest runs again.
 //!
 //! The thread signals an eventfd when it is done; the event loop then collects the report with
 //! `finish`. Ending the VM mid-write cancels the job, which removes the temporary directory.
@@ -15,12 +17,25 @@ use std::time::Instant;
 use serde::Serialize;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::writer::{write, PendingSnapshot, WriteError, WriteReport};
+use super::live::{PassStats, Precopy, PrecopyReport};
+use super::writer::{write, PendingSnapshot, WriteReport};
+
+/// What a job's thread produced.
+#[derive(Debug)]
+pub enum JobOutput {
+    /// A complete snapshot directory.
+    Written(WriteReport),
+    /// A live snapshot's passes while the guest ran; the final pass and the write follow.
+    Precopied(Box<(Precopy, PrecopyReport)>),
+}
+
+/// A job's result: its output or its error as one line.
+type JobResult = Result<JobOutput, String>;
 
 /// A running snapshot write.
 #[derive(Debug)]
 pub struct SnapshotJob {
-    handle: Option<JoinHandle<Result<WriteReport, WriteError>>>,
+    handle: Option<JoinHandle<JobResult>>,
     cancel: Arc<AtomicBool>,
     /// Set by the thread just before it signals `done` (its handle may still be running then).
     ended: Arc<AtomicBool>,
@@ -43,6 +58,29 @@ pub struct JobMeta {
     pub was_running: bool,
     /// State the host could not give.
     pub notes: Vec<String>,
+    /// `full` or `diff`.
+    pub kind: &'static str,
+    /// A diff's parent directory.
+    pub parent: Option<PathBuf>,
+    /// How long the VM was held paused for this snapshot, in ms (0 if it was paused already).
+    pub blackout_ms: f64,
+    /// For a live snapshot: its passes and timings.
+    pub live: Option<LiveSummary>,
+    /// The snapshot directory.
+    pub dir: PathBuf,
+    /// For a live snapshot until its final pass: the manifest to write.
+    pub manifest: Option<super::manifest::SnapshotManifest>,
+}
+
+/// A live snapshot's passes, in the API response.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LiveSummary {
+    /// Every pass made while the guest ran (the first copies all memory, or a diff's pages).
+    pub passes: Vec<PassStats>,
+    /// Time spent in those passes, in ms.
+    pub precopy_ms: f64,
+    /// The pass made while the VM was paused.
+    pub final_pass: Option<PassStats>,
 }
 
 /// One region in the API response.
@@ -54,7 +92,7 @@ pub struct RegionSummary {
     pub size: u64,
     /// File in the snapshot directory.
     pub file: String,
-    /// `sparse-copy` or `reflink`.
+    /// `sparse-copy`, `reflink` or `dirty-pages`.
     pub method: &'static str,
     /// Bytes of data copied.
     pub copied_bytes: u64,
@@ -81,18 +119,59 @@ pub struct SnapshotSummary {
     pub stopped: bool,
     /// State left out because the host could not give it.
     pub notes: Vec<String>,
+    /// `full` or `diff`.
+    pub kind: &'static str,
+    /// A diff's parent directory.
+    pub parent: Option<PathBuf>,
+    /// How long the VM was held paused for this snapshot, in ms: for a live snapshot the final
+    /// pass and the state; otherwise the whole write (0 if the VM was paused already).
+    pub blackout_ms: f64,
+    /// A live snapshot's passes, or `null`.
+    pub live: Option<LiveSummary>,
 }
 
 impl SnapshotJob {
     /// Starts writing `pending` on a new thread; `done` is written when the thread ends.
     pub fn start(pending: PendingSnapshot, done: EventFd, meta: JobMeta) -> io::Result<Self> {
+        Self::spawn(
+            move |flag| {
+                write(pending, flag)
+                    .map(JobOutput::Written)
+                    .map_err(|e| crate::error_chain(&e))
+            },
+            done,
+            meta,
+        )
+    }
+
+    /// Starts a live snapshot's passes on a new thread; `done` is written when they end.
+    pub fn start_precopy(precopy: Precopy, done: EventFd, meta: JobMeta) -> io::Result<Self> {
+        let temp = precopy.temp.clone();
+        Self::spawn(
+            move |flag| match super::live::precopy(&precopy, flag) {
+                Ok(report) => Ok(JobOutput::Precopied(Box::new((precopy, report)))),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&temp);
+                    Err(crate::error_chain(&e))
+                }
+            },
+            done,
+            meta,
+        )
+    }
+
+    fn spawn(
+        work: impl FnOnce(&AtomicBool) -> JobResult + Send + 'static,
+        done: EventFd,
+        meta: JobMeta,
+    ) -> io::Result<Self> {
         let cancel = Arc::new(AtomicBool::new(false));
         let ended = Arc::new(AtomicBool::new(false));
         let (flag, end) = (cancel.clone(), ended.clone());
         let handle = thread::Builder::new()
             .name("skiff-snapshot".into())
             .spawn(move || {
-                let r = write(pending, &flag);
+                let r = work(&flag);
                 end.store(true, Ordering::Release);
                 let _ = done.write(1);
                 r
@@ -111,36 +190,27 @@ impl SnapshotJob {
             || self.handle.as_ref().is_none_or(JoinHandle::is_finished)
     }
 
-    /// Waits for the write and returns its summary or its error, as one line.
-    pub fn finish(mut self) -> Result<SnapshotSummary, String> {
-        let report = match self.handle.take().map(JoinHandle::join) {
-            Some(Ok(Ok(r))) => r,
-            Some(Ok(Err(e))) => return Err(crate::error_chain(&e)),
-            Some(Err(_)) => return Err("the snapshot thread panicked".into()),
-            None => return Err("the snapshot was already collected".into()),
+    /// Waits for the thread and returns what it produced (and the job's meta), or its error as
+    /// one line.
+    pub fn join(mut self) -> (JobMeta, JobResult) {
+        let r = match self.handle.take().map(JoinHandle::join) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err("the snapshot thread panicked".into()),
+            None => Err("the snapshot was already collected".into()),
         };
-        let m = &self.meta;
-        Ok(SnapshotSummary {
-            dir: report.dir,
-            bytes_written: report.bytes_written,
-            time_ms: m.requested.elapsed().as_secs_f64() * 1000.0,
-            pause_ms: m.pause_ms,
-            state_ms: m.state_ms,
-            write_ms: report.write_ms,
-            regions: report
-                .regions
-                .iter()
-                .map(|r| RegionSummary {
-                    guest_address: r.guest_address,
-                    size: r.size,
-                    file: r.file.clone(),
-                    method: r.method.name(),
-                    copied_bytes: r.copied_bytes,
-                })
-                .collect(),
-            stopped: m.stop,
-            notes: m.notes.clone(),
-        })
+        (self.meta.clone(), r)
+    }
+
+    /// Waits for the write and returns its summary or its error, as one line.
+    pub fn finish(self) -> Result<SnapshotSummary, String> {
+        let (meta, r) = self.join();
+        match r? {
+            JobOutput::Written(report) => Ok(summary(&meta, &report)),
+            JobOutput::Precopied(p) => {
+                let _ = std::fs::remove_dir_all(&p.0.temp);
+                Err("the live snapshot ended before its final pass".into())
+            }
+        }
     }
 
     /// Cancels the write and waits for the thread (which removes the temporary directory).
@@ -153,5 +223,34 @@ impl SnapshotJob {
             ),
             Err(e) => format!("the VM ended while the snapshot was written: {e}"),
         }
+    }
+}
+
+/// The API response for a written snapshot.
+pub fn summary(m: &JobMeta, report: &WriteReport) -> SnapshotSummary {
+    SnapshotSummary {
+        dir: report.dir.clone(),
+        bytes_written: report.bytes_written,
+        time_ms: m.requested.elapsed().as_secs_f64() * 1000.0,
+        pause_ms: m.pause_ms,
+        state_ms: m.state_ms,
+        write_ms: report.write_ms,
+        regions: report
+            .regions
+            .iter()
+            .map(|r| RegionSummary {
+                guest_address: r.guest_address,
+                size: r.size,
+                file: r.file.clone(),
+                method: r.method.name(),
+                copied_bytes: r.copied_bytes,
+            })
+            .collect(),
+        stopped: m.stop,
+        notes: m.notes.clone(),
+        kind: m.kind,
+        parent: m.parent.clone(),
+        blackout_ms: m.blackout_ms,
+        live: m.live.clone(),
     }
 }

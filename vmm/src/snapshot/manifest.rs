@@ -5,7 +5,8 @@
 //! address, size, file, page size, how it was written) and the state file's size and checksum.
 //! It is untrusted input on restore: `parse` caps its size, checks the version first, and
 //! `validate` checks every value restore relies on (file names are plain names inside the
-//! directory, sizes are page multiples, the CPU count is in range).
+//! directory, sizes are page multiples, the CPU count is in range). A diff snapshot (format
+//! version 2) also names its parent directory and the CRC-32 of the parent's manifest.
 
 use std::path::{Path, PathBuf};
 
@@ -19,8 +20,12 @@ use crate::memory::backing::BackingKind;
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// The state file's name inside a snapshot directory.
 pub const STATE_FILE: &str = "state.bin";
-/// The version of the snapshot directory layout this skiff writes and reads.
+/// The version of the snapshot directory layout of a full snapshot.
 pub const MANIFEST_FORMAT_VERSION: u32 = 1;
+/// The version of a diff snapshot's layout: version 1 plus `parent`, whose memory files hold
+/// only the pages dirtied since the parent. Older readers refuse it rather than restore holes
+/// as zero pages.
+pub const DIFF_FORMAT_VERSION: u32 = 2;
 /// Largest manifest `parse` reads.
 pub const MAX_MANIFEST_BYTES: usize = 1 << 20;
 /// Most memory regions a manifest may list.
@@ -43,6 +48,19 @@ pub struct SnapshotManifest {
     pub state: StateFileEntry,
     /// State the host could not give and that was left out (e.g. nested virtualization state).
     pub notes: Vec<String>,
+    /// For a diff snapshot: the snapshot its memory files are layered over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<ParentRef>,
+}
+
+/// The parent of a diff snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentRef {
+    /// The parent's directory (absolute, as it was when the diff was taken).
+    pub dir: PathBuf,
+    /// CRC-32 of the parent's `manifest.json` bytes: a parent replaced or changed since is
+    /// refused.
+    pub manifest_crc32: u32,
 }
 
 /// The VM configuration a snapshot came from.
@@ -95,8 +113,12 @@ pub struct MemoryRegionEntry {
     pub file: String,
     /// The backing's page size when saved.
     pub page_size: u64,
-    /// How the file was written: `sparse-copy` or `reflink`.
+    /// How the file was written: `sparse-copy`, `reflink` or `dirty-pages`.
     pub method: String,
+    /// For a diff: the bytes of data (not holes) its file holds, so a copy that filled the
+    /// holes with zeros (which would hide the parent's pages) is caught on restore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_bytes: Option<u64>,
 }
 
 /// The state file's size and checksum (the file carries both in its header too).
@@ -139,7 +161,7 @@ pub enum ManifestError {
         reason: String,
     },
     /// Another format version.
-    #[error("snapshot format version {found} is not supported (this skiff reads version {MANIFEST_FORMAT_VERSION})")]
+    #[error("snapshot format version {found} is not supported (this skiff reads versions {MANIFEST_FORMAT_VERSION} and {DIFF_FORMAT_VERSION})")]
     Version {
         /// The manifest's version.
         found: u64,
@@ -180,7 +202,7 @@ pub fn parse(text: &[u8], path: &Path) -> Result<SnapshotManifest, ManifestError
             path: path.to_path_buf(),
             reason: "no numeric format_version".into(),
         })?;
-    if version != u64::from(MANIFEST_FORMAT_VERSION) {
+    if version != u64::from(MANIFEST_FORMAT_VERSION) && version != u64::from(DIFF_FORMAT_VERSION) {
         return Err(ManifestError::Version { found: version });
     }
     let manifest: SnapshotManifest = serde_json::from_value(value).map_err(parse_err)?;
@@ -202,6 +224,20 @@ impl SnapshotManifest {
     /// Checks the values restore relies on.
     pub fn validate(&self) -> Result<(), ManifestError> {
         let invalid = |m: String| Err(ManifestError::Invalid(m));
+        let diff = self.format_version == DIFF_FORMAT_VERSION;
+        match &self.parent {
+            None if diff => return invalid("a diff snapshot (version 2) names no parent".into()),
+            Some(_) if !diff => {
+                return invalid("a full snapshot (version 1) names a parent".into());
+            }
+            Some(p) if !p.dir.is_absolute() => {
+                return invalid(format!(
+                    "parent directory {} is not an absolute path",
+                    p.dir.display()
+                ));
+            }
+            _ => {}
+        }
         if self.vm.cpus == 0 || self.vm.cpus > MAX_VCPUS {
             return invalid(format!("cpus {} is outside 1..={MAX_VCPUS}", self.vm.cpus));
         }
@@ -285,6 +321,7 @@ pub(crate) mod tests {
                 file: "memory-0.bin".into(),
                 page_size: 4096,
                 method: "sparse-copy".into(),
+                data_bytes: None,
             }],
             state: StateFileEntry {
                 file: STATE_FILE.into(),
@@ -292,6 +329,7 @@ pub(crate) mod tests {
                 crc32: 5,
             },
             notes: vec![],
+            parent: None,
         }
     }
 
@@ -333,6 +371,29 @@ pub(crate) mod tests {
             ("add up to", Box::new(|m| m.vm.memory_size = 1 << 30)),
             ("power of two", Box::new(|m| m.memory[0].page_size = 3000)),
             ("0 memory regions", Box::new(|m| m.memory.clear())),
+            (
+                "names no parent",
+                Box::new(|m| m.format_version = DIFF_FORMAT_VERSION),
+            ),
+            (
+                "names a parent",
+                Box::new(|m| {
+                    m.parent = Some(ParentRef {
+                        dir: "/p".into(),
+                        manifest_crc32: 1,
+                    })
+                }),
+            ),
+            (
+                "not an absolute path",
+                Box::new(|m| {
+                    m.format_version = DIFF_FORMAT_VERSION;
+                    m.parent = Some(ParentRef {
+                        dir: "p".into(),
+                        manifest_crc32: 1,
+                    })
+                }),
+            ),
         ];
         for (needle, damage) in cases {
             let mut m = sample();

@@ -30,6 +30,8 @@ pub enum CopyMethod {
     SparseCopy,
     /// The destination shares the source's extents (`FICLONERANGE`).
     Reflink,
+    /// Only the pages dirtied since the parent snapshot; holes elsewhere (a diff snapshot).
+    DirtyPages,
 }
 
 impl CopyMethod {
@@ -38,6 +40,7 @@ impl CopyMethod {
         match self {
             Self::SparseCopy => "sparse-copy",
             Self::Reflink => "reflink",
+            Self::DirtyPages => "dirty-pages",
         }
     }
 }

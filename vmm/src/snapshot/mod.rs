@@ -6,10 +6,18 @@
 //! `job` runs a write off the event loop and reports it, `restore` checks a directory and builds
 //! a VM from it.
 //!
-//! Not here: pausing the VM and gathering its state (`running_vm.rs`), the control API that asks
-//! for a snapshot (`api/`), and live or diff snapshots (not implemented yet).
+//! `dirty` gathers and writes dirty page sets, `live` copies memory while the guest runs,
+//! `chain` resolves a diff's parents (restore and `snapshot-merge`).
+//!
+//! Not here: pausing the VM and gathering its state (`running_vm/`), the control API that asks
+//! for a snapshot (`api/`).
 
+use std::path::PathBuf;
+
+pub mod chain;
+pub mod dirty;
 pub mod job;
+pub mod live;
 pub mod manifest;
 pub mod memory_file;
 pub mod restore;
@@ -17,3 +25,16 @@ pub mod state_file;
 pub mod writer;
 
 pub use state_file::{DeviceStates, SnapshotState};
+
+/// What a snapshot request asks for (`PUT /vm/snapshot`, `skiff ctl snapshot`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotRequest {
+    /// The directory to create (absolute).
+    pub dir: PathBuf,
+    /// End the VM once the snapshot is complete.
+    pub stop: bool,
+    /// Copy memory while the guest runs; pause only for the last dirty pages and the state.
+    pub live: bool,
+    /// Only the pages dirtied since the VM's previous snapshot, layered over it.
+    pub diff: bool,
+}

@@ -6,6 +6,9 @@
 //! exists; each vCPU is created and restored in full (its own ordering is in
 //! `hypervisor/kvm/vcpu_state.rs`); the clock is set last, once every vCPU's TSC is back. The
 //! VM comes out paused in the sense that no vCPU thread exists yet: the runner starts them.
+//!
+//! A diff snapshot is restored over its parent chain (`chain.rs`): its memory is always built
+//! by copying, base first, then each diff's data extents; `cow` falls back to that.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -17,6 +20,7 @@ use devices::bus::Bus;
 use devices::vm_exit::VmExitSignal;
 use thiserror::Error;
 
+use super::chain::{layer_region, resolve_parents, ChainError, Layer};
 use super::manifest::{self, ManifestError, SnapshotManifest};
 use super::memory_file::{copy_sparse, MemoryFileError};
 use super::state_file::{self, SnapshotState, StateFileError};
@@ -130,6 +134,9 @@ pub enum RestoreError {
     /// Putting the VM's state back failed.
     #[error("cannot restore the VM's interrupt controllers, timer or clock")]
     Vm(#[source] HypervisorError),
+    /// A diff's parent chain is unusable.
+    #[error(transparent)]
+    Chain(#[from] ChainError),
 }
 
 /// A snapshot directory whose manifest and state have been read and checked.
@@ -141,6 +148,8 @@ pub struct LoadedSnapshot {
     pub manifest: SnapshotManifest,
     /// Its decoded state.
     pub state: SnapshotState,
+    /// For a diff: its parents, base first, each checked (empty for a full snapshot).
+    pub parents: Vec<Layer>,
 }
 
 /// Reads and checks a snapshot directory: manifest (version, values), state file (size,
@@ -183,10 +192,12 @@ pub fn load(dir: &Path) -> Result<LoadedSnapshot, RestoreError> {
             });
         }
     }
+    let parents = resolve_parents(dir, &manifest, None)?;
     Ok(LoadedSnapshot {
         dir: dir.to_path_buf(),
         manifest,
         state,
+        parents,
     })
 }
 
@@ -204,6 +215,17 @@ pub fn build_ram(
     max_slots: usize,
 ) -> Result<GuestRam, RestoreError> {
     let page = arch::layout::PAGE_SIZE;
+    let mode = if snap.parents.is_empty() {
+        mode
+    } else {
+        // A diff's memory is its layers together: there is no one file to map.
+        log::info!(
+            "{} is a diff over {} parent snapshot(s): copying the layers into fresh memory",
+            snap.dir.display(),
+            snap.parents.len()
+        );
+        MemoryMode::Copy
+    };
     match mode {
         MemoryMode::Cow => {
             let regions = snap
@@ -238,11 +260,20 @@ pub fn build_ram(
             let never = AtomicBool::new(false);
             let mut offset = 0;
             let mut regions = Vec::new();
-            for r in &snap.manifest.memory {
-                let path = snap.dir.join(&r.file);
-                let src = open_memory_file(&path)?;
-                copy_sparse(&src, 0, &memfd, offset, r.size, &never)
-                    .map_err(|source| RestoreError::Copy { path, source })?;
+            let top = Layer {
+                dir: snap.dir.clone(),
+                manifest: snap.manifest.clone(),
+            };
+            for (i, r) in snap.manifest.memory.iter().enumerate() {
+                if snap.parents.is_empty() {
+                    let path = snap.dir.join(&r.file);
+                    let src = open_memory_file(&path)?;
+                    copy_sparse(&src, 0, &memfd, offset, r.size, &never)
+                        .map_err(|source| RestoreError::Copy { path, source })?;
+                } else {
+                    layer_region(&snap.parents, i, &memfd, offset, &never)?;
+                    layer_region(std::slice::from_ref(&top), i, &memfd, offset, &never)?;
+                }
                 regions.push(ShareableRegion {
                     guest_address: r.guest_address,
                     size: r.size,

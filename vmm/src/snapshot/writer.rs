@@ -1,7 +1,8 @@
 //! Writing a snapshot directory atomically.
 //!
 //! Everything goes into `DIR.tmp-<pid>` next to the target: one memory file per region (reflinked
-//! where the filesystem can, else copied sparsely), `state.bin`, then `manifest.json`. Every file
+//! where the filesystem can, else copied sparsely; for a diff only the dirty pages; for a live
+//! snapshot already copied by `live.rs`), `state.bin`, then `manifest.json`. Every file
 //! and the temporary directory are fsynced, the directory is renamed to `DIR` with
 //! `RENAME_NOREPLACE` (so a `DIR` that appeared meanwhile is never replaced), and the parent is
 //! fsynced. A crash at any point leaves no `DIR` or a complete one; any error removes the
@@ -19,6 +20,8 @@ use std::time::Instant;
 
 use thiserror::Error;
 
+use super::chain::data_bytes;
+use super::dirty::{write_pages, PageBitmap};
 use super::manifest::{
     MemoryRegionEntry, SnapshotManifest, StateFileEntry, MANIFEST_FILE, STATE_FILE,
 };
@@ -72,7 +75,10 @@ pub enum WriteError {
     },
 }
 
-fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> WriteError + 'a {
+pub(super) fn io<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> WriteError + 'a {
     move |source| WriteError::Io {
         op,
         path: path.to_path_buf(),
@@ -106,6 +112,8 @@ pub struct WriteReport {
     pub regions: Vec<RegionReport>,
     /// Time spent writing, in milliseconds.
     pub write_ms: f64,
+    /// CRC-32 of the manifest written (what a diff taken on top of this snapshot records).
+    pub manifest_crc32: u32,
 }
 
 /// A snapshot to write: the reserved temporary directory and everything to put in it.
@@ -117,13 +125,33 @@ pub struct PendingSnapshot {
     pub temp: PathBuf,
     /// The regions to save (their backing files stay open through the `Arc`s).
     pub regions: Vec<ShareableRegion>,
-    /// For RAM mapped copy-on-write (a `cow` restore): each region's private mapping, whose
-    /// own pages are written over the file's data. Empty for shared RAM.
-    pub private: Vec<PrivateMapping>,
+    /// Where the memory files' contents come from.
+    pub memory: MemorySource,
     /// The encoded state file.
     pub state: Vec<u8>,
     /// The manifest, without memory entries (filled in here).
     pub manifest: SnapshotManifest,
+}
+
+/// What goes into the memory files.
+#[derive(Debug)]
+pub enum MemorySource {
+    /// Every region whole: reflinked or copied sparsely from its backing. For RAM mapped
+    /// copy-on-write (a `cow` restore), `private` holds each region's private mapping, whose
+    /// own pages are written over the file's data; empty for shared RAM.
+    Full {
+        /// The private mappings.
+        private: Vec<PrivateMapping>,
+    },
+    /// A diff: only these pages of each region, from its mapping in this process.
+    Pages {
+        /// Each region's mapping.
+        mappings: Vec<PrivateMapping>,
+        /// Each region's pages.
+        pages: Vec<PageBitmap>,
+    },
+    /// A live snapshot copied the memory files into the temporary directory already.
+    Written(Vec<RegionReport>),
 }
 
 /// Checks `dir` can be created and reserves its temporary sibling `DIR.tmp-<pid>`.
@@ -170,12 +198,16 @@ fn write_inner(pending: PendingSnapshot, cancel: &AtomicBool) -> Result<WriteRep
         dir,
         temp,
         regions,
-        private,
+        memory,
         state,
         mut manifest,
     } = pending;
     let mut reports = Vec::with_capacity(regions.len());
     let mut bytes = 0u64;
+    let mut written = match &memory {
+        MemorySource::Written(r) => r.clone().into_iter(),
+        _ => Vec::new().into_iter(),
+    };
     for (i, region) in regions.iter().enumerate() {
         if cancel.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(WriteError::Memory {
@@ -185,17 +217,29 @@ fn write_inner(pending: PendingSnapshot, cancel: &AtomicBool) -> Result<WriteRep
             });
         }
         let name = format!("memory-{i}.bin");
-        // SAFETY: the caller keeps the private mappings alive and unwritten (VM paused) until
-        // the write ends (`PendingSnapshot::private`).
-        let report = unsafe {
-            write_region(
-                region,
-                private.get(i).copied(),
-                &temp.join(&name),
-                name,
-                cancel,
-            )
-        }?;
+        let path = temp.join(&name);
+        let report = match &memory {
+            MemorySource::Full { private } => {
+                // SAFETY: the caller keeps the private mappings alive and unwritten (VM paused)
+                // until the write ends (`MemorySource::Full`).
+                unsafe { write_region(region, private.get(i).copied(), &path, name, cancel) }?
+            }
+            // SAFETY: as above, for the mappings the pages are read from.
+            MemorySource::Pages { mappings, pages } => unsafe {
+                write_dirty_region(region, mappings.get(i), pages.get(i), &path, name, cancel)
+            }?,
+            MemorySource::Written(_) => {
+                let report = written.next().ok_or_else(|| {
+                    io("find the copied memory file", &path)(std::io::Error::from_raw_os_error(
+                        libc::ENOENT,
+                    ))
+                })?;
+                File::open(&path)
+                    .and_then(|f| f.sync_all())
+                    .map_err(io("fsync", &path))?;
+                report
+            }
+        };
         bytes += report.copied_bytes;
         manifest.memory.push(MemoryRegionEntry {
             guest_address: region.guest_address,
@@ -203,6 +247,10 @@ fn write_inner(pending: PendingSnapshot, cancel: &AtomicBool) -> Result<WriteRep
             file: report.file.clone(),
             page_size: page_size(region),
             method: report.method.name().into(),
+            data_bytes: match report.method {
+                CopyMethod::DirtyPages => Some(data_bytes(&path)?),
+                _ => None,
+            },
         });
         reports.push(report);
     }
@@ -219,6 +267,7 @@ fn write_inner(pending: PendingSnapshot, cancel: &AtomicBool) -> Result<WriteRep
         .map_err(|e| io("encode", &temp.join(MANIFEST_FILE))(std::io::Error::other(e)))?;
     write_file(&temp.join(MANIFEST_FILE), &text)?;
     bytes += (state.len() + text.len()) as u64;
+    let manifest_crc32 = crc32fast::hash(&text);
     fsync_dir(&temp)?;
     rename_no_replace(&temp, &dir)?;
     if let Some(parent) = dir.parent() {
@@ -229,12 +278,51 @@ fn write_inner(pending: PendingSnapshot, cancel: &AtomicBool) -> Result<WriteRep
         bytes_written: bytes,
         regions: reports,
         write_ms: started.elapsed().as_secs_f64() * 1000.0,
+        manifest_crc32,
+    })
+}
+
+/// A diff's memory file: as long as the region, holding only `pages`, holes elsewhere.
+///
+/// # Safety
+/// `mapping` must be a live mapping of `region` that stays mapped during the call.
+unsafe fn write_dirty_region(
+    region: &ShareableRegion,
+    mapping: Option<&PrivateMapping>,
+    pages: Option<&PageBitmap>,
+    path: &Path,
+    name: String,
+    cancel: &AtomicBool,
+) -> Result<RegionReport, WriteError> {
+    let (Some(&mapping), Some(pages)) = (mapping, pages) else {
+        return Err(io("find the dirty pages for", path)(
+            std::io::Error::from_raw_os_error(libc::EINVAL),
+        ));
+    };
+    let dst = create_file(path)?;
+    dst.set_len(region.size).map_err(io("size", path))?;
+    // SAFETY: guaranteed by the caller.
+    let copied_bytes = unsafe { write_pages(mapping, pages, &dst, cancel) }.map_err(|source| {
+        WriteError::Memory {
+            guest_address: region.guest_address,
+            path: path.to_path_buf(),
+            source,
+        }
+    })?;
+    dst.sync_all().map_err(io("fsync", path))?;
+    Ok(RegionReport {
+        guest_address: region.guest_address,
+        size: region.size,
+        file: name,
+        method: CopyMethod::DirtyPages,
+        copied_bytes,
     })
 }
 
 /// # Safety
-/// `private`, if given, must be a live mapping of `region` that nobody writes during the call.
-unsafe fn write_region(
+/// `private`, if given, must be a live mapping of `region` that nobody writes during the call
+/// (or, for a live snapshot's first pass, whose writes meanwhile the dirty log records).
+pub(super) unsafe fn write_region(
     region: &ShareableRegion,
     private: Option<PrivateMapping>,
     path: &Path,
@@ -289,7 +377,7 @@ fn page_size(region: &ShareableRegion) -> u64 {
     arch::layout::PAGE_SIZE
 }
 
-fn create_file(path: &Path) -> Result<File, WriteError> {
+pub(super) fn create_file(path: &Path) -> Result<File, WriteError> {
     OpenOptions::new()
         .read(true)
         .write(true)
@@ -300,13 +388,13 @@ fn create_file(path: &Path) -> Result<File, WriteError> {
         .map_err(io("create", path))
 }
 
-fn write_file(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
+pub(super) fn write_file(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
     let mut f = create_file(path)?;
     f.write_all(bytes).map_err(io("write", path))?;
     f.sync_all().map_err(io("fsync", path))
 }
 
-fn fsync_dir(path: &Path) -> Result<(), WriteError> {
+pub(super) fn fsync_dir(path: &Path) -> Result<(), WriteError> {
     File::open(path)
         .and_then(|d| d.sync_all())
         .map_err(io("fsync directory", path))
@@ -374,7 +462,9 @@ mod tests {
                     file_offset: 1 << 20,
                 },
             ],
-            private: Vec::new(),
+            memory: MemorySource::Full {
+                private: Vec::new(),
+            },
             state: vec![1, 2, 3],
             manifest: m,
         }

@@ -135,6 +135,17 @@ impl VirtioBlk {
         })
     }
 
+    /// The opened disk (shared with skiff's vhost-user-blk backend, which serves it with this
+    /// device's features and configuration space).
+    pub(crate) fn disk(&self) -> &Arc<DiskImage> {
+        &self.disk
+    }
+
+    /// The I/O engine chosen in `new` (never `Auto`).
+    pub(crate) fn engine_kind(&self) -> IoEngineKind {
+        self.engine
+    }
+
     /// Capacity in 512-byte sectors.
     pub fn capacity_sectors(&self) -> u64 {
         self.disk.sectors()

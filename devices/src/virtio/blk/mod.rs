@@ -9,9 +9,9 @@
 
 pub mod device;
 pub mod disk;
-mod engine;
+pub(crate) mod engine;
 mod queue_handler;
-mod request;
+pub(crate) mod request;
 
 pub use device::{BlkError, VirtioBlk};
 pub use disk::{DiskConfig, DiskError, IoEngineKind};

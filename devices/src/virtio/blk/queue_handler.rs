@@ -369,12 +369,14 @@ impl BlkQueueHandler {
 }
 
 impl MutEventSubscriber for BlkQueueHandler {
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
         let data = events.data();
         if !self.active() && data != COMPLETION_TOKEN {
-            // Keep the level-triggered kick quiet until the subscription is removed.
+            // Stop watching the level-triggered kick, but do not drain it: after a reset the
+            // next activation's handler watches the same eventfd, and this one is removed only
+            // when the loop runs its messages, after the ready fds. A drained kick would be lost.
             if let Some(q) = self.queues.get(data as usize) {
-                let _ = q.kick.read();
+                let _ = ops.remove(Events::empty(&q.kick));
             }
             return;
         }

@@ -18,9 +18,11 @@ use virtio_bindings::virtio_blk::{
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+// Generic over the guest memory type so skiff's vhost-user-blk backend (memory without a
+// dirty bitmap) parses requests with this same code.
+
 use super::disk::{DiskImage, ID_BYTES, SECTOR_SIZE};
 use super::engine::{IoOp, IoVecs, Unsupported};
-use crate::virtio::device::GuestMemoryMmap;
 
 /// Bytes in the request header (type, reserved, sector).
 pub const HEADER_LEN: usize = 16;
@@ -144,9 +146,9 @@ pub struct BadChain {
 }
 
 /// Parses the chain starting at `chain`'s head.
-pub fn parse(
-    chain: DescriptorChain<&GuestMemoryMmap>,
-    mem: &GuestMemoryMmap,
+pub fn parse<M: GuestMemoryBackend>(
+    chain: DescriptorChain<&M>,
+    mem: &M,
 ) -> Result<Request, BadChain> {
     let head = chain.head_index();
     let fail = |status, error| BadChain {
@@ -259,7 +261,7 @@ const fn done(status: u8) -> Action {
 }
 
 /// Checks `req` against `disk` and says what to do. `GET_ID` writes its answer here.
-pub fn prepare(req: &Request, mem: &GuestMemoryMmap, disk: &DiskImage) -> Action {
+pub fn prepare<M: GuestMemoryBackend>(req: &Request, mem: &M, disk: &DiskImage) -> Action {
     let refuse_write = disk.readonly();
     match req.kind {
         RequestKind::In if req.readable.is_empty() => rw(req, &req.writable, true, mem, disk),
@@ -290,11 +292,11 @@ pub fn prepare(req: &Request, mem: &GuestMemoryMmap, disk: &DiskImage) -> Action
     }
 }
 
-fn rw(
+fn rw<M: GuestMemoryBackend>(
     req: &Request,
     segs: &[Segment],
     read: bool,
-    mem: &GuestMemoryMmap,
+    mem: &M,
     disk: &DiskImage,
 ) -> Action {
     let len = total_len(segs);
@@ -329,7 +331,7 @@ fn rw(
     }
 }
 
-fn get_id(req: &Request, mem: &GuestMemoryMmap, disk: &DiskImage) -> Action {
+fn get_id<M: GuestMemoryBackend>(req: &Request, mem: &M, disk: &DiskImage) -> Action {
     let mut written = 0usize;
     for seg in &req.writable {
         let take = (seg.len as usize).min(ID_BYTES - written);
@@ -352,7 +354,7 @@ fn get_id(req: &Request, mem: &GuestMemoryMmap, disk: &DiskImage) -> Action {
     }
 }
 
-fn ranges(req: &Request, mem: &GuestMemoryMmap, disk: &DiskImage) -> Action {
+fn ranges<M: GuestMemoryBackend>(req: &Request, mem: &M, disk: &DiskImage) -> Action {
     let len = total_len(&req.readable);
     let count = len / RANGE_LEN as u64;
     if !len.is_multiple_of(RANGE_LEN as u64) || count == 0 || count > u64::from(MAX_RANGES) {
@@ -433,7 +435,7 @@ fn skip_front(segs: &[Segment], mut n: u64) -> Vec<Segment> {
 }
 
 /// Reads `buf.len()` bytes starting `skip` bytes into `segs`. False when they run out.
-fn gather(mem: &GuestMemoryMmap, segs: &[Segment], skip: u64, buf: &mut [u8]) -> bool {
+fn gather<M: GuestMemoryBackend>(mem: &M, segs: &[Segment], skip: u64, buf: &mut [u8]) -> bool {
     let mut filled = 0;
     for s in skip_front(segs, skip) {
         if filled == buf.len() {
@@ -452,7 +454,7 @@ fn gather(mem: &GuestMemoryMmap, segs: &[Segment], skip: u64, buf: &mut [u8]) ->
 }
 
 /// Host iovecs for guest segments (a segment spanning two memory regions gives two).
-fn iovecs(mem: &GuestMemoryMmap, segs: &[Segment]) -> Option<IoVecs> {
+fn iovecs<M: GuestMemoryBackend>(mem: &M, segs: &[Segment]) -> Option<IoVecs> {
     let mut v = Vec::with_capacity(segs.len());
     for s in segs {
         for slice in mem.get_slices(s.addr, s.len as usize) {

@@ -207,6 +207,49 @@ mod tests {
         assert_eq!(driver.take_used(), vec![(head, 8)]);
     }
 
+    /// Activates `rng` on `driver`'s queue with a clone of `kick`, as the transport does: every
+    /// activation gets the same kick eventfd (the one KVM's ioeventfd writes).
+    fn activate_with_kick(
+        rng: &mut VirtioRng,
+        mem: &crate::virtio::GuestMemoryMmap,
+        driver: &DriverQueue<'_>,
+        events: &TestLoop,
+        kick: &vmm_sys_util::eventfd::EventFd,
+    ) {
+        let (mut queue, _own_kick) = driver.activated(0);
+        queue.kick = kick.try_clone().unwrap();
+        rng.activate(ActivateContext {
+            mem: mem.clone(),
+            acked_features: 1 << VIRTIO_F_VERSION_1,
+            queues: vec![queue],
+            signals: Arc::new(RecordingSignals::default()),
+            event_loop: events.endpoint(),
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn a_kick_right_after_reactivation_reaches_the_new_handler() {
+        // After a reset the old handler stays on the loop until the loop runs its messages,
+        // which it does after the ready fds: it must not drain the shared kick eventfd, or a
+        // driver that re-initialises and kicks quickly is never served.
+        let mem = guest_memory(1 << 20);
+        let mut events = TestLoop::new();
+        let mut rng = VirtioRng::new();
+        let kick =
+            vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        let driver = DriverQueue::new(&mem, QUEUE_BASE, 16);
+        activate_with_kick(&mut rng, &mem, &driver, &events, &kick);
+        events.turn();
+        rng.reset();
+        let mut driver = DriverQueue::new(&mem, QUEUE_BASE + 0x1_0000, 16);
+        activate_with_kick(&mut rng, &mem, &driver, &events, &kick);
+        let head = driver.add_chain(&[(0x4_0000, 8, true)]);
+        kick.write(1).unwrap();
+        events.turn();
+        assert_eq!(driver.take_used(), vec![(head, 8)]);
+    }
+
     #[test]
     fn activation_needs_exactly_queue_0() {
         let mem = guest_memory(1 << 20);

@@ -83,7 +83,14 @@ impl RngQueueHandler {
 }
 
 impl MutEventSubscriber for RngQueueHandler {
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if self.stopped {
+            // Leave the loop without draining the kick: after a reset the next activation's
+            // handler watches the same eventfd, and this one is removed only when the loop runs
+            // its messages, after the ready fds. A drained kick would be lost to it.
+            let _ = ops.remove(Events::empty(&self.queue.kick));
+            return;
+        }
         if events.event_set().contains(EventSet::IN) {
             // Draining the counter; the queue itself says what is to do.
             let _ = self.queue.kick.read();

@@ -1,6 +1,7 @@
 //! The KVM implementation of the hypervisor seam (`/dev/kvm` through `kvm-ioctls`).
 
 mod convert;
+mod dirty_log;
 mod irq;
 mod state_convert;
 mod vcpu;

@@ -1,12 +1,19 @@
 //! A KVM VM: memory slots, the in-kernel irqchip and PIT, irqfds, ioeventfds and MSI routes
-//! (those two in `irq.rs`), vCPU creation.
+//! (those two in `irq.rs`), vCPU creation, and the slot table dirty logging uses
+//! (`dirty_log.rs`).
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::dirty_log::{record_slot, KvmDirtyLog, Slot, SlotTable};
 use super::vcpu::KvmVcpu;
-use crate::hypervisor::{HypervisorError, MsiRoute, MsiRouting, Result, Vcpu, Vm};
+use crate::hypervisor::{DirtyLog, HypervisorError, MsiRoute, MsiRouting, Result, Vcpu, Vm};
 
 /// Where KVM places the three-page TSS it needs for real-mode emulation on Intel: inside the MMIO
 /// hole, above the local APIC, clear of RAM and devices.
@@ -16,11 +23,19 @@ const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 #[derive(Debug)]
 pub struct KvmVm {
     pub(super) fd: VmFd,
+    /// Every memory slot registered, for dirty logging (`dirty_log.rs`).
+    slots: SlotTable,
+    /// Whether the slots log dirty pages (shared with every `dirty_log` handle).
+    tracking: Arc<AtomicBool>,
 }
 
 impl KvmVm {
     pub(super) fn new(fd: VmFd) -> Self {
-        Self { fd }
+        Self {
+            fd,
+            slots: SlotTable::default(),
+            tracking: Arc::default(),
+        }
     }
 }
 
@@ -32,16 +47,31 @@ impl Vm for KvmVm {
         size: u64,
         host_address: u64,
     ) -> Result<()> {
+        let flags = if self.tracking.load(Ordering::Acquire) {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        };
         let region = kvm_userspace_memory_region {
             slot,
-            flags: 0,
+            flags,
             guest_phys_addr: guest_address,
             memory_size: size,
             userspace_addr: host_address,
         };
         // SAFETY: the caller guarantees the host range is a live mapping that outlives the VM.
         unsafe { self.fd.set_user_memory_region(region) }
-            .map_err(|e| HypervisorError::op("KVM_SET_USER_MEMORY_REGION", e))
+            .map_err(|e| HypervisorError::op("KVM_SET_USER_MEMORY_REGION", e))?;
+        record_slot(
+            &self.slots,
+            Slot {
+                slot,
+                guest_address,
+                size,
+                host_address,
+            },
+        );
+        Ok(())
     }
 
     fn create_platform_devices(&self) -> Result<()> {
@@ -88,5 +118,13 @@ impl Vm for KvmVm {
             .create_vcpu(u64::from(index))
             .map_err(|e| HypervisorError::op("KVM_CREATE_VCPU", e))?;
         Ok(Box::new(KvmVcpu::new(fd)))
+    }
+
+    fn dirty_log(&self) -> Result<Arc<dyn DirtyLog>> {
+        Ok(Arc::new(KvmDirtyLog::new(
+            &self.fd,
+            self.slots.clone(),
+            self.tracking.clone(),
+        )?))
     }
 }

@@ -1,0 +1,30 @@
+//! vhost-user: virtio devices whose queues are served by another process.
+//!
+//! - `config`: what a `--vhost-user` device is (type, socket, queues, tag) and the guest memory
+//!   regions it shares with its backend (`SharedMemoryRegion`, one per `ShareableRegion`).
+//! - `connection`: the frontend's side of the protocol on top of the `vhost` crate: connecting
+//!   (with one-line errors for a missing path, a non-socket, a refused connection), the
+//!   feature handshake, the memory table, per-queue ring set-up and tear-down.
+//! - `device`: `VhostUserDevice`, the `VirtioDevice` the PCI transport drives.
+//! - `watchdog`: bounds every request (a backend that stalls mid-reply cannot hang a vCPU).
+//! - `call_forwarder`: the event-loop subscriber that turns the backend's "used buffer" eventfds
+//!   into MSI-X interrupts and notices when the backend goes away.
+//! - `blk_backend`: skiff's own vhost-user-blk backend process (`skiff vhost-user-blk`).
+//!
+//! Everything a backend sends is untrusted: replies are parsed by the `vhost` crate, checked
+//! again here where their values matter (feature bits, queue counts, config sizes), and any
+//! failure becomes an error or a broken device, never a panic.
+
+pub mod blk_backend;
+mod call_forwarder;
+pub mod config;
+mod connection;
+mod device;
+mod watchdog;
+
+#[cfg(test)]
+mod tests;
+
+pub use config::{SharedMemoryRegion, VhostUserConfig, VhostUserKind};
+pub use connection::VhostUserError;
+pub use device::VhostUserDevice;

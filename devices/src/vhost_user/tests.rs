@@ -1,0 +1,328 @@
+//! Frontend tests against scripted fake backends on a socket pair: the handshake and what the
+//! device offers the guest, refusals (too few queues, a rejected memory table), a backend that
+//! hangs up while the driver uses the device, and a property test feeding random replies to
+//! the handshake (it must fail cleanly, never panic or hang).
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use super::config::{SharedMemoryRegion, VhostUserConfig, VhostUserKind};
+use super::connection::{Connection, VhostUserError};
+use super::device::VhostUserDevice;
+use crate::virtio::device::{ActivateContext, VirtioDevice};
+use crate::virtio::test_support::{guest_memory, DriverQueue, RecordingSignals, TestLoop};
+
+const GET_FEATURES: u32 = 1;
+const SET_MEM_TABLE: u32 = 5;
+const GET_VRING_BASE: u32 = 11;
+const GET_PROTOCOL_FEATURES: u32 = 15;
+const GET_QUEUE_NUM: u32 = 17;
+const GET_CONFIG: u32 = 24;
+const NEED_REPLY: u32 = 0x8;
+
+const VERSION_1: u64 = 1 << 32;
+const PROTOCOL_FEATURES: u64 = 1 << 30;
+const RING_PACKED: u64 = 1 << 34;
+const BLK_SIZE_MAX: u64 = 1 << 1;
+const BLK_FLUSH: u64 = 1 << 9;
+const PF_MQ: u64 = 1 << 0;
+const PF_REPLY_ACK: u64 = 1 << 3;
+const PF_CONFIG: u64 = 1 << 9;
+
+/// How the scripted backend answers.
+#[derive(Clone)]
+struct Script {
+    features: u64,
+    protocol: u64,
+    queue_num: u64,
+    config: Vec<u8>,
+    /// The acknowledgement value for `SET_MEM_TABLE` (0 = accepted).
+    mem_table_ack: u64,
+}
+
+impl Script {
+    fn good() -> Self {
+        let mut config = vec![0u8; 60];
+        config[..8].copy_from_slice(&8192u64.to_le_bytes());
+        Self {
+            features: VERSION_1 | PROTOCOL_FEATURES | RING_PACKED | BLK_SIZE_MAX | BLK_FLUSH,
+            protocol: PF_MQ | PF_REPLY_ACK | PF_CONFIG,
+            queue_num: 4,
+            config,
+            mem_table_ack: 0,
+        }
+    }
+}
+
+fn reply(stream: &mut UnixStream, code: u32, body: &[u8]) {
+    let mut msg = Vec::new();
+    msg.extend_from_slice(&code.to_le_bytes());
+    msg.extend_from_slice(&0x5u32.to_le_bytes());
+    msg.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    msg.extend_from_slice(body);
+    let _ = stream.write_all(&msg);
+}
+
+/// Serves `script` on `stream` until the frontend hangs up or `stop_after` requests were seen.
+fn run_script(mut stream: UnixStream, script: Script, stop_after: usize) {
+    for _ in 0..stop_after {
+        let mut hdr = [0u8; 12];
+        if stream.read_exact(&mut hdr).is_err() {
+            return;
+        }
+        let code = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
+        let flags = u32::from_le_bytes(hdr[4..8].try_into().unwrap());
+        let size = u32::from_le_bytes(hdr[8..12].try_into().unwrap());
+        let mut body = vec![0u8; size as usize];
+        if stream.read_exact(&mut body).is_err() {
+            return;
+        }
+        match code {
+            GET_FEATURES => reply(&mut stream, code, &script.features.to_le_bytes()),
+            GET_PROTOCOL_FEATURES => reply(&mut stream, code, &script.protocol.to_le_bytes()),
+            GET_QUEUE_NUM => reply(&mut stream, code, &script.queue_num.to_le_bytes()),
+            GET_CONFIG => {
+                let mut out = body[..12].to_vec();
+                let len = u32::from_le_bytes(body[4..8].try_into().unwrap()) as usize;
+                let mut cfg = script.config.clone();
+                cfg.resize(len, 0);
+                out.extend_from_slice(&cfg);
+                reply(&mut stream, code, &out);
+            }
+            GET_VRING_BASE => reply(&mut stream, code, &body[..8]),
+            SET_MEM_TABLE if flags & NEED_REPLY != 0 => {
+                reply(&mut stream, code, &script.mem_table_ack.to_le_bytes())
+            }
+            _ if flags & NEED_REPLY != 0 => reply(&mut stream, code, &0u64.to_le_bytes()),
+            _ => {}
+        }
+    }
+}
+
+fn start(script: Script, stop_after: usize) -> (UnixStream, JoinHandle<()>) {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    ours.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let backend = std::thread::spawn(move || run_script(theirs, script, stop_after));
+    (ours, backend)
+}
+
+fn memfd_region() -> SharedMemoryRegion {
+    let file = tempfile::tempfile().unwrap();
+    file.set_len(1 << 20).unwrap();
+    SharedMemoryRegion {
+        guest_address: 0,
+        size: 1 << 20,
+        host_address: 0x7f00_0000_0000,
+        fd: OwnedFd::from(file),
+        file_offset: 0,
+    }
+}
+
+fn blk_config() -> VhostUserConfig {
+    VhostUserConfig::new(VhostUserKind::Blk, "/fake.sock")
+}
+
+fn device(script: Script, stop_after: usize) -> (VhostUserDevice, JoinHandle<()>) {
+    let (stream, backend) = start(script, stop_after);
+    let cfg = blk_config();
+    let conn = Connection::handshake(Path::new("/fake.sock"), stream, cfg.queues).unwrap();
+    let dev = VhostUserDevice::from_connection(&cfg, conn, vec![memfd_region()]).unwrap();
+    (dev, backend)
+}
+
+#[test]
+fn offers_the_backend_features_the_transport_can_carry_and_its_config() {
+    let (dev, _backend) = device(Script::good(), usize::MAX);
+    assert_eq!(dev.device_type(), 2);
+    // Protocol-features bit, packed rings and a SIZE_MAX contradicted by size_max 0 are cut.
+    assert_eq!(dev.device_features(), VERSION_1 | BLK_FLUSH);
+    let mut capacity = [0u8; 8];
+    dev.read_config(0, &mut capacity);
+    assert_eq!(u64::from_le_bytes(capacity), 8192);
+    let mut beyond = [0xffu8; 4];
+    dev.read_config(4096, &mut beyond);
+    assert_eq!(beyond, [0; 4]);
+}
+
+#[test]
+fn too_few_backend_queues_and_a_rejected_memory_table_are_refused() {
+    let mut script = Script::good();
+    script.queue_num = 1;
+    let (stream, _backend) = start(script, usize::MAX);
+    let e = Connection::handshake(Path::new("/fake.sock"), stream, 2).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            VhostUserError::TooManyQueues {
+                offered: 1,
+                requested: 2,
+                ..
+            }
+        ),
+        "{e}"
+    );
+
+    let mut script = Script::good();
+    script.mem_table_ack = 1;
+    let (stream, _backend) = start(script, usize::MAX);
+    let cfg = blk_config();
+    let conn = Connection::handshake(Path::new("/fake.sock"), stream, 1).unwrap();
+    let e = VhostUserDevice::from_connection(&cfg, conn, vec![memfd_region()]).unwrap_err();
+    assert!(
+        e.to_string().contains("rejected the guest memory table"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_backend_that_hangs_up_while_active_marks_the_device_broken() {
+    // Handshake (owner, features, protocol features twice, queue count, config, memory
+    // table), then activation (features, memory table, 6 ring messages), then hang up.
+    let (mut dev, backend) = device(Script::good(), 7 + 8);
+    let mem = guest_memory(1 << 20);
+    let driver = DriverQueue::new(&mem, 0x1_0000, 16);
+    let mut events = TestLoop::new();
+    let signals = Arc::new(RecordingSignals::default());
+    let (queue, _kick) = driver.activated(0);
+    dev.activate(ActivateContext {
+        mem: mem.clone(),
+        acked_features: VERSION_1,
+        queues: vec![queue],
+        signals: signals.clone(),
+        event_loop: events.endpoint(),
+    })
+    .unwrap();
+    backend.join().unwrap();
+    for _ in 0..20 {
+        events.wait(50);
+        if signals.needs_reset() {
+            break;
+        }
+    }
+    assert!(signals.needs_reset(), "the hang-up was not noticed");
+    // The next activation fails at once instead of talking to a dead socket.
+    dev.reset();
+    let (queue, _kick) = driver.activated(0);
+    let e = dev
+        .activate(ActivateContext {
+            mem: mem.clone(),
+            acked_features: VERSION_1,
+            queues: vec![queue],
+            signals: signals.clone(),
+            event_loop: events.endpoint(),
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("vhost-user-blk"), "{e}");
+}
+
+/// A small deterministic generator (xorshift64*), so failures reproduce from the seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+/// A reply that is partly right: a real code or not, odd flags, a size that may lie, a body
+/// of noise, or a header cut short.
+fn random_reply(rng: &mut Rng, request: u32) -> Vec<u8> {
+    let code = match rng.next() % 3 {
+        0 => request,
+        1 => (rng.next() % 64) as u32,
+        _ => rng.next() as u32,
+    };
+    let flags = match rng.next() % 3 {
+        0 => 0x5,
+        1 => 0x1,
+        _ => rng.next() as u32,
+    };
+    let body_len = match rng.next() % 4 {
+        0 => 8,
+        1 => rng.next() % 300,
+        2 => 0,
+        _ => 12 + 60,
+    } as usize;
+    let claimed = match rng.next() % 3 {
+        0 => body_len as u32,
+        1 => rng.next() as u32,
+        _ => (rng.next() % 0x1000) as u32,
+    };
+    let mut msg = Vec::new();
+    msg.extend_from_slice(&code.to_le_bytes());
+    msg.extend_from_slice(&flags.to_le_bytes());
+    msg.extend_from_slice(&claimed.to_le_bytes());
+    for _ in 0..body_len {
+        msg.push(rng.next() as u8);
+    }
+    if rng.next().is_multiple_of(8) {
+        msg.truncate((rng.next() % 12) as usize);
+    }
+    msg
+}
+
+#[test]
+fn random_replies_never_panic_the_frontend() {
+    for seed in 1..=150u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        ours.set_read_timeout(Some(std::time::Duration::from_millis(100)))
+            .unwrap();
+        // Answer the first few requests well and then badly, so every step gets garbage.
+        let good_replies = (rng.next() % 6) as usize;
+        let backend = std::thread::spawn(move || {
+            let script = Script::good();
+            for n in 0..12 {
+                let mut hdr = [0u8; 12];
+                if theirs.read_exact(&mut hdr).is_err() {
+                    return;
+                }
+                let code = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
+                let size = u32::from_le_bytes(hdr[8..12].try_into().unwrap());
+                let mut body = vec![0u8; size as usize];
+                if theirs.read_exact(&mut body).is_err() {
+                    return;
+                }
+                let answer = match (n < good_replies, code) {
+                    (true, GET_FEATURES) => Some(script.features),
+                    (true, GET_PROTOCOL_FEATURES) => Some(script.protocol),
+                    (true, GET_QUEUE_NUM) => Some(script.queue_num),
+                    _ => None,
+                };
+                match answer {
+                    Some(v) => reply(&mut theirs, code, &v.to_le_bytes()),
+                    None if code == 3 => {} // SET_OWNER has no reply
+                    None => {
+                        let _ = theirs.write_all(&random_reply(&mut rng, code));
+                        if rng.next().is_multiple_of(4) {
+                            return; // hang up
+                        }
+                    }
+                }
+            }
+        });
+        let cfg = blk_config();
+        let timeout = std::time::Duration::from_millis(200);
+        let path = Path::new("/fake.sock");
+        let result = Connection::handshake_with_timeout(path, ours, 1, timeout)
+            .and_then(|conn| VhostUserDevice::from_connection(&cfg, conn, vec![memfd_region()]));
+        // Whatever the outcome, the device (if any) answers config reads within bounds.
+        if let Ok(dev) = result {
+            let mut buf = [0u8; 8];
+            dev.read_config(0, &mut buf);
+            dev.read_config(u64::MAX, &mut buf);
+            assert_eq!(dev.device_features() & (PROTOCOL_FEATURES | RING_PACKED), 0);
+        }
+        backend.join().unwrap();
+    }
+}

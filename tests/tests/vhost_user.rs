@@ -1,0 +1,281 @@
+//! vhost-user end to end: the test guest's virtio-blk scenario (a 1 MiB pattern written, flushed,
+//! read back) through out-of-process backends, checked on the host's image file afterwards:
+//! skiff's own backend, qemu-storage-daemon, and skiff's backend under QEMU as the frontend.
+//! Also the start-up errors (missing socket, not a socket, a backend that hangs up, talks
+//! garbage or lacks features) and a backend that dies while the guest runs.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use skiff_tests::{require_kvm, run_testguest, testguest, Backend, Skiff};
+
+const T: Duration = Duration::from_secs(60);
+/// Every u64 the guest writes at byte offset o holds o ^ PATTERN, over the first 1 MiB.
+const PATTERN: u64 = 0xa5a5_a5a5_a5a5_a5a5;
+
+struct Scratch {
+    dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A zeroed raw image of `size` bytes.
+    fn image(&self, size: u64) -> PathBuf {
+        let p = self.path("disk.img");
+        std::fs::File::create(&p).unwrap().set_len(size).unwrap();
+        p
+    }
+}
+
+fn assert_pattern(image: &Path) {
+    let bytes = std::fs::read(image).unwrap();
+    for o in (0..1usize << 20).step_by(8) {
+        let v = u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap());
+        assert_eq!(v, o as u64 ^ PATTERN, "image offset {o:#x}");
+    }
+}
+
+fn vhost_user_arg(socket: &Path) -> String {
+    format!("type=blk,socket={}", socket.display())
+}
+
+#[test]
+fn skiff_backend_serves_the_test_guest() {
+    let s = Scratch::new();
+    let (sock, img) = (s.path("blk.sock"), s.image(4 << 20));
+    let backend = Backend::skiff_blk(&sock, &img, &[]);
+    let r = run_testguest("virtio-blk", &["--vhost-user", &vhost_user_arg(&sock)], T);
+    r.assert_code(0)
+        .assert_stdout_has("testguest: virtio-blk capacity=8192 id=skiff-vhost-user-blk")
+        .assert_stdout_has("testguest: virtio-blk ok written=1048576");
+    assert_pattern(&img);
+    drop(backend);
+}
+
+#[test]
+fn skiff_backend_read_only_refuses_writes() {
+    let s = Scratch::new();
+    let (sock, img) = (s.path("blk.sock"), s.image(4 << 20));
+    std::fs::write(&img, vec![0x3cu8; 4 << 20]).unwrap();
+    let _backend = Backend::skiff_blk(&sock, &img, &["--readonly"]);
+    let r = run_testguest("virtio-blk", &["--vhost-user", &vhost_user_arg(&sock)], T);
+    r.assert_code(0)
+        .assert_stdout_has("testguest: virtio-blk readonly ok");
+    assert!(std::fs::read(&img).unwrap().iter().all(|&b| b == 0x3c));
+}
+
+#[test]
+fn skiff_backend_serves_one_vm_after_another() {
+    let s = Scratch::new();
+    let (sock, img) = (s.path("blk.sock"), s.image(4 << 20));
+    let mut backend = Backend::skiff_blk(&sock, &img, &[]);
+    for _ in 0..2 {
+        let r = run_testguest("virtio-blk", &["--vhost-user", &vhost_user_arg(&sock)], T);
+        r.assert_code(0)
+            .assert_stdout_has("testguest: virtio-blk ok");
+    }
+    assert!(backend.is_running(), "{}", backend.stderr_text());
+}
+
+#[test]
+fn qemu_storage_daemon_serves_the_test_guest() {
+    let s = Scratch::new();
+    let (sock, img) = (s.path("qsd.sock"), s.image(4 << 20));
+    let _qsd = Backend::qemu_storage_daemon(&sock, &img);
+    let r = run_testguest("virtio-blk", &["--vhost-user", &vhost_user_arg(&sock)], T);
+    r.assert_code(0)
+        .assert_stdout_has("testguest: virtio-blk capacity=8192 id=vhost_user_blk")
+        .assert_stdout_has("testguest: virtio-blk ok written=1048576");
+    assert_pattern(&img);
+}
+
+#[test]
+fn qemu_as_frontend_with_the_skiff_backend() {
+    require_kvm();
+    let s = Scratch::new();
+    let (sock, img) = (s.path("blk.sock"), s.image(4 << 20));
+    let _backend = Backend::skiff_blk(&sock, &img, &["--once"]);
+    let out = Command::new("timeout")
+        .arg("60")
+        .arg("qemu-system-x86_64")
+        .args([
+            "-M",
+            "microvm,pcie=on",
+            "-enable-kvm",
+            "-cpu",
+            "host,-arch-capabilities",
+        ])
+        .args([
+            "-m",
+            "256M",
+            "-object",
+            "memory-backend-memfd,id=mem,size=256M,share=on",
+        ])
+        .args(["-numa", "node,memdev=mem"])
+        .arg("-chardev")
+        .arg(format!("socket,id=c0,path={}", sock.display()))
+        .args(["-device", "vhost-user-blk-pci,chardev=c0,disable-legacy=on"])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=1"])
+        .args(["-nographic", "-nodefaults", "-serial", "stdio"])
+        .arg("-kernel")
+        .arg(testguest())
+        .args(["-append", "virtio-blk ecam=0xe0000000"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The guest's exit value v comes out of QEMU as (v << 1) | 1.
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("testguest: virtio-blk ok written=1048576"),
+        "{stdout}\n{stderr}"
+    );
+    assert_pattern(&img);
+}
+
+/// Runs skiff with one vhost-user device on `socket` and expects a start-up failure: exit 1
+/// and exactly one stderr line containing `text`.
+fn assert_start_fails(socket: &Path, text: &str) {
+    let r = run_testguest("virtio-blk", &["--vhost-user", &vhost_user_arg(socket)], T);
+    r.assert_code(1).assert_stderr_has(text);
+    assert_eq!(r.stderr.lines().count(), 1, "one line: {}", r.stderr);
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+}
+
+#[test]
+fn missing_socket_and_not_a_socket_are_one_line_errors() {
+    let s = Scratch::new();
+    assert_start_fails(&s.path("nothing.sock"), "does not exist");
+    let file = s.image(512);
+    assert_start_fails(&file, "is not a Unix socket");
+    // A socket file nobody listens on.
+    let stale = s.path("stale.sock");
+    drop(UnixListener::bind(&stale).unwrap());
+    assert_start_fails(&stale, "cannot connect to vhost-user backend");
+}
+
+/// A fake backend: accepts one connection and runs `script` on it in a thread.
+fn fake_backend(
+    socket: &Path,
+    script: impl FnOnce(std::os::unix::net::UnixStream) + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    let listener = UnixListener::bind(socket).unwrap();
+    std::thread::spawn(move || {
+        if let Ok((stream, _)) = listener.accept() {
+            script(stream);
+        }
+    })
+}
+
+/// Reads one request header and body; returns the request code.
+fn read_request(stream: &mut std::os::unix::net::UnixStream) -> Option<u32> {
+    let mut hdr = [0u8; 12];
+    stream.read_exact(&mut hdr).ok()?;
+    let code = u32::from_le_bytes(hdr[0..4].try_into().ok()?);
+    let size = u32::from_le_bytes(hdr[8..12].try_into().ok()?);
+    let mut body = vec![0u8; size as usize];
+    stream.read_exact(&mut body).ok()?;
+    Some(code)
+}
+
+fn reply_u64(stream: &mut std::os::unix::net::UnixStream, code: u32, value: u64) {
+    let mut msg = Vec::new();
+    msg.extend_from_slice(&code.to_le_bytes());
+    msg.extend_from_slice(&0x5u32.to_le_bytes()); // version 1, reply
+    msg.extend_from_slice(&8u32.to_le_bytes());
+    msg.extend_from_slice(&value.to_le_bytes());
+    let _ = stream.write_all(&msg);
+}
+
+const GET_FEATURES: u32 = 1;
+
+#[test]
+fn backend_that_hangs_up_mid_handshake() {
+    let s = Scratch::new();
+    let sock = s.path("hangup.sock");
+    let fake = fake_backend(&sock, |mut stream| {
+        let _ = read_request(&mut stream); // SET_OWNER
+        let _ = read_request(&mut stream); // GET_FEATURES: no answer, hang up
+    });
+    assert_start_fails(&sock, "GET_FEATURES failed");
+    fake.join().unwrap();
+}
+
+#[test]
+fn backend_that_sends_garbage() {
+    let s = Scratch::new();
+    let sock = s.path("garbage.sock");
+    let fake = fake_backend(&sock, |mut stream| {
+        let _ = read_request(&mut stream);
+        let _ = read_request(&mut stream);
+        // A reply header with an unknown code, a bad version and a huge size, then noise.
+        let _ = stream.write_all(&[0xff; 12]);
+        let _ = stream.write_all(&[0x5a; 100]);
+        std::thread::sleep(Duration::from_millis(200));
+    });
+    assert_start_fails(&sock, "GET_FEATURES failed");
+    fake.join().unwrap();
+}
+
+#[test]
+fn backend_without_virtio_1_is_refused() {
+    let s = Scratch::new();
+    let sock = s.path("old.sock");
+    let fake = fake_backend(&sock, |mut stream| {
+        let _ = read_request(&mut stream); // SET_OWNER
+        if read_request(&mut stream) == Some(GET_FEATURES) {
+            reply_u64(&mut stream, GET_FEATURES, 1 << 9); // FLUSH only
+        }
+        let _ = read_request(&mut stream);
+    });
+    assert_start_fails(&sock, "lack VIRTIO_F_VERSION_1");
+    fake.join().unwrap();
+}
+
+#[test]
+fn backend_death_is_one_log_line_and_the_vm_survives() {
+    require_kvm();
+    let s = Scratch::new();
+    let (sock, img) = (s.path("blk.sock"), s.image(4 << 20));
+    let mut backend = Backend::skiff_blk(&sock, &img, &[]);
+    let kernel = testguest().to_string_lossy().into_owned();
+    let arg = vhost_user_arg(&sock);
+    // The guest does its I/O, then spins; the VM ends only by --timeout (exit code 124).
+    let mut vm = Skiff::spawn(&[
+        "run",
+        "--kernel",
+        &kernel,
+        "--cmdline",
+        "virtio-blk spin",
+        "--vhost-user",
+        &arg,
+        "--timeout",
+        "4",
+    ]);
+    vm.wait_for_line("testguest: virtio-blk ok", T);
+    backend.kill();
+    let r = vm.wait(T);
+    r.assert_code(124);
+    assert!(
+        r.stderr
+            .contains("the vhost-user backend closed its connection; the device needs a reset"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+    assert_pattern(&img);
+}

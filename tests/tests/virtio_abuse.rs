@@ -1,0 +1,141 @@
+//! Bad input from the guest to the virtio-pci devices: the test guest's `virtio-abuse` scenario
+//! misprograms a virtio-rng and a virtio-blk device (queue sizes that are not powers of two,
+//! rings and buffers outside guest RAM, looping chains, wrong directions, oversized lengths,
+//! sectors past the end, MSI-X vectors out of range, odd BAR accesses) and checks that each one
+//! is refused with IOERR or DEVICE_NEEDS_RESET, then that a reset device works again. The host
+//! side checks that skiff neither panicked nor wrote the disk anywhere but the one sector the
+//! guest's final, valid write targets.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use std::time::Duration;
+
+use skiff_tests::run_testguest;
+
+const T: Duration = Duration::from_secs(120);
+const DISK_BYTES: usize = 4 << 20;
+const FILL: u8 = 0x3c;
+/// The sector the guest's `after-reset` case writes, and the pattern it writes there.
+const PROOF_SECTOR: usize = 1;
+const PATTERN: u64 = 0xa5a5_a5a5_a5a5_a5a5;
+
+/// Every case line the scenario prints, with what skiff must have done.
+const CASES: [(&str, &[&str]); 11] = [
+    (
+        "queue-size",
+        &["rng=needs-reset-at-write", "blk=needs-reset-at-write"],
+    ),
+    (
+        "ring-address",
+        &[
+            "rng=desc at=enable",
+            "rng=avail at=enable",
+            "rng=used at=enable",
+            "rng=used-at-ram-end at=enable",
+            "blk=desc at=enable",
+            "blk=avail at=enable",
+            "blk=used at=enable",
+            "blk=used-at-ram-end at=enable",
+        ],
+    ),
+    (
+        "desc-loop",
+        &[
+            "two-loop=needs-reset",
+            "self-loop=needs-reset",
+            "next-outside-table=needs-reset",
+        ],
+    ),
+    (
+        "data-address",
+        &[
+            "out-far=ioerr",
+            "in-far=ioerr",
+            "out-at-ram-end=ioerr",
+            "out-wrapping=ioerr",
+        ],
+    ),
+    (
+        "direction",
+        &[
+            "in-device-readable=ioerr",
+            "out-device-writable=ioerr",
+            "readable-after-writable=ioerr",
+            "header-writable=ioerr",
+        ],
+    ),
+    (
+        "oversized",
+        &["in-4g=ioerr", "out-4g=ioerr", "out-not-sectors=ioerr"],
+    ),
+    (
+        "sector-range",
+        &[
+            "in-at-capacity=ioerr",
+            "out-across-the-end=ioerr",
+            "in-max-sector=ioerr",
+            "out-offset-overflow=ioerr",
+            "capacity=0x2000",
+        ],
+    ),
+    (
+        "msix-vector",
+        &[
+            "rng=no-vector:0x4 table-size=0x2",
+            "blk=no-vector:0x4 table-size=0x2",
+        ],
+    ),
+    ("queue-select", &["rng=ignored", "blk=ignored"]),
+    ("bar-access", &["rng=zero-reads:0x7", "blk=zero-reads:0x7"]),
+    (
+        "after-reset",
+        &["rng=bytes:0x40", "blk=sector-written-and-read:0x1"],
+    ),
+];
+
+#[test]
+fn guest_abuse_of_virtio_devices_is_refused_and_a_reset_recovers() {
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), vec![FILL; DISK_BYTES]).unwrap();
+    let spec = format!("path={}", f.path().display());
+    let r = run_testguest("virtio-abuse", &["--rng", "--disk", &spec], T);
+    r.assert_code(0)
+        .assert_stdout_has("testguest: virtio-abuse ok cases=11")
+        .assert_stdout_has("testguest: done");
+    for (case, details) in CASES {
+        let prefix = format!("testguest: virtio-abuse {case} ok (");
+        let line = r
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("no {case:?} line\n--- stdout ---\n{}", r.stdout));
+        for d in details {
+            assert!(line.contains(d), "{case}: {d:?} missing from {line:?}");
+        }
+    }
+    // An unusual sum of lengths may be refused either way, but never accepted.
+    assert!(
+        r.stdout.contains("in-sum-over-4g=ioerr")
+            || r.stdout.contains("in-sum-over-4g=needs-reset"),
+        "{}",
+        r.stdout
+    );
+    for bad in ["panicked", "PANIC", "FAIL"] {
+        assert!(!r.stdout.contains(bad), "stdout has {bad:?}:\n{}", r.stdout);
+        assert!(!r.stderr.contains(bad), "stderr has {bad:?}:\n{}", r.stderr);
+    }
+
+    // Nothing but the proof sector changed: the refused writes never reached the file.
+    let bytes = std::fs::read(f.path()).unwrap();
+    assert_eq!(bytes.len(), DISK_BYTES, "the disk changed size");
+    let proof = PROOF_SECTOR * 512..(PROOF_SECTOR + 1) * 512;
+    for (i, &b) in bytes.iter().enumerate() {
+        if !proof.contains(&i) {
+            assert_eq!(b, FILL, "disk byte {i:#x} changed");
+        }
+    }
+    for o in proof.step_by(8) {
+        let v = u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap());
+        assert_eq!(v, o as u64 ^ PATTERN, "proof sector word at {o:#x}");
+    }
+}
