@@ -327,7 +327,10 @@ mod tests {
 
     impl VcpuSnapshot for IdleVcpu {
         fn save_state(&self) -> HvResult<(VcpuState, SkippedState)> {
-            unimplemented!("not used")
+            // These tests never save state; an error makes any accidental use visible.
+            Err(crate::hypervisor::HypervisorError::MissingCapability(
+                "state save in the idle test vCPU",
+            ))
         }
         fn restore_state(&self, _: &VcpuState) -> HvResult<()> {
             Ok(())
