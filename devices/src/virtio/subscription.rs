@@ -7,7 +7,8 @@
 //! device's job (a flag checked under the handler's lock); this only detaches its fds.
 
 use std::io;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use event_manager::{MutEventSubscriber, SubscriberId};
 
@@ -79,5 +80,47 @@ impl LoopSubscription {
 impl Drop for LoopSubscription {
     fn drop(&mut self) {
         self.detach();
+    }
+}
+
+/// One activation's queue handler: registered with the event loop, with the flag that stops its
+/// work. `stop` is a device's `reset`: after it returns no handler run touches guest memory.
+pub struct ActiveHandler<H> {
+    handler: Arc<Mutex<H>>,
+    stopped: Arc<AtomicBool>,
+    subscription: LoopSubscription,
+}
+
+impl<H> std::fmt::Debug for ActiveHandler<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ActiveHandler")
+            .field("subscription", &self.subscription)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<H: MutEventSubscriber + Send + 'static> ActiveHandler<H> {
+    /// Registers `handler`, which checks `stopped` under its own lock before each run.
+    pub fn start(event_loop: &EventLoop, stopped: Arc<AtomicBool>, handler: H) -> io::Result<Self> {
+        let handler = Arc::new(Mutex::new(handler));
+        let subscription = LoopSubscription::add(event_loop, handler.clone())?;
+        Ok(Self {
+            handler,
+            stopped,
+            subscription,
+        })
+    }
+
+    /// The handler, locked (for counters and tests).
+    pub fn handler(&self) -> MutexGuard<'_, H> {
+        self.handler.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Stops the handler, waits for a run in progress, and detaches it from the loop.
+    pub fn stop(self) {
+        self.stopped.store(true, Ordering::Release);
+        // Taking the lock waits for a handler run in progress.
+        drop(self.handler());
+        self.subscription.remove();
     }
 }

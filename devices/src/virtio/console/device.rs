@@ -4,8 +4,8 @@
 //! resets, and activation of the queue handler.
 
 use std::io::{self, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -16,7 +16,7 @@ use super::queue_handler::{ConsoleCounters, ConsoleQueueHandler, SharedOutput};
 use super::QUEUE_SIZE;
 use crate::virtio::device::{ActivateContext, ActivateError, VirtioDevice};
 use crate::virtio::queue_ops::queue_slots;
-use crate::virtio::subscription::LoopSubscription;
+use crate::virtio::subscription::ActiveHandler;
 
 /// virtio device type of a console.
 const DEVICE_TYPE_CONSOLE: u32 = 3;
@@ -30,17 +30,11 @@ pub enum ConsoleError {
     EventFd(#[source] io::Error),
 }
 
-struct Active {
-    handler: Arc<Mutex<ConsoleQueueHandler>>,
-    stopped: Arc<AtomicBool>,
-    subscription: LoopSubscription,
-}
-
 /// A single-port virtio console.
 pub struct VirtioConsole {
     input: ConsoleInput,
     output: SharedOutput,
-    active: Option<Active>,
+    active: Option<ActiveHandler<ConsoleQueueHandler>>,
 }
 
 impl std::fmt::Debug for VirtioConsole {
@@ -71,11 +65,7 @@ impl VirtioConsole {
     /// Byte counters of the current activation (`None` while the driver has not started it).
     pub fn counters(&self) -> Option<ConsoleCounters> {
         let active = self.active.as_ref()?;
-        let handler = active
-            .handler
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        Some(handler.counters())
+        Some(active.handler().counters())
     }
 }
 
@@ -125,7 +115,7 @@ impl VirtioDevice for VirtioConsole {
             });
         };
         let stopped = Arc::new(AtomicBool::new(false));
-        let handler = Arc::new(Mutex::new(ConsoleQueueHandler::new(
+        let handler = ConsoleQueueHandler::new(
             mem,
             rx,
             tx,
@@ -133,34 +123,21 @@ impl VirtioDevice for VirtioConsole {
             self.output.clone(),
             signals,
             stopped.clone(),
-        )));
-        let subscription =
-            LoopSubscription::add(&event_loop, handler.clone()).map_err(|source| {
-                ActivateError::Host {
-                    device: NAME,
-                    source,
-                }
-            })?;
-        self.active = Some(Active {
-            handler,
-            stopped,
-            subscription,
-        });
+        );
+        let active = ActiveHandler::start(&event_loop, stopped, handler).map_err(|source| {
+            ActivateError::Host {
+                device: NAME,
+                source,
+            }
+        })?;
+        self.active = Some(active);
         Ok(())
     }
 
     fn reset(&mut self) {
-        let Some(active) = self.active.take() else {
-            return;
-        };
-        active.stopped.store(true, Ordering::Release);
-        // Wait for a handler run in progress: after this no guest memory is touched.
-        drop(
-            active
-                .handler
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        );
-        active.subscription.remove();
+        if let Some(active) = self.active.take() {
+            // After this no handler run touches guest memory.
+            active.stop();
+        }
     }
 }

@@ -6,8 +6,8 @@
 //! Not here: moving frames (`queue_handler`, `frames`) and opening the tap (`tap`).
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use thiserror::Error;
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
@@ -23,7 +23,7 @@ use super::tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_EC
 use super::QUEUE_SIZE;
 use crate::virtio::device::{ActivateContext, ActivateError, VirtioDevice};
 use crate::virtio::queue_ops::queue_slots;
-use crate::virtio::subscription::LoopSubscription;
+use crate::virtio::subscription::ActiveHandler;
 
 /// virtio device type of a network card.
 const DEVICE_TYPE_NET: u32 = 1;
@@ -84,18 +84,12 @@ fn random_mac() -> Result<[u8; 6], NetError> {
     Ok(mac)
 }
 
-struct Active {
-    handler: Arc<Mutex<NetQueueHandler>>,
-    stopped: Arc<AtomicBool>,
-    subscription: LoopSubscription,
-}
-
 /// A virtio-net device on a tap.
 pub struct VirtioNet {
     tap: Arc<Tap>,
     mac: [u8; 6],
     features: u64,
-    active: Option<Active>,
+    active: Option<ActiveHandler<NetQueueHandler>>,
 }
 
 impl std::fmt::Debug for VirtioNet {
@@ -159,11 +153,7 @@ impl VirtioNet {
     /// Frame counters of the current activation (`None` while the driver has not started it).
     pub fn counters(&self) -> Option<NetCounters> {
         let active = self.active.as_ref()?;
-        let handler = active
-            .handler
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        Some(handler.counters())
+        Some(active.handler().counters())
     }
 
     /// The configuration space: mac, status, max_virtqueue_pairs.
@@ -245,7 +235,7 @@ impl VirtioDevice for VirtioNet {
                 source: io::Error::other(e),
             })?;
         let stopped = Arc::new(AtomicBool::new(false));
-        let handler = Arc::new(Mutex::new(NetQueueHandler::new(
+        let handler = NetQueueHandler::new(
             mem,
             rx,
             tx,
@@ -253,35 +243,22 @@ impl VirtioDevice for VirtioNet {
             signals,
             acked_features & bit(VIRTIO_NET_F_GUEST_CSUM) != 0,
             stopped.clone(),
-        )));
-        let subscription =
-            LoopSubscription::add(&event_loop, handler.clone()).map_err(|source| {
-                ActivateError::Host {
-                    device: NAME,
-                    source,
-                }
-            })?;
-        self.active = Some(Active {
-            handler,
-            stopped,
-            subscription,
-        });
+        );
+        let active = ActiveHandler::start(&event_loop, stopped, handler).map_err(|source| {
+            ActivateError::Host {
+                device: NAME,
+                source,
+            }
+        })?;
+        self.active = Some(active);
         Ok(())
     }
 
     fn reset(&mut self) {
-        let Some(active) = self.active.take() else {
-            return;
-        };
-        active.stopped.store(true, Ordering::Release);
-        // Wait for a handler run in progress: after this no guest memory is touched.
-        drop(
-            active
-                .handler
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        );
-        active.subscription.remove();
+        if let Some(active) = self.active.take() {
+            // After this no handler run touches guest memory.
+            active.stop();
+        }
     }
 }
 
