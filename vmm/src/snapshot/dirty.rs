@@ -254,6 +254,7 @@ pub fn mappings(memory: &GuestMemory) -> Vec<PrivateMapping> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::snapshot::memory_file::tests::test_file;
     use std::os::unix::fs::FileExt;
 
     fn set(pages: u64, dirty: &[u64]) -> PageBitmap {
@@ -330,13 +331,7 @@ mod tests {
                 .unwrap();
         }
         let dir = tempfile::tempdir().unwrap();
-        let dst = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("m"))
-            .unwrap();
+        let dst = test_file(dir.path().join("m"));
         dst.set_len(64 * 4096).unwrap();
         let m = mappings(&memory)[0];
         // SAFETY: `memory` keeps the mapping alive for the whole call.

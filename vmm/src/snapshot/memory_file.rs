@@ -354,8 +354,19 @@ pub unsafe fn overlay_private_pages(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A new, empty read-write file at `path` (truncated if it exists).
+    pub(crate) fn test_file(path: impl AsRef<std::path::Path>) -> File {
+        File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .unwrap()
+    }
     use std::os::unix::fs::FileExt;
 
     fn memfd(len: u64) -> File {
@@ -380,13 +391,7 @@ mod tests {
         src.write_all_at(&[7u8; 8192], 20 << 20).unwrap();
         src.write_all_at(b"tail", (64 << 20) - 4).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let dst = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("m"))
-            .unwrap();
+        let dst = test_file(dir.path().join("m"));
         // Copy the upper half only, as a region at file offset 16 MiB would.
         dst.set_len(48 << 20).unwrap();
         let n = copy_sparse(&src, 16 << 20, &dst, 0, 48 << 20, &AtomicBool::new(false)).unwrap();
@@ -408,13 +413,7 @@ mod tests {
     #[test]
     fn copies_into_a_memfd_and_honours_cancel() {
         let dir = tempfile::tempdir().unwrap();
-        let src = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("s"))
-            .unwrap();
+        let src = test_file(dir.path().join("s"));
         src.set_len(8 << 20).unwrap();
         src.write_all_at(b"abc", 5 << 20).unwrap();
         let dst = memfd(16 << 20);
@@ -431,26 +430,14 @@ mod tests {
     fn reflink_between_a_memfd_and_a_file_is_refused_not_failed() {
         let src = memfd(1 << 20);
         let dir = tempfile::tempdir().unwrap();
-        let dst = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("r"))
-            .unwrap();
+        let dst = test_file(dir.path().join("r"));
         assert!(!reflink(&src, 0, &dst, 1 << 20).unwrap());
     }
 
     #[test]
     fn pages_written_in_a_private_mapping_are_overlaid() {
         let dir = tempfile::tempdir().unwrap();
-        let src = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("s"))
-            .unwrap();
+        let src = test_file(dir.path().join("s"));
         src.set_len(1 << 20).unwrap();
         src.write_all_at(b"file", 0).unwrap();
         let len = 1 << 20;
@@ -472,13 +459,7 @@ mod tests {
             std::ptr::write_volatile(p.cast::<u8>().add(8192), b'x');
             std::ptr::write_volatile(p.cast::<u8>().add(len - 1), b'y');
         }
-        let dst = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(dir.path().join("d"))
-            .unwrap();
+        let dst = test_file(dir.path().join("d"));
         dst.set_len(len as u64).unwrap();
         copy_sparse(&src, 0, &dst, 0, len as u64, &AtomicBool::new(false)).unwrap();
         let mapping = PrivateMapping {
