@@ -255,21 +255,8 @@ fn a_full_filesystem_fails_the_snapshot_cleanly() {
 fn a_second_snapshot_while_one_is_written_is_a_conflict() {
     require_kvm();
     let root = tempfile::tempdir().unwrap();
-    let sock = root.path().join("api.sock");
-    let kernel = guest();
     // memcheck writes every page of 1 GiB, so the snapshot copies 1 GiB and takes a while.
-    let mut vm = Skiff::spawn(&[
-        "run",
-        "--kernel",
-        &kernel,
-        "--cmdline",
-        "memcheck spin",
-        "--memory",
-        "size=1G",
-        "--api-socket",
-        sock.to_str().unwrap(),
-    ]);
-    vm.wait_for_line("testguest: spinning", T);
+    let (vm, sock) = start_touched_1gib(root.path());
     let snap = root.path().join("big");
     let first = {
         let (sock, snap) = (sock.clone(), snap.clone());

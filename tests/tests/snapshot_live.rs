@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use skiff_tests::{require_kvm, Skiff};
+use skiff_tests::require_kvm;
 
 mod snapshot_support;
 use snapshot_support::*;
@@ -168,21 +168,8 @@ fn copy_dir(from: &Path, to: &Path) {
 fn a_snapshot_requested_while_a_live_one_runs_is_a_conflict() {
     require_kvm();
     let root = tempfile::tempdir().unwrap();
-    let sock = root.path().join("api.sock");
-    let kernel = guest();
     // memcheck writes every page of 1 GiB, so the first pass copies 1 GiB and takes a while.
-    let mut vm = Skiff::spawn(&[
-        "run",
-        "--kernel",
-        &kernel,
-        "--cmdline",
-        "memcheck spin",
-        "--memory",
-        "size=1G",
-        "--api-socket",
-        sock.to_str().unwrap(),
-    ]);
-    vm.wait_for_line("testguest: spinning", T);
+    let (vm, sock) = start_touched_1gib(root.path());
     let snap = root.path().join("big");
     let first = {
         let (sock, snap) = (sock.clone(), snap.clone());

@@ -40,6 +40,27 @@ pub fn start_counter(dir: &Path, extra: &[&str]) -> (Skiff, PathBuf) {
 }
 
 /// Runs `skiff ctl --api-socket SOCK ARGS...`: (exit code, stdout, stderr).
+/// A 1 GiB guest whose memory is fully written (memcheck), idling with the control API on
+/// `dir/api.sock`: snapshotting it copies 1 GiB, long enough to overlap a second request.
+pub fn start_touched_1gib(dir: &Path) -> (Skiff, PathBuf) {
+    require_kvm();
+    let sock = dir.join("api.sock");
+    let kernel = guest();
+    let mut vm = Skiff::spawn(&[
+        "run",
+        "--kernel",
+        &kernel,
+        "--cmdline",
+        "memcheck spin",
+        "--memory",
+        "size=1G",
+        "--api-socket",
+        sock.to_str().unwrap(),
+    ]);
+    vm.wait_for_line("testguest: spinning", T);
+    (vm, sock)
+}
+
 pub fn ctl(sock: &Path, args: &[&str]) -> (i32, String, String) {
     let out = Command::new(skiff_bin())
         .arg("ctl")
