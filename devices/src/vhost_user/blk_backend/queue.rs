@@ -3,9 +3,11 @@
 //! engine, and once they have all completed each request's status byte is written and its
 //! chain returned to the used ring; the frontend is then signalled if the driver wants it.
 //!
-//! The worker thread waits for its own batch's completions before touching the used ring, so
-//! guest memory the engine reads or writes stays mapped for the whole operation (the daemon
-//! only replaces the memory between events). With `EVENT_IDX`, notifications are re-enabled
+//! Requests go to the used ring as soon as their operations finish, and the worker keeps taking
+//! the chains the driver adds meanwhile (a bounded number), so a streaming driver never waits for
+//! a whole batch. The worker returns only once nothing is in flight, so guest memory the engine
+//! reads or writes stays mapped for the whole operation (the daemon only replaces the memory
+//! between events). With `EVENT_IDX`, notifications are re-enabled
 //! and the ring checked again before returning, so a request added meanwhile is not missed.
 
 use thiserror::Error;
@@ -38,7 +40,45 @@ struct Pending {
     head: u16,
     status: GuestAddress,
     used_len: u32,
+    /// Operations not yet completed.
+    remaining: usize,
     failed: bool,
+}
+
+/// Requests in flight, indexed by the tag their operations carry.
+#[derive(Default)]
+struct InFlight {
+    slots: Vec<Option<Pending>>,
+    free: Vec<usize>,
+}
+
+impl InFlight {
+    fn insert(&mut self, p: Pending) -> u64 {
+        let at = match self.free.pop() {
+            Some(at) => {
+                self.slots[at] = Some(p);
+                at
+            }
+            None => {
+                self.slots.push(Some(p));
+                self.slots.len() - 1
+            }
+        };
+        at as u64
+    }
+
+    /// Counts one finished operation; the request once all of its operations are done.
+    fn complete(&mut self, c: &Completion) -> Option<Pending> {
+        let at = usize::try_from(c.tag).ok()?;
+        let p = self.slots.get_mut(at)?.as_mut()?;
+        p.failed |= c.result.is_err();
+        p.remaining = p.remaining.saturating_sub(1);
+        if p.remaining > 0 {
+            return None;
+        }
+        self.free.push(at);
+        self.slots[at].take()
+    }
 }
 
 /// Serves every available request of `vring`.
@@ -53,10 +93,7 @@ pub(super) fn serve_queue(
         if event_idx {
             vring.disable_notification().map_err(QueueError::Ring)?;
         }
-        let used = serve_available(&mut vring.get_mut(), mem, disk, engine)?;
-        if used && vring.needs_notification().map_err(QueueError::Ring)? {
-            vring.signal_used_queue().map_err(QueueError::Signal)?;
-        }
+        serve_available(&mut vring.get_mut(), mem, disk, engine)?;
         // Without EVENT_IDX one pass is enough: the driver kicks for anything new.
         if !event_idx || !vring.enable_notification().map_err(QueueError::Ring)? {
             return Ok(());
@@ -64,83 +101,118 @@ pub(super) fn serve_queue(
     }
 }
 
-/// Takes, runs and completes the available chains; whether any was used.
+/// Most chains one call takes beyond those available when it starts: the driver may keep the
+/// ring busy, and the daemon needs the ring's lock back now and then. Chains added after the
+/// call started were kicked for (or, with `EVENT_IDX`, are seen by `serve_queue`'s re-check).
+const STREAM_BUDGET: usize = 1024;
+
+/// Takes, runs and completes the available chains, streaming: each request goes to the used
+/// ring as soon as its operations finish (so the driver can refill its slot while the others are
+/// still running), and chains the driver adds meanwhile are taken too, up to `STREAM_BUDGET`.
+/// Returns once nothing is in flight, so guest memory stays mapped for every operation.
 fn serve_available(
     state: &mut VringState<BackendMemory>,
     mem: &GuestMemoryMmap<()>,
     disk: &DiskImage,
     engine: &mut IoEngine,
-) -> Result<bool, QueueError> {
-    let queue = state.get_queue_mut();
-    let mut used = false;
-    let mut pending: Vec<Pending> = Vec::new();
+) -> Result<(), QueueError> {
+    let mut in_flight = InFlight::default();
     let mut done: Vec<Completion> = Vec::new();
-    while let Some(chain) = queue.pop_descriptor_chain(mem) {
-        let head = chain.head_index();
-        let req = match parse(chain, mem) {
-            Ok(req) => req,
-            Err(bad) => {
-                log::warn!("vhost-user-blk: bad request at head {head}: {}", bad.error);
-                if let Some(status) = bad.status {
-                    let _ = mem.write_obj(VIRTIO_BLK_S_IOERR as u8, status);
-                }
-                queue.add_used(mem, head, 1).map_err(QueueError::Ring)?;
-                used = true;
-                continue;
-            }
-        };
-        match prepare(&req, mem, disk) {
-            Action::Complete { status, used_len } => {
-                // The parser checked that the status byte lies in guest memory.
-                let _ = mem.write_obj(status, req.status);
-                queue
-                    .add_used(mem, head, used_len)
+    let mut budget = usize::from(state.get_queue().size()) + STREAM_BUDGET;
+    loop {
+        let mut used = false;
+        while budget > 0 && engine.in_flight() + MAX_OPS_PER_REQUEST <= MAX_IN_FLIGHT {
+            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem) else {
+                break;
+            };
+            budget -= 1;
+            used |= take(state, mem, disk, engine, chain, &mut in_flight)?;
+        }
+        engine.commit();
+        if engine.in_flight() == 0 && !used {
+            return Ok(());
+        }
+        if engine.in_flight() > 0 {
+            wait_some(engine, &mut done);
+        }
+        for c in done.drain(..) {
+            if let Some(p) = in_flight.complete(&c) {
+                let (status, len) = match p.failed {
+                    true => (VIRTIO_BLK_S_IOERR as u8, 1),
+                    false => (VIRTIO_BLK_S_OK as u8, p.used_len),
+                };
+                let _ = mem.write_obj(status, p.status);
+                state
+                    .get_queue_mut()
+                    .add_used(mem, p.head, len)
                     .map_err(QueueError::Ring)?;
                 used = true;
             }
-            Action::Io { ops, used_len, .. } => {
-                if engine.in_flight() + MAX_OPS_PER_REQUEST > MAX_IN_FLIGHT {
-                    wait_all(engine, &mut done);
-                }
-                let tag = pending.len() as u64;
-                for op in ops {
-                    engine.submit(tag, op);
-                }
-                engine.commit();
-                pending.push(Pending {
-                    head,
-                    status: req.status,
-                    used_len,
-                    failed: false,
-                });
-            }
+        }
+        if used && state.needs_notification().map_err(QueueError::Ring)? {
+            state.signal_used_queue().map_err(QueueError::Signal)?;
         }
     }
-    wait_all(engine, &mut done);
-    for c in &done {
-        if let (Some(p), Err(_)) = (
-            usize::try_from(c.tag).ok().and_then(|t| pending.get_mut(t)),
-            c.result,
-        ) {
-            p.failed = true;
-        }
-    }
-    for p in &pending {
-        let (status, len) = match p.failed {
-            true => (VIRTIO_BLK_S_IOERR as u8, 1),
-            false => (VIRTIO_BLK_S_OK as u8, p.used_len),
-        };
-        let _ = mem.write_obj(status, p.status);
-        queue.add_used(mem, p.head, len).map_err(QueueError::Ring)?;
-        used = true;
-    }
-    Ok(used)
 }
 
-/// Blocks until the engine has no operation in flight, collecting completions in `out`.
-fn wait_all(engine: &mut IoEngine, out: &mut Vec<Completion>) {
-    engine.commit();
-    while engine.in_flight() > 0 {
+/// Parses one chain and either completes it at once or submits its operations; whether it went
+/// to the used ring.
+fn take(
+    state: &mut VringState<BackendMemory>,
+    mem: &GuestMemoryMmap<()>,
+    disk: &DiskImage,
+    engine: &mut IoEngine,
+    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap<()>>,
+    in_flight: &mut InFlight,
+) -> Result<bool, QueueError> {
+    let head = chain.head_index();
+    let queue = state.get_queue_mut();
+    let req = match parse(chain, mem) {
+        Ok(req) => req,
+        Err(bad) => {
+            log::warn!("vhost-user-blk: bad request at head {head}: {}", bad.error);
+            if let Some(status) = bad.status {
+                let _ = mem.write_obj(VIRTIO_BLK_S_IOERR as u8, status);
+            }
+            queue.add_used(mem, head, 1).map_err(QueueError::Ring)?;
+            return Ok(true);
+        }
+    };
+    match prepare(&req, mem, disk) {
+        Action::Complete { status, used_len } => {
+            // The parser checked that the status byte lies in guest memory.
+            let _ = mem.write_obj(status, req.status);
+            queue
+                .add_used(mem, head, used_len)
+                .map_err(QueueError::Ring)?;
+            Ok(true)
+        }
+        Action::Io { ops, used_len, .. } if ops.is_empty() => {
+            let _ = mem.write_obj(VIRTIO_BLK_S_OK as u8, req.status);
+            queue
+                .add_used(mem, head, used_len)
+                .map_err(QueueError::Ring)?;
+            Ok(true)
+        }
+        Action::Io { ops, used_len, .. } => {
+            let tag = in_flight.insert(Pending {
+                head,
+                status: req.status,
+                used_len,
+                remaining: ops.len(),
+                failed: false,
+            });
+            for op in ops {
+                engine.submit(tag, op);
+            }
+            Ok(false)
+        }
+    }
+}
+
+/// Blocks until at least one operation completes, collecting completions in `out`.
+fn wait_some(engine: &mut IoEngine, out: &mut Vec<Completion>) {
+    while out.is_empty() && engine.in_flight() > 0 {
         let mut fd = libc::pollfd {
             fd: std::os::fd::AsRawFd::as_raw_fd(engine.completion_fd()),
             events: libc::POLLIN,
