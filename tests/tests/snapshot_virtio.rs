@@ -139,11 +139,18 @@ fn the_original_keeps_using_its_devices_after_a_snapshot() {
     let disk = new_disk(root.path());
     let (mut vm, sock) = start_loop(root.path(), &disk);
     vm.wait_for_line("testguest: virtio-loop round=2 ok", T);
-    ctl_ok(&sock, &["snapshot", root.path().join("a").to_str().unwrap()]);
+    ctl_ok(
+        &sock,
+        &["snapshot", root.path().join("a").to_str().unwrap()],
+    );
     vm.wait_for_line("testguest: virtio-loop round=4 ok", T);
     ctl_ok(
         &sock,
-        &["snapshot", root.path().join("b").to_str().unwrap(), "--live"],
+        &[
+            "snapshot",
+            root.path().join("b").to_str().unwrap(),
+            "--live",
+        ],
     );
     let r = vm.wait(T);
     r.assert_code(0)

@@ -242,19 +242,21 @@ fn build_on_ram(
         ))
     };
     match steps() {
-        Ok((vm, vcpus, pio, mmio, serial, i8042, exit, events, (console_input, virtio))) => Ok(BuiltVm {
-            ram,
-            vm,
-            vcpus,
-            pio: Arc::new(pio),
-            mmio: Arc::new(mmio),
-            serial,
-            i8042,
-            exit,
-            events: Some(events),
-            console_input,
-            virtio,
-        }),
+        Ok((vm, vcpus, pio, mmio, serial, i8042, exit, events, (console_input, virtio))) => {
+            Ok(BuiltVm {
+                ram,
+                vm,
+                vcpus,
+                pio: Arc::new(pio),
+                mmio: Arc::new(mmio),
+                serial,
+                i8042,
+                exit,
+                events: Some(events),
+                console_input,
+                virtio,
+            })
+        }
         Err(e) => Err((e, ram)),
     }
 }

@@ -345,7 +345,11 @@ impl RunningVm {
             virtio: self
                 .virtio
                 .iter()
-                .map(|f| f.lock().unwrap_or_else(PoisonError::into_inner).save_state())
+                .map(|f| {
+                    f.lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .save_state()
+                })
                 .collect::<Result<_, _>>()
                 .map_err(|e| ControlError::Unsupported(crate::error_chain(&e)))?,
         };

@@ -542,7 +542,10 @@ mod tests {
         c.add_bar(0, BarKind::Memory32, 0x8000, 0xc000_8000)
             .unwrap();
         let cap = c.add_capability(0x11, &[0; 10], &[0x00, 0xc0]).unwrap();
-        c.write(COMMAND, &(COMMAND_MEMORY | COMMAND_BUS_MASTER).to_le_bytes());
+        c.write(
+            COMMAND,
+            &(COMMAND_MEMORY | COMMAND_BUS_MASTER).to_le_bytes(),
+        );
         c.write(cap + 2, &[0, 0xc0]);
         c.write(INTERRUPT_LINE, &[9]);
         let mut saved = c.save();
@@ -555,20 +558,14 @@ mod tests {
         saved.bytes[VENDOR_ID] = 0x12;
         saved.bytes[CAPABILITIES_POINTER] = 0x80;
         fresh.restore(&saved).unwrap();
-        assert_eq!(
-            fresh.read_u16(COMMAND),
-            COMMAND_MEMORY | COMMAND_BUS_MASTER
-        );
+        assert_eq!(fresh.read_u16(COMMAND), COMMAND_MEMORY | COMMAND_BUS_MASTER);
         assert_eq!(fresh.read_u16(cap + 2), 0xc000);
         assert_eq!(fresh.read_u16(INTERRUPT_LINE), 9);
         assert_eq!(fresh.read_u16(VENDOR_ID), 0x1af4);
         assert_eq!(fresh.read_u16(CAPABILITIES_POINTER) as u8, 0x40);
         assert_eq!(fresh.bar_address(0), Some(0xc000_8000));
         saved.bytes.pop();
-        assert_eq!(
-            fresh.restore(&saved),
-            Err(ConfigSpaceError::StateSize(255))
-        );
+        assert_eq!(fresh.restore(&saved), Err(ConfigSpaceError::StateSize(255)));
     }
 
     #[test]

@@ -547,7 +547,10 @@ mod tests {
             "the unmasked vector is routed again"
         );
         unmask(&mut fresh, 2);
-        assert!(fired(&fresh, 2), "the saved pending interrupt is delivered on unmask");
+        assert!(
+            fired(&fresh, 2),
+            "the saved pending interrupt is delivered on unmask"
+        );
 
         let mut bad = saved.clone();
         bad.entries.pop();

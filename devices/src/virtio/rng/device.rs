@@ -117,7 +117,10 @@ impl VirtioDevice for VirtioRng {
         // Requests are served synchronously: nothing is ever in flight between handler runs.
         let active = self.active.take()?;
         let progress = {
-            let mut handler = active.handler.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut handler = active
+                .handler
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             handler.stop();
             handler.progress()
         };

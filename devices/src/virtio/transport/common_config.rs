@@ -466,8 +466,13 @@ impl CommonConfig {
     /// two up to each maximum, enabled queues whose rings lie in guest memory, known status bits
     /// in a valid order, accepted features the device offers, vectors inside the MSI-X table.
     /// `Err` says which value is wrong; nothing is changed then.
-    pub fn restore(&mut self, state: &CommonConfigState, signals: &SignalsState) -> Result<(), String> {
-        if state.queues.len() != self.queues.len() || signals.queue_vectors.len() != self.queues.len()
+    pub fn restore(
+        &mut self,
+        state: &CommonConfigState,
+        signals: &SignalsState,
+    ) -> Result<(), String> {
+        if state.queues.len() != self.queues.len()
+            || signals.queue_vectors.len() != self.queues.len()
         {
             return Err(format!(
                 "{} queues and {} queue vectors, the device has {} queues",
@@ -478,7 +483,10 @@ impl CommonConfig {
         }
         const KNOWN: u8 = 1 | 2 | STATUS_FEATURES_OK | STATUS_DRIVER_OK | STATUS_FAILED;
         if state.status & !KNOWN != 0 {
-            return Err(format!("device status {:#04x} has unknown bits", state.status));
+            return Err(format!(
+                "device status {:#04x} has unknown bits",
+                state.status
+            ));
         }
         if state.status & STATUS_DRIVER_OK != 0 && state.status & STATUS_FEATURES_OK == 0 {
             return Err(format!(

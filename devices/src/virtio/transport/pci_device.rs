@@ -493,7 +493,10 @@ impl VirtioPciDevice {
     pub fn resume(&mut self) {
         if let Some(progress) = self.quiesced.take() {
             if let Err(e) = self.activate_at(Some(&progress)) {
-                log::warn!("virtio {}: cannot resume after the snapshot: {e}", self.name);
+                log::warn!(
+                    "virtio {}: cannot resume after the snapshot: {e}",
+                    self.name
+                );
                 self.signals.set_needs_reset();
             }
         }
@@ -558,7 +561,9 @@ impl VirtioPciDevice {
         self.lock_msix().set_control(control);
         let driver_ok = self.common.status() & VIRTIO_CONFIG_S_DRIVER_OK as u8 != 0;
         if !driver_ok && !state.progress.is_empty() {
-            return Err(invalid("queue positions saved for a device the driver never activated".into()));
+            return Err(invalid(
+                "queue positions saved for a device the driver never activated".into(),
+            ));
         }
         if driver_ok {
             self.activation_attempted = true;

@@ -128,7 +128,8 @@ impl VirtioPciSignals {
         for (v, saved) in self.queue_vectors.iter().zip(&state.queue_vectors) {
             v.store(*saved, Ordering::Release);
         }
-        self.isr.store(state.isr & (ISR_QUEUE | ISR_CONFIG), Ordering::Release);
+        self.isr
+            .store(state.isr & (ISR_QUEUE | ISR_CONFIG), Ordering::Release);
         self.needs_reset.store(state.needs_reset, Ordering::Release);
         self.config_generation
             .store(state.config_generation, Ordering::Release);

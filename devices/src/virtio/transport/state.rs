@@ -104,7 +104,9 @@ pub enum StateError {
         source: MsixError,
     },
     /// BAR 0 is not where the device is placed.
-    #[error("virtio {device}: saved BAR 0 address {saved:#x} is not the device's BAR at {placed:#x}")]
+    #[error(
+        "virtio {device}: saved BAR 0 address {saved:#x} is not the device's BAR at {placed:#x}"
+    )]
     Bar {
         /// Device name.
         device: &'static str,

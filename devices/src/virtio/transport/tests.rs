@@ -601,8 +601,7 @@ fn pci_configuration_access_capability_reaches_the_bar() {
 /// pending, memory and bus mastering on, DRIVER_OK.
 fn running_device() -> Harness {
     let mut h = harness();
-    h.dev
-        .write_config(0x04, &(0b110u16).to_le_bytes());
+    h.dev.write_config(0x04, &(0b110u16).to_le_bytes());
     let msix = capabilities(&mut h)[0].0;
     h.dev.write_config(msix + 2, &0x8000u16.to_le_bytes());
     for v in 0..3u64 {
@@ -625,11 +624,17 @@ fn running_device() -> Harness {
 #[test]
 fn snapshot_round_trip_restores_transport_config_space_and_msix() {
     let mut h = running_device();
-    assert_eq!(h.record.lock().unwrap().positions, vec![vec![(0, 0, 0), (1, 0, 0)]]);
+    assert_eq!(
+        h.record.lock().unwrap().positions,
+        vec![vec![(0, 0, 0), (1, 0, 0)]]
+    );
     h.dev.quiesce();
     let saved = h.dev.save_state().unwrap();
     assert_eq!(saved.progress.len(), 2);
-    assert!(saved.msix.pending[0] & 0b10 != 0, "masked vector 1 is pending");
+    assert!(
+        saved.msix.pending[0] & 0b10 != 0,
+        "masked vector 1 is pending"
+    );
     assert_eq!(saved.signals.isr & 1, 1, "ISR queue bit set");
 
     let mut fresh = harness();
@@ -638,13 +643,22 @@ fn snapshot_round_trip_restores_transport_config_space_and_msix() {
     // no quiesced positions until its own next snapshot).
     let again = fresh.dev.save_state().unwrap();
     assert!(again.progress.is_empty());
-    assert_eq!(VirtioPciState { progress: saved.progress.clone(), ..again }, saved);
+    assert_eq!(
+        VirtioPciState {
+            progress: saved.progress.clone(),
+            ..again
+        },
+        saved
+    );
     // Activated without the driver doing anything, at the saved positions.
     assert_eq!(
         fresh.record.lock().unwrap().positions,
         vec![vec![(0, 5, 3), (1, 5, 3)]]
     );
-    assert_eq!(fresh.status(), ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+    assert_eq!(
+        fresh.status(),
+        ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK
+    );
     fresh.w16(QUEUE_SELECT, 1);
     assert_eq!(fresh.r16(QUEUE_SIZE), 4);
     assert_eq!(fresh.r16(QUEUE_MSIX_VECTOR), 1);
@@ -656,7 +670,11 @@ fn snapshot_round_trip_restores_transport_config_space_and_msix() {
     assert_eq!(routed, vec![0, 2]);
     assert!(fresh.irqs[1].read().is_err(), "still masked");
     fresh.w32(0x4000 + 16 + 12, 0);
-    assert_eq!(fresh.irqs[1].read().unwrap(), 1, "pending interrupt delivered");
+    assert_eq!(
+        fresh.irqs[1].read().unwrap(),
+        1,
+        "pending interrupt delivered"
+    );
     assert_eq!(fresh.r8(0x1000) & 1, 1, "ISR survives");
     // Queue kicks were raised so that chains made available before the snapshot are taken.
     for q in 0..2 {
@@ -665,7 +683,10 @@ fn snapshot_round_trip_restores_transport_config_space_and_msix() {
 
     // The original resumes at the positions it quiesced at.
     h.dev.resume();
-    assert_eq!(h.record.lock().unwrap().positions[1], vec![(0, 5, 3), (1, 5, 3)]);
+    assert_eq!(
+        h.record.lock().unwrap().positions[1],
+        vec![(0, 5, 3), (1, 5, 3)]
+    );
 }
 
 #[test]
@@ -695,23 +716,47 @@ fn out_of_range_saved_values_are_refused() {
         change(&mut bad);
         let mut fresh = harness();
         let err = fresh.dev.restore_state(&bad).unwrap_err();
-        let text = format!("{err} {:?}", std::error::Error::source(&err).map(|s| s.to_string()));
+        let text = format!(
+            "{err} {:?}",
+            std::error::Error::source(&err).map(|s| s.to_string())
+        );
         assert!(text.contains(expect), "{text:?} lacks {expect:?}");
         assert!(fresh.record.lock().unwrap().activations.is_empty());
     };
-    refused(&|s| s.common.queues[0].size = 6, "size 6 is not a power of two");
-    refused(&|s| s.common.queues[0].size = 32, "size 32 is not a power of two");
+    refused(
+        &|s| s.common.queues[0].size = 6,
+        "size 6 is not a power of two",
+    );
+    refused(
+        &|s| s.common.queues[0].size = 32,
+        "size 32 is not a power of two",
+    );
     refused(&|s| s.signals.queue_vectors[1] = 3, "vector 3 is beyond");
-    refused(&|s| s.signals.config_vector = 0x800, "vector 2048 is beyond");
-    refused(&|s| s.common.queues[1].desc = MEM_SIZE, "outside guest memory");
-    refused(&|s| s.common.queues.pop().map(drop).unwrap_or(()), "1 queues");
+    refused(
+        &|s| s.signals.config_vector = 0x800,
+        "vector 2048 is beyond",
+    );
+    refused(
+        &|s| s.common.queues[1].desc = MEM_SIZE,
+        "outside guest memory",
+    );
+    refused(
+        &|s| s.common.queues.pop().map(drop).unwrap_or(()),
+        "1 queues",
+    );
     refused(&|s| s.common.status |= 0x20, "unknown bits");
     refused(&|s| s.common.driver_features |= 1 << 40, "not a subset");
-    refused(&|s| s.config.bytes[0x10..0x14].copy_from_slice(&0xc100_0000u32.to_le_bytes()), "BAR 0 address 0xc1000000");
+    refused(
+        &|s| s.config.bytes[0x10..0x14].copy_from_slice(&0xc100_0000u32.to_le_bytes()),
+        "BAR 0 address 0xc1000000",
+    );
     refused(&|s| s.msix.entries.push(s.msix.entries[0]), "MSI-X");
     refused(&|s| s.msix.pending[0] |= 1 << 9, "MSI-X");
     refused(&|s| s.progress[1].index = 0, "queue 0 does not match");
-    refused(&|s| s.identity = crate::virtio::DeviceIdentity::Console, "different device");
+    refused(
+        &|s| s.identity = crate::virtio::DeviceIdentity::Console,
+        "different device",
+    );
     refused(
         &|s| {
             s.common.status = ACKNOWLEDGE | DRIVER | FEATURES_OK;

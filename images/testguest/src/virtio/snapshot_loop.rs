@@ -68,7 +68,8 @@ pub fn run(info: &BootInfo, rounds: u64) {
         .str("\n");
     for round in 1..=rounds {
         random.zero();
-        rq.add(&[Buf::of(&random, true)]).expect("rng queue has room");
+        rq.add(&[Buf::of(&random, true)])
+            .expect("rng queue has room");
         rq.kick();
         let Some((_, len)) = rq.wait(Deadline::after_ms(TIMEOUT_MS)) else {
             rng.fail_timeout("random bytes")
