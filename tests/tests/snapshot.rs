@@ -197,25 +197,6 @@ fn snapshot_into_an_existing_directory_is_refused_and_the_vm_runs_on() {
 }
 
 #[test]
-fn a_vm_with_virtio_devices_is_refused_clearly_and_runs_on() {
-    let root = tempfile::tempdir().unwrap();
-    let (mut vm, sock) = start_counter(root.path(), &["--rng"]);
-    vm.wait_for_line("testguest: counter 1 ", T);
-    let snap = root.path().join("snap");
-    let (code, _, err) = ctl(&sock, &["snapshot", snap.to_str().unwrap()]);
-    assert_eq!(code, 1);
-    assert!(
-        err.contains("snapshot of virtio devices is not supported yet: the virtio PCI function"),
-        "{err}"
-    );
-    assert!(!snap.exists());
-    assert_eq!(ctl_ok(&sock, &["status"])["state"], "running");
-    vm.wait_for_line("testguest: counter 3 ", T);
-    ctl_ok(&sock, &["shutdown"]);
-    vm.wait(T).assert_code(0);
-}
-
-#[test]
 fn a_full_filesystem_fails_the_snapshot_cleanly() {
     require_kvm();
     let root = tempfile::tempdir().unwrap();

@@ -279,3 +279,57 @@ fn backend_death_is_one_log_line_and_the_vm_survives() {
     assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
     assert_pattern(&img);
 }
+
+#[test]
+fn snapshot_of_a_vm_with_a_vhost_user_device_is_refused_naming_it_and_the_vm_runs_on() {
+    require_kvm();
+    let s = Scratch::new();
+    let (sock, img) = (s.path("blk.sock"), s.image(4 << 20));
+    let _backend = Backend::skiff_blk(&sock, &img, &[]);
+    let api = s.path("api.sock");
+    let kernel = testguest().to_string_lossy().into_owned();
+    let arg = vhost_user_arg(&sock);
+    let mut vm = Skiff::spawn(&[
+        "run",
+        "--kernel",
+        &kernel,
+        "--cmdline",
+        "virtio-blk spin",
+        "--vhost-user",
+        &arg,
+        "--rng",
+        "--api-socket",
+        api.to_str().unwrap(),
+        "--timeout",
+        "20",
+    ]);
+    vm.wait_for_line("testguest: virtio-blk ok", T);
+    let snap = s.path("snap");
+    let ctl = |args: &[&str]| {
+        Command::new(skiff_tests::skiff_bin())
+            .arg("ctl")
+            .arg("--api-socket")
+            .arg(&api)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = ctl(&["snapshot", snap.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot snapshot this VM: virtio vhost-user-blk")
+            && err.contains("the vhost-user backend holds the queue state"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("virtio rng"),
+        "the rng device is not a blocker: {err}"
+    );
+    assert!(!snap.exists());
+    let status = String::from_utf8_lossy(&ctl(&["status"]).stdout).into_owned();
+    assert!(status.contains("\"running\""), "{status}");
+    ctl(&["shutdown"]);
+    vm.wait(T).assert_code(0);
+    assert_pattern(&img);
+}

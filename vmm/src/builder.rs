@@ -17,6 +17,8 @@ use devices::virtio::blk::{BlkError, VirtioBlk};
 use devices::virtio::console::{ConsoleError, ConsoleInput, VirtioConsole};
 use devices::virtio::net::{NetError, VirtioNet};
 use devices::virtio::rng::VirtioRng;
+use devices::virtio::transport::{StateError, VirtioPciDevice, VirtioPciState};
+use devices::virtio::{DeviceIdentity, VirtioDevice};
 use devices::vm_exit::VmExitSignal;
 use event_manager::{EventManager, MutEventSubscriber};
 use thiserror::Error;
@@ -117,6 +119,9 @@ pub enum BuildError {
     /// The `--console` device could not be set up.
     #[error(transparent)]
     Console(#[from] ConsoleError),
+    /// A saved virtio device state cannot be used.
+    #[error(transparent)]
+    VirtioState(#[from] StateError),
     /// A saved serial port state cannot be used.
     #[error("cannot restore the serial port")]
     SerialState(#[source] devices::legacy::serial::SerialError),
@@ -158,7 +163,12 @@ pub struct BuiltVm {
     /// The virtio console's input (`--console`): the runner feeds it stdin instead of the
     /// serial port.
     pub console_input: Option<ConsoleInput>,
+    /// The virtio PCI functions, in the order they were added (kept for snapshots).
+    pub virtio: VirtioFunctions,
 }
+
+/// The VM's virtio PCI functions, in bus order.
+pub type VirtioFunctions = Vec<Arc<Mutex<VirtioPciDevice>>>;
 
 impl std::fmt::Debug for BuiltVm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -216,7 +226,8 @@ fn build_on_ram(
         let (mut pio, serial, i8042) = create_legacy_devices(&*vm, &cfg.serial, &exit, None)?;
         let events = VmEvents::new().map_err(|e| BuildError::EventLoop(format!("{e:?}")))?;
         let mut mmio = Bus::new();
-        let console_input = create_pci_devices(&*vm, &ram, cfg, &events, &mut pio, &mut mmio)?;
+        let (console_input, virtio) =
+            create_pci_devices(&*vm, &ram, cfg, &events, &mut pio, &mut mmio)?;
         let vcpus = create_vcpus(hypervisor, &*vm, cfg.cpus, &boot)?;
         Ok((
             vm,
@@ -227,22 +238,25 @@ fn build_on_ram(
             i8042,
             exit,
             events,
-            console_input,
+            (console_input, virtio),
         ))
     };
     match steps() {
-        Ok((vm, vcpus, pio, mmio, serial, i8042, exit, events, console_input)) => Ok(BuiltVm {
-            ram,
-            vm,
-            vcpus,
-            pio: Arc::new(pio),
-            mmio: Arc::new(mmio),
-            serial,
-            i8042,
-            exit,
-            events: Some(events),
-            console_input,
-        }),
+        Ok((vm, vcpus, pio, mmio, serial, i8042, exit, events, (console_input, virtio))) => {
+            Ok(BuiltVm {
+                ram,
+                vm,
+                vcpus,
+                pio: Arc::new(pio),
+                mmio: Arc::new(mmio),
+                serial,
+                i8042,
+                exit,
+                events: Some(events),
+                console_input,
+                virtio,
+            })
+        }
         Err(e) => Err((e, ram)),
     }
 }
@@ -377,7 +391,7 @@ pub(crate) fn create_legacy_devices(
 }
 
 /// Step: the PCI host bridge, configuration access and the virtio devices `cfg` asks for.
-/// Returns the virtio console's input handle when `--console` added one.
+/// Returns the virtio console's input handle when `--console` added one, and the functions.
 fn create_pci_devices(
     vm: &dyn Vm,
     ram: &GuestRam,
@@ -385,7 +399,7 @@ fn create_pci_devices(
     events: &VmEvents,
     pio: &mut Bus,
     mmio: &mut Bus,
-) -> Result<Option<ConsoleInput>, BuildError> {
+) -> Result<(Option<ConsoleInput>, VirtioFunctions), BuildError> {
     let mut pci = PciDevices::new(vm, ram.memory().clone(), events.remote_endpoint())?;
     for disk in &cfg.disks {
         pci.add_virtio_device(Box::new(VirtioBlk::new(disk)?))?;
@@ -408,8 +422,60 @@ fn create_pci_devices(
     } else {
         None
     };
-    pci.attach(pio, mmio)?;
-    Ok(console_input)
+    let functions = pci.attach(pio, mmio)?;
+    Ok((console_input, functions))
+}
+
+/// Restore's step: the PCI segment with the virtio devices a snapshot saved, each built again
+/// from its identity in the saved order (so BARs and GSIs fall where they were) and given its
+/// saved state; devices the driver had running are active again when this returns.
+pub(crate) fn create_restored_pci_devices(
+    vm: &dyn Vm,
+    ram: &GuestRam,
+    saved: &[VirtioPciState],
+    events: &VmEvents,
+    pio: &mut Bus,
+    mmio: &mut Bus,
+) -> Result<(Option<ConsoleInput>, VirtioFunctions), BuildError> {
+    let mut pci = PciDevices::new(vm, ram.memory().clone(), events.remote_endpoint())?;
+    let mut console_input = None;
+    for state in saved {
+        let device: Box<dyn VirtioDevice> = match &state.identity {
+            DeviceIdentity::Blk {
+                path,
+                readonly,
+                id,
+                queues,
+                threads,
+            } => Box::new(VirtioBlk::new(&devices::virtio::blk::DiskConfig {
+                path: path.clone(),
+                readonly: *readonly,
+                id: id.clone(),
+                queues: *queues,
+                engine: if *threads {
+                    devices::virtio::blk::IoEngineKind::Threads
+                } else {
+                    devices::virtio::blk::IoEngineKind::Auto
+                },
+            })?),
+            DeviceIdentity::Rng => Box::new(VirtioRng::new()),
+            DeviceIdentity::Net { tap, mac } => Box::new(VirtioNet::open(tap, Some(*mac))?),
+            DeviceIdentity::Console => {
+                let console = VirtioConsole::new(Box::new(std::io::stdout()))?;
+                console_input = Some(console.input());
+                Box::new(console)
+            }
+        };
+        pci.add_virtio_device(device)?;
+    }
+    let functions = pci.attach(pio, mmio)?;
+    for (function, state) in functions.iter().zip(saved) {
+        function
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .restore_state(state)?;
+    }
+    Ok((console_input, functions))
 }
 
 /// Step: vCPUs with CPUID, MSRs, FPU and LAPIC set up; the boot vCPU gets the boot registers,

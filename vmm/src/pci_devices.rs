@@ -296,8 +296,13 @@ impl<'a> PciDevices<'a> {
         Ok((first..end).collect())
     }
 
-    /// Puts configuration access and every function's BAR on the buses.
-    pub fn attach(self, pio: &mut Bus, mmio: &mut Bus) -> Result<(), PciDevicesError> {
+    /// Puts configuration access and every function's BAR on the buses; returns the virtio
+    /// functions in the order they were added (snapshots save and restore them in it).
+    pub fn attach(
+        self,
+        pio: &mut Bus,
+        mmio: &mut Bus,
+    ) -> Result<Vec<Arc<Mutex<VirtioPciDevice>>>, PciDevicesError> {
         let root = Arc::new(self.root);
         mmio.insert(
             Arc::new(Mutex::new(PciEcam::new(root.clone()))),
@@ -319,15 +324,17 @@ impl<'a> PciDevices<'a> {
             bus: "I/O",
             source,
         })?;
+        let mut functions = Vec::with_capacity(self.functions.len());
         for f in self.functions {
             let what = format!("the BAR at {:#x}", f.bar_address);
-            mmio.insert(f.device, f.bar_address, VIRTIO_PCI_BAR_SIZE)
+            mmio.insert(f.device.clone(), f.bar_address, VIRTIO_PCI_BAR_SIZE)
                 .map_err(|source| PciDevicesError::Bus {
                     what,
                     bus: "MMIO",
                     source,
                 })?;
+            functions.push(f.device);
         }
-        Ok(())
+        Ok(functions)
     }
 }

@@ -22,7 +22,7 @@ use serde::Serialize;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::{Killable, SIGRTMIN};
 
-use crate::builder::BuiltVm;
+use crate::builder::{BuiltVm, VirtioFunctions};
 use crate::hypervisor::Vm;
 use crate::memory::GuestRam;
 use crate::snapshot::job::SnapshotJob;
@@ -101,6 +101,8 @@ pub struct RunningVm {
     ram: GuestRam,
     serial: Arc<Mutex<Serial>>,
     i8042: Arc<Mutex<I8042>>,
+    /// The virtio PCI functions, in bus order.
+    virtio: VirtioFunctions,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     exit: VmExitSignal,
@@ -139,6 +141,7 @@ impl RunningVm {
             // The runner took the event loop and the console input out already.
             events: _,
             console_input: _,
+            virtio,
         } = vm;
         let job_done = EventFd::new(EFD_NONBLOCK).map_err(|e| (0, e))?;
         let mut running = Self {
@@ -146,6 +149,7 @@ impl RunningVm {
             ram,
             serial,
             i8042,
+            virtio,
             pio,
             mmio,
             exit,
@@ -228,7 +232,11 @@ impl RunningVm {
         Ok(started.elapsed())
     }
 
+    /// Lets the vCPUs run again, after the virtio devices a snapshot quiesced continue.
     pub(crate) fn release(&mut self) {
+        for f in &self.virtio {
+            f.lock().unwrap_or_else(PoisonError::into_inner).resume();
+        }
         for t in &self.threads {
             t.control.resume();
         }
@@ -246,10 +254,10 @@ impl RunningVm {
         Ok(())
     }
 
-    /// Devices on the buses whose state a snapshot cannot save yet, described for the error
-    /// message: everything but the legacy devices and the PCI configuration access (host
-    /// bridge), i.e. every virtio PCI function's BAR, and any device added later that nobody
-    /// taught snapshots about (refused rather than saved wrong).
+    /// Devices on the buses whose state a snapshot cannot save, described for the error
+    /// message: virtio functions whose device says why (vhost-user: its backend holds the
+    /// queue state), and any device added later that nobody taught snapshots about (refused
+    /// rather than saved wrong).
     pub(crate) fn unsupported_devices(&self) -> Vec<String> {
         // Serial and i8042 are saved; debug-exit and the ACPI PM block have no state.
         let known_pio = [
@@ -266,14 +274,36 @@ impl RunningVm {
             .filter(|(base, _)| !known_pio.contains(base))
             .map(|(base, len)| format!("a device at I/O ports {base:#x}+{len:#x}"))
             .collect();
+        let mut bars = vec![PCI_ECAM_START];
+        for f in &self.virtio {
+            let f = f.lock().unwrap_or_else(PoisonError::into_inner);
+            bars.push(f.bar_address());
+            if let Some(why) = f.snapshot_blocker() {
+                list.push(format!(
+                    "virtio {} (BAR at {:#x}): {why}",
+                    f.name(),
+                    f.bar_address()
+                ));
+            }
+        }
         list.extend(
             self.mmio
                 .ranges()
                 .into_iter()
-                .filter(|&(base, _)| base != PCI_ECAM_START)
-                .map(|(base, _)| format!("the virtio PCI function with its BAR at {base:#x}")),
+                .filter(|(base, _)| !bars.contains(base))
+                .map(|(base, len)| format!("a device at MMIO {base:#x}+{len:#x}")),
         );
         list
+    }
+
+    /// For a snapshot of the paused VM: every virtio device finishes what it has in flight
+    /// (block I/O completes into the used ring, the driver is notified) and stops touching
+    /// guest memory until `release`. Call before the dirty log is read and before any state
+    /// is gathered, so that the memory and the saved queue positions agree.
+    pub(crate) fn quiesce_devices(&self) {
+        for f in &self.virtio {
+            f.lock().unwrap_or_else(PoisonError::into_inner).quiesce();
+        }
     }
 
     pub(crate) fn gather_state(&self) -> Result<(SnapshotState, Vec<String>), ControlError> {
@@ -312,6 +342,16 @@ impl RunningVm {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .save(),
+            virtio: self
+                .virtio
+                .iter()
+                .map(|f| {
+                    f.lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .save_state()
+                })
+                .collect::<Result<_, _>>()
+                .map_err(|e| ControlError::Unsupported(crate::error_chain(&e)))?,
         };
         Ok((SnapshotState { vcpus, vm, devices }, notes))
     }

@@ -97,6 +97,9 @@ pub enum ConfigSpaceError {
         /// Size.
         size: u64,
     },
+    /// A saved configuration space of the wrong size.
+    #[error("saved configuration space has {0} bytes, expected {CONFIG_SPACE_SIZE}")]
+    StateSize(usize),
     /// The capability does not fit the rest of the configuration space.
     #[error("capability {id:#04x} of {len} bytes does not fit at offset {offset:#x}")]
     CapabilityTooLarge {
@@ -146,6 +149,16 @@ pub enum BarKind {
 struct BarInfo {
     kind: BarKind,
     size: u64,
+}
+
+/// What a snapshot keeps of a configuration space: its bytes as the guest sees them. Only the
+/// bits the guest may write (command register, BAR addresses, interrupt line, writable
+/// capability fields such as MSI-X enable and mask) are taken back on restore; the layout comes
+/// from the device rebuilt from its configuration.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConfigSpaceState {
+    /// The conventional space, `CONFIG_SPACE_SIZE` bytes.
+    pub bytes: Vec<u8>,
 }
 
 /// One function's configuration space.
@@ -345,6 +358,25 @@ impl PciConfigSpace {
         self.set_bytes(offset, &value.to_le_bytes());
     }
 
+    /// The state a snapshot keeps.
+    pub fn save(&self) -> ConfigSpaceState {
+        ConfigSpaceState {
+            bytes: self.bytes.to_vec(),
+        }
+    }
+
+    /// Takes back the guest-writable bits of `state` (an untrusted snapshot): read-only fields
+    /// keep this space's values, so identity and layout cannot be changed by a saved file.
+    pub fn restore(&mut self, state: &ConfigSpaceState) -> Result<(), ConfigSpaceError> {
+        if state.bytes.len() != CONFIG_SPACE_SIZE {
+            return Err(ConfigSpaceError::StateSize(state.bytes.len()));
+        }
+        for ((byte, mask), saved) in self.bytes.iter_mut().zip(&self.writable).zip(&state.bytes) {
+            *byte = (*byte & !mask) | (saved & mask);
+        }
+        Ok(())
+    }
+
     fn set_writable_u32(&mut self, offset: usize, mask: u32) {
         if let Some(w) = self.writable.get_mut(offset..offset + 4) {
             w.copy_from_slice(&mask.to_le_bytes());
@@ -502,6 +534,38 @@ mod tests {
             c.add_capability(0x09, &[0; 250], &[]),
             Err(ConfigSpaceError::CapabilityTooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn save_restore_keeps_writable_bits_only() {
+        let mut c = PciConfigSpace::new(ids());
+        c.add_bar(0, BarKind::Memory32, 0x8000, 0xc000_8000)
+            .unwrap();
+        let cap = c.add_capability(0x11, &[0; 10], &[0x00, 0xc0]).unwrap();
+        c.write(
+            COMMAND,
+            &(COMMAND_MEMORY | COMMAND_BUS_MASTER).to_le_bytes(),
+        );
+        c.write(cap + 2, &[0, 0xc0]);
+        c.write(INTERRUPT_LINE, &[9]);
+        let mut saved = c.save();
+        let mut fresh = PciConfigSpace::new(ids());
+        fresh
+            .add_bar(0, BarKind::Memory32, 0x8000, 0xc000_8000)
+            .unwrap();
+        fresh.add_capability(0x11, &[0; 10], &[0x00, 0xc0]).unwrap();
+        // A tampered vendor ID and capability pointer are not taken back.
+        saved.bytes[VENDOR_ID] = 0x12;
+        saved.bytes[CAPABILITIES_POINTER] = 0x80;
+        fresh.restore(&saved).unwrap();
+        assert_eq!(fresh.read_u16(COMMAND), COMMAND_MEMORY | COMMAND_BUS_MASTER);
+        assert_eq!(fresh.read_u16(cap + 2), 0xc000);
+        assert_eq!(fresh.read_u16(INTERRUPT_LINE), 9);
+        assert_eq!(fresh.read_u16(VENDOR_ID), 0x1af4);
+        assert_eq!(fresh.read_u16(CAPABILITIES_POINTER) as u8, 0x40);
+        assert_eq!(fresh.bar_address(0), Some(0xc000_8000));
+        saved.bytes.pop();
+        assert_eq!(fresh.restore(&saved), Err(ConfigSpaceError::StateSize(255)));
     }
 
     #[test]

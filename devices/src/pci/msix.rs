@@ -32,6 +32,42 @@ pub enum MsixError {
     /// The vector count is zero or above the MSI-X limit.
     #[error("MSI-X vector count {0} is out of range 1..={MSIX_MAX_VECTORS}")]
     VectorCount(usize),
+    /// A saved table of another size than this function's.
+    #[error("saved MSI-X state has {entries} vectors and {pba} PBA words; the function has {expected} vectors")]
+    StateSize {
+        /// Saved vectors.
+        entries: usize,
+        /// Saved PBA qwords.
+        pba: usize,
+        /// The function's vectors.
+        expected: usize,
+    },
+    /// A saved PBA with a bit for a vector that does not exist.
+    #[error("saved MSI-X PBA marks vector {0} pending, beyond the table")]
+    PendingBeyondTable(usize),
+}
+
+/// One saved vector table entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MsixEntryState {
+    /// Message address, low dword.
+    pub address_low: u32,
+    /// Message address, high dword.
+    pub address_high: u32,
+    /// Message data.
+    pub data: u32,
+    /// Vector control (mask bit).
+    pub control: u32,
+}
+
+/// What a snapshot keeps of MSI-X: the vector table and the pending bits. Enable and function
+/// mask live in the capability's message control, saved with the configuration space.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MsixState {
+    /// The vector table.
+    pub entries: Vec<MsixEntryState>,
+    /// The PBA, 64 vectors per word.
+    pub pending: Vec<u64>,
 }
 
 /// An MSI message: where the interrupt is written and what.
@@ -181,6 +217,54 @@ impl Msix {
         for vector in 0..self.entries.len() {
             self.sync(vector);
         }
+    }
+
+    /// The vector table and pending bits.
+    pub fn save(&self) -> MsixState {
+        MsixState {
+            entries: self
+                .entries
+                .iter()
+                .map(|e| MsixEntryState {
+                    address_low: e.address_low,
+                    address_high: e.address_high,
+                    data: e.data,
+                    control: e.control,
+                })
+                .collect(),
+            pending: self.pending.clone(),
+        }
+    }
+
+    /// Takes back a saved table and PBA (untrusted: sizes must match this function's, reserved
+    /// bits are cleared as a guest write would). Routes are pushed, and pending vectors that
+    /// are deliverable delivered, by the next `set_control`.
+    pub fn restore(&mut self, state: &MsixState) -> Result<(), MsixError> {
+        let expected = self.entries.len();
+        if state.entries.len() != expected || state.pending.len() != self.pending.len() {
+            return Err(MsixError::StateSize {
+                entries: state.entries.len(),
+                pba: state.pending.len(),
+                expected,
+            });
+        }
+        for (q, word) in state.pending.iter().enumerate() {
+            for bit in 0..64 {
+                let vector = q * 64 + bit;
+                if word & (1 << bit) != 0 && vector >= expected {
+                    return Err(MsixError::PendingBeyondTable(vector));
+                }
+            }
+        }
+        for (entry, saved) in self.entries.iter_mut().zip(&state.entries) {
+            entry.set_dword(0, saved.address_low);
+            entry.set_dword(1, saved.address_high);
+            entry.set_dword(2, saved.data);
+            entry.set_dword(3, saved.control);
+        }
+        self.pending.copy_from_slice(&state.pending);
+        self.routed.fill(None);
+        Ok(())
     }
 
     /// Reads the vector table at `offset`: 4- or 8-byte accesses aligned to their size; others
@@ -433,6 +517,50 @@ mod tests {
         assert!(!m.is_pending(u16::MAX));
         m.trigger(0).unwrap();
         assert!(fired(&m, 0));
+    }
+
+    #[test]
+    fn save_restore_keeps_table_and_pending_bits_and_reroutes() {
+        let (mut m, _) = msix(3);
+        m.set_control(MSIX_CONTROL_ENABLE);
+        program(&mut m, 0, 0xfee0_0000, 0x41);
+        unmask(&mut m, 0);
+        program(&mut m, 2, 0xfee0_1000, 0x42);
+        m.trigger(2).unwrap();
+        assert!(m.is_pending(2), "masked vector 2 pending");
+        let saved = m.save();
+
+        let (mut fresh, routes) = msix(3);
+        fresh.restore(&saved).unwrap();
+        assert_eq!(fresh.save(), saved);
+        assert!(fresh.is_pending(2), "the pending bit survives");
+        fresh.set_control(MSIX_CONTROL_ENABLE);
+        assert_eq!(
+            *routes.0.lock().unwrap(),
+            vec![(
+                0,
+                MsiMessage {
+                    address: 0xfee0_0000,
+                    data: 0x41
+                }
+            )],
+            "the unmasked vector is routed again"
+        );
+        unmask(&mut fresh, 2);
+        assert!(
+            fired(&fresh, 2),
+            "the saved pending interrupt is delivered on unmask"
+        );
+
+        let mut bad = saved.clone();
+        bad.entries.pop();
+        assert!(matches!(
+            fresh.restore(&bad),
+            Err(MsixError::StateSize { .. })
+        ));
+        let mut bad = saved;
+        bad.pending[0] |= 1 << 5;
+        assert_eq!(fresh.restore(&bad), Err(MsixError::PendingBeyondTable(5)));
     }
 
     #[test]

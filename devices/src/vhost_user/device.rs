@@ -357,6 +357,15 @@ impl VirtioDevice for VhostUserDevice {
             }
         }
     }
+
+    fn identity(&self) -> Result<crate::virtio::DeviceIdentity, String> {
+        // Refused rather than saved wrong: skiff does not see the rings' progress.
+        Err(
+            "the vhost-user backend holds the queue state (ring positions and requests in \
+             flight), which skiff cannot save"
+                .into(),
+        )
+    }
 }
 
 impl Drop for VhostUserDevice {

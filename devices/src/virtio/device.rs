@@ -1,6 +1,8 @@
 //! The `VirtioDevice` trait every device model implements, and what a device gets when the
 //! driver activates it: guest memory, its queues with their kick eventfds, a way to signal the
-//! driver, and the event loop to register its queue handlers with.
+//! driver, and the event loop to register its queue handlers with. Also the device's side of
+//! snapshots: what it is (`DeviceIdentity`, to rebuild it on restore) and `quiesce`, which
+//! finishes what is in flight and hands back each queue's position (`QueueProgress`).
 
 use std::sync::{Arc, Mutex};
 
@@ -27,6 +29,61 @@ pub trait DeviceSignals: Send + Sync + std::fmt::Debug {
     /// calls this when the guest handed it something it cannot process safely (a malformed
     /// descriptor chain, an address outside guest memory) and it stops using its queues.
     fn set_needs_reset(&self);
+}
+
+/// Where a queue stood when its device was quiesced: the next available-ring entry the device
+/// takes and the next used-ring entry it writes (virtio-queue's `next_avail` and `next_used`).
+/// Everything else about a queue (size, ring addresses) is the transport's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueProgress {
+    /// Queue index.
+    pub index: u16,
+    /// Next available-ring entry.
+    pub next_avail: u16,
+    /// Next used-ring entry.
+    pub next_used: u16,
+}
+
+impl QueueProgress {
+    /// The position of `queue` now.
+    pub fn of(queue: &ActivatedQueue) -> Self {
+        use virtio_queue::QueueT;
+        Self {
+            index: queue.index,
+            next_avail: queue.queue.next_avail(),
+            next_used: queue.queue.next_used(),
+        }
+    }
+}
+
+/// What a device is, as a snapshot records it so that restore can build the same device again
+/// (its own state beyond configuration and queues: none for any of these).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum DeviceIdentity {
+    /// virtio-blk on a disk file.
+    Blk {
+        /// The disk file or block device.
+        path: std::path::PathBuf,
+        /// Writes refused.
+        readonly: bool,
+        /// `GET_ID` serial.
+        id: Option<String>,
+        /// Request queues.
+        queues: u16,
+        /// The worker-thread engine was in use (else io_uring).
+        threads: bool,
+    },
+    /// virtio-rng.
+    Rng,
+    /// virtio-net on a tap.
+    Net {
+        /// The tap interface.
+        tap: String,
+        /// The MAC address the guest saw.
+        mac: [u8; 6],
+    },
+    /// virtio-console.
+    Console,
 }
 
 /// One queue the driver enabled.
@@ -104,4 +161,15 @@ pub trait VirtioDevice: Send {
     /// Stops processing (the driver reset the device) and drops the queues, so a later
     /// `activate` starts afresh. Must deregister the device's event-loop handlers.
     fn reset(&mut self);
+    /// What the device is, for a snapshot; `Err` says why this device cannot be snapshotted.
+    fn identity(&self) -> Result<DeviceIdentity, String> {
+        Err("its state cannot be saved".into())
+    }
+    /// For a snapshot of the paused VM: finishes every request in flight (used entries
+    /// written, the driver notified as it asked), stops and deregisters the handlers like
+    /// `reset` but returning nothing unfinished, and gives each queue's position. `None` when
+    /// the device is not active. A later `activate` with queues at these positions continues.
+    fn quiesce(&mut self) -> Option<Vec<QueueProgress>> {
+        None
+    }
 }

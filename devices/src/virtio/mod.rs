@@ -18,6 +18,6 @@ pub(crate) mod test_support;
 pub mod transport;
 
 pub use device::{
-    ActivateContext, ActivateError, ActivatedQueue, DeviceSignals, EventLoop, GuestMemoryMmap,
-    VirtioDevice,
+    ActivateContext, ActivateError, ActivatedQueue, DeviceIdentity, DeviceSignals, EventLoop,
+    GuestMemoryMmap, QueueProgress, VirtioDevice,
 };

@@ -116,6 +116,18 @@ impl<H: MutEventSubscriber + Send + 'static> ActiveHandler<H> {
         self.handler.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Stops the handler like `stop`, first reading what `last` returns from it (for a
+    /// snapshot: the queues' positions) while no run can start in between.
+    pub fn stop_with<T>(self, last: impl FnOnce(&mut H) -> T) -> T {
+        let out = {
+            let mut handler = self.handler();
+            self.stopped.store(true, Ordering::Release);
+            last(&mut handler)
+        };
+        self.subscription.remove();
+        out
+    }
+
     /// Stops the handler, waits for a run in progress, and detaches it from the loop.
     pub fn stop(self) {
         self.stopped.store(true, Ordering::Release);

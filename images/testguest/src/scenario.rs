@@ -17,7 +17,7 @@ pub const EXIT_FAIL: u8 = 33;
 pub const EXIT_PANIC: u8 = 34;
 
 /// Names used in FAIL lines, indexed by `CURRENT`.
-const NAMES: [&str; 18] = [
+const NAMES: [&str; 19] = [
     "boot",
     "hello",
     "memcheck",
@@ -36,6 +36,7 @@ const NAMES: [&str; 18] = [
     "poweroff",
     "acpi-reset",
     "virtio-abuse",
+    "virtio-loop",
 ];
 const BOOT: u8 = 0;
 const HELLO: u8 = 1;
@@ -55,6 +56,7 @@ const COUNTER: u8 = 14;
 const POWEROFF: u8 = 15;
 const ACPI_RESET: u8 = 16;
 const VIRTIO_ABUSE: u8 = 17;
+const VIRTIO_LOOP: u8 = 18;
 
 /// The scenario now running, for FAIL lines from the exception handler. In `.data.tg_hot` (see
 /// linker.ld).
@@ -165,6 +167,13 @@ pub fn run_all(info: &BootInfo) -> ! {
                             .bytes(digits)
                             .str("\" (want MiB, 1..16777215)");
                     }),
+                }
+            }
+            _ if token.starts_with(b"virtio-loop=") => {
+                start(VIRTIO_LOOP);
+                match parse_u64(&token[12..]).filter(|&n| (1..100_000).contains(&n)) {
+                    Some(rounds) => crate::virtio::snapshot_loop::run(info, rounds),
+                    None => fail_msg("bad round count (want virtio-loop=N, 1 <= N < 100000)"),
                 }
             }
             _ if token.starts_with(b"counter=") => {

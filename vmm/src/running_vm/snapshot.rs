@@ -8,6 +8,10 @@
 //! the dirty log): the next diff then asks for a full snapshot first. A VM restored from a
 //! snapshot has no base until its own first snapshot.
 //!
+//! Virtio devices are quiesced right after the pause (`RunningVm::quiesce_devices`: block
+//! requests in flight complete into the used ring first), so guest memory and the saved queue
+//! positions agree; they continue when the VM is released.
+//!
 //! Full and diff: pause, gather the state, write on a `SnapshotJob` thread, resume when it
 //! ends. Live: switch tracking on, run the passes on a job thread while the guest runs; when
 //! they end, pause, copy the last dirty pages and gather the state here (the blackout), resume,
@@ -64,8 +68,8 @@ impl RunningVm {
         let blockers = self.unsupported_devices();
         if !blockers.is_empty() {
             return Err(ControlError::Unsupported(format!(
-                "snapshot of virtio devices is not supported yet: {}",
-                blockers.join(", ")
+                "cannot snapshot this VM: {}",
+                blockers.join("; ")
             )));
         }
         if req.diff && self.diff_base.is_none() {
@@ -125,6 +129,8 @@ impl RunningVm {
                 vm.release();
             }
         };
+        // Before the dirty log is read: what the devices finish now is in this snapshot.
+        self.quiesce_devices();
         let mut notes = Vec::new();
         if let Err(e) = self.track_dirty() {
             if req.diff {
@@ -340,6 +346,8 @@ impl RunningVm {
             Ok(p) => p,
             Err(e) => return fail(self, e),
         };
+        // Before the last pass: what the devices finish now is in this snapshot.
+        self.quiesce_devices();
         let last = match copy_dirty(&precopy, &mut report, &AtomicBool::new(false)) {
             Ok(s) => s,
             Err(e) => return fail(self, internal(crate::error_chain(&e))),

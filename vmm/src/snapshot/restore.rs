@@ -3,7 +3,8 @@
 //! devices, vCPUs), each fed the saved state instead of boot state.
 //!
 //! Order: the platform devices' state goes in right after they are created, before any vCPU
-//! exists; each vCPU is created and restored in full (its own ordering is in
+//! exists (the virtio devices too: rebuilt from their saved identity, their state applied and
+//! the running ones activated at their saved queue positions); each vCPU is created and restored in full (its own ordering is in
 //! `hypervisor/kvm/vcpu_state.rs`); the clock is set last, once every vCPU's TSC is back. The
 //! VM comes out paused in the sense that no vCPU thread exists yet: the runner starts them.
 //!
@@ -24,13 +25,14 @@ use super::chain::{layer_region, resolve_parents, ChainError, Layer};
 use super::manifest::{self, ManifestError, SnapshotManifest};
 use super::memory_file::{copy_sparse, MemoryFileError};
 use super::state_file::{self, SnapshotState, StateFileError};
-use crate::builder::{create_legacy_devices, create_vm, BuildError, BuiltVm, VmEvents};
+use crate::builder::{
+    create_legacy_devices, create_restored_pci_devices, create_vm, BuildError, BuiltVm, VmEvents,
+};
 use crate::config::SerialConfig;
 use crate::hypervisor::kvm::KvmHypervisor;
 use crate::hypervisor::{Hypervisor, HypervisorError, Vcpu};
 use crate::memory::backing::{Backing, BackingKind};
 use crate::memory::{GuestRam, Mappable, MemoryError, ShareableRegion};
-use crate::pci_devices::PciDevices;
 
 /// How restored guest RAM relates to the snapshot's memory files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -315,13 +317,18 @@ pub fn restore_vm(
     let exit = VmExitSignal::new().map_err(BuildError::EventFd)?;
     let (mut pio, serial, i8042) =
         create_legacy_devices(&*vm, serial, &exit, Some(&snap.state.devices))?;
-    // The PCI segment a booted VM has (host bridge and configuration access), without devices:
-    // a VM with virtio devices cannot be snapshotted yet, so none is saved.
+    // The PCI segment with the saved virtio devices, their state back and the running ones
+    // active again (their handlers join the event loop when the runner starts it).
     let events = VmEvents::new().map_err(|e| BuildError::EventLoop(format!("{e:?}")))?;
     let mut mmio = Bus::new();
-    PciDevices::new(&*vm, ram.memory().clone(), events.remote_endpoint())
-        .and_then(|pci| pci.attach(&mut pio, &mut mmio))
-        .map_err(BuildError::from)?;
+    let (console_input, virtio) = create_restored_pci_devices(
+        &*vm,
+        &ram,
+        &snap.state.devices.virtio,
+        &events,
+        &mut pio,
+        &mut mmio,
+    )?;
     let vcpus = (0..cpus)
         .zip(&snap.state.vcpus)
         .map(|(index, saved)| {
@@ -357,7 +364,8 @@ pub fn restore_vm(
         i8042,
         exit,
         events: Some(events),
-        console_input: None,
+        console_input,
+        virtio,
     })
 }
 

@@ -21,7 +21,9 @@ use super::disk::{DiskConfig, DiskError, DiskImage, IoEngineKind, SECTOR_SIZE};
 use super::engine::{self, EngineError, IoEngine};
 use super::queue_handler::BlkQueueHandler;
 use super::request::{MAX_RANGES, MAX_RANGE_SECTORS};
-use crate::virtio::device::{ActivateContext, ActivateError, VirtioDevice};
+use crate::virtio::device::{
+    ActivateContext, ActivateError, DeviceIdentity, QueueProgress, VirtioDevice,
+};
 use crate::virtio::subscription::LoopSubscription;
 
 /// virtio device type of a block device.
@@ -80,6 +82,8 @@ struct Active {
 #[derive(Debug)]
 pub struct VirtioBlk {
     disk: Arc<DiskImage>,
+    /// `id=` as configured (for snapshots).
+    id: Option<String>,
     engine: IoEngineKind,
     num_queues: u16,
     features: u64,
@@ -127,6 +131,7 @@ impl VirtioBlk {
         let config = config_space(disk.sectors(), cfg.queues, !disk.readonly());
         Ok(Self {
             disk: Arc::new(disk),
+            id: cfg.id.clone(),
             engine,
             num_queues: cfg.queues,
             features,
@@ -298,6 +303,27 @@ impl VirtioDevice for VirtioBlk {
             .unwrap_or_else(PoisonError::into_inner)
             .stop();
         active.subscription.remove();
+    }
+
+    fn identity(&self) -> Result<DeviceIdentity, String> {
+        Ok(DeviceIdentity::Blk {
+            path: self.disk.path().to_path_buf(),
+            readonly: self.disk.readonly(),
+            id: self.id.clone(),
+            queues: self.num_queues,
+            threads: self.engine == IoEngineKind::Threads,
+        })
+    }
+
+    fn quiesce(&mut self) -> Option<Vec<QueueProgress>> {
+        let active = self.active.take()?;
+        let progress = active
+            .handler
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .quiesce();
+        active.subscription.remove();
+        Some(progress)
     }
 }
 

@@ -21,7 +21,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use super::disk::DiskImage;
 use super::engine::{Completion, IoEngine, MAX_IN_FLIGHT};
 use super::request::{self, Action, BadChain, Segment};
-use crate::virtio::device::{ActivatedQueue, DeviceSignals, GuestMemoryMmap};
+use crate::virtio::device::{ActivatedQueue, DeviceSignals, GuestMemoryMmap, QueueProgress};
 
 /// Event data of the engine's completion eventfd (queue kicks use their queue position).
 const COMPLETION_TOKEN: u32 = u32::MAX;
@@ -140,6 +140,20 @@ impl BlkQueueHandler {
         self.completions = done;
         self.requests.clear();
         self.free.clear();
+    }
+
+    /// For a snapshot: waits for every operation in the engine and completes its request into
+    /// the used ring (notifying the driver as it asked), then stops like `stop` and returns
+    /// each queue's position. Chains still in the available ring (the engine was full) stay
+    /// there: the next activation is kicked and takes them.
+    pub(crate) fn quiesce(&mut self) -> Vec<QueueProgress> {
+        let mut done = std::mem::take(&mut self.completions);
+        self.engine.drain(&mut done);
+        self.absorb(&mut done);
+        self.completions = done;
+        self.signal_used();
+        self.stop();
+        self.queues.iter().map(QueueProgress::of).collect()
     }
 
     /// The queue at position `qi` was kicked.

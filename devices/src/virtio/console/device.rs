@@ -14,7 +14,9 @@ use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use super::input::ConsoleInput;
 use super::queue_handler::{ConsoleCounters, ConsoleQueueHandler, SharedOutput};
 use super::QUEUE_SIZE;
-use crate::virtio::device::{ActivateContext, ActivateError, VirtioDevice};
+use crate::virtio::device::{
+    ActivateContext, ActivateError, DeviceIdentity, QueueProgress, VirtioDevice,
+};
 use crate::virtio::queue_ops::queue_slots;
 use crate::virtio::subscription::ActiveHandler;
 
@@ -139,5 +141,15 @@ impl VirtioDevice for VirtioConsole {
             // After this no handler run touches guest memory.
             active.stop();
         }
+    }
+
+    fn identity(&self) -> Result<DeviceIdentity, String> {
+        Ok(DeviceIdentity::Console)
+    }
+
+    fn quiesce(&mut self) -> Option<Vec<QueueProgress>> {
+        // Requests are handled within one handler run: nothing is in flight between runs.
+        // Input not yet delivered stays in the input buffer for the next activation.
+        Some(self.active.take()?.stop_with(|h| h.progress()))
     }
 }

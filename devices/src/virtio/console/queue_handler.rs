@@ -14,7 +14,7 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 use super::input::ConsoleInput;
-use crate::virtio::device::{ActivatedQueue, DeviceSignals, GuestMemoryMmap};
+use crate::virtio::device::{ActivatedQueue, DeviceSignals, GuestMemoryMmap, QueueProgress};
 use crate::virtio::queue_ops::{add_used, needs_notification, next_chain, QueueFailure};
 
 const RX_KICK: u32 = 0;
@@ -110,6 +110,11 @@ impl ConsoleQueueHandler {
 
     pub(crate) fn counters(&self) -> ConsoleCounters {
         self.counters
+    }
+
+    /// Where the receive and transmit queues stand.
+    pub(crate) fn progress(&self) -> Vec<QueueProgress> {
+        vec![QueueProgress::of(&self.rx), QueueProgress::of(&self.tx)]
     }
 
     fn halted(&self) -> bool {

@@ -21,7 +21,9 @@ use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use super::queue_handler::{NetCounters, NetQueueHandler};
 use super::tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO};
 use super::QUEUE_SIZE;
-use crate::virtio::device::{ActivateContext, ActivateError, VirtioDevice};
+use crate::virtio::device::{
+    ActivateContext, ActivateError, DeviceIdentity, QueueProgress, VirtioDevice,
+};
 use crate::virtio::queue_ops::queue_slots;
 use crate::virtio::subscription::ActiveHandler;
 
@@ -259,6 +261,20 @@ impl VirtioDevice for VirtioNet {
             // After this no handler run touches guest memory.
             active.stop();
         }
+    }
+
+    fn identity(&self) -> Result<DeviceIdentity, String> {
+        Ok(DeviceIdentity::Net {
+            tap: self.tap_name().to_string(),
+            mac: self.mac(),
+        })
+    }
+
+    fn quiesce(&mut self) -> Option<Vec<QueueProgress>> {
+        // Requests are handled within one handler run: nothing is in flight between runs.
+        // A frame read from the tap and not yet delivered (no receive buffer) is dropped, as a
+        // full queue would drop it.
+        Some(self.active.take()?.stop_with(|h| h.progress()))
     }
 }
 

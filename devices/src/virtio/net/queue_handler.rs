@@ -18,7 +18,7 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use super::frames::{gather_tx, scatter_rx, FrameError};
 use super::tap::Tap;
 use super::{MAX_BUFFER_LEN, VNET_HDR_LEN};
-use crate::virtio::device::{ActivatedQueue, DeviceSignals, GuestMemoryMmap};
+use crate::virtio::device::{ActivatedQueue, DeviceSignals, GuestMemoryMmap, QueueProgress};
 use crate::virtio::queue_ops::{add_used, needs_notification, next_chain, QueueFailure};
 
 /// Event data tags.
@@ -105,6 +105,11 @@ impl NetQueueHandler {
 
     pub(crate) fn counters(&self) -> NetCounters {
         self.counters
+    }
+
+    /// Where the receive and transmit queues stand.
+    pub(crate) fn progress(&self) -> Vec<QueueProgress> {
+        vec![QueueProgress::of(&self.rx), QueueProgress::of(&self.tx)]
     }
 
     fn halted(&self) -> bool {

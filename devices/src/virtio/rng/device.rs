@@ -8,7 +8,9 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 
 use super::queue_handler::RngQueueHandler;
-use crate::virtio::device::{ActivateContext, ActivateError, VirtioDevice};
+use crate::virtio::device::{
+    ActivateContext, ActivateError, DeviceIdentity, QueueProgress, VirtioDevice,
+};
 use crate::virtio::subscription::LoopSubscription;
 
 /// virtio device type of an entropy source.
@@ -105,6 +107,25 @@ impl VirtioDevice for VirtioRng {
                 .stop();
             active.subscription.remove();
         }
+    }
+
+    fn identity(&self) -> Result<DeviceIdentity, String> {
+        Ok(DeviceIdentity::Rng)
+    }
+
+    fn quiesce(&mut self) -> Option<Vec<QueueProgress>> {
+        // Requests are served synchronously: nothing is ever in flight between handler runs.
+        let active = self.active.take()?;
+        let progress = {
+            let mut handler = active
+                .handler
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            handler.stop();
+            handler.progress()
+        };
+        active.subscription.remove();
+        Some(vec![progress])
     }
 }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
 use super::request::fill_request;
-use crate::virtio::device::{ActivatedQueue, DeviceSignals, GuestMemoryMmap};
+use crate::virtio::device::{ActivatedQueue, DeviceSignals, GuestMemoryMmap, QueueProgress};
 use crate::virtio::queue_ops::{add_used, needs_notification, next_chain};
 
 /// Serves the request queue.
@@ -47,6 +47,11 @@ impl RngQueueHandler {
     /// Stops serving the queue (the device was reset).
     pub(super) fn stop(&mut self) {
         self.stopped = true;
+    }
+
+    /// Where the queue stands.
+    pub(super) fn progress(&self) -> QueueProgress {
+        QueueProgress::of(&self.queue)
     }
 
     fn fail(&mut self, what: &dyn std::fmt::Display) {

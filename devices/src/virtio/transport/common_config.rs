@@ -18,7 +18,8 @@ use virtio_bindings::virtio_config::{
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 
-use super::signals::VirtioPciSignals;
+use super::signals::{SignalsState, VirtioPciSignals};
+use super::state::{CommonConfigState, QueueSetupState};
 use crate::virtio::device::{DeviceSignals, GuestMemoryMmap};
 
 /// Size of the common configuration structure (virtio 1.0 fields, through `queue_device`).
@@ -181,6 +182,16 @@ impl CommonConfig {
     }
 
     fn build_queue(&self, index: u16, q: &QueueSetup) -> Option<Queue> {
+        match self.try_build_queue(q) {
+            Ok(queue) => Some(queue),
+            Err(e) => {
+                self.broken(format_args!("queue {index}: {e}"));
+                None
+            }
+        }
+    }
+
+    fn try_build_queue(&self, q: &QueueSetup) -> Result<Queue, String> {
         let built = Queue::new(q.max_size).and_then(|mut queue| {
             queue.try_set_size(q.size)?;
             queue.try_set_desc_table_address(GuestAddress(q.desc))?;
@@ -190,21 +201,15 @@ impl CommonConfig {
             Ok(queue)
         });
         match built {
-            Ok(queue) if queue.is_valid(&self.mem) => Some(queue),
-            Ok(_) => {
-                self.broken(format_args!(
-                    "queue {index}: rings (desc {:#x}, driver {:#x}, device {:#x}, size {}) lie outside guest memory",
-                    q.desc, q.driver, q.device, q.size
-                ));
-                None
-            }
-            Err(e) => {
-                self.broken(format_args!(
-                    "queue {index}: invalid set-up (desc {:#x}, driver {:#x}, device {:#x}, size {}): {e}",
-                    q.desc, q.driver, q.device, q.size
-                ));
-                None
-            }
+            Ok(queue) if queue.is_valid(&self.mem) => Ok(queue),
+            Ok(_) => Err(format!(
+                "rings (desc {:#x}, driver {:#x}, device {:#x}, size {}) lie outside guest memory",
+                q.desc, q.driver, q.device, q.size
+            )),
+            Err(e) => Err(format!(
+                "invalid set-up (desc {:#x}, driver {:#x}, device {:#x}, size {}): {e}",
+                q.desc, q.driver, q.device, q.size
+            )),
         }
     }
 
@@ -432,6 +437,107 @@ impl CommonConfig {
 
     fn features_acceptable(&self) -> bool {
         self.driver_features & !self.device_features == 0 && self.driver_features & VERSION_1 != 0
+    }
+
+    /// The registers a snapshot keeps.
+    pub fn save(&self) -> CommonConfigState {
+        CommonConfigState {
+            device_feature_select: self.device_feature_select,
+            driver_feature_select: self.driver_feature_select,
+            driver_features: self.driver_features,
+            status: self.status,
+            queue_select: self.queue_select,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueSetupState {
+                    size: q.size,
+                    desc: q.desc,
+                    driver: q.driver,
+                    device: q.device,
+                    enabled: q.enabled,
+                })
+                .collect(),
+        }
+    }
+
+    /// Takes back saved registers and signals (an untrusted snapshot): only a state this
+    /// transport could have reached is accepted: the same queue count, sizes that are powers of
+    /// two up to each maximum, enabled queues whose rings lie in guest memory, known status bits
+    /// in a valid order, accepted features the device offers, vectors inside the MSI-X table.
+    /// `Err` says which value is wrong; nothing is changed then.
+    pub fn restore(
+        &mut self,
+        state: &CommonConfigState,
+        signals: &SignalsState,
+    ) -> Result<(), String> {
+        if state.queues.len() != self.queues.len()
+            || signals.queue_vectors.len() != self.queues.len()
+        {
+            return Err(format!(
+                "{} queues and {} queue vectors, the device has {} queues",
+                state.queues.len(),
+                signals.queue_vectors.len(),
+                self.queues.len()
+            ));
+        }
+        const KNOWN: u8 = 1 | 2 | STATUS_FEATURES_OK | STATUS_DRIVER_OK | STATUS_FAILED;
+        if state.status & !KNOWN != 0 {
+            return Err(format!(
+                "device status {:#04x} has unknown bits",
+                state.status
+            ));
+        }
+        if state.status & STATUS_DRIVER_OK != 0 && state.status & STATUS_FEATURES_OK == 0 {
+            return Err(format!(
+                "device status {:#04x} has DRIVER_OK without FEATURES_OK",
+                state.status
+            ));
+        }
+        let accepted = state.driver_features & !self.device_features == 0
+            && state.driver_features & VERSION_1 != 0;
+        if state.status & STATUS_FEATURES_OK != 0 && !accepted {
+            return Err(format!(
+                "accepted features {:#x} are not a subset of the device's {:#x} with VERSION_1",
+                state.driver_features, self.device_features
+            ));
+        }
+        let vector_ok = |v: u16| v == NO_VECTOR || v < self.vector_count;
+        if let Some(v) = std::iter::once(&signals.config_vector)
+            .chain(&signals.queue_vectors)
+            .find(|&&v| !vector_ok(v))
+        {
+            return Err(format!(
+                "MSI-X vector {v} is beyond the device's {} vectors",
+                self.vector_count
+            ));
+        }
+        let mut queues = self.queues.clone();
+        for (index, (q, saved)) in queues.iter_mut().zip(&state.queues).enumerate() {
+            if saved.size == 0 || saved.size > q.max_size || !saved.size.is_power_of_two() {
+                return Err(format!(
+                    "queue {index}: size {} is not a power of two in 1..={}",
+                    saved.size, q.max_size
+                ));
+            }
+            q.size = saved.size;
+            q.desc = saved.desc;
+            q.driver = saved.driver;
+            q.device = saved.device;
+            q.enabled = saved.enabled;
+            if q.enabled {
+                self.try_build_queue(q)
+                    .map_err(|e| format!("queue {index}: {e}"))?;
+            }
+        }
+        self.device_feature_select = state.device_feature_select;
+        self.driver_feature_select = state.driver_feature_select;
+        self.driver_features = state.driver_features;
+        self.status = state.status;
+        self.queue_select = state.queue_select;
+        self.queues = queues;
+        self.signals.restore(signals);
+        Ok(())
     }
 
     /// Back to the state after power-on: status, features, selectors, queues and vectors.

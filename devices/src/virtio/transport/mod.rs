@@ -5,13 +5,16 @@
 //! - `common_config`: the common configuration structure: status, feature negotiation, queue
 //!   set-up and reset, checking every guest value.
 //! - `signals`: what device handlers use to interrupt the driver or mark the device broken.
-//! - `pci_device`: the PCI function: configuration space, BAR 0 layout and dispatch, activation.
+//! - `pci_device`: the PCI function: configuration space, BAR 0 layout and dispatch, activation,
+//!   and its snapshot: quiesce, save, restore and re-activation at the saved queue positions.
+//! - `state`: the saved state of a function and why a saved one is refused.
 //!
 //! Not provided: the legacy (0.9.5) interface, INTx, packed rings, per-queue reset.
 
 mod common_config;
 mod pci_device;
 mod signals;
+mod state;
 
 #[cfg(test)]
 mod tests;
@@ -22,4 +25,5 @@ pub use pci_device::{
     NOTIFY_OFFSET, NOTIFY_OFF_MULTIPLIER, VIRTIO_PCI_BAR_SIZE, VIRTIO_PCI_DEVICE_ID_BASE,
     VIRTIO_PCI_VENDOR_ID,
 };
-pub use signals::VirtioPciSignals;
+pub use signals::{SignalsState, VirtioPciSignals};
+pub use state::{CommonConfigState, QueueSetupState, StateError, VirtioPciState};

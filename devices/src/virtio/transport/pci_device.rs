@@ -25,17 +25,19 @@
 use std::sync::{Arc, Mutex, PoisonError};
 
 use thiserror::Error;
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_config::{VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_F_VERSION_1};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::common_config::{CommonConfig, StatusAction, COMMON_CONFIG_SIZE};
 use super::signals::VirtioPciSignals;
+use super::state::{StateError, VirtioPciState};
 use crate::bus::BusDevice;
 use crate::pci::config_space::{BarKind, ConfigSpaceError, PciConfigSpace, PciIds};
 use crate::pci::msix::{MsiRouteUpdater, Msix, MsixError, MSIX_CAPABILITY_ID, MSIX_ENTRY_SIZE};
 use crate::pci::PciDevice;
 use crate::virtio::device::{
-    ActivateContext, ActivatedQueue, DeviceSignals, EventLoop, GuestMemoryMmap, VirtioDevice,
+    ActivateContext, ActivatedQueue, DeviceSignals, EventLoop, GuestMemoryMmap, QueueProgress,
+    VirtioDevice,
 };
 
 /// PCI vendor ID of virtio devices.
@@ -195,6 +197,9 @@ pub struct VirtioPciDevice {
     bar_address: u64,
     /// `activate` was called since the last reset (so `reset` must be).
     activation_attempted: bool,
+    /// Set by `quiesce` for a device that was running: its queues' positions, until `resume`
+    /// activates it again there.
+    quiesced: Option<Vec<QueueProgress>>,
 }
 
 impl std::fmt::Debug for VirtioPciDevice {
@@ -363,6 +368,7 @@ impl VirtioPciDevice {
             event_loop: res.event_loop,
             bar_address: res.bar_address,
             activation_attempted: false,
+            quiesced: None,
         })
     }
 
@@ -408,24 +414,43 @@ impl VirtioPciDevice {
     }
 
     fn activate(&mut self) {
+        if let Err(e) = self.activate_at(None) {
+            log::warn!("virtio {}: activation failed: {e}", self.name);
+            self.signals.set_needs_reset();
+        }
+    }
+
+    /// Activates the device model on the enabled queues; with `progress` (a snapshot's resume
+    /// or restore) each queue continues at its saved position and is kicked once, so chains
+    /// the driver made available before the snapshot are taken. `Err` says why not.
+    fn activate_at(&mut self, progress: Option<&[QueueProgress]>) -> Result<(), String> {
+        use virtio_queue::QueueT;
         let Some(enabled) = self.common.enabled_queues() else {
-            return; // Marked broken already.
+            return Err("a queue no longer checks out".into()); // Marked broken already.
         };
-        let mut queues = Vec::with_capacity(enabled.len());
-        for (index, queue) in enabled {
-            let kick = match self.kicks[usize::from(index)].try_clone() {
-                Ok(kick) => kick,
-                Err(e) => {
-                    log::error!(
-                        "virtio {}: cannot share queue {index}'s eventfd: {e}",
-                        self.name
-                    );
-                    self.signals.set_needs_reset();
-                    return;
+        if let Some(progress) = progress {
+            for (i, p) in progress.iter().enumerate() {
+                let known = enabled.iter().any(|(index, _)| *index == p.index);
+                if !known || progress[..i].iter().any(|o| o.index == p.index) {
+                    return Err(format!(
+                        "saved position of queue {} does not match an enabled queue",
+                        p.index
+                    ));
                 }
-            };
+            }
+        }
+        let mut queues = Vec::with_capacity(enabled.len());
+        for (index, mut queue) in enabled {
+            let kick = self.kicks[usize::from(index)]
+                .try_clone()
+                .map_err(|e| format!("cannot share queue {index}'s eventfd: {e}"))?;
+            if let Some(p) = progress.and_then(|p| p.iter().find(|p| p.index == index)) {
+                queue.set_next_avail(p.next_avail);
+                queue.set_next_used(p.next_used);
+            }
             queues.push(ActivatedQueue { index, queue, kick });
         }
+        let kicks: Vec<u16> = queues.iter().map(|q| q.index).collect();
         let ctx = ActivateContext {
             mem: self.mem.clone(),
             acked_features: self.common.acked_features(),
@@ -434,10 +459,120 @@ impl VirtioPciDevice {
             event_loop: self.event_loop.clone(),
         };
         self.activation_attempted = true;
-        if let Err(e) = self.device.activate(ctx) {
-            log::warn!("virtio {}: activation failed: {e}", self.name);
-            self.signals.set_needs_reset();
+        self.device.activate(ctx).map_err(|e| e.to_string())?;
+        if progress.is_some() {
+            for index in kicks {
+                if let Err(e) = self.kicks[usize::from(index)].write(1) {
+                    log::warn!("virtio {}: cannot kick queue {index}: {e}", self.name);
+                }
+            }
         }
+        Ok(())
+    }
+
+    /// Why this function cannot be snapshotted, if it cannot.
+    pub fn snapshot_blocker(&self) -> Option<String> {
+        self.device.identity().err()
+    }
+
+    /// For a snapshot of the paused VM (no vCPU runs): finishes what the device has in flight
+    /// and stops its handlers (`VirtioDevice::quiesce`), keeping the queues' positions for
+    /// `save_state` and `resume`. Nothing touches guest memory until `resume`.
+    pub fn quiesce(&mut self) {
+        if self.quiesced.is_none() && self.activation_attempted {
+            let progress = self.device.quiesce();
+            // A device that gave up (`DEVICE_NEEDS_RESET`) stays stopped until the driver
+            // resets it, after a resume as after a restore.
+            if !self.signals.needs_reset() {
+                self.quiesced = progress;
+            }
+        }
+    }
+
+    /// After a snapshot: a quiesced device continues where it stopped.
+    pub fn resume(&mut self) {
+        if let Some(progress) = self.quiesced.take() {
+            if let Err(e) = self.activate_at(Some(&progress)) {
+                log::warn!(
+                    "virtio {}: cannot resume after the snapshot: {e}",
+                    self.name
+                );
+                self.signals.set_needs_reset();
+            }
+        }
+    }
+
+    /// The function's state (call `quiesce` first when the driver may have activated it).
+    pub fn save_state(&self) -> Result<VirtioPciState, StateError> {
+        let identity = self
+            .device
+            .identity()
+            .map_err(|reason| StateError::Unsupported {
+                device: self.name,
+                reason,
+            })?;
+        Ok(VirtioPciState {
+            identity,
+            config: self.config.save(),
+            msix: self.lock_msix().save(),
+            common: self.common.save(),
+            signals: self.signals.save(),
+            progress: self.quiesced.clone().unwrap_or_default(),
+        })
+    }
+
+    /// Puts a saved state (untrusted) into this freshly built function, which must be the
+    /// same device at the same place: configuration space, MSI-X (routes pushed), common
+    /// configuration and signals; a device the driver had running is activated at the saved
+    /// queue positions, without the driver doing anything. Refused values leave an error.
+    pub fn restore_state(&mut self, state: &VirtioPciState) -> Result<(), StateError> {
+        let device = self.name;
+        let invalid = |what: String| StateError::Invalid { device, what };
+        match self.device.identity() {
+            Ok(id) if id == state.identity => {}
+            _ => {
+                return Err(StateError::Identity {
+                    device,
+                    found: format!("{:?}", state.identity),
+                })
+            }
+        }
+        let mut config = self.config.clone();
+        config
+            .restore(&state.config)
+            .map_err(|source| StateError::ConfigSpace { device, source })?;
+        let saved_bar = config.bar_address(0).unwrap_or(0);
+        let probing = saved_bar == !(VIRTIO_PCI_BAR_SIZE - 1) & 0xffff_ffff;
+        if saved_bar != self.bar_address && !probing {
+            return Err(StateError::Bar {
+                device,
+                saved: saved_bar,
+                placed: self.bar_address,
+            });
+        }
+        self.lock_msix()
+            .restore(&state.msix)
+            .map_err(|source| StateError::Msix { device, source })?;
+        self.common
+            .restore(&state.common, &state.signals)
+            .map_err(invalid)?;
+        self.config = config;
+        let control = self.config.read_u16(self.msix_cap + 2);
+        self.lock_msix().set_control(control);
+        let driver_ok = self.common.status() & VIRTIO_CONFIG_S_DRIVER_OK as u8 != 0;
+        if !driver_ok && !state.progress.is_empty() {
+            return Err(invalid(
+                "queue positions saved for a device the driver never activated".into(),
+            ));
+        }
+        if driver_ok {
+            self.activation_attempted = true;
+            if !state.progress.is_empty() {
+                self.activate_at(Some(&state.progress))
+                    .map_err(|reason| StateError::Activate { device, reason })?;
+            }
+        }
+        Ok(())
     }
 
     /// The BAR access at `offset` of `len` bytes that the PCI configuration access capability

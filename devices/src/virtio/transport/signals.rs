@@ -18,6 +18,21 @@ const ISR_QUEUE: u8 = 1 << 0;
 /// ISR status bit 1: the configuration changed.
 const ISR_CONFIG: u8 = 1 << 1;
 
+/// What a snapshot keeps of the signals.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SignalsState {
+    /// MSI-X vector for configuration changes.
+    pub config_vector: u16,
+    /// MSI-X vector of each queue.
+    pub queue_vectors: Vec<u16>,
+    /// ISR status bits not yet read by the driver.
+    pub isr: u8,
+    /// `DEVICE_NEEDS_RESET`.
+    pub needs_reset: bool,
+    /// The configuration generation counter.
+    pub config_generation: u8,
+}
+
 /// The transport state device handlers may touch.
 #[derive(Debug)]
 pub struct VirtioPciSignals {
@@ -89,6 +104,35 @@ impl VirtioPciSignals {
         }
         self.isr.store(0, Ordering::Release);
         self.needs_reset.store(false, Ordering::Release);
+    }
+
+    /// The state a snapshot keeps.
+    pub fn save(&self) -> SignalsState {
+        SignalsState {
+            config_vector: self.config_vector(),
+            queue_vectors: self
+                .queue_vectors
+                .iter()
+                .map(|v| v.load(Ordering::Acquire))
+                .collect(),
+            isr: self.isr.load(Ordering::Acquire),
+            needs_reset: self.needs_reset(),
+            config_generation: self.config_generation(),
+        }
+    }
+
+    /// Takes back a saved state whose vectors the transport checked (same queue count, each
+    /// below the table size or `NO_VECTOR`).
+    pub(super) fn restore(&self, state: &SignalsState) {
+        self.set_config_vector(state.config_vector);
+        for (v, saved) in self.queue_vectors.iter().zip(&state.queue_vectors) {
+            v.store(*saved, Ordering::Release);
+        }
+        self.isr
+            .store(state.isr & (ISR_QUEUE | ISR_CONFIG), Ordering::Release);
+        self.needs_reset.store(state.needs_reset, Ordering::Release);
+        self.config_generation
+            .store(state.config_generation, Ordering::Release);
     }
 
     fn raise(&self, vector: u16) -> std::io::Result<()> {

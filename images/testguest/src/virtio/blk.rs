@@ -24,16 +24,16 @@ const CFG_CAPACITY: u64 = 0;
 const CFG_SIZE_MAX: u64 = 8;
 const CFG_SEG_MAX: u64 = 12;
 
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
+pub(super) const T_IN: u32 = 0;
+pub(super) const T_OUT: u32 = 1;
 const T_FLUSH: u32 = 4;
 const T_GET_ID: u32 = 8;
-const S_OK: u8 = 0;
+pub(super) const S_OK: u8 = 0;
 const S_IOERR: u8 = 1;
 /// Written into a slot's status byte before submitting, so a status the device never wrote shows.
 const S_UNSET: u8 = 0xff;
 
-const SECTOR: u64 = 512;
+pub(super) const SECTOR: u64 = 512;
 const QUEUE_MAX: u16 = 256;
 const MAX_DEPTH: usize = 8;
 /// Per-slot header (16 bytes) and status byte, rounded up.
@@ -44,7 +44,7 @@ const REQUEST_TIMEOUT_MS: u64 = 10_000;
 const ID_LEN: u64 = 20;
 /// Every u64 of test data is its byte offset on the disk XOR this.
 pub const PATTERN: u64 = 0xa5a5_a5a5_a5a5_a5a5;
-const POISON: u64 = 0xdead_dead_dead_dead;
+pub(super) const POISON: u64 = 0xdead_dead_dead_dead;
 
 /// `virtio-blk`: sectors `[0, TEST_SECTORS)` in requests of `TEST_REQUEST` bytes.
 const TEST_SECTORS: u64 = 2048;
@@ -52,7 +52,7 @@ const TEST_REQUEST: u64 = 64 << 10;
 /// `blkbench` request size.
 const BENCH_REQUEST: u64 = 512 << 10;
 
-struct Blk {
+pub(super) struct Blk {
     dev: Device,
     q: Queue,
     capacity: u64,
@@ -67,7 +67,7 @@ struct Blk {
 }
 
 impl Blk {
-    fn open(info: &BootInfo) -> Blk {
+    pub(super) fn open(info: &BootInfo) -> Blk {
         let wanted = F_VERSION_1 | F_SIZE_MAX | F_SEG_MAX | F_RO | F_FLUSH;
         let dev = Device::open(info, DEVICE_TYPE, "virtio-blk", wanted);
         let q = dev.setup_queue(0, QUEUE_MAX);
@@ -160,14 +160,14 @@ impl Blk {
     }
 
     /// Runs one request in slot 0 and returns its status.
-    fn one(&mut self, kind: u32, sector: u64, data: Option<Region>) -> u8 {
+    pub(super) fn one(&mut self, kind: u32, sector: u64, data: Option<Region>) -> u8 {
         self.submit(0, kind, sector, data);
         self.q.kick();
         let head = self.wait_head();
         self.finished(head).1
     }
 
-    fn fail_status(&self, slot: usize, status: u8) -> ! {
+    pub(super) fn fail_status(&self, slot: usize, status: u8) -> ! {
         let (kind, sector) = self.what[slot];
         fail(|w| {
             w.str("request type ")
@@ -228,7 +228,7 @@ impl Blk {
     }
 
     /// FLUSH, if the device offers it (without it, completed writes are already durable).
-    fn flush(&mut self) {
+    pub(super) fn flush(&mut self) {
         if self.dev.features & F_FLUSH != 0 {
             let status = self.one(T_FLUSH, 0, None);
             if status != S_OK {
@@ -258,7 +258,7 @@ impl Blk {
         w.str("\n");
     }
 
-    fn need_sectors(&self, sectors: u64) {
+    pub(super) fn need_sectors(&self, sectors: u64) {
         if self.capacity < sectors {
             fail(|w| {
                 w.str("disk has ")

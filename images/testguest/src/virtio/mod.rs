@@ -15,6 +15,7 @@ pub mod dma;
 pub mod net;
 pub mod queue;
 pub mod rng;
+pub mod snapshot_loop;
 
 use crate::bootinfo::BootInfo;
 use crate::mmio::Region;
@@ -74,9 +75,14 @@ pub struct Device {
 impl Device {
     /// Opens the first device of virtio type `device_type` (`name` is for messages), starts a
     /// fresh DMA arena, resets the device and negotiates `wanted & offered`, which must include
-    /// VERSION_1. One device per scenario.
+    /// VERSION_1. One device per scenario, or more with `open_another`.
     pub fn open(info: &BootInfo, device_type: u16, name: &str, wanted: u64) -> Device {
         dma::reset(info);
+        Self::open_another(info, device_type, name, wanted)
+    }
+
+    /// Like `open`, keeping the DMA arena (and the queues of devices opened before).
+    pub fn open_another(info: &BootInfo, device_type: u16, name: &str, wanted: u64) -> Device {
         let pci = Pci::new(info);
         let id = MODERN_ID_BASE + device_type;
         let Some(f) = pci.find(VENDOR, id) else {

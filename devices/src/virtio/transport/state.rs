@@ -1,0 +1,134 @@
+//! What a snapshot keeps of one virtio PCI function, and why a saved one can be refused.
+//!
+//! `VirtioPciState` gathers the function's parts, each saved by its owner: the PCI
+//! configuration space (`PciConfigSpace::save`: BAR as programmed, command register, MSI-X
+//! enable and mask), the MSI-X table and PBA (`Msix::save`), the common configuration (feature
+//! selects, acked features, status, queue set-up), the signals (vectors, ISR, configuration
+//! generation, needs-reset), and, for an active device, each queue's position. The state file is
+//! untrusted: `VirtioPciDevice::restore_state` checks every value against the device rebuilt
+//! from `identity` and refuses, with a `StateError`, anything a guest could not have produced.
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use super::signals::SignalsState;
+use crate::pci::config_space::{ConfigSpaceError, ConfigSpaceState};
+use crate::pci::msix::{MsixError, MsixState};
+use crate::virtio::device::{DeviceIdentity, QueueProgress};
+
+/// One queue as the driver programmed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSetupState {
+    /// Queue size (a power of two up to the device's maximum).
+    pub size: u16,
+    /// Descriptor table address.
+    pub desc: u64,
+    /// Available (driver) ring address.
+    pub driver: u64,
+    /// Used (device) ring address.
+    pub device: u64,
+    /// `queue_enable` was written.
+    pub enabled: bool,
+}
+
+/// The common configuration's registers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommonConfigState {
+    /// `device_feature_select`.
+    pub device_feature_select: u32,
+    /// `driver_feature_select`.
+    pub driver_feature_select: u32,
+    /// The features the driver wrote (accepted ones once `FEATURES_OK` is set).
+    pub driver_features: u64,
+    /// Device status (without `DEVICE_NEEDS_RESET`, which the signals hold).
+    pub status: u8,
+    /// `queue_select`.
+    pub queue_select: u16,
+    /// Every queue, in index order.
+    pub queues: Vec<QueueSetupState>,
+}
+
+/// Everything a snapshot keeps of one virtio PCI function.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioPciState {
+    /// What device to build on restore.
+    pub identity: DeviceIdentity,
+    /// The PCI configuration space.
+    pub config: ConfigSpaceState,
+    /// MSI-X table and pending bits.
+    pub msix: MsixState,
+    /// The common configuration.
+    pub common: CommonConfigState,
+    /// Vectors, ISR, generation, needs-reset.
+    pub signals: SignalsState,
+    /// For a device the driver activated (`DRIVER_OK`) and that was running: each enabled
+    /// queue's position. Empty otherwise.
+    pub progress: Vec<QueueProgress>,
+}
+
+/// Why a saved virtio PCI function cannot be restored (or saved).
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum StateError {
+    /// The device cannot be snapshotted.
+    #[error("virtio {device}: {reason}")]
+    Unsupported {
+        /// Device name.
+        device: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The saved state is for another device than the one rebuilt.
+    #[error("virtio {device}: saved state is for a different device ({found})")]
+    Identity {
+        /// Device name.
+        device: &'static str,
+        /// The saved identity.
+        found: String,
+    },
+    /// The saved configuration space is unusable.
+    #[error("virtio {device}: saved PCI configuration space")]
+    ConfigSpace {
+        /// Device name.
+        device: &'static str,
+        /// Why.
+        #[source]
+        source: ConfigSpaceError,
+    },
+    /// The saved MSI-X state is unusable.
+    #[error("virtio {device}: saved MSI-X state")]
+    Msix {
+        /// Device name.
+        device: &'static str,
+        /// Why.
+        #[source]
+        source: MsixError,
+    },
+    /// BAR 0 is not where the device is placed.
+    #[error(
+        "virtio {device}: saved BAR 0 address {saved:#x} is not the device's BAR at {placed:#x}"
+    )]
+    Bar {
+        /// Device name.
+        device: &'static str,
+        /// In the state.
+        saved: u64,
+        /// Where the rebuilt device sits.
+        placed: u64,
+    },
+    /// A value out of range.
+    #[error("virtio {device}: saved state is invalid: {what}")]
+    Invalid {
+        /// Device name.
+        device: &'static str,
+        /// What is wrong, with the value.
+        what: String,
+    },
+    /// Activating the restored device failed.
+    #[error("virtio {device}: cannot activate the restored device: {reason}")]
+    Activate {
+        /// Device name.
+        device: &'static str,
+        /// Why.
+        reason: String,
+    },
+}
