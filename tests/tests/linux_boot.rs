@@ -8,19 +8,14 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use std::path::Path;
 use std::time::Duration;
 
-use skiff_tests::{linux_images, require_kvm, skiff_bin, NetNs, Skiff};
+use skiff_tests::{linux_images, pvm_host, require_kvm, skiff_bin, NetNs, Skiff};
 
 /// The PVM emulator cannot run `xsave`/`xrstor`, `cmpxchg16b`, SMAP/SMEP's `stac`/`clac` or
 /// `popcnt` in kernel mode; hardware KVM hosts need none of this, but it is harmless there.
 /// `rodata=off` skips ~20 s of emulated page-table work before `Run /init`.
 const PVM_SAFE_ARGS: &str = "noxsave clearcpuid=cx16,smap,smep,popcnt rodata=off";
-
-fn pvm_host() -> bool {
-    Path::new("/sys/module/kvm_pvm").exists()
-}
 
 #[test]
 fn minimal_kernel_boots_with_the_memory_map_cpus_and_devices_skiff_gave_it() {
