@@ -28,6 +28,13 @@ pub fn require_kvm() {
     );
 }
 
+/// Whether `/dev/kvm` is PVM-backed (`/sys/module/kvm_pvm`): guest kernel mode is emulated,
+/// Linux user space cannot run, and guests read the host's TSC (KVM's TSC offset does not apply,
+/// so a restored guest's TSC shows the time between snapshot and restore).
+pub fn pvm_host() -> bool {
+    Path::new("/sys/module/kvm_pvm").exists()
+}
+
 fn run_build(cmd: &mut Command, what: &str) {
     let out = cmd
         .output()

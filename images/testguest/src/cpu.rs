@@ -6,8 +6,11 @@
 //! exception is delivered. Exceptions are fatal: the handler prints a FAIL line and exits 33.
 //!
 //! Halting from CPL3 (needed when there is no exit port): `hlt` at the label `user_halt` raises
-//! #GP, and the handler, seeing that address, parks the CPU in CPL0. Software interrupts are no
-//! use here: under PVM `int n` from CPL3 raises #UD, and `int` in CPL0 is an emulation failure.
+//! #GP, and the handler, seeing that address, parks the CPU in CPL0. Enabling interrupts from
+//! CPL3 (`enable_interrupts`) works the same way: `hlt` at `user_enable_interrupts` raises #GP,
+//! and the stub sets IF in the interrupted frame and returns past the `hlt`. Software interrupts
+//! are no use here: under PVM `int n` from CPL3 raises #UD, and `int` in CPL0 is an emulation
+//! failure. Interrupt vectors (32 and up) are filled by their users through `set_gate`.
 use core::arch::{asm, global_asm};
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -98,11 +101,13 @@ tg_tss:
 );
 
 const EXCEPTIONS: usize = 32;
-/// The IDT covers the exception vectors only: interrupts are never enabled, and `int n` does not
-/// work under PVM (see above). Any other vector would raise #GP, which is reported too.
-const IDT_ENTRIES: usize = EXCEPTIONS;
+/// The IDT covers the exception vectors and 16 interrupt vectors (32..47: the timer's, see
+/// `timer.rs`). An interrupt on an empty or higher vector raises #NP or #GP, which is reported.
+const IDT_ENTRIES: usize = EXCEPTIONS + 16;
 pub const IDT_LIMIT: u16 = (IDT_ENTRIES * 16 - 1) as u16;
 const GP_VECTOR: u64 = 13;
+/// RFLAGS.IF.
+const RFLAGS_IF: u64 = 1 << 9;
 /// Stride of the exception stubs in the assembly below.
 const STUB_STRIDE: u64 = 16;
 
@@ -122,6 +127,9 @@ extern "C" {
     static exception_stubs: u8;
     /// `hlt` in CPL3: faults with #GP, which `exception_report` turns into a park.
     fn user_halt() -> !;
+    /// `hlt; ret` in CPL3: the #GP from the `hlt` returns with IF set (see `exception_common`).
+    /// A call, so the caller keeps nothing in the registers the stub does not preserve.
+    fn user_enable_interrupts();
 }
 
 /// A present 64-bit interrupt gate (DPL0, no IST) to `handler` in the kernel code segment.
@@ -134,22 +142,38 @@ fn gate(handler: u64) -> (u64, u64) {
     (low, handler >> 32)
 }
 
+/// Points IDT vector `vector` at `handler` (an interrupt gate, so IF is clear inside it).
+/// Vectors beyond the IDT are ignored: there is no such gate to fill.
+pub fn set_gate(vector: usize, handler: u64) {
+    if vector >= IDT_ENTRIES {
+        return;
+    }
+    let (low, high) = gate(handler);
+    let idt = IDT.0.get().cast::<u64>();
+    // SAFETY: vector < IDT_ENTRIES, so both words are inside the IDT; the gates are written by
+    // the BSP while no interrupt source uses this vector yet, and no Rust reference to the IDT
+    // exists.
+    unsafe {
+        idt.add(vector * 2).write_volatile(low);
+        idt.add(vector * 2 + 1).write_volatile(high);
+    }
+}
+
 /// Fills the IDT: vectors 0..31 report the exception. Runs in CPL3 on the BSP before anything
 /// else.
 pub fn fill_idt() {
     let stubs = core::ptr::addr_of!(exception_stubs) as u64;
-    let idt = IDT.0.get().cast::<u64>();
-    let set = |vector: usize, (low, high): (u64, u64)| {
-        // SAFETY: vector < 256, so both words are inside the IDT; no other CPU is running and no
-        // Rust reference to the IDT exists.
-        unsafe {
-            idt.add(vector * 2).write_volatile(low);
-            idt.add(vector * 2 + 1).write_volatile(high);
-        }
-    };
     for vector in 0..EXCEPTIONS {
-        set(vector, gate(stubs + vector as u64 * STUB_STRIDE));
+        set_gate(vector, stubs + vector as u64 * STUB_STRIDE);
     }
+}
+
+/// Sets RFLAGS.IF for the calling CPL3 code, through the #GP trap at `user_enable_interrupts`
+/// (CPL3 cannot use `sti` under PVM). Interrupts are then delivered to the IDT's gates.
+pub fn enable_interrupts() {
+    // SAFETY: the label's `hlt` faults into `exception_common`, which sets IF and returns to
+    // the `ret` after it; the call clobbers only what a call may.
+    unsafe { user_enable_interrupts() }
 }
 
 global_asm!(
@@ -204,7 +228,21 @@ exception_stubs:
     tg_stub_noerr 31
 
 exception_common:
-    /* rsp -> [vector, error, rip, cs, rflags, rsp, ss]; handlers never return. */
+    /* rsp -> [vector, error, rip, cs, rflags, rsp, ss]. The one exception that returns: #GP
+     * from CPL3 at the `hlt` of user_enable_interrupts sets IF in the frame and resumes after
+     * the `hlt` (only flags change, which the caller's `call` gives up anyway). */
+    cmpq ${gp}, (%rsp)
+    jne 1f
+    cmpq $user_enable_interrupts, 16(%rsp)
+    jne 1f
+    testq $3, 24(%rsp)
+    jz 1f
+    orq ${rflags_if}, 32(%rsp)
+    incq 16(%rsp)
+    addq $16, %rsp
+    iretq
+1:
+    /* Every other exception is reported; handlers never return. */
     movq %rsp, %rdi
     andq $-16, %rsp
     call {report}
@@ -214,9 +252,16 @@ exception_common:
 user_halt:
     hlt
     jmp user_halt
+
+    .global user_enable_interrupts
+user_enable_interrupts:
+    hlt
+    ret
     .popsection
 "#,
     report = sym exception_report,
+    gp = const GP_VECTOR,
+    rflags_if = const RFLAGS_IF,
     options(att_syntax)
 );
 

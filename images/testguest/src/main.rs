@@ -15,6 +15,7 @@ mod counter;
 mod cpu;
 mod entry;
 mod io;
+mod lapic;
 mod memcheck;
 mod mmio;
 mod paging;
@@ -23,6 +24,7 @@ mod power;
 mod scenario;
 mod serial;
 mod smp;
+mod timer;
 mod tsc;
 mod virtio;
 

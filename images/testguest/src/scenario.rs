@@ -178,9 +178,13 @@ pub fn run_all(info: &BootInfo) -> ! {
             }
             _ if token.starts_with(b"counter=") => {
                 start(COUNTER);
-                match parse_u64(&token[8..]).filter(|&n| n > 0) {
-                    Some(lines) => counter::run(info, lines),
-                    None => fail_msg("bad line count (want counter=N, N >= 1)"),
+                let (count, timer) = match token[8..].strip_suffix(b",timer") {
+                    Some(count) => (count, true),
+                    None => (&token[8..], false),
+                };
+                match parse_u64(count).filter(|&n| n > 0) {
+                    Some(lines) => counter::run(info, lines, timer),
+                    None => fail_msg("bad line count (want counter=N or counter=N,timer, N >= 1)"),
                 }
             }
             _ if token.starts_with(b"exit=") => {

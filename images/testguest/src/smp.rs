@@ -11,9 +11,9 @@ use core::arch::x86_64::{__cpuid, _rdtsc, CpuidResult};
 use core::hint::spin_loop;
 use core::sync::atomic::{AtomicU32, Ordering};
 
-use crate::acpi::{self, Madt, RootTable};
+use crate::acpi;
 use crate::bootinfo::BootInfo;
-use crate::paging;
+use crate::lapic::{self, Lapic};
 use crate::scenario::{fail, fail_msg};
 use crate::{cpu, serial};
 
@@ -22,13 +22,8 @@ pub const TRAMPOLINE: u64 = 0x8000;
 /// Highest APIC ID with an AP stack (entry.rs sizes the stacks from it).
 pub const MAX_APIC_ID: u32 = 63;
 
-const LAPIC_ID: u64 = 0x20;
-const LAPIC_SVR: u64 = 0xf0;
-const LAPIC_ICR_LOW: u64 = 0x300;
-const LAPIC_ICR_HIGH: u64 = 0x310;
 const ICR_INIT_ASSERT: u32 = 0x0000_4500;
 const ICR_STARTUP: u32 = 0x0000_4600;
-const ICR_DELIVERY_PENDING: u32 = 1 << 12;
 /// How long the BSP waits for all APs, in microseconds.
 const AP_TIMEOUT_US: u64 = 10_000_000;
 /// TSC rate assumed when CPUID reports none.
@@ -122,59 +117,6 @@ fn delay_us(us: u64, mhz: u64) {
     }
 }
 
-struct Lapic {
-    base: u64,
-}
-
-impl Lapic {
-    fn write(&self, reg: u64, value: u32) {
-        // SAFETY: `base` is the LAPIC MMIO page, which `lapic` had `paging::map` make accessible
-        // (user, uncached); the access is an aligned 32-bit volatile store.
-        unsafe { ((self.base + reg) as *mut u32).write_volatile(value) };
-    }
-
-    fn read(&self, reg: u64) -> u32 {
-        // SAFETY: as for `write`.
-        unsafe { ((self.base + reg) as *const u32).read_volatile() }
-    }
-
-    fn send_ipi(&self, apic_id: u8, icr_low: u32) {
-        self.write(LAPIC_ICR_HIGH, u32::from(apic_id) << 24);
-        self.write(LAPIC_ICR_LOW, icr_low);
-        for _ in 0..1_000_000 {
-            if self.read(LAPIC_ICR_LOW) & ICR_DELIVERY_PENDING == 0 {
-                return;
-            }
-            spin_loop();
-        }
-    }
-}
-
-fn lapic(madt: &Madt) -> Lapic {
-    let base = madt.lapic_base;
-    if base == 0 || base & 0xfff != 0 || !paging::map(base, base + 4096) {
-        fail(|w| {
-            w.str("unusable local APIC base ").hex(base);
-        });
-    }
-    Lapic { base }
-}
-
-fn madt(info: &BootInfo) -> Madt {
-    let Some(rsdp) = acpi::find_rsdp(info.rsdp_paddr) else {
-        fail(|w| {
-            w.str("no ACPI RSDP (start_info rsdp_paddr ")
-                .hex(info.rsdp_paddr)
-                .str(", none in 0xe0000-0xfffff)");
-        })
-    };
-    let root = RootTable::new(rsdp).unwrap_or_else(|e| fail_msg(e));
-    let Some(addr) = root.find(b"APIC") else {
-        fail_msg("no MADT (APIC) table in the RSDT/XSDT")
-    };
-    Madt::parse(addr).unwrap_or_else(|e| fail_msg(e))
-}
-
 /// Copies the trampoline to its page. Refuses if that page holds an ACPI table.
 fn install_trampoline(info: &BootInfo) {
     let mut clash = false;
@@ -196,7 +138,7 @@ fn install_trampoline(info: &BootInfo) {
 }
 
 pub fn run(info: &BootInfo) {
-    let madt = madt(info);
+    let madt = lapic::madt(info);
     let ids = madt.apic_ids();
     serial::line()
         .str("testguest: smp cpus=")
@@ -205,9 +147,9 @@ pub fn run(info: &BootInfo) {
     if ids.is_empty() {
         fail_msg("MADT lists no enabled CPU");
     }
-    let lapic = lapic(&madt);
+    let lapic = Lapic::new(&madt);
     // The LAPIC ID register, not CPUID: CPUID in CPL3 may return the host's APIC ID under PVM.
-    let bsp = (lapic.read(LAPIC_ID) >> 24) as u8;
+    let bsp = (lapic.read(lapic::ID) >> 24) as u8;
     if !ids.contains(&bsp) {
         fail(|w| {
             w.str("the BSP's APIC ID ")
@@ -228,7 +170,7 @@ pub fn run(info: &BootInfo) {
     if aps > 0 {
         install_trampoline(info);
         // Software-enable the BSP's APIC (spurious vector 0xff); IF stays 0, nothing is delivered.
-        lapic.write(LAPIC_SVR, 0x1ff);
+        lapic.write(lapic::SVR, lapic::SVR_ENABLE | 0xff);
         let mhz = tsc_mhz();
         let before = ONLINE.load(Ordering::Acquire);
         let vector = (TRAMPOLINE >> 12) as u32;

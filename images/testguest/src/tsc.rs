@@ -62,6 +62,19 @@ fn khz_from_cpuid() -> u64 {
     0
 }
 
+/// The TSC rate in kHz for time arithmetic: `khz()`, or the assumed default when CPUID says none.
+fn khz_or_default() -> u64 {
+    match khz() {
+        0 => DEFAULT_KHZ,
+        k => k,
+    }
+}
+
+/// Milliseconds of TSC time from `earlier` to `later` (0 if `later` is not after `earlier`).
+pub fn ms_between(earlier: u64, later: u64) -> u64 {
+    later.saturating_sub(earlier) / khz_or_default()
+}
+
 /// A point in TSC time after which bounded polls give up.
 #[derive(Clone, Copy)]
 pub struct Deadline(u64);
@@ -69,11 +82,7 @@ pub struct Deadline(u64);
 impl Deadline {
     /// `ms` milliseconds from now.
     pub fn after_ms(ms: u64) -> Deadline {
-        let khz = match khz() {
-            0 => DEFAULT_KHZ,
-            k => k,
-        };
-        Deadline(now().saturating_add(ms.saturating_mul(khz)))
+        Deadline(now().saturating_add(ms.saturating_mul(khz_or_default())))
     }
 
     /// Whether the deadline has passed.

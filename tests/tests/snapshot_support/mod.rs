@@ -1,6 +1,7 @@
 //! Helpers shared by the snapshot tests (`snapshot.rs`, `snapshot_live.rs`): the counter guest
-//! with a control socket, `skiff ctl` and raw HTTP requests, and the check that a snapshotted
-//! run and its restore read as one uninterrupted counter run.
+//! (with its LAPIC timer running) with a control socket, `skiff ctl` and raw HTTP requests, and
+//! the check that a snapshotted run and its restore read as one uninterrupted counter run, timer
+//! interrupts and TSC included.
 
 #![allow(dead_code)] // each test file uses its own subset
 
@@ -14,17 +15,21 @@ use skiff_tests::{require_kvm, skiff_bin, testguest, Finished, Skiff};
 
 pub const T: Duration = Duration::from_secs(60);
 pub const LINES: u64 = 25;
+/// The counter guest's time per line (TSC), and the most a line may take in a restored run: a
+/// line spans the restore, so this bounds the TSC time the guest saw pass across it.
+const LINE_MS: u64 = 100;
+const MAX_LINE_TSC_MS: u64 = LINE_MS + 1400;
 
 pub fn guest() -> String {
     testguest().to_string_lossy().into_owned()
 }
 
-/// Starts the counter guest with a control socket in `dir`.
+/// Starts the counter guest, with its timer interrupts, and a control socket in `dir`.
 pub fn start_counter(dir: &Path, extra: &[&str]) -> (Skiff, PathBuf) {
     require_kvm();
     let sock = dir.join("api.sock");
     let kernel = guest();
-    let cmdline = format!("counter={LINES}");
+    let cmdline = format!("counter={LINES},timer");
     let mut args = vec![
         "run",
         "--kernel",
@@ -126,6 +131,79 @@ pub fn assert_one_run(before: &str, after: &Finished) {
     after
         .assert_stdout_has(&format!("testguest: counter done lines={LINES}"))
         .assert_stdout_has("testguest: done");
+    assert_ticks_continue(before, &after.stdout);
+}
+
+/// One `testguest: counter N round=R ticks=T tsc_ms=M ok` line: (N, T, M).
+fn timer_line(line: &str) -> Option<(u64, u64, u64)> {
+    let rest = line
+        .strip_prefix("testguest: counter ")?
+        .strip_suffix(" ok")?;
+    let mut words = rest.split(' ');
+    let n = words.next()?.parse().ok()?;
+    let field = |w: Option<&str>, key: &str| w?.strip_prefix(key)?.parse().ok();
+    let _round = words.next()?;
+    let ticks = field(words.next(), "ticks=")?;
+    let ms = field(words.next(), "tsc_ms=")?;
+    Some((n, ticks, ms))
+}
+
+/// Asserts that the counter guest's timer interrupts and TSC ran on through the snapshot and
+/// restore (`before`, then the restored run's `after`). The guest itself fails if ticks go back
+/// or stop while it runs, or if its TSC goes back; here, from its lines:
+/// - every counter line carries `ticks=` and `tsc_ms=`;
+/// - ticks grow with every line, including the first restored one: the restored LAPIC timer
+///   fires (no stall), and never more than twice what the line's TSC time allows (no storm);
+/// - no restored line saw more than `MAX_LINE_TSC_MS` of TSC time: the guest's clock does not
+///   jump across the restore, however long after the snapshot it came. Except on PVM hosts for
+///   the line that spans the restore: there the guest reads the host's TSC, which KVM's TSC
+///   offset cannot move back, so that line shows the real time between snapshot and restore.
+pub fn assert_ticks_continue(before: &str, after: &str) {
+    let hz: u64 = before
+        .lines()
+        .find_map(|l| l.split(" timer_hz=").nth(1))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "no `timer_hz=` on the counter's start line:
+{before}"
+            )
+        });
+    let parse = |text: &str| -> Vec<(u64, u64, u64)> {
+        text.lines()
+            .filter(|l| l.starts_with("testguest: counter ") && l.ends_with(" ok"))
+            .map(|l| timer_line(l).unwrap_or_else(|| panic!("no timer fields in {l:?}")))
+            .collect()
+    };
+    let (old, new) = (parse(before), parse(after));
+    let context = || format!("--- before ---\n{before}\n--- after ---\n{after}");
+    let mut ticks = 0;
+    for &(n, t, ms) in old.iter().chain(&new) {
+        assert!(
+            t > ticks,
+            "line {n}: ticks {t} did not advance from {ticks}\n{}",
+            context()
+        );
+        let allowed = 2 * ms * hz / 1000 + 2;
+        assert!(
+            t - ticks <= allowed,
+            "line {n}: {} ticks in {ms} ms at {hz} Hz\n{}",
+            t - ticks,
+            context()
+        );
+        ticks = t;
+    }
+    let pvm = skiff_tests::pvm_host();
+    for (i, &(n, _, ms)) in new.iter().enumerate() {
+        if i == 0 && pvm {
+            continue;
+        }
+        assert!(
+            ms <= MAX_LINE_TSC_MS,
+            "line {n}: the guest saw {ms} ms of TSC time pass (a clock jump)\n{}",
+            context()
+        );
+    }
 }
 
 pub fn restore(snap: &Path, extra: &[&str]) -> Finished {
