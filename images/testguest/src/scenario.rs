@@ -6,7 +6,7 @@ use core::sync::atomic::{AtomicU8, Ordering};
 
 use crate::bootinfo::BootInfo;
 use crate::serial::{self, Line};
-use crate::virtio::{abuse, blk, console, net, rng};
+use crate::virtio::{abuse, blk, console, fs, net, rng};
 use crate::{counter, io, memcheck, pci, power, smp};
 
 /// Exit code when every scenario passed.
@@ -17,7 +17,7 @@ pub const EXIT_FAIL: u8 = 33;
 pub const EXIT_PANIC: u8 = 34;
 
 /// Names used in FAIL lines, indexed by `CURRENT`.
-const NAMES: [&str; 18] = [
+const NAMES: [&str; 19] = [
     "boot",
     "hello",
     "memcheck",
@@ -36,6 +36,7 @@ const NAMES: [&str; 18] = [
     "poweroff",
     "acpi-reset",
     "virtio-abuse",
+    "virtio-fs",
 ];
 const BOOT: u8 = 0;
 const HELLO: u8 = 1;
@@ -55,6 +56,7 @@ const COUNTER: u8 = 14;
 const POWEROFF: u8 = 15;
 const ACPI_RESET: u8 = 16;
 const VIRTIO_ABUSE: u8 = 17;
+const VIRTIO_FS: u8 = 18;
 
 /// The scenario now running, for FAIL lines from the exception handler. In `.data.tg_hot` (see
 /// linker.ld).
@@ -166,6 +168,10 @@ pub fn run_all(info: &BootInfo) -> ! {
                             .str("\" (want MiB, 1..16777215)");
                     }),
                 }
+            }
+            _ if token.starts_with(b"virtio-fs=") => {
+                start(VIRTIO_FS);
+                fs::run(info, &token[10..]);
             }
             _ if token.starts_with(b"counter=") => {
                 start(COUNTER);
