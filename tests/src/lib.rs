@@ -405,6 +405,50 @@ impl Drop for NetNs {
     }
 }
 
+/// Where Debian packages put virtiofsd: QEMU's (qemu-system-common, QEMU 7.2 and earlier) and
+/// the standalone Rust one (the `virtiofsd` package).
+const VIRTIOFSD_PATHS: [&str; 2] = ["/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd"];
+
+/// The virtiofsd binary: `SKIFF_VIRTIOFSD`, or the first of `VIRTIOFSD_PATHS` that exists.
+/// Panics (the test fails, never skips) when there is none.
+pub fn virtiofsd_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("SKIFF_VIRTIOFSD") {
+        return PathBuf::from(p);
+    }
+    VIRTIOFSD_PATHS
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!("virtiofsd is not installed (looked in {VIRTIOFSD_PATHS:?}); run scripts/setup")
+        })
+}
+
+/// The vhost-device-rng version `scripts/setup` installs (keep the two in step).
+pub const VHOST_DEVICE_RNG_VERSION: &str = "0.1.0";
+
+/// The vhost-device-rng binary: `SKIFF_VHOST_DEVICE_RNG`, or where `scripts/setup` installs it
+/// (`${SKIFF_CACHE:-$HOME/.cache/skiff}/vhost-device-rng-VERSION/bin`). Panics (the test fails,
+/// never skips) when it is missing.
+pub fn vhost_device_rng_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("SKIFF_VHOST_DEVICE_RNG") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var_os("SKIFF_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/skiff")))
+        .unwrap_or_else(|| PathBuf::from(".cache/skiff"));
+    let bin = cache
+        .join(format!("vhost-device-rng-{VHOST_DEVICE_RNG_VERSION}"))
+        .join("bin/vhost-device-rng");
+    assert!(
+        bin.exists(),
+        "vhost-device-rng is not installed at {}; run scripts/setup",
+        bin.display()
+    );
+    bin
+}
+
 /// A vhost-user backend process a test started (skiff's own, qemu-storage-daemon, ...),
 /// killed on drop; its stderr is kept for messages.
 #[derive(Debug)]
@@ -469,6 +513,30 @@ impl Backend {
                 "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on",
                 socket.display()
             ));
+        Self::start(&mut cmd, socket)
+    }
+
+    /// QEMU's virtiofsd sharing `dir` on `socket`, with no caching (so every read reaches the
+    /// file). Fails the test if virtiofsd is not installed (`scripts/setup` installs it).
+    pub fn virtiofsd(socket: &Path, dir: &Path) -> Self {
+        let mut cmd = Command::new(virtiofsd_bin());
+        cmd.arg(format!("--socket-path={}", socket.display()))
+            .arg("-o")
+            .arg(format!("source={}", dir.display()))
+            .args(["-o", "cache=none", "-o", "sandbox=chroot"]);
+        Self::start(&mut cmd, socket)
+    }
+
+    /// rust-vmm's `vhost-device-rng` serving `/dev/urandom` on `socket`. It appends the socket's
+    /// index to the path it is given, so it is started with `socket` less its final `0`. Fails
+    /// the test if it is not installed (`scripts/setup` installs it).
+    pub fn vhost_device_rng(socket: &Path) -> Self {
+        let text = socket.to_string_lossy();
+        let base = text
+            .strip_suffix('0')
+            .unwrap_or_else(|| panic!("vhost-device-rng sockets end in 0, not {text}"));
+        let mut cmd = Command::new(vhost_device_rng_bin());
+        cmd.arg("--socket-path").arg(base);
         Self::start(&mut cmd, socket)
     }
 

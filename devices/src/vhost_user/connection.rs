@@ -108,6 +108,11 @@ pub enum VhostUserError {
         #[source]
         source: vhost::Error,
     },
+    /// A virtio-fs device with no mount tag: the backend gives none and `tag=` is missing.
+    #[error(
+        "vhost-user-fs backend {0} gives no mount tag in its configuration space: give tag=TAG"
+    )]
+    FsTagMissing(PathBuf),
     /// A ring's guest address is outside guest memory.
     #[error("queue {queue}: {what} at guest address {address:#x} is outside guest memory")]
     RingOutsideMemory {

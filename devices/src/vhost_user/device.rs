@@ -3,8 +3,9 @@
 //! and MSI-X; this device passes the outcome to the backend.
 //!
 //! - Construction (VM build): connect and handshake, read the configuration space
-//!   (`GET_CONFIG`, cached) or synthesize the type's defaults, and send the memory table once so
-//!   a backend that cannot map guest memory fails the start, not the guest's first I/O.
+//!   (`GET_CONFIG`, cached) or synthesize the type's defaults (virtio-fs: `fs_config`), and
+//!   send the memory table once so a backend that cannot map guest memory fails the start, not
+//!   the guest's first I/O.
 //! - `activate` (driver sets `DRIVER_OK`): `SET_FEATURES` with the driver's features, the memory
 //!   table, then every enabled queue: ring addresses translated to this process's mapping, the
 //!   queue's ioeventfd as kick fd (the guest's kick goes straight to the backend, no VMM hop),
@@ -27,10 +28,9 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::call_forwarder::CallForwarder;
-use super::config::{
-    SharedMemoryRegion, VhostUserConfig, VhostUserKind, FS_TAG_BYTES, QUEUE_MAX_SIZE,
-};
+use super::config::{SharedMemoryRegion, VhostUserConfig, VhostUserKind, QUEUE_MAX_SIZE};
 use super::connection::{Connection, RingSetup, VhostUserError};
+use super::fs_config::{fs_config_space, FsConfigProblem};
 use crate::virtio::device::{
     ActivateContext, ActivateError, ActivatedQueue, EventLoop, GuestMemoryMmap, VirtioDevice,
 };
@@ -97,9 +97,15 @@ impl VhostUserDevice {
         regions: Vec<SharedMemoryRegion>,
     ) -> Result<Self, VhostUserError> {
         let len = cfg.kind.config_len();
-        let config = match conn.read_config(len)? {
-            Some(config) => config,
-            None => default_config(cfg),
+        let config = match (conn.read_config(len)?, cfg.kind) {
+            (backend, VhostUserKind::Fs) => {
+                fs_config_space(cfg, backend).map_err(|FsConfigProblem::NoTag| {
+                    VhostUserError::FsTagMissing(cfg.socket.clone())
+                })?
+            }
+            (Some(config), _) => config,
+            // Other types without a backend configuration read as zeros.
+            (None, _) => vec![0; len],
         };
         conn.set_mem_table(&regions)?;
         Ok(Self {
@@ -211,21 +217,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     line
-}
-
-/// The configuration space a backend without the CONFIG protocol feature gets: virtio-fs
-/// carries the tag and request queue count; other types read as zeros.
-fn default_config(cfg: &VhostUserConfig) -> Vec<u8> {
-    let mut config = vec![0u8; cfg.kind.config_len()];
-    if cfg.kind == VhostUserKind::Fs {
-        if let Some(tag) = &cfg.tag {
-            let n = tag.len().min(FS_TAG_BYTES);
-            config[..n].copy_from_slice(&tag.as_bytes()[..n]);
-        }
-        let requests = u32::from(cfg.queues.saturating_sub(1));
-        config[FS_TAG_BYTES..FS_TAG_BYTES + 4].copy_from_slice(&requests.to_le_bytes());
-    }
-    config
 }
 
 /// The queue's rings as the backend needs them: each must lie in guest memory, and is given

@@ -5,6 +5,8 @@
 //! - `connection`: the frontend's side of the protocol on top of the `vhost` crate: connecting
 //!   (with one-line errors for a missing path, a non-socket, a refused connection), the
 //!   feature handshake, the memory table, per-queue ring set-up and tear-down.
+//! - `fs_config`: virtio-fs's configuration space (tag, request queue count), from the backend
+//!   or built from `tag=` and `queues=`.
 //! - `device`: `VhostUserDevice`, the `VirtioDevice` the PCI transport drives.
 //! - `watchdog`: bounds every request (a backend that stalls mid-reply cannot hang a vCPU).
 //! - `call_forwarder`: the event-loop subscriber that turns the backend's "used buffer" eventfds
@@ -20,6 +22,7 @@ mod call_forwarder;
 pub mod config;
 mod connection;
 mod device;
+mod fs_config;
 mod watchdog;
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use core::sync::atomic::{AtomicU8, Ordering};
 
 use crate::bootinfo::BootInfo;
 use crate::serial::{self, Line};
-use crate::virtio::{abuse, blk, console, net, rng};
+use crate::virtio::{abuse, blk, console, fs, net, rng};
 use crate::{counter, io, memcheck, pci, power, smp};
 
 /// Exit code when every scenario passed.
@@ -17,7 +17,7 @@ pub const EXIT_FAIL: u8 = 33;
 pub const EXIT_PANIC: u8 = 34;
 
 /// Names used in FAIL lines, indexed by `CURRENT`.
-const NAMES: [&str; 19] = [
+const NAMES: [&str; 20] = [
     "boot",
     "hello",
     "memcheck",
@@ -37,6 +37,7 @@ const NAMES: [&str; 19] = [
     "acpi-reset",
     "virtio-abuse",
     "virtio-loop",
+    "virtio-fs",
 ];
 const BOOT: u8 = 0;
 const HELLO: u8 = 1;
@@ -57,6 +58,7 @@ const POWEROFF: u8 = 15;
 const ACPI_RESET: u8 = 16;
 const VIRTIO_ABUSE: u8 = 17;
 const VIRTIO_LOOP: u8 = 18;
+const VIRTIO_FS: u8 = 19;
 
 /// The scenario now running, for FAIL lines from the exception handler. In `.data.tg_hot` (see
 /// linker.ld).
@@ -175,6 +177,10 @@ pub fn run_all(info: &BootInfo) -> ! {
                     Some(rounds) => crate::virtio::snapshot_loop::run(info, rounds),
                     None => fail_msg("bad round count (want virtio-loop=N, 1 <= N < 100000)"),
                 }
+            }
+            _ if token.starts_with(b"virtio-fs=") => {
+                start(VIRTIO_FS);
+                fs::run(info, &token[10..]);
             }
             _ if token.starts_with(b"counter=") => {
                 start(COUNTER);

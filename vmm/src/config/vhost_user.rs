@@ -1,7 +1,8 @@
 //! `--vhost-user type=blk|fs|net|vsock|rng|generic,socket=PATH[,queues=N][,tag=TAG]
 //! [,reconnect=SECONDS][,virtio-id=N]` parsed and validated into a `VhostUserConfig` (the type
 //! lives with the device, `devices::vhost_user`). `type=generic` needs `virtio-id=` (the virtio
-//! device type number); `tag=` is for `type=fs` only.
+//! device type number); `tag=` is for `type=fs` only, which needs at least two queues (the
+//! high-priority queue and a request queue).
 //!
 //! Only the string is checked here. Whether the socket exists, is a socket and answers is
 //! checked when the VM is built, in `VhostUserDevice::new`.
@@ -44,6 +45,9 @@ pub enum VhostUserConfigError {
     /// A tag that is empty or too long.
     #[error("--vhost-user tag={0:?}: expected 1 to {FS_TAG_BYTES} bytes")]
     Tag(String),
+    /// virtio-fs with fewer than two queues.
+    #[error("--vhost-user type=fs queues={0}: expected at least 2 (the high-priority queue and a request queue)")]
+    FsQueues(u16),
     /// `tag=` on a device that is not virtio-fs.
     #[error("--vhost-user tag= applies to type=fs only")]
     TagNotFs,
@@ -113,6 +117,9 @@ impl FromStr for VhostUserArg {
         let mut cfg =
             VhostUserConfig::new(kind, socket.ok_or(VhostUserConfigError::MissingSocket)?);
         if let Some(queues) = queues {
+            if kind == VhostUserKind::Fs && queues < 2 {
+                return Err(VhostUserConfigError::FsQueues(queues));
+            }
             cfg.queues = queues;
         }
         cfg.tag = tag;
@@ -207,6 +214,7 @@ mod tests {
         );
         assert_eq!(parse("type=blk,socket=/s,tag=x"), Err(E::TagNotFs));
         assert_eq!(parse("type=fs,socket=/s,tag="), Err(E::Tag(String::new())));
+        assert_eq!(parse("type=fs,socket=/s,queues=1"), Err(E::FsQueues(1)));
         assert!(matches!(
             parse(&format!("type=fs,socket=/s,tag={}", "t".repeat(37))),
             Err(E::Tag(_))

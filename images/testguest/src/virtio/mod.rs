@@ -12,6 +12,8 @@ pub mod abuse;
 pub mod blk;
 pub mod console;
 pub mod dma;
+pub mod fs;
+pub mod fuse;
 pub mod net;
 pub mod queue;
 pub mod rng;
