@@ -34,7 +34,7 @@ fn progress(sock: &Path) -> Option<(u64, u64)> {
 #[test]
 fn progress_counters_grow_to_the_touched_total_while_a_snapshot_is_written() {
     let root = tempfile::tempdir().unwrap();
-    let (mut vm, sock) = start_touched_1gib(root.path());
+    let (vm, sock) = start_touched_1gib(root.path());
     assert_eq!(progress(&sock), None, "no snapshot runs yet");
     let snap = root.path().join("snap");
     let request = {
@@ -116,7 +116,7 @@ fn ctl_on_terminal(sock: &Path, args: &[&str]) -> (i32, String, String) {
 #[test]
 fn the_progress_bar_is_drawn_on_a_terminal_and_not_without_one() {
     let root = tempfile::tempdir().unwrap();
-    let (mut vm, sock) = start_touched_1gib(root.path());
+    let (vm, sock) = start_touched_1gib(root.path());
     let first = root.path().join("first");
     let (code, out, err) = ctl(&sock, &["snapshot", first.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
