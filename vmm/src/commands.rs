@@ -108,8 +108,10 @@ pub enum CtlAction {
 }
 
 /// Sends the request, prints the JSON answer on stdout, and returns 0; on an error answer or
-/// failure prints one line on stderr and returns 1.
+/// failure prints one line on stderr and returns 1. A snapshot draws a progress bar on stderr
+/// while it is written, when stderr is a terminal.
 pub fn ctl(args: CtlArgs) -> ExitCode {
+    use std::io::IsTerminal;
     let (method, path, body) = match args.action {
         CtlAction::Status => ("GET", "/vm", None),
         CtlAction::Pause => ("PUT", "/vm/pause", None),
@@ -139,7 +141,13 @@ pub fn ctl(args: CtlArgs) -> ExitCode {
             ("PUT", "/vm/snapshot", Some(body))
         }
     };
-    match client::request(&args.api_socket, method, path, body.as_deref()) {
+    let answer = match body.as_deref() {
+        Some(body) if path == "/vm/snapshot" && std::io::stderr().is_terminal() => {
+            crate::api::progress_bar::snapshot_with_progress(&args.api_socket, body)
+        }
+        body => client::request(&args.api_socket, method, path, body),
+    };
+    match answer {
         Ok((status, body)) if (200..300).contains(&status) => {
             println!("{body}");
             ExitCode::SUCCESS

@@ -215,6 +215,7 @@ fn serve_requests(api: &mut ApiServer, vm: &mut RunningVm, snapshot_token: &mut 
     for (token, route) in api.take_requests() {
         let answer = match route {
             Route::Status => Ok(json(&vm.status())),
+            Route::SnapshotProgress => Ok(json(&vm.snapshot_progress())),
             Route::Pause => vm.pause().map(|d| {
                 json(&serde_json::json!({
                     "state": "paused",

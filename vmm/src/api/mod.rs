@@ -7,6 +7,7 @@
 //! | `PUT /vm/pause` | | `{"state": "paused", "pause_ms"}` |
 //! | `PUT /vm/resume` | | `{"state": "running"}` |
 //! | `PUT /vm/snapshot` | `{"dir": "/abs/path", "stop": false, "live": false, "diff": false}` | `{"dir", "kind", "parent", "bytes_written", "time_ms", "pause_ms", "state_ms", "write_ms", "blackout_ms", "live": {"passes": [{"pages", "bytes", "ms"}], "precopy_ms", "final_pass"} or null, "regions": [{"guest_address", "size", "file", "method", "copied_bytes"}], "stopped", "notes"}` |
+//! | `GET /vm/snapshot/progress` | | `{"in_progress": true, "bytes_done", "bytes_total", "elapsed_ms"}` or `{"in_progress": false}` |
 //! | `PUT /vm/shutdown` | | `{"state": "stopping"}` |
 //!
 //! Errors answer 4xx or 5xx with `{"error": "one line"}`: 400 bad request (bad JSON, a relative
@@ -17,9 +18,11 @@
 //! - `http`: request parsing and response formatting.
 //! - `server`: the socket, as an event-loop subscriber that queues parsed requests.
 //! - `client`: the `skiff ctl` side.
+//! - `progress_bar`: `skiff ctl snapshot`'s progress bar on a terminal.
 
 pub mod client;
 pub mod http;
+pub mod progress_bar;
 pub mod server;
 
 use std::path::PathBuf;
@@ -41,6 +44,8 @@ pub enum Route {
     Resume,
     /// `PUT /vm/snapshot`.
     Snapshot(SnapshotRequest),
+    /// `GET /vm/snapshot/progress`.
+    SnapshotProgress,
     /// `PUT /vm/shutdown`.
     Shutdown,
 }
@@ -75,6 +80,7 @@ pub fn route(req: &Request) -> Result<Route, (u16, String)> {
         "/vm/pause" => want("PUT", Route::Pause),
         "/vm/resume" => want("PUT", Route::Resume),
         "/vm/shutdown" => want("PUT", Route::Shutdown),
+        "/vm/snapshot/progress" => want("GET", Route::SnapshotProgress),
         "/vm/snapshot" => {
             check("PUT")?;
             let body: SnapshotBody = serde_json::from_slice(&req.body).map_err(|e| {
@@ -135,6 +141,10 @@ mod tests {
                 live: true,
                 diff: true,
             }))
+        );
+        assert_eq!(
+            route(&req("GET", "/vm/snapshot/progress", "")),
+            Ok(Route::SnapshotProgress)
         );
         assert_eq!(route(&req("GET", "/vm/pause", "")).unwrap_err().0, 405);
         assert_eq!(route(&req("GET", "/nope", "")).unwrap_err().0, 404);

@@ -13,7 +13,9 @@
 //! positions agree; they continue when the VM is released.
 //!
 //! Full and diff: pause, gather the state, write on a `SnapshotJob` thread, resume when it
-//! ends. Live: switch tracking on, run the passes on a job thread while the guest runs; when
+//! ends. A full snapshot with `stop` skips dirty tracking (the VM ends) and lets the writer
+//! hard-link a `file=` backing: after the pause nothing writes guest memory again (the vCPUs
+//! stay parked until they exit, and VMs with devices that write memory are refused). Live: switch tracking on, run the passes on a job thread while the guest runs; when
 //! they end, pause, copy the last dirty pages and gather the state here (the blackout), resume,
 //! then write the state, manifest and rename on a second job thread.
 
@@ -25,7 +27,9 @@ use devices::vm_exit::GuestEnd;
 
 use super::{ControlError, RunningVm};
 use crate::snapshot::dirty::{gather, mappings, reset_device_bitmaps, PageBitmap};
-use crate::snapshot::job::{JobMeta, JobOutput, LiveSummary, SnapshotJob, SnapshotSummary};
+use crate::snapshot::job::{
+    JobMeta, JobOutput, LiveSummary, ProgressStatus, SnapshotJob, SnapshotSummary,
+};
 use crate::snapshot::live::{copy_dirty, FirstPass, Limits, Precopy, PrecopyReport};
 use crate::snapshot::manifest::{ParentRef, SnapshotManifest, DIFF_FORMAT_VERSION};
 use crate::snapshot::memory_file::PrivateMapping;
@@ -132,7 +136,13 @@ impl RunningVm {
         // Before the dirty log is read: what the devices finish now is in this snapshot.
         self.quiesce_devices();
         let mut notes = Vec::new();
-        if let Err(e) = self.track_dirty() {
+        // A VM that ends with this snapshot needs no tracking (and no base for diffs).
+        let tracked = if req.stop && !req.diff {
+            Ok(())
+        } else {
+            self.track_dirty()
+        };
+        if let Err(e) = tracked {
             if req.diff {
                 resume_on_error(self);
                 return Err(ControlError::Internal(format!(
@@ -167,6 +177,7 @@ impl RunningVm {
             },
             _ => MemorySource::Full {
                 private: self.private_mappings(),
+                link: req.stop,
             },
         };
         let (manifest, meta) = self.describe(req, started, false);
@@ -210,16 +221,6 @@ impl RunningVm {
             (Some(base), true) => FirstPass::Pages(base.pending.clone()),
             _ => FirstPass::Full,
         };
-        let precopy = Precopy {
-            temp,
-            regions: self.ram.regions().to_vec(),
-            mappings: mappings(self.ram.memory()),
-            private: self.ram.is_private(),
-            first,
-            log,
-            memory: self.ram.memory().clone(),
-            limits: Limits::default(),
-        };
         let started = Started {
             requested,
             pause_ms: 0.0,
@@ -230,6 +231,17 @@ impl RunningVm {
         };
         let (_, mut meta) = self.describe(req, started, true);
         meta.live = Some(LiveSummary::default());
+        let precopy = Precopy {
+            temp,
+            regions: self.ram.regions().to_vec(),
+            mappings: mappings(self.ram.memory()),
+            private: self.ram.is_private(),
+            first,
+            log,
+            memory: self.ram.memory().clone(),
+            limits: Limits::default(),
+            progress: meta.progress.clone(),
+        };
         let done = self.job_done.try_clone().map_err(internal)?;
         let job = SnapshotJob::start_precopy(precopy, done, meta)
             .map_err(|e| internal(format!("cannot start the snapshot thread: {e}")))?;
@@ -269,6 +281,7 @@ impl RunningVm {
             live: live.then(LiveSummary::default),
             dir: req.dir.clone(),
             manifest: Some(manifest.clone()),
+            progress: Default::default(),
         };
         (manifest, meta)
     }
@@ -401,6 +414,18 @@ impl RunningVm {
                 internal(format!("cannot start the snapshot thread: {e}")),
             ),
         }
+    }
+
+    /// `GET /vm/snapshot/progress`: the running snapshot's counters, if one runs.
+    pub fn snapshot_progress(&self) -> ProgressStatus {
+        self.job.as_ref().map_or(
+            ProgressStatus {
+                in_progress: false,
+                counters: None,
+                elapsed_ms: None,
+            },
+            SnapshotJob::progress,
+        )
     }
 
     /// For RAM mapped copy-on-write, each region's mapping in this process (see

@@ -15,6 +15,7 @@ use thiserror::Error;
 use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
 
 use super::memory_file::{MemoryFileError, PrivateMapping};
+use super::progress::SnapshotProgress;
 use crate::hypervisor::{DirtyLog, HypervisorError, SlotDirtyPages};
 use crate::memory::GuestMemory;
 
@@ -182,8 +183,8 @@ fn merge_slots(
     Ok(())
 }
 
-/// Writes every page of `pages` from `mapping` into `dst` at the same offset. Returns the bytes
-/// written.
+/// Writes every page of `pages` from `mapping` into `dst` at the same offset, counting them into
+/// `progress`. Returns the bytes written.
 ///
 /// # Safety
 /// `mapping` must be a live mapping of the region that stays mapped for the duration of the
@@ -194,6 +195,7 @@ pub unsafe fn write_pages(
     pages: &PageBitmap,
     dst: &File,
     cancel: &AtomicBool,
+    progress: Option<&SnapshotProgress>,
 ) -> Result<u64, MemoryFileError> {
     let len = mapping.len as u64;
     let mut written = 0;
@@ -235,6 +237,9 @@ pub unsafe fn write_pages(
             }
             at += done;
             written += done;
+            if let Some(p) = progress {
+                p.advance(done);
+            }
         }
     }
     Ok(written)
@@ -335,8 +340,8 @@ mod tests {
         dst.set_len(64 * 4096).unwrap();
         let m = mappings(&memory)[0];
         // SAFETY: `memory` keeps the mapping alive for the whole call.
-        let n =
-            unsafe { write_pages(m, &set(64, &[3, 4]), &dst, &AtomicBool::new(false)) }.unwrap();
+        let n = unsafe { write_pages(m, &set(64, &[3, 4]), &dst, &AtomicBool::new(false), None) }
+            .unwrap();
         assert_eq!(n, 2 * DIRTY_PAGE);
         let mut buf = [0u8; 8];
         dst.read_exact_at(&mut buf, 4 * DIRTY_PAGE).unwrap();
@@ -344,7 +349,7 @@ mod tests {
         dst.read_exact_at(&mut buf, 40 * DIRTY_PAGE).unwrap();
         assert_eq!(u64::from_le_bytes(buf), 0, "page 40 was not in the set");
         // SAFETY: as above.
-        let e = unsafe { write_pages(m, &set(64, &[1]), &dst, &AtomicBool::new(true)) };
+        let e = unsafe { write_pages(m, &set(64, &[1]), &dst, &AtomicBool::new(true), None) };
         assert!(matches!(e, Err(MemoryFileError::Cancelled)));
     }
 }

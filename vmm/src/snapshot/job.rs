@@ -5,7 +5,8 @@
 //! pause, the write of the state, manifest and rename while the guest runs again.
 //!
 //! The thread signals an eventfd when it is done; the event loop then collects the report with
-//! `finish`. Ending the VM mid-write cancels the job, which removes the temporary directory.
+//! `finish`. Meanwhile the job's `SnapshotProgress` (in its meta, shared by a live snapshot's two
+//! jobs) tells how much memory is written. Ending the VM mid-write cancels the job, which removes the temporary directory.
 
 use std::io;
 use std::path::PathBuf;
@@ -18,6 +19,7 @@ use serde::Serialize;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::live::{PassStats, Precopy, PrecopyReport};
+use super::progress::{ProgressReading, SnapshotProgress};
 use super::writer::{write, PendingSnapshot, WriteReport};
 
 /// What a job's thread produced.
@@ -70,6 +72,21 @@ pub struct JobMeta {
     pub dir: PathBuf,
     /// For a live snapshot until its final pass: the manifest to write.
     pub manifest: Option<super::manifest::SnapshotManifest>,
+    /// The memory written so far, counted by the job's thread.
+    pub progress: Arc<SnapshotProgress>,
+}
+
+/// `GET /vm/snapshot/progress`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProgressStatus {
+    /// Whether a snapshot is being written (the counters are absent otherwise).
+    pub in_progress: bool,
+    /// The counters.
+    #[serde(flatten)]
+    pub counters: Option<ProgressReading>,
+    /// Since the request arrived, in ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub elapsed_ms: Option<f64>,
 }
 
 /// A live snapshot's passes, in the API response.
@@ -133,9 +150,10 @@ pub struct SnapshotSummary {
 impl SnapshotJob {
     /// Starts writing `pending` on a new thread; `done` is written when the thread ends.
     pub fn start(pending: PendingSnapshot, done: EventFd, meta: JobMeta) -> io::Result<Self> {
+        let progress = meta.progress.clone();
         Self::spawn(
             move |flag| {
-                write(pending, flag)
+                write(pending, flag, &progress)
                     .map(JobOutput::Written)
                     .map_err(|e| crate::error_chain(&e))
             },
@@ -182,6 +200,15 @@ impl SnapshotJob {
             ended,
             meta,
         })
+    }
+
+    /// How far the write has got.
+    pub fn progress(&self) -> ProgressStatus {
+        ProgressStatus {
+            in_progress: true,
+            counters: Some(self.meta.progress.read()),
+            elapsed_ms: Some(self.meta.requested.elapsed().as_secs_f64() * 1000.0),
+        }
     }
 
     /// Whether the write has ended (successfully or not); `finish` then returns at once.

@@ -20,7 +20,10 @@ use thiserror::Error;
 
 use super::dirty::{gather, write_pages, DirtyError, PageBitmap, DIRTY_PAGE};
 use super::memory_file::{CopyMethod, MemoryFileError, PrivateMapping};
-use super::writer::{create_file, write_region, RegionReport, WriteError};
+use super::progress::SnapshotProgress;
+use super::writer::{
+    create_file, expect_touched, write_region, RegionCopy, RegionReport, WriteError,
+};
 use crate::hypervisor::DirtyLog;
 use crate::memory::{GuestMemory, ShareableRegion};
 
@@ -95,6 +98,8 @@ pub struct Precopy {
     pub memory: GuestMemory,
     /// When to stop.
     pub limits: Limits,
+    /// Where the bytes each pass writes are counted (the job's progress).
+    pub progress: Arc<SnapshotProgress>,
 }
 
 impl std::fmt::Debug for Precopy {
@@ -138,15 +143,27 @@ pub fn precopy(job: &Precopy, cancel: &AtomicBool) -> Result<PrecopyReport, Live
     let started = Instant::now();
     let mut regions = Vec::with_capacity(job.regions.len());
     let mut first_bytes = 0;
+    match &job.first {
+        FirstPass::Full => expect_touched(&job.regions, &job.temp, &job.progress)?,
+        FirstPass::Pages(sets) => job
+            .progress
+            .expect(sets.iter().map(|s| s.count() * DIRTY_PAGE).sum()),
+    }
     for (i, region) in job.regions.iter().enumerate() {
         let name = format!("memory-{i}.bin");
         let path = job.temp.join(&name);
         let report = match &job.first {
             FirstPass::Full => {
-                let private = job.mappings.get(i).copied().filter(|_| job.private);
+                let copy = RegionCopy {
+                    private: job.mappings.get(i).copied().filter(|_| job.private),
+                    // The guest keeps running: its memory must be copied, never shared.
+                    link: false,
+                    cancel,
+                    progress: Some(&job.progress),
+                };
                 // SAFETY: the mappings stay alive for the job (`Precopy::mappings`); writes the
                 // guest makes meanwhile are in the dirty log and copied by a later pass.
-                unsafe { write_region(region, private, &path, name, cancel) }?
+                unsafe { write_region(region, &copy, &path, name) }?
             }
             FirstPass::Pages(sets) => {
                 let dst = create_file(&path)?;
@@ -211,6 +228,7 @@ pub fn copy_dirty(
     let started = Instant::now();
     let sets = gather(&*job.log, &job.memory)?;
     let pages = sets.iter().map(PageBitmap::count).sum();
+    job.progress.expect(pages * DIRTY_PAGE);
     let mut bytes = 0;
     for (i, set) in sets.iter().enumerate() {
         if set.is_clean() {
@@ -251,9 +269,11 @@ fn write_set(
         return Ok(0);
     };
     // SAFETY: the mapping stays alive for the job (`Precopy::mappings`).
-    unsafe { write_pages(mapping, set, dst, cancel) }.map_err(|source| LiveError::Pages {
-        path: path.to_path_buf(),
-        source,
+    unsafe { write_pages(mapping, set, dst, cancel, Some(&job.progress)) }.map_err(|source| {
+        LiveError::Pages {
+            path: path.to_path_buf(),
+            source,
+        }
     })
 }
 
@@ -324,6 +344,7 @@ mod tests {
             log,
             memory: memory.clone(),
             limits: Limits::default(),
+            progress: Arc::default(),
         };
         let never = AtomicBool::new(false);
         let mut report = precopy(&job, &never).unwrap();
@@ -336,6 +357,18 @@ mod tests {
         let last = copy_dirty(&job, &mut report, &never).unwrap();
         assert_eq!((last.pages, last.bytes), (1, DIRTY_PAGE));
         assert_eq!(report.regions[0].copied_bytes, 3 * DIRTY_PAGE);
+        let counted = job.progress.read();
+        assert_eq!(
+            (counted.bytes_done, counted.bytes_total),
+            (3 * DIRTY_PAGE, 3 * DIRTY_PAGE),
+            "every pass's pages are expected, then counted done"
+        );
+        let counted = job.progress.read();
+        assert_eq!(
+            (counted.bytes_done, counted.bytes_total),
+            (3 * DIRTY_PAGE, 3 * DIRTY_PAGE),
+            "every pass's pages are expected, then counted done"
+        );
         let data = std::fs::read(dir.path().join("memory-0.bin")).unwrap();
         assert_eq!(data.len() as u64, size);
         assert_eq!(data[0], 1);

@@ -9,7 +9,9 @@
 //! source and destination share a filesystem that supports it.
 //!
 //! Used both ways: snapshot (region backing → memory file) and restore in copy mode (memory file
-//! → fresh memfd). Every copy checks a cancel flag between chunks.
+//! → fresh memfd). Every copy checks a cancel flag between chunks, and a snapshot's copy counts
+//! its bytes into the snapshot's progress. A region whose backing is a whole file of its own can
+//! also be hard-linked into a snapshot (`hard_link`) when the VM ends with it.
 
 use std::fs::File;
 use std::io;
@@ -17,6 +19,8 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use thiserror::Error;
+
+use super::progress::SnapshotProgress;
 
 /// Bytes copied per system call (and between checks of the cancel flag).
 const CHUNK: u64 = 64 << 20;
@@ -32,6 +36,8 @@ pub enum CopyMethod {
     Reflink,
     /// Only the pages dirtied since the parent snapshot; holes elsewhere (a diff snapshot).
     DirtyPages,
+    /// The memory file is the backing file itself, hard-linked (the VM ended with the snapshot).
+    HardLink,
 }
 
 impl CopyMethod {
@@ -41,6 +47,7 @@ impl CopyMethod {
             Self::SparseCopy => "sparse-copy",
             Self::Reflink => "reflink",
             Self::DirtyPages => "dirty-pages",
+            Self::HardLink => "hard-link",
         }
     }
 }
@@ -87,6 +94,19 @@ pub fn copy_sparse(
     len: u64,
     cancel: &AtomicBool,
 ) -> Result<u64, MemoryFileError> {
+    copy_sparse_counted(src, src_offset, dst, dst_offset, len, cancel, None)
+}
+
+/// `copy_sparse`, adding each chunk copied to `progress`.
+pub fn copy_sparse_counted(
+    src: &File,
+    src_offset: u64,
+    dst: &File,
+    dst_offset: u64,
+    len: u64,
+    cancel: &AtomicBool,
+    progress: Option<&SnapshotProgress>,
+) -> Result<u64, MemoryFileError> {
     let end = src_offset.checked_add(len).ok_or_else(|| {
         io_err("checking the range", src_offset)(io::Error::from_raw_os_error(libc::EOVERFLOW))
     })?;
@@ -110,12 +130,34 @@ pub fn copy_sparse(
             let n = (hole - at).min(CHUNK);
             let out = dst_offset + (at - src_offset);
             let done = copy_chunk(&mut primitive, &mut buffer, src, at, dst, out, n)?;
+            if let Some(p) = progress {
+                p.advance(done);
+            }
             at += done;
             copied += done;
         }
         pos = hole;
     }
     Ok(copied)
+}
+
+/// The bytes of data (not holes) in `[start, start + len)` of `f`, as `SEEK_DATA`/`SEEK_HOLE`
+/// see them: what `copy_sparse` would copy.
+pub fn data_extent_bytes(f: &File, start: u64, len: u64) -> Result<u64, MemoryFileError> {
+    let end = start.saturating_add(len);
+    let (mut pos, mut total) = (start, 0);
+    while pos < end {
+        let Some(data) = seek(f, pos, libc::SEEK_DATA)? else {
+            break;
+        };
+        if data >= end {
+            break;
+        }
+        let hole = seek(f, data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+        total += hole - data;
+        pos = hole;
+    }
+    Ok(total)
 }
 
 /// `lseek` to the next data or hole at or after `pos`; `None` when there is no more data.
@@ -279,6 +321,53 @@ pub fn reflink(src: &File, src_offset: u64, dst: &File, len: u64) -> Result<bool
     Err(io_err("FICLONERANGE", src_offset)(e))
 }
 
+/// Makes `dst_path` a hard link to `src` when `[src_offset, src_offset + len)` is the whole of
+/// `src` and the filesystem allows it (same filesystem, a named file: a memfd is not). Returns
+/// `Ok(false)` when it cannot. The link is made through `/proc/self/fd` (`AT_SYMLINK_FOLLOW`),
+/// which needs no privilege, unlike `AT_EMPTY_PATH`. Afterwards both names are one inode:
+/// whoever writes the backing writes the snapshot, so only a VM that has ended may be linked.
+pub fn hard_link(
+    src: &File,
+    src_offset: u64,
+    len: u64,
+    dst_path: &std::path::Path,
+) -> Result<bool, MemoryFileError> {
+    use std::os::unix::ffi::OsStrExt;
+    let meta = src.metadata().map_err(io_err("fstat", src_offset))?;
+    if src_offset != 0 || meta.len() != len || !meta.is_file() {
+        return Ok(false);
+    }
+    let from = format!("/proc/self/fd/{}\0", src.as_raw_fd());
+    let mut to = dst_path.as_os_str().as_bytes().to_vec();
+    to.push(0);
+    if to[..to.len() - 1].contains(&0) {
+        return Ok(false);
+    }
+    // SAFETY: both are NUL-terminated byte strings that outlive the call.
+    let rc = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr().cast(),
+            libc::AT_FDCWD,
+            to.as_ptr().cast(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    // EXDEV: another filesystem; ENOENT: no name to link (a memfd, a deleted file); EPERM,
+    // EMLINK, EOPNOTSUPP: the filesystem or its policy refuses.
+    if matches!(
+        e.raw_os_error(),
+        Some(libc::EXDEV | libc::ENOENT | libc::EPERM | libc::EMLINK | libc::EOPNOTSUPP)
+    ) {
+        return Ok(false);
+    }
+    Err(io_err("linkat", src_offset)(e))
+}
+
 /// Bits of a `/proc/self/pagemap` entry.
 const PAGEMAP_PRESENT: u64 = 1 << 63;
 const PAGEMAP_SWAPPED: u64 = 1 << 62;
@@ -306,6 +395,7 @@ pub unsafe fn overlay_private_pages(
     mapping: PrivateMapping,
     dst: &File,
     cancel: &AtomicBool,
+    progress: Option<&SnapshotProgress>,
 ) -> Result<u64, MemoryFileError> {
     use std::os::unix::fs::FileExt;
     const PAGE: usize = 4096;
@@ -347,6 +437,9 @@ pub unsafe fn overlay_private_pages(
                 return Err(io_err("pwrite", offset as u64)(io::Error::last_os_error()));
             }
             written += PAGE as u64;
+            if let Some(p) = progress {
+                p.advance(PAGE as u64);
+            }
         }
         first += n;
     }
@@ -427,6 +520,22 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn hard_link_takes_only_a_whole_named_file() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let src = test_file(dir.path().join("ram"));
+        src.set_len(1 << 20).unwrap();
+        let linked = dir.path().join("memory-0.bin");
+        assert!(!hard_link(&src, 4096, (1 << 20) - 4096, &linked).unwrap());
+        assert!(!hard_link(&src, 0, 1 << 19, &linked).unwrap());
+        assert!(!linked.exists(), "a part of the file is never linked");
+        assert!(!hard_link(&memfd(1 << 20), 0, 1 << 20, &linked).unwrap());
+        assert!(hard_link(&src, 0, 1 << 20, &linked).unwrap());
+        let (a, b) = (src.metadata().unwrap(), linked.metadata().unwrap());
+        assert_eq!((a.ino(), a.nlink()), (b.ino(), 2));
+    }
+
+    #[test]
     fn reflink_between_a_memfd_and_a_file_is_refused_not_failed() {
         let src = memfd(1 << 20);
         let dir = tempfile::tempdir().unwrap();
@@ -467,7 +576,8 @@ pub(crate) mod tests {
             len,
         };
         // SAFETY: the mapping is live until the munmap below and nobody writes it meanwhile.
-        let n = unsafe { overlay_private_pages(mapping, &dst, &AtomicBool::new(false)) }.unwrap();
+        let n =
+            unsafe { overlay_private_pages(mapping, &dst, &AtomicBool::new(false), None) }.unwrap();
         assert_eq!(n, 2 * 4096, "exactly the two written pages");
         // SAFETY: unmaps the mapping made above.
         unsafe { libc::munmap(p, len) };

@@ -7,7 +7,8 @@
 //! a VM from it.
 //!
 //! `dirty` gathers and writes dirty page sets, `live` copies memory while the guest runs,
-//! `chain` resolves a diff's parents (restore and `snapshot-merge`).
+//! `chain` resolves a diff's parents (restore and `snapshot-merge`), `progress` counts a write's
+//! bytes for the control API.
 //!
 //! Not here: pausing the VM and gathering its state (`running_vm/`), the control API that asks
 //! for a snapshot (`api/`).
@@ -20,6 +21,7 @@ pub mod job;
 pub mod live;
 pub mod manifest;
 pub mod memory_file;
+pub mod progress;
 pub mod restore;
 pub mod state_file;
 pub mod writer;

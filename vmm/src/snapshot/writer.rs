@@ -1,8 +1,10 @@
 //! Writing a snapshot directory atomically.
 //!
-//! Everything goes into `DIR.tmp-<pid>` next to the target: one memory file per region (reflinked
-//! where the filesystem can, else copied sparsely; for a diff only the dirty pages; for a live
-//! snapshot already copied by `live.rs`), `state.bin`, then `manifest.json`. Every file
+//! Everything goes into `DIR.tmp-<pid>` next to the target: one memory file per region
+//! (hard-linked when the VM ends with the snapshot and the backing is a file of its own, else
+//! reflinked where the filesystem can, else copied sparsely; for a diff only the dirty pages; for
+//! a live snapshot already copied by `live.rs`), `state.bin`, then `manifest.json`. The bytes
+//! copied are counted into the job's `SnapshotProgress`. Every file
 //! and the temporary directory are fsynced, the directory is renamed to `DIR` with
 //! `RENAME_NOREPLACE` (so a `DIR` that appeared meanwhile is never replaced), and the parent is
 //! fsynced. A crash at any point leaves no `DIR` or a complete one; any error removes the
@@ -21,13 +23,15 @@ use std::time::Instant;
 use thiserror::Error;
 
 use super::chain::data_bytes;
-use super::dirty::{write_pages, PageBitmap};
+use super::dirty::{write_pages, PageBitmap, DIRTY_PAGE};
 use super::manifest::{
     MemoryRegionEntry, SnapshotManifest, StateFileEntry, MANIFEST_FILE, STATE_FILE,
 };
 use super::memory_file::{
-    copy_sparse, overlay_private_pages, reflink, CopyMethod, MemoryFileError, PrivateMapping,
+    copy_sparse_counted, data_extent_bytes, hard_link, overlay_private_pages, reflink, CopyMethod,
+    MemoryFileError, PrivateMapping,
 };
+use super::progress::SnapshotProgress;
 use crate::memory::ShareableRegion;
 
 /// hugetlbfs's `statfs.f_type`.
@@ -95,9 +99,9 @@ pub struct RegionReport {
     pub size: u64,
     /// File name in the snapshot directory.
     pub file: String,
-    /// Reflinked or copied.
+    /// Linked, reflinked or copied.
     pub method: CopyMethod,
-    /// Bytes of data copied (0 for a reflink).
+    /// Bytes of data copied (0 for a link or reflink).
     pub copied_bytes: u64,
 }
 
@@ -136,12 +140,15 @@ pub struct PendingSnapshot {
 /// What goes into the memory files.
 #[derive(Debug)]
 pub enum MemorySource {
-    /// Every region whole: reflinked or copied sparsely from its backing. For RAM mapped
-    /// copy-on-write (a `cow` restore), `private` holds each region's private mapping, whose
-    /// own pages are written over the file's data; empty for shared RAM.
+    /// Every region whole: hard-linked (`link`), reflinked or copied sparsely from its backing.
+    /// For RAM mapped copy-on-write (a `cow` restore), `private` holds each region's private
+    /// mapping, whose own pages are written over the file's data; empty for shared RAM.
     Full {
         /// The private mappings.
         private: Vec<PrivateMapping>,
+        /// The VM ends with this snapshot and nothing writes its memory again, so a backing that
+        /// is a file of its own may become the memory file itself.
+        link: bool,
     },
     /// A diff: only these pages of each region, from its mapping in this process.
     Pages {
@@ -181,18 +188,26 @@ pub fn reserve(dir: &Path) -> Result<PathBuf, WriteError> {
     }
 }
 
-/// Writes everything into the temporary directory and renames it into place. On error the
-/// temporary directory is removed.
-pub fn write(pending: PendingSnapshot, cancel: &AtomicBool) -> Result<WriteReport, WriteError> {
+/// Writes everything into the temporary directory and renames it into place, counting the
+/// memory written into `progress`. On error the temporary directory is removed.
+pub fn write(
+    pending: PendingSnapshot,
+    cancel: &AtomicBool,
+    progress: &SnapshotProgress,
+) -> Result<WriteReport, WriteError> {
     let temp = pending.temp.clone();
-    let result = write_inner(pending, cancel);
+    let result = write_inner(pending, cancel, progress);
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&temp);
     }
     result
 }
 
-fn write_inner(pending: PendingSnapshot, cancel: &AtomicBool) -> Result<WriteReport, WriteError> {
+fn write_inner(
+    pending: PendingSnapshot,
+    cancel: &AtomicBool,
+    progress: &SnapshotProgress,
+) -> Result<WriteReport, WriteError> {
     let started = Instant::now();
     let PendingSnapshot {
         dir,
@@ -208,6 +223,13 @@ fn write_inner(pending: PendingSnapshot, cancel: &AtomicBool) -> Result<WriteRep
         MemorySource::Written(r) => r.clone().into_iter(),
         _ => Vec::new().into_iter(),
     };
+    match &memory {
+        MemorySource::Full { .. } => expect_touched(&regions, &temp, progress)?,
+        MemorySource::Pages { pages, .. } => {
+            progress.expect(pages.iter().map(|p| p.count() * DIRTY_PAGE).sum());
+        }
+        MemorySource::Written(_) => {}
+    }
     for (i, region) in regions.iter().enumerate() {
         if cancel.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(WriteError::Memory {
@@ -219,14 +241,28 @@ fn write_inner(pending: PendingSnapshot, cancel: &AtomicBool) -> Result<WriteRep
         let name = format!("memory-{i}.bin");
         let path = temp.join(&name);
         let report = match &memory {
-            MemorySource::Full { private } => {
+            MemorySource::Full { private, link } => {
+                let copy = RegionCopy {
+                    private: private.get(i).copied(),
+                    link: *link,
+                    cancel,
+                    progress: Some(progress),
+                };
                 // SAFETY: the caller keeps the private mappings alive and unwritten (VM paused)
                 // until the write ends (`MemorySource::Full`).
-                unsafe { write_region(region, private.get(i).copied(), &path, name, cancel) }?
+                unsafe { write_region(region, &copy, &path, name) }?
             }
             // SAFETY: as above, for the mappings the pages are read from.
             MemorySource::Pages { mappings, pages } => unsafe {
-                write_dirty_region(region, mappings.get(i), pages.get(i), &path, name, cancel)
+                write_dirty_region(
+                    region,
+                    mappings.get(i),
+                    pages.get(i),
+                    &path,
+                    name,
+                    cancel,
+                    progress,
+                )
             }?,
             MemorySource::Written(_) => {
                 let report = written.next().ok_or_else(|| {
@@ -293,6 +329,7 @@ unsafe fn write_dirty_region(
     path: &Path,
     name: String,
     cancel: &AtomicBool,
+    progress: &SnapshotProgress,
 ) -> Result<RegionReport, WriteError> {
     let (Some(&mapping), Some(pages)) = (mapping, pages) else {
         return Err(io("find the dirty pages for", path)(
@@ -302,13 +339,12 @@ unsafe fn write_dirty_region(
     let dst = create_file(path)?;
     dst.set_len(region.size).map_err(io("size", path))?;
     // SAFETY: guaranteed by the caller.
-    let copied_bytes = unsafe { write_pages(mapping, pages, &dst, cancel) }.map_err(|source| {
-        WriteError::Memory {
+    let copied_bytes = unsafe { write_pages(mapping, pages, &dst, cancel, Some(progress)) }
+        .map_err(|source| WriteError::Memory {
             guest_address: region.guest_address,
             path: path.to_path_buf(),
             source,
-        }
-    })?;
+        })?;
     dst.sync_all().map_err(io("fsync", path))?;
     Ok(RegionReport {
         guest_address: region.guest_address,
@@ -319,15 +355,56 @@ unsafe fn write_dirty_region(
     })
 }
 
+/// How one region's memory file is made (`write_region`).
+pub(super) struct RegionCopy<'a> {
+    /// For RAM mapped copy-on-write: the region's private mapping, whose own pages are written
+    /// over the file's data.
+    pub private: Option<PrivateMapping>,
+    /// The VM ends with the snapshot: the backing may be hard-linked.
+    pub link: bool,
+    /// Set when the VM ends mid-copy.
+    pub cancel: &'a AtomicBool,
+    /// Where copied bytes are counted.
+    pub progress: Option<&'a SnapshotProgress>,
+}
+
+/// Adds every region's touched bytes (its backing's data extents) to `progress`: what a full
+/// snapshot copies, or counts as done when it links or reflinks.
+pub(super) fn expect_touched(
+    regions: &[ShareableRegion],
+    temp: &Path,
+    progress: &SnapshotProgress,
+) -> Result<(), WriteError> {
+    for region in regions {
+        let src = region
+            .file
+            .try_clone_file()
+            .map_err(io("duplicate the memory descriptor of", temp))?;
+        let touched =
+            data_extent_bytes(&src, region.file_offset, region.size).map_err(|source| {
+                WriteError::Memory {
+                    guest_address: region.guest_address,
+                    path: temp.to_path_buf(),
+                    source,
+                }
+            })?;
+        progress.expect(touched);
+    }
+    Ok(())
+}
+
+/// One region's memory file, whole: hard-linked (`copy.link`, a backing that is a whole file of
+/// its own, on the same filesystem), else reflinked, else copied sparsely; a private mapping's
+/// own pages are then written over it.
+///
 /// # Safety
-/// `private`, if given, must be a live mapping of `region` that nobody writes during the call
-/// (or, for a live snapshot's first pass, whose writes meanwhile the dirty log records).
+/// `copy.private`, if given, must be a live mapping of `region` that nobody writes during the
+/// call (or, for a live snapshot's first pass, whose writes meanwhile the dirty log records).
 pub(super) unsafe fn write_region(
     region: &ShareableRegion,
-    private: Option<PrivateMapping>,
+    copy: &RegionCopy<'_>,
     path: &Path,
     name: String,
-    cancel: &AtomicBool,
 ) -> Result<RegionReport, WriteError> {
     let mem_err = |source| WriteError::Memory {
         guest_address: region.guest_address,
@@ -338,21 +415,52 @@ pub(super) unsafe fn write_region(
         .file
         .try_clone_file()
         .map_err(io("duplicate the memory descriptor of", path))?;
+    // A private mapping's own pages are not in the file: it can be neither linked nor reflinked.
+    let shared = copy.private.is_none();
+    if shared
+        && copy.link
+        && hard_link(&src, region.file_offset, region.size, path).map_err(mem_err)?
+    {
+        // The backing's dirty pages reach the disk here, as a copy's would.
+        src.sync_all().map_err(io("fsync", path))?;
+        if let Some(p) = copy.progress {
+            p.advance(data_extent_bytes(&src, 0, region.size).map_err(mem_err)?);
+        }
+        return Ok(RegionReport {
+            guest_address: region.guest_address,
+            size: region.size,
+            file: name,
+            method: CopyMethod::HardLink,
+            copied_bytes: 0,
+        });
+    }
     let dst = create_file(path)?;
     dst.set_len(region.size).map_err(io("size", path))?;
-    // A private mapping's own pages are not in the file, so its file is copied, then overlaid.
-    let reflinked = private.is_none()
-        && reflink(&src, region.file_offset, &dst, region.size).map_err(mem_err)?;
+    let reflinked =
+        shared && reflink(&src, region.file_offset, &dst, region.size).map_err(mem_err)?;
     let (method, mut copied_bytes) = if reflinked {
+        if let Some(p) = copy.progress {
+            let touched = data_extent_bytes(&src, region.file_offset, region.size);
+            p.advance(touched.map_err(mem_err)?);
+        }
         (CopyMethod::Reflink, 0)
     } else {
-        let n =
-            copy_sparse(&src, region.file_offset, &dst, 0, region.size, cancel).map_err(mem_err)?;
+        let n = copy_sparse_counted(
+            &src,
+            region.file_offset,
+            &dst,
+            0,
+            region.size,
+            copy.cancel,
+            copy.progress,
+        )
+        .map_err(mem_err)?;
         (CopyMethod::SparseCopy, n)
     };
-    if let Some(mapping) = private {
+    if let Some(mapping) = copy.private {
         // SAFETY: guaranteed by the caller.
-        copied_bytes += unsafe { overlay_private_pages(mapping, &dst, cancel) }.map_err(mem_err)?;
+        copied_bytes += unsafe { overlay_private_pages(mapping, &dst, copy.cancel, copy.progress) }
+            .map_err(mem_err)?;
     }
     dst.sync_all().map_err(io("fsync", path))?;
     Ok(RegionReport {
@@ -464,6 +572,7 @@ mod tests {
             ],
             memory: MemorySource::Full {
                 private: Vec::new(),
+                link: false,
             },
             state: vec![1, 2, 3],
             manifest: m,
@@ -476,7 +585,17 @@ mod tests {
         let dir = root.path().join("snap");
         let temp = reserve(&dir).unwrap();
         assert!(temp.to_string_lossy().contains(".tmp-"));
-        let report = write(pending(&dir, temp.clone()), &AtomicBool::new(false)).unwrap();
+        let progress = SnapshotProgress::default();
+        let report = write(
+            pending(&dir, temp.clone()),
+            &AtomicBool::new(false),
+            &progress,
+        )
+        .unwrap();
+        let copied: u64 = report.regions.iter().map(|r| r.copied_bytes).sum();
+        let counted = progress.read();
+        assert!(copied > 0);
+        assert_eq!((counted.bytes_done, counted.bytes_total), (copied, copied));
         assert!(!temp.exists(), "the temporary directory is renamed away");
         assert_eq!(report.regions.len(), 2);
         let m: SnapshotManifest =
@@ -499,13 +618,23 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("snap");
         let temp = reserve(&dir).unwrap();
-        let e = write(pending(&dir, temp.clone()), &AtomicBool::new(true)).unwrap_err();
+        let e = write(
+            pending(&dir, temp.clone()),
+            &AtomicBool::new(true),
+            &SnapshotProgress::default(),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("memory region at 0x0"), "{e}");
         assert!(!temp.exists() && !dir.exists());
         // A target that appears while writing is not replaced.
         let temp = reserve(&dir).unwrap();
         std::fs::create_dir(&dir).unwrap();
-        let e = write(pending(&dir, temp.clone()), &AtomicBool::new(false)).unwrap_err();
+        let e = write(
+            pending(&dir, temp.clone()),
+            &AtomicBool::new(false),
+            &SnapshotProgress::default(),
+        )
+        .unwrap_err();
         assert!(matches!(e, WriteError::Exists(_)), "{e}");
         assert!(!temp.exists());
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
