@@ -17,7 +17,7 @@ pub const EXIT_FAIL: u8 = 33;
 pub const EXIT_PANIC: u8 = 34;
 
 /// Names used in FAIL lines, indexed by `CURRENT`.
-const NAMES: [&str; 19] = [
+const NAMES: [&str; 20] = [
     "boot",
     "hello",
     "memcheck",
@@ -37,6 +37,7 @@ const NAMES: [&str; 19] = [
     "acpi-reset",
     "virtio-abuse",
     "virtio-loop",
+    "virtio-bar-move",
 ];
 const BOOT: u8 = 0;
 const HELLO: u8 = 1;
@@ -57,6 +58,7 @@ const POWEROFF: u8 = 15;
 const ACPI_RESET: u8 = 16;
 const VIRTIO_ABUSE: u8 = 17;
 const VIRTIO_LOOP: u8 = 18;
+const VIRTIO_BAR_MOVE: u8 = 19;
 
 /// The scenario now running, for FAIL lines from the exception handler. In `.data.tg_hot` (see
 /// linker.ld).
@@ -156,6 +158,10 @@ pub fn run_all(info: &BootInfo) -> ! {
             b"virtio-console" => {
                 start(VIRTIO_CONSOLE);
                 console::run(info);
+            }
+            b"virtio-bar-move" => {
+                start(VIRTIO_BAR_MOVE);
+                crate::virtio::bar_move::run(info);
             }
             _ if token.starts_with(b"blkbench=") => {
                 start(BLKBENCH);
