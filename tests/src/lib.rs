@@ -356,6 +356,27 @@ pub fn run_testguest(cmdline: &str, extra: &[&str], timeout: Duration) -> Finish
     run_skiff(&args, timeout)
 }
 
+/// A new pseudo-terminal: (master, slave). Give the slave to skiff as its stdin (a terminal,
+/// so skiff forwards keystrokes to the guest) and write the keystrokes to the master.
+pub fn open_pty() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two new descriptors into the out-pointers; the name, termios and
+    // window-size arguments may be null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty failed");
+    // SAFETY: both descriptors were just created and are owned by nobody else.
+    unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) }
+}
+
 /// A network namespace of the test's own with a tap in it, removed on drop: network tests
 /// never touch the host's interfaces.
 #[derive(Debug)]

@@ -4,29 +4,11 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use skiff_tests::{require_kvm, skiff_bin, testguest, Skiff};
-
-fn open_pty() -> (OwnedFd, OwnedFd) {
-    let (mut master, mut slave) = (-1, -1);
-    // SAFETY: openpty writes two new descriptors into the out-pointers; the name, termios and
-    // window-size arguments may be null.
-    let rc = unsafe {
-        libc::openpty(
-            &mut master,
-            &mut slave,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            std::ptr::null(),
-        )
-    };
-    assert_eq!(rc, 0, "openpty failed");
-    // SAFETY: both descriptors were just created and are owned by nobody else.
-    unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) }
-}
+use skiff_tests::{open_pty, require_kvm, skiff_bin, testguest, Skiff};
 
 fn lflag(fd: &OwnedFd) -> libc::tcflag_t {
     // SAFETY: all-zero is valid storage for tcgetattr to overwrite.

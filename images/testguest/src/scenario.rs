@@ -17,7 +17,7 @@ pub const EXIT_FAIL: u8 = 33;
 pub const EXIT_PANIC: u8 = 34;
 
 /// Names used in FAIL lines, indexed by `CURRENT`.
-const NAMES: [&str; 20] = [
+const NAMES: [&str; 21] = [
     "boot",
     "hello",
     "memcheck",
@@ -38,6 +38,7 @@ const NAMES: [&str; 20] = [
     "virtio-abuse",
     "virtio-loop",
     "virtio-bar-move",
+    "io-loop",
 ];
 const BOOT: u8 = 0;
 const HELLO: u8 = 1;
@@ -59,6 +60,7 @@ const ACPI_RESET: u8 = 16;
 const VIRTIO_ABUSE: u8 = 17;
 const VIRTIO_LOOP: u8 = 18;
 const VIRTIO_BAR_MOVE: u8 = 19;
+const IO_LOOP: u8 = 20;
 
 /// The scenario now running, for FAIL lines from the exception handler. In `.data.tg_hot` (see
 /// linker.ld).
@@ -180,6 +182,13 @@ pub fn run_all(info: &BootInfo) -> ! {
                 match parse_u64(&token[12..]).filter(|&n| (1..100_000).contains(&n)) {
                     Some(rounds) => crate::virtio::snapshot_loop::run(info, rounds),
                     None => fail_msg("bad round count (want virtio-loop=N, 1 <= N < 100000)"),
+                }
+            }
+            _ if token.starts_with(b"io-loop=") => {
+                start(IO_LOOP);
+                match parse_u64(&token[8..]).filter(|&n| (1..65_536).contains(&n)) {
+                    Some(rounds) => crate::virtio::io_loop::run(info, rounds),
+                    None => fail_msg("bad round count (want io-loop=N, 1 <= N < 65536)"),
                 }
             }
             _ if token.starts_with(b"counter=") => {

@@ -13,6 +13,7 @@ pub mod bar_move;
 pub mod blk;
 pub mod console;
 pub mod dma;
+pub mod io_loop;
 pub mod net;
 pub mod queue;
 pub mod rng;
