@@ -19,7 +19,7 @@ use arch::layout::{
 };
 use devices::bus::{Bus, BusError};
 use devices::pci::{
-    BarAllocError, BarAllocator, BarMapError, BarMapping, BarWindow, IoEventRegistry, MsiMessage,
+    BarAllocError, BarAllocator, BarMapError, BarSpace, BarWindow, IoEventRegistry, MsiMessage,
     MsiRouteUpdater, PciConfigIo, PciEcam, PciRoot, PciRootError,
 };
 use devices::virtio::transport::{
@@ -193,7 +193,7 @@ pub struct PciDevices<'a> {
     root: PciRoot,
     bars: BarAllocator,
     routes: Arc<MsiRoutingTable>,
-    ioevents: Arc<VmIoEvents>,
+    ioevents: Arc<dyn IoEventRegistry>,
     next_gsi: u32,
     functions: Vec<Arc<Mutex<VirtioPciDevice>>>,
 }
@@ -343,17 +343,20 @@ impl<'a> PciDevices<'a> {
             bus: "I/O",
             source,
         })?;
+        let space = BarSpace::new(mmio.clone(), self.ioevents);
         for f in &self.functions {
             let as_bus_device: Arc<Mutex<dyn devices::bus::BusDevice>> = f.clone();
             let mut function = f.lock().unwrap_or_else(PoisonError::into_inner);
-            let bar = BarMapping::new(
-                mmio.clone(),
-                vec![(PCI_MMIO32_START, PCI_MMIO32_SIZE)],
-                self.ioevents.clone(),
-                Arc::downgrade(&as_bus_device),
-                VIRTIO_PCI_BAR_SIZE,
-                function.name(),
-            );
+            let device = function.name();
+            let bar = space
+                .add(
+                    device,
+                    Arc::downgrade(&as_bus_device),
+                    VIRTIO_PCI_BAR_SIZE,
+                    vec![(PCI_MMIO32_START, PCI_MMIO32_SIZE)],
+                    &function.notify_events(),
+                )
+                .map_err(|source| PciDevicesError::MapBar { device, source })?;
             function.set_bar_mapping(bar);
         }
         Ok(self.functions)

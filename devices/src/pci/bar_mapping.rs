@@ -1,22 +1,30 @@
-//! Keeps one PCI function's memory BAR where its registers say: its range on the MMIO bus, and
-//! the function's MMIO ioeventfds (virtqueue notifications) bound at the matching addresses.
+//! Keeps the VM's PCI memory BARs where their registers say: each function's range on the MMIO
+//! bus, and its MMIO ioeventfds (virtqueue notifications) bound at the matching addresses.
 //!
 //! The guest may move a BAR (write a new address), turn memory decoding off and on, or size the
 //! BAR (write all-ones); `PciConfigSpace::bar_decode` says what the registers ask for and
-//! `BarMapping::update` makes it so. Moving unbinds every ioeventfd at the old address (KVM
-//! matches an unbind by eventfd, address, length and data match, which are kept the same as at
-//! the bind), takes the range off the bus, puts it on at the new address and binds the
-//! ioeventfds there. Decoding off (or a BAR being sized) leaves the function on no address:
-//! accesses to its old range read as all-ones, like any hole.
+//! `BarMapping::update` makes it so. Moving takes the range off the bus, puts it on at the new
+//! address, and moves the ioeventfds: each is unbound at the old address (KVM matches an unbind
+//! by eventfd, address, length and data match, all kept the same as at the bind) and bound at
+//! the new one. Decoding off (or a BAR being sized) leaves the function on no address: accesses
+//! to its old range read as all-ones, like any hole. Its ioeventfds stay bound there until the
+//! BAR goes elsewhere or another BAR takes the range (binding costs a KVM SRCU grace period, and
+//! OSes turn decoding off and on around every BAR they size); meanwhile a write to a
+//! notification address only makes the device look at that queue.
 //!
 //! The address is guest input. One the VM cannot give the BAR is refused: a range outside the
 //! PCI windows the BAR may use (so never RAM, the ECAM area, the IOAPIC or the local APIC) or
 //! over another device's range. A refused BAR stays unmapped until the guest writes another
-//! address or toggles decoding; the first refusal of a function is logged as a warning, later
-//! ones at debug level (a guest cannot flood the log). Not handled here: which address to pick
-//! at build time (`bar_allocator`), I/O BARs.
+//! address or the range it asked for becomes free (an OS reassigning BARs moves them one at a
+//! time, so one may briefly ask for a place another still holds); the first refusal of a
+//! function is logged as a warning, later ones at debug level. Not handled here: which address
+//! to pick at build time (`bar_allocator`), I/O BARs.
+//!
+//! Locking: `BarSpace` is one mutex for the whole VM, taken by a function's configuration write
+//! while that function is locked, and never held while locking a device: the order is device,
+//! then BAR space, then bus.
 
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
@@ -51,6 +59,9 @@ pub enum BarMapError {
     /// The function no longer exists (the VM is being torn down).
     #[error("the PCI function is gone")]
     DeviceGone,
+    /// A notification eventfd could not be shared with the BAR space.
+    #[error("cannot share a notification eventfd")]
+    EventFd(#[source] std::io::Error),
     /// The hypervisor refused to bind a notification eventfd; guest writes there reach the
     /// device through an MMIO exit instead.
     #[error("cannot bind an ioeventfd at {address:#x}")]
@@ -63,143 +74,253 @@ pub enum BarMapError {
     },
 }
 
-/// The eventfds of one function's BAR, each at its offset in the BAR.
-pub type BarIoEvents<'a> = [(u64, &'a EventFd)];
-
-/// One function's memory BAR on the MMIO bus (see the module comment).
-pub struct BarMapping {
-    bus: Bus,
-    /// `(start, size)` of each address range the BAR may occupy.
-    windows: Vec<(u64, u64)>,
-    ioevents: Arc<dyn IoEventRegistry>,
+/// One function's BAR in the space.
+struct Slot {
+    name: &'static str,
     device: Weak<Mutex<dyn BusDevice>>,
     size: u64,
-    name: &'static str,
-    /// Where the range is on the bus now.
+    /// `(start, size)` of each address range the BAR may occupy.
+    windows: Vec<(u64, u64)>,
+    /// Notification eventfds, each at its offset in the BAR.
+    events: Vec<(u64, EventFd)>,
+    /// Where the registers ask the BAR to be.
+    want: Option<u64>,
+    /// Where the range is on the bus.
     mapped: Option<u64>,
-    /// Offsets (in the BAR) of the ioeventfds bound at `mapped`.
+    /// Where the ioeventfds are bound (`mapped`, or where the BAR was before decoding went
+    /// off), and the offsets of those bound.
+    bound_at: Option<u64>,
     bound: Vec<u64>,
     /// What the last `update` asked for, so a configuration write that changes nothing about
-    /// the BAR does nothing (and a refused address is not retried and logged again).
+    /// the BAR does nothing (and a refused address is not logged again).
     requested: Option<Option<u64>>,
     warned: bool,
+}
+
+impl Slot {
+    fn overlaps(&self, at: u64, start: u64, size: u64) -> bool {
+        at < start.saturating_add(size) && start < at.saturating_add(self.size)
+    }
+}
+
+struct Space {
+    bus: Bus,
+    ioevents: Arc<dyn IoEventRegistry>,
+    slots: Vec<Slot>,
+}
+
+/// The BARs of every PCI function of one VM on its MMIO bus (see the module comment).
+#[derive(Clone)]
+pub struct BarSpace {
+    space: Arc<Mutex<Space>>,
+}
+
+impl std::fmt::Debug for BarSpace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BarSpace").finish_non_exhaustive()
+    }
+}
+
+/// One function's BAR: its handle into the `BarSpace`.
+pub struct BarMapping {
+    space: Arc<Mutex<Space>>,
+    index: usize,
 }
 
 impl std::fmt::Debug for BarMapping {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BarMapping")
-            .field("device", &self.name)
-            .field("mapped", &self.mapped)
-            .field("size", &self.size)
+            .field("index", &self.index)
+            .field("mapped", &self.mapped())
             .finish_non_exhaustive()
     }
 }
 
-impl BarMapping {
-    /// A BAR of `size` bytes of the function `device` (named `name` in messages), not mapped
-    /// yet, that may sit in `windows` (`(start, size)` each) on `bus`.
-    pub fn new(
-        bus: Bus,
-        windows: Vec<(u64, u64)>,
-        ioevents: Arc<dyn IoEventRegistry>,
-        device: Weak<Mutex<dyn BusDevice>>,
-        size: u64,
-        name: &'static str,
-    ) -> Self {
+impl BarSpace {
+    /// BARs on `bus`, whose ioeventfds `ioevents` binds.
+    pub fn new(bus: Bus, ioevents: Arc<dyn IoEventRegistry>) -> Self {
         Self {
-            bus,
-            windows,
-            ioevents,
-            device,
-            size,
-            name,
-            mapped: None,
-            bound: Vec::new(),
-            requested: None,
-            warned: false,
+            space: Arc::new(Mutex::new(Space {
+                bus,
+                ioevents,
+                slots: Vec::new(),
+            })),
         }
     }
 
+    /// Adds a BAR of `size` bytes of the function `device` (named `name` in messages), not
+    /// mapped yet, that may sit in `windows` (`(start, size)` each), with the notification
+    /// eventfds `events` at their offsets in the BAR.
+    pub fn add(
+        &self,
+        name: &'static str,
+        device: Weak<Mutex<dyn BusDevice>>,
+        size: u64,
+        windows: Vec<(u64, u64)>,
+        events: &[(u64, &EventFd)],
+    ) -> Result<BarMapping, BarMapError> {
+        let events = events
+            .iter()
+            .map(|(offset, e)| Ok((*offset, e.try_clone().map_err(BarMapError::EventFd)?)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut space = lock(&self.space);
+        space.slots.push(Slot {
+            name,
+            device,
+            size,
+            windows,
+            events,
+            want: None,
+            mapped: None,
+            bound_at: None,
+            bound: Vec::new(),
+            requested: None,
+            warned: false,
+        });
+        Ok(BarMapping {
+            space: self.space.clone(),
+            index: space.slots.len() - 1,
+        })
+    }
+}
+
+fn lock(space: &Mutex<Space>) -> std::sync::MutexGuard<'_, Space> {
+    space.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl BarMapping {
     /// Where the BAR responds now, if anywhere.
     pub fn mapped(&self) -> Option<u64> {
-        self.mapped
+        lock(&self.space).slots[self.index].mapped
     }
 
     /// Makes the BAR follow `decode` after a guest write: like `map`, but a refused address
     /// is logged (a warning the first time) rather than returned, and nothing is done if the
     /// registers ask for what they asked for last time.
-    pub fn update(&mut self, decode: BarDecode, ioevents: &BarIoEvents<'_>) {
+    pub fn update(&self, decode: BarDecode) {
         let to = match decode {
             BarDecode::Updating => return,
             BarDecode::Off => None,
             BarDecode::At(address) => Some(address),
         };
-        if self.requested == Some(to) {
+        let mut space = lock(&self.space);
+        let slot = &mut space.slots[self.index];
+        if slot.requested == Some(to) {
             return;
         }
-        let from = self.mapped;
-        match self.map(to, ioevents) {
+        slot.requested = Some(to);
+        let (name, from) = (slot.name, slot.mapped);
+        let result = space.place(self.index, to);
+        let slot = &mut space.slots[self.index];
+        match result {
             Ok(()) => log::debug!(
-                "virtio {}: BAR moved from {} to {}",
-                self.name,
+                "virtio {name}: BAR moved from {} to {}",
                 describe(from),
                 describe(to)
             ),
             Err(e @ BarMapError::IoEvent { .. }) => log::warn!(
-                "virtio {}: BAR at {}: {} (notifications there take an MMIO exit)",
-                self.name,
+                "virtio {name}: BAR at {}: {} (notifications there take an MMIO exit)",
                 describe(to),
                 error_chain(&e)
             ),
-            Err(e) if !self.warned => {
-                self.warned = true;
+            Err(e) if !slot.warned => {
+                slot.warned = true;
                 log::warn!(
-                    "virtio {}: guest placed the BAR at {:#x}: {}; it stays unmapped until the \
-                     guest writes another address (further refusals are logged at debug level)",
-                    self.name,
+                    "virtio {name}: guest placed the BAR at {:#x}: {}; it stays unmapped until \
+                     the guest writes another address or that range is free (further refusals \
+                     are logged at debug level)",
                     to.unwrap_or_default(),
                     error_chain(&e)
                 );
             }
-            Err(e) => log::debug!("virtio {}: {}", self.name, error_chain(&e)),
+            Err(e) => log::debug!("virtio {name}: {}", error_chain(&e)),
         }
     }
 
-    /// Maps the BAR at `to` (`None`: nowhere), moving it from where it is, with the ioeventfds
-    /// `ioevents` (each at its offset in the BAR; the same list every call) bound there. On a
-    /// placement error the BAR is left unmapped; on an `IoEvent` error it is mapped without
-    /// the eventfds that failed.
-    pub fn map(&mut self, to: Option<u64>, ioevents: &BarIoEvents<'_>) -> Result<(), BarMapError> {
-        self.requested = Some(to);
-        if to == self.mapped {
+    /// Maps the BAR at `to` (`None`: nowhere), moving it from where it is, with its ioeventfds
+    /// bound there. On a placement error the BAR is left unmapped (and mapped later if the
+    /// range becomes free); on an `IoEvent` error it is mapped without the eventfds that
+    /// failed.
+    pub fn map(&self, to: Option<u64>) -> Result<(), BarMapError> {
+        let mut space = lock(&self.space);
+        space.slots[self.index].requested = Some(to);
+        space.place(self.index, to)
+    }
+}
+
+impl Space {
+    /// Slot `index` wants to be at `to`: moves it, then lets BARs waiting for a range in.
+    fn place(&mut self, index: usize, to: Option<u64>) -> Result<(), BarMapError> {
+        let slot = &mut self.slots[index];
+        slot.want = to;
+        if slot.mapped == to {
             return Ok(());
         }
-        self.unmap(ioevents);
-        let Some(address) = to else {
-            return Ok(());
+        if let Some(at) = slot.mapped.take() {
+            self.bus.remove(at);
+        }
+        let result = match to {
+            Some(address) => self.map_at(index, address),
+            None => Ok(()),
         };
-        let inside = self.windows.iter().any(|&(start, size)| {
+        for other in 0..self.slots.len() {
+            let waiting = &self.slots[other];
+            if let (Some(address), None) = (waiting.want, waiting.mapped) {
+                if other != index && self.map_at(other, address).is_ok() {
+                    log::debug!(
+                        "virtio {}: BAR mapped at {address:#x}, now free",
+                        self.slots[other].name
+                    );
+                }
+            }
+        }
+        result
+    }
+
+    /// Puts slot `index` (unmapped) on the bus at `address` and binds its ioeventfds there.
+    fn map_at(&mut self, index: usize, address: u64) -> Result<(), BarMapError> {
+        let slot = &self.slots[index];
+        let size = slot.size;
+        let inside = slot.windows.iter().any(|&(start, len)| {
             address >= start
                 && address
-                    .checked_add(self.size)
-                    .is_some_and(|end| end <= start.saturating_add(size))
+                    .checked_add(size)
+                    .is_some_and(|end| end <= start.saturating_add(len))
         });
         if !inside {
-            return Err(BarMapError::OutsideWindows {
-                address,
-                size: self.size,
-            });
+            return Err(BarMapError::OutsideWindows { address, size });
         }
-        let device = self.device.upgrade().ok_or(BarMapError::DeviceGone)?;
         self.bus
-            .insert(device, address, self.size)
+            .check_free(address, size)
             .map_err(BarMapError::Bus)?;
-        self.mapped = Some(address);
+        let device = slot.device.upgrade().ok_or(BarMapError::DeviceGone)?;
+        // Ioeventfds left bound where this BAR no longer goes, or where others' BARs were
+        // before their decoding went off, must not catch writes meant for this one.
+        for other in 0..self.slots.len() {
+            let o = &self.slots[other];
+            let stale = match o.bound_at {
+                Some(at) if other == index => at != address,
+                Some(at) => o.mapped.is_none() && o.overlaps(at, address, size),
+                None => false,
+            };
+            if stale {
+                self.unbind(other);
+            }
+        }
+        self.bus
+            .insert(device, address, size)
+            .map_err(BarMapError::Bus)?;
+        self.slots[index].mapped = Some(address);
+        if self.slots[index].bound_at == Some(address) {
+            return Ok(());
+        }
+        let slot = &mut self.slots[index];
+        slot.bound_at = Some(address);
         let mut first_error = None;
-        for &(offset, event) in ioevents {
+        for (offset, event) in &slot.events {
             let at = address + offset;
             match self.ioevents.register(event, at) {
-                Ok(()) => self.bound.push(offset),
+                Ok(()) => slot.bound.push(*offset),
                 Err(source) => {
                     first_error.get_or_insert(BarMapError::IoEvent {
                         address: at,
@@ -211,24 +332,24 @@ impl BarMapping {
         first_error.map_or(Ok(()), Err)
     }
 
-    /// Takes the BAR off the bus and unbinds its ioeventfds.
-    fn unmap(&mut self, ioevents: &BarIoEvents<'_>) {
-        let Some(address) = self.mapped.take() else {
+    /// Unbinds slot `index`'s ioeventfds.
+    fn unbind(&mut self, index: usize) {
+        let slot = &mut self.slots[index];
+        let Some(base) = slot.bound_at.take() else {
             return;
         };
-        for offset in std::mem::take(&mut self.bound) {
-            let Some((_, event)) = ioevents.iter().find(|(o, _)| *o == offset) else {
+        for offset in std::mem::take(&mut slot.bound) {
+            let Some((_, event)) = slot.events.iter().find(|(o, _)| *o == offset) else {
                 continue;
             };
-            if let Err(e) = self.ioevents.unregister(event, address + offset) {
+            if let Err(e) = self.ioevents.unregister(event, base + offset) {
                 log::warn!(
                     "virtio {}: cannot unbind the ioeventfd at {:#x}: {e}",
-                    self.name,
-                    address + offset
+                    slot.name,
+                    base + offset
                 );
             }
         }
-        self.bus.remove(address);
     }
 }
 
@@ -248,11 +369,14 @@ pub(crate) mod test_registry {
 
     use super::IoEventRegistry;
 
-    /// Records bound ioeventfds as (fd, address); refuses addresses in `refuse`.
+    /// Records bound ioeventfds as (fd, address); refuses addresses in `refuse` and, as KVM
+    /// does, a second binding at one address.
     #[derive(Default)]
     pub(crate) struct Registry {
         pub(crate) bound: Mutex<Vec<(i32, u64)>>,
         pub(crate) refuse: Vec<u64>,
+        /// Successful binds so far.
+        pub(crate) binds: std::sync::atomic::AtomicUsize,
     }
 
     impl IoEventRegistry for Registry {
@@ -261,9 +385,13 @@ pub(crate) mod test_registry {
                 return Err(std::io::Error::from_raw_os_error(libc::EEXIST));
             }
             let mut bound = self.bound.lock().unwrap();
-            let key = (event.as_raw_fd(), address);
-            assert!(!bound.contains(&key), "bound twice: {key:?}");
-            bound.push(key);
+            if bound.iter().any(|b| b.1 == address) {
+                // KVM refuses a second no-data-match ioeventfd at one address.
+                return Err(std::io::Error::from_raw_os_error(libc::EEXIST));
+            }
+            bound.push((event.as_raw_fd(), address));
+            self.binds
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             Ok(())
         }
         fn unregister(&self, event: &EventFd, address: u64) -> std::io::Result<()> {
@@ -278,6 +406,11 @@ pub(crate) mod test_registry {
     }
 
     impl Registry {
+        /// Successful binds so far.
+        pub(crate) fn binds(&self) -> usize {
+            self.binds.load(std::sync::atomic::Ordering::Relaxed)
+        }
+
         /// Addresses bound now, sorted.
         pub(crate) fn addresses(&self) -> Vec<u64> {
             let mut a: Vec<u64> = self.bound.lock().unwrap().iter().map(|b| b.1).collect();
@@ -288,169 +421,4 @@ pub(crate) mod test_registry {
 }
 
 #[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-
-    use super::test_registry::Registry;
-    use super::*;
-
-    struct Answer(u8);
-
-    impl BusDevice for Answer {
-        fn read(&mut self, _offset: u64, data: &mut [u8]) {
-            data.fill(self.0);
-        }
-        fn write(&mut self, _offset: u64, _data: &[u8]) {}
-    }
-
-    const WINDOW: (u64, u64) = (0xc000_0000, 0x2000_0000);
-    const SIZE: u64 = 0x8000;
-
-    struct Rig {
-        bus: Bus,
-        registry: Arc<Registry>,
-        device: Arc<Mutex<dyn BusDevice>>,
-        kicks: Vec<EventFd>,
-        bar: BarMapping,
-    }
-
-    fn rig(refuse: Vec<u64>) -> Rig {
-        let bus = Bus::new();
-        let registry = Arc::new(Registry {
-            refuse,
-            ..Registry::default()
-        });
-        let device: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(Answer(0x42)));
-        let bar = BarMapping::new(
-            bus.clone(),
-            vec![WINDOW],
-            registry.clone(),
-            Arc::downgrade(&device),
-            SIZE,
-            "test",
-        );
-        let kicks = (0..2)
-            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
-            .collect();
-        Rig {
-            bus,
-            registry,
-            device,
-            kicks,
-            bar,
-        }
-    }
-
-    impl Rig {
-        fn update(&mut self, decode: BarDecode) {
-            let events = [(0x3000, &self.kicks[0]), (0x3004, &self.kicks[1])];
-            self.bar.update(decode, &events);
-        }
-        fn map(&mut self, to: Option<u64>) -> Result<(), BarMapError> {
-            let events = [(0x3000, &self.kicks[0]), (0x3004, &self.kicks[1])];
-            self.bar.map(to, &events)
-        }
-        fn answers_at(&self, address: u64) -> bool {
-            let mut b = [0u8; 1];
-            self.bus.read(address + 8, &mut b) && b == [0x42]
-        }
-        fn bound_addresses(&self) -> Vec<u64> {
-            self.registry.addresses()
-        }
-    }
-
-    #[test]
-    fn moves_range_and_ioeventfds_and_unmaps_while_decoding_is_off() {
-        let mut r = rig(vec![]);
-        r.map(Some(0xc000_0000)).unwrap();
-        assert!(r.answers_at(0xc000_0000));
-        assert_eq!(r.bound_addresses(), vec![0xc000_3000, 0xc000_3004]);
-        r.update(BarDecode::At(0xd000_8000));
-        assert!(!r.answers_at(0xc000_0000), "old range is a hole");
-        assert!(r.answers_at(0xd000_8000));
-        assert_eq!(r.bar.mapped(), Some(0xd000_8000));
-        assert_eq!(r.bound_addresses(), vec![0xd000_b000, 0xd000_b004]);
-        r.update(BarDecode::Off);
-        assert!(!r.answers_at(0xd000_8000));
-        assert!(r.bound_addresses().is_empty());
-        assert_eq!(r.bus.ranges(), vec![]);
-        // Half-written 64-bit addresses change nothing.
-        r.update(BarDecode::Updating);
-        assert_eq!(r.bar.mapped(), None);
-        r.update(BarDecode::At(0xc000_8000));
-        assert!(r.answers_at(0xc000_8000));
-        r.update(BarDecode::Updating);
-        assert!(r.answers_at(0xc000_8000));
-        assert_eq!(r.bound_addresses(), vec![0xc000_b000, 0xc000_b004]);
-    }
-
-    #[test]
-    fn refuses_addresses_outside_the_windows_or_over_another_device() {
-        let mut r = rig(vec![]);
-        let other: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(Answer(0x77)));
-        r.bus.insert(other, 0xc001_0000, 0x1000).unwrap();
-        r.update(BarDecode::At(0xc000_0000));
-        assert!(r.answers_at(0xc000_0000));
-        for bad in [
-            0x1000_0000, // RAM
-            0xe000_0000, // ECAM, past the window
-            0xbfff_c000, // straddles the window's start
-            0xdfff_c000, // straddles the window's end
-            0xfee0_0000, // local APIC
-            0xc001_0000, // the other device
-            u64::MAX - 0x7fff,
-        ] {
-            r.update(BarDecode::At(bad));
-            assert_eq!(r.bar.mapped(), None, "{bad:#x} refused");
-            assert!(!r.answers_at(0xc000_0000), "old place let go for {bad:#x}");
-            assert!(r.bound_addresses().is_empty());
-            let mut b = [0u8; 1];
-            r.bus.read(0xc001_0000, &mut b);
-            assert_eq!(b, [0x77], "the other device is untouched");
-        }
-        assert!(matches!(
-            r.map(Some(0xc001_0000)),
-            Err(BarMapError::Bus(BusError::Overlap { .. }))
-        ));
-        assert!(matches!(
-            r.map(Some(0x1000_0000)),
-            Err(BarMapError::OutsideWindows { .. })
-        ));
-        // A valid address maps again.
-        r.update(BarDecode::At(0xc002_0000));
-        assert!(r.answers_at(0xc002_0000));
-        assert_eq!(r.bound_addresses(), vec![0xc002_3000, 0xc002_3004]);
-    }
-
-    #[test]
-    fn a_refused_ioeventfd_leaves_the_bar_mapped_and_the_rest_bound() {
-        let mut r = rig(vec![0xc000_3004]);
-        let err = r.map(Some(0xc000_0000)).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                BarMapError::IoEvent {
-                    address: 0xc000_3004,
-                    ..
-                }
-            ),
-            "{err}"
-        );
-        assert!(r.answers_at(0xc000_0000));
-        assert_eq!(r.bound_addresses(), vec![0xc000_3000]);
-        // Moving unbinds exactly what was bound (the registry fails on anything else).
-        r.map(Some(0xc000_8000)).unwrap();
-        assert_eq!(r.bound_addresses(), vec![0xc000_b000, 0xc000_b004]);
-    }
-
-    #[test]
-    fn a_dropped_device_is_not_mapped() {
-        let mut r = rig(vec![]);
-        r.device = Arc::new(Mutex::new(Answer(0)));
-        assert!(matches!(
-            r.map(Some(0xc000_0000)),
-            Err(BarMapError::DeviceGone)
-        ));
-        assert!(r.bus.ranges().is_empty());
-    }
-}
+mod tests;

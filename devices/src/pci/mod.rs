@@ -3,8 +3,8 @@
 //! - `config_space`: a function's type-0 configuration header, BARs and capability list.
 //! - `msix`: MSI-X vector table, PBA, masking and delivery through irqfds.
 //! - `bar_allocator`: addresses for BARs from the 32-bit and 64-bit PCI windows.
-//! - `bar_mapping`: a BAR's range on the MMIO bus and its ioeventfds, moved when the guest
-//!   reprograms the BAR or toggles memory decoding.
+//! - `bar_mapping`: the BARs' ranges on the MMIO bus and their ioeventfds, moved when the guest
+//!   reprograms a BAR or toggles memory decoding.
 //! - `host_bridge`: the host bridge function at 00:00.0.
 //! - `root`: the devices on bus 0, and configuration access to them through ECAM (MMIO) and the
 //!   legacy 0xCF8/0xCFC ports.
@@ -37,7 +37,7 @@ pub trait PciDevice: Send {
 pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
 
 pub use bar_allocator::{BarAllocError, BarAllocator, BarWindow};
-pub use bar_mapping::{BarIoEvents, BarMapError, BarMapping, IoEventRegistry};
+pub use bar_mapping::{BarMapError, BarMapping, BarSpace, IoEventRegistry};
 pub use config_space::{BarDecode, BarKind, ConfigSpaceError, PciConfigSpace, PciIds};
 pub use host_bridge::PciHostBridge;
 pub use msix::{MsiMessage, MsiRouteUpdater, Msix, MsixError};

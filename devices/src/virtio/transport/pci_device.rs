@@ -243,15 +243,6 @@ fn notify_offset(queue: usize) -> u64 {
     NOTIFY_OFFSET + queue as u64 * u64::from(NOTIFY_OFF_MULTIPLIER)
 }
 
-/// Every queue's notification eventfd at its offset in BAR 0.
-fn notify_events(kicks: &[EventFd]) -> Vec<(u64, &EventFd)> {
-    kicks
-        .iter()
-        .enumerate()
-        .map(|(queue, kick)| (notify_offset(queue), kick))
-        .collect()
-}
-
 impl VirtioPciDevice {
     /// Puts `device` behind a virtio PCI function using `res`.
     pub fn new(
@@ -416,6 +407,13 @@ impl VirtioPciDevice {
         Some((notify_offset(queue), kick))
     }
 
+    /// Every queue's notification eventfd at its offset in BAR 0 (to bind as ioeventfds).
+    pub fn notify_events(&self) -> Vec<(u64, &EventFd)> {
+        (0..self.kicks.len())
+            .filter_map(|q| self.queue_notify(q))
+            .collect()
+    }
+
     /// Gives the function its BAR 0 on the MMIO bus (unmapped until `map_bar`).
     pub fn set_bar_mapping(&mut self, bar: BarMapping) {
         self.bar = Some(bar);
@@ -428,9 +426,8 @@ impl VirtioPciDevice {
             Some(BarDecode::At(address)) => Some(address),
             _ => None,
         };
-        let kicks = notify_events(&self.kicks);
-        match &mut self.bar {
-            Some(bar) => bar.map(to, &kicks),
+        match &self.bar {
+            Some(bar) => bar.map(to),
             None => Ok(()),
         }
     }
@@ -440,9 +437,8 @@ impl VirtioPciDevice {
         let Some(decode) = self.config.bar_decode(0) else {
             return;
         };
-        let kicks = notify_events(&self.kicks);
-        if let Some(bar) = &mut self.bar {
-            bar.update(decode, &kicks);
+        if let Some(bar) = &self.bar {
+            bar.update(decode);
         }
     }
 
