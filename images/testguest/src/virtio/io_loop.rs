@@ -28,19 +28,10 @@ fn tagged(prefix: &[u8], round: u16, out: &mut [u8; 32]) -> usize {
 fn console_line(round: u64, out: &mut [u8; 64]) -> usize {
     const TEXT: &[u8] = b"testguest: io-loop console round=";
     out[..TEXT.len()].copy_from_slice(TEXT);
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    let mut v = round;
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    let end = TEXT.len() + digits.len() - i;
-    out[TEXT.len()..end].copy_from_slice(&digits[i..]);
+    let mut buf = [0u8; 20];
+    let digits = serial::decimal(round, &mut buf);
+    let end = TEXT.len() + digits.len();
+    out[TEXT.len()..end].copy_from_slice(digits);
     out[end] = b'\n';
     end + 1
 }
