@@ -13,3 +13,15 @@ pub mod pci;
 pub mod vhost_user;
 pub mod virtio;
 pub mod vm_exit;
+
+/// `e` and its sources on one line, `": "`-separated, for log messages.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// A new pseudo-terminal, 120 columns by 40 rows: (master, slave).
+/// A new pseudo-terminal, 120 columns by 40 rows: (master, slave). Give the slave to skiff as
+/// its stdin or stderr (a terminal: skiff forwards keystrokes to the guest, draws progress bars)
+/// and read or write the other side on the master.
 pub fn open_pty() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
     use std::os::fd::FromRawFd;
     let (mut master, mut slave) = (-1, -1);

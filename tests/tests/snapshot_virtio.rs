@@ -24,11 +24,12 @@ fn new_disk(dir: &Path) -> PathBuf {
     disk
 }
 
-fn start_loop(dir: &Path, disk: &Path) -> (Skiff, PathBuf) {
+/// Starts the loop guest, after the scenarios in `before` (may be empty).
+fn start_loop(dir: &Path, disk: &Path, before: &str) -> (Skiff, PathBuf) {
     require_kvm();
     let sock = dir.join("api.sock");
     let kernel = guest();
-    let cmdline = format!("virtio-loop={ROUNDS}");
+    let cmdline = format!("{before} virtio-loop={ROUNDS}");
     let disk_arg = format!("path={}", disk.display());
     let vm = Skiff::spawn(&[
         "run",
@@ -69,12 +70,13 @@ fn assert_disk_pattern(disk: &Path) {
     assert!(bytes[..512].iter().all(|&b| b == 0), "sector 0 untouched");
 }
 
-/// Snapshots the loop guest after round 3 with `snapshot_args` (plus `--stop`), restores it in
-/// a new process and checks the two runs read as one.
-fn snapshot_and_restore(snapshot_args: &[&str], take_full_first: bool) {
+/// Snapshots the loop guest (started after the scenarios in `first`) after round 3 with
+/// `snapshot_args` (plus `--stop`), restores it in a new process and checks the two runs read
+/// as one.
+fn snapshot_and_restore(first: &str, snapshot_args: &[&str], take_full_first: bool) {
     let root = tempfile::tempdir().unwrap();
     let disk = new_disk(root.path());
-    let (mut vm, sock) = start_loop(root.path(), &disk);
+    let (mut vm, sock) = start_loop(root.path(), &disk, first);
     vm.wait_for_line("testguest: virtio-loop round=3 ok", T);
     if take_full_first {
         let base = root.path().join("base");
@@ -88,6 +90,9 @@ fn snapshot_and_restore(snapshot_args: &[&str], take_full_first: bool) {
     assert_eq!(summary["stopped"], true, "{summary}");
     let before = vm.wait(T);
     before.assert_code(0);
+    if first == "virtio-bar-move" {
+        before.assert_stdout_has("testguest: virtio-bar-move moved 0xc0008000 -> 0xd0000000");
+    }
     let done_before = rounds(&before.stdout);
     assert!(
         !done_before.is_empty() && *done_before.last().unwrap() < ROUNDS,
@@ -120,24 +125,31 @@ fn snapshot_and_restore(snapshot_args: &[&str], take_full_first: bool) {
 
 #[test]
 fn paused_snapshot_of_blk_and_rng_continues_the_same_queues_after_restore() {
-    snapshot_and_restore(&[], false);
+    snapshot_and_restore("", &[], false);
+}
+
+#[test]
+fn a_bar_the_guest_moved_is_restored_where_the_guest_put_it() {
+    // virtio-bar-move leaves the rng's BAR at 0xd0000000 (skiff placed it at 0xc0008000,
+    // after the disk's), where the loop then drives it, before and after the restore.
+    snapshot_and_restore("virtio-bar-move", &[], false);
 }
 
 #[test]
 fn live_snapshot_of_blk_and_rng_continues_after_restore() {
-    snapshot_and_restore(&["--live"], false);
+    snapshot_and_restore("", &["--live"], false);
 }
 
 #[test]
 fn diff_snapshot_of_blk_and_rng_continues_after_restore() {
-    snapshot_and_restore(&["--diff"], true);
+    snapshot_and_restore("", &["--diff"], true);
 }
 
 #[test]
 fn the_original_keeps_using_its_devices_after_a_snapshot() {
     let root = tempfile::tempdir().unwrap();
     let disk = new_disk(root.path());
-    let (mut vm, sock) = start_loop(root.path(), &disk);
+    let (mut vm, sock) = start_loop(root.path(), &disk, "");
     vm.wait_for_line("testguest: virtio-loop round=2 ok", T);
     ctl_ok(
         &sock,
@@ -163,7 +175,7 @@ fn the_original_keeps_using_its_devices_after_a_snapshot() {
 fn a_snapshot_with_tampered_device_state_is_refused() {
     let root = tempfile::tempdir().unwrap();
     let disk = new_disk(root.path());
-    let (mut vm, sock) = start_loop(root.path(), &disk);
+    let (mut vm, sock) = start_loop(root.path(), &disk, "");
     vm.wait_for_line("testguest: virtio-loop round=2 ok", T);
     let snap = root.path().join("snap");
     ctl_ok(&sock, &["snapshot", snap.to_str().unwrap(), "--stop"]);

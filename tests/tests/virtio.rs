@@ -89,6 +89,43 @@ fn several_devices_at_once_and_the_virtio_console() {
 }
 
 #[test]
+fn guest_moves_a_virtio_bar_and_uses_the_device_there() {
+    require_kvm();
+    let mut cmd = std::process::Command::new(skiff_bin());
+    cmd.env("SKIFF_LOG", "trace").args([
+        "run",
+        "--kernel",
+        &testguest().to_string_lossy(),
+        "--cmdline",
+        "virtio-bar-move",
+        "--rng",
+    ]);
+    let r = Skiff::spawn_command(&mut cmd).wait(T);
+    r.assert_code(0)
+        .assert_stdout_has("testguest: virtio-bar-move moved 0xc0000000 -> 0xd0000000")
+        .assert_stdout_has("testguest: virtio-rng ok")
+        .assert_stdout_has("testguest: virtio-bar-move ok")
+        .assert_stderr_has("BAR moved from 0xc0000000 to nowhere")
+        .assert_stderr_has("BAR moved from nowhere to 0xd0000000");
+    // The BAR over the ECAM area was refused, and said so once.
+    assert_eq!(
+        r.stderr
+            .matches("guest placed the BAR at 0xe0000000")
+            .count(),
+        1,
+        "{}",
+        r.stderr
+    );
+    // Every kick reached the ioeventfd bound at the new notification address: none took an
+    // MMIO exit (which the transport traces).
+    assert!(
+        !r.stderr.contains("notified through an MMIO exit"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
 fn acpi_poweroff_ends_the_vm_with_exit_code_zero() {
     let r = run_testguest("hello poweroff", &[], T);
     r.assert_code(0)

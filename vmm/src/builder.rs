@@ -31,7 +31,7 @@ use crate::hypervisor::kvm::KvmHypervisor;
 use crate::hypervisor::{Hypervisor, HypervisorError, Vcpu, Vm};
 use crate::memory::backing::BackingKind;
 use crate::memory::{GuestRam, MemoryError};
-use crate::pci_devices::{PciDevices, PciDevicesError};
+use crate::pci_devices::{map_bars, PciDevices, PciDevicesError};
 
 /// The VM's event loop (`event-manager`): device handlers, host input, signals, the VM's end.
 pub type VmEvents = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
@@ -370,7 +370,7 @@ pub(crate) fn create_legacy_devices(
     };
     let serial = Arc::new(Mutex::new(serial));
     let i8042 = Arc::new(Mutex::new(i8042));
-    let mut pio = Bus::new();
+    let pio = Bus::new();
     pio.insert(serial.clone(), COM1_PORT, COM1_PORT_LEN)
         .map_err(BuildError::Bus)?;
     pio.insert(i8042.clone(), I8042_PORT, I8042_PORT_LEN)
@@ -423,6 +423,7 @@ fn create_pci_devices(
         None
     };
     let functions = pci.attach(pio, mmio)?;
+    map_bars(&functions)?;
     Ok((console_input, functions))
 }
 
@@ -474,6 +475,11 @@ pub(crate) fn create_restored_pci_devices(
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .restore_state(state)?;
+    }
+    // Every saved BAR address is back, so BARs the guest swapped do not collide. One the
+    // running VM had refused (outside the window, over another BAR) stays unmapped, as it was.
+    if let Err(e) = map_bars(&functions) {
+        log::warn!("restoring the BARs: {}", crate::error_chain(&e));
     }
     Ok((console_input, functions))
 }

@@ -1,12 +1,14 @@
 //! The VM's PCI segment: the host bridge and configuration access (ECAM on the MMIO bus, ports
 //! 0xCF8/0xCFC on the I/O bus), and every virtio device as a PCI function.
 //!
-//! For each virtio device `add_virtio_device` places BAR 0 in the 32-bit PCI window, binds one
-//! KVM ioeventfd per queue to that queue's notification address (so a kick never exits to a vCPU
-//! thread), gives each MSI-X vector a GSI (from `FIRST_MSI_GSI` up) with an irqfd, and hands the
-//! function an `MsiRouteUpdater` that keeps the VM's MSI routing table in step with the guest's
-//! vector table. `attach` then puts everything on the buses. This module does no device
-//! emulation of its own: that lives in `devices::pci` and `devices::virtio`.
+//! For each virtio device `add_virtio_device` places BAR 0 in the 32-bit PCI window, gives each
+//! MSI-X vector a GSI (from `FIRST_MSI_GSI` up) with an irqfd, and hands the function an
+//! `MsiRouteUpdater` that keeps the VM's MSI routing table in step with the guest's vector
+//! table. `attach` then puts configuration access on the buses and gives each function its BAR
+//! on the MMIO bus (`BarMapping`: the 32-bit window is where the guest may move it, and KVM
+//! ioeventfds follow it); `map_bars` maps them, each queue's notification address bound to an
+//! ioeventfd so a kick never exits to a vCPU thread. This module does no device emulation of its
+//! own: that lives in `devices::pci` and `devices::virtio`.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -17,8 +19,8 @@ use arch::layout::{
 };
 use devices::bus::{Bus, BusError};
 use devices::pci::{
-    BarAllocError, BarAllocator, BarWindow, MsiMessage, MsiRouteUpdater, PciConfigIo, PciEcam,
-    PciRoot, PciRootError,
+    BarAllocError, BarAllocator, BarMapError, BarSpace, BarWindow, IoEventRegistry, MsiMessage,
+    MsiRouteUpdater, PciConfigIo, PciEcam, PciRoot, PciRootError,
 };
 use devices::virtio::transport::{
     msix_vector_count, TransportError, VirtioPciDevice, VirtioPciResources, VIRTIO_PCI_BAR_SIZE,
@@ -27,7 +29,7 @@ use devices::virtio::{EventLoop, VirtioDevice};
 use thiserror::Error;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::hypervisor::{HypervisorError, MsiRoute, MsiRouting, Vm, FIRST_MSI_GSI};
+use crate::hypervisor::{HypervisorError, IoEvents, MsiRoute, MsiRouting, Vm, FIRST_MSI_GSI};
 use crate::memory::GuestMemory;
 
 /// Highest GSI KVM routes (its routing table holds 4096 entries).
@@ -87,9 +89,18 @@ pub enum PciDevicesError {
         #[source]
         source: HypervisorError,
     },
-    /// The VM's MSI routing could not be shared.
-    #[error("cannot set up MSI routing")]
-    Routing(#[source] HypervisorError),
+    /// The VM's MSI routing or ioeventfds could not be shared.
+    #[error("cannot share the VM's {0} with the devices")]
+    VmHandle(&'static str, #[source] HypervisorError),
+    /// A function's BAR could not be mapped where it was placed.
+    #[error("virtio {device}: cannot map its BAR")]
+    MapBar {
+        /// Device name.
+        device: &'static str,
+        /// The cause.
+        #[source]
+        source: BarMapError,
+    },
     /// A range could not be placed on a bus.
     #[error("cannot place {what} on the {bus} bus")]
     Bus {
@@ -157,10 +168,21 @@ impl MsiRouteUpdater for DeviceMsiRoutes {
     }
 }
 
-/// A virtio PCI function and where its BAR goes.
-struct PlacedFunction {
-    bar_address: u64,
-    device: Arc<Mutex<VirtioPciDevice>>,
+/// The VM's ioeventfds as the devices' BARs bind them.
+struct VmIoEvents(Arc<dyn IoEvents>);
+
+impl IoEventRegistry for VmIoEvents {
+    fn register(&self, event: &EventFd, address: u64) -> std::io::Result<()> {
+        self.0
+            .register(event, address)
+            .map_err(std::io::Error::other)
+    }
+
+    fn unregister(&self, event: &EventFd, address: u64) -> std::io::Result<()> {
+        self.0
+            .unregister(event, address)
+            .map_err(std::io::Error::other)
+    }
 }
 
 /// Builds the PCI segment of one VM.
@@ -171,8 +193,9 @@ pub struct PciDevices<'a> {
     root: PciRoot,
     bars: BarAllocator,
     routes: Arc<MsiRoutingTable>,
+    ioevents: Arc<dyn IoEventRegistry>,
     next_gsi: u32,
-    functions: Vec<PlacedFunction>,
+    functions: Vec<Arc<Mutex<VirtioPciDevice>>>,
 }
 
 impl std::fmt::Debug for PciDevices<'_> {
@@ -194,9 +217,15 @@ impl<'a> PciDevices<'a> {
     ) -> Result<Self, PciDevicesError> {
         Ok(Self {
             routes: Arc::new(MsiRoutingTable {
-                vm: vm.msi_routing().map_err(PciDevicesError::Routing)?,
+                vm: vm
+                    .msi_routing()
+                    .map_err(|e| PciDevicesError::VmHandle("MSI routing", e))?,
                 routes: Mutex::new(BTreeMap::new()),
             }),
+            ioevents: Arc::new(VmIoEvents(
+                vm.ioevents()
+                    .map_err(|e| PciDevicesError::VmHandle("ioeventfds", e))?,
+            )),
             vm,
             mem,
             event_loop,
@@ -256,15 +285,6 @@ impl<'a> PciDevices<'a> {
                 }),
             },
         )?;
-        for queue in 0..function.queue_count() {
-            if let Some((address, kick)) = function.queue_notify(queue) {
-                self.vm
-                    .register_ioevent(kick, address, 0)
-                    .map_err(hv(format!(
-                        "queue {queue}'s notification at {address:#x} to an ioeventfd"
-                    )))?;
-            }
-        }
         let function = Arc::new(Mutex::new(function));
         let number =
             self.root
@@ -274,10 +294,7 @@ impl<'a> PciDevices<'a> {
                     source,
                 })?;
         log::debug!("virtio {name} at PCI 00:{number:02x}.0, BAR 0 at {bar_address:#x}");
-        self.functions.push(PlacedFunction {
-            bar_address,
-            device: function,
-        });
+        self.functions.push(function);
         Ok(number)
     }
 
@@ -296,8 +313,10 @@ impl<'a> PciDevices<'a> {
         Ok((first..end).collect())
     }
 
-    /// Puts configuration access and every function's BAR on the buses; returns the virtio
-    /// functions in the order they were added (snapshots save and restore them in it).
+    /// Puts configuration access on the buses and gives every function its BAR on `mmio`
+    /// (mapped by `map_bars`, after a restore has put the saved BAR addresses back); returns
+    /// the virtio functions in the order they were added (snapshots save and restore them in
+    /// it).
     pub fn attach(
         self,
         pio: &mut Bus,
@@ -324,17 +343,36 @@ impl<'a> PciDevices<'a> {
             bus: "I/O",
             source,
         })?;
-        let mut functions = Vec::with_capacity(self.functions.len());
-        for f in self.functions {
-            let what = format!("the BAR at {:#x}", f.bar_address);
-            mmio.insert(f.device.clone(), f.bar_address, VIRTIO_PCI_BAR_SIZE)
-                .map_err(|source| PciDevicesError::Bus {
-                    what,
-                    bus: "MMIO",
-                    source,
-                })?;
-            functions.push(f.device);
+        let space = BarSpace::new(mmio.clone(), self.ioevents);
+        for f in &self.functions {
+            let as_bus_device: Arc<Mutex<dyn devices::bus::BusDevice>> = f.clone();
+            let mut function = f.lock().unwrap_or_else(PoisonError::into_inner);
+            let device = function.name();
+            let bar = space
+                .add(
+                    device,
+                    Arc::downgrade(&as_bus_device),
+                    VIRTIO_PCI_BAR_SIZE,
+                    vec![(PCI_MMIO32_START, PCI_MMIO32_SIZE)],
+                    &function.notify_events(),
+                )
+                .map_err(|source| PciDevicesError::MapBar { device, source })?;
+            function.set_bar_mapping(bar);
         }
-        Ok(functions)
+        Ok(self.functions)
     }
+}
+
+/// Maps every function's BAR where its configuration space says, with its ioeventfds.
+pub fn map_bars(functions: &[Arc<Mutex<VirtioPciDevice>>]) -> Result<(), PciDevicesError> {
+    for f in functions {
+        let mut function = f.lock().unwrap_or_else(PoisonError::into_inner);
+        function
+            .map_bar()
+            .map_err(|source| PciDevicesError::MapBar {
+                device: function.name(),
+                source,
+            })?;
+    }
+    Ok(())
 }

@@ -277,13 +277,11 @@ impl RunningVm {
         let mut bars = vec![PCI_ECAM_START];
         for f in &self.virtio {
             let f = f.lock().unwrap_or_else(PoisonError::into_inner);
-            bars.push(f.bar_address());
+            let bar = f.mapped_bar();
+            bars.extend(bar);
             if let Some(why) = f.snapshot_blocker() {
-                list.push(format!(
-                    "virtio {} (BAR at {:#x}): {why}",
-                    f.name(),
-                    f.bar_address()
-                ));
+                let at = bar.map_or_else(|| "unmapped".into(), |b| format!("at {b:#x}"));
+                list.push(format!("virtio {} (BAR {at}): {why}", f.name()));
             }
         }
         list.extend(

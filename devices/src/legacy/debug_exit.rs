@@ -65,7 +65,7 @@ mod tests {
     #[test]
     fn wide_write_through_the_bus_uses_low_byte() {
         let (dev, exit) = device();
-        let mut bus = Bus::new();
+        let bus = Bus::new();
         bus.insert(
             Arc::new(Mutex::new(dev)),
             DEBUG_EXIT_PORT,

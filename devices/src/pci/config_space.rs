@@ -5,7 +5,8 @@
 //! register, BARs (whose low address bits and type bits are read-only, which is what makes writing
 //! all-ones read back the size), the interrupt line and writable capability fields. Side effects
 //! of a write (MSI-X enable, the virtio PCI configuration access window) are the owning device's
-//! job. The extended space (offsets 256..4096) reads as zero: no extended capabilities. I/O BARs,
+//! job. Whether and where a BAR decodes (`bar_decode`) follows from the command register's
+//! memory-enable bit and the BAR's value: the owner maps or moves the BAR to match. The extended space (offsets 256..4096) reads as zero: no extended capabilities. I/O BARs,
 //! expansion ROMs and INTx are not offered.
 
 use thiserror::Error;
@@ -145,6 +146,19 @@ pub enum BarKind {
     },
 }
 
+/// Where a memory BAR should respond, as its registers and the command register say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BarDecode {
+    /// Nowhere: memory decoding is off, or the BAR holds its size mask (the guest is sizing it,
+    /// so the all-ones "address" is not a place).
+    Off,
+    /// The guest wrote the lower half of a 64-bit BAR and not yet the upper half (nor the
+    /// command register): the new address is incomplete, keep the BAR where it is.
+    Updating,
+    /// At this address.
+    At(u64),
+}
+
 #[derive(Debug, Clone, Copy)]
 struct BarInfo {
     kind: BarKind,
@@ -169,6 +183,8 @@ pub struct PciConfigSpace {
     bars: [Option<BarInfo>; BAR_COUNT],
     /// BAR registers taken by the upper half of a 64-bit BAR.
     bar_upper: [bool; BAR_COUNT],
+    /// 64-bit BARs whose lower half was written since their upper half (see `BarDecode::Updating`).
+    bar_half_written: [bool; BAR_COUNT],
     next_capability: usize,
     last_capability: Option<usize>,
 }
@@ -190,6 +206,7 @@ impl PciConfigSpace {
             writable: [0; CONFIG_SPACE_SIZE],
             bars: [None; BAR_COUNT],
             bar_upper: [false; BAR_COUNT],
+            bar_half_written: [false; BAR_COUNT],
             next_capability: FIRST_CAPABILITY,
             last_capability: None,
         };
@@ -265,6 +282,26 @@ impl PciConfigSpace {
         })
     }
 
+    /// Where BAR `index` should respond now, if it exists: nowhere while memory decoding is off
+    /// or while it holds its size mask, and not yet while a 64-bit address is half written.
+    pub fn bar_decode(&self, index: usize) -> Option<BarDecode> {
+        let info = self.bars.get(index).copied().flatten()?;
+        let address = self.bar_address(index)?;
+        let size_mask = match info.kind {
+            BarKind::Memory32 => !(info.size - 1) & u64::from(u32::MAX),
+            BarKind::Memory64 { .. } => !(info.size - 1),
+        };
+        Some(
+            if self.read_u16(COMMAND) & COMMAND_MEMORY == 0 || address == size_mask {
+                BarDecode::Off
+            } else if self.bar_half_written[index] {
+                BarDecode::Updating
+            } else {
+                BarDecode::At(address)
+            },
+        )
+    }
+
     /// The size of BAR `index`, if it exists.
     pub fn bar_size(&self, index: usize) -> Option<u64> {
         self.bars.get(index).copied().flatten().map(|b| b.size)
@@ -315,12 +352,34 @@ impl PciConfigSpace {
         }
     }
 
-    /// Applies a guest write of `data` at `offset`: only writable bits change.
+    /// Applies a guest write of `data` at `offset`: only writable bits change. A write to the
+    /// lower half of a 64-bit BAR leaves it `Updating` until its upper half or the command
+    /// register is written.
     pub fn write(&mut self, offset: usize, data: &[u8]) {
         for (i, value) in data.iter().enumerate() {
             let at = offset.saturating_add(i);
             if let (Some(byte), Some(mask)) = (self.bytes.get_mut(at), self.writable.get(at)) {
                 *byte = (*byte & !mask) | (value & mask);
+            }
+        }
+        let end = offset.saturating_add(data.len());
+        let touches = |reg: usize| offset < reg + 4 && end > reg;
+        if offset < COMMAND + 2 && end > COMMAND {
+            self.bar_half_written = [false; BAR_COUNT];
+        }
+        for index in 0..BAR_COUNT {
+            let is64 = matches!(
+                self.bars[index],
+                Some(BarInfo {
+                    kind: BarKind::Memory64 { .. },
+                    ..
+                })
+            );
+            let reg = BAR0 + 4 * index;
+            if is64 && touches(reg + 4) {
+                self.bar_half_written[index] = false;
+            } else if is64 && touches(reg) {
+                self.bar_half_written[index] = true;
             }
         }
     }
@@ -374,6 +433,7 @@ impl PciConfigSpace {
         for ((byte, mask), saved) in self.bytes.iter_mut().zip(&self.writable).zip(&state.bytes) {
             *byte = (*byte & !mask) | (saved & mask);
         }
+        self.bar_half_written = [false; BAR_COUNT];
         Ok(())
     }
 
@@ -580,5 +640,75 @@ mod tests {
         c.write(usize::MAX, &[1, 2]);
         c.read(0x100, &mut b);
         assert_eq!(b, [0; 4]);
+    }
+
+    #[test]
+    fn bar32_decode_follows_memory_enable_and_ignores_the_size_probe() {
+        let mut c = PciConfigSpace::new(ids());
+        c.add_bar(0, BarKind::Memory32, 0x8000, 0xc000_8000)
+            .unwrap();
+        assert_eq!(c.bar_decode(0), Some(BarDecode::Off), "decoding starts off");
+        assert_eq!(c.bar_decode(1), None);
+        c.write(COMMAND, &COMMAND_MEMORY.to_le_bytes());
+        assert_eq!(c.bar_decode(0), Some(BarDecode::At(0xc000_8000)));
+        // A new address applies on the write itself while decoding is on.
+        c.write(BAR0, &0xd000_0000u32.to_le_bytes());
+        assert_eq!(c.bar_decode(0), Some(BarDecode::At(0xd000_0000)));
+        // Sizing with decoding on: the all-ones value is not an address.
+        c.write(BAR0, &[0xff; 4]);
+        assert_eq!(c.bar_decode(0), Some(BarDecode::Off));
+        c.write(BAR0, &0xd000_0000u32.to_le_bytes());
+        assert_eq!(c.bar_decode(0), Some(BarDecode::At(0xd000_0000)));
+        // Byte-wise writes take effect byte by byte (a 32-bit BAR has no pending state).
+        c.write(BAR0 + 3, &[0xc1]);
+        assert_eq!(c.bar_decode(0), Some(BarDecode::At(0xc100_0000)));
+        c.write(COMMAND, &0u16.to_le_bytes());
+        assert_eq!(c.bar_decode(0), Some(BarDecode::Off));
+        assert_eq!(c.bar_address(0), Some(0xc100_0000), "the register keeps it");
+    }
+
+    #[test]
+    fn bar64_decode_waits_for_the_upper_half() {
+        let mut c = PciConfigSpace::new(ids());
+        let size = 0x4000u64;
+        c.add_bar(
+            2,
+            BarKind::Memory64 {
+                prefetchable: false,
+            },
+            size,
+            0x180_0000_0000,
+        )
+        .unwrap();
+        c.write(COMMAND, &COMMAND_MEMORY.to_le_bytes());
+        assert_eq!(c.bar_decode(2), Some(BarDecode::At(0x180_0000_0000)));
+        c.write(BAR0 + 8, &0x0000_c000u32.to_le_bytes());
+        assert_eq!(
+            c.bar_decode(2),
+            Some(BarDecode::Updating),
+            "low half alone is not an address yet"
+        );
+        c.write(BAR0 + 12, &0x190u32.to_le_bytes());
+        assert_eq!(c.bar_decode(2), Some(BarDecode::At(0x190_0000_c000)));
+        // A guest that only changes the low half completes it by enabling decoding.
+        c.write(COMMAND, &0u16.to_le_bytes());
+        c.write(BAR0 + 8, &0x0001_0000u32.to_le_bytes());
+        assert_eq!(c.bar_decode(2), Some(BarDecode::Off));
+        c.write(COMMAND, &COMMAND_MEMORY.to_le_bytes());
+        assert_eq!(c.bar_decode(2), Some(BarDecode::At(0x190_0001_0000)));
+        // Sizing both halves with decoding on never decodes at the mask.
+        c.write(BAR0 + 8, &[0xff; 4]);
+        assert_eq!(c.bar_decode(2), Some(BarDecode::Updating));
+        c.write(BAR0 + 12, &[0xff; 4]);
+        assert_eq!(c.bar_decode(2), Some(BarDecode::Off));
+        c.write(BAR0 + 8, &0x0001_0000u32.to_le_bytes());
+        c.write(BAR0 + 12, &0x190u32.to_le_bytes());
+        assert_eq!(c.bar_decode(2), Some(BarDecode::At(0x190_0001_0000)));
+        // A one-dword write spanning only the upper half completes too; restore clears any
+        // half-written state.
+        c.write(BAR0 + 8, &0x0000_8000u32.to_le_bytes());
+        let saved = c.save();
+        c.restore(&saved).unwrap();
+        assert_eq!(c.bar_decode(2), Some(BarDecode::At(0x190_0000_8000)));
     }
 }

@@ -3,15 +3,18 @@
 //! - `config_space`: a function's type-0 configuration header, BARs and capability list.
 //! - `msix`: MSI-X vector table, PBA, masking and delivery through irqfds.
 //! - `bar_allocator`: addresses for BARs from the 32-bit and 64-bit PCI windows.
+//! - `bar_mapping`: the BARs' ranges on the MMIO bus and their ioeventfds, moved when the guest
+//!   reprograms a BAR or toggles memory decoding.
 //! - `host_bridge`: the host bridge function at 00:00.0.
 //! - `root`: the devices on bus 0, and configuration access to them through ECAM (MMIO) and the
 //!   legacy 0xCF8/0xCFC ports.
 //!
-//! A function's BARs are placed by the VMM when it builds the VM, as firmware would; the guest
-//! may probe their sizes, but moving a BAR elsewhere is not supported (the device keeps decoding
-//! at its original address). Only function 0 of each device exists; INTx is not provided.
+//! A function's BARs are placed by the VMM when it builds the VM, with memory decoding on, as
+//! firmware would; the guest may size them, move them and turn decoding off and on. Only
+//! function 0 of each device exists; INTx is not provided.
 
 pub mod bar_allocator;
+pub mod bar_mapping;
 pub mod config_space;
 pub mod host_bridge;
 pub mod msix;
@@ -34,7 +37,8 @@ pub trait PciDevice: Send {
 pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
 
 pub use bar_allocator::{BarAllocError, BarAllocator, BarWindow};
-pub use config_space::{BarKind, ConfigSpaceError, PciConfigSpace, PciIds};
+pub use bar_mapping::{BarMapError, BarMapping, BarSpace, IoEventRegistry};
+pub use config_space::{BarDecode, BarKind, ConfigSpaceError, PciConfigSpace, PciIds};
 pub use host_bridge::PciHostBridge;
 pub use msix::{MsiMessage, MsiRouteUpdater, Msix, MsixError};
 pub use root::{PciConfigIo, PciEcam, PciRoot, PciRootError};

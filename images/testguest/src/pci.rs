@@ -25,14 +25,14 @@ const ECAM_BUS_SIZE: u64 = 1 << 20;
 const DEVICES: u8 = 32;
 
 const REG_ID: u16 = 0x00;
-const REG_COMMAND: u16 = 0x04;
+pub const REG_COMMAND: u16 = 0x04;
 const REG_CLASS: u16 = 0x08;
 const REG_HEADER: u16 = 0x0c;
-const REG_BAR0: u16 = 0x10;
+pub const REG_BAR0: u16 = 0x10;
 const REG_CAP_PTR: u16 = 0x34;
 /// Status register (upper half of the command dword) bit 4: capability list present.
 const STATUS_CAP_LIST: u32 = 1 << 20;
-const CMD_MEMORY: u32 = 1 << 1;
+pub const CMD_MEMORY: u32 = 1 << 1;
 const CMD_BUS_MASTER: u32 = 1 << 2;
 const BAR_IO: u32 = 1;
 const BAR_TYPE_64: u32 = 0b100;

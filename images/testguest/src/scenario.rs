@@ -17,7 +17,7 @@ pub const EXIT_FAIL: u8 = 33;
 pub const EXIT_PANIC: u8 = 34;
 
 /// Names used in FAIL lines, indexed by `CURRENT`.
-const NAMES: [&str; 20] = [
+const NAMES: [&str; 22] = [
     "boot",
     "hello",
     "memcheck",
@@ -38,6 +38,8 @@ const NAMES: [&str; 20] = [
     "virtio-abuse",
     "virtio-loop",
     "virtio-fs",
+    "virtio-bar-move",
+    "io-loop",
 ];
 const BOOT: u8 = 0;
 const HELLO: u8 = 1;
@@ -59,6 +61,8 @@ const ACPI_RESET: u8 = 16;
 const VIRTIO_ABUSE: u8 = 17;
 const VIRTIO_LOOP: u8 = 18;
 const VIRTIO_FS: u8 = 19;
+const VIRTIO_BAR_MOVE: u8 = 20;
+const IO_LOOP: u8 = 21;
 
 /// The scenario now running, for FAIL lines from the exception handler. In `.data.tg_hot` (see
 /// linker.ld).
@@ -159,6 +163,10 @@ pub fn run_all(info: &BootInfo) -> ! {
                 start(VIRTIO_CONSOLE);
                 console::run(info);
             }
+            b"virtio-bar-move" => {
+                start(VIRTIO_BAR_MOVE);
+                crate::virtio::bar_move::run(info);
+            }
             _ if token.starts_with(b"blkbench=") => {
                 start(BLKBENCH);
                 let digits = &token[9..];
@@ -181,6 +189,13 @@ pub fn run_all(info: &BootInfo) -> ! {
             _ if token.starts_with(b"virtio-fs=") => {
                 start(VIRTIO_FS);
                 fs::run(info, &token[10..]);
+            }
+            _ if token.starts_with(b"io-loop=") => {
+                start(IO_LOOP);
+                match parse_u64(&token[8..]).filter(|&n| (1..65_536).contains(&n)) {
+                    Some(rounds) => crate::virtio::io_loop::run(info, rounds),
+                    None => fail_msg("bad round count (want io-loop=N, 1 <= N < 65536)"),
+                }
             }
             _ if token.starts_with(b"counter=") => {
                 start(COUNTER);

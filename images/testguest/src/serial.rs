@@ -103,6 +103,20 @@ pub fn line_forced() -> Line {
     }
 }
 
+/// `v` in decimal, in the end of `buf`.
+pub fn decimal(mut v: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
 impl Line {
     /// Writes raw bytes.
     pub fn bytes(&mut self, bytes: &[u8]) -> &mut Self {
@@ -122,18 +136,9 @@ impl Line {
     }
 
     /// Writes `v` in decimal.
-    pub fn dec(&mut self, mut v: u64) -> &mut Self {
+    pub fn dec(&mut self, v: u64) -> &mut Self {
         let mut buf = [0u8; 20];
-        let mut i = buf.len();
-        loop {
-            i -= 1;
-            buf[i] = b'0' + (v % 10) as u8;
-            v /= 10;
-            if v == 0 {
-                break;
-            }
-        }
-        self.bytes(&buf[i..])
+        self.bytes(decimal(v, &mut buf))
     }
 
     /// Writes `v` as `0x` followed by lowercase hex digits without leading zeros.

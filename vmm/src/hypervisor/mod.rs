@@ -87,16 +87,10 @@ pub trait Vm: Send + Sync + VmSnapshot {
     /// Makes every write to `event` raise interrupt line `gsi`.
     #[cfg(target_os = "linux")]
     fn register_irqfd(&self, event: &vmm_sys_util::eventfd::EventFd, gsi: u32) -> Result<()>;
-    /// Makes a guest write to MMIO address `address` signal `event` in the kernel, without an
-    /// exit to skiff. `len` is the access width that matches (1, 2, 4 or 8), or 0 for any width;
-    /// the value written is not matched.
+    /// A handle that binds and unbinds MMIO ioeventfds from any thread, for devices whose
+    /// guest-programmed BARs move while the VM runs. It keeps the VM's descriptor open.
     #[cfg(target_os = "linux")]
-    fn register_ioevent(
-        &self,
-        event: &vmm_sys_util::eventfd::EventFd,
-        address: u64,
-        len: u32,
-    ) -> Result<()>;
+    fn ioevents(&self) -> Result<std::sync::Arc<dyn IoEvents>>;
     /// Replaces every MSI route (see `MsiRouting::set_msi_routes`).
     fn set_msi_routes(&self, routes: &[MsiRoute]) -> Result<()>;
     /// A handle that sets this VM's MSI routes from any thread, for devices whose guest-programmed
@@ -150,6 +144,16 @@ pub struct MsiRoute {
     pub address: u64,
     /// MSI data.
     pub data: u32,
+}
+
+/// Binds eventfds to guest MMIO writes.
+#[cfg(target_os = "linux")]
+pub trait IoEvents: Send + Sync {
+    /// Makes a guest write of any width to MMIO address `address` signal `event` in the
+    /// kernel, without an exit to skiff; the value written is not matched.
+    fn register(&self, event: &vmm_sys_util::eventfd::EventFd, address: u64) -> Result<()>;
+    /// Undoes `register(event, address)`.
+    fn unregister(&self, event: &vmm_sys_util::eventfd::EventFd, address: u64) -> Result<()>;
 }
 
 /// Sets a VM's MSI routes.

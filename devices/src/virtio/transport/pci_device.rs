@@ -15,7 +15,9 @@
 //!
 //! Each queue's notification address is its own, so the VMM binds one KVM ioeventfd per queue
 //! with no data match; a notification that reaches this code instead (no ioeventfd) is passed to
-//! the same eventfd. The transport owns status, features, queue set-up and interrupts; the device
+//! the same eventfd. The BAR follows the guest: once the VMM hands the function its
+//! `BarMapping`, every configuration write that moves BAR 0 or toggles memory decoding moves
+//! the range on the MMIO bus and the ioeventfds with it (`bar_mapping`). The transport owns status, features, queue set-up and interrupts; the device
 //! model gets its enabled queues on `DRIVER_OK` and is reset when the driver writes status 0.
 //!
 //! Locking: vCPU threads call in here with this device locked; `VirtioDevice::activate` and
@@ -32,7 +34,10 @@ use super::common_config::{CommonConfig, StatusAction, COMMON_CONFIG_SIZE};
 use super::signals::VirtioPciSignals;
 use super::state::{StateError, VirtioPciState};
 use crate::bus::BusDevice;
-use crate::pci::config_space::{BarKind, ConfigSpaceError, PciConfigSpace, PciIds};
+use crate::pci::bar_mapping::{BarMapError, BarMapping};
+use crate::pci::config_space::{
+    BarDecode, BarKind, ConfigSpaceError, PciConfigSpace, PciIds, COMMAND, COMMAND_MEMORY,
+};
 use crate::pci::msix::{MsiRouteUpdater, Msix, MsixError, MSIX_CAPABILITY_ID, MSIX_ENTRY_SIZE};
 use crate::pci::PciDevice;
 use crate::virtio::device::{
@@ -164,7 +169,7 @@ pub struct VirtioPciResources {
     pub mem: GuestMemoryMmap,
     /// The event loop device handlers register with.
     pub event_loop: EventLoop,
-    /// Where BAR 0 sits (aligned to `VIRTIO_PCI_BAR_SIZE`, below 4 GiB).
+    /// Where BAR 0 starts out (aligned to `VIRTIO_PCI_BAR_SIZE`, below 4 GiB).
     pub bar_address: u64,
     /// One irqfd per MSI-X vector (`msix_vector_count`).
     pub msix_irqs: Vec<EventFd>,
@@ -194,7 +199,8 @@ pub struct VirtioPciDevice {
     kicks: Vec<EventFd>,
     mem: GuestMemoryMmap,
     event_loop: EventLoop,
-    bar_address: u64,
+    /// BAR 0 on the MMIO bus, once the VMM attached the function (`set_bar_mapping`).
+    bar: Option<BarMapping>,
     /// `activate` was called since the last reset (so `reset` must be).
     activation_attempted: bool,
     /// Set by `quiesce` for a device that was running: its queues' positions, until `resume`
@@ -206,7 +212,7 @@ impl std::fmt::Debug for VirtioPciDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VirtioPciDevice")
             .field("device", &self.name)
-            .field("bar_address", &format_args!("{:#x}", self.bar_address))
+            .field("bar", &self.bar)
             .field("status", &self.common.status())
             .finish_non_exhaustive()
     }
@@ -230,6 +236,11 @@ fn vendor_capability(cfg_type: u8, offset: u64, length: u64, extra: &[u8]) -> Ve
     body.extend_from_slice(&(length as u32).to_le_bytes());
     body.extend_from_slice(extra);
     body
+}
+
+/// Queue `queue`'s notification offset in BAR 0.
+fn notify_offset(queue: usize) -> u64 {
+    NOTIFY_OFFSET + queue as u64 * u64::from(NOTIFY_OFF_MULTIPLIER)
 }
 
 impl VirtioPciDevice {
@@ -306,6 +317,8 @@ impl VirtioPciDevice {
         config
             .add_bar(0, BarKind::Memory32, VIRTIO_PCI_BAR_SIZE, res.bar_address)
             .map_err(space_err)?;
+        // Placed and enabled, as firmware leaves a device it assigned.
+        config.set_u16(COMMAND, COMMAND_MEMORY);
         let msix_body =
             msix.capability_body(0, MSIX_TABLE_OFFSET as u32, 0, MSIX_PBA_OFFSET as u32);
         let msix_cap = config
@@ -366,7 +379,7 @@ impl VirtioPciDevice {
             kicks,
             mem: res.mem,
             event_loop: res.event_loop,
-            bar_address: res.bar_address,
+            bar: None,
             activation_attempted: false,
             quiesced: None,
         })
@@ -377,9 +390,10 @@ impl VirtioPciDevice {
         self.name
     }
 
-    /// Where BAR 0 sits.
-    pub fn bar_address(&self) -> u64 {
-        self.bar_address
+    /// Where BAR 0 responds on the MMIO bus now, if anywhere (decoding off, a refused
+    /// address, or not attached yet: nowhere).
+    pub fn mapped_bar(&self) -> Option<u64> {
+        self.bar.as_ref().and_then(BarMapping::mapped)
     }
 
     /// Number of queues.
@@ -387,12 +401,45 @@ impl VirtioPciDevice {
         self.kicks.len()
     }
 
-    /// Queue `queue`'s notification address and the eventfd to bind there, if it exists.
+    /// Queue `queue`'s notification offset in BAR 0 and the eventfd bound there, if it exists.
     pub fn queue_notify(&self, queue: usize) -> Option<(u64, &EventFd)> {
         let kick = self.kicks.get(queue)?;
-        let address =
-            self.bar_address + NOTIFY_OFFSET + queue as u64 * u64::from(NOTIFY_OFF_MULTIPLIER);
-        Some((address, kick))
+        Some((notify_offset(queue), kick))
+    }
+
+    /// Every queue's notification eventfd at its offset in BAR 0 (to bind as ioeventfds).
+    pub fn notify_events(&self) -> Vec<(u64, &EventFd)> {
+        (0..self.kicks.len())
+            .filter_map(|q| self.queue_notify(q))
+            .collect()
+    }
+
+    /// Gives the function its BAR 0 on the MMIO bus (unmapped until `map_bar`).
+    pub fn set_bar_mapping(&mut self, bar: BarMapping) {
+        self.bar = Some(bar);
+    }
+
+    /// Maps BAR 0 where the configuration space says (the build-time address, or a restored
+    /// one), with the queue notification ioeventfds; does nothing before `set_bar_mapping`.
+    pub fn map_bar(&mut self) -> Result<(), BarMapError> {
+        let to = match self.config.bar_decode(0) {
+            Some(BarDecode::At(address)) => Some(address),
+            _ => None,
+        };
+        match &self.bar {
+            Some(bar) => bar.map(to),
+            None => Ok(()),
+        }
+    }
+
+    /// After a configuration write: BAR 0 follows its register and the memory-enable bit.
+    fn follow_bar(&mut self) {
+        let Some(decode) = self.config.bar_decode(0) else {
+            return;
+        };
+        if let Some(bar) = &self.bar {
+            bar.update(decode);
+        }
     }
 
     /// The transport state the device model's handlers signal through.
@@ -522,9 +569,11 @@ impl VirtioPciDevice {
     }
 
     /// Puts a saved state (untrusted) into this freshly built function, which must be the
-    /// same device at the same place: configuration space, MSI-X (routes pushed), common
-    /// configuration and signals; a device the driver had running is activated at the saved
-    /// queue positions, without the driver doing anything. Refused values leave an error.
+    /// same device: configuration space, MSI-X (routes pushed), common configuration and
+    /// signals; a device the driver had running is activated at the saved queue positions,
+    /// without the driver doing anything. Refused values leave an error. BAR 0 keeps its saved
+    /// address in the configuration space; `map_bar` then puts it there (after every function
+    /// is restored, so that two BARs the guest swapped do not collide).
     pub fn restore_state(&mut self, state: &VirtioPciState) -> Result<(), StateError> {
         let device = self.name;
         let invalid = |what: String| StateError::Invalid { device, what };
@@ -541,15 +590,6 @@ impl VirtioPciDevice {
         config
             .restore(&state.config)
             .map_err(|source| StateError::ConfigSpace { device, source })?;
-        let saved_bar = config.bar_address(0).unwrap_or(0);
-        let probing = saved_bar == !(VIRTIO_PCI_BAR_SIZE - 1) & 0xffff_ffff;
-        if saved_bar != self.bar_address && !probing {
-            return Err(StateError::Bar {
-                device,
-                saved: saved_bar,
-                placed: self.bar_address,
-            });
-        }
         self.lock_msix()
             .restore(&state.msix)
             .map_err(|source| StateError::Msix { device, source })?;
@@ -700,16 +740,6 @@ impl PciDevice for VirtioPciDevice {
             let value = self.config.read_u16(control);
             self.lock_msix().set_control(value);
         }
-        if offset < 0x14 && offset + data.len() > 0x10 {
-            if let Some(address) = self.config.bar_address(0) {
-                let probing = address == !(VIRTIO_PCI_BAR_SIZE - 1) & 0xffff_ffff;
-                if address != self.bar_address && !probing {
-                    log::warn!(
-                        "virtio {}: guest moved BAR 0 from {:#x} to {address:#x}; moving BARs is not supported, the device stays at {:#x}",
-                        self.name, self.bar_address, self.bar_address
-                    );
-                }
-            }
-        }
+        self.follow_bar();
     }
 }

@@ -1,8 +1,8 @@
 //! What a snapshot keeps of one virtio PCI function, and why a saved one can be refused.
 //!
 //! `VirtioPciState` gathers the function's parts, each saved by its owner: the PCI
-//! configuration space (`PciConfigSpace::save`: BAR as programmed, command register, MSI-X
-//! enable and mask), the MSI-X table and PBA (`Msix::save`), the common configuration (feature
+//! configuration space (`PciConfigSpace::save`: BAR as programmed, so a BAR the guest moved
+//! is mapped there again on restore, command register, MSI-X enable and mask), the MSI-X table and PBA (`Msix::save`), the common configuration (feature
 //! selects, acked features, status, queue set-up), the signals (vectors, ISR, configuration
 //! generation, needs-reset), and, for an active device, each queue's position. The state file is
 //! untrusted: `VirtioPciDevice::restore_state` checks every value against the device rebuilt
@@ -102,18 +102,6 @@ pub enum StateError {
         /// Why.
         #[source]
         source: MsixError,
-    },
-    /// BAR 0 is not where the device is placed.
-    #[error(
-        "virtio {device}: saved BAR 0 address {saved:#x} is not the device's BAR at {placed:#x}"
-    )]
-    Bar {
-        /// Device name.
-        device: &'static str,
-        /// In the state.
-        saved: u64,
-        /// Where the rebuilt device sits.
-        placed: u64,
     },
     /// A value out of range.
     #[error("virtio {device}: saved state is invalid: {what}")]

@@ -9,11 +9,13 @@
 //! Register accesses are VM exits (~50 us each on the target machines): set-up costs a few dozen,
 //! and each batch of requests costs one notify write at most.
 pub mod abuse;
+pub mod bar_move;
 pub mod blk;
 pub mod console;
 pub mod dma;
 pub mod fs;
 pub mod fuse;
+pub mod io_loop;
 pub mod net;
 pub mod queue;
 pub mod rng;

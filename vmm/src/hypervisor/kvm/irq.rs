@@ -10,15 +10,16 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 use kvm_bindings::{
-    kvm_ioeventfd, kvm_irq_routing_entry, KvmIrqRouting, KVMIO, KVM_IRQCHIP_IOAPIC,
-    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI,
+    kvm_ioeventfd, kvm_ioeventfd_flag_nr_deassign, kvm_irq_routing_entry, KvmIrqRouting, KVMIO,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
+    KVM_IRQ_ROUTING_MSI,
 };
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_iow_nr;
 
-use crate::hypervisor::{HypervisorError, MsiRoute, MsiRouting, Result, FIRST_MSI_GSI};
+use crate::hypervisor::{HypervisorError, IoEvents, MsiRoute, MsiRouting, Result, FIRST_MSI_GSI};
 
 /// Pins of the in-kernel IOAPIC.
 const IOAPIC_PINS: u32 = 24;
@@ -39,22 +40,20 @@ fn invalid(op: &'static str) -> HypervisorError {
     HypervisorError::op(op, std::io::Error::from_raw_os_error(libc::EINVAL))
 }
 
-/// Binds `event` to guest writes of `len` bytes (0: any width) at MMIO `address`.
-pub(super) fn register_mmio_ioevent(
-    vm: &VmFd,
-    event: &EventFd,
-    address: u64,
-    len: u32,
-) -> Result<()> {
-    if !matches!(len, 0 | 1 | 2 | 4 | 8) {
-        return Err(invalid("KVM_IOEVENTFD (access width)"));
-    }
+/// Binds (or with `deassign`, unbinds) `event` to guest writes of any width at MMIO `address`,
+/// with no data match. KVM finds the binding to remove by eventfd, address, length, data match
+/// and flags, so an unbind must be made with the same values as the bind: both come from here.
+fn mmio_ioevent(vm: &File, event: &EventFd, address: u64, deassign: bool) -> Result<()> {
     let arg = kvm_ioeventfd {
         addr: address,
-        len,
+        len: 0,
         fd: event.as_raw_fd(),
-        // No data match, MMIO (not PIO), assign (not deassign).
-        flags: 0,
+        // No data match, MMIO (not PIO).
+        flags: if deassign {
+            1 << kvm_ioeventfd_flag_nr_deassign
+        } else {
+            0
+        },
         ..Default::default()
     };
     // SAFETY: `vm` is a KVM VM descriptor and `arg` a fully initialised `kvm_ioeventfd` that the
@@ -63,7 +62,11 @@ pub(super) fn register_mmio_ioevent(
     let rc = unsafe { ioctl_with_ref(vm, KVM_IOEVENTFD(), &arg) };
     if rc < 0 {
         return Err(HypervisorError::op(
-            "KVM_IOEVENTFD",
+            if deassign {
+                "KVM_IOEVENTFD (deassign)"
+            } else {
+                "KVM_IOEVENTFD"
+            },
             std::io::Error::last_os_error(),
         ));
     }
@@ -129,6 +132,39 @@ pub(super) fn set_msi_routes(vm: &VmFd, routes: &[MsiRoute]) -> Result<()> {
         .map_err(|e| HypervisorError::op("KVM_SET_GSI_ROUTING", e))
 }
 
+/// A duplicate of the VM's descriptor, so a handle can be shared with device models on any
+/// thread while the `KvmVm` itself stays with its owner.
+fn duplicate(vm: &VmFd) -> Result<File> {
+    // SAFETY: the descriptor belongs to `vm`, which is open for the duration of this call.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(vm.as_raw_fd()) };
+    let owned = borrowed
+        .try_clone_to_owned()
+        .map_err(|e| HypervisorError::op("duplicating the VM descriptor", e))?;
+    Ok(File::from(owned))
+}
+
+/// Binds and unbinds MMIO ioeventfds through a duplicate of the VM's descriptor.
+#[derive(Debug)]
+pub(super) struct KvmIoEvents {
+    vm: File,
+}
+
+impl KvmIoEvents {
+    pub(super) fn new(vm: &VmFd) -> Result<Self> {
+        Ok(Self { vm: duplicate(vm)? })
+    }
+}
+
+impl IoEvents for KvmIoEvents {
+    fn register(&self, event: &EventFd, address: u64) -> Result<()> {
+        mmio_ioevent(&self.vm, event, address, false)
+    }
+
+    fn unregister(&self, event: &EventFd, address: u64) -> Result<()> {
+        mmio_ioevent(&self.vm, event, address, true)
+    }
+}
+
 /// Sets the routes through a duplicate of the VM's descriptor, so it can be shared with device
 /// models on any thread while the `KvmVm` itself stays with its owner.
 #[derive(Debug)]
@@ -138,14 +174,7 @@ pub(super) struct KvmMsiRouting {
 
 impl KvmMsiRouting {
     pub(super) fn new(vm: &VmFd) -> Result<Self> {
-        // SAFETY: the descriptor belongs to `vm`, which is open for the duration of this call.
-        let borrowed = unsafe { BorrowedFd::borrow_raw(vm.as_raw_fd()) };
-        let owned = borrowed
-            .try_clone_to_owned()
-            .map_err(|e| HypervisorError::op("duplicating the VM descriptor", e))?;
-        Ok(Self {
-            vm: File::from(owned),
-        })
+        Ok(Self { vm: duplicate(vm)? })
     }
 }
 

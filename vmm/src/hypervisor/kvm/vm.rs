@@ -13,7 +13,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::dirty_log::{record_slot, KvmDirtyLog, Slot, SlotTable};
 use super::vcpu::KvmVcpu;
-use crate::hypervisor::{DirtyLog, HypervisorError, MsiRoute, MsiRouting, Result, Vcpu, Vm};
+use crate::hypervisor::{
+    DirtyLog, HypervisorError, IoEvents, MsiRoute, MsiRouting, Result, Vcpu, Vm,
+};
 
 /// Where KVM places the three-page TSS it needs for real-mode emulation on Intel: inside the MMIO
 /// hole, above the local APIC, clear of RAM and devices.
@@ -98,8 +100,8 @@ impl Vm for KvmVm {
             .map_err(|e| HypervisorError::op("KVM_IRQFD", e))
     }
 
-    fn register_ioevent(&self, event: &EventFd, address: u64, len: u32) -> Result<()> {
-        super::irq::register_mmio_ioevent(&self.fd, event, address, len)
+    fn ioevents(&self) -> Result<Arc<dyn IoEvents>> {
+        Ok(Arc::new(super::irq::KvmIoEvents::new(&self.fd)?))
     }
 
     fn set_msi_routes(&self, routes: &[MsiRoute]) -> Result<()> {
