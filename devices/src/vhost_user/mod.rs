@@ -6,9 +6,13 @@
 //!   (with one-line errors for a missing path, a non-socket, a refused connection), the
 //!   feature handshake, the memory table, per-queue ring set-up and tear-down.
 //! - `device`: `VhostUserDevice`, the `VirtioDevice` the PCI transport drives.
+//! - `session`: what the device shares with its watcher and reconnect thread (the connection,
+//!   the driver's rings) and bringing a connection's rings up.
 //! - `watchdog`: bounds every request (a backend that stalls mid-reply cannot hang a vCPU).
 //! - `call_forwarder`: the event-loop subscriber that turns the backend's "used buffer" eventfds
-//!   into MSI-X interrupts and notices when the backend goes away.
+//!   into MSI-X interrupts.
+//! - `hangup`: the event-loop subscriber that notices when the backend goes away.
+//! - `reconnect`: with `reconnect=`, the thread that connects again and replays the set-up.
 //! - `blk_backend`: skiff's own vhost-user-blk backend process (`skiff vhost-user-blk`).
 //!
 //! Everything a backend sends is untrusted: replies are parsed by the `vhost` crate, checked
@@ -20,6 +24,9 @@ mod call_forwarder;
 pub mod config;
 mod connection;
 mod device;
+mod hangup;
+mod reconnect;
+mod session;
 mod watchdog;
 
 #[cfg(test)]

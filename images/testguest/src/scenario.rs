@@ -17,7 +17,7 @@ pub const EXIT_FAIL: u8 = 33;
 pub const EXIT_PANIC: u8 = 34;
 
 /// Names used in FAIL lines, indexed by `CURRENT`.
-const NAMES: [&str; 18] = [
+const NAMES: [&str; 19] = [
     "boot",
     "hello",
     "memcheck",
@@ -36,6 +36,7 @@ const NAMES: [&str; 18] = [
     "poweroff",
     "acpi-reset",
     "virtio-abuse",
+    "blkloop",
 ];
 const BOOT: u8 = 0;
 const HELLO: u8 = 1;
@@ -55,6 +56,7 @@ const COUNTER: u8 = 14;
 const POWEROFF: u8 = 15;
 const ACPI_RESET: u8 = 16;
 const VIRTIO_ABUSE: u8 = 17;
+const BLKLOOP: u8 = 18;
 
 /// The scenario now running, for FAIL lines from the exception handler. In `.data.tg_hot` (see
 /// linker.ld).
@@ -165,6 +167,14 @@ pub fn run_all(info: &BootInfo) -> ! {
                             .bytes(digits)
                             .str("\" (want MiB, 1..16777215)");
                     }),
+                }
+            }
+            _ if token.starts_with(b"blkloop=") => {
+                // Rounds of blk write and read-back, for vhost-user backend restarts.
+                start(BLKLOOP);
+                match parse_u64(&token[8..]).filter(|&n| n > 0 && n < 1 << 20) {
+                    Some(rounds) => blk::loop_rounds(info, rounds),
+                    None => fail_msg("bad round count (want blkloop=N, 1 <= N < 1048576)"),
                 }
             }
             _ if token.starts_with(b"counter=") => {
