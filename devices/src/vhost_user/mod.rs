@@ -13,6 +13,7 @@
 //!   into MSI-X interrupts.
 //! - `hangup`: the event-loop subscriber that notices when the backend goes away.
 //! - `reconnect`: with `reconnect=`, the thread that connects again and replays the set-up.
+//! - `fuzzing`: the entry point of the `fuzz/` crate (replies from a hostile backend).
 //! - `blk_backend`: skiff's own vhost-user-blk backend process (`skiff vhost-user-blk`).
 //!
 //! Everything a backend sends is untrusted: replies are parsed by the `vhost` crate, checked
@@ -24,6 +25,8 @@ mod call_forwarder;
 pub mod config;
 mod connection;
 mod device;
+#[doc(hidden)]
+pub mod fuzzing;
 mod hangup;
 mod reconnect;
 mod session;

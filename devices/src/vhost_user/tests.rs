@@ -71,7 +71,7 @@ fn reply(stream: &mut UnixStream, code: u32, body: &[u8]) {
 
 /// Serves `script` on `stream` until the frontend hangs up or `stop_after` requests were seen;
 /// returns the requests (code and body) it saw.
-fn run_script(mut stream: UnixStream, script: Script, stop_after: usize) -> Vec<(u32, Vec<u8>)> {
+fn run_script(mut stream: UnixStream, script: Script, stop_after: usize) -> Requests {
     let mut seen = Vec::new();
     for _ in 0..stop_after {
         let mut hdr = [0u8; 12];
@@ -109,7 +109,9 @@ fn run_script(mut stream: UnixStream, script: Script, stop_after: usize) -> Vec<
     seen
 }
 
-type Served = JoinHandle<Vec<(u32, Vec<u8>)>>;
+/// The requests (code, body) one connection saw.
+type Requests = Vec<(u32, Vec<u8>)>;
+type Served = JoinHandle<Requests>;
 
 fn start(script: Script, stop_after: usize) -> (UnixStream, Served) {
     let (ours, theirs) = UnixStream::pair().unwrap();
@@ -344,10 +346,7 @@ const SET_VRING_ENABLE: u32 = 18;
 
 /// A backend on a socket path that serves `scripts` on one connection each, in turn (each
 /// script with its request limit), and returns the requests each connection saw.
-fn restarting_backend(
-    path: &Path,
-    scripts: Vec<(Script, usize)>,
-) -> JoinHandle<Vec<Vec<(u32, Vec<u8>)>>> {
+fn restarting_backend(path: &Path, scripts: Vec<(Script, usize)>) -> JoinHandle<Vec<Requests>> {
     let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
     std::thread::spawn(move || {
         let mut seen = Vec::new();
@@ -456,4 +455,54 @@ fn a_restarted_backend_without_a_feature_fails_the_device_instead_of_serving_it(
         seen[1]
     );
     drop(dev);
+}
+
+/// One reply message: code, flags "version 1, reply", size, body.
+fn reply_bytes(code: u32, body: &[u8]) -> Vec<u8> {
+    let mut msg = Vec::new();
+    msg.extend_from_slice(&code.to_le_bytes());
+    msg.extend_from_slice(&0x5u32.to_le_bytes());
+    msg.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    msg.extend_from_slice(body);
+    msg
+}
+
+/// Every reply `fuzzing::frontend_replies` needs, well formed, in order.
+fn well_formed_reply_stream() -> Vec<u8> {
+    let u64_reply = |code: u32, v: u64| reply_bytes(code, &v.to_le_bytes());
+    let ack = |code: u32| u64_reply(code, 0);
+    let mut config = vec![0u8; 12];
+    config[4..8].copy_from_slice(&60u32.to_le_bytes());
+    config.extend_from_slice(&[0u8; 60]);
+    let mut stream = [
+        u64_reply(GET_FEATURES, VERSION_1 | PROTOCOL_FEATURES | BLK_FLUSH),
+        u64_reply(GET_PROTOCOL_FEATURES, PF_MQ | PF_REPLY_ACK | PF_CONFIG),
+        u64_reply(GET_QUEUE_NUM, 4),
+        reply_bytes(GET_CONFIG, &config),
+        ack(SET_MEM_TABLE),
+        ack(2), // SET_FEATURES
+    ]
+    .concat();
+    // SET_VRING_NUM, ADDR, BASE, CALL, KICK, ENABLE; then ENABLE 0 and GET_VRING_BASE.
+    for code in [8, 9, 10, 13, 12, 18, 18] {
+        stream.extend(ack(code));
+    }
+    stream.extend(reply_bytes(GET_VRING_BASE, &[1, 0, 0, 0, 7, 0, 0, 0]));
+    stream.extend(ack(25)); // SET_CONFIG
+    stream
+}
+
+#[test]
+fn the_fuzz_entry_point_completes_on_good_replies_and_fails_cleanly_on_cut_ones() {
+    let stream = well_formed_reply_stream();
+    assert_eq!(super::fuzzing::frontend_replies(&stream), 7);
+    for cut in (0..stream.len()).step_by(5) {
+        assert!(
+            super::fuzzing::frontend_replies(&stream[..cut]) < 7,
+            "cut at {cut}"
+        );
+    }
+    let mut flipped = stream.clone();
+    flipped[4] ^= 0x4; // the first reply without its reply flag
+    assert_eq!(super::fuzzing::frontend_replies(&flipped), 0);
 }
