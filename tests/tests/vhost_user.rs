@@ -333,3 +333,141 @@ fn snapshot_of_a_vm_with_a_vhost_user_device_is_refused_naming_it_and_the_vm_run
     vm.wait(T).assert_code(0);
     assert_pattern(&img);
 }
+
+// ---- Backend restarts (`reconnect=`), under the test guest's `blkloop=N` scenario ----
+
+/// `blkloop` writes this many bytes per round at offset 0.
+const LOOP_BYTES: usize = 64 << 10;
+
+/// The pattern of `blkloop` round `round` (testguest `blk::loop_pattern`).
+fn loop_pattern(round: u64) -> u64 {
+    PATTERN ^ round.wrapping_mul(0x0100_0000_0000_0001)
+}
+
+fn assert_loop_pattern(image: &Path, round: u64) {
+    let bytes = std::fs::read(image).unwrap();
+    for o in (0..LOOP_BYTES).step_by(8) {
+        let v = u64::from_le_bytes(bytes[o..o + 8].try_into().unwrap());
+        assert_eq!(v, o as u64 ^ loop_pattern(round), "image offset {o:#x}");
+    }
+}
+
+/// skiff running `blkloop=rounds` on a vhost-user-blk device with `extra` options.
+fn spawn_blkloop(socket: &Path, rounds: u32, extra: &str) -> Skiff {
+    let kernel = testguest().to_string_lossy().into_owned();
+    Skiff::spawn(&[
+        "run",
+        "--kernel",
+        &kernel,
+        "--cmdline",
+        &format!("blkloop={rounds}"),
+        "--vhost-user",
+        &format!("{}{extra}", vhost_user_arg(socket)),
+        "--timeout",
+        "300",
+    ])
+}
+
+fn round_line(round: u32) -> String {
+    format!("testguest: blkloop round={round} ok")
+}
+
+#[test]
+fn a_restarted_backend_is_reconnected_and_the_guest_finishes_every_round() {
+    require_kvm();
+    let s = Scratch::new();
+    let (sock, img) = (s.path("blk.sock"), s.image(4 << 20));
+    let mut backend = Backend::skiff_blk(&sock, &img, &[]);
+    let mut vm = spawn_blkloop(&sock, 4, ",reconnect=0.2");
+    // Round 1 done: kill and restart at once (the guest's next round, 500 ms later, most
+    // likely finds the backend back).
+    vm.wait_for_line(&round_line(1), T);
+    backend.kill();
+    backend = Backend::skiff_blk(&sock, &img, &[]);
+    // Round 2 done: stay down past the guest's pause, so round 3's requests and kick arrive
+    // while skiff is disconnected and must be served after the replay.
+    vm.wait_for_line(&round_line(2), T);
+    backend.kill();
+    std::thread::sleep(Duration::from_millis(1500));
+    backend = Backend::skiff_blk(&sock, &img, &[]);
+    vm.wait_for_line(&round_line(3), T);
+    backend.kill();
+    backend = Backend::skiff_blk(&sock, &img, &[]);
+    let r = vm.wait(T);
+    r.assert_code(0)
+        .assert_stdout_has("testguest: blkloop ok rounds=4");
+    assert_loop_pattern(&img, 4);
+    let lost = r
+        .stderr
+        .matches("closed its connection; reconnecting every 0.2s")
+        .count();
+    let back = r
+        .stderr
+        .matches("reconnected to the vhost-user backend")
+        .count();
+    assert_eq!((lost, back), (3, 3), "{}", r.stderr);
+    assert!(!r.stderr.contains("needs a reset"), "{}", r.stderr);
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+    drop(backend);
+}
+
+#[test]
+fn without_reconnect_a_dead_backend_fails_the_device_and_the_guest_sees_it() {
+    require_kvm();
+    let s = Scratch::new();
+    let (sock, img) = (s.path("blk.sock"), s.image(4 << 20));
+    let mut backend = Backend::skiff_blk(&sock, &img, &[]);
+    let mut vm = spawn_blkloop(&sock, 3, "");
+    vm.wait_for_line(&round_line(1), T);
+    backend.kill();
+    // The VM keeps running: the guest's next request sees DEVICE_NEEDS_RESET and it fails
+    // its scenario (exit 33) on its own.
+    let r = vm.wait(T);
+    r.assert_code(33)
+        .assert_stdout_has("FAIL blkloop: timeout waiting for a virtio-blk request")
+        .assert_stdout_has("needs reset");
+    assert!(
+        r.stderr
+            .contains("the vhost-user backend closed its connection; the device needs a reset"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+    assert_loop_pattern(&img, 1);
+}
+
+#[test]
+fn a_backend_that_comes_back_with_fewer_features_fails_the_device() {
+    require_kvm();
+    let s = Scratch::new();
+    let (sock, img) = (s.path("blk.sock"), s.image(4 << 20));
+    let mut backend = Backend::skiff_blk(&sock, &img, &[]);
+    let mut vm = spawn_blkloop(&sock, 3, ",reconnect=0.2");
+    vm.wait_for_line(&round_line(1), T);
+    backend.kill();
+    std::fs::remove_file(&sock).unwrap();
+    // The "restarted" backend offers VERSION_1 and nothing else (no FLUSH, no protocol
+    // features), then waits for skiff to hang up.
+    let fake = fake_backend(&sock, |mut stream| {
+        let _ = read_request(&mut stream); // SET_OWNER
+        if read_request(&mut stream) == Some(GET_FEATURES) {
+            reply_u64(&mut stream, GET_FEATURES, 1 << 32);
+        }
+        while read_request(&mut stream).is_some() {}
+    });
+    let r = vm.wait(T);
+    r.assert_code(33).assert_stdout_has("needs reset");
+    assert!(
+        r.stderr
+            .contains("the restarted vhost-user backend cannot serve the device"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("the device needs a reset"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+    fake.join().unwrap();
+}

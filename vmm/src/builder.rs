@@ -412,7 +412,8 @@ fn create_pci_devices(
     }
     for vhost_user in &cfg.vhost_user {
         let regions = crate::memory::share::shared_regions(ram)?;
-        pci.add_virtio_device(Box::new(VhostUserDevice::new(vhost_user, regions)?))?;
+        let device = VhostUserDevice::new(vhost_user, regions, events.remote_endpoint())?;
+        pci.add_virtio_device(Box::new(device))?;
     }
     let console_input = if cfg.console {
         let console = VirtioConsole::new(Box::new(std::io::stdout()))?;

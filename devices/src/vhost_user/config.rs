@@ -95,8 +95,8 @@ pub struct VhostUserConfig {
     pub queues: u16,
     /// virtio-fs mount tag (used when the backend does not supply the configuration space).
     pub tag: Option<String>,
-    /// Reconnect after the backend goes away, retrying this often (not implemented yet: the
-    /// value is accepted and the device is marked broken like without it).
+    /// Reconnect after the backend goes away, retrying this often (without it the device is
+    /// marked broken).
     pub reconnect: Option<Duration>,
 }
 

@@ -87,6 +87,16 @@ pub enum VhostUserError {
         /// What is missing.
         missing: &'static str,
     },
+    /// A backend that came back after a loss no longer offers features the guest was offered.
+    #[error("vhost-user backend {path} offers features {offered:#x}, which lack {missing:#x} that the device offered the guest")]
+    FeaturesLost {
+        /// The socket.
+        path: PathBuf,
+        /// What it offers now.
+        offered: u64,
+        /// The offered features it lacks.
+        missing: u64,
+    },
     /// The backend serves fewer queues than configured.
     #[error("vhost-user backend {path} serves at most {offered} queues, {requested} configured")]
     TooManyQueues {
@@ -304,11 +314,6 @@ impl Connection {
         })
     }
 
-    /// The socket path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// What the handshake agreed.
     pub fn negotiated(&self) -> Negotiated {
         self.negotiated
@@ -326,6 +331,20 @@ impl Connection {
                 what: "a descriptor for the backend socket",
                 source,
             })
+    }
+
+    /// Whether the backend has closed its end (or the watchdog shut the socket down): a poll
+    /// that does not wait.
+    pub fn is_hung_up(&self) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.frontend.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is one valid pollfd for the frontend's open socket; a zero timeout
+        // makes poll return at once.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        n > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
     }
 
     /// `GET_CONFIG` of `len` bytes from offset 0, when the backend offers the CONFIG protocol
@@ -440,6 +459,15 @@ impl Connection {
         self.call(&format!("GET_VRING_BASE of queue {index}"), |f| {
             f.get_vring_base(i)
         })
+    }
+}
+
+impl Drop for Connection {
+    /// Shuts the socket down, so the backend sees the end even while a duplicate of the
+    /// descriptor (a hang-up watcher's) is still open.
+    fn drop(&mut self) {
+        // SAFETY: shutdown on the frontend's open socket; it only changes the socket's state.
+        unsafe { libc::shutdown(self.frontend.as_raw_fd(), libc::SHUT_RDWR) };
     }
 }
 

@@ -3,9 +3,9 @@
 //! and MSI-X; this device passes the outcome to the backend.
 //!
 //! - Construction (VM build): connect and handshake, read the configuration space
-//!   (`GET_CONFIG`, cached) or synthesize the type's defaults (virtio-fs: `fs_config`), and
-//!   send the memory table once so a backend that cannot map guest memory fails the start, not
-//!   the guest's first I/O.
+//!   (`GET_CONFIG`, cached) or synthesize the type's defaults (virtio-fs: `fs_config`), send
+//!   the memory table once so a backend that cannot map guest memory fails the start, not the
+//!   guest's first I/O, and start watching the socket for a hang-up.
 //! - `activate` (driver sets `DRIVER_OK`): `SET_FEATURES` with the driver's features, the memory
 //!   table, then every enabled queue: ring addresses translated to this process's mapping, the
 //!   queue's ioeventfd as kick fd (the guest's kick goes straight to the backend, no VMM hop),
@@ -13,27 +13,27 @@
 //! - `reset`: `GET_VRING_BASE` on each started queue (the backend stops using it), and the
 //!   forwarder leaves the event loop.
 //!
-//! A backend that goes away marks the device `DEVICE_NEEDS_RESET`; later activations fail
-//! until skiff is restarted (reconnecting is not implemented yet).
+//! A backend that goes away marks the device `DEVICE_NEEDS_RESET` (later activations fail),
+//! or, with `reconnect=`, wakes the reconnect thread (`reconnect`), which brings a new
+//! connection to the driver's state; an activation while disconnected is kept and started by
+//! that replay.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use event_manager::MutEventSubscriber;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::QueueT;
-use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::call_forwarder::CallForwarder;
 use super::config::{SharedMemoryRegion, VhostUserConfig, VhostUserKind, QUEUE_MAX_SIZE};
-use super::connection::{Connection, RingSetup, VhostUserError};
+use super::connection::{Connection, Negotiated, VhostUserError};
 use super::fs_config::{fs_config_space, FsConfigProblem};
-use crate::virtio::device::{
-    ActivateContext, ActivateError, ActivatedQueue, EventLoop, GuestMemoryMmap, VirtioDevice,
-};
+use super::reconnect::{watch, Reconnector};
+use super::session::{bring_up, error_chain, ActiveRings, Base, Handler, Ring, Session, Shared};
+use crate::virtio::device::{ActivateContext, ActivateError, EventLoop, VirtioDevice};
 use crate::virtio::subscription::LoopSubscription;
 
 /// Device-independent feature bits the transport can carry to a backend: indirect descriptors,
@@ -48,46 +48,34 @@ const VIRTIO_BLK_F_SIZE_MAX: u32 = 1;
 /// Offset of `size_max` in the virtio-blk configuration space.
 const BLK_SIZE_MAX: usize = 8;
 
-struct Active {
-    subscription: LoopSubscription,
-    stopped: Arc<AtomicBool>,
-    queues: Vec<u16>,
-}
-
 /// A virtio device served by a vhost-user backend.
 pub struct VhostUserDevice {
     kind: VhostUserKind,
-    conn: Connection,
-    regions: Vec<SharedMemoryRegion>,
-    queues: u16,
+    shared: Arc<Shared>,
     config: Vec<u8>,
-    active: Option<Active>,
-    /// Watches the backend's socket from the first activation on (`CallForwarder` with no
-    /// queues); its flag stops it when the device is dropped.
-    watcher: Option<(LoopSubscription, Arc<AtomicBool>)>,
-    disconnected: Arc<AtomicBool>,
-    /// Between a successful activation and the next reset.
-    driver_active: Arc<AtomicBool>,
+    /// With `reconnect=`: the thread that brings the backend back.
+    reconnector: Option<Reconnector>,
 }
 
 impl std::fmt::Debug for VhostUserDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VhostUserDevice")
             .field("kind", &self.kind)
-            .field("conn", &self.conn)
-            .field("active", &self.active.is_some())
+            .field("shared", &self.shared)
             .finish_non_exhaustive()
     }
 }
 
 impl VhostUserDevice {
-    /// Connects to `cfg`'s backend and prepares it to serve guest memory `regions`.
+    /// Connects to `cfg`'s backend and prepares it to serve guest memory `regions`; the
+    /// backend's socket is watched on `event_loop`.
     pub fn new(
         cfg: &VhostUserConfig,
         regions: Vec<SharedMemoryRegion>,
+        event_loop: EventLoop,
     ) -> Result<Self, VhostUserError> {
         let conn = Connection::open(cfg)?;
-        Self::from_connection(cfg, conn, regions)
+        Self::from_connection(cfg, conn, regions, event_loop)
     }
 
     /// As `new`, on a connection whose handshake is done.
@@ -95,6 +83,7 @@ impl VhostUserDevice {
         cfg: &VhostUserConfig,
         mut conn: Connection,
         regions: Vec<SharedMemoryRegion>,
+        event_loop: EventLoop,
     ) -> Result<Self, VhostUserError> {
         let len = cfg.kind.config_len();
         let config = match (conn.read_config(len)?, cfg.kind) {
@@ -108,36 +97,46 @@ impl VhostUserDevice {
             (None, _) => vec![0; len],
         };
         conn.set_mem_table(&regions)?;
+        let offered = guest_features(cfg.kind, conn.negotiated(), &config);
+        let socket = conn.socket_fd()?;
+        let shared = Arc::new(Shared {
+            name: cfg.kind.name(),
+            path: cfg.socket.clone(),
+            queues: cfg.queues,
+            regions,
+            offered,
+            reconnect: cfg.reconnect,
+            event_loop,
+            disconnected: AtomicBool::new(false),
+            driver_active: AtomicBool::new(false),
+            signals: OnceLock::new(),
+            session: Mutex::new(Session {
+                conn: Some(conn),
+                ..Session::default()
+            }),
+        });
+        let reconnector = match cfg.reconnect {
+            Some(every) => Some(Reconnector::start(shared.clone(), every).map_err(|source| {
+                VhostUserError::Host {
+                    what: "the reconnect thread",
+                    source,
+                }
+            })?),
+            None => None,
+        };
+        let watcher = watch(
+            &shared,
+            socket,
+            0,
+            reconnector.as_ref().map(Reconnector::waker),
+        )?;
+        shared.lock().watcher = Some(watcher);
         Ok(Self {
             kind: cfg.kind,
-            conn,
-            regions,
-            queues: cfg.queues,
+            shared,
             config,
-            active: None,
-            watcher: None,
-            disconnected: Arc::new(AtomicBool::new(false)),
-            driver_active: Arc::new(AtomicBool::new(false)),
+            reconnector,
         })
-    }
-
-    /// The features the backend offered at start-up.
-    pub fn backend_features(&self) -> u64 {
-        self.conn.negotiated().features
-    }
-
-    /// Features the backend offers but its own configuration space contradicts, so the guest
-    /// must not see them: virtio-blk `SIZE_MAX` with a `size_max` of 0 (qemu-storage-daemon
-    /// does this; a driver taking it literally could not send any data).
-    fn contradicted_features(&self) -> u64 {
-        let mut bad = 0;
-        if self.kind == VhostUserKind::Blk {
-            let size_max = self.config.get(BLK_SIZE_MAX..BLK_SIZE_MAX + 4);
-            if size_max.is_none_or(|b| b.iter().all(|&x| x == 0)) {
-                bad |= 1 << VIRTIO_BLK_F_SIZE_MAX;
-            }
-        }
-        bad
     }
 
     fn host_error(&self, e: VhostUserError) -> ActivateError {
@@ -148,112 +147,62 @@ impl VhostUserDevice {
         }
     }
 
-    fn start(&mut self, ctx: ActivateContext) -> Result<(), VhostUserError> {
-        self.conn.set_features(ctx.acked_features)?;
-        self.conn.set_mem_table(&self.regions)?;
+    /// Call eventfds, the forwarder and what a replay needs, for `ctx`'s queues.
+    fn prepare(&self, ctx: ActivateContext) -> Result<ActiveRings, VhostUserError> {
         let mut calls = Vec::with_capacity(ctx.queues.len());
-        let mut started = Vec::with_capacity(ctx.queues.len());
-        for queue in &ctx.queues {
-            let ring = ring_setup(queue, &ctx.mem)?;
-            let call = EventFd::new(EFD_NONBLOCK).map_err(|source| VhostUserError::Host {
-                what: "a call eventfd",
-                source,
-            })?;
-            self.conn.start_ring(&ring, &call, &queue.kick)?;
-            started.push(queue.index);
+        let mut rings = Vec::with_capacity(ctx.queues.len());
+        let host = |what| move |source| VhostUserError::Host { what, source };
+        for queue in ctx.queues {
+            let call = EventFd::new(EFD_NONBLOCK).map_err(host("a call eventfd"))?;
+            rings.push(Ring {
+                call: call.try_clone().map_err(host("a call eventfd"))?,
+                index: queue.index,
+                queue: queue.queue,
+                kick: queue.kick,
+            });
             calls.push((queue.index, call));
         }
-        if self.watcher.is_none() {
-            let stopped = Arc::new(AtomicBool::new(false));
-            let watcher = CallForwarder::new(
-                self.kind.name(),
-                Vec::new(),
-                Some(self.conn.socket_fd()?),
-                ctx.signals.clone(),
-                self.disconnected.clone(),
-                self.driver_active.clone(),
-                stopped.clone(),
-            );
-            self.watcher = Some((subscribe(&ctx.event_loop, watcher)?, stopped));
-        }
         let stopped = Arc::new(AtomicBool::new(false));
-        let forwarder = CallForwarder::new(
-            self.kind.name(),
-            calls,
-            None,
-            ctx.signals,
-            self.disconnected.clone(),
-            self.driver_active.clone(),
-            stopped.clone(),
-        );
-        let subscription = subscribe(&ctx.event_loop, forwarder)?;
-        self.driver_active.store(true, Ordering::Release);
-        self.active = Some(Active {
-            subscription,
-            stopped,
-            queues: started,
-        });
-        Ok(())
+        let forwarder = CallForwarder::new(self.kind.name(), calls, ctx.signals, stopped.clone());
+        let subscriber: Arc<Mutex<dyn MutEventSubscriber + Send>> = Arc::new(Mutex::new(forwarder));
+        let subscription =
+            LoopSubscription::add(&ctx.event_loop, subscriber).map_err(host("a call forwarder"))?;
+        Ok(ActiveRings {
+            forwarder: Handler {
+                subscription,
+                stopped,
+            },
+            acked_features: ctx.acked_features,
+            mem: ctx.mem,
+            rings,
+            started: false,
+            abandoned: false,
+        })
     }
-}
 
-fn subscribe(
-    event_loop: &EventLoop,
-    forwarder: CallForwarder,
-) -> Result<LoopSubscription, VhostUserError> {
-    let subscriber: Arc<Mutex<dyn MutEventSubscriber + Send>> = Arc::new(Mutex::new(forwarder));
-    LoopSubscription::add(event_loop, subscriber).map_err(|source| VhostUserError::Host {
-        what: "a call forwarder",
-        source,
-    })
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut line = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        line.push_str(": ");
-        line.push_str(&s.to_string());
-        source = s.source();
-    }
-    line
-}
-
-/// The queue's rings as the backend needs them: each must lie in guest memory, and is given
-/// as this process's address of its mapping.
-fn ring_setup(queue: &ActivatedQueue, mem: &GuestMemoryMmap) -> Result<RingSetup, VhostUserError> {
-    let q = &queue.queue;
-    let size = u64::from(q.size());
-    let host = |what: &'static str, address: u64, len: u64| {
-        let outside = VhostUserError::RingOutsideMemory {
-            queue: queue.index,
-            what,
-            address,
-        };
-        let len = usize::try_from(len).map_err(|_| outside)?;
-        if !mem.check_range(GuestAddress(address), len) {
-            return Err(VhostUserError::RingOutsideMemory {
-                queue: queue.index,
-                what,
-                address,
-            });
+    fn gone(&self) -> ActivateError {
+        ActivateError::Host {
+            device: self.kind.name(),
+            source: io::Error::new(
+                io::ErrorKind::NotConnected,
+                format!("the backend at {} is gone", self.shared.path.display()),
+            ),
         }
-        mem.get_host_address(GuestAddress(address))
-            .map(|p| p as u64)
-            .map_err(|_| VhostUserError::RingOutsideMemory {
-                queue: queue.index,
-                what,
-                address,
-            })
-    };
-    Ok(RingSetup {
-        index: queue.index,
-        size: q.size(),
-        desc: host("descriptor table", q.desc_table(), 16 * size)?,
-        avail: host("available ring", q.avail_ring(), 6 + 2 * size)?,
-        used: host("used ring", q.used_ring(), 6 + 8 * size)?,
-        base: q.next_avail(),
-    })
+    }
+}
+
+/// The features the guest is offered: the backend's, as far as the transport carries them,
+/// less those its own configuration space contradicts: virtio-blk `SIZE_MAX` with a `size_max`
+/// of 0 (qemu-storage-daemon does this; a driver taking it literally could not send any data).
+fn guest_features(kind: VhostUserKind, negotiated: Negotiated, config: &[u8]) -> u64 {
+    let mut bad = 0;
+    if kind == VhostUserKind::Blk {
+        let size_max = config.get(BLK_SIZE_MAX..BLK_SIZE_MAX + 4);
+        if size_max.is_none_or(|b| b.iter().all(|&x| x == 0)) {
+            bad |= 1 << VIRTIO_BLK_F_SIZE_MAX;
+        }
+    }
+    negotiated.features & (TRANSPORT_FEATURES | DEVICE_FEATURES) & !bad
 }
 
 impl VirtioDevice for VhostUserDevice {
@@ -266,12 +215,11 @@ impl VirtioDevice for VhostUserDevice {
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![QUEUE_MAX_SIZE; usize::from(self.queues)]
+        vec![QUEUE_MAX_SIZE; usize::from(self.shared.queues)]
     }
 
     fn device_features(&self) -> u64 {
-        let offered = self.conn.negotiated().features & (TRANSPORT_FEATURES | DEVICE_FEATURES);
-        offered & !self.contradicted_features()
+        self.shared.offered
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -296,9 +244,21 @@ impl VirtioDevice for VhostUserDevice {
             Some(end) if end <= self.config.len() => {}
             _ => return, // Outside the configuration space: ignored.
         }
-        if let Err(e) = self.conn.write_config(start, data) {
-            log::warn!("virtio {}: {}", self.kind.name(), error_chain(&e));
-            return;
+        {
+            let mut session = self.shared.lock();
+            match session.conn.as_mut() {
+                Some(conn) if !self.shared.is_disconnected() => {
+                    if let Err(e) = conn.write_config(start, data) {
+                        log::warn!("virtio {}: {}", self.kind.name(), error_chain(&e));
+                        return;
+                    }
+                }
+                // The cached copy still changes; a new backend is not told.
+                _ => log::debug!(
+                    "virtio {}: configuration write while disconnected",
+                    self.kind.name()
+                ),
+            }
         }
         // Bounds checked above.
         if let Some(dst) = self
@@ -311,39 +271,57 @@ impl VirtioDevice for VhostUserDevice {
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
         self.reset();
-        if self.disconnected.load(Ordering::Acquire) {
-            return Err(ActivateError::Host {
-                device: self.kind.name(),
-                source: io::Error::new(
-                    io::ErrorKind::NotConnected,
-                    format!("the backend at {} is gone", self.conn.path().display()),
-                ),
-            });
-        }
         if ctx.queues.is_empty() {
             return Err(ActivateError::BadQueues {
                 device: self.kind.name(),
                 reason: "no queue enabled".into(),
             });
         }
-        self.start(ctx).map_err(|e| self.host_error(e))
+        let shared = self.shared.clone();
+        let _ = shared.signals.set(ctx.signals.clone());
+        let reconnect = shared.reconnect.is_some();
+        let mut session = shared.lock();
+        let live = !shared.is_disconnected() && session.conn.is_some();
+        if !live && !reconnect {
+            return Err(self.gone());
+        }
+        let mut active = self.prepare(ctx).map_err(|e| self.host_error(e))?;
+        if let Some(conn) = session.conn.as_mut().filter(|_| live) {
+            match bring_up(conn, &shared.regions, &active, Base::Driver) {
+                Ok(()) => active.started = true,
+                // The backend died under us: the reconnect thread (woken by the watcher)
+                // starts these rings when it is back.
+                Err(e) if reconnect && conn.is_hung_up() => {
+                    log::debug!("virtio {}: {}", self.kind.name(), error_chain(&e));
+                }
+                Err(e) => {
+                    active.forwarder.stop();
+                    return Err(self.host_error(e));
+                }
+            }
+        }
+        session.active = Some(active);
+        shared.driver_active.store(true, Ordering::Release);
+        Ok(())
     }
 
     fn reset(&mut self) {
-        self.driver_active.store(false, Ordering::Release);
-        let Some(active) = self.active.take() else {
+        self.shared.driver_active.store(false, Ordering::Release);
+        let mut session = self.shared.lock();
+        let Some(active) = session.active.take() else {
             return;
         };
-        active.stopped.store(true, Ordering::Release);
-        active.subscription.remove();
-        if self.disconnected.load(Ordering::Acquire) {
+        active.forwarder.stop();
+        if !active.started || self.shared.is_disconnected() {
             return;
         }
-        for queue in active.queues {
-            if let Err(e) = self.conn.stop_ring(queue) {
-                // A backend that went away is reported once, by the watcher.
+        let Some(conn) = session.conn.as_mut() else {
+            return;
+        };
+        for ring in &active.rings {
+            if let Err(e) = conn.stop_ring(ring.index) {
+                // A backend that went away is reported once, by the hang-up watcher.
                 log::debug!("virtio {}: {}", self.kind.name(), error_chain(&e));
-                self.disconnected.store(true, Ordering::Release);
                 break;
             }
         }
@@ -361,11 +339,15 @@ impl VirtioDevice for VhostUserDevice {
 
 impl Drop for VhostUserDevice {
     fn drop(&mut self) {
-        if let Some(active) = self.active.take() {
-            active.stopped.store(true, Ordering::Release);
+        // Ends the reconnect thread (it may finish an attempt first).
+        self.reconnector.take();
+        let mut session = self.shared.lock();
+        if let Some(active) = session.active.take() {
+            active.forwarder.stop();
         }
-        if let Some((_, stopped)) = self.watcher.take() {
-            stopped.store(true, Ordering::Release);
+        if let Some(watcher) = session.watcher.take() {
+            watcher.stop();
         }
+        session.conn = None;
     }
 }

@@ -8,9 +8,14 @@
 //! - `fs_config`: virtio-fs's configuration space (tag, request queue count), from the backend
 //!   or built from `tag=` and `queues=`.
 //! - `device`: `VhostUserDevice`, the `VirtioDevice` the PCI transport drives.
+//! - `session`: what the device shares with its watcher and reconnect thread (the connection,
+//!   the driver's rings) and bringing a connection's rings up.
 //! - `watchdog`: bounds every request (a backend that stalls mid-reply cannot hang a vCPU).
 //! - `call_forwarder`: the event-loop subscriber that turns the backend's "used buffer" eventfds
-//!   into MSI-X interrupts and notices when the backend goes away.
+//!   into MSI-X interrupts.
+//! - `hangup`: the event-loop subscriber that notices when the backend goes away.
+//! - `reconnect`: with `reconnect=`, the thread that connects again and replays the set-up.
+//! - `fuzzing`: the entry point of the `fuzz/` crate (replies from a hostile backend).
 //! - `blk_backend`: skiff's own vhost-user-blk backend process (`skiff vhost-user-blk`).
 //!
 //! Everything a backend sends is untrusted: replies are parsed by the `vhost` crate, checked
@@ -23,6 +28,11 @@ pub mod config;
 mod connection;
 mod device;
 mod fs_config;
+#[doc(hidden)]
+pub mod fuzzing;
+mod hangup;
+mod reconnect;
+mod session;
 mod watchdog;
 
 #[cfg(test)]

@@ -69,20 +69,23 @@ fn reply(stream: &mut UnixStream, code: u32, body: &[u8]) {
     let _ = stream.write_all(&msg);
 }
 
-/// Serves `script` on `stream` until the frontend hangs up or `stop_after` requests were seen.
-fn run_script(mut stream: UnixStream, script: Script, stop_after: usize) {
+/// Serves `script` on `stream` until the frontend hangs up or `stop_after` requests were seen;
+/// returns the requests (code and body) it saw.
+fn run_script(mut stream: UnixStream, script: Script, stop_after: usize) -> Requests {
+    let mut seen = Vec::new();
     for _ in 0..stop_after {
         let mut hdr = [0u8; 12];
         if stream.read_exact(&mut hdr).is_err() {
-            return;
+            return seen;
         }
         let code = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
         let flags = u32::from_le_bytes(hdr[4..8].try_into().unwrap());
         let size = u32::from_le_bytes(hdr[8..12].try_into().unwrap());
         let mut body = vec![0u8; size as usize];
         if stream.read_exact(&mut body).is_err() {
-            return;
+            return seen;
         }
+        seen.push((code, body.clone()));
         match code {
             GET_FEATURES => reply(&mut stream, code, &script.features.to_le_bytes()),
             GET_PROTOCOL_FEATURES => reply(&mut stream, code, &script.protocol.to_le_bytes()),
@@ -103,9 +106,14 @@ fn run_script(mut stream: UnixStream, script: Script, stop_after: usize) {
             _ => {}
         }
     }
+    seen
 }
 
-fn start(script: Script, stop_after: usize) -> (UnixStream, JoinHandle<()>) {
+/// The requests (code, body) one connection saw.
+type Requests = Vec<(u32, Vec<u8>)>;
+type Served = JoinHandle<Requests>;
+
+fn start(script: Script, stop_after: usize) -> (UnixStream, Served) {
     let (ours, theirs) = UnixStream::pair().unwrap();
     ours.set_read_timeout(Some(std::time::Duration::from_secs(5)))
         .unwrap();
@@ -129,17 +137,19 @@ fn blk_config() -> VhostUserConfig {
     VhostUserConfig::new(VhostUserKind::Blk, "/fake.sock")
 }
 
-fn device(script: Script, stop_after: usize) -> (VhostUserDevice, JoinHandle<()>) {
+fn device(script: Script, stop_after: usize, events: &TestLoop) -> (VhostUserDevice, Served) {
     let (stream, backend) = start(script, stop_after);
     let cfg = blk_config();
     let conn = Connection::handshake(Path::new("/fake.sock"), stream, cfg.queues).unwrap();
-    let dev = VhostUserDevice::from_connection(&cfg, conn, vec![memfd_region()]).unwrap();
+    let dev = VhostUserDevice::from_connection(&cfg, conn, vec![memfd_region()], events.endpoint())
+        .unwrap();
     (dev, backend)
 }
 
 #[test]
 fn offers_the_backend_features_the_transport_can_carry_and_its_config() {
-    let (dev, _backend) = device(Script::good(), usize::MAX);
+    let events = TestLoop::new();
+    let (dev, _backend) = device(Script::good(), usize::MAX, &events);
     assert_eq!(dev.device_type(), 2);
     // Protocol-features bit, packed rings and a SIZE_MAX contradicted by size_max 0 are cut.
     assert_eq!(dev.device_features(), VERSION_1 | BLK_FLUSH);
@@ -174,7 +184,9 @@ fn too_few_backend_queues_and_a_rejected_memory_table_are_refused() {
     let (stream, _backend) = start(script, usize::MAX);
     let cfg = blk_config();
     let conn = Connection::handshake(Path::new("/fake.sock"), stream, 1).unwrap();
-    let e = VhostUserDevice::from_connection(&cfg, conn, vec![memfd_region()]).unwrap_err();
+    let events = TestLoop::new();
+    let e = VhostUserDevice::from_connection(&cfg, conn, vec![memfd_region()], events.endpoint())
+        .unwrap_err();
     assert!(
         e.to_string().contains("rejected the guest memory table"),
         "{e}"
@@ -185,10 +197,10 @@ fn too_few_backend_queues_and_a_rejected_memory_table_are_refused() {
 fn a_backend_that_hangs_up_while_active_marks_the_device_broken() {
     // Handshake (owner, features, protocol features twice, queue count, config, memory
     // table), then activation (features, memory table, 6 ring messages), then hang up.
-    let (mut dev, backend) = device(Script::good(), 7 + 8);
+    let mut events = TestLoop::new();
+    let (mut dev, backend) = device(Script::good(), 7 + 8, &events);
     let mem = guest_memory(1 << 20);
     let driver = DriverQueue::new(&mem, 0x1_0000, 16);
-    let mut events = TestLoop::new();
     let signals = Arc::new(RecordingSignals::default());
     let (queue, _kick) = driver.activated(0);
     dev.activate(ActivateContext {
@@ -314,8 +326,10 @@ fn random_replies_never_panic_the_frontend() {
         let cfg = blk_config();
         let timeout = std::time::Duration::from_millis(200);
         let path = Path::new("/fake.sock");
-        let result = Connection::handshake_with_timeout(path, ours, 1, timeout)
-            .and_then(|conn| VhostUserDevice::from_connection(&cfg, conn, vec![memfd_region()]));
+        let events = TestLoop::new();
+        let result = Connection::handshake_with_timeout(path, ours, 1, timeout).and_then(|conn| {
+            VhostUserDevice::from_connection(&cfg, conn, vec![memfd_region()], events.endpoint())
+        });
         // Whatever the outcome, the device (if any) answers config reads within bounds.
         if let Ok(dev) = result {
             let mut buf = [0u8; 8];
@@ -325,4 +339,170 @@ fn random_replies_never_panic_the_frontend() {
         }
         backend.join().unwrap();
     }
+}
+
+const SET_VRING_BASE: u32 = 10;
+const SET_VRING_ENABLE: u32 = 18;
+
+/// A backend on a socket path that serves `scripts` on one connection each, in turn (each
+/// script with its request limit), and returns the requests each connection saw.
+fn restarting_backend(path: &Path, scripts: Vec<(Script, usize)>) -> JoinHandle<Vec<Requests>> {
+    let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+    std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        for (script, stop_after) in scripts {
+            let (stream, _) = listener.accept().unwrap();
+            seen.push(run_script(stream, script, stop_after));
+        }
+        seen
+    })
+}
+
+/// Turns `events` until `done` or 10 s passed.
+fn turn_until(events: &mut TestLoop, mut done: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if done() {
+            return;
+        }
+        events.wait(50);
+    }
+}
+
+/// A blk device with `reconnect=50ms` on `path`, activated with one queue of `driver`.
+fn reconnecting_device(
+    path: &Path,
+    events: &TestLoop,
+    driver: &DriverQueue<'_>,
+    mem: &crate::virtio::device::GuestMemoryMmap,
+    signals: Arc<RecordingSignals>,
+) -> (VhostUserDevice, vmm_sys_util::eventfd::EventFd) {
+    let mut cfg = VhostUserConfig::new(VhostUserKind::Blk, path);
+    cfg.reconnect = Some(std::time::Duration::from_millis(50));
+    let mut dev = VhostUserDevice::new(&cfg, vec![memfd_region()], events.endpoint()).unwrap();
+    let (queue, kick) = driver.activated(0);
+    dev.activate(ActivateContext {
+        mem: mem.clone(),
+        acked_features: VERSION_1 | BLK_FLUSH,
+        queues: vec![queue],
+        signals,
+        event_loop: events.endpoint(),
+    })
+    .unwrap();
+    (dev, kick)
+}
+
+#[test]
+fn a_restarted_backend_gets_the_rings_back_from_the_guest_used_index_and_a_kick() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("blk.sock");
+    // The first backend serves start-up and activation, then dies; the second one serves the
+    // reconnect: handshake (5), memory table, features, memory table, 6 ring messages.
+    let backend = restarting_backend(&path, vec![(Script::good(), 7 + 8), (Script::good(), 14)]);
+    let mut events = TestLoop::new();
+    let mem = guest_memory(1 << 20);
+    let driver = DriverQueue::new(&mem, 0x1_0000, 16);
+    let signals = Arc::new(RecordingSignals::default());
+    let (dev, kick) = reconnecting_device(&path, &events, &driver, &mem, signals.clone());
+    // The dead backend had completed 5 requests.
+    driver.set_used_idx(5);
+    turn_until(&mut events, || backend.is_finished());
+    let seen = backend.join().unwrap();
+    assert_eq!(seen.len(), 2, "the device reconnected");
+    let replay = &seen[1];
+    let base = replay
+        .iter()
+        .find(|(code, _)| *code == SET_VRING_BASE)
+        .expect("SET_VRING_BASE replayed");
+    assert_eq!(
+        &base.1[..8],
+        &[0, 0, 0, 0, 5, 0, 0, 0],
+        "queue 0 from used index 5"
+    );
+    assert_eq!(replay.last().unwrap().0, SET_VRING_ENABLE, "{replay:?}");
+    // The replay ends with one write to the kick eventfd (no backend drained it here).
+    let mut kicked = 0;
+    turn_until(&mut events, || {
+        kicked = kick.read().unwrap_or(0);
+        kicked != 0
+    });
+    assert_eq!(kicked, 1);
+    assert!(
+        !signals.needs_reset(),
+        "a reconnect is not a device failure"
+    );
+    drop(dev);
+}
+
+#[test]
+fn a_restarted_backend_without_a_feature_fails_the_device_instead_of_serving_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("blk.sock");
+    let mut poorer = Script::good();
+    poorer.features &= !BLK_FLUSH;
+    // The second backend gets as far as the handshake (5 requests), then skiff drops it.
+    let backend = restarting_backend(&path, vec![(Script::good(), 7 + 8), (poorer, 5)]);
+    let mut events = TestLoop::new();
+    let mem = guest_memory(1 << 20);
+    let driver = DriverQueue::new(&mem, 0x1_0000, 16);
+    let signals = Arc::new(RecordingSignals::default());
+    let (dev, _kick) = reconnecting_device(&path, &events, &driver, &mem, signals.clone());
+    turn_until(&mut events, || signals.needs_reset());
+    assert!(signals.needs_reset(), "the device was not failed");
+    let seen = backend.join().unwrap();
+    assert!(
+        !seen[1].iter().any(|(code, _)| *code == SET_VRING_BASE),
+        "rings were given to a backend that lacks FLUSH: {:?}",
+        seen[1]
+    );
+    drop(dev);
+}
+
+/// One reply message: code, flags "version 1, reply", size, body.
+fn reply_bytes(code: u32, body: &[u8]) -> Vec<u8> {
+    let mut msg = Vec::new();
+    msg.extend_from_slice(&code.to_le_bytes());
+    msg.extend_from_slice(&0x5u32.to_le_bytes());
+    msg.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    msg.extend_from_slice(body);
+    msg
+}
+
+/// Every reply `fuzzing::frontend_replies` needs, well formed, in order.
+fn well_formed_reply_stream() -> Vec<u8> {
+    let u64_reply = |code: u32, v: u64| reply_bytes(code, &v.to_le_bytes());
+    let ack = |code: u32| u64_reply(code, 0);
+    let mut config = vec![0u8; 12];
+    config[4..8].copy_from_slice(&60u32.to_le_bytes());
+    config.extend_from_slice(&[0u8; 60]);
+    let mut stream = [
+        u64_reply(GET_FEATURES, VERSION_1 | PROTOCOL_FEATURES | BLK_FLUSH),
+        u64_reply(GET_PROTOCOL_FEATURES, PF_MQ | PF_REPLY_ACK | PF_CONFIG),
+        u64_reply(GET_QUEUE_NUM, 4),
+        reply_bytes(GET_CONFIG, &config),
+        ack(SET_MEM_TABLE),
+        ack(2), // SET_FEATURES
+    ]
+    .concat();
+    // SET_VRING_NUM, ADDR, BASE, CALL, KICK, ENABLE; then ENABLE 0 and GET_VRING_BASE.
+    for code in [8, 9, 10, 13, 12, 18, 18] {
+        stream.extend(ack(code));
+    }
+    stream.extend(reply_bytes(GET_VRING_BASE, &[1, 0, 0, 0, 7, 0, 0, 0]));
+    stream.extend(ack(25)); // SET_CONFIG
+    stream
+}
+
+#[test]
+fn the_fuzz_entry_point_completes_on_good_replies_and_fails_cleanly_on_cut_ones() {
+    let stream = well_formed_reply_stream();
+    assert_eq!(super::fuzzing::frontend_replies(&stream), 7);
+    for cut in (0..stream.len()).step_by(5) {
+        assert!(
+            super::fuzzing::frontend_replies(&stream[..cut]) < 7,
+            "cut at {cut}"
+        );
+    }
+    let mut flipped = stream.clone();
+    flipped[4] ^= 0x4; // the first reply without its reply flag
+    assert_eq!(super::fuzzing::frontend_replies(&flipped), 0);
 }

@@ -160,6 +160,11 @@ impl<'a> DriverQueue<'a> {
         self.vq.avail().idx().store(idx);
     }
 
+    /// Sets the used index directly (where a device that died had got to).
+    pub(crate) fn set_used_idx(&self, idx: u16) {
+        self.vq.used().idx().store(idx);
+    }
+
     /// Used entries (head, length) the device added since the last call.
     pub(crate) fn take_used(&mut self) -> Vec<(u16, u32)> {
         let used = self.vq.used();

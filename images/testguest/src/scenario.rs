@@ -17,7 +17,7 @@ pub const EXIT_FAIL: u8 = 33;
 pub const EXIT_PANIC: u8 = 34;
 
 /// Names used in FAIL lines, indexed by `CURRENT`.
-const NAMES: [&str; 22] = [
+const NAMES: [&str; 23] = [
     "boot",
     "hello",
     "memcheck",
@@ -40,6 +40,7 @@ const NAMES: [&str; 22] = [
     "virtio-fs",
     "virtio-bar-move",
     "io-loop",
+    "blkloop",
 ];
 const BOOT: u8 = 0;
 const HELLO: u8 = 1;
@@ -63,6 +64,7 @@ const VIRTIO_LOOP: u8 = 18;
 const VIRTIO_FS: u8 = 19;
 const VIRTIO_BAR_MOVE: u8 = 20;
 const IO_LOOP: u8 = 21;
+const BLKLOOP: u8 = 22;
 
 /// The scenario now running, for FAIL lines from the exception handler. In `.data.tg_hot` (see
 /// linker.ld).
@@ -195,6 +197,14 @@ pub fn run_all(info: &BootInfo) -> ! {
                 match parse_u64(&token[8..]).filter(|&n| (1..65_536).contains(&n)) {
                     Some(rounds) => crate::virtio::io_loop::run(info, rounds),
                     None => fail_msg("bad round count (want io-loop=N, 1 <= N < 65536)"),
+                }
+            }
+            _ if token.starts_with(b"blkloop=") => {
+                // Rounds of blk write and read-back, for vhost-user backend restarts.
+                start(BLKLOOP);
+                match parse_u64(&token[8..]).filter(|&n| n > 0 && n < 1 << 20) {
+                    Some(rounds) => blk::loop_rounds(info, rounds),
+                    None => fail_msg("bad round count (want blkloop=N, 1 <= N < 1048576)"),
                 }
             }
             _ if token.starts_with(b"counter=") => {

@@ -1,7 +1,8 @@
 //! virtio-blk (device type 2) and its scenarios: `virtio-blk` (capacity, GET_ID, a 1 MiB
 //! pattern written, flushed, read back and checked; or, on a read-only disk, a write refused with
 //! IOERR) and `blkbench=<MiB>` (streaming writes then reads, 512 KiB requests, 8 in flight,
-//! timed with the TSC).
+//! timed with the TSC) and `blkloop=<rounds>` (rounds of a 64 KiB write, flush and read-back,
+//! each with its own pattern, 500 ms apart, for backend restarts between rounds).
 //!
 //! Requests are header (device-readable), data (one or more descriptors), status byte
 //! (device-writable). Up to `MAX_DEPTH` are in flight, one per slot; each slot owns its header
@@ -49,6 +50,13 @@ pub(super) const POISON: u64 = 0xdead_dead_dead_dead;
 /// `virtio-blk`: sectors `[0, TEST_SECTORS)` in requests of `TEST_REQUEST` bytes.
 const TEST_SECTORS: u64 = 2048;
 const TEST_REQUEST: u64 = 64 << 10;
+/// `blkloop`: bytes per round (one request), pause between rounds, and how long one request may
+/// wait (long: a vhost-user backend may be restarting meanwhile).
+const LOOP_BYTES: u64 = 64 << 10;
+const LOOP_PAUSE_MS: u64 = 500;
+const LOOP_REQUEST_TIMEOUT_MS: u64 = 60_000;
+/// How often a waiting `blkloop` request looks at the device status.
+const STATUS_POLL_MS: u64 = 100;
 /// `blkbench` request size.
 const BENCH_REQUEST: u64 = 512 << 10;
 
@@ -165,6 +173,22 @@ impl Blk {
         self.q.kick();
         let head = self.wait_head();
         self.finished(head).1
+    }
+
+    /// Runs one request in slot 0 and returns its status, waiting up to `timeout_ms` and
+    /// failing at once when the device reports DEVICE_NEEDS_RESET.
+    fn one_watched(&mut self, kind: u32, sector: u64, data: Option<Region>, timeout_ms: u64) -> u8 {
+        self.submit(0, kind, sector, data);
+        self.q.kick();
+        let deadline = Deadline::after_ms(timeout_ms);
+        loop {
+            if let Some((head, _)) = self.q.wait(Deadline::after_ms(STATUS_POLL_MS)) {
+                return self.finished(head).1;
+            }
+            if self.dev.needs_reset() || deadline.passed() {
+                self.dev.fail_timeout("a virtio-blk request");
+            }
+        }
     }
 
     pub(super) fn fail_status(&self, slot: usize, status: u8) -> ! {
@@ -360,4 +384,65 @@ pub fn bench(info: &BootInfo, mib: u64) {
             blk.flush();
         }
     }
+}
+
+/// The data pattern of `blkloop` round `round`: every u64 at byte offset o holds o ^ this.
+pub fn loop_pattern(round: u64) -> u64 {
+    PATTERN ^ round.wrapping_mul(0x0100_0000_0000_0001)
+}
+
+/// The `blkloop=<rounds>` scenario: per round, write `LOOP_BYTES` of the round's pattern at
+/// sector 0, flush, read back and check, print `testguest: blkloop round=R ok`, then wait
+/// `LOOP_PAUSE_MS` (a CPL3 TSC wait). Finally `testguest: blkloop ok rounds=N`.
+pub fn loop_rounds(info: &BootInfo, rounds: u64) {
+    let mut blk = Blk::open(info);
+    if blk.readonly() {
+        fail(|w| {
+            w.str("the disk is read-only");
+        });
+    }
+    blk.need_sectors(LOOP_BYTES / SECTOR);
+    let out = dma::alloc(LOOP_BYTES);
+    let back = dma::alloc(LOOP_BYTES);
+    for round in 1..=rounds {
+        let pattern = loop_pattern(round);
+        out.fill_words(|off| off ^ pattern);
+        back.fill_words(|_| POISON);
+        for (kind, data) in [(T_OUT, Some(out)), (T_FLUSH, None), (T_IN, Some(back))] {
+            if kind == T_FLUSH && blk.dev.features & F_FLUSH == 0 {
+                continue;
+            }
+            let status = blk.one_watched(kind, 0, data, LOOP_REQUEST_TIMEOUT_MS);
+            if status != S_OK {
+                blk.fail_status(0, status);
+            }
+        }
+        for off in (0..LOOP_BYTES).step_by(8) {
+            let got = back.read::<u64>(off);
+            if got != off ^ pattern {
+                fail(|w| {
+                    w.str("round ")
+                        .dec(round)
+                        .str(": read back ")
+                        .hex(got)
+                        .str(" at disk offset ")
+                        .hex(off)
+                        .str(", wrote ")
+                        .hex(off ^ pattern);
+                });
+            }
+        }
+        serial::line()
+            .str("testguest: blkloop round=")
+            .dec(round)
+            .str(" ok\n");
+        let pause = Deadline::after_ms(LOOP_PAUSE_MS);
+        while !pause.passed() {
+            core::hint::spin_loop();
+        }
+    }
+    serial::line()
+        .str("testguest: blkloop ok rounds=")
+        .dec(rounds)
+        .str("\n");
 }

@@ -264,6 +264,11 @@ impl Device {
         self.set_status(STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
     }
 
+    /// Whether the device has set DEVICE_NEEDS_RESET (or the driver FAILED).
+    pub fn needs_reset(&self) -> bool {
+        self.status() & (STATUS_NEEDS_RESET | STATUS_FAILED) != 0
+    }
+
     /// Fails the scenario with `what` and the device status (which may show NEEDS_RESET).
     pub fn fail_timeout(&self, what: &str) -> ! {
         let status = self.status();

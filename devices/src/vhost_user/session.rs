@@ -1,0 +1,244 @@
+//! What a vhost-user device shares with its hang-up watcher and its reconnect thread: the live
+//! connection (if any) and what the driver set up, so that a new connection can be brought to
+//! the state the guest expects.
+//!
+//! - `Shared`: immutable facts (name, socket, queues, the guest memory regions, the features
+//!   offered to the guest), lock-free flags the event loop reads and writes, and the `Session`
+//!   behind a mutex.
+//! - `Session`: the connection, its generation (bumped per connection, so a stale hang-up report
+//!   is ignored), the watcher of its socket, and the driver's active rings.
+//! - `bring_up`: sends a connection the driver's features, the memory table and every ring; on
+//!   a replay each ring's base is the used index the guest's memory shows, and each kick eventfd
+//!   is written once afterwards so a request made while disconnected is looked at.
+//!
+//! Lock order: a vCPU holds the transport's lock, then `Shared::session`; the reconnect thread
+//! takes only `Shared::session`. The event loop never takes it (the watcher uses the flags).
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::Duration;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::config::SharedMemoryRegion;
+use super::connection::{Connection, RingSetup, VhostUserError};
+use crate::virtio::device::{DeviceSignals, EventLoop, GuestMemoryMmap};
+use crate::virtio::subscription::LoopSubscription;
+
+/// The state a device, its watcher and its reconnect thread share.
+pub(super) struct Shared {
+    /// Device name for messages.
+    pub name: &'static str,
+    /// The backend's socket.
+    pub path: PathBuf,
+    /// Queues the device has (`queues=`).
+    pub queues: u16,
+    /// Guest memory as the backend maps it.
+    pub regions: Vec<SharedMemoryRegion>,
+    /// The virtio features offered to the guest; a new backend must offer them all.
+    pub offered: u64,
+    /// `reconnect=`: retry this often after a loss (none: the device fails instead).
+    pub reconnect: Option<Duration>,
+    /// The event loop (for the call forwarder and the hang-up watcher).
+    pub event_loop: EventLoop,
+    /// Set when the backend is gone, cleared by a successful reconnect.
+    pub disconnected: AtomicBool,
+    /// Between a successful (or pending) activation and the next reset.
+    pub driver_active: AtomicBool,
+    /// The transport's signals, known from the first activation on.
+    pub signals: OnceLock<Arc<dyn DeviceSignals>>,
+    /// The mutable part.
+    pub session: Mutex<Session>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("name", &self.name)
+            .field("path", &self.path)
+            .field("disconnected", &self.disconnected)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    /// The session, locked.
+    pub fn lock(&self) -> MutexGuard<'_, Session> {
+        self.session.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether the backend is gone.
+    pub fn is_disconnected(&self) -> bool {
+        self.disconnected.load(Ordering::Acquire)
+    }
+
+    /// Marks the device `DEVICE_NEEDS_RESET` if the driver is using it.
+    pub fn fail_device(&self) {
+        if self.driver_active.load(Ordering::Acquire) {
+            if let Some(signals) = self.signals.get() {
+                signals.set_needs_reset();
+            }
+        }
+    }
+}
+
+/// A registered event-loop handler and the flag that stops it.
+#[derive(Debug)]
+pub(super) struct Handler {
+    pub subscription: LoopSubscription,
+    pub stopped: Arc<AtomicBool>,
+}
+
+impl Handler {
+    /// Stops the handler and detaches it from the loop.
+    pub fn stop(self) {
+        self.stopped.store(true, Ordering::Release);
+        self.subscription.remove();
+    }
+}
+
+/// One queue the driver enabled, with what a new connection needs to serve it again.
+#[derive(Debug)]
+pub(super) struct Ring {
+    /// The queue as the driver programmed it (addresses, size).
+    pub queue: Queue,
+    /// Queue index.
+    pub index: u16,
+    /// The eventfd the backend writes when it used buffers (a duplicate of the forwarder's).
+    pub call: EventFd,
+    /// The queue's KVM ioeventfd (the guest's kicks).
+    pub kick: EventFd,
+}
+
+/// What the driver set up, from activation to reset.
+#[derive(Debug)]
+pub(super) struct ActiveRings {
+    /// The call forwarder.
+    pub forwarder: Handler,
+    /// Features the driver accepted.
+    pub acked_features: u64,
+    /// Guest memory (to translate ring addresses and read used indexes).
+    pub mem: GuestMemoryMmap,
+    /// The enabled queues.
+    pub rings: Vec<Ring>,
+    /// The backend serves these rings (false while disconnected, until a replay).
+    pub started: bool,
+    /// The device was marked `DEVICE_NEEDS_RESET` while disconnected: a reconnect does not
+    /// bring these rings back (the driver must reset the device first).
+    pub abandoned: bool,
+}
+
+/// The mutable part of `Shared`.
+#[derive(Debug, Default)]
+pub(super) struct Session {
+    /// The connection; `None` once a lost one is dropped, until a reconnect.
+    pub conn: Option<Connection>,
+    /// Bumped for every connection.
+    pub generation: u64,
+    /// Watches `conn`'s socket for a hang-up.
+    pub watcher: Option<Handler>,
+    /// The driver's rings, while it uses the device.
+    pub active: Option<ActiveRings>,
+}
+
+/// Where a ring starts when it is brought up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Base {
+    /// The queue's own `next_avail` (a fresh activation).
+    Driver,
+    /// The used index in guest memory (a replay after a reconnect: requests the backend had
+    /// not completed are offered again).
+    GuestUsedIndex,
+}
+
+/// Sends `conn` the driver's features, the memory table and every ring of `active`.
+pub(super) fn bring_up(
+    conn: &mut Connection,
+    regions: &[SharedMemoryRegion],
+    active: &ActiveRings,
+    base: Base,
+) -> Result<(), VhostUserError> {
+    conn.set_features(active.acked_features)?;
+    conn.set_mem_table(regions)?;
+    for ring in &active.rings {
+        let mut setup = ring_setup(ring.index, &ring.queue, &active.mem)?;
+        if base == Base::GuestUsedIndex {
+            setup.base = guest_used_index(ring.index, &ring.queue, &active.mem)?;
+        }
+        conn.start_ring(&setup, &ring.call, &ring.kick)?;
+    }
+    Ok(())
+}
+
+/// Writes every ring's kick eventfd once, so the backend looks at its available ring even if
+/// the guest's last kick went to the backend that died.
+pub(super) fn kick_all(name: &str, active: &ActiveRings) {
+    for ring in &active.rings {
+        if let Err(e) = ring.kick.write(1) {
+            log::warn!("virtio {name}: cannot kick queue {}: {e}", ring.index);
+        }
+    }
+}
+
+/// The used ring's index as the guest's memory holds it.
+fn guest_used_index(
+    index: u16,
+    queue: &Queue,
+    mem: &GuestMemoryMmap,
+) -> Result<u16, VhostUserError> {
+    queue
+        .used_idx(mem, Ordering::Acquire)
+        .map(|i| i.0)
+        .map_err(|_| VhostUserError::RingOutsideMemory {
+            queue: index,
+            what: "used ring",
+            address: queue.used_ring(),
+        })
+}
+
+/// The queue's rings as the backend needs them: each must lie in guest memory, and is given
+/// as this process's address of its mapping.
+pub(super) fn ring_setup(
+    index: u16,
+    q: &Queue,
+    mem: &GuestMemoryMmap,
+) -> Result<RingSetup, VhostUserError> {
+    let size = u64::from(q.size());
+    let host = |what: &'static str, address: u64, len: u64| {
+        let outside = || VhostUserError::RingOutsideMemory {
+            queue: index,
+            what,
+            address,
+        };
+        let len = usize::try_from(len).map_err(|_| outside())?;
+        if !mem.check_range(GuestAddress(address), len) {
+            return Err(outside());
+        }
+        mem.get_host_address(GuestAddress(address))
+            .map(|p| p as u64)
+            .map_err(|_| outside())
+    };
+    Ok(RingSetup {
+        index,
+        size: q.size(),
+        desc: host("descriptor table", q.desc_table(), 16 * size)?,
+        avail: host("available ring", q.avail_ring(), 6 + 2 * size)?,
+        used: host("used ring", q.used_ring(), 6 + 8 * size)?,
+        base: q.next_avail(),
+    })
+}
+
+/// The error chain of `e` on one line.
+pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        line.push_str(": ");
+        line.push_str(&s.to_string());
+        source = s.source();
+    }
+    line
+}
