@@ -14,13 +14,17 @@ pub mod vhost_user;
 pub mod virtio;
 pub mod vm_exit;
 
-/// `e` and its sources on one line, `": "`-separated, for log messages.
+/// `e` and its sources on one line, `": "`-separated, for log messages (a source whose text
+/// the line already ends with is not repeated).
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
+        let next = s.to_string();
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
         source = s.source();
     }
     text

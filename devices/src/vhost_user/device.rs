@@ -32,7 +32,8 @@ use super::config::{SharedMemoryRegion, VhostUserConfig, VhostUserKind, QUEUE_MA
 use super::connection::{Connection, Negotiated, VhostUserError};
 use super::fs_config::{fs_config_space, FsConfigProblem};
 use super::reconnect::{watch, Reconnector};
-use super::session::{bring_up, error_chain, ActiveRings, Base, Handler, Ring, Session, Shared};
+use super::session::{bring_up, ActiveRings, Base, Handler, Ring, Session, Shared};
+use crate::error_chain;
 use crate::virtio::device::{ActivateContext, ActivateError, EventLoop, VirtioDevice};
 use crate::virtio::subscription::LoopSubscription;
 
@@ -53,6 +54,9 @@ pub struct VhostUserDevice {
     kind: VhostUserKind,
     shared: Arc<Shared>,
     config: Vec<u8>,
+    /// The configuration space came from the backend (`GET_CONFIG`), so the driver's writes go
+    /// to it; one skiff built (virtio-fs from `tag=`, zeros) is read-only to the driver.
+    config_from_backend: bool,
     /// With `reconnect=`: the thread that brings the backend back.
     reconnector: Option<Reconnector>,
 }
@@ -86,7 +90,9 @@ impl VhostUserDevice {
         event_loop: EventLoop,
     ) -> Result<Self, VhostUserError> {
         let len = cfg.kind.config_len();
-        let config = match (conn.read_config(len)?, cfg.kind) {
+        let backend_config = conn.read_config(len)?;
+        let config_from_backend = backend_config.is_some();
+        let config = match (backend_config, cfg.kind) {
             (backend, VhostUserKind::Fs) => {
                 fs_config_space(cfg, backend).map_err(|FsConfigProblem::NoTag| {
                     VhostUserError::FsTagMissing(cfg.socket.clone())
@@ -135,6 +141,7 @@ impl VhostUserDevice {
             kind: cfg.kind,
             shared,
             config,
+            config_from_backend,
             reconnector,
         })
     }
@@ -243,6 +250,11 @@ impl VirtioDevice for VhostUserDevice {
         match end {
             Some(end) if end <= self.config.len() => {}
             _ => return, // Outside the configuration space: ignored.
+        }
+        if !self.config_from_backend {
+            // Nothing in a configuration space skiff built is the driver's to change (the
+            // virtio-fs tag and queue count are read-only): ignored, as a device would.
+            return;
         }
         {
             let mut session = self.shared.lock();

@@ -25,7 +25,8 @@ use event_manager::MutEventSubscriber;
 
 use super::connection::{connect_socket, Connection, VhostUserError};
 use super::hangup::HangupWatcher;
-use super::session::{bring_up, error_chain, kick_all, Base, Handler, Shared};
+use super::session::{bring_up, kick_all, Base, Handler, Shared};
+use crate::error_chain;
 use crate::virtio::subscription::LoopSubscription;
 
 enum Wake {

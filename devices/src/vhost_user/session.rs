@@ -230,15 +230,3 @@ pub(super) fn ring_setup(
         base: q.next_avail(),
     })
 }
-
-/// The error chain of `e` on one line.
-pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut line = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        line.push_str(": ");
-        line.push_str(&s.to_string());
-        source = s.source();
-    }
-    line
-}

@@ -506,3 +506,29 @@ fn the_fuzz_entry_point_completes_on_good_replies_and_fails_cleanly_on_cut_ones(
     flipped[4] ^= 0x4; // the first reply without its reply flag
     assert_eq!(super::fuzzing::frontend_replies(&flipped), 0);
 }
+
+#[test]
+fn a_configuration_space_skiff_built_is_read_only_to_the_driver() {
+    // virtiofsd has no GET_CONFIG: skiff builds virtio-fs's tag and queue count, and a driver
+    // writing over them changes nothing.
+    let mut script = Script::good();
+    script.protocol = PF_MQ | PF_REPLY_ACK;
+    script.features = VERSION_1 | PROTOCOL_FEATURES;
+    let (stream, _backend) = start(script, usize::MAX);
+    let mut cfg = VhostUserConfig::new(VhostUserKind::Fs, "/fake.sock");
+    cfg.queues = 2;
+    cfg.tag = Some("share".into());
+    let conn = Connection::handshake(Path::new("/fake.sock"), stream, cfg.queues).unwrap();
+    let events = TestLoop::new();
+    let mut dev =
+        VhostUserDevice::from_connection(&cfg, conn, vec![memfd_region()], events.endpoint())
+            .unwrap();
+    dev.write_config(0, b"evil\0");
+    dev.write_config(36, &9u32.to_le_bytes());
+    let mut tag = [0u8; 6];
+    dev.read_config(0, &mut tag);
+    assert_eq!(&tag, b"share\0");
+    let mut queues = [0u8; 4];
+    dev.read_config(36, &mut queues);
+    assert_eq!(u32::from_le_bytes(queues), 1);
+}
