@@ -148,7 +148,7 @@ fn a_file_backed_vm_ending_with_its_snapshot_is_hard_linked_and_restores() {
     let backing = root.path().join("ram.img");
     let kernel = guest();
     let memory = format!("size=1G,file={}", backing.display());
-    let cmdline = format!("memcheck counter={LINES}");
+    let cmdline = format!("memcheck counter={LINES},timer");
     // memcheck writes all 1 GiB first, so the backing is fully allocated.
     let mut vm = Skiff::spawn(&[
         "run",
