@@ -149,6 +149,16 @@ pub enum IoOp {
     },
 }
 
+impl IoOp {
+    /// Bytes a read or write moves (0 for the others).
+    pub fn transfer_len(&self) -> usize {
+        match self {
+            Self::Read { iov, .. } | Self::Write { iov, .. } => iov.remaining_len(),
+            Self::Flush | Self::Fallocate { .. } => 0,
+        }
+    }
+}
+
 /// A finished operation: the caller's tag and success or an errno value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Completion {

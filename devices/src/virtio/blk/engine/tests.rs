@@ -45,6 +45,7 @@ fn wait_for(e: &mut IoEngine, n: usize) -> Vec<Completion> {
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     e.commit();
+    e.reap(&mut out);
     while out.len() < n && Instant::now() < deadline {
         let mut pfd = libc::pollfd {
             fd: e.completion_fd().as_raw_fd(),

@@ -142,6 +142,7 @@ impl<'a> Rig<'a> {
     /// Runs completions until nothing is in flight; returns the used entries.
     pub fn finish(&mut self) -> Vec<(u16, u32)> {
         let deadline = Instant::now() + Duration::from_secs(10);
+        self.handler.handle_completions();
         while self.handler.in_flight() > 0 && Instant::now() < deadline {
             let mut pfd = libc::pollfd {
                 fd: self.handler.completion_fd().as_raw_fd(),
