@@ -102,6 +102,12 @@ impl PageBitmap {
         self.words.iter().all(|w| *w == 0)
     }
 
+    /// Marks every page dirty.
+    pub fn fill(&mut self) {
+        self.words.iter_mut().for_each(|w| *w = u64::MAX);
+        self.mask_tail();
+    }
+
     /// Empties the set.
     pub fn clear(&mut self) {
         self.words.iter_mut().for_each(|w| *w = 0);
@@ -296,6 +302,8 @@ mod tests {
         assert_eq!(a.count(), 9, "page 70 is past the end");
         a.clear();
         assert!(a.is_clean());
+        a.fill();
+        assert_eq!(a.extents(), vec![(0, 70)], "every page, none past the end");
     }
 
     #[test]
