@@ -294,7 +294,8 @@ impl RunningVm {
     }
 
     /// Devices that write guest memory behind the dirty log (vhost-user backends), described
-    /// for messages: a live snapshot cannot follow their writes, and a diff counts every page.
+    /// for messages: a live snapshot cannot follow their writes, and a diff counts every page
+    /// with data.
     pub(crate) fn untracked_writers(&self) -> Vec<String> {
         self.virtio
             .iter()

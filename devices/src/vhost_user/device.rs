@@ -16,7 +16,8 @@
 //!   restarts (`quiesce` module); the transport's resume, or a restore, activates the device
 //!   again at those positions. `identity` is the `--vhost-user` configuration, from which a
 //!   restore connects again. The backend writes guest memory behind the dirty log
-//!   (`untracked_writes`), so live snapshots are refused and a diff counts every page.
+//!   (`untracked_writes`), so live snapshots are refused and a diff counts every page
+//!   with data.
 //!
 //! A backend that goes away marks the device `DEVICE_NEEDS_RESET` (later activations fail),
 //! or, with `reconnect=`, wakes the reconnect thread (`reconnect`), which brings a new

@@ -12,7 +12,8 @@
 //! requests in flight complete into the used ring first), so guest memory and the saved queue
 //! positions agree; they continue when the VM is released. A vhost-user device's backend
 //! stops its rings there too (`GET_VRING_BASE`); it writes guest memory behind the dirty log,
-//! so a VM with one is refused live snapshots and its diffs count every page as written.
+//! so a VM with one is refused live snapshots and its diffs count every page with data in the
+//! backing as written.
 //!
 //! Full and diff: pause, gather the state, write on a `SnapshotJob` thread, resume when it
 //! ends. A full snapshot with `stop` skips dirty tracking (the VM ends) and lets the writer
@@ -29,7 +30,9 @@ use std::time::Instant;
 use devices::vm_exit::GuestEnd;
 
 use super::{ControlError, RunningVm};
-use crate::snapshot::dirty::{gather, mappings, reset_device_bitmaps, PageBitmap};
+use crate::snapshot::dirty::{
+    gather, mappings, mark_backed_pages, reset_device_bitmaps, PageBitmap,
+};
 use crate::snapshot::job::{
     JobMeta, JobOutput, LiveSummary, ProgressStatus, SnapshotJob, SnapshotSummary,
 };
@@ -165,12 +168,15 @@ impl RunningVm {
             notes.push(format!("diff snapshots unavailable: {e}"));
         }
         if req.diff {
-            // What another process wrote is not in the dirty log: every page counts as written.
+            // What another process wrote is not in the dirty log: every page with data in the
+            // backing counts as written.
             let untracked = self.untracked_writers();
             if let (false, Some(base)) = (untracked.is_empty(), self.diff_base.as_mut()) {
-                base.pending.iter_mut().for_each(PageBitmap::fill);
+                for (pending, region) in base.pending.iter_mut().zip(self.ram.regions()) {
+                    mark_backed_pages(pending, region);
+                }
                 notes.push(format!(
-                    "every page is in this diff: {}",
+                    "every page with data is in this diff: {}",
                     untracked.join("; ")
                 ));
             }
