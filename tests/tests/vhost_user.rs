@@ -2,7 +2,9 @@
 //! read back) through out-of-process backends, checked on the host's image file afterwards:
 //! skiff's own backend, qemu-storage-daemon, and skiff's backend under QEMU as the frontend.
 //! Also the start-up errors (missing socket, not a socket, a backend that hangs up, talks
-//! garbage or lacks features) and a backend that dies while the guest runs.
+//! garbage or lacks features), a backend that dies while the guest runs, and snapshots under
+//! the test guest's `blkloop=N` scenario: paused full and diff snapshots restored in a new
+//! process against the same backend (skiff's; qemu-storage-daemon for the full one), a refused live snapshot, a restore without the backend.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -13,6 +15,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use skiff_tests::{require_kvm, run_testguest, testguest, Backend, Skiff};
+
+mod snapshot_support;
+use snapshot_support::{assert_restore_fails, ctl, ctl_ok, restore};
 
 const T: Duration = Duration::from_secs(60);
 /// Every u64 the guest writes at byte offset o holds o ^ PATTERN, over the first 1 MiB.
@@ -280,60 +285,6 @@ fn backend_death_is_one_log_line_and_the_vm_survives() {
     assert_pattern(&img);
 }
 
-#[test]
-fn snapshot_of_a_vm_with_a_vhost_user_device_is_refused_naming_it_and_the_vm_runs_on() {
-    require_kvm();
-    let s = Scratch::new();
-    let (sock, img) = (s.path("blk.sock"), s.image(4 << 20));
-    let _backend = Backend::skiff_blk(&sock, &img, &[]);
-    let api = s.path("api.sock");
-    let kernel = testguest().to_string_lossy().into_owned();
-    let arg = vhost_user_arg(&sock);
-    let mut vm = Skiff::spawn(&[
-        "run",
-        "--kernel",
-        &kernel,
-        "--cmdline",
-        "virtio-blk spin",
-        "--vhost-user",
-        &arg,
-        "--rng",
-        "--api-socket",
-        api.to_str().unwrap(),
-        "--timeout",
-        "20",
-    ]);
-    vm.wait_for_line("testguest: virtio-blk ok", T);
-    let snap = s.path("snap");
-    let ctl = |args: &[&str]| {
-        Command::new(skiff_tests::skiff_bin())
-            .arg("ctl")
-            .arg("--api-socket")
-            .arg(&api)
-            .args(args)
-            .output()
-            .unwrap()
-    };
-    let out = ctl(&["snapshot", snap.to_str().unwrap()]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("cannot snapshot this VM: virtio vhost-user-blk")
-            && err.contains("the vhost-user backend holds the queue state"),
-        "{err}"
-    );
-    assert!(
-        !err.contains("virtio rng"),
-        "the rng device is not a blocker: {err}"
-    );
-    assert!(!snap.exists());
-    let status = String::from_utf8_lossy(&ctl(&["status"]).stdout).into_owned();
-    assert!(status.contains("\"running\""), "{status}");
-    ctl(&["shutdown"]);
-    vm.wait(T).assert_code(0);
-    assert_pattern(&img);
-}
-
 // ---- Backend restarts (`reconnect=`), under the test guest's `blkloop=N` scenario ----
 
 /// `blkloop` writes this many bytes per round at offset 0.
@@ -352,20 +303,25 @@ fn assert_loop_pattern(image: &Path, round: u64) {
     }
 }
 
-/// skiff running `blkloop=rounds` on a vhost-user-blk device with `extra` options.
-fn spawn_blkloop(socket: &Path, rounds: u32, extra: &str) -> Skiff {
+/// skiff running `blkloop=rounds` on a vhost-user-blk device with `extra` options, and the
+/// command-line arguments `more`.
+fn spawn_blkloop(socket: &Path, rounds: u32, extra: &str, more: &[&str]) -> Skiff {
     let kernel = testguest().to_string_lossy().into_owned();
-    Skiff::spawn(&[
+    let cmdline = format!("blkloop={rounds}");
+    let device = format!("{}{extra}", vhost_user_arg(socket));
+    let mut args = vec![
         "run",
         "--kernel",
         &kernel,
         "--cmdline",
-        &format!("blkloop={rounds}"),
+        &cmdline,
         "--vhost-user",
-        &format!("{}{extra}", vhost_user_arg(socket)),
+        &device,
         "--timeout",
         "300",
-    ])
+    ];
+    args.extend_from_slice(more);
+    Skiff::spawn(&args)
 }
 
 fn round_line(round: u32) -> String {
@@ -378,7 +334,7 @@ fn a_restarted_backend_is_reconnected_and_the_guest_finishes_every_round() {
     let s = Scratch::new();
     let (sock, img) = (s.path("blk.sock"), s.image(4 << 20));
     let mut backend = Backend::skiff_blk(&sock, &img, &[]);
-    let mut vm = spawn_blkloop(&sock, 4, ",reconnect=0.2");
+    let mut vm = spawn_blkloop(&sock, 4, ",reconnect=0.2", &[]);
     // Round 1 done: kill and restart at once (the guest's next round, 500 ms later, most
     // likely finds the backend back).
     vm.wait_for_line(&round_line(1), T);
@@ -417,7 +373,7 @@ fn without_reconnect_a_dead_backend_fails_the_device_and_the_guest_sees_it() {
     let s = Scratch::new();
     let (sock, img) = (s.path("blk.sock"), s.image(4 << 20));
     let mut backend = Backend::skiff_blk(&sock, &img, &[]);
-    let mut vm = spawn_blkloop(&sock, 3, "");
+    let mut vm = spawn_blkloop(&sock, 3, "", &[]);
     vm.wait_for_line(&round_line(1), T);
     backend.kill();
     // The VM keeps running: the guest's next request sees DEVICE_NEEDS_RESET and it fails
@@ -442,7 +398,7 @@ fn a_backend_that_comes_back_with_fewer_features_fails_the_device() {
     let s = Scratch::new();
     let (sock, img) = (s.path("blk.sock"), s.image(4 << 20));
     let mut backend = Backend::skiff_blk(&sock, &img, &[]);
-    let mut vm = spawn_blkloop(&sock, 3, ",reconnect=0.2");
+    let mut vm = spawn_blkloop(&sock, 3, ",reconnect=0.2", &[]);
     vm.wait_for_line(&round_line(1), T);
     backend.kill();
     std::fs::remove_file(&sock).unwrap();
@@ -470,4 +426,155 @@ fn a_backend_that_comes_back_with_fewer_features_fails_the_device() {
     );
     assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
     fake.join().unwrap();
+}
+
+// ---- Snapshots of a VM with a vhost-user device, under `blkloop=N` ----
+
+const SNAP_ROUNDS: u32 = 6;
+
+/// The round numbers of every `testguest: blkloop round=R ok` line in `text`.
+fn loop_rounds(text: &str) -> Vec<u32> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("testguest: blkloop round="))
+        .filter_map(|rest| rest.strip_suffix(" ok")?.parse().ok())
+        .collect()
+}
+
+/// Starts a backend serving an image on a socket.
+type StartBackend = fn(&Path, &Path) -> Backend;
+
+fn skiff_backend(socket: &Path, image: &Path) -> Backend {
+    Backend::skiff_blk(socket, image, &[])
+}
+
+/// A VM running `blkloop=rounds` on the backend `start` starts, with a control socket:
+/// (scratch, image, backend socket, control socket, backend, VM).
+fn snapshot_subject(
+    rounds: u32,
+    start: StartBackend,
+) -> (Scratch, PathBuf, PathBuf, PathBuf, Backend, Skiff) {
+    require_kvm();
+    let s = Scratch::new();
+    let (sock, img) = (s.path("blk.sock"), s.image(4 << 20));
+    let backend = start(&sock, &img);
+    let api = s.path("api.sock");
+    let vm = spawn_blkloop(&sock, rounds, "", &["--api-socket", api.to_str().unwrap()]);
+    (s, img, sock, api, backend, vm)
+}
+
+/// Snapshots the loop mid-run with `--stop` (with `diff`: a full snapshot first, the VM going
+/// on, then a diff), restores it in a new process against the same backend and checks the two
+/// runs read as one and the image holds the last round's pattern.
+fn snapshot_mid_run_and_restore(diff: bool, start: StartBackend) {
+    let (s, img, _sock, api, backend, mut vm) = snapshot_subject(SNAP_ROUNDS, start);
+    vm.wait_for_line(&round_line(1), T);
+    let mut args = vec!["snapshot".to_string()];
+    if diff {
+        // The VM continues after this one: its rings restart where the backend stopped.
+        let base = s.path("base");
+        let summary = ctl_ok(&api, &["snapshot", base.to_str().unwrap()]);
+        assert_eq!(summary["stopped"], false, "{summary}");
+        vm.wait_for_line(&round_line(3), T);
+        args.push("--diff".into());
+    } else {
+        vm.wait_for_line(&round_line(2), T);
+    }
+    let snap = s.path("snap");
+    args.push(snap.to_str().unwrap().into());
+    args.push("--stop".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let summary = ctl_ok(&api, &args);
+    assert_eq!(summary["stopped"], true, "{summary}");
+    if diff {
+        assert_eq!(summary["kind"], "diff", "{summary}");
+        assert!(
+            summary["notes"]
+                .to_string()
+                .contains("every page with data is in this diff"),
+            "{summary}"
+        );
+    }
+    let before = vm.wait(T);
+    before.assert_code(0);
+    let done_before = loop_rounds(&before.stdout);
+    assert!(
+        !done_before.is_empty() && *done_before.last().unwrap() < SNAP_ROUNDS,
+        "the snapshot was not taken mid-run:\n{}",
+        before.stdout
+    );
+    // Copy mode is the default for such a snapshot; the backend serves the new process next.
+    let after = restore(&snap, &[]);
+    let mut all = done_before;
+    all.extend(loop_rounds(&after.stdout));
+    assert_eq!(
+        all,
+        (1..=SNAP_ROUNDS).collect::<Vec<_>>(),
+        "rounds do not continue\n--- before ---\n{}\n--- after ---\n{}\n--- stderr ---\n{}",
+        before.stdout,
+        after.stdout,
+        after.stderr
+    );
+    after
+        .assert_code(0)
+        .assert_stdout_has(&format!("testguest: blkloop ok rounds={SNAP_ROUNDS}"));
+    assert!(!after.stderr.contains("needs a reset"), "{}", after.stderr);
+    assert_loop_pattern(&img, u64::from(SNAP_ROUNDS));
+    drop(backend);
+}
+
+#[test]
+fn a_paused_snapshot_is_restored_against_the_same_backend_and_every_round_finishes() {
+    snapshot_mid_run_and_restore(false, skiff_backend);
+}
+
+#[test]
+fn a_paused_snapshot_is_restored_against_qemu_storage_daemon_and_every_round_finishes() {
+    snapshot_mid_run_and_restore(false, Backend::qemu_storage_daemon);
+}
+
+#[test]
+fn a_diff_after_a_full_snapshot_the_vm_survived_is_restored_and_every_round_finishes() {
+    snapshot_mid_run_and_restore(true, skiff_backend);
+}
+
+#[test]
+fn a_live_snapshot_is_refused_naming_the_device_and_the_vm_runs_on() {
+    let (s, img, _sock, api, backend, mut vm) = snapshot_subject(3, skiff_backend);
+    vm.wait_for_line(&round_line(1), T);
+    let snap = s.path("snap");
+    let (code, _, err) = ctl(&api, &["snapshot", snap.to_str().unwrap(), "--live"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("cannot take a live snapshot of this VM: virtio vhost-user-blk")
+            && err.contains("dirty log"),
+        "{err}"
+    );
+    assert!(!snap.exists());
+    let r = vm.wait(T);
+    r.assert_code(0)
+        .assert_stdout_has("testguest: blkloop ok rounds=3");
+    assert_eq!(loop_rounds(&r.stdout), vec![1, 2, 3]);
+    assert_loop_pattern(&img, 3);
+    drop(backend);
+}
+
+#[test]
+fn a_restore_without_the_backend_or_with_cow_memory_is_one_line() {
+    let (s, _img, sock, api, mut backend, mut vm) = snapshot_subject(3, skiff_backend);
+    vm.wait_for_line(&round_line(1), T);
+    let snap = s.path("snap");
+    ctl_ok(&api, &["snapshot", snap.to_str().unwrap(), "--stop"]);
+    vm.wait(T).assert_code(0);
+    let cow = restore(&snap, &["--memory-mode", "cow"]);
+    cow.assert_code(1);
+    assert_eq!(cow.stderr.lines().count(), 1, "{}", cow.stderr);
+    assert!(
+        cow.stderr.contains("--memory-mode cow")
+            && cow.stderr.contains(sock.to_str().unwrap())
+            && cow.stderr.contains("--memory-mode copy"),
+        "{}",
+        cow.stderr
+    );
+    backend.kill();
+    assert_restore_fails(&snap, sock.to_str().unwrap());
 }

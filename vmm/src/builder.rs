@@ -467,6 +467,20 @@ pub(crate) fn create_restored_pci_devices(
                 console_input = Some(console.input());
                 Box::new(console)
             }
+            DeviceIdentity::VhostUser(cfg) => {
+                cfg.check().map_err(|what| StateError::Invalid {
+                    device: cfg.kind.name(),
+                    what: format!("saved vhost-user device: {what}"),
+                })?;
+                // Connects, handshakes and sends the memory table; `restore_state` below
+                // brings the rings up at their saved positions.
+                let regions = crate::memory::share::shared_regions(ram)?;
+                Box::new(VhostUserDevice::new(
+                    cfg,
+                    regions,
+                    events.remote_endpoint(),
+                )?)
+            }
         };
         pci.add_virtio_device(device)?;
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::api::client;
 use crate::config::{parse_timeout, SerialConfig};
 use crate::runner::{run_vm, RunOptions, RunOutcome};
-use crate::snapshot::restore::{load, restore_vm, MemoryMode};
+use crate::snapshot::restore::{load, memory_mode, restore_vm, MemoryMode};
 
 /// `skiff restore DIR ...`
 #[derive(Debug, clap::Args)]
@@ -17,9 +17,10 @@ pub struct RestoreArgs {
     #[arg(value_name = "DIR")]
     pub dir: PathBuf,
     /// Guest RAM from the memory files: cow (map them copy-on-write; fast, not shareable with
-    /// vhost-user backends) or copy (copy into fresh memory).
-    #[arg(long, value_name = "MODE", default_value = "cow")]
-    pub memory_mode: MemoryMode,
+    /// vhost-user backends) or copy (copy into fresh memory). Default: cow, or copy for a
+    /// snapshot with vhost-user devices.
+    #[arg(long, value_name = "MODE")]
+    pub memory_mode: Option<MemoryMode>,
     /// Serve the control API on this Unix socket.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
@@ -34,8 +35,8 @@ pub struct RestoreArgs {
 /// Restores the snapshot and runs the VM to its end. The error is one line.
 pub fn restore(args: RestoreArgs) -> Result<RunOutcome, String> {
     let snap = load(&args.dir).map_err(|e| crate::error_chain(&e))?;
-    let vm =
-        restore_vm(&snap, args.memory_mode, &args.serial).map_err(|e| crate::error_chain(&e))?;
+    let mode = memory_mode(&snap, args.memory_mode).map_err(|e| crate::error_chain(&e))?;
+    let vm = restore_vm(&snap, mode, &args.serial).map_err(|e| crate::error_chain(&e))?;
     let opts = RunOptions {
         serial: args.serial,
         timeout: args.timeout,

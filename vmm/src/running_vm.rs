@@ -255,9 +255,8 @@ impl RunningVm {
     }
 
     /// Devices on the buses whose state a snapshot cannot save, described for the error
-    /// message: virtio functions whose device says why (vhost-user: its backend holds the
-    /// queue state), and any device added later that nobody taught snapshots about (refused
-    /// rather than saved wrong).
+    /// message: virtio functions whose device says why, and any device added later that
+    /// nobody taught snapshots about (refused rather than saved wrong).
     pub(crate) fn unsupported_devices(&self) -> Vec<String> {
         // Serial and i8042 are saved; debug-exit and the ACPI PM block have no state.
         let known_pio = [
@@ -292,6 +291,23 @@ impl RunningVm {
                 .map(|(base, len)| format!("a device at MMIO {base:#x}+{len:#x}")),
         );
         list
+    }
+
+    /// Devices that write guest memory behind the dirty log (vhost-user backends), described
+    /// for messages: a live snapshot cannot follow their writes, and a diff counts every page
+    /// with data.
+    pub(crate) fn untracked_writers(&self) -> Vec<String> {
+        self.virtio
+            .iter()
+            .filter_map(|f| {
+                let f = f.lock().unwrap_or_else(PoisonError::into_inner);
+                let why = f.untracked_writes()?;
+                let at = f
+                    .mapped_bar()
+                    .map_or_else(|| "unmapped".into(), |b| format!("at {b:#x}"));
+                Some(format!("virtio {} (BAR {at}): {why}", f.name()))
+            })
+            .collect()
     }
 
     /// For a snapshot of the paused VM: every virtio device finishes what it has in flight

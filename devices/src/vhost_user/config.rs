@@ -3,7 +3,8 @@
 //! guest memory region as the backend must map it.
 //!
 //! The command-line form (`--vhost-user type=...,socket=...`) is parsed in the VMM's config
-//! module; this module holds only the typed result and its per-type defaults.
+//! module; this module holds the typed result, its per-type defaults, and `check`, which a
+//! snapshot's saved copy (untrusted) must pass before a device is built from it.
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -15,8 +16,14 @@ pub const QUEUE_MAX_SIZE: u16 = 256;
 /// Longest virtio-fs tag (`virtio_fs_config.tag`).
 pub const FS_TAG_BYTES: usize = 36;
 
+/// Most queues a vhost-user device may have.
+pub const MAX_QUEUES: u16 = 64;
+
+/// Longest reconnect interval, in seconds.
+pub const MAX_RECONNECT_SECS: u64 = 1_000_000;
+
 /// Which virtio device the backend implements.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum VhostUserKind {
     /// virtio-blk (type 2).
     Blk,
@@ -84,8 +91,8 @@ impl VhostUserKind {
     }
 }
 
-/// One `--vhost-user` device, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One `--vhost-user` device, validated (a snapshot keeps it as the device's identity).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VhostUserConfig {
     /// The device type.
     pub kind: VhostUserKind,
@@ -111,6 +118,46 @@ impl VhostUserConfig {
             reconnect: None,
         }
     }
+
+    /// Whether every value is one the command line accepts (a saved copy is untrusted): the
+    /// queue count (1 to `MAX_QUEUES`, at least 2 for virtio-fs), a tag only for virtio-fs and
+    /// of 1 to `FS_TAG_BYTES` bytes, a generic type of 1 to 63, a positive reconnect interval
+    /// of at most `MAX_RECONNECT_SECS`, a socket path. `Err` names the bad value.
+    pub fn check(&self) -> Result<(), String> {
+        if self.socket.as_os_str().is_empty() {
+            return Err("empty socket path".into());
+        }
+        let least = if self.kind == VhostUserKind::Fs { 2 } else { 1 };
+        if !(least..=MAX_QUEUES).contains(&self.queues) {
+            return Err(format!(
+                "{} queues (expected {least} to {MAX_QUEUES})",
+                self.queues
+            ));
+        }
+        if let VhostUserKind::Generic(id) = self.kind {
+            if !(1..64).contains(&id) {
+                return Err(format!("virtio device type {id} (expected 1 to 63)"));
+            }
+        }
+        match &self.tag {
+            Some(_) if self.kind != VhostUserKind::Fs => {
+                return Err("a tag on a device that is not virtio-fs".into())
+            }
+            Some(tag) if tag.is_empty() || tag.len() > FS_TAG_BYTES => {
+                return Err(format!(
+                    "tag of {} bytes (expected 1 to {FS_TAG_BYTES})",
+                    tag.len()
+                ))
+            }
+            _ => {}
+        }
+        if let Some(every) = self.reconnect {
+            if every.is_zero() || every > Duration::from_secs(MAX_RECONNECT_SECS) {
+                return Err(format!("reconnect interval {every:?}"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// One guest memory region as the backend maps it: `size` bytes of `fd` from `file_offset`
@@ -127,4 +174,41 @@ pub struct SharedMemoryRegion {
     pub fd: OwnedFd,
     /// Offset of the region in the file (`mmap_offset`).
     pub file_offset: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn a_saved_device_with_a_value_the_command_line_refuses_is_refused() {
+        let good = VhostUserConfig::new(VhostUserKind::Blk, "/run/blk.sock");
+        assert_eq!(good.check(), Ok(()));
+        let bad = |change: &dyn Fn(&mut VhostUserConfig)| {
+            let mut cfg = good.clone();
+            change(&mut cfg);
+            cfg.check().expect_err("accepted")
+        };
+        assert!(bad(&|c| c.queues = 0).contains("0 queues"));
+        assert!(bad(&|c| c.queues = MAX_QUEUES + 1).contains("65 queues"));
+        assert!(bad(&|c| c.socket = PathBuf::new()).contains("socket"));
+        assert!(bad(&|c| c.tag = Some("t".into())).contains("not virtio-fs"));
+        assert!(bad(&|c| c.kind = VhostUserKind::Generic(0)).contains("type 0"));
+        assert!(bad(&|c| c.kind = VhostUserKind::Generic(64)).contains("type 64"));
+        assert!(bad(&|c| c.reconnect = Some(Duration::ZERO)).contains("reconnect"));
+        let fs = |tag: &str, queues| VhostUserConfig {
+            tag: Some(tag.into()),
+            queues,
+            ..VhostUserConfig::new(VhostUserKind::Fs, "/s")
+        };
+        assert_eq!(fs("shared", 2).check(), Ok(()));
+        assert!(fs("shared", 1).check().unwrap_err().contains("1 queues"));
+        assert!(fs("", 2).check().unwrap_err().contains("tag of 0 bytes"));
+        assert!(fs(&"x".repeat(FS_TAG_BYTES + 1), 2)
+            .check()
+            .unwrap_err()
+            .contains("tag of 37 bytes"));
+    }
 }

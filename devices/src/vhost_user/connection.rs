@@ -133,6 +133,18 @@ pub enum VhostUserError {
         /// The guest address.
         address: u64,
     },
+    /// The backend stopped a ring at a position it cannot have reached.
+    #[error("queue {queue}: the backend stopped at available index {base}, which is not within {size} entries after the used index {used}")]
+    BadVringBase {
+        /// Queue index.
+        queue: u16,
+        /// The backend's `GET_VRING_BASE` reply.
+        base: u32,
+        /// The used index in guest memory.
+        used: u16,
+        /// The queue size.
+        size: u16,
+    },
     /// A descriptor could not be duplicated or an eventfd created.
     #[error("vhost-user: cannot create {what}")]
     Host {

@@ -12,6 +12,12 @@
 //!   and a call eventfd forwarded to the queue's MSI-X vector by `CallForwarder`.
 //! - `reset`: `GET_VRING_BASE` on each started queue (the backend stops using it), and the
 //!   forwarder leaves the event loop.
+//! - Snapshots (paused VM only): `quiesce` stops every ring the same way and keeps where each
+//!   restarts (`quiesce` module); the transport's resume, or a restore, activates the device
+//!   again at those positions. `identity` is the `--vhost-user` configuration, from which a
+//!   restore connects again. The backend writes guest memory behind the dirty log
+//!   (`untracked_writes`), so live snapshots are refused and a diff counts every page
+//!   with data.
 //!
 //! A backend that goes away marks the device `DEVICE_NEEDS_RESET` (later activations fail),
 //! or, with `reconnect=`, wakes the reconnect thread (`reconnect`), which brings a new
@@ -31,10 +37,13 @@ use super::call_forwarder::CallForwarder;
 use super::config::{SharedMemoryRegion, VhostUserConfig, VhostUserKind, QUEUE_MAX_SIZE};
 use super::connection::{Connection, Negotiated, VhostUserError};
 use super::fs_config::{fs_config_space, FsConfigProblem};
+use super::quiesce::stop_rings;
 use super::reconnect::{watch, Reconnector};
 use super::session::{bring_up, ActiveRings, Base, Handler, Ring, Session, Shared};
 use crate::error_chain;
-use crate::virtio::device::{ActivateContext, ActivateError, EventLoop, VirtioDevice};
+use crate::virtio::device::{
+    ActivateContext, ActivateError, DeviceIdentity, EventLoop, QueueProgress, VirtioDevice,
+};
 use crate::virtio::subscription::LoopSubscription;
 
 /// Device-independent feature bits the transport can carry to a backend: indirect descriptors,
@@ -52,6 +61,8 @@ const BLK_SIZE_MAX: usize = 8;
 /// A virtio device served by a vhost-user backend.
 pub struct VhostUserDevice {
     kind: VhostUserKind,
+    /// The configuration it was built from (its identity in a snapshot).
+    cfg: VhostUserConfig,
     shared: Arc<Shared>,
     config: Vec<u8>,
     /// The configuration space came from the backend (`GET_CONFIG`), so the driver's writes go
@@ -139,6 +150,7 @@ impl VhostUserDevice {
         shared.lock().watcher = Some(watcher);
         Ok(Self {
             kind: cfg.kind,
+            cfg: cfg.clone(),
             shared,
             config,
             config_from_backend,
@@ -339,11 +351,56 @@ impl VirtioDevice for VhostUserDevice {
         }
     }
 
-    fn identity(&self) -> Result<crate::virtio::DeviceIdentity, String> {
-        // Refused rather than saved wrong: skiff does not see the rings' progress.
-        Err(
-            "the vhost-user backend holds the queue state (ring positions and requests in \
-             flight), which skiff cannot save"
+    fn identity(&self) -> Result<DeviceIdentity, String> {
+        Ok(DeviceIdentity::VhostUser(self.cfg.clone()))
+    }
+
+    fn quiesce(&mut self) -> Option<Vec<QueueProgress>> {
+        let shared = self.shared.clone();
+        let mut session = shared.lock();
+        let active = session.active.take()?;
+        if active.abandoned {
+            // Marked DEVICE_NEEDS_RESET already: it stays stopped until the driver resets it.
+            active.forwarder.stop();
+            return None;
+        }
+        let live = active.started && !shared.is_disconnected();
+        let conn = session.conn.as_mut().filter(|_| live);
+        let stopped = stop_rings(self.kind.name(), conn, &active);
+        active.forwarder.stop();
+        // A used-buffer notification the backend sent just before it stopped may have been
+        // drained by the forwarder as it stopped: notify each queue once (a spurious
+        // notification is harmless to a driver, a lost one is not).
+        if let Some(signals) = shared.signals.get() {
+            for ring in &active.rings {
+                if let Err(e) = signals.notify_queue(ring.index) {
+                    log::warn!(
+                        "virtio {}: cannot notify queue {}: {e}",
+                        self.kind.name(),
+                        ring.index
+                    );
+                }
+            }
+        }
+        match stopped {
+            Ok(progress) => Some(progress),
+            Err(e) => {
+                log::error!(
+                    "virtio {}: stopping the rings for a snapshot: {}; the device needs a reset",
+                    self.kind.name(),
+                    error_chain(&e)
+                );
+                drop(session);
+                shared.fail_device();
+                None
+            }
+        }
+    }
+
+    fn untracked_writes(&self) -> Option<String> {
+        Some(
+            "its vhost-user backend writes guest memory outside skiff's dirty log (no dirty \
+             log support)"
                 .into(),
         )
     }

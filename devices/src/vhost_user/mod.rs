@@ -15,6 +15,7 @@
 //!   into MSI-X interrupts.
 //! - `hangup`: the event-loop subscriber that notices when the backend goes away.
 //! - `reconnect`: with `reconnect=`, the thread that connects again and replays the set-up.
+//! - `quiesce`: stopping the rings for a snapshot and where each restarts.
 //! - `fuzzing`: the entry point of the `fuzz/` crate (replies from a hostile backend).
 //! - `blk_backend`: skiff's own vhost-user-blk backend process (`skiff vhost-user-blk`).
 //!
@@ -31,6 +32,7 @@ mod fs_config;
 #[doc(hidden)]
 pub mod fuzzing;
 mod hangup;
+mod quiesce;
 mod reconnect;
 mod session;
 mod watchdog;

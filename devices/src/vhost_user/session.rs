@@ -184,7 +184,7 @@ pub(super) fn kick_all(name: &str, active: &ActiveRings) {
 }
 
 /// The used ring's index as the guest's memory holds it.
-fn guest_used_index(
+pub(super) fn guest_used_index(
     index: u16,
     queue: &Queue,
     mem: &GuestMemoryMmap,

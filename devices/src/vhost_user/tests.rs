@@ -1,6 +1,7 @@
 //! Frontend tests against scripted fake backends on a socket pair: the handshake and what the
 //! device offers the guest, refusals (too few queues, a rejected memory table), a backend that
-//! hangs up while the driver uses the device, and a property test feeding random replies to
+//! hangs up while the driver uses the device, stopping the rings for a snapshot (where they
+//! restart, a position no backend could report), and a property test feeding random replies to
 //! the handshake (it must fail cleanly, never panic or hang).
 
 #![allow(clippy::unwrap_used)]
@@ -15,7 +16,7 @@ use std::thread::JoinHandle;
 use super::config::{SharedMemoryRegion, VhostUserConfig, VhostUserKind};
 use super::connection::{Connection, VhostUserError};
 use super::device::VhostUserDevice;
-use crate::virtio::device::{ActivateContext, VirtioDevice};
+use crate::virtio::device::{ActivateContext, QueueProgress, VirtioDevice};
 use crate::virtio::test_support::{guest_memory, DriverQueue, RecordingSignals, TestLoop};
 
 const GET_FEATURES: u32 = 1;
@@ -44,6 +45,8 @@ struct Script {
     config: Vec<u8>,
     /// The acknowledgement value for `SET_MEM_TABLE` (0 = accepted).
     mem_table_ack: u64,
+    /// The `GET_VRING_BASE` answer (none: 0, the request's own value).
+    vring_base: Option<u32>,
 }
 
 impl Script {
@@ -56,6 +59,7 @@ impl Script {
             queue_num: 4,
             config,
             mem_table_ack: 0,
+            vring_base: None,
         }
     }
 }
@@ -98,7 +102,13 @@ fn run_script(mut stream: UnixStream, script: Script, stop_after: usize) -> Requ
                 out.extend_from_slice(&cfg);
                 reply(&mut stream, code, &out);
             }
-            GET_VRING_BASE => reply(&mut stream, code, &body[..8]),
+            GET_VRING_BASE => {
+                let mut state = body[..8].to_vec();
+                if let Some(base) = script.vring_base {
+                    state[4..].copy_from_slice(&base.to_le_bytes());
+                }
+                reply(&mut stream, code, &state)
+            }
             SET_MEM_TABLE if flags & NEED_REPLY != 0 => {
                 reply(&mut stream, code, &script.mem_table_ack.to_le_bytes())
             }
@@ -202,15 +212,7 @@ fn a_backend_that_hangs_up_while_active_marks_the_device_broken() {
     let mem = guest_memory(1 << 20);
     let driver = DriverQueue::new(&mem, 0x1_0000, 16);
     let signals = Arc::new(RecordingSignals::default());
-    let (queue, _kick) = driver.activated(0);
-    dev.activate(ActivateContext {
-        mem: mem.clone(),
-        acked_features: VERSION_1,
-        queues: vec![queue],
-        signals: signals.clone(),
-        event_loop: events.endpoint(),
-    })
-    .unwrap();
+    activate_at(&mut dev, &driver, &mem, &signals, &events, 0);
     backend.join().unwrap();
     for _ in 0..20 {
         events.wait(50);
@@ -531,4 +533,115 @@ fn a_configuration_space_skiff_built_is_read_only_to_the_driver() {
     let mut queues = [0u8; 4];
     dev.read_config(36, &mut queues);
     assert_eq!(u32::from_le_bytes(queues), 1);
+}
+
+// ---- Snapshots: `quiesce` stops the rings, the resume restarts them ----
+
+/// Activates `dev` on the driver's queue 0, continuing at `next_avail`.
+fn activate_at(
+    dev: &mut VhostUserDevice,
+    driver: &DriverQueue<'_>,
+    mem: &crate::virtio::device::GuestMemoryMmap,
+    signals: &Arc<RecordingSignals>,
+    events: &TestLoop,
+    next_avail: u16,
+) {
+    use virtio_queue::QueueT;
+    let (mut queue, _kick) = driver.activated(0);
+    queue.queue.set_next_avail(next_avail);
+    dev.activate(ActivateContext {
+        mem: mem.clone(),
+        acked_features: VERSION_1,
+        queues: vec![queue],
+        signals: signals.clone(),
+        event_loop: events.endpoint(),
+    })
+    .unwrap();
+}
+
+#[test]
+fn quiesce_stops_each_ring_and_the_resume_restarts_it_at_the_backend_position() {
+    // Handshake (7), activation (8), the stop (enable 0, GET_VRING_BASE), the resume (8).
+    let script = Script {
+        vring_base: Some(7),
+        ..Script::good()
+    };
+    let events = TestLoop::new();
+    let (mut dev, backend) = device(script, 7 + 8 + 2 + 8, &events);
+    let mem = guest_memory(1 << 20);
+    let driver = DriverQueue::new(&mem, 0x1_0000, 16);
+    let signals = Arc::new(RecordingSignals::default());
+    activate_at(&mut dev, &driver, &mem, &signals, &events, 0);
+    // The backend completed 7 requests, every one it took.
+    driver.set_used_idx(7);
+    signals.take_notified();
+    let progress = dev.quiesce().expect("the device was active");
+    assert_eq!(
+        progress,
+        vec![QueueProgress {
+            index: 0,
+            next_avail: 7,
+            next_used: 7
+        }]
+    );
+    assert_eq!(
+        signals.take_notified(),
+        vec![0],
+        "one notification per queue"
+    );
+    assert!(dev.quiesce().is_none(), "nothing active any more");
+    activate_at(&mut dev, &driver, &mem, &signals, &events, 7);
+    let seen = backend.join().unwrap();
+    let codes: Vec<u32> = seen.iter().map(|(c, _)| *c).collect();
+    let get = codes
+        .iter()
+        .position(|&c| c == GET_VRING_BASE)
+        .expect("stopped");
+    assert_eq!(
+        codes[get - 1],
+        SET_VRING_ENABLE,
+        "disabled first: {codes:?}"
+    );
+    let set = seen[get..]
+        .iter()
+        .find(|(c, _)| *c == SET_VRING_BASE)
+        .expect("restarted");
+    assert_eq!(
+        &set.1[..8],
+        &[0, 0, 0, 0, 7, 0, 0, 0],
+        "at the backend's position"
+    );
+    assert!(!signals.needs_reset());
+    drop(dev);
+}
+
+#[test]
+fn a_stop_position_no_backend_could_report_fails_the_device() {
+    // 40 entries past a used index of 0 on a 16-entry queue.
+    let script = Script {
+        vring_base: Some(40),
+        ..Script::good()
+    };
+    let events = TestLoop::new();
+    let (mut dev, backend) = device(script, 7 + 8 + 2, &events);
+    let mem = guest_memory(1 << 20);
+    let driver = DriverQueue::new(&mem, 0x1_0000, 16);
+    let signals = Arc::new(RecordingSignals::default());
+    activate_at(&mut dev, &driver, &mem, &signals, &events, 0);
+    assert!(dev.quiesce().is_none(), "no position to resume at");
+    assert!(signals.needs_reset(), "the device failed instead");
+    backend.join().unwrap();
+}
+
+#[test]
+fn the_identity_is_the_configuration_and_writes_are_untracked() {
+    let events = TestLoop::new();
+    let (dev, _backend) = device(Script::good(), 7, &events);
+    assert_eq!(
+        dev.identity(),
+        Ok(crate::virtio::DeviceIdentity::VhostUser(blk_config()))
+    );
+    assert!(dev
+        .untracked_writes()
+        .is_some_and(|why| why.contains("dirty log")));
 }

@@ -84,6 +84,9 @@ pub enum DeviceIdentity {
     },
     /// virtio-console.
     Console,
+    /// A device served by a vhost-user backend: its `--vhost-user` configuration (type,
+    /// socket, queues, tag, reconnect). The backend itself keeps no state skiff relies on.
+    VhostUser(crate::vhost_user::VhostUserConfig),
 }
 
 /// One queue the driver enabled.
@@ -170,6 +173,12 @@ pub trait VirtioDevice: Send {
     /// `reset` but returning nothing unfinished, and gives each queue's position. `None` when
     /// the device is not active. A later `activate` with queues at these positions continues.
     fn quiesce(&mut self) -> Option<Vec<QueueProgress>> {
+        None
+    }
+    /// Why this device writes guest memory in a way the VMM's dirty tracking does not see
+    /// (another process writes it), if it does: such writes cannot be in a live snapshot's
+    /// passes or a diff's dirty pages.
+    fn untracked_writes(&self) -> Option<String> {
         None
     }
 }

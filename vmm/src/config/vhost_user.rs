@@ -11,12 +11,9 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-pub use devices::vhost_user::config::FS_TAG_BYTES;
+pub use devices::vhost_user::config::{FS_TAG_BYTES, MAX_QUEUES};
 pub use devices::vhost_user::{VhostUserConfig, VhostUserKind};
 use thiserror::Error;
-
-/// Most queues a `--vhost-user` device may have (the transport's limit).
-pub const MAX_QUEUES: u16 = 64;
 
 /// A malformed `--vhost-user` value.
 #[derive(Debug, Error, PartialEq, Eq)]

@@ -10,14 +10,18 @@
 //!
 //! Virtio devices are quiesced right after the pause (`RunningVm::quiesce_devices`: block
 //! requests in flight complete into the used ring first), so guest memory and the saved queue
-//! positions agree; they continue when the VM is released.
+//! positions agree; they continue when the VM is released. A vhost-user device's backend
+//! stops its rings there too (`GET_VRING_BASE`); it writes guest memory behind the dirty log,
+//! so a VM with one is refused live snapshots and its diffs count every page with data in the
+//! backing as written.
 //!
 //! Full and diff: pause, gather the state, write on a `SnapshotJob` thread, resume when it
 //! ends. A full snapshot with `stop` skips dirty tracking (the VM ends) and lets the writer
 //! hard-link a `file=` backing: after the pause nothing writes guest memory again (the vCPUs
-//! stay parked until they exit, and VMs with devices that write memory are refused). Live: switch tracking on, run the passes on a job thread while the guest runs; when
-//! they end, pause, copy the last dirty pages and gather the state here (the blackout), resume,
-//! then write the state, manifest and rename on a second job thread.
+//! stay parked until they exit, and the quiesced devices, vhost-user backends included, have
+//! stopped their rings). Live: switch tracking on, run the passes on a job thread while the
+//! guest runs; when they end, pause, copy the last dirty pages and gather the state here (the
+//! blackout), resume, then write the state, manifest and rename on a second job thread.
 
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
@@ -26,7 +30,9 @@ use std::time::Instant;
 use devices::vm_exit::GuestEnd;
 
 use super::{ControlError, RunningVm};
-use crate::snapshot::dirty::{gather, mappings, reset_device_bitmaps, PageBitmap};
+use crate::snapshot::dirty::{
+    gather, mappings, mark_backed_pages, reset_device_bitmaps, PageBitmap,
+};
 use crate::snapshot::job::{
     JobMeta, JobOutput, LiveSummary, ProgressStatus, SnapshotJob, SnapshotSummary,
 };
@@ -75,6 +81,16 @@ impl RunningVm {
                 "cannot snapshot this VM: {}",
                 blockers.join("; ")
             )));
+        }
+        if req.live {
+            let untracked = self.untracked_writers();
+            if !untracked.is_empty() {
+                return Err(ControlError::Unsupported(format!(
+                    "cannot take a live snapshot of this VM: {}; take a paused snapshot \
+                     (without --live)",
+                    untracked.join("; ")
+                )));
+            }
         }
         if req.diff && self.diff_base.is_none() {
             return Err(ControlError::Conflict(
@@ -150,6 +166,20 @@ impl RunningVm {
                 )));
             }
             notes.push(format!("diff snapshots unavailable: {e}"));
+        }
+        if req.diff {
+            // What another process wrote is not in the dirty log: every page with data in the
+            // backing counts as written.
+            let untracked = self.untracked_writers();
+            if let (false, Some(base)) = (untracked.is_empty(), self.diff_base.as_mut()) {
+                for (pending, region) in base.pending.iter_mut().zip(self.ram.regions()) {
+                    mark_backed_pages(pending, region);
+                }
+                notes.push(format!(
+                    "every page with data is in this diff: {}",
+                    untracked.join("; ")
+                ));
+            }
         }
         let state_started = Instant::now();
         let state = self.gather_state().and_then(|(state, more)| {

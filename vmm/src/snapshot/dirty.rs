@@ -14,10 +14,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
 
-use super::memory_file::{MemoryFileError, PrivateMapping};
+use super::memory_file::{data_extents, MemoryFileError, PrivateMapping};
 use super::progress::SnapshotProgress;
 use crate::hypervisor::{DirtyLog, HypervisorError, SlotDirtyPages};
-use crate::memory::GuestMemory;
+use crate::memory::{GuestMemory, ShareableRegion};
 
 /// Granularity of every dirty bitmap.
 pub const DIRTY_PAGE: u64 = 4096;
@@ -100,6 +100,23 @@ impl PageBitmap {
     /// Whether no page is dirty.
     pub fn is_clean(&self) -> bool {
         self.words.iter().all(|w| *w == 0)
+    }
+
+    /// Marks every page dirty.
+    pub fn fill(&mut self) {
+        self.words.iter_mut().for_each(|w| *w = u64::MAX);
+        self.mask_tail();
+    }
+
+    /// Marks every page that `[offset, offset + len)` (bytes into the region) touches.
+    pub fn set_bytes(&mut self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let last = offset.saturating_add(len - 1) / DIRTY_PAGE;
+        for page in offset / DIRTY_PAGE..=last.min(self.pages.saturating_sub(1)) {
+            self.set(page);
+        }
     }
 
     /// Empties the set.
@@ -245,6 +262,32 @@ pub unsafe fn write_pages(
     Ok(written)
 }
 
+/// Marks in `pending` every page of `region` that holds data in its backing file: what another
+/// process mapping guest memory (a vhost-user backend) may have written, outside the dirty log.
+/// A page that is a hole was never written (skiff never punches holes in guest RAM). When the
+/// file cannot tell (an `lseek` error), every page.
+pub fn mark_backed_pages(pending: &mut PageBitmap, region: &ShareableRegion) {
+    let extents = region
+        .file
+        .try_clone_file()
+        .map_err(|e| e.to_string())
+        .and_then(|f| data_extents(&f, region.file_offset, region.size).map_err(|e| e.to_string()));
+    match extents {
+        Ok(extents) => {
+            for (at, len) in extents {
+                pending.set_bytes(at - region.file_offset, len);
+            }
+        }
+        Err(e) => {
+            log::debug!(
+                "memory region at {:#x}: {e}; every page counts",
+                region.guest_address
+            );
+            pending.fill();
+        }
+    }
+}
+
 /// Each region's mapping in this process.
 pub fn mappings(memory: &GuestMemory) -> Vec<PrivateMapping> {
     memory
@@ -296,6 +339,14 @@ mod tests {
         assert_eq!(a.count(), 9, "page 70 is past the end");
         a.clear();
         assert!(a.is_clean());
+        a.fill();
+        assert_eq!(a.extents(), vec![(0, 70)], "every page, none past the end");
+        a.clear();
+        a.set_bytes(DIRTY_PAGE - 1, 2);
+        a.set_bytes(10 * DIRTY_PAGE, DIRTY_PAGE);
+        a.set_bytes(69 * DIRTY_PAGE, 5 * DIRTY_PAGE);
+        a.set_bytes(3 * DIRTY_PAGE, 0);
+        assert_eq!(a.extents(), vec![(0, 2), (10, 1), (69, 1)]);
     }
 
     #[test]

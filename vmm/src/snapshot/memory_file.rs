@@ -144,8 +144,14 @@ pub fn copy_sparse_counted(
 /// The bytes of data (not holes) in `[start, start + len)` of `f`, as `SEEK_DATA`/`SEEK_HOLE`
 /// see them: what `copy_sparse` would copy.
 pub fn data_extent_bytes(f: &File, start: u64, len: u64) -> Result<u64, MemoryFileError> {
+    Ok(data_extents(f, start, len)?.iter().map(|(_, n)| n).sum())
+}
+
+/// The data extents (not holes) in `[start, start + len)` of `f`, as `(offset, length)` in
+/// order, as `SEEK_DATA`/`SEEK_HOLE` see them.
+pub fn data_extents(f: &File, start: u64, len: u64) -> Result<Vec<(u64, u64)>, MemoryFileError> {
     let end = start.saturating_add(len);
-    let (mut pos, mut total) = (start, 0);
+    let (mut pos, mut out) = (start, Vec::new());
     while pos < end {
         let Some(data) = seek(f, pos, libc::SEEK_DATA)? else {
             break;
@@ -154,10 +160,10 @@ pub fn data_extent_bytes(f: &File, start: u64, len: u64) -> Result<u64, MemoryFi
             break;
         }
         let hole = seek(f, data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
-        total += hole - data;
+        out.push((data, hole - data));
         pos = hole;
     }
-    Ok(total)
+    Ok(out)
 }
 
 /// `lseek` to the next data or hole at or after `pos`; `None` when there is no more data.

@@ -139,6 +139,33 @@ pub enum RestoreError {
     /// A diff's parent chain is unusable.
     #[error(transparent)]
     Chain(#[from] ChainError),
+    /// `--memory-mode cow` for a snapshot whose vhost-user backends need shared memory.
+    #[error("--memory-mode cow: the snapshot has a vhost-user device (socket {0}), whose backend needs guest memory shared; use --memory-mode copy (the default for such snapshots)")]
+    CowWithVhostUser(PathBuf),
+}
+
+/// The memory mode for restoring `snap`: `requested` if given, else `cow`, except that a
+/// snapshot with vhost-user devices needs shared memory: `copy` by default, and an explicit
+/// `cow` is refused.
+pub fn memory_mode(
+    snap: &LoadedSnapshot,
+    requested: Option<MemoryMode>,
+) -> Result<MemoryMode, RestoreError> {
+    let vhost_user = snap
+        .state
+        .devices
+        .virtio
+        .iter()
+        .find_map(|d| match &d.identity {
+            devices::virtio::DeviceIdentity::VhostUser(cfg) => Some(cfg.socket.clone()),
+            _ => None,
+        });
+    match (requested, vhost_user) {
+        (Some(MemoryMode::Cow), Some(socket)) => Err(RestoreError::CowWithVhostUser(socket)),
+        (Some(mode), _) => Ok(mode),
+        (None, Some(_)) => Ok(MemoryMode::Copy),
+        (None, None) => Ok(MemoryMode::Cow),
+    }
 }
 
 /// A snapshot directory whose manifest and state have been read and checked.
@@ -388,6 +415,34 @@ mod tests {
 
     fn load_err(dir: &Path) -> String {
         crate::error_chain(&load(dir).unwrap_err())
+    }
+
+    #[test]
+    fn a_snapshot_with_a_vhost_user_device_is_restored_by_copying_and_refuses_cow() {
+        use devices::vhost_user::{VhostUserConfig, VhostUserKind};
+        use devices::virtio::DeviceIdentity;
+        let d = tempfile::tempdir().unwrap();
+        write_sample(d.path());
+        let mut snap = load(d.path()).unwrap();
+        assert_eq!(memory_mode(&snap, None).unwrap(), MemoryMode::Cow);
+        let cfg = VhostUserConfig::new(VhostUserKind::Blk, "/run/blk.sock");
+        snap.state.devices.virtio[0].identity = DeviceIdentity::VhostUser(cfg.clone());
+        // The identity survives the state file.
+        let again = state_file::decode(&encode(&snap.state).unwrap()).unwrap();
+        assert_eq!(
+            again.devices.virtio[0].identity,
+            DeviceIdentity::VhostUser(cfg)
+        );
+        assert_eq!(memory_mode(&snap, None).unwrap(), MemoryMode::Copy);
+        assert_eq!(
+            memory_mode(&snap, Some(MemoryMode::Copy)).unwrap(),
+            MemoryMode::Copy
+        );
+        let e = crate::error_chain(&memory_mode(&snap, Some(MemoryMode::Cow)).unwrap_err());
+        assert!(
+            e.contains("--memory-mode cow") && e.contains("/run/blk.sock"),
+            "{e}"
+        );
     }
 
     #[test]

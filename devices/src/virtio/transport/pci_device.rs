@@ -522,6 +522,12 @@ impl VirtioPciDevice {
         self.device.identity().err()
     }
 
+    /// Why guest memory writes of this function's device escape dirty tracking, if they do
+    /// (`VirtioDevice::untracked_writes`).
+    pub fn untracked_writes(&self) -> Option<String> {
+        self.device.untracked_writes()
+    }
+
     /// For a snapshot of the paused VM (no vCPU runs): finishes what the device has in flight
     /// and stops its handlers (`VirtioDevice::quiesce`), keeping the queues' positions for
     /// `save_state` and `resume`. Nothing touches guest memory until `resume`.

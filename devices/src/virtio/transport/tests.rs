@@ -749,6 +749,7 @@ fn out_of_range_saved_values_are_refused() {
     refused(&|s| s.msix.entries.push(s.msix.entries[0]), "MSI-X");
     refused(&|s| s.msix.pending[0] |= 1 << 9, "MSI-X");
     refused(&|s| s.progress[1].index = 0, "queue 0 does not match");
+    refused(&|s| s.progress[1].index = 9, "queue 9 does not match");
     refused(
         &|s| s.identity = crate::virtio::DeviceIdentity::Console,
         "different device",
