@@ -19,19 +19,12 @@ use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::disk::DiskImage;
-use super::engine::{Completion, IoEngine, IoOp, MAX_IN_FLIGHT};
+use super::engine::{Completion, IoEngine, MAX_IN_FLIGHT};
 use super::request::{self, Action, BadChain, Segment};
 use crate::virtio::device::{ActivatedQueue, DeviceSignals, GuestMemoryMmap, QueueProgress};
 
 /// Event data of the engine's completion eventfd (queue kicks use their queue position).
 const COMPLETION_TOKEN: u32 = u32::MAX;
-
-/// A request moving at least this many bytes is submitted on its own, at once, and completed
-/// as soon as it finishes, rather than with the rest of the wake-up's batch: a page-cache hit is
-/// copied during submission, and a batch of large copies would hold every completion back until
-/// the last one is done, leaving the driver nothing to refill meanwhile. Small requests keep
-/// sharing one `io_uring_enter`.
-const EAGER_BYTES: usize = 128 << 10;
 
 /// Most chains taken from one queue per wake-up before other event-loop subscribers get a turn
 /// (a driver refilling its ring as fast as the device empties it would otherwise hold the loop).
@@ -257,13 +250,8 @@ impl BlkQueueHandler {
                     error: None,
                     dirty,
                 });
-                let eager = ops.iter().map(IoOp::transfer_len).sum::<usize>() >= EAGER_BYTES;
                 for op in ops {
                     self.engine.submit(slot as u64, op);
-                }
-                if eager {
-                    self.engine.commit();
-                    self.reap();
                 }
             }
         }
