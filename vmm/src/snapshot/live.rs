@@ -147,7 +147,7 @@ pub fn precopy(job: &Precopy, cancel: &AtomicBool) -> Result<PrecopyReport, Live
         FirstPass::Full => expect_touched(&job.regions, &job.temp, &job.progress)?,
         FirstPass::Pages(sets) => job
             .progress
-            .expect(sets.iter().map(|s| s.count() * DIRTY_PAGE).sum()),
+            .add_to_total(sets.iter().map(|s| s.count() * DIRTY_PAGE).sum()),
     }
     for (i, region) in job.regions.iter().enumerate() {
         let name = format!("memory-{i}.bin");
@@ -228,7 +228,7 @@ pub fn copy_dirty(
     let started = Instant::now();
     let sets = gather(&*job.log, &job.memory)?;
     let pages = sets.iter().map(PageBitmap::count).sum();
-    job.progress.expect(pages * DIRTY_PAGE);
+    job.progress.add_to_total(pages * DIRTY_PAGE);
     let mut bytes = 0;
     for (i, set) in sets.iter().enumerate() {
         if set.is_clean() {

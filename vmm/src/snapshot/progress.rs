@@ -30,7 +30,7 @@ pub struct ProgressReading {
 
 impl SnapshotProgress {
     /// More bytes to write.
-    pub fn expect(&self, bytes: u64) {
+    pub fn add_to_total(&self, bytes: u64) {
         self.total.fetch_add(bytes, Ordering::Relaxed);
     }
 
@@ -62,7 +62,7 @@ mod tests {
     #[test]
     fn done_never_passes_total_and_both_only_grow() {
         let p = SnapshotProgress::default();
-        p.expect(100);
+        p.add_to_total(100);
         p.advance(40);
         assert_eq!(
             p.read(),
@@ -80,7 +80,7 @@ mod tests {
             },
             "an unexpected page raises the total"
         );
-        p.expect(10);
+        p.add_to_total(10);
         assert_eq!(p.read().bytes_total, 140);
     }
 }

@@ -226,7 +226,7 @@ fn write_inner(
     match &memory {
         MemorySource::Full { .. } => expect_touched(&regions, &temp, progress)?,
         MemorySource::Pages { pages, .. } => {
-            progress.expect(pages.iter().map(|p| p.count() * DIRTY_PAGE).sum());
+            progress.add_to_total(pages.iter().map(|p| p.count() * DIRTY_PAGE).sum());
         }
         MemorySource::Written(_) => {}
     }
@@ -388,7 +388,7 @@ pub(super) fn expect_touched(
                     source,
                 }
             })?;
-        progress.expect(touched);
+        progress.add_to_total(touched);
     }
     Ok(())
 }
