@@ -212,8 +212,8 @@ fn take(
 
 /// Blocks until at least one operation completes, collecting completions in `out`.
 fn wait_some(engine: &mut IoEngine, out: &mut Vec<Completion>) {
-    // Operations the kernel finished during submission are already in the completion queue,
-    // and its eventfd only signals those that finished later.
+    // Operations the kernel finished during submission are already in the completion queue:
+    // take them without waiting on the eventfd.
     engine.reap(out);
     while out.is_empty() && engine.in_flight() > 0 {
         let mut fd = libc::pollfd {

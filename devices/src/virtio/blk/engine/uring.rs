@@ -78,8 +78,12 @@ impl UringEngine {
             .build(RING_ENTRIES)
             .map_err(EngineError::UringUnavailable)?;
         let done_fd = EventFd::new(EFD_NONBLOCK).map_err(EngineError::EventFd)?;
+        // Signalled for every completion. (`register_eventfd_async`, which skips completions
+        // posted during submission, also skips those io_uring posts from task work in the
+        // submitting thread, such as a buffered read retried after its page came in: the
+        // event loop would never hear of them.)
         ring.submitter()
-            .register_eventfd_async(done_fd.as_raw_fd())
+            .register_eventfd(done_fd.as_raw_fd())
             .map_err(EngineError::EventFd)?;
         Ok(Self {
             ring,
