@@ -17,6 +17,7 @@ use devices::bus::Bus;
 use devices::legacy::debug_exit::DEBUG_EXIT_PORT;
 use devices::legacy::i8042::{I8042, I8042_PORT};
 use devices::legacy::serial::{Serial, COM1_PORT};
+use devices::virtio::DeviceDirtyLog;
 use devices::vm_exit::{GuestEnd, VmExitSignal};
 use serde::Serialize;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -115,6 +116,9 @@ pub struct RunningVm {
     /// What a diff snapshot is taken against: set by every successful snapshot, once dirty
     /// tracking is on (see `snapshot.rs`).
     diff_base: Option<DiffBase>,
+    /// The devices' own dirty logs a live snapshot switched on (vhost-user backends), until
+    /// it ends.
+    device_logs: Vec<Arc<dyn DeviceDirtyLog>>,
 }
 
 impl std::fmt::Debug for RunningVm {
@@ -159,6 +163,7 @@ impl RunningVm {
             job: None,
             job_done,
             diff_base: None,
+            device_logs: Vec::new(),
         };
         for (index, vcpu) in (0u32..).zip(vcpus) {
             let control = Arc::new(VcpuControl::new(index));
@@ -308,6 +313,34 @@ impl RunningVm {
                 Some(format!("virtio {} (BAR {at}): {why}", f.name()))
             })
             .collect()
+    }
+
+    /// For a live snapshot: the dirty logs of the devices that write guest memory behind the
+    /// dirty log (vhost-user backends), or, described for messages, the devices that cannot
+    /// keep one.
+    pub(crate) fn device_dirty_logs(&self) -> Result<Vec<Arc<dyn DeviceDirtyLog>>, Vec<String>> {
+        let mut logs = Vec::new();
+        let mut missing = Vec::new();
+        for f in &self.virtio {
+            let f = f.lock().unwrap_or_else(PoisonError::into_inner);
+            if f.untracked_writes().is_none() {
+                continue;
+            }
+            match f.dirty_log() {
+                Ok(log) => logs.push(log),
+                Err(why) => {
+                    let at = f
+                        .mapped_bar()
+                        .map_or_else(|| "unmapped".into(), |b| format!("at {b:#x}"));
+                    missing.push(format!("virtio {} (BAR {at}): {why}", f.name()));
+                }
+            }
+        }
+        if missing.is_empty() {
+            Ok(logs)
+        } else {
+            Err(missing)
+        }
     }
 
     /// For a snapshot of the paused VM: every virtio device finishes what it has in flight

@@ -1,7 +1,8 @@
 //! The frontend's side of the vhost-user protocol, on top of the `vhost` crate's `Frontend`:
 //! connecting to the backend's socket, the start-up handshake (owner, virtio features, protocol
 //! features, queue count, configuration space), the memory table, and bringing each queue up
-//! (`SET_VRING_NUM/ADDR/BASE/CALL/KICK/ENABLE`) and down (`GET_VRING_BASE`).
+//! (`SET_VRING_NUM/ADDR/BASE/CALL/KICK/ENABLE`) and down (`GET_VRING_BASE`), and the dirty
+//! log's messages (`SET_LOG_BASE`, `VHOST_F_LOG_ALL`, logged ring addresses).
 //!
 //! Every reply is untrusted. The `vhost` crate checks message framing (sizes, reply flags,
 //! unexpected fds); this module checks what the values mean: the features the device needs,
@@ -12,7 +13,7 @@
 //! Not here: what the device does with the answers (`device`) and interrupt forwarding
 //! (`call_forwarder`).
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -26,8 +27,10 @@ use vhost::vhost_user::{
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::config::{SharedMemoryRegion, VhostUserConfig};
+use super::dirty_log::LogBuffer;
 use super::watchdog::Watchdog;
 
 /// How long one request may wait for the backend (sending or answering). The socket's own
@@ -37,7 +40,13 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Protocol features the frontend uses when the backend offers them.
 const WANTED_PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatures::CONFIG
     .union(VhostUserProtocolFeatures::MQ)
-    .union(VhostUserProtocolFeatures::REPLY_ACK);
+    .union(VhostUserProtocolFeatures::REPLY_ACK)
+    .union(VhostUserProtocolFeatures::LOG_SHMFD);
+
+/// `VHOST_F_LOG_ALL`: the backend logs every page it writes in the dirty log.
+pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
+/// `VHOST_VRING_F_LOG`: the ring's used-ring writes are logged.
+const VHOST_VRING_F_LOG: u32 = 1;
 
 /// Errors from talking to a vhost-user backend.
 #[derive(Debug, Error)]
@@ -185,6 +194,8 @@ pub struct RingSetup {
     pub avail: u64,
     /// Used ring.
     pub used: u64,
+    /// The used ring's guest address (the log address of a logged ring).
+    pub used_guest: u64,
     /// Where the backend starts reading the available ring.
     pub base: u16,
 }
@@ -396,11 +407,73 @@ impl Connection {
     }
 
     /// `SET_FEATURES`: the driver's features plus `VHOST_USER_F_PROTOCOL_FEATURES` when the
-    /// backend offered it (it must stay set, or the backend forgets the protocol features).
-    pub fn set_features(&mut self, driver_features: u64) -> Result<(), VhostUserError> {
+    /// backend offered it (it must stay set, or the backend forgets the protocol features),
+    /// and `VHOST_F_LOG_ALL` while the dirty log is on.
+    pub fn set_features(&mut self, driver_features: u64, log: bool) -> Result<(), VhostUserError> {
         let protocol = self.negotiated.features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        let features = (driver_features & self.negotiated.features) | protocol;
+        let log_all = if log { VHOST_F_LOG_ALL } else { 0 };
+        let features = (driver_features & self.negotiated.features) | protocol | log_all;
         self.call("SET_FEATURES", |f| f.set_features(features))
+    }
+
+    /// Why this backend cannot keep a dirty log, if it cannot: it must offer both the
+    /// `LOG_SHMFD` protocol feature and `VHOST_F_LOG_ALL`.
+    pub fn dirty_log_missing(&self) -> Option<&'static str> {
+        let shmfd = self
+            .negotiated
+            .protocol
+            .contains(VhostUserProtocolFeatures::LOG_SHMFD);
+        let log_all = self.negotiated.features & VHOST_F_LOG_ALL != 0;
+        match (shmfd, log_all) {
+            (true, true) => None,
+            (false, true) => Some("the LOG_SHMFD protocol feature"),
+            (true, false) => Some("the VHOST_F_LOG_ALL feature"),
+            (false, false) => Some("the LOG_SHMFD protocol feature and VHOST_F_LOG_ALL"),
+        }
+    }
+
+    /// `SET_LOG_BASE` with `log`'s memfd: the backend logs into it from now on.
+    ///
+    /// Sent here rather than by the `vhost` crate, whose frontend insists on a 16-byte reply:
+    /// the specification's reply is a u64, which libvhost-user backends (qemu-storage-daemon)
+    /// send, while the crate's own backends echo the 16-byte request. Both are accepted.
+    pub fn set_log_base(&mut self, log: &LogBuffer) -> Result<(), VhostUserError> {
+        let region = log.region();
+        let mut msg = Vec::with_capacity(12 + 16);
+        msg.extend_from_slice(&SET_LOG_BASE.to_le_bytes());
+        msg.extend_from_slice(&1u32.to_le_bytes()); // version 1, a request
+        msg.extend_from_slice(&16u32.to_le_bytes());
+        msg.extend_from_slice(&region.mmap_size.to_le_bytes());
+        msg.extend_from_slice(&region.mmap_offset.to_le_bytes());
+        let raw = self.frontend.as_raw_fd();
+        // SAFETY: `raw` is the frontend's open socket, which outlives this call; the stream is
+        // never dropped (`ManuallyDrop`), so the descriptor stays the frontend's.
+        let stream = std::mem::ManuallyDrop::new(unsafe { UnixStream::from_raw_fd(raw) });
+        self.watchdog.arm();
+        let result = exchange_log_base(&stream, &msg, region.mmap_handle);
+        self.watchdog.disarm();
+        result.map_err(|source| VhostUserError::Protocol {
+            path: self.path.clone(),
+            step: "SET_LOG_BASE".into(),
+            source,
+        })
+    }
+
+    /// `SET_VRING_ADDR` of one queue, with the used ring logged or not.
+    pub fn set_ring_addr(&mut self, ring: &RingSetup, log: bool) -> Result<(), VhostUserError> {
+        let addresses = VringConfigData {
+            queue_max_size: ring.size,
+            queue_size: ring.size,
+            flags: if log { VHOST_VRING_F_LOG } else { 0 },
+            desc_table_addr: ring.desc,
+            used_ring_addr: ring.used,
+            avail_ring_addr: ring.avail,
+            log_addr: log.then_some(ring.used_guest),
+        };
+        let q = ring.index;
+        self.call(&format!("SET_VRING_ADDR of queue {q}"), |f| {
+            f.set_vring_addr(usize::from(q), &addresses)
+        })
     }
 
     /// `SET_MEM_TABLE` with one entry (and one fd) per region.
@@ -418,30 +491,21 @@ impl Connection {
             })
     }
 
-    /// Brings one queue up: size, addresses, base, call and kick eventfds, then enables it.
+    /// Brings one queue up: size, addresses (the used ring logged with `log`), base, call and
+    /// kick eventfds, then enables it.
     pub fn start_ring(
         &mut self,
         ring: &RingSetup,
         call: &EventFd,
         kick: &EventFd,
+        log: bool,
     ) -> Result<(), VhostUserError> {
         let index = usize::from(ring.index);
         let q = ring.index;
         self.call(&format!("SET_VRING_NUM of queue {q}"), |f| {
             f.set_vring_num(index, ring.size)
         })?;
-        let addresses = VringConfigData {
-            queue_max_size: ring.size,
-            queue_size: ring.size,
-            flags: 0,
-            desc_table_addr: ring.desc,
-            used_ring_addr: ring.used,
-            avail_ring_addr: ring.avail,
-            log_addr: None,
-        };
-        self.call(&format!("SET_VRING_ADDR of queue {q}"), |f| {
-            f.set_vring_addr(index, &addresses)
-        })?;
+        self.set_ring_addr(ring, log)?;
         self.call(&format!("SET_VRING_BASE of queue {q}"), |f| {
             f.set_vring_base(index, ring.base)
         })?;
@@ -481,6 +545,37 @@ impl Drop for Connection {
         // SAFETY: shutdown on the frontend's open socket; it only changes the socket's state.
         unsafe { libc::shutdown(self.frontend.as_raw_fd(), libc::SHUT_RDWR) };
     }
+}
+
+/// `VHOST_USER_SET_LOG_BASE`.
+const SET_LOG_BASE: u32 = 6;
+
+/// Sends `msg` with `fd` attached and reads the backend's reply: a `SET_LOG_BASE` reply of 8
+/// or 16 bytes, whose value is not used.
+fn exchange_log_base(stream: &UnixStream, msg: &[u8], fd: RawFd) -> vhost::Result<()> {
+    use std::io::Read;
+    let protocol = vhost::Error::VhostUserProtocol;
+    let socket = |e| protocol(vhost::vhost_user::Error::SocketError(e));
+    let sent = stream
+        .send_with_fds(&[msg], &[fd])
+        .map_err(|e| socket(e.into()))?;
+    if sent != msg.len() {
+        return Err(protocol(vhost::vhost_user::Error::PartialMessage));
+    }
+    let mut reader = stream;
+    let mut hdr = [0u8; 12];
+    reader.read_exact(&mut hdr).map_err(socket)?;
+    let word = |at: usize| u32::from_le_bytes([hdr[at], hdr[at + 1], hdr[at + 2], hdr[at + 3]]);
+    let (code, flags, size) = (word(0), word(4), word(8));
+    // A reply (bit 2) of version 1 to this request, with a u64 or the request's 16 bytes.
+    if code != SET_LOG_BASE || flags & 0x7 != 0x5 || !(size == 8 || size == 16) {
+        return Err(protocol(vhost::vhost_user::Error::InvalidMessage));
+    }
+    let mut body = [0u8; 16];
+    reader
+        .read_exact(&mut body[..size as usize])
+        .map_err(socket)?;
+    Ok(())
 }
 
 fn region_info(r: &SharedMemoryRegion) -> VhostUserMemoryRegionInfo {

@@ -12,12 +12,13 @@
 //!   and a call eventfd forwarded to the queue's MSI-X vector by `CallForwarder`.
 //! - `reset`: `GET_VRING_BASE` on each started queue (the backend stops using it), and the
 //!   forwarder leaves the event loop.
-//! - Snapshots (paused VM only): `quiesce` stops every ring the same way and keeps where each
-//!   restarts (`quiesce` module); the transport's resume, or a restore, activates the device
-//!   again at those positions. `identity` is the `--vhost-user` configuration, from which a
-//!   restore connects again. The backend writes guest memory behind the dirty log
-//!   (`untracked_writes`), so live snapshots are refused and a diff counts every page
-//!   with data.
+//! - Snapshots: `quiesce` stops every ring the same way and keeps where each restarts
+//!   (`quiesce` module); the transport's resume, or a restore, activates the device again at
+//!   those positions. `identity` is the `--vhost-user` configuration, from which a restore
+//!   connects again. The backend writes guest memory behind the VMM's dirty tracking
+//!   (`untracked_writes`), so a diff counts every page with data; a live snapshot uses the
+//!   backend's own dirty log (`dirty_log`, `log_control`) and is refused when the backend
+//!   lacks `LOG_SHMFD` or `VHOST_F_LOG_ALL`.
 //!
 //! A backend that goes away marks the device `DEVICE_NEEDS_RESET` (later activations fail),
 //! or, with `reconnect=`, wakes the reconnect thread (`reconnect`), which brings a new
@@ -37,12 +38,14 @@ use super::call_forwarder::CallForwarder;
 use super::config::{SharedMemoryRegion, VhostUserConfig, VhostUserKind, QUEUE_MAX_SIZE};
 use super::connection::{Connection, Negotiated, VhostUserError};
 use super::fs_config::{fs_config_space, FsConfigProblem};
+use super::log_control::BackendDirtyLog;
 use super::quiesce::stop_rings;
 use super::reconnect::{watch, Reconnector};
 use super::session::{bring_up, ActiveRings, Base, Handler, Ring, Session, Shared};
 use crate::error_chain;
 use crate::virtio::device::{
-    ActivateContext, ActivateError, DeviceIdentity, EventLoop, QueueProgress, VirtioDevice,
+    ActivateContext, ActivateError, DeviceDirtyLog, DeviceIdentity, EventLoop, QueueProgress,
+    VirtioDevice,
 };
 use crate::virtio::subscription::LoopSubscription;
 
@@ -70,6 +73,10 @@ pub struct VhostUserDevice {
     config_from_backend: bool,
     /// With `reconnect=`: the thread that brings the backend back.
     reconnector: Option<Reconnector>,
+    /// What the backend lacks to keep a dirty log, if anything.
+    log_missing: Option<&'static str>,
+    /// The backend's dirty log, for live snapshots.
+    dirty_log: Arc<BackendDirtyLog>,
 }
 
 impl std::fmt::Debug for VhostUserDevice {
@@ -115,6 +122,7 @@ impl VhostUserDevice {
         };
         conn.set_mem_table(&regions)?;
         let offered = guest_features(cfg.kind, conn.negotiated(), &config);
+        let log_missing = conn.dirty_log_missing();
         let socket = conn.socket_fd()?;
         let shared = Arc::new(Shared {
             name: cfg.kind.name(),
@@ -148,6 +156,7 @@ impl VhostUserDevice {
             reconnector.as_ref().map(Reconnector::waker),
         )?;
         shared.lock().watcher = Some(watcher);
+        let dirty_log = Arc::new(BackendDirtyLog::new(shared.clone()));
         Ok(Self {
             kind: cfg.kind,
             cfg: cfg.clone(),
@@ -155,6 +164,8 @@ impl VhostUserDevice {
             config,
             config_from_backend,
             reconnector,
+            log_missing,
+            dirty_log,
         })
     }
 
@@ -304,14 +315,16 @@ impl VirtioDevice for VhostUserDevice {
         let shared = self.shared.clone();
         let _ = shared.signals.set(ctx.signals.clone());
         let reconnect = shared.reconnect.is_some();
-        let mut session = shared.lock();
+        let mut guard = shared.lock();
+        let session = &mut *guard;
         let live = !shared.is_disconnected() && session.conn.is_some();
         if !live && !reconnect {
             return Err(self.gone());
         }
         let mut active = self.prepare(ctx).map_err(|e| self.host_error(e))?;
         if let Some(conn) = session.conn.as_mut().filter(|_| live) {
-            match bring_up(conn, &shared.regions, &active, Base::Driver) {
+            let logged = session.log.is_some();
+            match bring_up(conn, &shared.regions, &active, Base::Driver, logged) {
                 Ok(()) => active.started = true,
                 // The backend died under us: the reconnect thread (woken by the watcher)
                 // starts these rings when it is back.
@@ -398,11 +411,24 @@ impl VirtioDevice for VhostUserDevice {
     }
 
     fn untracked_writes(&self) -> Option<String> {
-        Some(
-            "its vhost-user backend writes guest memory outside skiff's dirty log (no dirty \
-             log support)"
+        Some(match self.log_missing {
+            Some(missing) => format!(
+                "its vhost-user backend writes guest memory outside skiff's dirty log (no dirty \
+                 log support: it lacks {missing})"
+            ),
+            None => "its vhost-user backend writes guest memory outside skiff's dirty log \
+                     (its own dirty log is kept only during a live snapshot)"
                 .into(),
-        )
+        })
+    }
+
+    fn dirty_log(&self) -> Result<Arc<dyn DeviceDirtyLog>, String> {
+        match self.log_missing {
+            Some(missing) => Err(format!(
+                "its vhost-user backend keeps no dirty log (it lacks {missing})"
+            )),
+            None => Ok(self.dirty_log.clone()),
+        }
     }
 }
 

@@ -68,13 +68,14 @@ pub fn frontend_replies(replies: &[u8]) -> usize {
         desc: 0x7f00_0000_0000,
         avail: 0x7f00_0000_1000,
         used: 0x7f00_0000_2000,
+        used_guest: 0x2000,
         base: 0,
     };
     let steps = [
         conn.read_config(60).map(drop),
         conn.set_mem_table(std::slice::from_ref(&region)),
-        conn.set_features(u64::MAX),
-        conn.start_ring(&ring, &call, &kick),
+        conn.set_features(u64::MAX, true),
+        conn.start_ring(&ring, &call, &kick, true),
         conn.stop_ring(1).map(drop),
         conn.write_config(8, &[1, 2, 3, 4]),
     ];

@@ -16,6 +16,9 @@
 //! - `hangup`: the event-loop subscriber that notices when the backend goes away.
 //! - `reconnect`: with `reconnect=`, the thread that connects again and replays the set-up.
 //! - `quiesce`: stopping the rings for a snapshot and where each restarts.
+//! - `dirty_log`: the memfd bitmap a backend logs the guest pages it writes in, and reading it.
+//! - `log_control`: switching a backend's dirty log on and off for a live snapshot
+//!   (`DeviceDirtyLog`).
 //! - `fuzzing`: the entry point of the `fuzz/` crate (replies from a hostile backend).
 //! - `blk_backend`: skiff's own vhost-user-blk backend process (`skiff vhost-user-blk`).
 //!
@@ -28,15 +31,19 @@ mod call_forwarder;
 pub mod config;
 mod connection;
 mod device;
+mod dirty_log;
 mod fs_config;
 #[doc(hidden)]
 pub mod fuzzing;
 mod hangup;
+mod log_control;
 mod quiesce;
 mod reconnect;
 mod session;
 mod watchdog;
 
+#[cfg(test)]
+mod log_tests;
 #[cfg(test)]
 mod tests;
 

@@ -286,8 +286,22 @@ fn attempt(shared: &Arc<Shared>, waker: &Waker) -> Outcome {
     };
     let mut session = shared.lock();
     let mut rings = 0;
+    let log = session.log.clone();
+    if let Some(log) = &log {
+        // A live snapshot is logging: the new backend logs into the same buffer.
+        if let Err(e) = conn.set_log_base(log) {
+            return classify(e);
+        }
+    }
     if let Some(active) = session.active.as_mut().filter(|a| !a.abandoned) {
-        if let Err(e) = bring_up(&mut conn, &shared.regions, active, Base::GuestUsedIndex) {
+        let logged = log.is_some();
+        if let Err(e) = bring_up(
+            &mut conn,
+            &shared.regions,
+            active,
+            Base::GuestUsedIndex,
+            logged,
+        ) {
             return classify(e);
         }
         active.started = true;

@@ -25,6 +25,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::config::SharedMemoryRegion;
 use super::connection::{Connection, RingSetup, VhostUserError};
+use super::dirty_log::LogBuffer;
 use crate::virtio::device::{DeviceSignals, EventLoop, GuestMemoryMmap};
 use crate::virtio::subscription::LoopSubscription;
 
@@ -142,6 +143,9 @@ pub(super) struct Session {
     pub watcher: Option<Handler>,
     /// The driver's rings, while it uses the device.
     pub active: Option<ActiveRings>,
+    /// The dirty log, while a live snapshot has it on (the backend was sent `SET_LOG_BASE`;
+    /// rings brought up meanwhile are logged).
+    pub log: Option<Arc<LogBuffer>>,
 }
 
 /// Where a ring starts when it is brought up.
@@ -154,21 +158,24 @@ pub(super) enum Base {
     GuestUsedIndex,
 }
 
-/// Sends `conn` the driver's features, the memory table and every ring of `active`.
+/// Sends `conn` the driver's features, the memory table and every ring of `active`; with
+/// `log`, the features include `VHOST_F_LOG_ALL` and the rings are logged (the log base was
+/// sent already).
 pub(super) fn bring_up(
     conn: &mut Connection,
     regions: &[SharedMemoryRegion],
     active: &ActiveRings,
     base: Base,
+    log: bool,
 ) -> Result<(), VhostUserError> {
-    conn.set_features(active.acked_features)?;
+    conn.set_features(active.acked_features, log)?;
     conn.set_mem_table(regions)?;
     for ring in &active.rings {
         let mut setup = ring_setup(ring.index, &ring.queue, &active.mem)?;
         if base == Base::GuestUsedIndex {
             setup.base = guest_used_index(ring.index, &ring.queue, &active.mem)?;
         }
-        conn.start_ring(&setup, &ring.call, &ring.kick)?;
+        conn.start_ring(&setup, &ring.call, &ring.kick, log)?;
     }
     Ok(())
 }
@@ -227,6 +234,7 @@ pub(super) fn ring_setup(
         desc: host("descriptor table", q.desc_table(), 16 * size)?,
         avail: host("available ring", q.avail_ring(), 6 + 2 * size)?,
         used: host("used ring", q.used_ring(), 6 + 8 * size)?,
+        used_guest: q.used_ring(),
         base: q.next_avail(),
     })
 }

@@ -1,7 +1,8 @@
 //! Frontend tests against scripted fake backends on a socket pair: the handshake and what the
 //! device offers the guest, refusals (too few queues, a rejected memory table), a backend that
 //! hangs up while the driver uses the device, stopping the rings for a snapshot (where they
-//! restart, a position no backend could report), and a property test feeding random replies to
+//! restart, a position no backend could report), the dirty log (switched on and off with the
+//! rings logged; refused without `LOG_SHMFD` or `VHOST_F_LOG_ALL`), and a property test feeding random replies to
 //! the handshake (it must fail cleanly, never panic or hang).
 
 #![allow(clippy::unwrap_used)]
@@ -20,7 +21,10 @@ use crate::virtio::device::{ActivateContext, QueueProgress, VirtioDevice};
 use crate::virtio::test_support::{guest_memory, DriverQueue, RecordingSignals, TestLoop};
 
 const GET_FEATURES: u32 = 1;
+const SET_FEATURES: u32 = 2;
 const SET_MEM_TABLE: u32 = 5;
+const SET_LOG_BASE: u32 = 6;
+const SET_VRING_ADDR: u32 = 9;
 const GET_VRING_BASE: u32 = 11;
 const GET_PROTOCOL_FEATURES: u32 = 15;
 const GET_QUEUE_NUM: u32 = 17;
@@ -35,6 +39,8 @@ const BLK_FLUSH: u64 = 1 << 9;
 const PF_MQ: u64 = 1 << 0;
 const PF_REPLY_ACK: u64 = 1 << 3;
 const PF_CONFIG: u64 = 1 << 9;
+const PF_LOG_SHMFD: u64 = 1 << 1;
+const LOG_ALL: u64 = 1 << 26;
 
 /// How the scripted backend answers.
 #[derive(Clone)]
@@ -132,6 +138,8 @@ fn run_script(mut stream: UnixStream, script: Script, stop_after: usize) -> Requ
                 }
                 reply(&mut stream, code, &state)
             }
+            // The log's size and offset come back (`LOG_SHMFD`'s reply).
+            SET_LOG_BASE => reply(&mut stream, code, &body[..16.min(body.len())]),
             SET_MEM_TABLE if flags & NEED_REPLY != 0 => {
                 reply(&mut stream, code, &script.mem_table_ack.to_le_bytes())
             }
@@ -699,4 +707,80 @@ fn a_reply_carrying_file_descriptors_fails_cleanly_and_leaks_none() {
         after < before + 60,
         "attached descriptors leaked: {before} open before, {after} after"
     );
+}
+
+#[test]
+fn without_log_shmfd_or_log_all_the_device_keeps_no_dirty_log() {
+    let events = TestLoop::new();
+    for (features, protocol, missing) in [
+        (0, 0, "LOG_SHMFD protocol feature and VHOST_F_LOG_ALL"),
+        (LOG_ALL, 0, "the LOG_SHMFD protocol feature"),
+        (0, PF_LOG_SHMFD, "the VHOST_F_LOG_ALL feature"),
+    ] {
+        let mut script = Script::good();
+        script.features |= features;
+        script.protocol |= protocol;
+        let (dev, _backend) = device(script, usize::MAX, &events);
+        let why = dev.dirty_log().err().unwrap();
+        assert!(
+            why.contains("keeps no dirty log") && why.contains(missing),
+            "{why}"
+        );
+        assert!(dev.untracked_writes().unwrap().contains(missing));
+    }
+}
+
+#[test]
+fn the_dirty_log_is_switched_on_with_the_rings_logged_and_off_again() {
+    // Handshake (7 with LOG_SHMFD negotiated), activation (8), on (3), off (2).
+    let mut script = Script::good();
+    script.features |= LOG_ALL;
+    script.protocol |= PF_LOG_SHMFD;
+    let events = TestLoop::new();
+    let (mut dev, backend) = device(script, 7 + 8 + 3 + 2, &events);
+    let mem = guest_memory(1 << 20);
+    let driver = DriverQueue::new(&mem, 0x1_0000, 16);
+    let used_guest = {
+        use virtio_queue::QueueT;
+        driver.activated(0).0.queue.used_ring()
+    };
+    let signals = Arc::new(RecordingSignals::default());
+    activate_at(&mut dev, &driver, &mem, &signals, &events, 0);
+    let log = dev.dirty_log().unwrap();
+    log.start(1 << 20).unwrap();
+    log.stop();
+    log.stop(); // A second stop sends nothing.
+    drop(dev);
+    let seen = backend.join().unwrap();
+    let u64_at = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+    let tail: Vec<_> = seen[seen.len() - 5..].to_vec();
+    let codes: Vec<u32> = tail.iter().map(|(c, _)| *c).collect();
+    assert_eq!(
+        codes,
+        [
+            SET_LOG_BASE,
+            SET_FEATURES,
+            SET_VRING_ADDR,
+            SET_FEATURES,
+            SET_VRING_ADDR
+        ],
+        "{seen:?}"
+    );
+    // One bit per 4 KiB page of 1 MiB: 32 bytes, one host page.
+    assert_eq!((u64_at(&tail[0].1, 0), u64_at(&tail[0].1, 8)), (4096, 0));
+    assert_ne!(u64_at(&tail[1].1, 0) & LOG_ALL, 0, "on: LOG_ALL");
+    assert_eq!(u64_at(&tail[3].1, 0) & LOG_ALL, 0, "off: without it");
+    // VhostUserVringAddr: index, flags (u32), desc, used, avail, log (u64).
+    let (on, off) = (&tail[2].1, &tail[4].1);
+    assert_eq!(
+        u32::from_le_bytes(on[4..8].try_into().unwrap()),
+        1,
+        "VHOST_VRING_F_LOG"
+    );
+    assert_eq!(
+        u64_at(on, 32),
+        used_guest,
+        "the used ring's guest address is logged"
+    );
+    assert_eq!(u32::from_le_bytes(off[4..8].try_into().unwrap()), 0);
 }

@@ -181,4 +181,21 @@ pub trait VirtioDevice: Send {
     fn untracked_writes(&self) -> Option<String> {
         None
     }
+    /// For a device with `untracked_writes`: its own log of the guest pages it writes, if it
+    /// can keep one (a live snapshot then follows its writes); `Err` says why it cannot.
+    fn dirty_log(&self) -> Result<Arc<dyn DeviceDirtyLog>, String> {
+        Err("it keeps no dirty log".into())
+    }
+}
+
+/// A device's own record of the guest pages it writes (a vhost-user backend's dirty log),
+/// driven by a live snapshot from its own thread.
+pub trait DeviceDirtyLog: Send + Sync {
+    /// Starts logging every page the device writes in guest memory `[0, ram_end)`.
+    fn start(&self, ram_end: u64) -> Result<(), String>;
+    /// Calls `page` with the guest-physical address of each page logged since the last call
+    /// (all below `ram_end`), and clears them.
+    fn take(&self, page: &mut dyn FnMut(u64));
+    /// Stops logging (also after a failed `start`); what was logged can still be taken.
+    fn stop(&self);
 }

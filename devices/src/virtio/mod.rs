@@ -18,6 +18,6 @@ pub(crate) mod test_support;
 pub mod transport;
 
 pub use device::{
-    ActivateContext, ActivateError, ActivatedQueue, DeviceIdentity, DeviceSignals, EventLoop,
-    GuestMemoryMmap, QueueProgress, VirtioDevice,
+    ActivateContext, ActivateError, ActivatedQueue, DeviceDirtyLog, DeviceIdentity, DeviceSignals,
+    EventLoop, GuestMemoryMmap, QueueProgress, VirtioDevice,
 };

@@ -12,8 +12,9 @@
 //! requests in flight complete into the used ring first), so guest memory and the saved queue
 //! positions agree; they continue when the VM is released. A vhost-user device's backend
 //! stops its rings there too (`GET_VRING_BASE`); it writes guest memory behind the dirty log,
-//! so a VM with one is refused live snapshots and its diffs count every page with data in the
-//! backing as written.
+//! so its diffs count every page with data in the backing as written. A live snapshot switches
+//! each such backend's own dirty log on for its passes (`device_logs`; refused when a backend
+//! cannot keep one) and off after the final pass or a failure.
 //!
 //! Full and diff: pause, gather the state, write on a `SnapshotJob` thread, resume when it
 //! ends. A full snapshot with `stop` skips dirty tracking (the VM ends) and lets the writer
@@ -83,12 +84,11 @@ impl RunningVm {
             )));
         }
         if req.live {
-            let untracked = self.untracked_writers();
-            if !untracked.is_empty() {
+            if let Err(missing) = self.device_dirty_logs() {
                 return Err(ControlError::Unsupported(format!(
                     "cannot take a live snapshot of this VM: {}; take a paused snapshot \
                      (without --live)",
-                    untracked.join("; ")
+                    missing.join("; ")
                 )));
             }
         }
@@ -111,6 +111,7 @@ impl RunningVm {
             self.start_paused(&req, temp.clone(), requested)
         };
         if result.is_err() {
+            self.stop_device_logs();
             let _ = std::fs::remove_dir_all(&temp);
         }
         result
@@ -247,6 +248,25 @@ impl RunningVm {
             .map_err(|e| internal(crate::error_chain(&e)))?;
         self.track_dirty()
             .map_err(|e| internal(format!("live snapshots need the dirty page log: {e}")))?;
+        // The devices that write guest memory themselves log it too (checked above).
+        let devices = self.device_dirty_logs().map_err(|missing| {
+            ControlError::Unsupported(format!(
+                "cannot take a live snapshot of this VM: {}",
+                missing.join("; ")
+            ))
+        })?;
+        let ram_end = self
+            .ram
+            .regions()
+            .iter()
+            .map(|r| r.guest_address.saturating_add(r.size))
+            .max()
+            .unwrap_or(0);
+        for log in &devices {
+            self.device_logs.push(log.clone());
+            log.start(ram_end)
+                .map_err(|e| internal(format!("cannot switch a device's dirty log on: {e}")))?;
+        }
         let first = match (&self.diff_base, req.diff) {
             (Some(base), true) => FirstPass::Pages(base.pending.clone()),
             _ => FirstPass::Full,
@@ -269,6 +289,7 @@ impl RunningVm {
             first,
             log,
             memory: self.ram.memory().clone(),
+            devices,
             limits: Limits::default(),
             progress: meta.progress.clone(),
         };
@@ -355,6 +376,7 @@ impl RunningVm {
             Err(e) => {
                 if live {
                     self.diff_base = None;
+                    self.stop_device_logs();
                 }
                 Err(ControlError::Internal(e))
             }
@@ -378,6 +400,7 @@ impl RunningVm {
         let paused_at = Instant::now();
         let was_running = !self.paused;
         let fail = |vm: &mut Self, e: ControlError| {
+            vm.stop_device_logs();
             let _ = std::fs::remove_dir_all(&precopy.temp);
             vm.diff_base = None;
             if was_running {
@@ -395,6 +418,8 @@ impl RunningVm {
             Ok(s) => s,
             Err(e) => return fail(self, internal(crate::error_chain(&e))),
         };
+        // The backends' last writes are in: their logs go off before the devices continue.
+        self.stop_device_logs();
         let state_started = Instant::now();
         let state = self.gather_state().and_then(|(state, notes)| {
             meta.notes.extend(notes);
@@ -443,6 +468,14 @@ impl RunningVm {
                 self,
                 internal(format!("cannot start the snapshot thread: {e}")),
             ),
+        }
+    }
+
+    /// Switches off the devices' dirty logs a live snapshot switched on (when it ends, or
+    /// fails).
+    fn stop_device_logs(&mut self) {
+        for log in self.device_logs.drain(..) {
+            log.stop();
         }
     }
 

@@ -1,6 +1,7 @@
 //! Dirty page sets for live and diff snapshots: one bitmap per memory region, gathered from the
-//! hypervisor's dirty log (vCPU writes) and `vm-memory`'s `AtomicBitmap` (writes skiff's own
-//! devices make through `GuestMemory`), and written from the guest mapping into a memory file
+//! hypervisor's dirty log (vCPU writes), `vm-memory`'s `AtomicBitmap` (writes skiff's own
+//! devices make through `GuestMemory`) and, during a live snapshot, the devices' own logs
+//! (vhost-user backends' writes: `merge_device_logs`), and written from the guest mapping into a memory file
 //! at the pages' own offsets.
 //!
 //! Bit layout everywhere: page `64 * w + b` of a region is bit `b` of word `w`, 4 KiB pages (the
@@ -10,7 +11,9 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
+use devices::virtio::DeviceDirtyLog;
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
 
@@ -161,6 +164,32 @@ pub fn gather(log: &dyn DirtyLog, memory: &GuestMemory) -> Result<Vec<PageBitmap
         set.merge_words(&region.deref_bitmap().get_and_reset());
     }
     Ok(sets)
+}
+
+/// Adds the pages the devices logged themselves (vhost-user backends) to `sets`, one per
+/// region of `memory`; an address outside every region is ignored. Returns how many pages the
+/// logs reported in guest memory.
+pub fn merge_device_logs(
+    sets: &mut [PageBitmap],
+    memory: &GuestMemory,
+    logs: &[Arc<dyn DeviceDirtyLog>],
+) -> u64 {
+    let mut count = 0;
+    let regions: Vec<(u64, u64)> = memory.iter().map(|r| (r.start_addr().0, r.len())).collect();
+    for log in logs {
+        log.take(&mut |address| {
+            let found = regions
+                .iter()
+                .position(|&(start, len)| address >= start && address - start < len);
+            if let Some((i, &(start, _))) = found.and_then(|i| Some((i, regions.get(i)?))) {
+                if let Some(set) = sets.get_mut(i) {
+                    set.set((address - start) / DIRTY_PAGE);
+                    count += 1;
+                }
+            }
+        });
+    }
+    count
 }
 
 /// Clears the devices' bitmaps (when tracking starts: everything counts as copied).

@@ -15,10 +15,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use devices::virtio::DeviceDirtyLog;
 use serde::Serialize;
 use thiserror::Error;
 
-use super::dirty::{gather, write_pages, DirtyError, PageBitmap, DIRTY_PAGE};
+use super::dirty::{gather, merge_device_logs, write_pages, DirtyError, PageBitmap, DIRTY_PAGE};
 use super::memory_file::{CopyMethod, MemoryFileError, PrivateMapping};
 use super::progress::SnapshotProgress;
 use super::writer::{
@@ -96,6 +97,8 @@ pub struct Precopy {
     pub log: Arc<dyn DirtyLog>,
     /// Guest memory, for the devices' dirty bitmaps.
     pub memory: GuestMemory,
+    /// The devices' own dirty logs (vhost-user backends), logging already.
+    pub devices: Vec<Arc<dyn DeviceDirtyLog>>,
     /// When to stop.
     pub limits: Limits,
     /// Where the bytes each pass writes are counted (the job's progress).
@@ -116,6 +119,8 @@ impl std::fmt::Debug for Precopy {
 pub struct PassStats {
     /// Dirty pages found (for the first pass of a full snapshot: pages copied).
     pub pages: u64,
+    /// Of those, pages a device's own dirty log reported (vhost-user backends' writes).
+    pub device_pages: u64,
     /// Bytes written.
     pub bytes: u64,
     /// How long the pass took, in ms.
@@ -189,6 +194,7 @@ pub fn precopy(job: &Precopy, cancel: &AtomicBool) -> Result<PrecopyReport, Live
         regions,
         passes: vec![PassStats {
             pages: first_bytes / DIRTY_PAGE,
+            device_pages: 0,
             bytes: first_bytes,
             ms: ms(started.elapsed()),
         }],
@@ -226,7 +232,8 @@ pub fn copy_dirty(
     cancel: &AtomicBool,
 ) -> Result<PassStats, LiveError> {
     let started = Instant::now();
-    let sets = gather(&*job.log, &job.memory)?;
+    let mut sets = gather(&*job.log, &job.memory)?;
+    let device_pages = merge_device_logs(&mut sets, &job.memory, &job.devices);
     let pages = sets.iter().map(PageBitmap::count).sum();
     job.progress.add_to_total(pages * DIRTY_PAGE);
     let mut bytes = 0;
@@ -252,6 +259,7 @@ pub fn copy_dirty(
     }
     Ok(PassStats {
         pages,
+        device_pages,
         bytes,
         ms: ms(started.elapsed()),
     })
@@ -316,6 +324,20 @@ mod tests {
         }
     }
 
+    /// A device's own log that reports scripted guest addresses, one list per call.
+    struct DeviceScript(Mutex<Vec<Vec<u64>>>);
+
+    impl DeviceDirtyLog for DeviceScript {
+        fn start(&self, _ram_end: u64) -> Result<(), String> {
+            Ok(())
+        }
+        fn take(&self, page: &mut dyn FnMut(u64)) {
+            let pages = self.0.lock().unwrap().pop().unwrap_or_default();
+            pages.into_iter().for_each(page);
+        }
+        fn stop(&self) {}
+    }
+
     #[test]
     fn passes_copy_what_was_dirtied_and_stop_when_small() {
         let size = 1u64 << 20;
@@ -326,6 +348,14 @@ mod tests {
         let backing = tempfile::tempfile().unwrap();
         backing.set_len(size).unwrap();
         // Calls pop from the end: first pass 2 pages (small: stop), then the final pass 1.
+        // The device's log adds page 3 to the first (an address beyond RAM is ignored).
+        memory
+            .write_obj(5u64, GuestAddress(3 * DIRTY_PAGE))
+            .unwrap();
+        let device: Arc<dyn DeviceDirtyLog> = Arc::new(DeviceScript(Mutex::new(vec![
+            vec![],
+            vec![3 * DIRTY_PAGE, size, u64::MAX - 7],
+        ])));
         let log = Arc::new(Scripted {
             calls: Mutex::new(vec![vec![7], vec![0, 9]]),
             size,
@@ -343,36 +373,39 @@ mod tests {
             first: FirstPass::Full,
             log,
             memory: memory.clone(),
+            devices: vec![device.clone()],
             limits: Limits::default(),
             progress: Arc::default(),
         };
         let never = AtomicBool::new(false);
         let mut report = precopy(&job, &never).unwrap();
         assert_eq!(report.passes.len(), 2, "{:?}", report.passes);
-        assert_eq!(report.passes[1].pages, 2);
+        assert_eq!(
+            report.passes[1].pages, 3,
+            "the KVM log's 2 and the device's 1"
+        );
+        assert_eq!(
+            report.passes[1].device_pages, 1,
+            "the address beyond RAM is not one"
+        );
         // Dirtied during "the pause": the final pass takes it.
         memory
             .write_obj(9u64, GuestAddress(7 * DIRTY_PAGE))
             .unwrap();
         let last = copy_dirty(&job, &mut report, &never).unwrap();
         assert_eq!((last.pages, last.bytes), (1, DIRTY_PAGE));
-        assert_eq!(report.regions[0].copied_bytes, 3 * DIRTY_PAGE);
+        assert_eq!(report.regions[0].copied_bytes, 4 * DIRTY_PAGE);
         let counted = job.progress.read();
         assert_eq!(
             (counted.bytes_done, counted.bytes_total),
-            (3 * DIRTY_PAGE, 3 * DIRTY_PAGE),
-            "every pass's pages are expected, then counted done"
-        );
-        let counted = job.progress.read();
-        assert_eq!(
-            (counted.bytes_done, counted.bytes_total),
-            (3 * DIRTY_PAGE, 3 * DIRTY_PAGE),
+            (4 * DIRTY_PAGE, 4 * DIRTY_PAGE),
             "every pass's pages are expected, then counted done"
         );
         let data = std::fs::read(dir.path().join("memory-0.bin")).unwrap();
         assert_eq!(data.len() as u64, size);
         assert_eq!(data[0], 1);
         assert_eq!(data[7 * 4096], 9);
+        assert_eq!(data[3 * 4096], 5, "the page the device logged");
         assert!(memory.iter().count() == 1);
     }
 }

@@ -1,6 +1,7 @@
 //! `BlkBackend`: the `VhostUserBackend` the daemon drives for one frontend connection. Its
 //! features and configuration space are the in-process `VirtioBlk`'s (plus
-//! `VHOST_USER_F_PROTOCOL_FEATURES`); a kicked queue is served by `queue::serve_queue` on the
+//! `VHOST_USER_F_PROTOCOL_FEATURES`, and the dirty log: `LOG_SHMFD` and `VHOST_F_LOG_ALL`, the
+//! log being each memory region's bitmap); a kicked queue is served by `queue::serve_queue` on the
 //! daemon's worker thread.
 //!
 //! Everything the frontend sends (config offsets and sizes, memory tables, ring addresses) is
@@ -13,6 +14,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::VhostUserVirtioFeatures;
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -27,8 +29,9 @@ use crate::virtio::blk::engine::{EngineError, IoEngine};
 use crate::virtio::blk::VirtioBlk;
 use crate::virtio::VirtioDevice;
 
-/// Guest memory as the backend maps it (no dirty bitmap).
-pub(super) type BackendMemory = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+/// Guest memory as the backend maps it: each region's bitmap is the frontend's dirty log once
+/// it sends one (`SET_LOG_BASE`), so every write the backend makes is logged.
+pub(super) type BackendMemory = GuestMemoryAtomic<GuestMemoryMmap<BitmapMmapRegion>>;
 
 /// Largest configuration read answered (the protocol's own limit is 256 bytes).
 const MAX_CONFIG_READ: u32 = 256;
@@ -59,7 +62,9 @@ impl BlkBackend {
         blk.read_config(0, &mut config);
         Ok(Self {
             disk: blk.disk().clone(),
-            features: blk.device_features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+            features: blk.device_features()
+                | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+                | VhostUserVirtioFeatures::LOG_ALL.bits(),
             config,
             queues: blk.queue_max_sizes().len(),
             engine: Mutex::new(IoEngine::start(
@@ -73,7 +78,7 @@ impl BlkBackend {
 }
 
 impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
+    type Bitmap = BitmapMmapRegion;
     type Vring = VringRwLock<BackendMemory>;
 
     fn num_queues(&self) -> usize {
@@ -92,6 +97,7 @@ impl VhostUserBackend for BlkBackend {
         VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {

@@ -1,7 +1,8 @@
 //! Serving one kicked queue in the backend: every available chain is parsed and checked by
 //! `virtio::blk::request` (the in-process device's code), its file operations run on the I/O
 //! engine, and once they have all completed each request's status byte is written and its
-//! chain returned to the used ring; the frontend is then signalled if the driver wants it.
+//! chain returned to the used ring (the buffers the engine wrote marked in the dirty log
+//! first: the engine bypasses `vm-memory`'s bitmap); the frontend is then signalled if the driver wants it.
 //!
 //! Requests go to the used ring as soon as their operations finish, and the worker keeps taking
 //! the chains the driver adds meanwhile (a bounded number), so a streaming driver never waits for
@@ -11,15 +12,17 @@
 //! and the ring checked again before returning, so a request added meanwhile is not missed.
 
 use thiserror::Error;
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VringRwLock, VringState, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::backend::BackendMemory;
 use crate::virtio::blk::disk::DiskImage;
 use crate::virtio::blk::engine::{Completion, IoEngine, MAX_IN_FLIGHT};
-use crate::virtio::blk::request::{parse, prepare, Action};
+use crate::virtio::blk::request::{parse, prepare, Action, Segment};
 
 /// Most operations one request can add (a discard with the maximum number of ranges).
 const MAX_OPS_PER_REQUEST: usize = 8;
@@ -43,6 +46,8 @@ struct Pending {
     /// Operations not yet completed.
     remaining: usize,
     failed: bool,
+    /// Guest buffers the operations write (the engine bypasses the bitmap).
+    dirty: Vec<Segment>,
 }
 
 /// Requests in flight, indexed by the tag their operations carry.
@@ -84,7 +89,7 @@ impl InFlight {
 /// Serves every available request of `vring`.
 pub(super) fn serve_queue(
     vring: &VringRwLock<BackendMemory>,
-    mem: &GuestMemoryMmap<()>,
+    mem: &GuestMemoryMmap<BitmapMmapRegion>,
     disk: &DiskImage,
     engine: &mut IoEngine,
     event_idx: bool,
@@ -112,7 +117,7 @@ const STREAM_BUDGET: usize = 1024;
 /// Returns once nothing is in flight, so guest memory stays mapped for every operation.
 fn serve_available(
     state: &mut VringState<BackendMemory>,
-    mem: &GuestMemoryMmap<()>,
+    mem: &GuestMemoryMmap<BitmapMmapRegion>,
     disk: &DiskImage,
     engine: &mut IoEngine,
 ) -> Result<(), QueueError> {
@@ -137,6 +142,7 @@ fn serve_available(
         }
         for c in done.drain(..) {
             if let Some(p) = in_flight.complete(&c) {
+                mark_dirty(mem, &p.dirty);
                 let (status, len) = match p.failed {
                     true => (VIRTIO_BLK_S_IOERR as u8, 1),
                     false => (VIRTIO_BLK_S_OK as u8, p.used_len),
@@ -159,10 +165,10 @@ fn serve_available(
 /// to the used ring.
 fn take(
     state: &mut VringState<BackendMemory>,
-    mem: &GuestMemoryMmap<()>,
+    mem: &GuestMemoryMmap<BitmapMmapRegion>,
     disk: &DiskImage,
     engine: &mut IoEngine,
-    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap<()>>,
+    chain: virtio_queue::DescriptorChain<&GuestMemoryMmap<BitmapMmapRegion>>,
     in_flight: &mut InFlight,
 ) -> Result<bool, QueueError> {
     let head = chain.head_index();
@@ -194,18 +200,33 @@ fn take(
                 .map_err(QueueError::Ring)?;
             Ok(true)
         }
-        Action::Io { ops, used_len, .. } => {
+        Action::Io {
+            ops,
+            used_len,
+            dirty,
+        } => {
             let tag = in_flight.insert(Pending {
                 head,
                 status: req.status,
                 used_len,
                 remaining: ops.len(),
                 failed: false,
+                dirty,
             });
             for op in ops {
                 engine.submit(tag, op);
             }
             Ok(false)
+        }
+    }
+}
+
+/// Marks the guest buffers a request's operations wrote in the dirty log (even a failed read
+/// may have written some), as the in-process device does when a request finishes.
+fn mark_dirty(mem: &GuestMemoryMmap<BitmapMmapRegion>, dirty: &[Segment]) {
+    for seg in dirty {
+        for slice in mem.get_slices(seg.addr, seg.len as usize).flatten() {
+            slice.bitmap().mark_dirty(0, slice.len());
         }
     }
 }

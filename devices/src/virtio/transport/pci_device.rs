@@ -41,8 +41,8 @@ use crate::pci::config_space::{
 use crate::pci::msix::{MsiRouteUpdater, Msix, MsixError, MSIX_CAPABILITY_ID, MSIX_ENTRY_SIZE};
 use crate::pci::PciDevice;
 use crate::virtio::device::{
-    ActivateContext, ActivatedQueue, DeviceSignals, EventLoop, GuestMemoryMmap, QueueProgress,
-    VirtioDevice,
+    ActivateContext, ActivatedQueue, DeviceDirtyLog, DeviceSignals, EventLoop, GuestMemoryMmap,
+    QueueProgress, VirtioDevice,
 };
 
 /// PCI vendor ID of virtio devices.
@@ -526,6 +526,11 @@ impl VirtioPciDevice {
     /// (`VirtioDevice::untracked_writes`).
     pub fn untracked_writes(&self) -> Option<String> {
         self.device.untracked_writes()
+    }
+
+    /// The device's own dirty log (`VirtioDevice::dirty_log`), or why it has none.
+    pub fn dirty_log(&self) -> Result<Arc<dyn DeviceDirtyLog>, String> {
+        self.device.dirty_log()
     }
 
     /// For a snapshot of the paused VM (no vCPU runs): finishes what the device has in flight
