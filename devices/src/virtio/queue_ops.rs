@@ -102,3 +102,19 @@ pub fn queue_slots(
         })
         .collect()
 }
+
+/// `queue_slots` for a device with a receive queue (0) and a transmit queue (1): the pair.
+pub fn rx_tx_slots(
+    device: &'static str,
+    enabled: Vec<ActivatedQueue>,
+    max_sizes: &[u16],
+) -> Result<(ActivatedQueue, ActivatedQueue), ActivateError> {
+    let mut slots = queue_slots(device, enabled, max_sizes)?.into_iter();
+    match (slots.next(), slots.next()) {
+        (Some(rx), Some(tx)) => Ok((rx, tx)),
+        _ => Err(ActivateError::BadQueues {
+            device,
+            reason: "no receive and transmit queues".to_string(),
+        }),
+    }
+}

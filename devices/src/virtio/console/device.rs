@@ -17,7 +17,7 @@ use super::QUEUE_SIZE;
 use crate::virtio::device::{
     ActivateContext, ActivateError, DeviceIdentity, QueueProgress, VirtioDevice,
 };
-use crate::virtio::queue_ops::queue_slots;
+use crate::virtio::queue_ops::rx_tx_slots;
 use crate::virtio::subscription::ActiveHandler;
 
 /// virtio device type of a console.
@@ -109,13 +109,7 @@ impl VirtioDevice for VirtioConsole {
             event_loop,
             ..
         } = ctx;
-        let mut slots = queue_slots(NAME, queues, &self.queue_max_sizes())?.into_iter();
-        let (Some(rx), Some(tx)) = (slots.next(), slots.next()) else {
-            return Err(ActivateError::BadQueues {
-                device: NAME,
-                reason: "no receiveq0 and transmitq0".to_string(),
-            });
-        };
+        let (rx, tx) = rx_tx_slots(NAME, queues, &self.queue_max_sizes())?;
         let stopped = Arc::new(AtomicBool::new(false));
         let handler = ConsoleQueueHandler::new(
             mem,

@@ -24,7 +24,7 @@ use super::QUEUE_SIZE;
 use crate::virtio::device::{
     ActivateContext, ActivateError, DeviceIdentity, QueueProgress, VirtioDevice,
 };
-use crate::virtio::queue_ops::queue_slots;
+use crate::virtio::queue_ops::rx_tx_slots;
 use crate::virtio::subscription::ActiveHandler;
 
 /// virtio device type of a network card.
@@ -223,13 +223,7 @@ impl VirtioDevice for VirtioNet {
             signals,
             event_loop,
         } = ctx;
-        let mut slots = queue_slots(NAME, queues, &self.queue_max_sizes())?.into_iter();
-        let (Some(rx), Some(tx)) = (slots.next(), slots.next()) else {
-            return Err(ActivateError::BadQueues {
-                device: NAME,
-                reason: "no receive and transmit queues".to_string(),
-            });
-        };
+        let (rx, tx) = rx_tx_slots(NAME, queues, &self.queue_max_sizes())?;
         self.tap
             .set_offloads(tun_offloads(acked_features))
             .map_err(|e| ActivateError::Host {
