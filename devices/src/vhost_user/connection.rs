@@ -523,6 +523,23 @@ impl Connection {
         Ok(())
     }
 
+    /// Returns once the backend has acted on every request sent so far. With `REPLY_ACK` each
+    /// request was acknowledged already; without it `SET_VRING_ENABLE` and friends are one-way,
+    /// and a backend that reads kicks on another thread (vhost-user-backend 0.10, for one) drops
+    /// a kick that arrives before it has processed the enable. A request with a reply of its own
+    /// (`GET_FEATURES`) is the barrier: the backend answers requests in order.
+    pub fn wait_until_applied(&mut self) -> Result<(), VhostUserError> {
+        if self
+            .negotiated
+            .protocol
+            .contains(VhostUserProtocolFeatures::REPLY_ACK)
+        {
+            return Ok(());
+        }
+        self.call("GET_FEATURES (barrier)", |f| f.get_features())
+            .map(|_| ())
+    }
+
     /// Stops one queue (`SET_VRING_ENABLE 0`, then `GET_VRING_BASE`, which the backend answers
     /// once it has stopped using the ring). Returns where the backend stopped.
     pub fn stop_ring(&mut self, index: u16) -> Result<u32, VhostUserError> {

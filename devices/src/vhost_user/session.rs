@@ -9,7 +9,8 @@
 //!   is ignored), the watcher of its socket, and the driver's active rings.
 //! - `bring_up`: sends a connection the driver's features, the memory table and every ring; on
 //!   a replay each ring's base is the used index the guest's memory shows, and each kick eventfd
-//!   is written once afterwards so a request made while disconnected is looked at.
+//!   is written once afterwards so a request made while disconnected is looked at; it returns
+//!   only once the backend has applied every request (a barrier when there is no `REPLY_ACK`).
 //!
 //! Lock order: a vCPU holds the transport's lock, then `Shared::session`; the reconnect thread
 //! takes only `Shared::session`. The event loop never takes it (the watcher uses the flags).
@@ -177,7 +178,8 @@ pub(super) fn bring_up(
         }
         conn.start_ring(&setup, &ring.call, &ring.kick, log)?;
     }
-    Ok(())
+    // The guest may kick as soon as this returns: the backend must have enabled every ring.
+    conn.wait_until_applied()
 }
 
 /// Writes every ring's kick eventfd once, so the backend looks at its available ring even if

@@ -566,6 +566,26 @@ fn a_configuration_space_skiff_built_is_read_only_to_the_driver() {
     assert_eq!(u32::from_le_bytes(queues), 1);
 }
 
+#[test]
+fn without_reply_ack_activation_waits_for_the_backend_to_apply_the_enable() {
+    // SET_VRING_ENABLE is one-way without REPLY_ACK; a backend reading kicks on another thread
+    // drops a kick that beats the enable, so activation ends with a request that has a reply.
+    const SET_VRING_ENABLE: u32 = 18;
+    let mut script = Script::good();
+    script.protocol = PF_MQ | PF_CONFIG;
+    let events = TestLoop::new();
+    let (mut dev, backend) = device(script, usize::MAX, &events);
+    let mem = guest_memory(1 << 20);
+    let driver = DriverQueue::new(&mem, 0x1_0000, 16);
+    let signals = Arc::new(RecordingSignals::default());
+    activate_at(&mut dev, &driver, &mem, &signals, &events, 0);
+    drop(dev);
+    let seen: Vec<u32> = backend.join().unwrap().iter().map(|r| r.0).collect();
+    let enable = seen.iter().rposition(|&c| c == SET_VRING_ENABLE);
+    let enable = enable.unwrap_or_else(|| panic!("no SET_VRING_ENABLE in {seen:?}"));
+    assert_eq!(seen.get(enable + 1), Some(&GET_FEATURES), "{seen:?}");
+}
+
 // ---- Snapshots: `quiesce` stops the rings, the resume restarts them ----
 
 /// Activates `dev` on the driver's queue 0, continuing at `next_avail`.
