@@ -1,5 +1,5 @@
 //! Linux tests: boot the minimal kernel from `images/linux` and check from its log that it saw
-//! the memory map and CPU count skiff gave it; snapshot it mid-boot and check the restored
+//! the memory map, CPU count and devices skiff gave it (a vhost-user disk among them); snapshot it mid-boot and check the restored
 //! kernel boots on.
 //!
 //! A probe picks the tier: on a PVM host (`/sys/module/kvm_pvm`), guest kernel mode is emulated
@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use skiff_tests::{linux_images, pvm_host, require_kvm, skiff_bin, NetNs, Skiff};
+use skiff_tests::{linux_images, pvm_host, require_kvm, skiff_bin, Backend, NetNs, Skiff};
 
 mod snapshot_support;
 
@@ -36,6 +36,15 @@ fn minimal_kernel_boots_with_the_memory_map_cpus_and_devices_skiff_gave_it() {
     let disk = tempfile::NamedTempFile::new().unwrap();
     disk.as_file().set_len(64 << 20).unwrap();
     let disk_spec = format!("path={},id=linuxdisk", disk.path().display());
+    // A second disk served by skiff's own vhost-user-blk backend, with an MBR of one partition:
+    // the kernel logs the partition only after its read of sector 0 completed, which takes the
+    // backend's interrupt (delivered straight through the vector's irqfd).
+    let dir = tempfile::tempdir().unwrap();
+    let backend_disk = dir.path().join("vhost.img");
+    std::fs::write(&backend_disk, mbr_with_one_partition(32 << 20)).unwrap();
+    let socket = dir.path().join("blk.sock");
+    let _backend = Backend::skiff_blk(&socket, &backend_disk, &[]);
+    let vhost_spec = format!("type=blk,socket={}", socket.display());
     // The tap lives in a namespace of the test's own; `ip=` makes the kernel bring eth0 up and
     // log it.
     let ns = NetNs::new("sklnx0");
@@ -70,6 +79,8 @@ fn minimal_kernel_boots_with_the_memory_map_cpus_and_devices_skiff_gave_it() {
             "tap=sklnx0",
             "--rng",
             "--console",
+            "--vhost-user",
+            &vhost_spec,
         ])
         .args(["--timeout", "900"]);
     let mut vm = Skiff::spawn_command(&mut cmd);
@@ -94,6 +105,9 @@ fn minimal_kernel_boots_with_the_memory_map_cpus_and_devices_skiff_gave_it() {
         "PCI host bridge to bus 0000:00",
         // The 64 MiB virtio-blk disk, with its capacity.
         "[vda] 131072 512-byte logical blocks",
+        // The 32 MiB vhost-user-blk disk, and its partition table read through the backend.
+        "[vdb] 65536 512-byte logical blocks",
+        " vdb: vdb1",
         // virtio-net came up as eth0 (kernel IP autoconfiguration).
         "device=eth0",
         // virtio-console became a console.
@@ -101,6 +115,19 @@ fn minimal_kernel_boots_with_the_memory_map_cpus_and_devices_skiff_gave_it() {
     ] {
         assert!(log.contains(line), "kernel log lacks {line:?}\n{log}");
     }
+}
+
+/// A disk image of `size` bytes whose MBR holds one Linux partition from sector 2048 on.
+fn mbr_with_one_partition(size: u64) -> Vec<u8> {
+    let mut image = vec![0u8; usize::try_from(size).unwrap()];
+    let sectors = u32::try_from(size / 512).unwrap();
+    let entry = &mut image[0x1be..0x1ce];
+    entry[4] = 0x83; // Linux
+    entry[8..12].copy_from_slice(&2048u32.to_le_bytes());
+    entry[12..16].copy_from_slice(&(sectors - 2048).to_le_bytes());
+    image[510] = 0x55;
+    image[511] = 0xaa;
+    image
 }
 
 #[test]

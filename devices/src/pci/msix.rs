@@ -210,13 +210,21 @@ impl Msix {
         self.enabled
     }
 
-    /// Applies the capability's message control register after a guest write.
-    pub fn set_control(&mut self, control: u16) {
+    /// Applies the capability's message control register after a guest write. Returns whether
+    /// any vector became deliverable or stopped being so (see `deliverable_irqfd`).
+    pub fn set_control(&mut self, control: u16) -> bool {
+        let before: Vec<bool> = (0..self.entries.len())
+            .map(|v| self.deliverable(v))
+            .collect();
         self.enabled = control & MSIX_CONTROL_ENABLE != 0;
         self.function_masked = control & MSIX_CONTROL_FUNCTION_MASK != 0;
         for vector in 0..self.entries.len() {
             self.sync(vector);
         }
+        before
+            .iter()
+            .enumerate()
+            .any(|(v, &was)| was != self.deliverable(v))
     }
 
     /// The vector table and pending bits.
@@ -285,24 +293,29 @@ impl Msix {
         }
     }
 
-    /// Writes the vector table at `offset` (same access rules as `read_table`).
-    pub fn write_table(&mut self, offset: u64, data: &[u8]) {
+    /// Writes the vector table at `offset` (same access rules as `read_table`). Returns whether
+    /// a vector became deliverable or stopped being so (see `deliverable_irqfd`).
+    pub fn write_table(&mut self, offset: u64, data: &[u8]) -> bool {
+        let mut changed = false;
         if !aligned_dword_access(offset, data.len()) {
-            return;
+            return changed;
         }
         for (i, chunk) in data.chunks_exact(4).enumerate() {
             let at = offset + 4 * i as u64;
             let Ok(vector) = usize::try_from(at / MSIX_ENTRY_SIZE) else {
-                return;
+                return changed;
             };
+            let was = self.deliverable(vector);
             let Some(entry) = self.entries.get_mut(vector) else {
-                return;
+                return changed;
             };
             let mut value = [0u8; 4];
             value.copy_from_slice(chunk);
             entry.set_dword((at % MSIX_ENTRY_SIZE) / 4, u32::from_le_bytes(value));
             self.sync(vector);
+            changed |= was != self.deliverable(vector);
         }
+        changed
     }
 
     /// Reads the PBA at `offset` (any width; past the end reads zero). The PBA is read-only.
@@ -336,6 +349,30 @@ impl Msix {
             return Ok(());
         }
         self.irqs[v].write(1)
+    }
+
+    /// A duplicate of `vector`'s irqfd while the vector is deliverable (MSI-X enabled, function
+    /// and vector unmasked, its route pushed): a write to it interrupts the guest at once, so a
+    /// device model in another process may be given it instead of an eventfd the VMM forwards.
+    /// Whoever holds it must stop writing it once the vector is masked (`set_control` and
+    /// `write_table` say when deliverability changes); interrupts raised meanwhile go through
+    /// `trigger`, which keeps them pending.
+    pub fn deliverable_irqfd(&self, vector: u16) -> Option<EventFd> {
+        let v = usize::from(vector);
+        if !self.deliverable(v) {
+            return None;
+        }
+        match self.irqs[v].try_clone() {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                log::warn!("MSI-X vector {v}: cannot duplicate its irqfd: {e}");
+                None
+            }
+        }
+    }
+
+    fn deliverable(&self, v: usize) -> bool {
+        v < self.entries.len() && self.enabled && !self.masked(v) && self.routed[v].is_some()
     }
 
     fn masked(&self, v: usize) -> bool {
@@ -576,5 +613,32 @@ mod tests {
             Msix::new(vec![], Arc::new(Routes::default())).unwrap_err(),
             MsixError::VectorCount(0)
         );
+    }
+
+    #[test]
+    fn a_vector_irqfd_is_handed_out_only_while_deliverable_and_changes_are_reported() {
+        let (mut m, _) = msix(2);
+        assert!(m.deliverable_irqfd(0).is_none(), "disabled");
+        assert!(
+            !m.set_control(MSIX_CONTROL_ENABLE),
+            "every vector still masked"
+        );
+        program(&mut m, 0, 0xfee0_0000, 0x41);
+        assert!(m.deliverable_irqfd(0).is_none(), "masked");
+        assert!(m.write_table(12, &0u32.to_le_bytes()), "unmasking vector 0");
+        let irqfd = m.deliverable_irqfd(0).expect("deliverable");
+        irqfd.write(1).unwrap();
+        assert!(fired(&m, 0), "the duplicate is the vector's irqfd");
+        assert!(m.deliverable_irqfd(1).is_none(), "vector 1 is still masked");
+        assert!(m.deliverable_irqfd(7).is_none(), "out of range");
+        assert!(
+            !m.write_table(8, &0x42u32.to_le_bytes()),
+            "new data, still deliverable"
+        );
+        assert!(m.set_control(MSIX_CONTROL_ENABLE | MSIX_CONTROL_FUNCTION_MASK));
+        assert!(m.deliverable_irqfd(0).is_none(), "function masked");
+        assert!(m.set_control(MSIX_CONTROL_ENABLE));
+        assert!(m.write_table(12, &1u32.to_le_bytes()), "masking vector 0");
+        assert!(m.deliverable_irqfd(0).is_none());
     }
 }

@@ -1,6 +1,8 @@
 //! `CallForwarder`: the event-loop subscriber of an active vhost-user device. It watches one
-//! "call" eventfd per queue (the backend writes it when it used buffers) and raises that queue's
-//! interrupt through `DeviceSignals::notify_queue`, which honours MSI-X masking.
+//! "call" eventfd per queue, which the backend writes when it used buffers while the queue's
+//! MSI-X vector is not deliverable (masked, or MSI-X off; otherwise the backend writes the
+//! vector's irqfd itself), and raises that queue's interrupt through
+//! `DeviceSignals::notify_queue`, which honours MSI-X masking (keeps it pending).
 //!
 //! The call eventfds outlive a backend: after a reconnect the new backend gets the same ones,
 //! so the forwarder stays registered from activation to reset. Watching the backend's socket is
@@ -59,6 +61,7 @@ impl MutEventSubscriber for CallForwarder {
         if self.stopped.load(Ordering::Acquire) {
             return;
         }
+        log::trace!("virtio {}: forwarding queue {queue}'s interrupt", self.name);
         if let Err(e) = self.signals.notify_queue(*queue) {
             log::warn!("virtio {}: cannot notify queue {queue}: {e}", self.name);
         }

@@ -523,6 +523,13 @@ impl Connection {
         Ok(())
     }
 
+    /// Points queue `index`'s interrupts at `call` (`SET_VRING_CALL`).
+    pub fn set_vring_call(&mut self, index: u16, call: &EventFd) -> Result<(), VhostUserError> {
+        self.call(&format!("SET_VRING_CALL of queue {index}"), |f| {
+            f.set_vring_call(usize::from(index), call)
+        })
+    }
+
     /// Returns once the backend has acted on every request sent so far. With `REPLY_ACK` each
     /// request was acknowledged already; without it `SET_VRING_ENABLE` and friends are one-way,
     /// and a backend that reads kicks on another thread (vhost-user-backend 0.10, for one) drops

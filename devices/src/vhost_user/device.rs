@@ -9,7 +9,10 @@
 //! - `activate` (driver sets `DRIVER_OK`): `SET_FEATURES` with the driver's features, the memory
 //!   table, then every enabled queue: ring addresses translated to this process's mapping, the
 //!   queue's ioeventfd as kick fd (the guest's kick goes straight to the backend, no VMM hop),
-//!   and a call eventfd forwarded to the queue's MSI-X vector by `CallForwarder`.
+//!   and as call fd the irqfd of the queue's MSI-X vector (the backend interrupts the guest
+//!   without a VMM hop either) while that vector is deliverable, else an eventfd that
+//!   `CallForwarder` forwards through the transport's MSI-X masking. `interrupt_delivery_changed`
+//!   switches between the two when the guest masks or unmasks the vector.
 //! - `reset`: `GET_VRING_BASE` on each started queue (the backend stops using it), and the
 //!   forwarder leaves the event loop.
 //! - Snapshots: `quiesce` stops every ring the same way and keeps where each restarts
@@ -41,7 +44,7 @@ use super::fs_config::{fs_config_space, FsConfigProblem};
 use super::log_control::BackendDirtyLog;
 use super::quiesce::stop_rings;
 use super::reconnect::{watch, Reconnector};
-use super::session::{bring_up, ActiveRings, Base, Handler, Ring, Session, Shared};
+use super::session::{bring_up, retarget_calls, ActiveRings, Base, Handler, Ring, Session, Shared};
 use crate::error_chain;
 use crate::virtio::device::{
     ActivateContext, ActivateError, DeviceDirtyLog, DeviceIdentity, EventLoop, QueueProgress,
@@ -186,10 +189,19 @@ impl VhostUserDevice {
             let call = EventFd::new(EFD_NONBLOCK).map_err(host("a call eventfd"))?;
             rings.push(Ring {
                 call: call.try_clone().map_err(host("a call eventfd"))?,
+                direct: ctx.signals.queue_irqfd(queue.index),
                 index: queue.index,
                 queue: queue.queue,
                 kick: queue.kick,
             });
+            if let Some(ring) = rings.last() {
+                log::debug!(
+                    "virtio {}: queue {}: interrupts {}",
+                    self.kind.name(),
+                    ring.index,
+                    ring.interrupt_path()
+                );
+            }
             calls.push((queue.index, call));
         }
         let stopped = Arc::new(AtomicBool::new(false));
@@ -366,6 +378,25 @@ impl VirtioDevice for VhostUserDevice {
 
     fn identity(&self) -> Result<DeviceIdentity, String> {
         Ok(DeviceIdentity::VhostUser(self.cfg.clone()))
+    }
+
+    fn interrupt_delivery_changed(&mut self) {
+        let shared = self.shared.clone();
+        let Some(signals) = shared.signals.get() else {
+            return;
+        };
+        let mut guard = shared.lock();
+        let session = &mut *guard;
+        let Some(active) = session.active.as_mut() else {
+            return;
+        };
+        let live = active.started && !shared.is_disconnected();
+        let conn = session.conn.as_mut().filter(|_| live);
+        if let Err(e) = retarget_calls(conn, active, signals.as_ref()) {
+            // A backend that went away is reported once, by the hang-up watcher; the replay
+            // after a reconnect sends the call eventfds the rings now name.
+            log::debug!("virtio {}: {}", self.kind.name(), error_chain(&e));
+        }
     }
 
     fn quiesce(&mut self) -> Option<Vec<QueueProgress>> {

@@ -111,8 +111,28 @@ pub(super) struct Ring {
     pub index: u16,
     /// The eventfd the backend writes when it used buffers (a duplicate of the forwarder's).
     pub call: EventFd,
+    /// The irqfd of the queue's MSI-X vector while that vector is deliverable: the backend is
+    /// given this one instead of `call`, so its interrupts reach the guest without a trip
+    /// through skiff's event loop. `None` while the vector is masked (or MSI-X is off): the
+    /// backend then writes `call`, and the forwarder keeps what the mask holds back pending.
+    pub direct: Option<EventFd>,
     /// The queue's KVM ioeventfd (the guest's kicks).
     pub kick: EventFd,
+}
+
+impl Ring {
+    /// The eventfd the backend is to write: the vector's irqfd when deliverable, else `call`.
+    pub fn call_target(&self) -> &EventFd {
+        self.direct.as_ref().unwrap_or(&self.call)
+    }
+
+    /// Where the backend's interrupts go, for messages.
+    pub fn interrupt_path(&self) -> &'static str {
+        match self.direct {
+            Some(_) => "straight to the MSI-X vector's irqfd",
+            None => "through skiff's call forwarder",
+        }
+    }
 }
 
 /// What the driver set up, from activation to reset.
@@ -176,10 +196,45 @@ pub(super) fn bring_up(
         if base == Base::GuestUsedIndex {
             setup.base = guest_used_index(ring.index, &ring.queue, &active.mem)?;
         }
-        conn.start_ring(&setup, &ring.call, &ring.kick, log)?;
+        conn.start_ring(&setup, ring.call_target(), &ring.kick, log)?;
     }
     // The guest may kick as soon as this returns: the backend must have enabled every ring.
     conn.wait_until_applied()
+}
+
+/// Follows the guest's MSI-X masking: each ring whose vector became deliverable gets its irqfd
+/// as the backend's call eventfd, each whose vector stopped being so gets the forwarder's
+/// eventfd back (`SET_VRING_CALL`, then a barrier, so the backend writes the new one once this
+/// returns). Without a connection (`conn` is `None`) only the rings are updated; a replay sends
+/// them. An interrupt the backend raised through the forwarder just before an unmask is
+/// delivered by the forwarder, and one raised through the irqfd just before a mask arrives like
+/// an interrupt raised just before the mask: nothing is lost.
+pub(super) fn retarget_calls(
+    mut conn: Option<&mut Connection>,
+    active: &mut ActiveRings,
+    signals: &dyn DeviceSignals,
+) -> Result<(), VhostUserError> {
+    let mut sent = false;
+    for ring in &mut active.rings {
+        let direct = signals.queue_irqfd(ring.index);
+        if direct.is_some() == ring.direct.is_some() {
+            continue;
+        }
+        ring.direct = direct;
+        log::debug!(
+            "vhost-user queue {}: interrupts {}",
+            ring.index,
+            ring.interrupt_path()
+        );
+        if let Some(conn) = conn.as_deref_mut() {
+            conn.set_vring_call(ring.index, ring.call_target())?;
+            sent = true;
+        }
+    }
+    match conn {
+        Some(conn) if sent => conn.wait_until_applied(),
+        _ => Ok(()),
+    }
 }
 
 /// Writes every ring's kick eventfd once, so the backend looks at its available ring even if

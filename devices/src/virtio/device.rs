@@ -29,6 +29,14 @@ pub trait DeviceSignals: Send + Sync + std::fmt::Debug {
     /// calls this when the guest handed it something it cannot process safely (a malformed
     /// descriptor chain, an address outside guest memory) and it stops using its queues.
     fn set_needs_reset(&self);
+    /// The eventfd that raises `queue`'s interrupt in the hypervisor directly, while its MSI-X
+    /// vector is deliverable; `None` when it is not (or the transport has no such thing), and
+    /// interrupts then go through `notify_queue`. A device model in another process (vhost-user)
+    /// is handed this one so its interrupts skip the VMM's event loop; the transport calls
+    /// `VirtioDevice::interrupt_delivery_changed` when the answer may have changed.
+    fn queue_irqfd(&self, _queue: u16) -> Option<vmm_sys_util::eventfd::EventFd> {
+        None
+    }
 }
 
 /// Where a queue stood when its device was quiesced: the next available-ring entry the device
@@ -186,6 +194,10 @@ pub trait VirtioDevice: Send {
     fn dirty_log(&self) -> Result<Arc<dyn DeviceDirtyLog>, String> {
         Err("it keeps no dirty log".into())
     }
+    /// The guest masked, unmasked, enabled or disabled MSI-X vectors: a device that handed
+    /// `DeviceSignals::queue_irqfd` eventfds to another process asks again. Called on a vCPU
+    /// thread with the transport's lock held.
+    fn interrupt_delivery_changed(&mut self) {}
 }
 
 /// A device's own record of the guest pages it writes (a vhost-user backend's dirty log),

@@ -696,8 +696,12 @@ impl VirtioPciDevice {
                 }
             }
         } else if within(MSIX_TABLE_OFFSET, MSIX_TABLE_AREA) {
-            self.lock_msix()
+            let changed = self
+                .lock_msix()
                 .write_table(offset - MSIX_TABLE_OFFSET, data);
+            if changed {
+                self.device.interrupt_delivery_changed();
+            }
         }
         // The ISR, the PBA and unused areas are read-only.
     }
@@ -749,7 +753,10 @@ impl PciDevice for VirtioPciDevice {
         let control = self.msix_cap + 2;
         if offset < control + 2 && offset + data.len() > control {
             let value = self.config.read_u16(control);
-            self.lock_msix().set_control(value);
+            let changed = self.lock_msix().set_control(value);
+            if changed {
+                self.device.interrupt_delivery_changed();
+            }
         }
         self.follow_bar();
     }

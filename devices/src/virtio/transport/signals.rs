@@ -158,6 +158,17 @@ impl DeviceSignals for VirtioPciSignals {
         self.raise(self.config_vector())
     }
 
+    fn queue_irqfd(&self, queue: u16) -> Option<vmm_sys_util::eventfd::EventFd> {
+        let vector = self.queue_vector(queue);
+        if vector == NO_VECTOR {
+            return None;
+        }
+        self.msix
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .deliverable_irqfd(vector)
+    }
+
     fn set_needs_reset(&self) {
         self.needs_reset.store(true, Ordering::Release);
         if let Err(e) = self.notify_config() {

@@ -54,6 +54,8 @@ struct Record {
     config_writes: Vec<(u64, Vec<u8>)>,
     /// (index, next_avail, next_used) of each queue, per activation.
     positions: Vec<Vec<(u16, u16, u16)>>,
+    /// Calls of `interrupt_delivery_changed`.
+    delivery_changes: usize,
 }
 
 struct FakeDevice {
@@ -117,6 +119,9 @@ impl VirtioDevice for FakeDevice {
     }
     fn reset(&mut self) {
         self.record.lock().unwrap().resets += 1;
+    }
+    fn interrupt_delivery_changed(&mut self) {
+        self.record.lock().unwrap().delivery_changes += 1;
     }
     fn identity(&self) -> Result<crate::virtio::DeviceIdentity, String> {
         Ok(crate::virtio::DeviceIdentity::Rng)
@@ -514,7 +519,26 @@ fn device_signals_raise_the_programmed_msix_vector() {
     h.dev.write_config(msix_cap + 2, &0x8000u16.to_le_bytes());
     h.w64(0x4000 + 2 * 16, 0xfee0_0000);
     h.w32(0x4000 + 2 * 16 + 8, 0x41);
+    let changes = |h: &Harness| h.record.lock().unwrap().delivery_changes;
+    assert_eq!(changes(&h), 0, "every vector still masked");
+    assert!(h.dev.signals().queue_irqfd(1).is_none(), "vector 2 masked");
     h.w32(0x4000 + 2 * 16 + 12, 0);
+    assert_eq!(changes(&h), 1, "the unmask is reported to the device");
+    let direct = h
+        .dev
+        .signals()
+        .queue_irqfd(1)
+        .expect("vector 2 deliverable");
+    direct.write(1).unwrap();
+    assert_eq!(
+        h.irqs[2].read().unwrap(),
+        1,
+        "queue 1's irqfd is vector 2's"
+    );
+    assert!(
+        h.dev.signals().queue_irqfd(0).is_none(),
+        "queue 0 has no vector"
+    );
     assert_eq!(
         *h.routes.0.lock().unwrap(),
         vec![(

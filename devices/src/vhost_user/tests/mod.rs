@@ -7,12 +7,16 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod interrupts;
+
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::config::{SharedMemoryRegion, VhostUserConfig, VhostUserKind};
 use super::connection::{Connection, VhostUserError};
@@ -25,6 +29,7 @@ const SET_FEATURES: u32 = 2;
 const SET_MEM_TABLE: u32 = 5;
 const SET_LOG_BASE: u32 = 6;
 const SET_VRING_ADDR: u32 = 9;
+const SET_VRING_CALL: u32 = 13;
 const GET_VRING_BASE: u32 = 11;
 const GET_PROTOCOL_FEATURES: u32 = 15;
 const GET_QUEUE_NUM: u32 = 17;
@@ -55,6 +60,9 @@ struct Script {
     vring_base: Option<u32>,
     /// File descriptors sent along with every `GET_FEATURES` reply (a reply carries none).
     attach_fds: usize,
+    /// Writes 1 to every call eventfd `SET_VRING_CALL` hands over, as a backend that used
+    /// buffers would.
+    signal_calls: bool,
 }
 
 impl Script {
@@ -69,6 +77,7 @@ impl Script {
             mem_table_ack: 0,
             vring_base: None,
             attach_fds: 0,
+            signal_calls: false,
         }
     }
 }
@@ -85,7 +94,6 @@ fn reply(stream: &mut UnixStream, code: u32, body: &[u8]) {
 /// A reply with `fds` descriptors (of one eventfd) attached as `SCM_RIGHTS`.
 fn reply_with_fds(stream: &UnixStream, code: u32, body: &[u8], fds: usize) {
     use std::os::fd::AsRawFd;
-    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
     let event = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
     let raw = vec![event.as_raw_fd(); fds];
     let mut msg = Vec::new();
@@ -102,9 +110,11 @@ fn run_script(mut stream: UnixStream, script: Script, stop_after: usize) -> Requ
     let mut seen = Vec::new();
     for _ in 0..stop_after {
         let mut hdr = [0u8; 12];
-        if stream.read_exact(&mut hdr).is_err() {
-            return seen;
-        }
+        let fd = match stream.recv_with_fd(&mut hdr) {
+            Ok((12, fd)) => fd,
+            Ok((n, fd)) if n > 0 && stream.read_exact(&mut hdr[n..]).is_ok() => fd,
+            _ => return seen,
+        };
         let code = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
         let flags = u32::from_le_bytes(hdr[4..8].try_into().unwrap());
         let size = u32::from_le_bytes(hdr[8..12].try_into().unwrap());
@@ -113,6 +123,9 @@ fn run_script(mut stream: UnixStream, script: Script, stop_after: usize) -> Requ
             return seen;
         }
         seen.push((code, body.clone()));
+        if let (SET_VRING_CALL, true, Some(mut call)) = (code, script.signal_calls, fd) {
+            let _ = call.write_all(&1u64.to_le_bytes());
+        }
         match code {
             GET_FEATURES if script.attach_fds > 0 => reply_with_fds(
                 &stream,
