@@ -138,7 +138,7 @@ fn serve_available(
             return Ok(());
         }
         if engine.in_flight() > 0 {
-            wait_some(engine, &mut done);
+            engine.wait_some(&mut done);
         }
         for c in done.drain(..) {
             if let Some(p) = in_flight.complete(&c) {
@@ -228,23 +228,5 @@ fn mark_dirty(mem: &GuestMemoryMmap<BitmapMmapRegion>, dirty: &[Segment]) {
         for slice in mem.get_slices(seg.addr, seg.len as usize).flatten() {
             slice.bitmap().mark_dirty(0, slice.len());
         }
-    }
-}
-
-/// Blocks until at least one operation completes, collecting completions in `out`.
-fn wait_some(engine: &mut IoEngine, out: &mut Vec<Completion>) {
-    // Operations the kernel finished during submission are already in the completion queue:
-    // take them without waiting on the eventfd.
-    engine.reap(out);
-    while out.is_empty() && engine.in_flight() > 0 {
-        let mut fd = libc::pollfd {
-            fd: std::os::fd::AsRawFd::as_raw_fd(engine.completion_fd()),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: `fd` is one valid pollfd on the stack for the duration of the call; a short
-        // timeout bounds the wait should a completion's signal be consumed early.
-        unsafe { libc::poll(&mut fd, 1, 100) };
-        engine.reap(out);
     }
 }

@@ -306,6 +306,30 @@ impl IoEngine {
         }
     }
 
+    /// Blocks until at least one operation completed (returns at once when none is in flight),
+    /// moving finished operations to `out`. For a thread of its own (skiff's vhost-user
+    /// backend); the event loop waits on `completion_fd` instead.
+    pub fn wait_some(&mut self, out: &mut Vec<Completion>) {
+        match self {
+            Self::Uring(e) => e.wait_some(out),
+            Self::Threads(e) => {
+                let start = out.len();
+                e.reap(out);
+                while out.len() == start && e.in_flight() > 0 {
+                    let mut fd = libc::pollfd {
+                        fd: std::os::fd::AsRawFd::as_raw_fd(e.completion_fd()),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: `fd` is one valid pollfd on the stack for the duration of the
+                    // call; the timeout bounds the wait should a signal be consumed early.
+                    unsafe { libc::poll(&mut fd, 1, 100) };
+                    e.reap(out);
+                }
+            }
+        }
+    }
+
     /// Operations submitted and not yet reaped.
     pub fn in_flight(&self) -> usize {
         match self {

@@ -276,6 +276,40 @@ fn drain_waits_for_everything() {
     }
 }
 
+#[test]
+fn wait_some_blocks_until_a_completion_and_returns_at_once_when_idle() {
+    for kind in KINDS {
+        let (_f, file) = temp_file(4 << 20);
+        let mut e = engine(kind, &file);
+        let mut out = Vec::new();
+        e.wait_some(&mut out);
+        assert!(out.is_empty(), "{}: nothing in flight", e.name());
+        let mut bufs = vec![vec![0x5au8; 64 << 10]; MAX_IN_FLIGHT + 8];
+        for (i, b) in bufs.iter_mut().enumerate() {
+            e.submit(
+                i as u64,
+                IoOp::Write {
+                    offset: i as u64 * (64 << 10) % (4 << 20),
+                    iov: iov(&mut [b]),
+                },
+            );
+        }
+        // Not committed: `wait_some` submits what is queued itself.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while e.in_flight() > 0 && Instant::now() < deadline {
+            let before = out.len();
+            e.wait_some(&mut out);
+            assert!(
+                out.len() > before,
+                "{}: returned without a completion",
+                e.name()
+            );
+        }
+        assert_eq!(out.len(), MAX_IN_FLIGHT + 8, "{}", e.name());
+        assert!(out.iter().all(|c| c.result.is_ok()));
+    }
+}
+
 /// Engine-only throughput: 512 KiB requests, 8 in flight, on a 256 MiB file in the page cache.
 /// `cargo test -p devices --release -- --ignored engine_throughput --nocapture`
 #[test]

@@ -238,6 +238,24 @@ impl UringEngine {
         }
     }
 
+    /// Submits what is queued and blocks in one `io_uring_enter` until a completion arrives
+    /// (no eventfd poll and read per completion), unless one is already there.
+    pub fn wait_some(&mut self, out: &mut Vec<Completion>) {
+        let start = out.len();
+        self.reap(out);
+        while out.len() == start && self.in_flight() > 0 {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => self.unsubmitted = 0,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {}
+                Err(e) => {
+                    log::error!("virtio-blk: waiting for io_uring completions: {e}");
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            }
+            self.reap(out);
+        }
+    }
+
     pub fn drain(&mut self, out: &mut Vec<Completion>) {
         out.extend(self.backlog.drain(..).map(|p| Completion {
             tag: p.tag,
