@@ -70,10 +70,6 @@ pub struct VhostUserDevice {
     /// The configuration it was built from (its identity in a snapshot).
     cfg: VhostUserConfig,
     shared: Arc<Shared>,
-    config: Vec<u8>,
-    /// The configuration space came from the backend (`GET_CONFIG`), so the driver's writes go
-    /// to it; one skiff built (virtio-fs from `tag=`, zeros) is read-only to the driver.
-    config_from_backend: bool,
     /// With `reconnect=`: the thread that brings the backend back.
     reconnector: Option<Reconnector>,
     /// What the backend lacks to keep a dirty log, if anything.
@@ -133,6 +129,7 @@ impl VhostUserDevice {
             queues: cfg.queues,
             regions,
             offered,
+            config_from_backend,
             reconnect: cfg.reconnect,
             event_loop,
             disconnected: AtomicBool::new(false),
@@ -140,6 +137,7 @@ impl VhostUserDevice {
             signals: OnceLock::new(),
             session: Mutex::new(Session {
                 conn: Some(conn),
+                config,
                 ..Session::default()
             }),
         });
@@ -164,8 +162,6 @@ impl VhostUserDevice {
             kind: cfg.kind,
             cfg: cfg.clone(),
             shared,
-            config,
-            config_from_backend,
             reconnector,
             log_missing,
             dirty_log,
@@ -269,7 +265,7 @@ impl VirtioDevice for VhostUserDevice {
         let Ok(start) = usize::try_from(offset) else {
             return;
         };
-        if let Some(src) = self.config.get(start..) {
+        if let Some(src) = self.shared.lock().config.get(start..) {
             let n = src.len().min(data.len());
             data[..n].copy_from_slice(&src[..n]);
         }
@@ -282,33 +278,31 @@ impl VirtioDevice for VhostUserDevice {
         let end = usize::try_from(offset)
             .ok()
             .and_then(|s| s.checked_add(data.len()));
+        let mut session = self.shared.lock();
         match end {
-            Some(end) if end <= self.config.len() => {}
+            Some(end) if end <= session.config.len() => {}
             _ => return, // Outside the configuration space: ignored.
         }
-        if !self.config_from_backend {
+        if !self.shared.config_from_backend {
             // Nothing in a configuration space skiff built is the driver's to change (the
             // virtio-fs tag and queue count are read-only): ignored, as a device would.
             return;
         }
-        {
-            let mut session = self.shared.lock();
-            match session.conn.as_mut() {
-                Some(conn) if !self.shared.is_disconnected() => {
-                    if let Err(e) = conn.write_config(start, data) {
-                        log::warn!("virtio {}: {}", self.kind.name(), error_chain(&e));
-                        return;
-                    }
+        match session.conn.as_mut() {
+            Some(conn) if !self.shared.is_disconnected() => {
+                if let Err(e) = conn.write_config(start, data) {
+                    log::warn!("virtio {}: {}", self.kind.name(), error_chain(&e));
+                    return;
                 }
-                // The cached copy still changes; a new backend is not told.
-                _ => log::debug!(
-                    "virtio {}: configuration write while disconnected",
-                    self.kind.name()
-                ),
             }
+            // The cached copy still changes; a new backend's configuration replaces it.
+            _ => log::debug!(
+                "virtio {}: configuration write while disconnected",
+                self.kind.name()
+            ),
         }
         // Bounds checked above.
-        if let Some(dst) = self
+        if let Some(dst) = session
             .config
             .get_mut(start as usize..start as usize + data.len())
         {

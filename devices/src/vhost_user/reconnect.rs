@@ -2,10 +2,11 @@
 //!
 //! One thread per device with `reconnect=`, idle until the hang-up watcher reports a loss (so
 //! neither the event loop nor a vCPU ever waits for a backend that is starting up). It then
-//! tries the socket every interval: connect, the start-up handshake, the memory table, and, if
-//! the driver uses the device, the driver's features and every ring, each starting at the used
-//! index the guest's memory shows, followed by one write to each kick eventfd. It logs one line
-//! when it is back.
+//! tries the socket every interval: connect, the start-up handshake, the memory table, the
+//! configuration space again (if the backend gave one: a new one replaces the cached copy and
+//! raises the configuration-change interrupt), and, if the driver uses the device, the driver's
+//! features and every ring, each starting at the used index the guest's memory shows, followed
+//! by one write to each kick eventfd. It logs one line when it is back.
 //!
 //! A backend that answers but no longer offers every feature the guest was offered (or serves
 //! too few queues, or lacks `VIRTIO_F_VERSION_1`) is not used: one line, and the device is
@@ -280,11 +281,26 @@ fn attempt(shared: &Arc<Shared>, waker: &Waker) -> Outcome {
     if let Err(e) = conn.set_mem_table(&shared.regions) {
         return Outcome::Failed(e);
     }
+    // The new backend's configuration space (a disk resized while it was down, say).
+    let fresh_config = match shared.config_from_backend {
+        true => match conn.read_config(shared.config_len()) {
+            Ok(config) => config,
+            Err(e) => return classify(e),
+        },
+        false => None,
+    };
     let socket = match conn.socket_fd() {
         Ok(socket) => socket,
         Err(e) => return Outcome::Failed(e),
     };
     let mut session = shared.lock();
+    let config_changed = match fresh_config {
+        Some(config) if config != session.config => {
+            session.config = config;
+            true
+        }
+        _ => false,
+    };
     let mut rings = 0;
     let log = session.log.clone();
     if let Some(log) = &log {
@@ -319,6 +335,16 @@ fn attempt(shared: &Arc<Shared>, waker: &Waker) -> Outcome {
     shared.disconnected.store(false, Ordering::Release);
     if let Some(active) = session.active.as_ref().filter(|a| a.started) {
         kick_all(shared.name, active);
+    }
+    drop(session);
+    if config_changed {
+        log::warn!(
+            "virtio {}: the vhost-user backend at {} came back with another configuration; \
+             the driver is told",
+            shared.name,
+            shared.path.display()
+        );
+        shared.notify_config_change();
     }
     Outcome::Back(rings)
 }

@@ -42,6 +42,9 @@ pub(super) struct Shared {
     pub regions: Vec<SharedMemoryRegion>,
     /// The virtio features offered to the guest; a new backend must offer them all.
     pub offered: u64,
+    /// The configuration space came from the backend (`GET_CONFIG`): a new backend's is read
+    /// again, and the driver's writes go to the backend.
+    pub config_from_backend: bool,
     /// `reconnect=`: retry this often after a loss (none: the device fails instead).
     pub reconnect: Option<Duration>,
     /// The event loop (for the call forwarder and the hang-up watcher).
@@ -75,6 +78,25 @@ impl Shared {
     /// Whether the backend is gone.
     pub fn is_disconnected(&self) -> bool {
         self.disconnected.load(Ordering::Acquire)
+    }
+
+    /// Length of the configuration space.
+    pub fn config_len(&self) -> usize {
+        self.lock().config.len()
+    }
+
+    /// Raises the configuration-change interrupt if the driver is using the device.
+    pub fn notify_config_change(&self) {
+        if self.driver_active.load(Ordering::Acquire) {
+            if let Some(signals) = self.signals.get() {
+                if let Err(e) = signals.notify_config() {
+                    log::warn!(
+                        "virtio {}: cannot signal the configuration change: {e}",
+                        self.name
+                    );
+                }
+            }
+        }
     }
 
     /// Marks the device `DEVICE_NEEDS_RESET` if the driver is using it.
@@ -158,6 +180,9 @@ pub(super) struct ActiveRings {
 pub(super) struct Session {
     /// The connection; `None` once a lost one is dropped, until a reconnect.
     pub conn: Option<Connection>,
+    /// The device's configuration space as the driver reads it (the backend's, cached, or
+    /// the one skiff built).
+    pub config: Vec<u8>,
     /// Bumped for every connection.
     pub generation: u64,
     /// Watches `conn`'s socket for a hang-up.

@@ -27,12 +27,18 @@ pub(crate) fn guest_memory(size: usize) -> GuestMemoryMmap {
 pub(crate) struct RecordingSignals {
     notified: Mutex<Vec<u16>>,
     needs_reset: AtomicBool,
+    config_changes: std::sync::atomic::AtomicUsize,
 }
 
 impl RecordingSignals {
     /// Queues notified so far, in order; clears the record.
     pub(crate) fn take_notified(&self) -> Vec<u16> {
         std::mem::take(&mut *self.notified.lock().unwrap())
+    }
+
+    /// Configuration-change notifications so far (a reset request raises one too).
+    pub(crate) fn config_changes(&self) -> usize {
+        self.config_changes.load(Ordering::SeqCst)
     }
 
     /// Whether the device asked for a reset.
@@ -48,6 +54,7 @@ impl DeviceSignals for RecordingSignals {
     }
 
     fn notify_config(&self) -> std::io::Result<()> {
+        self.config_changes.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 

@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod interrupts;
+mod reconfigure;
 
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
@@ -442,8 +443,9 @@ fn a_restarted_backend_gets_the_rings_back_from_the_guest_used_index_and_a_kick(
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("blk.sock");
     // The first backend serves start-up and activation, then dies; the second one serves the
-    // reconnect: handshake (5), memory table, features, memory table, 6 ring messages.
-    let backend = restarting_backend(&path, vec![(Script::good(), 7 + 8), (Script::good(), 14)]);
+    // reconnect: handshake (5), memory table, GET_CONFIG, features, memory table, 6 ring
+    // messages.
+    let backend = restarting_backend(&path, vec![(Script::good(), 7 + 8), (Script::good(), 15)]);
     let mut events = TestLoop::new();
     let mem = guest_memory(1 << 20);
     let driver = DriverQueue::new(&mem, 0x1_0000, 16);
@@ -475,6 +477,11 @@ fn a_restarted_backend_gets_the_rings_back_from_the_guest_used_index_and_a_kick(
     assert!(
         !signals.needs_reset(),
         "a reconnect is not a device failure"
+    );
+    assert_eq!(
+        signals.config_changes(),
+        0,
+        "the same configuration came back"
     );
     drop(dev);
 }
