@@ -130,6 +130,7 @@ impl VhostUserDevice {
             regions,
             offered,
             config_from_backend,
+            config: Mutex::new(config),
             reconnect: cfg.reconnect,
             event_loop,
             disconnected: AtomicBool::new(false),
@@ -137,7 +138,6 @@ impl VhostUserDevice {
             signals: OnceLock::new(),
             session: Mutex::new(Session {
                 conn: Some(conn),
-                config,
                 ..Session::default()
             }),
         });
@@ -265,7 +265,7 @@ impl VirtioDevice for VhostUserDevice {
         let Ok(start) = usize::try_from(offset) else {
             return;
         };
-        if let Some(src) = self.shared.lock().config.get(start..) {
+        if let Some(src) = self.shared.config().get(start..) {
             let n = src.len().min(data.len());
             data[..n].copy_from_slice(&src[..n]);
         }
@@ -278,9 +278,8 @@ impl VirtioDevice for VhostUserDevice {
         let end = usize::try_from(offset)
             .ok()
             .and_then(|s| s.checked_add(data.len()));
-        let mut session = self.shared.lock();
         match end {
-            Some(end) if end <= session.config.len() => {}
+            Some(end) if end <= self.shared.config().len() => {}
             _ => return, // Outside the configuration space: ignored.
         }
         if !self.shared.config_from_backend {
@@ -288,6 +287,7 @@ impl VirtioDevice for VhostUserDevice {
             // virtio-fs tag and queue count are read-only): ignored, as a device would.
             return;
         }
+        let mut session = self.shared.lock();
         match session.conn.as_mut() {
             Some(conn) if !self.shared.is_disconnected() => {
                 if let Err(e) = conn.write_config(start, data) {
@@ -302,8 +302,9 @@ impl VirtioDevice for VhostUserDevice {
             ),
         }
         // Bounds checked above.
-        if let Some(dst) = session
-            .config
+        if let Some(dst) = self
+            .shared
+            .config()
             .get_mut(start as usize..start as usize + data.len())
         {
             dst.copy_from_slice(data);

@@ -283,7 +283,7 @@ fn attempt(shared: &Arc<Shared>, waker: &Waker) -> Outcome {
     }
     // The new backend's configuration space (a disk resized while it was down, say).
     let fresh_config = match shared.config_from_backend {
-        true => match conn.read_config(shared.config_len()) {
+        true => match conn.read_config(shared.config().len()) {
             Ok(config) => config,
             Err(e) => return classify(e),
         },
@@ -295,8 +295,8 @@ fn attempt(shared: &Arc<Shared>, waker: &Waker) -> Outcome {
     };
     let mut session = shared.lock();
     let config_changed = match fresh_config {
-        Some(config) if config != session.config => {
-            session.config = config;
+        Some(config) if config != *shared.config() => {
+            *shared.config() = config;
             true
         }
         _ => false,

@@ -12,8 +12,9 @@
 //!   is written once afterwards so a request made while disconnected is looked at; it returns
 //!   only once the backend has applied every request (a barrier when there is no `REPLY_ACK`).
 //!
-//! Lock order: a vCPU holds the transport's lock, then `Shared::session`; the reconnect thread
-//! takes only `Shared::session`. The event loop never takes it (the watcher uses the flags).
+//! Lock order: a vCPU holds the transport's lock, then `Shared::session`, then
+//! `Shared::config`; the reconnect thread takes `Shared::session`, then `Shared::config`. The
+//! event loop never takes them (the watcher uses the flags).
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -45,6 +46,10 @@ pub(super) struct Shared {
     /// The configuration space came from the backend (`GET_CONFIG`): a new backend's is read
     /// again, and the driver's writes go to the backend.
     pub config_from_backend: bool,
+    /// The device's configuration space as the driver reads it (the backend's, cached, or the
+    /// one skiff built). A lock of its own, so a vCPU reading it never waits for a backend
+    /// (`session` is held across requests); taken after `session` where both are.
+    pub config: Mutex<Vec<u8>>,
     /// `reconnect=`: retry this often after a loss (none: the device fails instead).
     pub reconnect: Option<Duration>,
     /// The event loop (for the call forwarder and the hang-up watcher).
@@ -80,9 +85,9 @@ impl Shared {
         self.disconnected.load(Ordering::Acquire)
     }
 
-    /// Length of the configuration space.
-    pub fn config_len(&self) -> usize {
-        self.lock().config.len()
+    /// The configuration space, locked.
+    pub fn config(&self) -> MutexGuard<'_, Vec<u8>> {
+        self.config.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Raises the configuration-change interrupt if the driver is using the device.
@@ -180,9 +185,6 @@ pub(super) struct ActiveRings {
 pub(super) struct Session {
     /// The connection; `None` once a lost one is dropped, until a reconnect.
     pub conn: Option<Connection>,
-    /// The device's configuration space as the driver reads it (the backend's, cached, or
-    /// the one skiff built).
-    pub config: Vec<u8>,
     /// Bumped for every connection.
     pub generation: u64,
     /// Watches `conn`'s socket for a hang-up.
