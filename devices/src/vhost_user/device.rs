@@ -183,21 +183,20 @@ impl VhostUserDevice {
         let host = |what| move |source| VhostUserError::Host { what, source };
         for queue in ctx.queues {
             let call = EventFd::new(EFD_NONBLOCK).map_err(host("a call eventfd"))?;
-            rings.push(Ring {
+            let ring = Ring {
                 call: call.try_clone().map_err(host("a call eventfd"))?,
                 direct: ctx.signals.queue_irqfd(queue.index),
                 index: queue.index,
                 queue: queue.queue,
                 kick: queue.kick,
-            });
-            if let Some(ring) = rings.last() {
-                log::debug!(
-                    "virtio {}: queue {}: interrupts {}",
-                    self.kind.name(),
-                    ring.index,
-                    ring.interrupt_path()
-                );
-            }
+            };
+            log::debug!(
+                "virtio {}: queue {}: interrupts {}",
+                self.kind.name(),
+                ring.index,
+                ring.interrupt_path()
+            );
+            rings.push(ring);
             calls.push((queue.index, call));
         }
         let stopped = Arc::new(AtomicBool::new(false));
