@@ -4,9 +4,9 @@
 
 use std::sync::Arc;
 
+use super::reconnect::{reconnecting_device, restarting_backend, turn_until};
 use super::{
-    guest_memory, reconnecting_device, restarting_backend, turn_until, Script, LOG_ALL,
-    PF_LOG_SHMFD, SET_FEATURES, SET_LOG_BASE, SET_VRING_ADDR,
+    guest_memory, Script, LOG_ALL, PF_LOG_SHMFD, SET_FEATURES, SET_LOG_BASE, SET_VRING_ADDR,
 };
 use crate::virtio::device::VirtioDevice;
 use crate::virtio::test_support::{DriverQueue, RecordingSignals, TestLoop};

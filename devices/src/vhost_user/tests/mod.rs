@@ -1,15 +1,18 @@
 //! Frontend tests against scripted fake backends on a socket pair: the handshake and what the
 //! device offers the guest, refusals (too few queues, a rejected memory table), a backend that
-//! hangs up while the driver uses the device, stopping the rings for a snapshot (where they
-//! restart, a position no backend could report), the dirty log (switched on and off with the
-//! rings logged; refused without `LOG_SHMFD` or `VHOST_F_LOG_ALL`), and a property test feeding random replies to
-//! the handshake (it must fail cleanly, never panic or hang).
+//! hangs up while the driver uses the device, the enable barrier for a backend without
+//! `REPLY_ACK`, stopping the rings for a snapshot (where they restart, a position no backend
+//! could report), the dirty log (switched on and off with the rings logged; refused without
+//! `LOG_SHMFD` or `VHOST_F_LOG_ALL`), and a property test feeding random replies to the
+//! handshake (it must fail cleanly, never panic or hang). The scripted backend and its helpers
+//! live here; `reconnect`, `log_reconnect` and `interrupts` hold the tests of reconnects, of a
+//! restart while the dirty log is on, and of where a backend's interrupts go.
 
 #![allow(clippy::unwrap_used)]
 
 mod interrupts;
 mod log_reconnect;
-mod reconfigure;
+mod reconnect;
 
 use std::io::{Read, Write};
 use std::os::fd::OwnedFd;
@@ -31,10 +34,12 @@ const SET_FEATURES: u32 = 2;
 const SET_MEM_TABLE: u32 = 5;
 const SET_LOG_BASE: u32 = 6;
 const SET_VRING_ADDR: u32 = 9;
-const SET_VRING_CALL: u32 = 13;
+const SET_VRING_BASE: u32 = 10;
 const GET_VRING_BASE: u32 = 11;
+const SET_VRING_CALL: u32 = 13;
 const GET_PROTOCOL_FEATURES: u32 = 15;
 const GET_QUEUE_NUM: u32 = 17;
+const SET_VRING_ENABLE: u32 = 18;
 const GET_CONFIG: u32 = 24;
 const NEED_REPLY: u32 = 0x8;
 
@@ -389,128 +394,6 @@ fn random_replies_never_panic_the_frontend() {
     }
 }
 
-const SET_VRING_BASE: u32 = 10;
-const SET_VRING_ENABLE: u32 = 18;
-
-/// A backend on a socket path that serves `scripts` on one connection each, in turn (each
-/// script with its request limit), and returns the requests each connection saw.
-fn restarting_backend(path: &Path, scripts: Vec<(Script, usize)>) -> JoinHandle<Vec<Requests>> {
-    let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
-    std::thread::spawn(move || {
-        let mut seen = Vec::new();
-        for (script, stop_after) in scripts {
-            let (stream, _) = listener.accept().unwrap();
-            seen.push(run_script(stream, script, stop_after));
-        }
-        seen
-    })
-}
-
-/// Turns `events` until `done` or 10 s passed.
-fn turn_until(events: &mut TestLoop, mut done: impl FnMut() -> bool) {
-    for _ in 0..200 {
-        if done() {
-            return;
-        }
-        events.wait(50);
-    }
-}
-
-/// A blk device with `reconnect=50ms` on `path`, activated with one queue of `driver`.
-fn reconnecting_device(
-    path: &Path,
-    events: &TestLoop,
-    driver: &DriverQueue<'_>,
-    mem: &crate::virtio::device::GuestMemoryMmap,
-    signals: Arc<RecordingSignals>,
-) -> (VhostUserDevice, vmm_sys_util::eventfd::EventFd) {
-    let mut cfg = VhostUserConfig::new(VhostUserKind::Blk, path);
-    cfg.reconnect = Some(std::time::Duration::from_millis(50));
-    let mut dev = VhostUserDevice::new(&cfg, vec![memfd_region()], events.endpoint()).unwrap();
-    let (queue, kick) = driver.activated(0);
-    dev.activate(ActivateContext {
-        mem: mem.clone(),
-        acked_features: VERSION_1 | BLK_FLUSH,
-        queues: vec![queue],
-        signals,
-        event_loop: events.endpoint(),
-    })
-    .unwrap();
-    (dev, kick)
-}
-
-#[test]
-fn a_restarted_backend_gets_the_rings_back_from_the_guest_used_index_and_a_kick() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("blk.sock");
-    // The first backend serves start-up and activation, then dies; the second one serves the
-    // reconnect: handshake (5), memory table, GET_CONFIG, features, memory table, 6 ring
-    // messages.
-    let backend = restarting_backend(&path, vec![(Script::good(), 7 + 8), (Script::good(), 15)]);
-    let mut events = TestLoop::new();
-    let mem = guest_memory(1 << 20);
-    let driver = DriverQueue::new(&mem, 0x1_0000, 16);
-    let signals = Arc::new(RecordingSignals::default());
-    let (dev, kick) = reconnecting_device(&path, &events, &driver, &mem, signals.clone());
-    // The dead backend had completed 5 requests.
-    driver.set_used_idx(5);
-    turn_until(&mut events, || backend.is_finished());
-    let seen = backend.join().unwrap();
-    assert_eq!(seen.len(), 2, "the device reconnected");
-    let replay = &seen[1];
-    let base = replay
-        .iter()
-        .find(|(code, _)| *code == SET_VRING_BASE)
-        .expect("SET_VRING_BASE replayed");
-    assert_eq!(
-        &base.1[..8],
-        &[0, 0, 0, 0, 5, 0, 0, 0],
-        "queue 0 from used index 5"
-    );
-    assert_eq!(replay.last().unwrap().0, SET_VRING_ENABLE, "{replay:?}");
-    // The replay ends with one write to the kick eventfd (no backend drained it here).
-    let mut kicked = 0;
-    turn_until(&mut events, || {
-        kicked = kick.read().unwrap_or(0);
-        kicked != 0
-    });
-    assert_eq!(kicked, 1);
-    assert!(
-        !signals.needs_reset(),
-        "a reconnect is not a device failure"
-    );
-    assert_eq!(
-        signals.config_changes(),
-        0,
-        "the same configuration came back"
-    );
-    drop(dev);
-}
-
-#[test]
-fn a_restarted_backend_without_a_feature_fails_the_device_instead_of_serving_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("blk.sock");
-    let mut poorer = Script::good();
-    poorer.features &= !BLK_FLUSH;
-    // The second backend gets as far as the handshake (5 requests), then skiff drops it.
-    let backend = restarting_backend(&path, vec![(Script::good(), 7 + 8), (poorer, 5)]);
-    let mut events = TestLoop::new();
-    let mem = guest_memory(1 << 20);
-    let driver = DriverQueue::new(&mem, 0x1_0000, 16);
-    let signals = Arc::new(RecordingSignals::default());
-    let (dev, _kick) = reconnecting_device(&path, &events, &driver, &mem, signals.clone());
-    turn_until(&mut events, || signals.needs_reset());
-    assert!(signals.needs_reset(), "the device was not failed");
-    let seen = backend.join().unwrap();
-    assert!(
-        !seen[1].iter().any(|(code, _)| *code == SET_VRING_BASE),
-        "rings were given to a backend that lacks FLUSH: {:?}",
-        seen[1]
-    );
-    drop(dev);
-}
-
 /// One reply message: code, flags "version 1, reply", size, body.
 fn reply_bytes(code: u32, body: &[u8]) -> Vec<u8> {
     let mut msg = Vec::new();
@@ -591,7 +474,6 @@ fn a_configuration_space_skiff_built_is_read_only_to_the_driver() {
 fn without_reply_ack_activation_waits_for_the_backend_to_apply_the_enable() {
     // SET_VRING_ENABLE is one-way without REPLY_ACK; a backend reading kicks on another thread
     // drops a kick that beats the enable, so activation ends with a request that has a reply.
-    const SET_VRING_ENABLE: u32 = 18;
     let mut script = Script::good();
     script.protocol = PF_MQ | PF_CONFIG;
     let events = TestLoop::new();
