@@ -184,3 +184,34 @@ fn a_snapshot_with_tampered_device_state_is_refused() {
     std::fs::rename(&disk, root.path().join("moved.img")).unwrap();
     assert_restore_fails(&snap, "disk.img");
 }
+
+#[test]
+fn the_disk_is_free_for_a_restore_as_soon_as_the_stopped_vm_has_exited() {
+    // skiff leaves the kernel's VM teardown to a detached process after it exits; that process
+    // must hold nothing but the VM, or a restore right after `--stop` finds the disk locked.
+    for live in [false, true] {
+        let root = tempfile::tempdir().unwrap();
+        let disk = new_disk(root.path());
+        let (mut vm, sock) = start_loop(root.path(), &disk, "");
+        vm.wait_for_line("testguest: virtio-loop round=1 ok", T);
+        let snap = root.path().join("snap");
+        let mut args = vec!["snapshot", snap.to_str().unwrap(), "--stop"];
+        if live {
+            args.push("--live");
+        }
+        ctl_ok(&sock, &args);
+        vm.wait(T).assert_code(0);
+        let file = std::fs::File::open(&disk).unwrap();
+        // SAFETY: flock on a descriptor this test owns.
+        let rc = unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        };
+        assert_eq!(
+            rc, 0,
+            "live={live}: the disk is still locked after skiff exited"
+        );
+    }
+}

@@ -4,8 +4,9 @@
 //! more than the rest of a short VM's life. `Teardown::detach` hands the last references to the
 //! VM's descriptors to a detached grandchild process, which holds them until skiff has exited
 //! and then closes them, so skiff's exit status reaches its caller at once. The grandchild has
-//! no stdin, stdout or stderr (a caller reading skiff's output sees EOF when skiff exits) and no
-//! file lock (a memory file's `flock` is released first).
+//! no stdin, stdout or stderr (a caller reading skiff's output sees EOF when skiff exits), no
+//! file lock (a memory file's `flock` is released first) and no descriptor but the VM's and the
+//! vCPUs' (so a disk's lock, a tap or a vhost-user socket is released when skiff exits).
 
 use crate::hypervisor::Vm;
 use crate::memory::GuestRam;
@@ -38,6 +39,10 @@ impl Teardown {
     /// one, then returns; the caller should exit promptly. Falls back to `now` if `fork` fails.
     pub fn detach(self) {
         self.ram.release_file_lock();
+        // Everything but the VM and its vCPUs is closed before the grandchild is forked, so
+        // disks (and their locks), taps, sockets and rings are released when skiff exits, not
+        // after the teardown.
+        let to_close = descriptors_but_the_vm();
         let mut fds = [0i32; 2];
         // SAFETY: `fds` has room for the two descriptors pipe2 returns.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
@@ -48,12 +53,21 @@ impl Teardown {
         // functions (fork, close, dup2, open, read, _exit) before it exits.
         let child = unsafe { libc::fork() };
         if child == 0 {
+            // SAFETY: closes descriptors this (intermediate) process inherited and owns, before
+            // forking, so the grandchild never holds them; skiff waits for this process.
+            unsafe {
+                for &fd in &to_close {
+                    if fd != read_end {
+                        libc::close(fd);
+                    }
+                }
+                libc::close(write_end);
+            }
             // SAFETY: as above; the grandchild is reparented to init when the child exits.
             if unsafe { libc::fork() } == 0 {
-                // SAFETY: closes descriptors this process inherited and owns; reads into a
-                // local buffer; `_exit` skips destructors that belong to the parent.
+                // SAFETY: replaces the standard descriptors; reads into a local buffer;
+                // `_exit` skips destructors that belong to the parent.
                 unsafe {
-                    libc::close(write_end);
                     let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
                     for fd in 0..3 {
                         libc::dup2(null, fd);
@@ -67,7 +81,8 @@ impl Teardown {
             // SAFETY: the intermediate child leaves at once, without running destructors.
             unsafe { libc::_exit(0) };
         }
-        // SAFETY: closes our copy of the read end; reaps the intermediate child.
+        // SAFETY: closes our copy of the read end; reaps the intermediate child (after which
+        // the grandchild holds nothing but the VM).
         unsafe {
             libc::close(read_end);
             if child > 0 {
@@ -83,4 +98,31 @@ impl Teardown {
         std::mem::forget(self);
         let _ = write_end;
     }
+}
+
+/// Every descriptor of this process from 3 up except the KVM VM's and vCPUs'
+/// (`anon_inode:kvm-vm`, `anon_inode:kvm-vcpu:N`), which the teardown grandchild keeps. Read
+/// before `fork` (the children may only make async-signal-safe calls); the listing's own
+/// descriptor may be in it, closed by then and perhaps reused, so callers skip their own. Without
+/// `/proc` the list is empty: the grandchild then holds everything until skiff has exited, as
+/// before this list existed.
+fn descriptors_but_the_vm() -> Vec<i32> {
+    let mut close = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return close;
+    };
+    for entry in entries.flatten() {
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let target = std::fs::read_link(entry.path()).unwrap_or_default();
+        if fd > 2 && !target.to_string_lossy().starts_with("anon_inode:kvm-") {
+            close.push(fd);
+        }
+    }
+    close
 }
