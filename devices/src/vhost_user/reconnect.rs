@@ -282,12 +282,13 @@ fn attempt(shared: &Arc<Shared>, waker: &Waker) -> Outcome {
         return Outcome::Failed(e);
     }
     // The new backend's configuration space (a disk resized while it was down, say).
-    let fresh_config = match shared.config_from_backend {
-        true => match conn.read_config(shared.config().len()) {
+    let fresh_config = if shared.config_from_backend {
+        match conn.read_config(shared.config().len()) {
             Ok(config) => config,
             Err(e) => return classify(e),
-        },
-        false => None,
+        }
+    } else {
+        None
     };
     let socket = match conn.socket_fd() {
         Ok(socket) => socket,

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::{device, Script, SET_VRING_CALL, VERSION_1};
-use crate::virtio::device::{ActivateContext, DeviceSignals, VirtioDevice};
+use super::{activate_at, device, Script, SET_VRING_CALL};
+use crate::virtio::device::{DeviceSignals, VirtioDevice};
 use crate::virtio::test_support::{guest_memory, DriverQueue, RecordingSignals, TestLoop};
 
 /// Signals whose queue 0 has an irqfd the test reads, deliverable while `unmasked` is set.
@@ -74,15 +74,7 @@ fn the_backend_interrupts_through_the_vector_irqfd_unless_the_guest_masked_it() 
         unmasked: AtomicBool::new(true),
         forwarded: RecordingSignals::default(),
     });
-    let (queue, _kick) = driver.activated(0);
-    dev.activate(ActivateContext {
-        mem: mem.clone(),
-        acked_features: VERSION_1,
-        queues: vec![queue],
-        signals: signals.clone(),
-        event_loop: events.endpoint(),
-    })
-    .unwrap();
+    activate_at(&mut dev, &driver, &mem, &signals, &events, 0);
     // With REPLY_ACK the backend wrote the fd it got before acknowledging it.
     assert_eq!(
         signals.direct_interrupts(),

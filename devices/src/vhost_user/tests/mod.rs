@@ -26,7 +26,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use super::config::{SharedMemoryRegion, VhostUserConfig, VhostUserKind};
 use super::connection::{Connection, VhostUserError};
 use super::device::VhostUserDevice;
-use crate::virtio::device::{ActivateContext, QueueProgress, VirtioDevice};
+use crate::virtio::device::{ActivateContext, DeviceSignals, QueueProgress, VirtioDevice};
 use crate::virtio::test_support::{guest_memory, DriverQueue, RecordingSignals, TestLoop};
 
 const GET_FEATURES: u32 = 1;
@@ -496,7 +496,7 @@ fn activate_at(
     dev: &mut VhostUserDevice,
     driver: &DriverQueue<'_>,
     mem: &crate::virtio::device::GuestMemoryMmap,
-    signals: &Arc<RecordingSignals>,
+    signals: &Arc<impl DeviceSignals + 'static>,
     events: &TestLoop,
     next_avail: u16,
 ) {
