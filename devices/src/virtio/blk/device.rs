@@ -1,6 +1,6 @@
 //! `VirtioBlk`: the virtio-blk device as the PCI transport sees it: feature bits, the
-//! configuration space, and activation and reset (which start and stop the queue handler and
-//! its I/O engine). Request handling is in `queue_handler` and `request`, file I/O in `engine`.
+//! configuration space, and activation and reset (which start and stop the queue handler, its
+//! I/O engine and the disk's thread). Request handling is in `queue_handler` and `request`, file I/O in `engine`.
 
 use std::io;
 use std::path::PathBuf;
@@ -18,13 +18,13 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::QueueT;
 
 use super::disk::{DiskConfig, DiskError, DiskImage, IoEngineKind, SECTOR_SIZE};
+use super::disk_thread::DiskThread;
 use super::engine::{self, EngineError, IoEngine};
 use super::queue_handler::BlkQueueHandler;
 use super::request::{MAX_RANGES, MAX_RANGE_SECTORS};
 use crate::virtio::device::{
     ActivateContext, ActivateError, DeviceIdentity, QueueProgress, VirtioDevice,
 };
-use crate::virtio::subscription::LoopSubscription;
 
 /// virtio device type of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;
@@ -70,11 +70,11 @@ pub enum BlkError {
     },
 }
 
-/// The handler the event loop runs while the device is active.
+/// The handler the disk's thread runs while the device is active.
 #[derive(Debug)]
 struct Active {
     handler: Arc<Mutex<BlkQueueHandler>>,
-    subscription: LoopSubscription,
+    thread: DiskThread,
     stopped: Arc<AtomicBool>,
 }
 
@@ -167,6 +167,25 @@ impl VirtioBlk {
             IoEngineKind::Threads => "threads",
             IoEngineKind::IoUring | IoEngineKind::Auto => "io_uring",
         }
+    }
+
+    /// The disk thread's name: `disk-` and the disk's `id=` or file name, cut to the 15 bytes
+    /// Linux keeps.
+    fn thread_name(&self) -> String {
+        let label = match &self.id {
+            Some(id) => id.clone(),
+            None => self
+                .disk
+                .path()
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        };
+        let mut name = format!("disk-{label}");
+        while name.len() > 15 {
+            name.pop();
+        }
+        name
     }
 
     /// Whether the queue handler gave up (it raised `NEEDS_RESET`); `None` when not active.
@@ -280,11 +299,10 @@ impl VirtioDevice for VirtioBlk {
             stopped.clone(),
         )));
         let subscriber: Arc<Mutex<dyn MutEventSubscriber + Send>> = handler.clone();
-        let subscription =
-            LoopSubscription::add(&ctx.event_loop, subscriber).map_err(host_error)?;
+        let thread = DiskThread::start(self.thread_name(), subscriber).map_err(host_error)?;
         self.active = Some(Active {
             handler,
-            subscription,
+            thread,
             stopped,
         });
         Ok(())
@@ -302,7 +320,7 @@ impl VirtioDevice for VirtioBlk {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .stop();
-        active.subscription.remove();
+        active.thread.stop();
     }
 
     fn identity(&self) -> Result<DeviceIdentity, String> {
@@ -322,7 +340,7 @@ impl VirtioDevice for VirtioBlk {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .quiesce();
-        active.subscription.remove();
+        active.thread.stop();
         Some(progress)
     }
 }

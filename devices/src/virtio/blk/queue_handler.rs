@@ -1,5 +1,6 @@
-//! The virtio-blk event-loop subscriber: knows which fd fired (a queue's kick eventfd, or the
-//! I/O engine's completion eventfd) and moves requests between the queues and the engine.
+//! The virtio-blk queue handler, a subscriber on the disk thread's loop (`disk_thread`): knows
+//! which fd fired (a queue's kick eventfd, or the I/O engine's completion eventfd) and moves
+//! requests between the queues and the engine.
 //!
 //! A kick pops every available chain of that queue, parses and checks it (`request`), and either
 //! completes it at once (errors, `GET_ID`, unsupported types) or submits its file operations to
@@ -395,8 +396,8 @@ impl MutEventSubscriber for BlkQueueHandler {
         let data = events.data();
         if !self.active() && data != COMPLETION_TOKEN {
             // Stop watching the level-triggered kick, but do not drain it: after a reset the
-            // next activation's handler watches the same eventfd, and this one is removed only
-            // when the loop runs its messages, after the ready fds. A drained kick would be lost.
+            // next activation's handler watches the same eventfd, and this thread may still see
+            // a kick meant for it before it is told to end. A drained kick would be lost.
             if let Some(q) = self.queues.get(data as usize) {
                 let _ = ops.remove(Events::empty(&q.kick));
             }

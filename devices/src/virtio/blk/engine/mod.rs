@@ -308,7 +308,7 @@ impl IoEngine {
 
     /// Blocks until at least one operation completed (returns at once when none is in flight),
     /// moving finished operations to `out`. For a thread of its own (skiff's vhost-user
-    /// backend); the event loop waits on `completion_fd` instead.
+    /// backend); a disk thread's loop waits on `completion_fd` instead.
     pub fn wait_some(&mut self, out: &mut Vec<Completion>) {
         match self {
             Self::Uring(e) => e.wait_some(out),

@@ -12,7 +12,16 @@ use std::time::{Duration, Instant};
 
 use super::*;
 
-const KINDS: [IoEngineKind; 2] = [IoEngineKind::IoUring, IoEngineKind::Threads];
+/// The engines under test: io_uring as it runs on a regular file (writes inline), io_uring with
+/// every write through the ring (as on a block device), and the worker pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Uring,
+    UringRingWrites,
+    Threads,
+}
+
+const KINDS: [Kind; 3] = [Kind::Uring, Kind::UringRingWrites, Kind::Threads];
 
 fn temp_file(len: u64) -> (tempfile::NamedTempFile, Arc<File>) {
     let f = tempfile::NamedTempFile::new().unwrap();
@@ -21,12 +30,16 @@ fn temp_file(len: u64) -> (tempfile::NamedTempFile, Arc<File>) {
     (f, file)
 }
 
-fn engine(kind: IoEngineKind, file: &Arc<File>) -> IoEngine {
-    if kind == IoEngineKind::IoUring && probe_uring().is_err() {
-        // The host has no io_uring: the pool still gets tested.
+fn engine(kind: Kind, file: &Arc<File>) -> IoEngine {
+    if kind == Kind::Threads || probe_uring().is_err() {
+        // Without io_uring on the host the pool still gets tested.
         return IoEngine::start(IoEngineKind::Threads, file.clone()).unwrap();
     }
-    IoEngine::start(kind, file.clone()).unwrap()
+    let mut ring = UringEngine::new(file.clone()).unwrap();
+    if kind == Kind::UringRingWrites {
+        ring.set_inline_writes(false);
+    }
+    IoEngine::Uring(Box::new(ring))
 }
 
 fn iov(bufs: &mut [&mut [u8]]) -> IoVecs {
@@ -113,6 +126,52 @@ fn write_then_read_back() {
         assert_eq!(&dst[4096..], &src2[..]);
         assert_eq!(e.in_flight(), 0);
     }
+}
+
+#[test]
+fn writes_to_a_regular_file_run_in_the_calling_thread() {
+    if probe_uring().is_err() {
+        return;
+    }
+    let (_f, file) = temp_file(1 << 20);
+    let mut e = engine(Kind::Uring, &file);
+    let mut src = vec![0x3cu8; 8192];
+    e.submit(
+        1,
+        IoOp::Write {
+            offset: 4096,
+            iov: iov(&mut [&mut src]),
+        },
+    );
+    // Done before any commit or reap, and still counted until reaped.
+    let mut on_disk = vec![0u8; 8192];
+    let mut reader = file.as_ref();
+    reader.seek(SeekFrom::Start(4096)).unwrap();
+    reader.read_exact(&mut on_disk).unwrap();
+    assert_eq!(on_disk, src);
+    assert_eq!(e.in_flight(), 1);
+    let mut out = Vec::new();
+    e.reap(&mut out);
+    assert_eq!(
+        out,
+        vec![Completion {
+            tag: 1,
+            result: Ok(())
+        }]
+    );
+    assert_eq!(e.in_flight(), 0);
+    // A drain hands back an inline write's completion too.
+    e.submit(
+        2,
+        IoOp::Write {
+            offset: 0,
+            iov: iov(&mut [&mut src]),
+        },
+    );
+    let mut out = Vec::new();
+    e.drain(&mut out);
+    assert_eq!(out.len(), 1);
+    assert_eq!(e.in_flight(), 0);
 }
 
 #[test]

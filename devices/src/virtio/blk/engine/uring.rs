@@ -2,6 +2,10 @@
 //! `FSYNC` with `DATASYNC`, `FALLOCATE`), submitted in one `io_uring_enter` per batch; the kernel
 //! signals a registered eventfd when completions arrive. At most `MAX_IN_FLIGHT` operations are
 //! in the ring; more wait in a backlog, so the completion queue (twice that size) never overflows.
+//!
+//! Writes to a regular file are the exception: they are copied into the page cache by the
+//! calling thread (`pwritev`), which is always a disk's own thread, and their completions wait
+//! for the next `reap`. See `writes_inline`.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -24,6 +28,19 @@ const RING_ENTRIES: u32 = MAX_IN_FLIGHT as u32;
 /// 6.8 vs 7.8 GB/s and writes 4.1 vs 4.3 GB/s, as each request then costs two thread hand-offs.)
 fn goes_async(op: &IoOp) -> bool {
     matches!(op, IoOp::Flush | IoOp::Fallocate { .. })
+}
+
+/// Whether writes to `file` skip the ring and run in the calling thread. Most file systems (ext4
+/// among them) cannot copy a buffered write into the page cache without possibly blocking, so
+/// io_uring hands every such write to one of its workers, one at a time per file; the copy is the
+/// same, but each write then costs a wake-up of that worker and another of the disk's thread for
+/// its completion, and on a busy host each wake-up preempts the thread that was running (the
+/// guest's vCPU, or the worker copying the previous write). Measured with `blkbench` (1 GiB of
+/// 512 KiB writes, depth 8, 2 cores): 4.4 GB/s through the ring, 5.5-5.7 GB/s inline, and the
+/// disk's thread woke about 70 times instead of 1300. Block devices keep the ring: the kernel
+/// can write their page cache without blocking, inline in `io_uring_enter` already.
+fn writes_inline(file: &File) -> bool {
+    file.metadata().is_ok_and(|m| m.file_type().is_file())
 }
 
 /// Checks that a ring can be created and supports every opcode the engine uses.
@@ -59,6 +76,10 @@ pub struct UringEngine {
     unsubmitted: usize,
     done_fd: EventFd,
     scratch: Vec<(u64, i32)>,
+    /// Writes run in the calling thread (`writes_inline`).
+    inline_writes: bool,
+    /// Completions of inline writes, for the next `reap`.
+    inline_done: Vec<Completion>,
 }
 
 impl std::fmt::Debug for UringEngine {
@@ -85,6 +106,7 @@ impl UringEngine {
         ring.submitter()
             .register_eventfd(done_fd.as_raw_fd())
             .map_err(EngineError::EventFd)?;
+        let inline_writes = writes_inline(&file);
         Ok(Self {
             ring,
             file,
@@ -94,7 +116,15 @@ impl UringEngine {
             unsubmitted: 0,
             done_fd,
             scratch: Vec::with_capacity(MAX_IN_FLIGHT),
+            inline_writes,
+            inline_done: Vec::new(),
         })
+    }
+
+    /// Sends writes through the ring even on a regular file (tests of the block-device path).
+    #[cfg(test)]
+    pub(super) fn set_inline_writes(&mut self, inline: bool) {
+        self.inline_writes = inline;
     }
 
     pub fn completion_fd(&self) -> &EventFd {
@@ -102,16 +132,34 @@ impl UringEngine {
     }
 
     pub fn in_flight(&self) -> usize {
-        MAX_IN_FLIGHT - self.free.len() + self.backlog.len()
+        MAX_IN_FLIGHT - self.free.len() + self.backlog.len() + self.inline_done.len()
     }
 
     pub(super) fn submit(&mut self, op: PendingOp) {
+        if self.inline_writes && matches!(op.op, IoOp::Write { .. }) {
+            return self.write_inline(op);
+        }
         match self.free.pop() {
             Some(slot) => {
                 self.slots[slot] = Some(op);
                 self.push_sqe(slot);
             }
             None => self.backlog.push_back(op),
+        }
+    }
+
+    /// Runs a write in this thread (short writes continue where they stopped, as `reap` does for
+    /// the ring's); its completion waits for the next `reap`.
+    fn write_inline(&mut self, mut op: PendingOp) {
+        loop {
+            let res = super::syscall(self.file.as_raw_fd(), &op.op);
+            if let Next::Done(result) = op.advance(res) {
+                self.inline_done.push(Completion {
+                    tag: op.tag,
+                    result,
+                });
+                return;
+            }
         }
     }
 
@@ -187,6 +235,7 @@ impl UringEngine {
     }
 
     pub fn reap(&mut self, out: &mut Vec<Completion>) {
+        out.append(&mut self.inline_done);
         let _ = self.done_fd.read();
         loop {
             self.scratch.clear();
@@ -257,6 +306,7 @@ impl UringEngine {
     }
 
     pub fn drain(&mut self, out: &mut Vec<Completion>) {
+        out.append(&mut self.inline_done);
         out.extend(self.backlog.drain(..).map(|p| Completion {
             tag: p.tag,
             result: Err(libc::ECANCELED),

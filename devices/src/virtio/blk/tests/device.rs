@@ -1,5 +1,6 @@
 //! `VirtioBlk` through the `VirtioDevice` interface: features, configuration space,
-//! activation on a hand-turned event loop (several queues), reset and re-activation.
+//! activation (each disk served on a thread of its own; several queues), reset and
+//! re-activation.
 
 use vm_memory::{Bytes, GuestAddress};
 
@@ -100,6 +101,27 @@ fn start_up_errors_are_clear() {
     assert!(e.to_string().contains("locked by another process"), "{e}");
 }
 
+/// Threads of this process with `name` (the kernel keeps 15 bytes of it).
+fn threads_named(name: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.trim_end() == name)
+        .count()
+}
+
+/// Waits up to 5 s for a thread named `name` (a new thread names itself once it runs).
+fn thread_appears(name: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while threads_named(name) == 0 {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
+}
+
 struct Activated<'a> {
     queues: Vec<(driver::Driver<'a>, vmm_sys_util::eventfd::EventFd)>,
     signals: Arc<RecordingSignals>,
@@ -156,7 +178,7 @@ fn wait_used(lp: &mut TestLoop, a: &mut Activated<'_>, q: usize) -> Vec<(u16, u3
 }
 
 #[test]
-fn two_queues_on_the_event_loop() {
+fn two_queues_on_the_disk_thread() {
     let mem = memory();
     let mut lp = TestLoop::new();
     let f = disk_file();
@@ -209,17 +231,24 @@ fn reset_stops_the_handler_and_activation_starts_afresh() {
     let mem = memory();
     let mut lp = TestLoop::new();
     let f = disk_file();
-    let mut dev = device(&f, |c| c.queues = 2);
+    let mut dev = device(&f, |c| {
+        c.queues = 2;
+        c.id = Some("reset-check".into());
+    });
     let mut a = activate(&mut dev, &mem, &lp);
-    lp.turn();
+    assert!(thread_appears("disk-reset-chec"), "the disk's thread runs");
     dev.reset();
+    assert_eq!(
+        threads_named("disk-reset-chec"),
+        0,
+        "reset joined the thread"
+    );
     assert_eq!(dev.is_broken(), None);
     read_sector(&mem, &mut a, 0, 1, DATA);
-    lp.turn();
+    std::thread::sleep(Duration::from_millis(50));
     assert!(a.queues[0].0.take_used().is_empty());
     let s: u8 = mem.read_obj(GuestAddress(STATUS)).unwrap();
     assert_eq!(s, S_UNTOUCHED, "a reset device leaves requests alone");
-    assert_eq!(lp.wait(20), 0, "the handler's fds left the loop");
 
     // The driver sets the device up again (fresh rings).
     mem.write_slice(&vec![0u8; 0x10000], GuestAddress(RINGS))
@@ -236,9 +265,8 @@ fn reset_stops_the_handler_and_activation_starts_afresh() {
 #[test]
 fn a_kick_right_after_reactivation_reaches_the_new_handler() {
     // The transport hands every activation a clone of the same kick eventfd (the one KVM's
-    // ioeventfd writes). After a reset the old handler stays on the loop until the loop runs its
-    // messages, which it does after the ready fds: it must not drain that eventfd, or a driver
-    // that re-initialises and kicks quickly is never served.
+    // ioeventfd writes). The old handler must leave it undrained (it may see the kick before its
+    // thread is told to end), or a driver that re-initialises and kicks quickly is never served.
     let mem = memory();
     let mut lp = TestLoop::new();
     let f = disk_file();
