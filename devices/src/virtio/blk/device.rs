@@ -1,6 +1,7 @@
 //! `VirtioBlk`: the virtio-blk device as the PCI transport sees it: feature bits, the
 //! configuration space, and activation and reset (which start and stop the queue handler, its
-//! I/O engine and the disk's thread). Request handling is in `queue_handler` and `request`, file I/O in `engine`.
+//! I/O engine and the disk's thread). Request handling is in `queue_handler` and `request`, file
+//! I/O in `engine`.
 
 use std::io;
 use std::path::PathBuf;
