@@ -4,12 +4,13 @@
 //!
 //! A kick pops every available chain of that queue, parses and checks it (`request`), and either
 //! completes it at once (errors, `GET_ID`, unsupported types) or submits its file operations to
-//! the engine. A completion writes the status byte, marks the guest pages the engine wrote as
-//! dirty, puts the chain on the used ring, and notifies the driver where virtio-queue's
-//! `needs_notification` (event-idx aware) says so. At most `MAX_IN_FLIGHT` operations run; past
-//! that the handler leaves chains in the ring and resumes on the next completion. A chain whose
-//! status byte is unusable, or a ring virtio-queue refuses, marks the device `NEEDS_RESET` and the
-//! handler stops touching the queues.
+//! the engine (a write the engine did inline completes before the next chain is taken, so the
+//! driver can reuse its slot meanwhile). A completion writes the status byte, marks the guest
+//! pages the engine wrote as dirty, puts the chain on the used ring, and notifies the driver
+//! where virtio-queue's `needs_notification` (event-idx aware) says so. At most `MAX_IN_FLIGHT`
+//! operations run; past that the handler leaves chains in the ring and resumes on the next
+//! completion. A chain whose status byte is unusable, or a ring virtio-queue refuses, marks the
+//! device `NEEDS_RESET` and the handler stops touching the queues.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -27,8 +28,9 @@ use crate::virtio::device::{ActivatedQueue, DeviceSignals, GuestMemoryMmap, Queu
 /// Event data of the engine's completion eventfd (queue kicks use their queue position).
 const COMPLETION_TOKEN: u32 = u32::MAX;
 
-/// Most chains taken from one queue per wake-up before other event-loop subscribers get a turn
-/// (a driver refilling its ring as fast as the device empties it would otherwise hold the loop).
+/// Most chains taken from one queue per wake-up before the disk's other queues, its completions
+/// and a stop request get a turn (a driver refilling its ring as fast as the device empties it
+/// would otherwise hold the thread).
 const BATCH: usize = 1024;
 
 const S_OK: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_OK as u8;
@@ -204,6 +206,9 @@ impl BlkQueueHandler {
                 };
                 let parsed = request::parse(chain, &self.mem);
                 self.start(qi, parsed);
+                // A write done inline goes to the used ring now, so the driver can reuse its
+                // slot while the next one is copied.
+                self.reap_inline();
             }
             match self.queues[qi].queue.enable_notification(&self.mem) {
                 // More chains arrived while notifications were off.
@@ -262,6 +267,14 @@ impl BlkQueueHandler {
     fn reap(&mut self) {
         let mut done = std::mem::take(&mut self.completions);
         self.engine.reap(&mut done);
+        self.absorb(&mut done);
+        self.completions = done;
+    }
+
+    /// Completes the requests whose writes the engine did inline.
+    fn reap_inline(&mut self) {
+        let mut done = std::mem::take(&mut self.completions);
+        self.engine.reap_inline(&mut done);
         self.absorb(&mut done);
         self.completions = done;
     }

@@ -151,7 +151,7 @@ fn writes_to_a_regular_file_run_in_the_calling_thread() {
     assert_eq!(on_disk, src);
     assert_eq!(e.in_flight(), 1);
     let mut out = Vec::new();
-    e.reap(&mut out);
+    e.reap_inline(&mut out);
     assert_eq!(
         out,
         vec![Completion {
@@ -160,7 +160,17 @@ fn writes_to_a_regular_file_run_in_the_calling_thread() {
         }]
     );
     assert_eq!(e.in_flight(), 0);
-    // A drain hands back an inline write's completion too.
+    // `reap` and `drain` hand back an inline write's completion too.
+    e.submit(
+        3,
+        IoOp::Write {
+            offset: 0,
+            iov: iov(&mut [&mut src]),
+        },
+    );
+    let mut out = Vec::new();
+    e.reap(&mut out);
+    assert_eq!(out.len(), 1);
     e.submit(
         2,
         IoOp::Write {

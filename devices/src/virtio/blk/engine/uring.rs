@@ -5,7 +5,7 @@
 //!
 //! Writes to a regular file are the exception: they are copied into the page cache by the
 //! calling thread (`pwritev`), which is always a disk's own thread, and their completions wait
-//! for the next `reap`. See `writes_inline`.
+//! for the next `reap_inline` or `reap`. See `writes_inline`.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -233,6 +233,11 @@ impl UringEngine {
                 }
             }
         }
+    }
+
+    /// Moves the completions of writes done inline to `out` (no system call).
+    pub fn reap_inline(&mut self, out: &mut Vec<Completion>) {
+        out.append(&mut self.inline_done);
     }
 
     pub fn reap(&mut self, out: &mut Vec<Completion>) {
