@@ -137,10 +137,7 @@ impl BlkQueueHandler {
     /// and returns none of them to the driver, so nothing touches guest memory afterwards.
     pub(crate) fn stop(&mut self) {
         self.stopped.store(true, Ordering::Release);
-        let mut done = std::mem::take(&mut self.completions);
-        self.engine.drain(&mut done);
-        self.absorb(&mut done);
-        self.completions = done;
+        self.absorb_from(IoEngine::drain);
         self.requests.clear();
         self.free.clear();
     }
@@ -150,10 +147,7 @@ impl BlkQueueHandler {
     /// each queue's position. Chains still in the available ring (the engine was full) stay
     /// there: the next activation is kicked and takes them.
     pub(crate) fn quiesce(&mut self) -> Vec<QueueProgress> {
-        let mut done = std::mem::take(&mut self.completions);
-        self.engine.drain(&mut done);
-        self.absorb(&mut done);
-        self.completions = done;
+        self.absorb_from(IoEngine::drain);
         self.signal_used();
         self.stop();
         self.queues.iter().map(QueueProgress::of).collect()
@@ -265,16 +259,19 @@ impl BlkQueueHandler {
 
     /// Completes the requests whose operations have all finished.
     fn reap(&mut self) {
-        let mut done = std::mem::take(&mut self.completions);
-        self.engine.reap(&mut done);
-        self.absorb(&mut done);
-        self.completions = done;
+        self.absorb_from(IoEngine::reap);
     }
 
     /// Completes the requests whose writes the engine did inline.
     fn reap_inline(&mut self) {
+        self.absorb_from(IoEngine::reap_inline);
+    }
+
+    /// Takes completions from the engine with `take` (reap, reap_inline or drain) and finishes
+    /// the requests they complete.
+    fn absorb_from(&mut self, take: fn(&mut IoEngine, &mut Vec<Completion>)) {
         let mut done = std::mem::take(&mut self.completions);
-        self.engine.reap_inline(&mut done);
+        take(&mut self.engine, &mut done);
         self.absorb(&mut done);
         self.completions = done;
     }
