@@ -172,6 +172,13 @@ fn run_script(mut stream: UnixStream, script: Script, stop_after: usize) -> Requ
 
 /// The requests (code, body) one connection saw.
 type Requests = Vec<(u32, Vec<u8>)>;
+
+/// The body of the first request with `code` among `seen`.
+fn body_of(seen: &[(u32, Vec<u8>)], code: u32) -> Option<&[u8]> {
+    seen.iter()
+        .find(|(c, _)| *c == code)
+        .map(|(_, body)| body.as_slice())
+}
 type Served = JoinHandle<Requests>;
 
 fn start(script: Script, stop_after: usize) -> (UnixStream, Served) {
@@ -556,12 +563,9 @@ fn quiesce_stops_each_ring_and_the_resume_restarts_it_at_the_backend_position() 
         SET_VRING_ENABLE,
         "disabled first: {codes:?}"
     );
-    let set = seen[get..]
-        .iter()
-        .find(|(c, _)| *c == SET_VRING_BASE)
-        .expect("restarted");
+    let set = body_of(&seen[get..], SET_VRING_BASE).expect("restarted");
     assert_eq!(
-        &set.1[..8],
+        &set[..8],
         &[0, 0, 0, 0, 7, 0, 0, 0],
         "at the backend's position"
     );

@@ -9,7 +9,7 @@ use std::thread::JoinHandle;
 use super::super::config::{VhostUserConfig, VhostUserKind};
 use super::super::device::VhostUserDevice;
 use super::{
-    guest_memory, memfd_region, run_script, Requests, Script, BLK_FLUSH, SET_VRING_BASE,
+    body_of, guest_memory, memfd_region, run_script, Requests, Script, BLK_FLUSH, SET_VRING_BASE,
     SET_VRING_ENABLE, VERSION_1,
 };
 use crate::virtio::device::{ActivateContext, VirtioDevice};
@@ -84,12 +84,9 @@ fn a_restarted_backend_gets_the_rings_back_from_the_guest_used_index_and_a_kick(
     let seen = backend.join().unwrap();
     assert_eq!(seen.len(), 2, "the device reconnected");
     let replay = &seen[1];
-    let base = replay
-        .iter()
-        .find(|(code, _)| *code == SET_VRING_BASE)
-        .expect("SET_VRING_BASE replayed");
+    let base = body_of(replay, SET_VRING_BASE).expect("SET_VRING_BASE replayed");
     assert_eq!(
-        &base.1[..8],
+        &base[..8],
         &[0, 0, 0, 0, 5, 0, 0, 0],
         "queue 0 from used index 5"
     );
@@ -130,7 +127,7 @@ fn a_restarted_backend_without_a_feature_fails_the_device_instead_of_serving_it(
     assert!(signals.needs_reset(), "the device was not failed");
     let seen = backend.join().unwrap();
     assert!(
-        !seen[1].iter().any(|(code, _)| *code == SET_VRING_BASE),
+        body_of(&seen[1], SET_VRING_BASE).is_none(),
         "rings were given to a backend that lacks FLUSH: {:?}",
         seen[1]
     );

@@ -161,26 +161,19 @@ fn writes_to_a_regular_file_run_in_the_calling_thread() {
     );
     assert_eq!(e.in_flight(), 0);
     // `reap` and `drain` hand back an inline write's completion too.
-    e.submit(
-        3,
-        IoOp::Write {
-            offset: 0,
-            iov: iov(&mut [&mut src]),
-        },
-    );
-    let mut out = Vec::new();
-    e.reap(&mut out);
-    assert_eq!(out.len(), 1);
-    e.submit(
-        2,
-        IoOp::Write {
-            offset: 0,
-            iov: iov(&mut [&mut src]),
-        },
-    );
-    let mut out = Vec::new();
-    e.drain(&mut out);
-    assert_eq!(out.len(), 1);
+    let takes: [fn(&mut IoEngine, &mut Vec<Completion>); 2] = [IoEngine::reap, IoEngine::drain];
+    for (tag, take) in (2..).zip(takes) {
+        e.submit(
+            tag,
+            IoOp::Write {
+                offset: 0,
+                iov: iov(&mut [&mut src]),
+            },
+        );
+        let mut out = Vec::new();
+        take(&mut e, &mut out);
+        assert_eq!(out.len(), 1);
+    }
     assert_eq!(e.in_flight(), 0);
 }
 
