@@ -4,12 +4,14 @@
 //! asks the VM to stop (debug-exit port, i8042 reset); `legacy` holds the PC devices a test or
 //! Linux guest expects (16550 serial, i8042, debug-exit); `pci` the PCI host bridge and
 //! configuration space; `virtio` the virtio 1.x transport and devices; `vhost_user` virtio devices served
-//! by another process (the frontend) and skiff's own backends. Devices never block: a handler runs on a
+//! by another process (the frontend) and skiff's own backends; `thread_kind` names the kinds of thread
+//! skiff runs and the hook each calls when it starts (the VMM confines it there). Devices never block: a handler runs on a
 //! vCPU thread and must return quickly.
 
 pub mod bus;
 pub mod legacy;
 pub mod pci;
+pub mod thread_kind;
 pub mod vhost_user;
 pub mod virtio;
 pub mod vm_exit;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::api::client;
 use crate::config::{parse_timeout, SerialConfig};
 use crate::runner::{run_vm, RunOptions, RunOutcome};
+use crate::sandbox::{SandboxArgs, SandboxPaths};
 use crate::snapshot::restore::{load, memory_mode, restore_vm, MemoryMode};
 
 /// `skiff restore DIR ...`
@@ -30,18 +31,28 @@ pub struct RestoreArgs {
     /// End the guest after this many seconds (exit code 124).
     #[arg(long, value_name = "SECONDS", value_parser = parse_timeout)]
     pub timeout: Option<Duration>,
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
 }
 
 /// Restores the snapshot and runs the VM to its end. The error is one line.
 pub fn restore(args: RestoreArgs) -> Result<RunOutcome, String> {
+    crate::sandbox::init(&args.sandbox).map_err(|e| crate::error_chain(&e))?;
     let snap = load(&args.dir).map_err(|e| crate::error_chain(&e))?;
     let mode = memory_mode(&snap, args.memory_mode).map_err(|e| crate::error_chain(&e))?;
     let vm = restore_vm(&snap, mode, &args.serial).map_err(|e| crate::error_chain(&e))?;
+    let sandbox_paths = SandboxPaths::for_restore(
+        &args.dir,
+        &args.serial,
+        args.api_socket.as_deref(),
+        &args.sandbox.sandbox_allow,
+    );
     let opts = RunOptions {
         serial: args.serial,
         timeout: args.timeout,
         api_socket: args.api_socket,
         description: snap.manifest.vm.clone(),
+        sandbox_paths,
     };
     run_vm(vm, &opts).map_err(|e| crate::error_chain(&e))
 }

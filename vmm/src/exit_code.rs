@@ -11,6 +11,7 @@
 //! | 122 | the hypervisor could not run a vCPU (KVM internal error, e.g. emulation failure) |
 //! | 124 | `--timeout` expired |
 //! | 128+N | skiff was stopped by signal N (130 for SIGINT, 143 for SIGTERM) |
+//! | 159 | a skiff thread made a system call its seccomp filter forbids (128 + SIGSYS; one `skiff: seccomp:` line names it) |
 
 use devices::vm_exit::GuestEnd;
 
@@ -26,6 +27,8 @@ pub const TRIPLE_FAULT: u8 = 121;
 pub const INTERNAL_ERROR: u8 = 122;
 /// Timeout.
 pub const TIMEOUT: u8 = 124;
+/// A forbidden system call (`--seccomp on`): 128 + SIGSYS.
+pub const SECCOMP_VIOLATION: u8 = 159;
 
 /// The exit code for `end`, and the line to print on stderr (none for a guest's own clean exit).
 pub fn report(end: GuestEnd) -> (u8, Option<String>) {

@@ -10,6 +10,8 @@
 //! - `pci_devices`: the PCI segment: host bridge, config access, virtio devices on PCI.
 //! - `runner`: runs a built VM to its end: vCPU threads, event loop, timeout, outcome.
 //! - `running_vm`: a VM with live vCPU threads: pause, resume, status, snapshot.
+//! - `sandbox`: per-thread seccomp filters, no_new_privs, dropped capabilities, closed inherited
+//!   descriptors, and `--sandbox` (Landlock).
 //! - `snapshot`: snapshot directories: manifest, state file, sparse memory files, restore.
 //! - `commands`: the `skiff restore` and `skiff ctl` subcommands.
 //! - `api`: the control API (HTTP + JSON on a Unix socket) and its `skiff ctl` client.
@@ -41,6 +43,8 @@ pub mod pci_devices;
 pub mod runner;
 #[cfg(target_os = "linux")]
 pub mod running_vm;
+#[cfg(target_os = "linux")]
+pub mod sandbox;
 #[cfg(target_os = "linux")]
 pub mod snapshot;
 #[cfg(target_os = "linux")]

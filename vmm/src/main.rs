@@ -84,6 +84,8 @@ mod cli {
         /// (repeatable).
         #[arg(long = "vhost-user", value_name = "SPEC")]
         vhost_user: Vec<VhostUserArg>,
+        #[command(flatten)]
+        sandbox: vmm::sandbox::SandboxArgs,
     }
 
     impl RunArgs {
@@ -115,6 +117,13 @@ mod cli {
     }
 
     pub fn main() -> ExitCode {
+        // No option passes skiff a descriptor: everything beyond stdio was inherited by accident.
+        if let Err(e) = vmm::sandbox::fds::close_inherited(&[]) {
+            return fail(
+                exit_code::VMM_ERROR,
+                &format!("cannot close inherited descriptors: {e}"),
+            );
+        }
         env_logger_init();
         let cli = match Cli::try_parse() {
             Ok(cli) => cli,
@@ -136,7 +145,8 @@ mod cli {
         match cli.command {
             Command::Run(args) => {
                 let api_socket = args.api_socket.clone();
-                run(args.into_config(), api_socket)
+                let sandbox = args.sandbox.clone();
+                run(args.into_config(), api_socket, &sandbox)
             }
             Command::Restore(args) => match vmm::commands::restore(args) {
                 Ok(outcome) => report(outcome),
@@ -151,7 +161,19 @@ mod cli {
         }
     }
 
-    fn run(cfg: VmConfig, api_socket: Option<PathBuf>) -> ExitCode {
+    fn run(
+        cfg: VmConfig,
+        api_socket: Option<PathBuf>,
+        sandbox: &vmm::sandbox::SandboxArgs,
+    ) -> ExitCode {
+        if let Err(e) = vmm::sandbox::init(sandbox) {
+            return fail(exit_code::VMM_ERROR, &vmm::error_chain(&e));
+        }
+        let sandbox_paths = vmm::sandbox::SandboxPaths::for_run(
+            &cfg,
+            api_socket.as_deref(),
+            &sandbox.sandbox_allow,
+        );
         let vm = match vmm::builder::build_vm(&cfg) {
             Ok(vm) => vm,
             Err(e) => return fail(exit_code::VMM_ERROR, &vmm::error_chain(&e)),
@@ -161,6 +183,7 @@ mod cli {
             timeout: cfg.timeout,
             api_socket,
             description: vmm::snapshot::manifest::VmDescription::from_config(&cfg),
+            sandbox_paths,
         };
         match vmm::runner::run_vm(vm, &opts) {
             Ok(outcome) => report(outcome),

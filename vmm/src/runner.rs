@@ -24,6 +24,7 @@ use crate::builder::BuiltVm;
 use crate::config::SerialConfig;
 use crate::event_loop::{block_stop_signals, ExitWatcher, SerialInput, StopSignals};
 use crate::running_vm::RunningVm;
+use crate::sandbox::{SandboxError, SandboxPaths};
 use crate::snapshot::manifest::VmDescription;
 use crate::teardown::Teardown;
 use crate::terminal::RawModeGuard;
@@ -49,6 +50,9 @@ pub enum RunError {
     /// The control socket could not be created.
     #[error(transparent)]
     Api(#[from] ServerError),
+    /// The main thread could not be confined.
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
 }
 
 /// How the run ended.
@@ -73,6 +77,8 @@ pub struct RunOptions {
     pub api_socket: Option<PathBuf>,
     /// The VM's configuration as given, for snapshot manifests.
     pub description: VmDescription,
+    /// What `--sandbox` lets the running VM reach.
+    pub sandbox_paths: SandboxPaths,
 }
 
 fn vcpu_kick_signal() -> i32 {
@@ -152,6 +158,17 @@ pub fn run_vm(mut vm: BuiltVm, opts: &RunOptions) -> Result<RunOutcome, RunError
     let exit = running.exit().clone();
     if let Ok(fd) = running.job_done_event().try_clone() {
         events.add_subscriber(Arc::new(Mutex::new(Wakeup(fd))));
+    }
+    // Set-up is over: from here the main thread only runs the loop (see `sandbox`). A vCPU
+    // thread reads the host's KVM facts for a snapshot, so they are read now, while files may
+    // still be opened.
+    if let Err(e) = crate::hypervisor::kvm::read_host_facts() {
+        log::debug!("reading the host's KVM facts early: {e}");
+    }
+    if let Err(e) = crate::sandbox::confine_main_thread(&opts.sandbox_paths) {
+        exit.request(GuestEnd::VmmError);
+        let _ = running.stop();
+        return Err(e.into());
     }
     // The request whose answer waits for the snapshot write.
     let mut snapshot_token: Option<Token> = None;

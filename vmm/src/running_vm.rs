@@ -177,8 +177,10 @@ impl RunningVm {
             };
             match thread::Builder::new()
                 .name(format!("skiff-vcpu{index}"))
-                .spawn(move || run_vcpu(ctx))
-            {
+                .spawn(move || {
+                    crate::sandbox::confine_thread_or_exit(crate::sandbox::ThreadKind::Vcpu);
+                    run_vcpu(ctx)
+                }) {
                 Ok(handle) => running.threads.push(VcpuThread { control, handle }),
                 Err(e) => {
                     running.exit.request(GuestEnd::VmmError);

@@ -65,6 +65,7 @@ impl Teardown {
             }
             // SAFETY: as above; the grandchild is reparented to init when the child exits.
             if unsafe { libc::fork() } == 0 {
+                crate::sandbox::confine_teardown_process();
                 // SAFETY: replaces the standard descriptors; reads into a local buffer;
                 // `_exit` skips destructors that belong to the parent.
                 unsafe {

@@ -7,6 +7,8 @@ use std::process::ExitCode;
 
 use devices::vhost_user::blk_backend::{serve, BlkBackendConfig};
 
+use crate::sandbox::{SandboxArgs, SeccompMode};
+
 /// `skiff vhost-user-blk --socket PATH --disk FILE [--readonly] [--once]`
 #[derive(Debug, clap::Args)]
 pub struct VhostUserBlkArgs {
@@ -22,10 +24,22 @@ pub struct VhostUserBlkArgs {
     /// Exit when the first frontend disconnects (default: wait for the next one).
     #[arg(long)]
     pub once: bool,
+    /// The backend's seccomp filter (installed once its disk and socket are open): on (a
+    /// forbidden system call ends it with exit code 159), log, off.
+    #[arg(long, value_name = "MODE", default_value = "on")]
+    pub seccomp: SeccompMode,
 }
 
 /// Serves the disk; returns the process exit code.
 pub fn run(args: VhostUserBlkArgs) -> ExitCode {
+    let sandbox = SandboxArgs {
+        seccomp: args.seccomp,
+        ..SandboxArgs::default()
+    };
+    if let Err(e) = crate::sandbox::init(&sandbox) {
+        eprintln!("skiff: {}", crate::error_chain(&e));
+        return ExitCode::from(crate::exit_code::VMM_ERROR);
+    }
     let cfg = BlkBackendConfig {
         socket: args.socket,
         disk: args.disk,

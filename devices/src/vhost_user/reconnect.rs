@@ -63,7 +63,10 @@ impl Reconnector {
         let thread_waker = waker.clone();
         std::thread::Builder::new()
             .name("vhost-user-reconnect".into())
-            .spawn(move || run(&shared, &thread_waker, &rx, every))?;
+            .spawn(move || {
+                crate::thread_kind::enter(crate::thread_kind::ThreadKind::VhostUserReconnect);
+                run(&shared, &thread_waker, &rx, every)
+            })?;
         Ok(Self { waker })
     }
 

@@ -31,7 +31,10 @@ impl Watchdog {
         let watched = shared.clone();
         std::thread::Builder::new()
             .name("vhost-user-watchdog".into())
-            .spawn(move || watch(&watched, &socket))?;
+            .spawn(move || {
+                crate::thread_kind::enter(crate::thread_kind::ThreadKind::VhostUserWatchdog);
+                watch(&watched, &socket)
+            })?;
         Ok(Self { shared, timeout })
     }
 

@@ -189,6 +189,7 @@ impl SnapshotJob {
         let handle = thread::Builder::new()
             .name("skiff-snapshot".into())
             .spawn(move || {
+                crate::sandbox::confine_thread_or_exit(crate::sandbox::ThreadKind::SnapshotWriter);
                 let r = work(&flag);
                 end.store(true, Ordering::Release);
                 let _ = done.write(1);

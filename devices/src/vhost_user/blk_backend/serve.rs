@@ -79,6 +79,9 @@ pub fn serve(cfg: &BlkBackendConfig) -> Result<(), BlkBackendError> {
         cfg.disk.display(),
         cfg.socket.display()
     );
+    // The disk and the socket are open: from here on the process (and every thread the
+    // daemon starts) only serves them.
+    crate::thread_kind::enter(crate::thread_kind::ThreadKind::VhostUserBlkBackend);
     loop {
         let backend =
             Arc::new(

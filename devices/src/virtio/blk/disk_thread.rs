@@ -68,6 +68,7 @@ impl DiskThread {
         })));
         events.add_subscriber(handler);
         let thread = std::thread::Builder::new().name(name).spawn(move || {
+            crate::thread_kind::enter(crate::thread_kind::ThreadKind::Disk);
             while !stopping.load(Ordering::Acquire) {
                 if let Err(e) = events.run() {
                     // epoll_wait failing on a valid epoll fd is a bug, not a condition to

@@ -18,6 +18,7 @@ use kvm_ioctls::{Cap, Kvm};
 use super::{Hypervisor, HypervisorError, Result, Vm};
 
 pub use vcpu::KvmVcpu;
+pub use vcpu_state::read_host_facts;
 pub use vm::KvmVm;
 
 const KVM_PATH: &str = "/dev/kvm";

@@ -36,6 +36,12 @@ struct HostFacts {
     nested_state: bool,
 }
 
+/// Reads what `/dev/kvm` says about the host now, so that a vCPU thread saving its state later
+/// opens nothing (its seccomp filter and the Landlock sandbox would not let it).
+pub fn read_host_facts() -> Result<()> {
+    host_facts().map(|_| ())
+}
+
 fn host_facts() -> Result<&'static HostFacts> {
     static FACTS: OnceLock<std::result::Result<HostFacts, String>> = OnceLock::new();
     let facts = FACTS.get_or_init(|| {

@@ -62,7 +62,10 @@ impl WorkerPool {
             let shared = pool.shared.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("skiff-blk-io{i}"))
-                .spawn(move || worker(&shared))
+                .spawn(move || {
+                    crate::thread_kind::enter(crate::thread_kind::ThreadKind::DiskWorker);
+                    worker(&shared)
+                })
                 .map_err(EngineError::Thread)?;
             pool.workers.push(handle);
         }

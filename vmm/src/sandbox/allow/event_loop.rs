@@ -1,0 +1,54 @@
+//! The main thread once the VM runs: the event loop (net, rng and console queues, taps, serial
+//! input, vhost-user sockets, stop signals), the control API, pause and snapshot requests, then
+//! stopping the vCPUs, restoring the terminal, removing the API socket and detaching teardown.
+//!
+//! It starts the snapshot writer (which runs under this filter too, so the writer's calls are
+//! allowed here) and forks the teardown process. `ioctl` is not narrowed here: it reaches the
+//! KVM VM fd (interrupt routes, memory slots and dirty logs, clock, PIT and irqchip state for a
+//! snapshot), taps, and the terminal.
+
+use seccompiler::BackendError;
+
+use super::{common, snapshot, teardown, AllowList};
+
+pub(super) fn add(list: &mut AllowList) -> Result<(), BackendError> {
+    list.calls(&[
+        libc::SYS_ioctl,
+        libc::SYS_epoll_wait,
+        libc::SYS_epoll_pwait,
+        libc::SYS_epoll_ctl,
+        libc::SYS_epoll_create1,
+        libc::SYS_eventfd2,
+        libc::SYS_read,
+        libc::SYS_readv,
+        libc::SYS_writev,
+        libc::SYS_poll,
+        libc::SYS_ppoll,
+        // The control API (Unix stream connections) and vhost-user messages.
+        libc::SYS_accept4,
+        libc::SYS_recvfrom,
+        libc::SYS_sendto,
+        libc::SYS_recvmsg,
+        libc::SYS_sendmsg,
+        libc::SYS_shutdown,
+        libc::SYS_setsockopt,
+        libc::SYS_getsockopt,
+        // virtio-rng.
+        libc::SYS_getrandom,
+        // Kicking vCPUs out of KVM_RUN.
+        libc::SYS_tgkill,
+        // Removing the API socket (only if it is still ours) at exit.
+        libc::SYS_unlink,
+        libc::SYS_unlinkat,
+        libc::SYS_readlink,
+        libc::SYS_readlinkat,
+        // Teardown: the pipe the detached process waits on, and the intermediate child.
+        libc::SYS_pipe2,
+        libc::SYS_wait4,
+        libc::SYS_rt_sigaction,
+    ]);
+    common::thread_start(list)?;
+    snapshot::add(list)?;
+    teardown::add(list)?;
+    Ok(())
+}
