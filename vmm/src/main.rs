@@ -134,12 +134,19 @@ mod cli {
             }
             Err(e) => {
                 let rendered = e.render().to_string();
-                let line = rendered
-                    .lines()
-                    .find(|l| !l.trim().is_empty())
+                let mut lines = rendered.lines().filter(|l| !l.trim().is_empty());
+                let mut line = lines
+                    .next()
                     .unwrap_or("invalid command line")
-                    .trim_start_matches("error: ");
-                return fail(exit_code::USAGE, line);
+                    .trim_start_matches("error: ")
+                    .to_string();
+                // "the following required arguments were not provided:" names them next.
+                if line.ends_with(':') {
+                    if let Some(next) = lines.next() {
+                        line = format!("{line} {}", next.trim());
+                    }
+                }
+                return fail(exit_code::USAGE, &line);
             }
         };
         match cli.command {

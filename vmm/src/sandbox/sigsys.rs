@@ -1,6 +1,7 @@
 //! Reports a forbidden system call: with `--seccomp on` a call outside a thread's allow-list
 //! raises `SIGSYS` in that thread (`SECCOMP_RET_TRAP`), and this handler writes one line,
-//! `skiff: seccomp: thread kind '<kind>' made forbidden system call <nr> (exit code 159; ...)`, and ends the process with exit code 159 (128 + SIGSYS, as if the kernel had killed it).
+//! `skiff: seccomp: thread kind '<kind>' made forbidden system call <nr> with arguments <a0>, <a1>,
+//! <a2>, ... (exit code 159; ...)`, and ends the process with exit code 159 (128 + SIGSYS, as if the kernel had killed it).
 //!
 //! Trapping rather than `SECCOMP_RET_KILL_PROCESS` costs nothing more and names the call and the
 //! thread, which the kernel's kill does not (its audit record needs root to read). The handler
@@ -50,6 +51,19 @@ fn push(buf: &mut [u8], len: &mut usize, text: &[u8]) {
     }
 }
 
+/// Appends `n` in hexadecimal (`0x...`).
+fn push_hex(buf: &mut [u8], len: &mut usize, n: u64) {
+    push(buf, len, b"0x");
+    let mut started = false;
+    for shift in (0..16).rev() {
+        let digit = ((n >> (shift * 4)) & 0xf) as usize;
+        if digit != 0 || started || shift == 0 {
+            started = true;
+            push(buf, len, &[b"0123456789abcdef"[digit]]);
+        }
+    }
+}
+
 /// Appends `n` in decimal.
 fn push_number(buf: &mut [u8], len: &mut usize, n: i64) {
     if n < 0 {
@@ -69,8 +83,14 @@ fn push_number(buf: &mut [u8], len: &mut usize, n: i64) {
     push(buf, len, &digits[i..]);
 }
 
-/// The report line for `syscall` made by a thread of `kind`; returns its length in `buf`.
-fn format_report(buf: &mut [u8], kind: Option<ThreadKind>, syscall: i64) -> usize {
+/// The report line for `syscall` made by a thread of `kind` with its first three arguments
+/// `args` (when known); returns its length in `buf`.
+fn format_report(
+    buf: &mut [u8],
+    kind: Option<ThreadKind>,
+    syscall: i64,
+    args: Option<[u64; 3]>,
+) -> usize {
     let mut len = 0;
     push(buf, &mut len, b"skiff: seccomp: thread kind '");
     push(
@@ -80,13 +100,40 @@ fn format_report(buf: &mut [u8], kind: Option<ThreadKind>, syscall: i64) -> usiz
     );
     push(buf, &mut len, b"' made forbidden system call ");
     push_number(buf, &mut len, syscall);
+    if let Some(args) = args {
+        push(buf, &mut len, b" with arguments ");
+        for (i, arg) in args.into_iter().enumerate() {
+            if i > 0 {
+                push(buf, &mut len, b", ");
+            }
+            push_hex(buf, &mut len, arg);
+        }
+        push(buf, &mut len, b", ...");
+    }
     push(buf, &mut len, b" (exit code ");
     push_number(buf, &mut len, i64::from(EXIT_CODE));
     push(buf, &mut len, b"; see docs/sandbox.md)\n");
     len
 }
 
-extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+/// The first three system call arguments from the interrupted thread's registers.
+#[cfg(target_arch = "x86_64")]
+fn call_args(context: *mut libc::c_void) -> Option<[u64; 3]> {
+    if context.is_null() {
+        return None;
+    }
+    // SAFETY: with SA_SIGINFO the third handler argument is the thread's ucontext_t.
+    let regs = unsafe { &(*context.cast::<libc::ucontext_t>()).uc_mcontext.gregs };
+    let reg = |r: libc::c_int| regs[r as usize] as u64;
+    Some([reg(libc::REG_RDI), reg(libc::REG_RSI), reg(libc::REG_RDX)])
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn call_args(_: *mut libc::c_void) -> Option<[u64; 3]> {
+    None
+}
+
+extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo_t, whose SIGSYS layout `SigsysInfo` mirrors.
     let info = unsafe { &*info.cast::<SigsysInfo>() };
     let syscall = if info.code == SYS_SECCOMP {
@@ -96,7 +143,7 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
     };
     let kind = KIND.try_with(Cell::get).ok().flatten();
     let mut buf = [0u8; 200];
-    let len = format_report(&mut buf, kind, syscall);
+    let len = format_report(&mut buf, kind, syscall, call_args(context));
     // SAFETY: writes our stack buffer to stderr, then leaves without running anything else
     // (both calls are async-signal-safe and on every allow-list).
     unsafe {
@@ -127,14 +174,19 @@ mod tests {
     #[test]
     fn the_report_names_the_thread_and_the_call() {
         let mut buf = [0u8; 200];
-        let len = format_report(&mut buf, Some(ThreadKind::Disk), 135);
+        let len = format_report(
+            &mut buf,
+            Some(ThreadKind::Disk),
+            135,
+            Some([0xffff_ffff, 0, 16]),
+        );
         let line = std::str::from_utf8(&buf[..len]).unwrap();
         assert_eq!(
             line,
-            "skiff: seccomp: thread kind 'disk' made forbidden system call 135 \
-             (exit code 159; see docs/sandbox.md)\n"
+            "skiff: seccomp: thread kind 'disk' made forbidden system call 135 with arguments \
+             0xffffffff, 0x0, 0x10, ... (exit code 159; see docs/sandbox.md)\n"
         );
-        let len = format_report(&mut buf, None, -1);
+        let len = format_report(&mut buf, None, -1, None);
         assert!(std::str::from_utf8(&buf[..len])
             .unwrap()
             .starts_with("skiff: seccomp: thread kind 'unknown' made forbidden system call -1 "));
@@ -143,6 +195,6 @@ mod tests {
     #[test]
     fn a_short_buffer_truncates_instead_of_overflowing() {
         let mut buf = [0u8; 10];
-        assert_eq!(format_report(&mut buf, Some(ThreadKind::Vcpu), 1), 10);
+        assert_eq!(format_report(&mut buf, Some(ThreadKind::Vcpu), 1, None), 10);
     }
 }

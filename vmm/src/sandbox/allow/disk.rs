@@ -30,6 +30,31 @@ pub(super) fn run_time(list: &mut AllowList) -> Result<(), BackendError> {
     Ok(())
 }
 
+/// Activating a disk (on a vCPU thread when the guest sets DRIVER_OK, or on the event loop when
+/// a VM resumes after a snapshot or restore): its eventfds, epoll and io_uring, file checks, and
+/// starting its thread. The threads started run under the activating thread's filter too, so
+/// their run-time calls are allowed with it.
+pub(super) fn activation(list: &mut AllowList) -> Result<(), BackendError> {
+    list.calls(&[
+        libc::SYS_eventfd2,
+        libc::SYS_epoll_create1,
+        libc::SYS_epoll_ctl,
+        libc::SYS_io_uring_setup,
+        libc::SYS_io_uring_register,
+        libc::SYS_statx,
+        libc::SYS_fstat,
+        libc::SYS_newfstatat,
+        libc::SYS_getrandom,
+    ]);
+    list.call_if_arg(
+        libc::SYS_fcntl,
+        1,
+        &[libc::F_GETFL as u64, libc::F_SETFL as u64],
+    )?;
+    common::thread_start(list)?;
+    run_time(list)
+}
+
 /// A disk's own thread: serves its queues and starts (and restarts) its worker pool.
 pub(super) fn disk_thread(list: &mut AllowList) -> Result<(), BackendError> {
     run_time(list)?;

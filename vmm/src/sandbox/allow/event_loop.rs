@@ -9,7 +9,7 @@
 
 use seccompiler::BackendError;
 
-use super::{common, snapshot, teardown, AllowList};
+use super::{common, disk, snapshot, teardown, AllowList};
 
 pub(super) fn add(list: &mut AllowList) -> Result<(), BackendError> {
     list.calls(&[
@@ -48,6 +48,8 @@ pub(super) fn add(list: &mut AllowList) -> Result<(), BackendError> {
         libc::SYS_rt_sigaction,
     ]);
     common::thread_start(list)?;
+    // Resuming after a snapshot, or a restored VM's first run, activates its disks here.
+    disk::activation(list)?;
     snapshot::add(list)?;
     teardown::add(list)?;
     Ok(())

@@ -5,7 +5,7 @@
 //! entry, and activates a virtio device when the guest sets DRIVER_OK: a disk's activation
 //! creates its eventfds, epoll and io_uring and starts its thread (and, without io_uring, its
 //! worker pool). Threads started here run under this filter as well as their own, so the disk
-//! thread's and the disk workers' calls are allowed here too (`disk::run_time`).
+//! thread's and the disk workers' calls are allowed here too (`disk::activation`).
 
 use seccompiler::BackendError;
 use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
@@ -18,7 +18,7 @@ use kvm_bindings::{
     kvm_xcrs, kvm_xsave, KVMIO,
 };
 
-use super::{common, disk, AllowList};
+use super::{disk, AllowList};
 
 ioctl_io_nr!(KVM_CHECK_EXTENSION, KVMIO, 0x03);
 ioctl_iow_nr!(KVM_SET_GSI_ROUTING, KVMIO, 0x6a, kvm_irq_routing);
@@ -81,23 +81,10 @@ pub(super) fn add(list: &mut AllowList) -> Result<(), BackendError> {
         libc::SYS_read,
         // A pause or stop wakes the event loop with a signal.
         libc::SYS_tgkill,
-        // Device activation: the disk's eventfds, epoll and io_uring, file checks.
-        libc::SYS_eventfd2,
-        libc::SYS_epoll_create1,
-        libc::SYS_epoll_ctl,
-        libc::SYS_io_uring_setup,
-        libc::SYS_io_uring_register,
-        libc::SYS_statx,
-        libc::SYS_fstat,
-        libc::SYS_newfstatat,
-        libc::SYS_getrandom,
+        // vhost-user messages on sockets already open (a vring call fd switched when the guest
+        // masks or unmasks an MSI-X vector).
+        libc::SYS_sendmsg,
+        libc::SYS_recvmsg,
     ]);
-    list.call_if_arg(
-        libc::SYS_fcntl,
-        1,
-        &[libc::F_GETFL as u64, libc::F_SETFL as u64],
-    )?;
-    common::thread_start(list)?;
-    disk::run_time(list)?;
-    Ok(())
+    disk::activation(list)
 }

@@ -78,6 +78,8 @@ pub(super) fn blk_backend(list: &mut AllowList) -> Result<(), BackendError> {
         libc::SYS_fstat,
         libc::SYS_getrandom,
         libc::SYS_unlink,
+        // The backend daemon ignores SIGPIPE for each connection.
+        libc::SYS_rt_sigaction,
     ]);
     list.call_if_arg(
         libc::SYS_fcntl,
