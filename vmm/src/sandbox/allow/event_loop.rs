@@ -42,6 +42,9 @@ pub(super) fn add(list: &mut AllowList) -> Result<(), BackendError> {
         libc::SYS_unlinkat,
         libc::SYS_readlink,
         libc::SYS_readlinkat,
+        // Fresh guest memory for a VM that goes on after a snapshot of its copy-on-write RAM.
+        libc::SYS_memfd_create,
+        libc::SYS_fallocate,
         // Teardown: the pipe the detached process waits on, and the intermediate child.
         libc::SYS_pipe2,
         libc::SYS_wait4,

@@ -42,8 +42,14 @@ ioctl_io_nr!(KVM_KVMCLOCK_CTRL, KVMIO, 0xad);
 ioctl_iowr_nr!(KVM_GET_NESTED_STATE, KVMIO, 0xbe, kvm_nested_state);
 ioctl_ior_nr!(KVM_GET_XSAVE2, KVMIO, 0xcf, kvm_xsave);
 
+/// `TUNSETOFFLOAD` (`_IOW('T', 208, unsigned int)`).
+const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+/// `TUNSETVNETHDRSZ` (`_IOW('T', 216, int)`).
+const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+
 /// The `ioctl` requests a vCPU thread makes: on its vCPU fd (run, and the state a snapshot
-/// reads) and on the VM fd (interrupt routes, irqfds, ioeventfds, MSIs its device handlers set).
+/// reads), on the VM fd (interrupt routes, irqfds, ioeventfds, MSIs its device handlers set),
+/// and on a tap when virtio-net is activated.
 fn ioctl_requests() -> Vec<u64> {
     [
         KVM_RUN(),
@@ -68,6 +74,9 @@ fn ioctl_requests() -> Vec<u64> {
         KVM_IOEVENTFD(),
         KVM_SIGNAL_MSI(),
         libc::FIONBIO,
+        // virtio-net activation: the tap's offloads follow the features the driver accepted.
+        TUNSETOFFLOAD,
+        TUNSETVNETHDRSZ,
     ]
     .into_iter()
     .map(u64::from)
