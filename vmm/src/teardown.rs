@@ -43,6 +43,15 @@ impl Teardown {
         // disks (and their locks), taps, sockets and rings are released when skiff exits, not
         // after the teardown.
         let to_close = descriptors_but_the_vm();
+        // The detached process confines itself right after `fork`, where it must not allocate:
+        // its filter is compiled here. Without it, tear down here instead.
+        if let Err(e) = crate::sandbox::prepare_teardown() {
+            log::warn!(
+                "{}; tearing the VM down before exiting",
+                crate::error_chain(&e)
+            );
+            return self.now();
+        }
         let mut fds = [0i32; 2];
         // SAFETY: `fds` has room for the two descriptors pipe2 returns.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {

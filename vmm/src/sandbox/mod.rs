@@ -1,7 +1,7 @@
 //! The sandbox: what each skiff thread may do once the VM is set up.
 //!
-//! - `seccomp`: one seccomp filter per [`ThreadKind`], compiled once at start from the allow-lists
-//!   in `allow/` (one file per kind), installed by each thread on itself when it starts.
+//! - `seccomp`: one seccomp filter per [`ThreadKind`], compiled from the allow-lists in `allow/`
+//!   (one file per kind) when the kind's first thread starts, installed by each thread on itself.
 //! - `sigsys`: the `SIGSYS` handler that turns a forbidden system call into one `skiff:` line
 //!   naming the thread kind and the call, and exit code 159.
 //! - `caps`: drops every capability once set-up (taps, files) is done.
@@ -162,14 +162,14 @@ struct Settings {
 
 static SETTINGS: OnceLock<Settings> = OnceLock::new();
 
-/// Sets the process up before any thread starts: no_new_privs, the compiled filters, the
+/// Sets the process up before any thread starts: no_new_privs, the filters' mode, the
 /// `SIGSYS` handler, the hook devices' threads call, and (with `--sandbox`) an empty Landlock
 /// ruleset that threads started during set-up confine themselves with. Call once, from the main
 /// thread, before building the VM.
 pub fn init(args: &SandboxArgs) -> Result<(), SandboxError> {
     set_no_new_privs()?;
     if args.seccomp != SeccompMode::Off {
-        seccomp::compile_all(args.seccomp)?;
+        seccomp::set_mode(args.seccomp);
         sigsys::install().map_err(SandboxError::Sigsys)?;
     }
     if args.sandbox {
@@ -207,10 +207,7 @@ pub fn confine_thread(kind: ThreadKind) -> Result<(), SandboxError> {
     caps::drop_all().map_err(SandboxError::Caps)?;
     if settings.mode != SeccompMode::Off {
         sigsys::set_thread_kind(kind);
-        seccomp::apply(kind).map_err(|e| SandboxError::Install {
-            kind: kind.name(),
-            message: e.to_string(),
-        })?;
+        seccomp::apply(kind)?;
     }
     if settings.trigger == Some(kind) {
         seccomp::make_forbidden_call();
@@ -227,8 +224,19 @@ pub fn confine_thread_or_exit(kind: ThreadKind) {
     }
 }
 
+/// Compiles the teardown process's filter; call before `fork`, so the child allocates nothing.
+pub fn prepare_teardown() -> Result<(), SandboxError> {
+    match SETTINGS.get() {
+        Some(settings) if settings.mode != SeccompMode::Off => {
+            seccomp::prepare(ThreadKind::Teardown)
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The teardown process's confinement, right after `fork`: only async-signal-safe calls (the
-/// filter is already compiled; installing it is two system calls).
+/// filter was compiled by [`prepare_teardown`]; installing it is two system calls). Without a
+/// compiled filter the child leaves at once: it must not run unconfined.
 pub fn confine_teardown_process() {
     let Some(settings) = SETTINGS.get() else {
         return;
@@ -237,7 +245,7 @@ pub fn confine_teardown_process() {
         return;
     }
     sigsys::set_thread_kind(ThreadKind::Teardown);
-    if seccomp::apply(ThreadKind::Teardown).is_err() {
+    if seccomp::apply_prepared(ThreadKind::Teardown).is_err() {
         // SAFETY: leaves the forked child at once; nothing of the parent's is run.
         unsafe { libc::_exit(i32::from(crate::exit_code::VMM_ERROR)) };
     }

@@ -1,5 +1,5 @@
-//! Compiles each thread kind's allow-list (`allow/`) into a BPF program with `seccompiler`, once,
-//! and installs one on the calling thread.
+//! Compiles each thread kind's allow-list (`allow/`) into a BPF program with `seccompiler` when
+//! the first thread of the kind starts, and installs it on the calling thread.
 //!
 //! A call on the list runs; any other call gets the mode's action: `SECCOMP_RET_TRAP` with
 //! `--seccomp on` (the `sigsys` handler reports it and ends skiff) or `SECCOMP_RET_LOG` with
@@ -7,7 +7,6 @@
 //! filter and its own, so a kind that starts threads must allow what they do before their own
 //! filter is in (see `allow::thread_start`).
 
-use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
 use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
@@ -15,7 +14,11 @@ use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
 use super::allow;
 use super::{SandboxError, SeccompMode, ThreadKind};
 
-static FILTERS: OnceLock<BTreeMap<ThreadKind, BpfProgram>> = OnceLock::new();
+/// Each kind's compiled filter, built when the first thread of that kind starts (compiling all
+/// of them up front cost about half a millisecond of every start), and the mode they are for.
+static FILTERS: [OnceLock<BpfProgram>; ThreadKind::ALL.len()] =
+    [const { OnceLock::new() }; ThreadKind::ALL.len()];
+static MODE: OnceLock<SeccompMode> = OnceLock::new();
 
 fn target_arch() -> TargetArch {
     #[cfg(target_arch = "x86_64")]
@@ -53,22 +56,44 @@ pub(super) fn compile(kind: ThreadKind, mode: SeccompMode) -> Result<BpfProgram,
     BpfProgram::try_from(filter).map_err(error)
 }
 
-/// Compiles every kind's filter (done before any thread starts, so installing one later
-/// allocates nothing: the teardown process installs its own right after `fork`).
-pub(super) fn compile_all(mode: SeccompMode) -> Result<(), SandboxError> {
-    let mut filters = BTreeMap::new();
-    for kind in ThreadKind::ALL {
-        filters.insert(kind, compile(kind, mode)?);
+/// Sets the mode the filters are compiled for (once, before any thread is confined).
+pub(super) fn set_mode(mode: SeccompMode) {
+    let _ = MODE.set(mode);
+}
+
+fn index(kind: ThreadKind) -> usize {
+    ThreadKind::ALL
+        .iter()
+        .position(|&k| k == kind)
+        .unwrap_or_default()
+}
+
+/// Compiles `kind`'s filter unless it already is. The teardown process needs its filter
+/// compiled before `fork` (the child must not allocate), so `Teardown` calls this first.
+pub(super) fn prepare(kind: ThreadKind) -> Result<(), SandboxError> {
+    let slot = &FILTERS[index(kind)];
+    if slot.get().is_none() {
+        let mode = MODE.get().copied().unwrap_or_default();
+        // Two threads of a kind starting at once may both compile; one result is kept.
+        let _ = slot.set(compile(kind, mode)?);
     }
-    let _ = FILTERS.set(filters);
     Ok(())
 }
 
-/// Installs `kind`'s filter on the calling thread (nothing if none was compiled).
-pub(super) fn apply(kind: ThreadKind) -> Result<(), seccompiler::Error> {
-    match FILTERS.get().and_then(|f| f.get(&kind)) {
+/// Installs `kind`'s filter on the calling thread, compiling it first if needed.
+pub(super) fn apply(kind: ThreadKind) -> Result<(), SandboxError> {
+    prepare(kind)?;
+    apply_prepared(kind).map_err(|e| SandboxError::Install {
+        kind: kind.name(),
+        message: e.to_string(),
+    })
+}
+
+/// Installs `kind`'s filter if it was compiled (allocates nothing: for a forked child).
+pub(super) fn apply_prepared(kind: ThreadKind) -> Result<(), seccompiler::Error> {
+    match FILTERS[index(kind)].get() {
         Some(program) => seccompiler::apply_filter(program),
-        None => Ok(()),
+        None => Err(seccompiler::Error::EmptyFilter),
     }
 }
 

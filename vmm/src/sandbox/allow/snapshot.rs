@@ -50,8 +50,8 @@ pub(super) fn add(list: &mut AllowList) -> Result<(), BackendError> {
         &[
             FICLONE,
             FICLONERANGE,
-            u64::from(KVM_GET_DIRTY_LOG()),
-            u64::from(KVM_CLEAR_DIRTY_LOG()),
+            KVM_GET_DIRTY_LOG(),
+            KVM_CLEAR_DIRTY_LOG(),
         ],
     )?;
     list.call_if_arg(

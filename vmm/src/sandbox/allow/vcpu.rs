@@ -78,9 +78,7 @@ fn ioctl_requests() -> Vec<u64> {
         TUNSETOFFLOAD,
         TUNSETVNETHDRSZ,
     ]
-    .into_iter()
-    .map(u64::from)
-    .collect()
+    .to_vec()
 }
 
 pub(super) fn add(list: &mut AllowList) -> Result<(), BackendError> {

@@ -46,11 +46,7 @@ pub(super) fn reconnect(list: &mut AllowList) -> Result<(), BackendError> {
             libc::F_DUPFD_CLOEXEC as u64,
         ],
     )?;
-    list.call_if_arg(
-        libc::SYS_ioctl,
-        1,
-        &[libc::FIONBIO as u64, libc::FIOCLEX as u64],
-    )?;
+    list.call_if_arg(libc::SYS_ioctl, 1, &[libc::FIONBIO, libc::FIOCLEX])?;
     watchdog(list)?;
     common::thread_start(list)?;
     Ok(())
@@ -92,11 +88,7 @@ pub(super) fn blk_backend(list: &mut AllowList) -> Result<(), BackendError> {
             libc::F_DUPFD_CLOEXEC as u64,
         ],
     )?;
-    list.call_if_arg(
-        libc::SYS_ioctl,
-        1,
-        &[libc::FIONBIO as u64, libc::FIOCLEX as u64],
-    )?;
+    list.call_if_arg(libc::SYS_ioctl, 1, &[libc::FIONBIO, libc::FIOCLEX])?;
     disk::run_time(list)?;
     common::thread_start(list)?;
     Ok(())
