@@ -27,7 +27,8 @@ impl InterruptLine for vmm_sys_util::eventfd::EventFd {
     }
 }
 
-#[cfg(all(test, unix))]
+#[cfg(test)]
+#[cfg(unix)]
 mod tests {
     use super::*;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};

@@ -23,7 +23,8 @@ pub mod validate;
 pub mod section;
 #[cfg(windows)]
 mod section_ram;
-#[cfg(all(test, windows))]
+#[cfg(test)]
+#[cfg(windows)]
 mod section_tests;
 #[cfg(windows)]
 pub mod view;

@@ -175,7 +175,8 @@ fn validate_one(r: &ShareableRegion, page_size: u64) -> Result<(), RegionError> 
     Ok(())
 }
 
-#[cfg(all(test, unix))]
+#[cfg(test)]
+#[cfg(unix)]
 mod tests {
     use super::*;
     use crate::memory::region::Mappable;
