@@ -5,7 +5,8 @@
 //! Linux guest expects (16550 serial, i8042, debug-exit); `pci` the PCI host bridge and
 //! configuration space; `virtio` the virtio 1.x transport and devices; `vhost_user` virtio devices served
 //! by another process (the frontend) and skiff's own backends; `interrupt` the seam through which a
-//! device raises an interrupt line. Devices never block: a handler runs on a vCPU thread and must
+//! device raises an interrupt line; `irqchip` the user-space IOAPIC for hypervisors without an
+//! in-kernel one. Devices never block: a handler runs on a vCPU thread and must
 //! return quickly.
 //!
 //! On Windows only the platform-neutral part builds: the bus, the legacy devices, PCI
@@ -15,6 +16,7 @@
 
 pub mod bus;
 pub mod interrupt;
+pub mod irqchip;
 pub mod legacy;
 pub mod pci;
 #[cfg(unix)]

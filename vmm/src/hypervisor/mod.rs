@@ -11,7 +11,6 @@ use thiserror::Error;
 #[cfg(target_os = "linux")]
 pub mod kvm;
 pub mod state;
-#[cfg(windows)]
 pub mod whp;
 
 /// A failed hypervisor operation: which operation, and the OS error.
