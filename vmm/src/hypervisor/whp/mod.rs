@@ -4,13 +4,18 @@
 //!   typed function pointers, and the check that the platform is present and enabled.
 //! - `cpuid`: the partition's CPUID result and exit lists from skiff's per-vCPU tables, and the
 //!   answers to CPUID exits (platform-neutral, unit-tested on Linux).
+//! - `interrupt`: interrupt requests (MSI, IOAPIC) as `WHvRequestInterrupt` controls.
+//! - `partition` (Windows): partition set-up, guest RAM as mapped GPA ranges, interrupts.
 //!
-//! What this backend does not have yet (partitions, vCPUs, GPA mapping of `SectionRam`'s views,
-//! the run loop) is listed in docs/windows.md.
+//! What this backend does not have yet (vCPUs, the run loop, the `Hypervisor` trait impl) is
+//! listed in docs/windows.md.
 
 pub mod cpuid;
+pub mod interrupt;
 #[cfg(windows)]
 pub mod library;
+#[cfg(windows)]
+pub mod partition;
 
 #[cfg(windows)]
 pub use library::{WhpLibrary, WhpLoadError};
