@@ -6,11 +6,14 @@
 //!   built by the IOAPIC, and `InterruptSink`, where the backend delivers it
 //!   (`WHvRequestInterrupt` on WHP).
 //! - `ioapic`: the IOAPIC's registers, redirection table and pin state.
+//! - `pin`: an IOAPIC input as the `InterruptLine` devices raise.
 //!
 //! The 8259 PIC and the 8254 PIT are not here yet (docs/windows.md).
 
 pub mod ioapic;
+pub mod pin;
 pub mod request;
 
 pub use ioapic::{Ioapic, IoapicState, IOAPIC_PINS};
+pub use pin::IoapicPin;
 pub use request::{DeliveryMode, InterruptRequest, InterruptSink};

@@ -8,6 +8,7 @@
 //!   loop, and the register write-back that finishes `in`/`out` and CPUID exits.
 //! - `exit_context` (Windows): `WHV_RUN_VP_EXIT_CONTEXT` decoded into the neutral form.
 //! - `interrupt`: interrupt requests (MSI, IOAPIC) as `WHvRequestInterrupt` controls.
+//! - `registers`: the neutral register types as WHP register names and values.
 //! - `partition` (Windows): partition set-up, guest RAM as mapped GPA ranges, interrupts.
 //!
 //! What this backend does not have yet (vCPUs, the instruction emulator, the `Hypervisor`
@@ -22,6 +23,7 @@ pub mod interrupt;
 pub mod library;
 #[cfg(windows)]
 pub mod partition;
+pub mod registers;
 
 #[cfg(windows)]
 pub use library::{WhpLibrary, WhpLoadError};
