@@ -1,6 +1,10 @@
 //! The `skiff` command line: parses arguments into a `VmConfig`, builds and runs the VM, and
 //! turns the outcome into a documented exit code with a one-line report on stderr.
 
+// The argument structs' doc comments are the `--help` text, written for a terminal: option
+// syntax such as `[,id=NAME]` is not a rustdoc link.
+#![allow(rustdoc::broken_intra_doc_links)]
+
 #[cfg(target_os = "linux")]
 mod cli {
     use std::path::PathBuf;
