@@ -19,5 +19,6 @@ fn a_missing_platform_ends_skiff_with_one_line_and_its_own_code() {
         "{stderr}"
     );
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(!stderr.trim_end().contains('\r'), "{stderr:?}");
     assert!(out.stdout.is_empty());
 }

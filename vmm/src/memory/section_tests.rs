@@ -169,11 +169,23 @@ fn file_errors_name_the_file_and_leave_no_file_behind() {
     assert!(matches!(e, SectionError::InUse(_)), "{e}");
     assert!(e.to_string().contains("in use by another process"), "{e}");
 
-    // A layout error after skiff created the file removes the file again.
+    // A size the memory map cannot hold is refused before any file is created.
     let fresh = dir.path().join("fresh");
     let e = SectionRam::create(&SectionBacking::File(fresh.clone()), 4096, 32).unwrap_err();
     assert!(matches!(e, SectionRamError::Layout(_)), "{e}");
     assert!(!fresh.exists());
+    // A validation error after skiff created the file removes the file again.
+    let e = SectionRam::create(&SectionBacking::File(fresh.clone()), 64 * MIB, 0).unwrap_err();
+    assert!(
+        matches!(e, SectionRamError::Region(RegionError::TooManySlots { .. })),
+        "{e}"
+    );
+    assert!(!fresh.exists());
+    // An existing file is never removed.
+    let kept = dir.path().join("kept");
+    std::fs::write(&kept, b"mine").unwrap();
+    SectionRam::create(&SectionBacking::File(kept.clone()), 64 * MIB, 0).unwrap_err();
+    assert!(kept.exists());
 }
 
 #[test]

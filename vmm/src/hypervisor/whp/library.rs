@@ -305,6 +305,6 @@ mod tests {
             ),
             "{text}"
         );
-        assert!(!text.contains('\n'), "{text}");
+        assert!(!text.contains(['\n', '\r']), "{text:?}");
     }
 }

@@ -126,12 +126,16 @@ impl Partition {
         Ok(partition)
     }
 
-    /// Sets property `code` to the plain-data array `values`.
+    /// Sets property `code` to the plain-data array `values`; an empty list is left unset
+    /// (the property's default is already empty).
     fn set_property<T: Copy>(
         &self,
         code: WHV_PARTITION_PROPERTY_CODE,
         values: &[T],
     ) -> Result<(), PartitionError> {
+        if values.is_empty() {
+            return Ok(());
+        }
         let bytes =
             u32::try_from(std::mem::size_of_val(values)).map_err(|_| PartitionError::TooLong {
                 what: "a partition property",
