@@ -7,13 +7,16 @@
 //!   (`WHvRequestInterrupt` on WHP).
 //! - `ioapic`: the IOAPIC's registers, redirection table and pin state.
 //! - `pin`: an IOAPIC input as the `InterruptLine` devices raise.
+//! - `pic`: the cascaded 8259A pair and its ELCR.
 //!
-//! The 8259 PIC and the 8254 PIT are not here yet (docs/windows.md).
+//! The 8254 PIT is not here yet (docs/windows.md).
 
 pub mod ioapic;
+pub mod pic;
 pub mod pin;
 pub mod request;
 
 pub use ioapic::{Ioapic, IoapicState, IOAPIC_PINS};
+pub use pic::{Pic, PicChip, PicPorts};
 pub use pin::IoapicPin;
 pub use request::{DeliveryMode, InterruptRequest, InterruptSink};
