@@ -34,6 +34,8 @@ mod cli {
         Ctl(vmm::commands::CtlArgs),
         /// Fold a diff snapshot and its parents into a full snapshot, in the diff's place.
         SnapshotMerge(vmm::commands::MergeArgs),
+        /// Show what a snapshot holds and every host resource it names.
+        SnapshotInfo(vmm::commands::InfoArgs),
         /// Serve a raw disk file as a vhost-user-blk backend on a Unix socket.
         VhostUserBlk(vmm::vhost_user_blk::VhostUserBlkArgs),
     }
@@ -145,6 +147,10 @@ mod cli {
             Command::Ctl(args) => vmm::commands::ctl(args),
             Command::VhostUserBlk(args) => vmm::vhost_user_blk::run(args),
             Command::SnapshotMerge(args) => match vmm::commands::snapshot_merge(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(exit_code::VMM_ERROR, &e),
+            },
+            Command::SnapshotInfo(args) => match vmm::commands::snapshot_info(args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(exit_code::VMM_ERROR, &e),
             },

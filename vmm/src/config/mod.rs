@@ -17,6 +17,7 @@ use crate::memory::MemoryConfig;
 
 pub mod disk;
 pub mod net;
+pub mod resource_override;
 pub mod vhost_user;
 
 pub use disk::{DiskArg, DiskConfig};
