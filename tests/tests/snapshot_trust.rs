@@ -122,7 +122,10 @@ fn snapshot_info_lists_the_host_resources_as_text_and_json() {
     assert_eq!(r["opened_on_restore"], true);
     assert_eq!(v["resources"][1]["kind"], "kernel");
     // The manifest lists the same resources.
-    assert_eq!(manifest(&snap)["resources"][0]["path"], disk.to_str().unwrap());
+    assert_eq!(
+        manifest(&snap)["resources"][0]["path"],
+        disk.to_str().unwrap()
+    );
     // Another user sees it as not authenticated.
     let other = tempfile::tempdir().unwrap();
     let foreign = skiff_with_state(
@@ -173,10 +176,16 @@ fn an_edited_state_pointing_the_disk_at_another_host_file_is_refused() {
     // The untouched snapshot is, for another user, refused the same way.
     let other = tempfile::tempdir().unwrap();
     let r = skiff_with_state(&["restore", snap.to_str().unwrap()], Some(other.path()));
-    one_line_failure(&r, "(this user has no snapshot key); refusing to open disk \"disk0\"");
+    one_line_failure(
+        &r,
+        "(this user has no snapshot key); refusing to open disk \"disk0\"",
+    );
     // An override naming an id the snapshot lacks is an error.
     let r = restore(&forged, &["--disk", "id=disk7,path=/tmp/x.img"]);
-    one_line_failure(&r, "--disk id=\"disk7\": the snapshot has no disk device with that id (it has: disk0)");
+    one_line_failure(
+        &r,
+        "--disk id=\"disk7\": the snapshot has no disk device with that id (it has: disk0)",
+    );
 }
 
 #[test]
@@ -195,7 +204,10 @@ fn an_override_disk_is_the_one_the_restored_guest_uses() {
             .assert_stdout_has(&format!("testguest: virtio-loop done rounds={ROUNDS}"));
         // The guest's later rounds went to the copy (it also read back, in the copy, a sector
         // written before the snapshot).
-        assert!(sector_has_pattern(&copy, ROUNDS), "{name}: last round not in the copy");
+        assert!(
+            sector_has_pattern(&copy, ROUNDS),
+            "{name}: last round not in the copy"
+        );
     }
     assert!(
         !sector_has_pattern(&disk, ROUNDS),
@@ -241,7 +253,10 @@ fn an_unauthenticated_snapshot_without_host_resources_restores_and_bad_files_are
     let mut m = manifest(&d);
     m["memory"][0]["guest_address"] = 0xe000_0000u64.into();
     std::fs::write(d.join("manifest.json"), m.to_string()).unwrap();
-    assert_restore_fails(&d, "memory regions [0xe0000000+0x10000000] are not the layout");
+    assert_restore_fails(
+        &d,
+        "memory regions [0xe0000000+0x10000000] are not the layout",
+    );
 
     // A VM larger than the host, laid out as `run` would lay it out: refused like `run`.
     let d = root.path().join("huge");
@@ -273,8 +288,15 @@ fn an_unauthenticated_snapshot_without_host_resources_restores_and_bad_files_are
     m["state"]["size"] = (2u64 << 30).into();
     std::fs::write(d.join("manifest.json"), m.to_string()).unwrap();
     let started = Instant::now();
-    assert_restore_fails(&d, "state.bin is 2147483648 bytes, larger than a state file may be");
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert_restore_fails(
+        &d,
+        "state.bin is 2147483648 bytes, larger than a state file may be",
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
 
     // FIFOs as state file and manifest: refused, not waited on.
     for name in ["state.bin", "manifest.json"] {

@@ -37,23 +37,11 @@ pub struct ResourceOverrides {
 pub enum AuthorizeError {
     /// An unauthenticated snapshot names a host resource the user did not name again.
     #[error(
-        "snapshot {dir} is not authenticated for this user ({why}); refusing to open {kind} \
-         {id:?} at {location} (name it again with {hint})"
+        "snapshot {} is not authenticated for this user ({}); refusing to open {} {:?} at {} \
+         (name it again with {})",
+        .0.dir.display(), .0.why, .0.kind, .0.id, .0.location, .0.hint
     )]
-    Refused {
-        /// The snapshot.
-        dir: PathBuf,
-        /// Why it is not authenticated.
-        why: String,
-        /// The resource's kind.
-        kind: &'static str,
-        /// Its id.
-        id: String,
-        /// Its path or name.
-        location: String,
-        /// The option that names it.
-        hint: String,
-    },
+    Refused(Box<Refusal>),
     /// An override names a device the snapshot does not have.
     #[error(
         "--{kind} id={id:?}: the snapshot has no {kind} device with that id (it has: {known})"
@@ -80,6 +68,23 @@ pub enum AuthorizeError {
     /// The parent chain is unusable.
     #[error(transparent)]
     Chain(#[from] ChainError),
+}
+
+/// The resource an unauthenticated snapshot may not open.
+#[derive(Debug)]
+pub struct Refusal {
+    /// The snapshot.
+    pub dir: PathBuf,
+    /// Why it is not authenticated.
+    pub why: String,
+    /// The resource's kind.
+    pub kind: &'static str,
+    /// Its id.
+    pub id: String,
+    /// Its path or name.
+    pub location: String,
+    /// The option that names it.
+    pub hint: String,
 }
 
 /// What a restore will open outside the snapshot directory, and with what.
@@ -152,14 +157,14 @@ pub fn authorize(
     check_ids("vhost-user", &overrides.vhost_user, &vhost)?;
     let refused = |resource: &HostResource, hint: String| match &snap.authentication {
         Authentication::Authenticated => None,
-        Authentication::NotAuthenticated(why) => Some(AuthorizeError::Refused {
+        Authentication::NotAuthenticated(why) => Some(AuthorizeError::Refused(Box::new(Refusal {
             dir: snap.dir.clone(),
             why: why.clone(),
             kind: resource.kind(),
             id: resource.id().to_string(),
             location: resource.location(),
             hint,
-        }),
+        }))),
     };
     let mut host_opens = Vec::new();
     for (device, id) in devices.iter_mut().zip(&ids) {
