@@ -1,9 +1,10 @@
 //! `skiff restore`'s resource overrides: `--disk id=ID,path=PATH`, `--net id=ID,tap=TAP` and
 //! `--vhost-user id=ID,socket=PATH`, each naming one host resource of the snapshot (by the id
-//! `skiff snapshot-info` shows) and what to use instead. The value after `id=` is parsed by
-//! the option's own parser (`disk.rs`, `net.rs`), so paths and tap names are checked the same
-//! way as for `run`. Only the resource itself may change: options the guest can see (a disk's
-//! read-only flag and queues, a MAC) stay as the snapshot saved them.
+//! `skiff snapshot-info` shows) and what to use instead. The list is split by the shared
+//! `key_values` splitter, and the resource's value is checked by the option's own parser
+//! (`disk.rs`, `net.rs`), so paths and tap names are checked the same way as for `run`. Only the
+//! resource itself may change: options the guest can see (a disk's read-only flag and queues, a
+//! MAC) stay as the snapshot saved them, and their keys are refused.
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -11,27 +12,18 @@ use std::str::FromStr;
 use thiserror::Error;
 
 use super::disk::{DiskArg, DiskConfigError};
+use super::key_values::{KeyValueError, KeyValueSpec};
 use super::net::{NetConfig, NetConfigError};
 
 /// A malformed override.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum OverrideError {
-    /// No `id=`.
+    /// Not a `key=value` list of the override's keys.
+    #[error(transparent)]
+    Shape(#[from] KeyValueError),
+    /// No `id=`, or an empty one.
     #[error("--{0} on restore needs id=ID (the device id `skiff snapshot-info` shows)")]
     MissingId(&'static str),
-    /// `id=` given twice or empty.
-    #[error("--{0} id= is empty or given twice")]
-    BadId(&'static str),
-    /// A key other than the resource itself.
-    #[error("--{option} on restore takes only id= and {allowed}= (the rest is the snapshot's), not {key:?}")]
-    OnlyResource {
-        /// The option.
-        option: &'static str,
-        /// The key that names the resource.
-        allowed: &'static str,
-        /// The key given.
-        key: String,
-    },
     /// The disk part does not parse.
     #[error(transparent)]
     Disk(#[from] DiskConfigError),
@@ -43,33 +35,25 @@ pub enum OverrideError {
     MissingSocket,
 }
 
-/// Splits `id=` off `s`; returns the id and the other parts, checking that each names `allowed`.
+/// Splits an override into its id and the resource's `key=value` (as the option's own parser
+/// takes it; empty when not given). Only `id=` and `resource=` are accepted.
 fn split_id(
     s: &str,
     option: &'static str,
-    allowed: &'static str,
+    spec: &KeyValueSpec,
+    resource: &'static str,
 ) -> Result<(String, String), OverrideError> {
     let mut id = None;
-    let mut rest = Vec::new();
-    for part in s.split(',').filter(|p| !p.is_empty()) {
-        match part.split_once('=') {
-            Some(("id", value)) => {
-                if id.is_some() || value.is_empty() {
-                    return Err(OverrideError::BadId(option));
-                }
-                id = Some(value.to_string());
-            }
-            Some((key, _)) if key != allowed => {
-                return Err(OverrideError::OnlyResource {
-                    option,
-                    allowed,
-                    key: key.to_string(),
-                })
-            }
-            _ => rest.push(part),
+    let mut rest = String::new();
+    for (key, value) in spec.split(s)? {
+        if key == "id" {
+            id = Some(value).filter(|v| !v.is_empty());
+        } else {
+            rest = format!("{resource}={value}");
         }
     }
-    Ok((id.ok_or(OverrideError::MissingId(option))?, rest.join(",")))
+    let id = id.ok_or(OverrideError::MissingId(option))?;
+    Ok((id.to_string(), rest))
 }
 
 /// `--disk id=ID,path=PATH` on restore.
@@ -85,7 +69,12 @@ impl FromStr for DiskOverride {
     type Err = OverrideError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (id, rest) = split_id(s, "disk", "path")?;
+        const SPEC: KeyValueSpec = KeyValueSpec {
+            option: "--disk",
+            keys: &["id", "path"],
+            bare: Some("path"),
+        };
+        let (id, rest) = split_id(s, "disk", &SPEC, "path")?;
         let disk = rest.parse::<DiskArg>()?.0;
         Ok(Self {
             id,
@@ -107,7 +96,12 @@ impl FromStr for NetOverride {
     type Err = OverrideError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (id, rest) = split_id(s, "net", "tap")?;
+        const SPEC: KeyValueSpec = KeyValueSpec {
+            option: "--net",
+            keys: &["id", "tap"],
+            bare: Some("tap"),
+        };
+        let (id, rest) = split_id(s, "net", &SPEC, "tap")?;
         let net = rest.parse::<NetConfig>()?;
         Ok(Self { id, tap: net.tap })
     }
@@ -126,10 +120,15 @@ impl FromStr for VhostUserOverride {
     type Err = OverrideError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (id, rest) = split_id(s, "vhost-user", "socket")?;
+        const SPEC: KeyValueSpec = KeyValueSpec {
+            option: "--vhost-user",
+            keys: &["id", "socket"],
+            bare: None,
+        };
+        let (id, rest) = split_id(s, "vhost-user", &SPEC, "socket")?;
         let socket = rest
             .strip_prefix("socket=")
-            .filter(|p| !p.is_empty() && !p.contains(','))
+            .filter(|p| !p.is_empty())
             .ok_or(OverrideError::MissingSocket)?;
         Ok(Self {
             id,
@@ -175,18 +174,23 @@ mod tests {
             "path=/x".parse::<DiskOverride>(),
             Err(OverrideError::MissingId("disk"))
         );
-        assert_eq!(
-            "id=a,id=b,path=/x".parse::<DiskOverride>(),
-            Err(OverrideError::BadId("disk"))
-        );
+        let e = "id=a,id=b,path=/x".parse::<DiskOverride>().unwrap_err();
+        assert_eq!(e.to_string(), "--disk id= given twice");
         let e = "id=d,path=/x,readonly=on"
             .parse::<DiskOverride>()
             .unwrap_err();
-        assert!(e.to_string().contains("takes only id= and path="), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "unknown --disk key \"readonly\": expected id, path"
+        );
         let e = "id=n,tap=t,mac=02:00:00:00:00:01"
             .parse::<NetOverride>()
             .unwrap_err();
-        assert!(e.to_string().contains("not \"mac\""), "{e}");
+        assert!(e.to_string().contains("unknown --net key \"mac\""), "{e}");
+        assert_eq!(
+            "id=,path=/x".parse::<DiskOverride>(),
+            Err(OverrideError::MissingId("disk"))
+        );
         assert!("id=n,tap=a/b".parse::<NetOverride>().is_err());
         assert!("id=d".parse::<DiskOverride>().is_err());
         assert_eq!(
