@@ -87,7 +87,7 @@ pub fn restore(args: RestoreArgs) -> Result<RunOutcome, String> {
     let key = existing_key()?;
     let snap = load(&args.dir, key.as_ref()).map_err(|e| crate::error_chain(&e))?;
     let plan = authorize(&snap, &args.overrides()).map_err(|e| crate::error_chain(&e))?;
-    let mode = memory_mode(&snap, args.memory_mode).map_err(|e| crate::error_chain(&e))?;
+    let mode = memory_mode(&plan.devices, args.memory_mode).map_err(|e| crate::error_chain(&e))?;
     let vm = restore_vm(&snap, &plan, mode, &args.serial).map_err(|e| crate::error_chain(&e))?;
     let opts = RunOptions {
         serial: args.serial,

@@ -185,22 +185,17 @@ pub enum RestoreError {
     CowWithVhostUser(PathBuf),
 }
 
-/// The memory mode for restoring `snap`: `requested` if given, else `cow`, except that a
-/// snapshot with vhost-user devices needs shared memory: `copy` by default, and an explicit
-/// `cow` is refused.
+/// The memory mode for restoring `devices` (the plan's, overrides applied): `requested` if
+/// given, else `cow`, except that a snapshot with vhost-user devices needs shared memory:
+/// `copy` by default, and an explicit `cow` is refused.
 pub fn memory_mode(
-    snap: &LoadedSnapshot,
+    devices: &[devices::virtio::transport::VirtioPciState],
     requested: Option<MemoryMode>,
 ) -> Result<MemoryMode, RestoreError> {
-    let vhost_user = snap
-        .state
-        .devices
-        .virtio
-        .iter()
-        .find_map(|d| match &d.identity {
-            devices::virtio::DeviceIdentity::VhostUser(cfg) => Some(cfg.socket.clone()),
-            _ => None,
-        });
+    let vhost_user = devices.iter().find_map(|d| match &d.identity {
+        devices::virtio::DeviceIdentity::VhostUser(cfg) => Some(cfg.socket.clone()),
+        _ => None,
+    });
     match (requested, vhost_user) {
         (Some(MemoryMode::Cow), Some(socket)) => Err(RestoreError::CowWithVhostUser(socket)),
         (Some(mode), _) => Ok(mode),

@@ -63,7 +63,10 @@ fn a_snapshot_with_a_vhost_user_device_is_restored_by_copying_and_refuses_cow() 
     let d = tempfile::tempdir().unwrap();
     write_sample(d.path());
     let mut snap = load_ok(d.path());
-    assert_eq!(memory_mode(&snap, None).unwrap(), MemoryMode::Cow);
+    assert_eq!(
+        memory_mode(&snap.state.devices.virtio, None).unwrap(),
+        MemoryMode::Cow
+    );
     let cfg = VhostUserConfig::new(VhostUserKind::Blk, "/run/blk.sock");
     snap.state.devices.virtio[0].identity = DeviceIdentity::VhostUser(cfg.clone());
     // The identity survives the state file.
@@ -72,12 +75,17 @@ fn a_snapshot_with_a_vhost_user_device_is_restored_by_copying_and_refuses_cow() 
         again.devices.virtio[0].identity,
         DeviceIdentity::VhostUser(cfg)
     );
-    assert_eq!(memory_mode(&snap, None).unwrap(), MemoryMode::Copy);
     assert_eq!(
-        memory_mode(&snap, Some(MemoryMode::Copy)).unwrap(),
+        memory_mode(&snap.state.devices.virtio, None).unwrap(),
         MemoryMode::Copy
     );
-    let e = crate::error_chain(&memory_mode(&snap, Some(MemoryMode::Cow)).unwrap_err());
+    assert_eq!(
+        memory_mode(&snap.state.devices.virtio, Some(MemoryMode::Copy)).unwrap(),
+        MemoryMode::Copy
+    );
+    let e = crate::error_chain(
+        &memory_mode(&snap.state.devices.virtio, Some(MemoryMode::Cow)).unwrap_err(),
+    );
     assert!(
         e.contains("--memory-mode cow") && e.contains("/run/blk.sock"),
         "{e}"
