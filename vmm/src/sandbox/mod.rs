@@ -108,6 +108,14 @@ impl SandboxPaths {
             paths.socket_dirs.push(dir);
         }
         paths.write_dirs.extend(allow.iter().cloned());
+        // A snapshot is sealed with this user's key, read (or created) when it is written.
+        if let Some(dir) = crate::snapshot::auth::default_key_path()
+            .ok()
+            .and_then(|key| key.parent().map(Path::to_path_buf))
+            .filter(|dir| dir.is_dir())
+        {
+            paths.write_dirs.push(dir);
+        }
         paths
     }
 }
