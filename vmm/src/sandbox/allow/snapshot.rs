@@ -1,6 +1,7 @@
 //! Snapshot writer threads (`skiff-snapshot`): create the snapshot's temporary directory, write
 //! (or reflink, or link) the memory files and the state, fsync, and rename it into place; for a
-//! live snapshot, read and clear KVM's dirty log while the guest runs.
+//! live snapshot, read and clear KVM's dirty log while the guest runs; seal the manifest with
+//! this user's key (`snapshot::auth`).
 
 use seccompiler::BackendError;
 use vmm_sys_util::{ioctl_iow_nr, ioctl_iowr_nr};
@@ -42,7 +43,11 @@ pub(super) fn add(list: &mut AllowList) -> Result<(), BackendError> {
         libc::SYS_fsync,
         libc::SYS_fdatasync,
         libc::SYS_flock,
+        // Sealing with this user's key: its owner is checked, and it is created on first use.
         libc::SYS_getrandom,
+        libc::SYS_geteuid,
+        libc::SYS_getuid,
+        libc::SYS_fchmod,
     ]);
     list.call_if_arg(
         libc::SYS_ioctl,
