@@ -17,6 +17,8 @@ use std::path::PathBuf;
 
 pub mod chain;
 pub mod dirty;
+#[cfg(test)]
+mod fuzz_seeds;
 pub mod job;
 pub mod live;
 pub mod manifest;
