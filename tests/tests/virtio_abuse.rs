@@ -2,7 +2,8 @@
 //! misprograms a virtio-rng, a virtio-blk, a virtio-net and a virtio-console device (queue sizes
 //! that are not powers of two, rings and buffers outside guest RAM or in the MMIO hole, looping
 //! chains, bad indirect tables, an available index far ahead, a used ring over the descriptors,
-//! a bogus `used_event`, writes after DRIVER_OK, a reset with I/O in flight, wrong directions,
+//! a bogus `used_event`, writes after DRIVER_OK, a reset with I/O in flight, kicks from both
+//! vCPUs at once, wrong directions,
 //! oversized lengths, sectors past the end, MSI-X vectors out of range, MSI-X messages to odd
 //! addresses and mask storms, odd BAR, ROM BAR and capability-list writes) and checks that each
 //! one is refused with IOERR or DEVICE_NEEDS_RESET, or harmlessly ignored, then that a reset
@@ -24,7 +25,7 @@ const PROOF_SECTOR: usize = 1;
 const PATTERN: u64 = 0xa5a5_a5a5_a5a5_a5a5;
 
 /// Every case line the scenario prints, with what skiff must have done.
-const CASES: [(&str, &[&str]); 20] = [
+const CASES: [(&str, &[&str]); 21] = [
     (
         "queue-size",
         &[
@@ -152,6 +153,7 @@ const CASES: [(&str, &[&str]); 20] = [
     ("used-event", &["served=0x3"]),
     ("driver-ok-writes", &["rng=", "blk=", "net=", "console="]),
     ("reset-in-flight", &["resets=0x4", "then=served"]),
+    ("smp-kicks", &["cpus=0x2", "served=0x8"]),
     (
         "msix-table",
         &[
@@ -198,6 +200,8 @@ fn guest_abuse_of_virtio_devices_is_refused_and_a_reset_recovers() {
         &kernel,
         "--cmdline",
         "virtio-abuse",
+        "--cpus",
+        "2",
         "--rng",
         "--disk",
         &spec,
@@ -207,7 +211,7 @@ fn guest_abuse_of_virtio_devices_is_refused_and_a_reset_recovers() {
     ]);
     let r = Skiff::spawn_command(&mut cmd).wait(T);
     r.assert_code(0)
-        .assert_stdout_has("testguest: virtio-abuse ok cases=20")
+        .assert_stdout_has("testguest: virtio-abuse ok cases=21")
         .assert_stdout_has("testguest: done");
     let stderr_lines = r.stderr.lines().count();
     assert!(
@@ -227,6 +231,12 @@ fn guest_abuse_of_virtio_devices_is_refused_and_a_reset_recovers() {
             assert!(line.contains(d), "{case}: {d:?} missing from {line:?}");
         }
     }
+    // The second vCPU really kicked while the first one's reads were served.
+    assert!(
+        r.stdout.contains("ap-kicks=0x") && !r.stdout.contains("ap-kicks=0x0)"),
+        "{}",
+        r.stdout
+    );
     // An unusual sum of lengths may be refused either way, but never accepted.
     assert!(
         r.stdout.contains("in-sum-over-4g=ioerr")

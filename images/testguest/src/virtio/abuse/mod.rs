@@ -36,8 +36,8 @@ use report::Parts;
 use request_cases::{after_reset, data_address, desc_loop, direction, oversized, sector_range};
 use rig::Rig;
 use ring_cases::{
-    avail_far_ahead, driver_ok_writes, indirect, mmio_hole, reset_in_flight, used_event,
-    used_overlap,
+    avail_far_ahead, driver_ok_writes, indirect, mmio_hole, reset_in_flight, smp_kicks,
+    used_event, used_overlap,
 };
 use transport_cases::{bar_access, msix_vector, queue_select, queue_size, ring_address};
 
@@ -113,6 +113,7 @@ pub fn run(info: &BootInfo) {
     case("used-event", used_event(&mut rigs[1]));
     case("driver-ok-writes", driver_ok_writes(&mut rigs));
     case("reset-in-flight", reset_in_flight(&mut rigs[1]));
+    case("smp-kicks", smp_kicks(info, &mut rigs[1]));
     case("msix-table", msix_table(info, &mut rigs));
     case("config-space", config_space(info, &mut rigs));
     let [rng, blk, ..] = &mut rigs;

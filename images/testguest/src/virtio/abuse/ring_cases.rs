@@ -1,14 +1,18 @@
 //! The `virtio-abuse` cases that corrupt the rings around otherwise valid requests: indirect
 //! tables (empty, misaligned, nested, looping, outside RAM), an available index far ahead, a
 //! used ring over the descriptors or the data, buffers in the MMIO hole, a bogus `used_event`,
-//! queue and feature writes after DRIVER_OK, and a reset while block I/O is in flight.
+//! queue and feature writes after DRIVER_OK, a reset while block I/O is in flight, and kicks
+//! from several vCPUs at once.
 use core::hint::spin_loop;
+use core::sync::atomic::Ordering;
 
 use super::report::{fail_case, Parts};
 use super::rig::{Desc, Outcome, Rig};
 use super::{
     DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, FAR, F_EVENT_IDX, SIZE, S_UNSET, T_IN, T_OUT,
 };
+use crate::bootinfo::BootInfo;
+use crate::smp;
 use crate::tsc::Deadline;
 use crate::virtio::{
     DRIVER_FEATURE, DRIVER_FEATURE_SELECT, QUEUE_DESC, QUEUE_ENABLE, QUEUE_SELECT, QUEUE_SIZE,
@@ -327,6 +331,41 @@ pub(super) fn reset_in_flight(r: &mut Rig) -> Parts {
     }
     p.add("resets", "", Some(rounds));
     p.add("then", "served", None);
+    r.restart();
+    p
+}
+
+/// blk: every AP kicks the queue (up to a thousand times each) while the BSP posts reads and
+/// kicks too; each read is served.
+pub(super) fn smp_kicks(info: &BootInfo, r: &mut Rig) -> Parts {
+    let mut p = Parts::new();
+    r.start("smp-kicks");
+    smp::KICK_VALUE.store(r.qi, Ordering::Relaxed);
+    smp::KICK_ADDR.store(r.notify.base(), Ordering::Release);
+    // Starts the APs (or none on one CPU); each kicks once online.
+    let cpus = smp::run(info);
+    let mut served = 0u64;
+    for _ in 0..8 {
+        r.post_valid();
+        for _ in 0..16 {
+            r.notify.write::<u16>(0, r.qi);
+        }
+        match r.wait() {
+            Outcome::Used(_) if r.mem().hdr.read::<u8>(16) == 0 => served += 1,
+            _ => fail_case(
+                "smp-kicks",
+                r.name,
+                "a read among kicks from every CPU",
+                "failed, status",
+                r.status().into(),
+            ),
+        }
+    }
+    smp::KICK_STOP.store(true, Ordering::Release);
+    smp::KICK_ADDR.store(0, Ordering::Release);
+    p.add("cpus", "", Some(cpus.into()));
+    p.add("served", "", Some(served));
+    p.add("ap-kicks", "", Some(smp::KICKED.load(Ordering::Acquire).into()));
     r.restart();
     p
 }
