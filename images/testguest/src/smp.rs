@@ -40,6 +40,8 @@ pub static KICK_ADDR: AtomicU64 = AtomicU64::new(0);
 pub static KICK_VALUE: AtomicU16 = AtomicU16::new(0);
 pub static KICK_STOP: AtomicBool = AtomicBool::new(false);
 pub static KICKED: AtomicU32 = AtomicU32::new(0);
+/// APs that have finished kicking (their kicks are in `KICKED`).
+pub static KICKERS_DONE: AtomicU32 = AtomicU32::new(0);
 /// Most kicks per AP (CPL0 is emulated: each costs a few microseconds and a VM exit).
 const AP_KICKS: u32 = 1000;
 
@@ -98,6 +100,7 @@ pub extern "C" fn ap_main(apic_id: u32) -> ! {
             kicks += 1;
         }
         KICKED.fetch_add(kicks, Ordering::Release);
+        KICKERS_DONE.fetch_add(1, Ordering::Release);
     }
     cpu::park()
 }

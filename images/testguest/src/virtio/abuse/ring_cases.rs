@@ -10,6 +10,7 @@ use super::report::{fail_case, Parts};
 use super::rig::{Desc, Outcome, Rig};
 use super::{
     DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, FAR, F_EVENT_IDX, SIZE, S_UNSET, T_IN, T_OUT,
+    WAIT_MS,
 };
 use crate::bootinfo::BootInfo;
 use crate::smp;
@@ -363,6 +364,11 @@ pub(super) fn smp_kicks(info: &BootInfo, r: &mut Rig) -> Parts {
     }
     smp::KICK_STOP.store(true, Ordering::Release);
     smp::KICK_ADDR.store(0, Ordering::Release);
+    // Each AP adds its kicks once it sees the stop (or ran out of kicks).
+    let deadline = Deadline::after_ms(WAIT_MS);
+    while smp::KICKERS_DONE.load(Ordering::Acquire) + 1 < cpus && !deadline.passed() {
+        spin_loop();
+    }
     p.add("cpus", "", Some(cpus.into()));
     p.add("served", "", Some(served));
     p.add("ap-kicks", "", Some(smp::KICKED.load(Ordering::Acquire).into()));
