@@ -11,7 +11,11 @@ fn check(p: &Parsed) {
     match p {
         Parsed::Incomplete => {}
         Parsed::Complete(r) => {
-            assert!(r.body.len() <= MAX_BODY_BYTES, "a {}-byte body", r.body.len());
+            assert!(
+                r.body.len() <= MAX_BODY_BYTES,
+                "a {}-byte body",
+                r.body.len()
+            );
             assert!(!r.path.contains('?'), "a query string in {:?}", r.path);
         }
         Parsed::Invalid(status, reason) => {
@@ -31,6 +35,10 @@ fuzz_target!(|data: &[u8]| {
     check(&first);
     check(&whole);
     if let Parsed::Complete(r) = first {
-        assert_eq!(whole, Parsed::Complete(r), "more bytes changed a complete request");
+        assert_eq!(
+            whole,
+            Parsed::Complete(r),
+            "more bytes changed a complete request"
+        );
     }
 });

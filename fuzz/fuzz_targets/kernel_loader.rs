@@ -41,7 +41,10 @@ fuzz_target!(|data: &[u8]| {
         cmdline: "console=ttyS0".into(),
         cpus: 2,
     };
-    let ram = [RamRange { start: 0, size: RAM }];
+    let ram = [RamRange {
+        start: 0,
+        size: RAM,
+    }];
     if let Err(e) = prepare_boot(mem, &ram, &cfg) {
         let line = devices::error_chain(&e);
         assert!(!line.contains('\n'), "a multi-line error: {line:?}");

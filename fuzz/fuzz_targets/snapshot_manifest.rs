@@ -12,7 +12,10 @@ fuzz_target!(|data: &[u8]| {
     let path = Path::new("/snapshots/fuzz/manifest.json");
     match manifest::parse(data, path) {
         Ok(m) => {
-            assert!(m.validate().is_ok(), "an accepted manifest fails validation");
+            assert!(
+                m.validate().is_ok(),
+                "an accepted manifest fails validation"
+            );
             let text = serde_json::to_vec_pretty(&m).expect("an accepted manifest serializes");
             let again = manifest::parse(&text, path).expect("a written manifest parses");
             assert_eq!(again, m, "the manifest changed in a write and a read");

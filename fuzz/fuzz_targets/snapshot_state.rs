@@ -12,7 +12,11 @@ fn check(bytes: &[u8]) {
         Ok(state) => {
             let file = encode(&state).expect("an accepted state encodes");
             let again = decode(&file).expect("an encoded state decodes");
-            assert_eq!(encode(&again).ok(), Some(file), "the state changed in a round trip");
+            assert_eq!(
+                encode(&again).ok(),
+                Some(file),
+                "the state changed in a round trip"
+            );
         }
         Err(e) => {
             let line = devices::error_chain(&e);
