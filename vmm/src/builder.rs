@@ -307,9 +307,7 @@ pub(crate) fn create_legacy_devices(
     let output: Option<Box<dyn Write + Send>> = match serial_cfg {
         SerialConfig::Stdio => Some(Box::new(std::io::stdout())),
         SerialConfig::Off => None,
-        SerialConfig::File(path) => Some(Box::new(
-            crate::host_file::open_serial_output(path)?,
-        )),
+        SerialConfig::File(path) => Some(Box::new(crate::host_file::open_serial_output(path)?)),
     };
     let irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     vm.register_irqfd(&irq, COM1_IRQ)?;

@@ -176,9 +176,15 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = fifo(d.path());
         let e = open_regular("kernel", &p).unwrap_err().to_string();
-        assert_eq!(e, format!("kernel {} is a FIFO, not a regular file", p.display()));
+        assert_eq!(
+            e,
+            format!("kernel {} is a FIFO, not a regular file", p.display())
+        );
         let e = open_serial_output(&p).unwrap_err().to_string();
-        assert!(e.contains("is a FIFO, not a regular file or a character device"), "{e}");
+        assert!(
+            e.contains("is a FIFO, not a regular file or a character device"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -189,7 +195,10 @@ mod tests {
         let e = open_regular("kernel", Path::new("/dev/null"))
             .unwrap_err()
             .to_string();
-        assert!(e.ends_with("is a character device, not a regular file"), "{e}");
+        assert!(
+            e.ends_with("is a character device, not a regular file"),
+            "{e}"
+        );
         let e = open_serial_output(d.path()).unwrap_err().to_string();
         assert!(e.contains("is a directory"), "{e}");
         let e = open_regular("kernel", &d.path().join("missing"))

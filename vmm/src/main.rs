@@ -34,6 +34,8 @@ mod cli {
         Ctl(vmm::commands::CtlArgs),
         /// Fold a diff snapshot and its parents into a full snapshot, in the diff's place.
         SnapshotMerge(vmm::commands::MergeArgs),
+        /// Check a snapshot's files against its manifest (sizes, state CRC, memory checksums).
+        SnapshotVerify(vmm::commands::VerifyArgs),
         /// Serve a raw disk file as a vhost-user-blk backend on a Unix socket.
         VhostUserBlk(vmm::vhost_user_blk::VhostUserBlkArgs),
     }
@@ -52,7 +54,8 @@ mod cli {
         /// Number of vCPUs.
         #[arg(long, value_name = "N", default_value = "1", value_parser = parse_cpus)]
         cpus: u32,
-        /// Guest RAM: size=SIZE[,file=PATH][,hugepages=on][,prealloc=on] (default 256M, sealed memfd).
+        /// Guest RAM: size=SIZE[,file=PATH][,hugepages=on][,prealloc=on][,shared-with-snapshot=on]
+        /// (default 256M, sealed memfd).
         #[arg(long, value_name = "SPEC")]
         memory: Option<MemoryArg>,
         /// Serial port (COM1) output: stdio, file=PATH or off.
@@ -97,6 +100,7 @@ mod cli {
                     size: DEFAULT_MEMORY,
                     backing: BackingKind::Memfd,
                     prealloc: false,
+                    shared_with_snapshot: false,
                 }),
                 serial: self.serial,
                 timeout: self.timeout,
@@ -144,6 +148,7 @@ mod cli {
             },
             Command::Ctl(args) => vmm::commands::ctl(args),
             Command::VhostUserBlk(args) => vmm::vhost_user_blk::run(args),
+            Command::SnapshotVerify(args) => vmm::commands::snapshot_verify(args),
             Command::SnapshotMerge(args) => match vmm::commands::snapshot_merge(args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(exit_code::VMM_ERROR, &e),

@@ -64,9 +64,8 @@ pub fn check_elf(file: &File, ram: &[RamRange]) -> Result<(), String> {
         ));
     }
     let mut table = vec![0u8; usize::from(phnum) * PHDR_SIZE];
-    file.read_exact_at(&mut table, phoff).map_err(|e| {
-        format!("cannot read {phnum} program headers at offset {phoff:#x}: {e}")
-    })?;
+    file.read_exact_at(&mut table, phoff)
+        .map_err(|e| format!("cannot read {phnum} program headers at offset {phoff:#x}: {e}"))?;
     for (i, phdr) in table.chunks_exact(PHDR_SIZE).enumerate() {
         if u32_at(phdr, 0) != PT_LOAD {
             continue;
@@ -181,12 +180,24 @@ pub(crate) mod tests {
         }
         // Past the hole, inside high RAM: fine.
         let ram = [
-            RamRange { start: 0, size: MMIO_HOLE_START },
-            RamRange { start: HIGH_RAM_START, size: 1 << 30 },
+            RamRange {
+                start: 0,
+                size: MMIO_HOLE_START,
+            },
+            RamRange {
+                start: HIGH_RAM_START,
+                size: 1 << 30,
+            },
         ];
         check(&elf(2, 62, &[(PT_LOAD, HIGH_RAM_START, 0x1000)]), &ram).unwrap();
-        let e = check(&elf(2, 62, &[(PT_LOAD, HIGH_RAM_START + (1 << 30), 0x1000)]), &ram)
-            .unwrap_err();
-        assert!(e.contains("beyond guest RAM (which ends at 0x140000000)"), "{e}");
+        let e = check(
+            &elf(2, 62, &[(PT_LOAD, HIGH_RAM_START + (1 << 30), 0x1000)]),
+            &ram,
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("beyond guest RAM (which ends at 0x140000000)"),
+            "{e}"
+        );
     }
 }

@@ -179,7 +179,10 @@ mod tests {
         use super::super::elf_check::tests::elf;
         let f = file_with(&elf(1, 62, &[]));
         let msg = load_kernel(&mem(), RAM, f.path()).unwrap_err().to_string();
-        assert!(msg.contains("cannot load ELF: ELF class (EI_CLASS) is 1"), "{msg}");
+        assert!(
+            msg.contains("cannot load ELF: ELF class (EI_CLASS) is 1"),
+            "{msg}"
+        );
         let f = file_with(&elf(2, 62, &[(1, 0x9000, 0x1000)]));
         let msg = load_kernel(&mem(), RAM, f.path()).unwrap_err().to_string();
         assert!(msg.contains("overlaps the boot structures"), "{msg}");

@@ -1,6 +1,6 @@
 //! The VM configuration: command-line strings parsed into typed structs and validated once.
 //!
-//! `--memory size=SIZE[,file=PATH][,hugepages=on][,prealloc=on]` becomes a `MemoryConfig`,
+//! `--memory size=SIZE[,file=PATH][,hugepages=on][,prealloc=on][,shared-with-snapshot=on]` becomes a `MemoryConfig`,
 //! `--serial stdio|file=PATH|off` a `SerialConfig`, `--net tap=NAME[,mac=MAC]` a `NetConfig`
 //! (module `net`), `--disk path=FILE[,...]` a `DiskConfig` (module `disk`), `--vhost-user
 //! type=...,socket=PATH[,...]` a `VhostUserConfig` (module `vhost_user`). Nothing downstream
@@ -120,6 +120,7 @@ impl FromStr for MemoryArg {
         let mut file = None;
         let mut hugepages = false;
         let mut prealloc = false;
+        let mut shared_with_snapshot = false;
         for part in s.split(',').filter(|p| !p.is_empty()) {
             let (key, value) = part.split_once('=').unwrap_or(("size", part));
             match key {
@@ -128,6 +129,9 @@ impl FromStr for MemoryArg {
                 "file" => file = Some(PathBuf::from(value)),
                 "hugepages" => hugepages = parse_switch("hugepages", value)?,
                 "prealloc" => prealloc = parse_switch("prealloc", value)?,
+                "shared-with-snapshot" => {
+                    shared_with_snapshot = parse_switch("shared-with-snapshot", value)?;
+                }
                 _ => {
                     return Err(ConfigError::UnknownKey {
                         option: "--memory",
@@ -147,10 +151,16 @@ impl FromStr for MemoryArg {
             (None, true) => BackingKind::HugetlbMemfd,
             (None, false) => BackingKind::Memfd,
         };
+        if shared_with_snapshot && !matches!(backing, BackingKind::File(_)) {
+            return Err(ConfigError::Conflict(
+                "--memory: shared-with-snapshot=on applies to a file= backing only",
+            ));
+        }
         Ok(Self(MemoryConfig {
             size,
             backing,
             prealloc,
+            shared_with_snapshot,
         }))
     }
 }
@@ -272,7 +282,15 @@ mod tests {
         assert_eq!(m.0.backing, BackingKind::Memfd);
         let m: MemoryArg = "512M".parse().unwrap();
         assert_eq!(m.0.size, 512 << 20);
+        let m: MemoryArg = "size=64M,file=/tmp/x,shared-with-snapshot=on"
+            .parse()
+            .unwrap();
+        assert!(m.0.shared_with_snapshot);
+        assert!("size=64M,shared-with-snapshot=on"
+            .parse::<MemoryArg>()
+            .is_err());
         let m: MemoryArg = "size=64M,file=/tmp/x".parse().unwrap();
+        assert!(!m.0.shared_with_snapshot);
         assert_eq!(m.0.backing, BackingKind::File("/tmp/x".into()));
         let m: MemoryArg = "size=64M,hugepages=on".parse().unwrap();
         assert_eq!(m.0.backing, BackingKind::HugetlbMemfd);

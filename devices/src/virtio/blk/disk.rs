@@ -308,7 +308,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let e = DiskImage::open(&DiskConfig::new(dir.path())).expect_err("must fail");
         assert!(
-            e.to_string().ends_with("a directory, not a regular file or block device"),
+            e.to_string()
+                .ends_with("a directory, not a regular file or block device"),
             "{e}"
         );
     }
