@@ -60,7 +60,15 @@ fn a_memory_file_a_snapshot_holds_is_refused_locked_and_its_change_caught() {
     // A new VM on the same file would overwrite the snapshot's memory: refused, untouched.
     let kernel = guest();
     let r = run_skiff(
-        &["run", "--kernel", &kernel, "--memory", &spec, "--cmdline", "counter=2"],
+        &[
+            "run",
+            "--kernel",
+            &kernel,
+            "--memory",
+            &spec,
+            "--cmdline",
+            "counter=2",
+        ],
         T,
     );
     r.assert_code(1);
@@ -74,7 +82,15 @@ fn a_memory_file_a_snapshot_holds_is_refused_locked_and_its_change_caught() {
     let mut restored = Skiff::spawn(&["restore", snap.to_str().unwrap()]);
     restored.wait_for_line("testguest: counter 5 ", T);
     let r = run_skiff(
-        &["run", "--kernel", &kernel, "--memory", &forced, "--cmdline", "counter=2"],
+        &[
+            "run",
+            "--kernel",
+            &kernel,
+            "--memory",
+            &forced,
+            "--cmdline",
+            "counter=2",
+        ],
         T,
     );
     r.assert_code(1);
@@ -87,7 +103,15 @@ fn a_memory_file_a_snapshot_holds_is_refused_locked_and_its_change_caught() {
     // With the override and no restore running, the VM goes ahead and changes the snapshot's
     // memory, which verify and restore --verify then catch.
     let r = run_skiff(
-        &["run", "--kernel", &kernel, "--memory", &forced, "--cmdline", "counter=2"],
+        &[
+            "run",
+            "--kernel",
+            &kernel,
+            "--memory",
+            &forced,
+            "--cmdline",
+            "counter=2",
+        ],
         T,
     );
     r.assert_code(0);
@@ -98,7 +122,10 @@ fn a_memory_file_a_snapshot_holds_is_refused_locked_and_its_change_caught() {
     let r = run_skiff(&["restore", snap.to_str().unwrap(), "--verify"], T);
     r.assert_code(1);
     one_line(&r, "failed verification: memory file");
-    assert!(!r.stdout.contains("testguest: counter"), "the guest must not run");
+    assert!(
+        !r.stdout.contains("testguest: counter"),
+        "the guest must not run"
+    );
 }
 
 #[test]
@@ -128,7 +155,11 @@ fn a_copy_on_write_restore_keeps_a_vm_off_its_memory_file() {
     let r = run_skiff(&["restore", snap.to_str().unwrap()], T);
     r.assert_code(1);
     one_line(&r, "memory file");
-    assert!(r.stderr.contains("in use by another process"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("in use by another process"),
+        "{}",
+        r.stderr
+    );
     writer.wait(T).assert_code(0);
 }
 
@@ -214,7 +245,11 @@ fn sigkill_at_random_moments_of_full_and_live_snapshots_tears_nothing() {
         // SAFETY: signalling a child process this test started.
         unsafe { libc::kill(vm.pid() as i32, libc::SIGKILL) };
         let r = vm.wait(T);
-        assert_eq!(r.code, None, "skiff must have died of SIGKILL: {}", r.stderr);
+        assert_eq!(
+            r.code, None,
+            "skiff must have died of SIGKILL: {}",
+            r.stderr
+        );
         let _ = request.join().unwrap();
         // The old snapshot is intact; the new one is complete or absent.
         assert_verified(&old);
@@ -228,7 +263,9 @@ fn sigkill_at_random_moments_of_full_and_live_snapshots_tears_nothing() {
         // Anything else is a temporary directory, never a torn `newN`.
         for name in names(&snaps) {
             assert!(
-                name == "old" || name.starts_with("new") && !name.contains('.') || name.contains(".tmp-"),
+                name == "old"
+                    || name.starts_with("new") && !name.contains('.')
+                    || name.contains(".tmp-"),
                 "unexpected entry {name} after kill {i} ({:?} in, live {live})",
                 delay
             );

@@ -657,7 +657,10 @@ fn wait_for_writes(image: &Path) {
     use std::os::unix::fs::MetadataExt;
     let deadline = std::time::Instant::now() + T;
     while std::fs::metadata(image).unwrap().blocks() == 0 {
-        assert!(std::time::Instant::now() < deadline, "no write reached the image");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no write reached the image"
+        );
         std::thread::sleep(Duration::from_micros(500));
     }
 }
@@ -676,8 +679,10 @@ fn bench_chunks(image: &Path) -> Vec<Option<bool>> {
                 return Some(false);
             }
             let base = word(0) ^ PATTERN;
-            let whole = base % BENCH_CHUNK as u64 == 0
-                && (0..c.len()).step_by(8).all(|o| word(o) == (base + o as u64) ^ PATTERN);
+            let whole = base.is_multiple_of(BENCH_CHUNK as u64)
+                && (0..c.len())
+                    .step_by(8)
+                    .all(|o| word(o) == (base + o as u64) ^ PATTERN);
             whole.then_some(true)
         })
         .collect()
@@ -707,7 +712,9 @@ fn a_backend_killed_mid_write_stream_is_reconnected_and_every_write_lands() {
     // The requests in flight at the kill were offered again to the new backend: every chunk
     // holds one whole request's data.
     let chunks = bench_chunks(&img);
-    let bad: Vec<usize> = (0..chunks.len()).filter(|&i| chunks[i] != Some(true)).collect();
+    let bad: Vec<usize> = (0..chunks.len())
+        .filter(|&i| chunks[i] != Some(true))
+        .collect();
     assert!(bad.is_empty(), "chunks not written whole: {bad:?}");
     drop(backend);
 }
@@ -718,7 +725,11 @@ fn without_reconnect_a_backend_killed_mid_write_stream_is_one_line_and_the_guest
     let s = Scratch::new();
     let (sock, img) = (s.path("blk.sock"), s.image(256 << 20));
     let mut backend = Backend::skiff_blk(&sock, &img, &[]);
-    let vm = spawn_guest("blkbench=256", &vhost_user_arg(&sock), &["--timeout", "120"]);
+    let vm = spawn_guest(
+        "blkbench=256",
+        &vhost_user_arg(&sock),
+        &["--timeout", "120"],
+    );
     wait_for_writes(&img);
     backend.kill();
     // The VM keeps running; the guest's request never completes and, at its timeout, it sees
@@ -745,5 +756,8 @@ fn without_reconnect_a_backend_killed_mid_write_stream_is_one_line_and_the_guest
     let whole = chunks.iter().filter(|c| **c == Some(true)).count();
     let torn = chunks.iter().filter(|c| c.is_none()).count();
     assert!(whole > 0, "nothing reached the image");
-    assert!(torn <= 8, "{torn} chunks hold neither a whole request nor zeros");
+    assert!(
+        torn <= 8,
+        "{torn} chunks hold neither a whole request nor zeros"
+    );
 }

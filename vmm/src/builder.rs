@@ -38,9 +38,10 @@ pub type VmEvents = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
 /// Errors from building a VM.
 #[derive(Debug, Error)]
 pub enum BuildError {
-    /// An input file (kernel, initrd) or the serial output file cannot serve.
+    /// An input file (kernel, initrd) or the serial output file cannot serve (boxed: the
+    /// error is large and rare).
     #[error(transparent)]
-    HostFile(#[from] crate::host_file::HostFileError),
+    HostFile(Box<crate::host_file::HostFileError>),
     /// The hypervisor refused.
     #[error(transparent)]
     Hypervisor(#[from] HypervisorError),
@@ -232,6 +233,12 @@ fn build_on_ram(
             })
         }
         Err(e) => Err((e, ram)),
+    }
+}
+
+impl From<crate::host_file::HostFileError> for BuildError {
+    fn from(e: crate::host_file::HostFileError) -> Self {
+        Self::HostFile(Box::new(e))
     }
 }
 

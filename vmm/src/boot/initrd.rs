@@ -11,9 +11,9 @@ use crate::memory::GuestMemory;
 /// Errors from loading the initrd.
 #[derive(Debug, Error)]
 pub enum InitrdError {
-    /// The path is missing, unreadable or not a regular file.
+    /// The path is missing, unreadable or not a regular file (boxed: large and rare).
     #[error(transparent)]
-    File(#[from] crate::host_file::HostFileError),
+    File(Box<crate::host_file::HostFileError>),
     /// The file could not be opened or read.
     #[error("cannot read initrd {path}")]
     Read {
@@ -35,6 +35,12 @@ pub enum InitrdError {
         /// Highest usable address (exclusive).
         high: u64,
     },
+}
+
+impl From<crate::host_file::HostFileError> for InitrdError {
+    fn from(e: crate::host_file::HostFileError) -> Self {
+        Self::File(Box::new(e))
+    }
 }
 
 /// Where the initrd lives in guest memory.

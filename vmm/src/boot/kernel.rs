@@ -24,9 +24,9 @@ const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 /// Errors from loading a kernel.
 #[derive(Debug, Error)]
 pub enum KernelError {
-    /// The path is missing, unreadable or not a regular file.
+    /// The path is missing, unreadable or not a regular file (boxed: large and rare).
     #[error(transparent)]
-    File(#[from] HostFileError),
+    File(Box<HostFileError>),
     /// The file could not be opened or read.
     #[error("cannot read kernel image {path}")]
     Read {
@@ -54,6 +54,12 @@ pub enum KernelError {
         /// linux-loader's description.
         reason: String,
     },
+}
+
+impl From<HostFileError> for KernelError {
+    fn from(e: HostFileError) -> Self {
+        Self::File(Box::new(e))
+    }
 }
 
 /// How the loaded kernel wants to be entered.

@@ -179,7 +179,6 @@ pub fn reserve(dir: &Path) -> Result<PathBuf, WriteError> {
             source: std::io::Error::from_raw_os_error(libc::EINVAL),
         });
     };
-    super::stale::remove_stale_temporaries(parent);
     let mut temp_name = name.to_os_string();
     temp_name.push(format!(".tmp-{}", std::process::id()));
     let temp = parent.join(temp_name);
@@ -201,6 +200,11 @@ pub fn write(
     progress: &SnapshotProgress,
 ) -> Result<WriteReport, WriteError> {
     let temp = pending.temp.clone();
+    // Here, on the job's thread, not in `reserve` on the event loop: removing a killed
+    // writer's gigabytes takes a while.
+    if let Some(parent) = pending.dir.parent() {
+        super::stale::remove_stale_temporaries(parent);
+    }
     let result = write_inner(pending, cancel, progress);
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&temp);
