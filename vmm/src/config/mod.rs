@@ -117,7 +117,13 @@ const SMALL_PAGE: u64 = 4096;
 
 const MEMORY_KEYS: KeyValueSpec = KeyValueSpec {
     option: "--memory",
-    keys: &["size", "file", "hugepages", "prealloc", "shared-with-snapshot"],
+    keys: &[
+        "size",
+        "file",
+        "hugepages",
+        "prealloc",
+        "shared-with-snapshot",
+    ],
     bare: Some("size"),
 };
 
