@@ -651,12 +651,13 @@ fn a_restore_without_the_backend_or_with_cow_memory_is_one_line() {
 /// `blkbench` request size: each 512 KiB chunk of the image is written whole by one request.
 const BENCH_CHUNK: usize = 512 << 10;
 
-/// Waits until the guest's writes have reached `image` (its first blocks are allocated), so a
-/// kill right after lands in the middle of the write stream.
+/// Waits until the guest's writes have reached `image`, so a kill right after lands in the
+/// middle of the write stream: until more than 8 chunks hold data, so (with at most 8 requests
+/// in flight) at least one request has completed.
 fn wait_for_writes(image: &Path) {
     use std::os::unix::fs::MetadataExt;
     let deadline = std::time::Instant::now() + T;
-    while std::fs::metadata(image).unwrap().blocks() == 0 {
+    while std::fs::metadata(image).unwrap().blocks() * 512 <= 8 * BENCH_CHUNK as u64 {
         assert!(
             std::time::Instant::now() < deadline,
             "no write reached the image"
