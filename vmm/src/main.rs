@@ -44,6 +44,8 @@ mod cli {
         SnapshotMerge(vmm::commands::MergeArgs),
         /// Check a snapshot's files against its manifest (sizes, state CRC, memory checksums).
         SnapshotVerify(vmm::commands::VerifyArgs),
+        /// Show what a snapshot holds and every host resource it names.
+        SnapshotInfo(vmm::commands::InfoArgs),
         /// Serve a raw disk file as a vhost-user-blk backend on a Unix socket.
         #[command(after_help = VHOST_USER_BLK_EXAMPLES)]
         VhostUserBlk(vmm::vhost_user_blk::VhostUserBlkArgs),
@@ -199,6 +201,10 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
             Command::VhostUserBlk(args) => vmm::vhost_user_blk::run(args),
             Command::SnapshotVerify(args) => vmm::commands::snapshot_verify(args),
             Command::SnapshotMerge(args) => match vmm::commands::snapshot_merge(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(exit_code::VMM_ERROR, &e),
+            },
+            Command::SnapshotInfo(args) => match vmm::commands::snapshot_info(args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(exit_code::VMM_ERROR, &e),
             },
@@ -384,7 +390,24 @@ fn main() -> std::process::ExitCode {
     cli::main()
 }
 
-#[cfg(not(target_os = "linux"))]
+/// On Windows: loads the Windows Hypervisor Platform, or says in one line why it cannot
+/// (exit code 123). Running a VM there is not built yet (docs/windows.md).
+#[cfg(windows)]
+fn main() -> std::process::ExitCode {
+    use vmm::exit_code;
+    match vmm::hypervisor::whp::WhpLibrary::load() {
+        Err(e) => {
+            eprintln!("skiff: {}", vmm::error_chain(&e));
+            std::process::ExitCode::from(exit_code::HYPERVISOR_UNAVAILABLE)
+        }
+        Ok(_) => {
+            eprintln!("skiff: the Windows Hypervisor Platform is present, but skiff cannot run VMs on Windows yet (docs/windows.md)");
+            std::process::ExitCode::from(exit_code::VMM_ERROR)
+        }
+    }
+}
+
+#[cfg(not(any(target_os = "linux", windows)))]
 fn main() -> std::process::ExitCode {
     eprintln!("skiff: this platform has no supported hypervisor backend yet (KVM on Linux only)");
     std::process::ExitCode::from(1)

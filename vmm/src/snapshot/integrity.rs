@@ -217,8 +217,9 @@ pub fn seal(path: &Path, len: u64, cancel: &AtomicBool) -> Result<String, WriteE
 
 /// Checks a snapshot directory and, for a diff, its parents: the manifest, the state file's
 /// size and CRC, and each memory file's type, size, data bytes and checksum. Returns one line
-/// per problem found (empty when all is well) and the memory bytes read.
-pub fn verify(dir: &Path) -> (Vec<String>, u64) {
+/// per problem found (empty when all is well) and the memory bytes read. `first_parent` is a
+/// diff's parent when it no longer sits where the diff says (`restore --parent`).
+pub fn verify(dir: &Path, first_parent: Option<&Path>) -> (Vec<String>, u64) {
     let manifest = match manifest::read(dir) {
         Ok(m) => m,
         Err(e) => return (vec![crate::error_chain(&e)], 0),
@@ -226,7 +227,7 @@ pub fn verify(dir: &Path) -> (Vec<String>, u64) {
     let mut problems = Vec::new();
     let mut bytes = verify_one(dir, &manifest, &mut problems);
     if manifest.parent.is_some() {
-        match resolve_parents(dir, &manifest, None) {
+        match resolve_parents(dir, &manifest, first_parent) {
             Ok(layers) => {
                 for layer in layers {
                     bytes += verify_one(&layer.dir, &layer.manifest, &mut problems);

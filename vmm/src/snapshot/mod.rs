@@ -13,12 +13,20 @@
 //! snapshot writers that were killed; `memory_lock` is the shared lock a copy-on-write restore
 //! holds on the files it maps.
 //!
+//! A snapshot is untrusted input: `dir` opens its files relative to the directory (regular
+//! files only, sizes checked before reading), `resources` lists the host resources it names,
+//! `auth` authenticates it as this user's (HMAC under a per-user key), and `authorize` decides
+//! what a restore may open outside the directory (see docs/snapshot-trust.md).
+//!
 //! Not here: pausing the VM and gathering its state (`running_vm/`), the control API that asks
 //! for a snapshot (`api/`).
 
 use std::path::PathBuf;
 
+pub mod auth;
+pub mod authorize;
 pub mod chain;
+pub mod dir;
 pub mod dirty;
 pub mod integrity;
 pub mod job;
@@ -27,6 +35,7 @@ pub mod manifest;
 pub mod memory_file;
 pub mod memory_lock;
 pub mod progress;
+pub mod resources;
 pub mod restore;
 pub mod stale;
 pub mod state_file;
