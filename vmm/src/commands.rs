@@ -89,8 +89,7 @@ fn existing_key() -> Result<Option<SnapshotKey>, String> {
 /// Restores the snapshot and runs the VM to its end. The error is one line.
 pub fn restore(args: RestoreArgs) -> Result<RunOutcome, String> {
     if args.verify {
-        let (problems, _) =
-            crate::snapshot::integrity::verify(&args.dir, args.parent.as_deref());
+        let (problems, _) = crate::snapshot::integrity::verify(&args.dir, args.parent.as_deref());
         if let Some(first) = problems.first() {
             let more = match problems.len() - 1 {
                 0 => String::new(),
