@@ -417,3 +417,42 @@ fn restored_device_announces_a_transport_reset() {
     lp.turn();
     assert!(drv.take_used(2).is_empty());
 }
+
+#[test]
+fn host_connect_the_guest_never_answers_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = device(dir.path());
+    let mem = guest_memory(RAM);
+    let mut lp = TestLoop::new();
+    let mut drv = activate(&mut dev, &mem, &lp);
+    drv.post_rx(4, 4096);
+    let mut host = UnixStream::connect(dir.path().join("v.sock")).unwrap();
+    host.write_all(b"CONNECT 77\n").unwrap();
+    let mut req = None;
+    turn_until(&mut lp, || {
+        req = drv.received().into_iter().find(|(h, _)| h.op == OP_REQUEST);
+        req.is_some()
+    });
+    let port = req.unwrap().0.src_port;
+    // The guest stays silent: after the timeout it hears a reset and the host sees EOF.
+    let started = std::time::Instant::now();
+    let mut rst = false;
+    while !rst && started.elapsed() < super::muxer::CONNECT_TIMEOUT * 3 {
+        lp.wait(100);
+        lp.turn();
+        rst = drv
+            .received()
+            .iter()
+            .any(|(h, _)| h.op == OP_RST && h.src_port == port);
+    }
+    assert!(rst, "no reset for the unanswered request");
+    assert!(started.elapsed() >= super::muxer::CONNECT_TIMEOUT / 2);
+    host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 8];
+    assert_eq!(
+        host.read(&mut buf).unwrap(),
+        0,
+        "the host stream was closed without OK"
+    );
+    assert_eq!(dev.connection_count(), 0);
+}
