@@ -14,7 +14,7 @@ mod cli {
     use clap::{Parser, Subcommand};
     use vmm::config::{
         parse_cpus, parse_timeout, DiskArg, MemoryArg, NetConfig, RngConfig, SerialConfig,
-        VhostUserArg, VmConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY,
+        VhostUserArg, VmConfig, VsockConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY,
     };
     use vmm::exit_code;
     use vmm::memory::backing::BackingKind;
@@ -138,6 +138,10 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
         /// (repeatable).
         #[arg(long = "vhost-user", value_name = "SPEC")]
         vhost_user: Vec<VhostUserArg>,
+        /// virtio-vsock in process: cid=N,socket=PATH. Host programs connect to PATH and write
+        /// "CONNECT <port>\n"; guest connections to port P go to the Unix socket PATH_P.
+        #[arg(long, value_name = "SPEC")]
+        vsock: Option<VsockConfig>,
     }
 
     impl RunArgs {
@@ -160,6 +164,7 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
                 console: self.console,
                 rngs: RngConfig::repeated(self.rng),
                 vhost_user: self.vhost_user.into_iter().map(|v| v.0).collect(),
+                vsock: self.vsock,
             }
         }
     }
