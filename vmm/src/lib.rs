@@ -15,6 +15,7 @@
 //! - `snapshot`: snapshot directories: manifest, state file, sparse memory files, restore.
 //! - `commands`: the `skiff restore` and `skiff ctl` subcommands.
 //! - `api`: the control API (HTTP + JSON on a Unix socket) and its `skiff ctl` client.
+//! - `host_file`: opening command-line files without blocking, with their type checked.
 //! - `exit_code`: the process exit codes skiff documents.
 //! - `teardown`: ends skiff without waiting for the kernel's VM teardown.
 //! - `terminal`: raw mode for the host terminal.
@@ -36,6 +37,8 @@ pub mod config;
 #[cfg(target_os = "linux")]
 pub mod event_loop;
 pub mod exit_code;
+#[cfg(target_os = "linux")]
+pub mod host_file;
 #[cfg(target_os = "linux")]
 pub mod pci_devices;
 #[cfg(target_os = "linux")]

@@ -14,7 +14,7 @@ mod cli {
     use clap::{Parser, Subcommand};
     use vmm::config::{
         parse_cpus, parse_timeout, DiskArg, MemoryArg, NetConfig, RngConfig, SerialConfig,
-        VhostUserArg, VmConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY,
+        VhostUserArg, VmConfig, VsockConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY,
     };
     use vmm::exit_code;
     use vmm::memory::backing::BackingKind;
@@ -42,6 +42,8 @@ mod cli {
         /// Fold a diff snapshot and its parents into a full snapshot, in the diff's place.
         #[command(after_help = MERGE_EXAMPLES)]
         SnapshotMerge(vmm::commands::MergeArgs),
+        /// Check a snapshot's files against its manifest (sizes, state CRC, memory checksums).
+        SnapshotVerify(vmm::commands::VerifyArgs),
         /// Show what a snapshot holds and every host resource it names.
         SnapshotInfo(vmm::commands::InfoArgs),
         /// Serve a raw disk file as a vhost-user-blk backend on a Unix socket.
@@ -103,7 +105,8 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
         /// Number of vCPUs.
         #[arg(long, value_name = "N", default_value = "1", value_parser = parse_cpus)]
         cpus: u32,
-        /// Guest RAM: size=SIZE[,file=PATH][,hugepages=on][,prealloc=on] (default 256M, sealed memfd).
+        /// Guest RAM: size=SIZE[,file=PATH][,hugepages=on][,prealloc=on][,shared-with-snapshot=on]
+        /// (default 256M, sealed memfd).
         #[arg(long, value_name = "SPEC")]
         memory: Option<MemoryArg>,
         /// Serial port (COM1) output: stdio, file=PATH or off.
@@ -135,6 +138,10 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
         /// (repeatable).
         #[arg(long = "vhost-user", value_name = "SPEC")]
         vhost_user: Vec<VhostUserArg>,
+        /// virtio-vsock in process: cid=N,socket=PATH. Host programs connect to PATH and write
+        /// "CONNECT <port>\n"; guest connections to port P go to the Unix socket PATH_P.
+        #[arg(long, value_name = "SPEC")]
+        vsock: Option<VsockConfig>,
         #[command(flatten)]
         sandbox: vmm::sandbox::SandboxArgs,
     }
@@ -150,6 +157,7 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
                     size: DEFAULT_MEMORY,
                     backing: BackingKind::Memfd,
                     prealloc: false,
+                    shared_with_snapshot: false,
                 }),
                 serial: self.serial,
                 timeout: self.timeout,
@@ -158,6 +166,7 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
                 console: self.console,
                 rngs: RngConfig::repeated(self.rng),
                 vhost_user: self.vhost_user.into_iter().map(|v| v.0).collect(),
+                vsock: self.vsock,
             }
         }
     }
@@ -212,6 +221,7 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
             },
             Command::Ctl(args) => vmm::commands::ctl(args),
             Command::VhostUserBlk(args) => vmm::vhost_user_blk::run(args),
+            Command::SnapshotVerify(args) => vmm::commands::snapshot_verify(args),
             Command::SnapshotMerge(args) => match vmm::commands::snapshot_merge(args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(exit_code::VMM_ERROR, &e),

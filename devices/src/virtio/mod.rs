@@ -9,6 +9,9 @@
 pub mod blk;
 pub mod console;
 pub mod device;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod net;
 pub mod queue_ops;
 pub mod rng;
@@ -16,6 +19,7 @@ pub mod subscription;
 #[cfg(test)]
 pub(crate) mod test_support;
 pub mod transport;
+pub mod vsock;
 
 pub use device::{
     ActivateContext, ActivateError, ActivatedQueue, DeviceDirtyLog, DeviceIdentity, DeviceSignals,

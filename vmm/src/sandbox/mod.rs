@@ -83,6 +83,11 @@ impl SandboxPaths {
         if let BackingKind::File(path) = &cfg.memory.backing {
             paths.write_files.push(path.clone());
         }
+        // The vsock listener is removed at exit (connecting to `PATH_P` is no file access to
+        // Landlock below ABI 9).
+        if let Some(vsock) = &cfg.vsock {
+            paths.socket_dirs.push(socket_dir(&vsock.socket));
+        }
         paths
     }
 

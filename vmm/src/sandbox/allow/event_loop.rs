@@ -31,6 +31,8 @@ pub(super) fn add(list: &mut AllowList) -> Result<(), BackendError> {
         libc::SYS_recvmsg,
         libc::SYS_sendmsg,
         libc::SYS_shutdown,
+        // virtio-vsock: a guest connection to port P connects to the Unix socket PATH_P.
+        libc::SYS_connect,
         libc::SYS_setsockopt,
         libc::SYS_getsockopt,
         // virtio-rng.
@@ -50,6 +52,7 @@ pub(super) fn add(list: &mut AllowList) -> Result<(), BackendError> {
         libc::SYS_wait4,
         libc::SYS_rt_sigaction,
     ]);
+    list.call_if_arg(libc::SYS_socket, 0, &[libc::AF_UNIX as u64])?;
     common::thread_start(list)?;
     // Resuming after a snapshot, or a restored VM's first run, activates its disks here.
     disk::activation(list)?;
