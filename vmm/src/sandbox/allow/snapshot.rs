@@ -8,7 +8,7 @@ use vmm_sys_util::{ioctl_iow_nr, ioctl_iowr_nr};
 
 use kvm_bindings::{kvm_clear_dirty_log, kvm_dirty_log, KVMIO};
 
-use super::AllowList;
+use super::{common, AllowList};
 
 ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
 ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
@@ -49,6 +49,9 @@ pub(super) fn add(list: &mut AllowList) -> Result<(), BackendError> {
         libc::SYS_getuid,
         libc::SYS_fchmod,
     ]);
+    // Memory files are written and summed by worker threads the writer starts; they run under
+    // this filter (the writer's) without one of their own.
+    common::thread_start(list)?;
     // Removing stale temporaries: `kill(pid, 0)` asks whether their writer still lives.
     list.call_if_arg(libc::SYS_kill, 1, &[0])?;
     list.call_if_arg(
