@@ -45,6 +45,10 @@ pub(super) fn activation(list: &mut AllowList) -> Result<(), BackendError> {
         libc::SYS_fstat,
         libc::SYS_newfstatat,
         libc::SYS_getrandom,
+        // virtio-vsock's activation arms its credit-update timer (served by the event loop).
+        libc::SYS_timerfd_create,
+        libc::SYS_timerfd_settime,
+        libc::SYS_timerfd_gettime,
     ]);
     list.call_if_arg(
         libc::SYS_fcntl,
