@@ -28,6 +28,9 @@ mod cli {
     enum Command {
         /// Boot a kernel and run the VM until the guest ends.
         Run(RunArgs),
+        /// Boot a kernel with skiff's guest agent, run CMD in the guest, and exit with its
+        /// status (docs/exec.md).
+        Exec(vmm::exec::ExecArgs),
         /// Restore a VM from a snapshot directory and run it until the guest ends.
         Restore(vmm::commands::RestoreArgs),
         /// Send a control request to a running skiff (its --api-socket) and print the answer.
@@ -142,6 +145,7 @@ mod cli {
                 Ok(outcome) => report(outcome),
                 Err(e) => fail(exit_code::VMM_ERROR, &e),
             },
+            Command::Exec(args) => vmm::exec::run(args),
             Command::Ctl(args) => vmm::commands::ctl(args),
             Command::VhostUserBlk(args) => vmm::vhost_user_blk::run(args),
             Command::SnapshotMerge(args) => match vmm::commands::snapshot_merge(args) {
