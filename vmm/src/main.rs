@@ -10,7 +10,7 @@ mod cli {
     use clap::{Parser, Subcommand};
     use vmm::config::{
         parse_cpus, parse_timeout, DiskArg, MemoryArg, NetConfig, RngConfig, SerialConfig,
-        VhostUserArg, VmConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY,
+        VhostUserArg, VmConfig, VsockConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY,
     };
     use vmm::exit_code;
     use vmm::memory::backing::BackingKind;
@@ -87,6 +87,10 @@ mod cli {
         /// (repeatable).
         #[arg(long = "vhost-user", value_name = "SPEC")]
         vhost_user: Vec<VhostUserArg>,
+        /// virtio-vsock in process: cid=N,socket=PATH. Host programs connect to PATH and write
+        /// "CONNECT <port>\n"; guest connections to port P go to the Unix socket PATH_P.
+        #[arg(long, value_name = "SPEC")]
+        vsock: Option<VsockConfig>,
     }
 
     impl RunArgs {
@@ -108,6 +112,7 @@ mod cli {
                 console: self.console,
                 rngs: RngConfig::repeated(self.rng),
                 vhost_user: self.vhost_user.into_iter().map(|v| v.0).collect(),
+                vsock: self.vsock,
             }
         }
     }
