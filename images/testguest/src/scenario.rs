@@ -17,7 +17,7 @@ pub const EXIT_FAIL: u8 = 33;
 pub const EXIT_PANIC: u8 = 34;
 
 /// Names used in FAIL lines, indexed by `CURRENT`.
-const NAMES: [&str; 29] = [
+const NAMES: [&str; 30] = [
     "boot",
     "hello",
     "memcheck",
@@ -47,6 +47,7 @@ const NAMES: [&str; 29] = [
     "vsock-vanish",
     "vsock-abuse",
     "vsock-snapshot",
+    "agent",
 ];
 const BOOT: u8 = 0;
 const HELLO: u8 = 1;
@@ -77,6 +78,7 @@ const VSOCK_FLOOD: u8 = 25;
 const VSOCK_VANISH: u8 = 26;
 const VSOCK_ABUSE: u8 = 27;
 const VSOCK_SNAPSHOT: u8 = 28;
+const AGENT: u8 = 29;
 
 /// The scenario now running, for FAIL lines from the exception handler. In `.data.tg_hot` (see
 /// linker.ld).
@@ -176,6 +178,10 @@ pub fn run_all(info: &BootInfo) -> ! {
             b"virtio-console" => {
                 start(VIRTIO_CONSOLE);
                 console::run(info);
+            }
+            b"agent" => {
+                start(AGENT);
+                crate::virtio::agent::run(info);
             }
             b"virtio-bar-move" => {
                 start(VIRTIO_BAR_MOVE);

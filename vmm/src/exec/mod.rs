@@ -31,8 +31,8 @@ use std::time::Duration;
 use devices::vhost_user::{VhostUserConfig, VhostUserKind};
 
 use crate::config::{
-    parse_cpus, parse_timeout, MemoryArg, RngConfig, SerialConfig, VmConfig, DEFAULT_CMDLINE,
-    DEFAULT_MEMORY,
+    parse_cpus, parse_timeout, MemoryArg, RngConfig, SerialConfig, VmConfig, VsockConfig,
+    DEFAULT_CMDLINE, DEFAULT_MEMORY,
 };
 use crate::exit_code;
 use crate::memory::backing::BackingKind;
@@ -164,7 +164,21 @@ pub fn run(args: ExecArgs) -> ExitCode {
 }
 
 fn setup_failed(line: impl Into<String>) -> Failure {
-    Failure(exit_code::EXEC_SETUP, line.into())
+    Failure(
+        exit_code::EXEC_SETUP,
+        format!("{} (exit code {})", line.into(), exit_code::EXEC_SETUP),
+    )
+}
+
+fn virtiofsd_failed(e: virtiofsd::VirtiofsdError) -> Failure {
+    Failure(
+        exit_code::EXEC_VIRTIOFSD,
+        format!(
+            "{} (exit code {})",
+            crate::error_chain(&e),
+            exit_code::EXEC_VIRTIOFSD
+        ),
+    )
 }
 
 fn run_inner(args: ExecArgs) -> Result<u8, Failure> {
@@ -228,13 +242,12 @@ fn run_inner(args: ExecArgs) -> Result<u8, Failure> {
         ));
     }
     if !shared.is_empty() {
-        let bin = find_virtiofsd()
-            .map_err(|e| Failure(exit_code::EXEC_VIRTIOFSD, crate::error_chain(&e)))?;
+        let bin = find_virtiofsd().map_err(virtiofsd_failed)?;
         for (i, (dir, tag, read_only, guest)) in shared.iter().enumerate() {
             let socket = run_dir.path.join(format!("fs{i}"));
             let log = run_dir.path.join(format!("virtiofsd{i}.log"));
-            let daemon = Virtiofsd::start(&bin, &socket, dir, *read_only, &log)
-                .map_err(|e| Failure(exit_code::EXEC_VIRTIOFSD, crate::error_chain(&e)))?;
+            let daemon =
+                Virtiofsd::start(&bin, &socket, dir, *read_only, &log).map_err(virtiofsd_failed)?;
             daemons.push(daemon);
             let mut cfg = VhostUserConfig::new(VhostUserKind::Fs, socket);
             cfg.tag = Some(tag.clone());
@@ -280,6 +293,10 @@ fn run_inner(args: ExecArgs) -> Result<u8, Failure> {
         console: false,
         rngs: RngConfig::repeated(1),
         vhost_user,
+        vsock: Some(VsockConfig {
+            cid: GUEST_CID,
+            socket: vsock_socket,
+        }),
     };
     let vm = crate::builder::build_vm(&cfg).map_err(|e| setup_failed(crate::error_chain(&e)))?;
     let exit = vm.exit.clone();

@@ -4,7 +4,7 @@
 //!
 //! While waiting it watches the VM (ended early: the guest never came up), the virtiofsd
 //! processes (one died: its own code) and, on a PVM host, the serial console: once the kernel
-//! has printed `Run /init` and the agent still has not connected after `PVM_GRACE`, the host's
+//! has printed `Run /skiff-agent as init process` and the agent still has not connected after `PVM_GRACE`, the host's
 //! KVM cannot run Linux user space and waiting longer would only hang.
 
 use std::io::{Read, Seek, SeekFrom};
@@ -23,6 +23,8 @@ use crate::exit_code;
 const PVM_GRACE: Duration = Duration::from_secs(10);
 /// How long past the command's own timeout skiff waits for the agent to report it.
 const TIMEOUT_GRACE: Duration = Duration::from_secs(5);
+/// What Linux prints when it starts init (`Run /skiff-agent as init process`).
+const INIT_MARKER: &[u8] = b" as init process";
 /// How often the serial console is scanned for `Run /init`.
 const SERIAL_SCAN: Duration = Duration::from_millis(500);
 
@@ -100,11 +102,15 @@ impl SerialWatch {
         }
         self.offset += new.len() as u64;
         self.carry.extend_from_slice(&new);
-        if self.carry.windows(9).any(|w| w == b"Run /init") {
+        if self
+            .carry
+            .windows(INIT_MARKER.len())
+            .any(|w| w == INIT_MARKER)
+        {
             self.init_seen = Some(Instant::now());
         }
         // Keep only a tail, enough to find the marker split across reads.
-        let keep = self.carry.len().saturating_sub(16);
+        let keep = self.carry.len().saturating_sub(INIT_MARKER.len());
         self.carry.drain(..keep);
         self.init_seen
     }
@@ -285,7 +291,7 @@ impl SessionEnd {
             SessionEnd::PvmHost => (
                 exit_code::EXEC_PVM_HOST,
                 Some(format!(
-                    "this host's KVM (PVM, /sys/module/kvm_pvm) cannot run Linux user space: the kernel reached `Run /init` but the agent never ran (exit code {})",
+                    "this host's KVM (PVM, /sys/module/kvm_pvm) cannot run Linux user space: the kernel ran the agent as init but it never connected (exit code {})",
                     exit_code::EXEC_PVM_HOST
                 )),
             ),
