@@ -72,9 +72,9 @@ pub fn snapshot_merge(args: MergeArgs) -> Result<(), String> {
 /// `skiff ctl --api-socket PATH ACTION`
 #[derive(Debug, clap::Args)]
 pub struct CtlArgs {
-    /// The running skiff's control socket.
+    /// The running skiff's control socket (every action but `exec`).
     #[arg(long, value_name = "PATH")]
-    pub api_socket: PathBuf,
+    pub api_socket: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub action: CtlAction,
@@ -106,6 +106,9 @@ pub enum CtlAction {
         #[arg(long)]
         diff: bool,
     },
+    /// Run a command through the guest agent of a VM started with `skiff run --agent`, and exit
+    /// with its status (docs/exec.md).
+    Exec(crate::exec::ctl::CtlExecArgs),
 }
 
 /// Sends the request, prints the JSON answer on stdout, and returns 0; on an error answer or
@@ -113,11 +116,21 @@ pub enum CtlAction {
 /// while it is written, when stderr is a terminal.
 pub fn ctl(args: CtlArgs) -> ExitCode {
     use std::io::IsTerminal;
-    let (method, path, body) = match args.action {
+    let (action, api_socket) = match (args.action, args.api_socket) {
+        (CtlAction::Exec(exec), _) => return crate::exec::ctl::run(exec),
+        (action, Some(socket)) => (action, socket),
+        (_, None) => {
+            eprintln!("skiff: ctl needs --api-socket PATH (the running skiff's control socket)");
+            return ExitCode::from(crate::exit_code::USAGE);
+        }
+    };
+    let (method, path, body) = match action {
         CtlAction::Status => ("GET", "/vm", None),
         CtlAction::Pause => ("PUT", "/vm/pause", None),
         CtlAction::Resume => ("PUT", "/vm/resume", None),
         CtlAction::Shutdown => ("PUT", "/vm/shutdown", None),
+        // Answered above, without the control socket.
+        CtlAction::Exec(_) => return ExitCode::from(crate::exit_code::USAGE),
         CtlAction::Snapshot {
             dir,
             stop,
@@ -144,9 +157,9 @@ pub fn ctl(args: CtlArgs) -> ExitCode {
     };
     let answer = match body.as_deref() {
         Some(body) if path == "/vm/snapshot" && std::io::stderr().is_terminal() => {
-            crate::api::progress_bar::snapshot_with_progress(&args.api_socket, body)
+            crate::api::progress_bar::snapshot_with_progress(&api_socket, body)
         }
-        body => client::request(&args.api_socket, method, path, body),
+        body => client::request(&api_socket, method, path, body),
     };
     match answer {
         Ok((status, body)) if (200..300).contains(&status) => {

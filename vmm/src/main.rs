@@ -87,6 +87,10 @@ mod cli {
         /// (repeatable).
         #[arg(long = "vhost-user", value_name = "SPEC")]
         vhost_user: Vec<VhostUserArg>,
+        /// Boot with skiff's guest agent as PID 1 (its initramfs before any --initrd), listening
+        /// on vsock port 1024 for `skiff ctl exec`; needs --vsock (docs/exec.md).
+        #[arg(long)]
+        agent: bool,
         /// virtio-vsock in process: cid=N,socket=PATH. Host programs connect to PATH and write
         /// "CONNECT <port>\n"; guest connections to port P go to the Unix socket PATH_P.
         #[arg(long, value_name = "SPEC")]
@@ -144,7 +148,18 @@ mod cli {
         match cli.command {
             Command::Run(args) => {
                 let api_socket = args.api_socket.clone();
-                run(args.into_config(), api_socket)
+                let agent = args.agent;
+                let mut cfg = args.into_config();
+                // Lives until the VM has ended: it holds the initramfs file.
+                let _agent_initrd = if agent {
+                    match with_agent(&mut cfg) {
+                        Ok(initrd) => Some(initrd),
+                        Err((code, line)) => return fail(code, &line),
+                    }
+                } else {
+                    None
+                };
+                run(cfg, api_socket)
             }
             Command::Restore(args) => match vmm::commands::restore(args) {
                 Ok(outcome) => report(outcome),
@@ -158,6 +173,23 @@ mod cli {
                 Err(e) => fail(exit_code::VMM_ERROR, &e),
             },
         }
+    }
+
+    /// `--agent`: boots skiff's agent initramfs (the user's `--initrd` appended) with the agent
+    /// listening on vsock port 1024.
+    fn with_agent(cfg: &mut VmConfig) -> Result<vmm::exec::AgentInitrd, (u8, String)> {
+        if cfg.vsock.is_none() {
+            return Err((
+                exit_code::USAGE,
+                "--agent needs --vsock cid=N,socket=PATH (skiff ctl exec reaches the agent through it)".into(),
+            ));
+        }
+        let initrd = vmm::exec::AgentInitrd::create(cfg.initrd.as_deref())
+            .map_err(|e| (exit_code::VMM_ERROR, e))?;
+        cfg.initrd = Some(initrd.path());
+        cfg.cmdline.push(' ');
+        cfg.cmdline.push_str(&vmm::exec::agent_listen_cmdline());
+        Ok(initrd)
     }
 
     fn run(cfg: VmConfig, api_socket: Option<PathBuf>) -> ExitCode {

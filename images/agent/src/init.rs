@@ -3,7 +3,8 @@
 //! where to find the host.
 //!
 //! Command-line parameters (all optional):
-//! - `skiff.agent=ADDR`: where to connect (default `vsock:2:1024`, the host's port 1024).
+//! - `skiff.agent=ADDR`: where to connect (default `vsock:2:1024`, the host's port 1024), or
+//!   `vsock:PORT` to listen on that port instead.
 //! - `skiff.root=TAG`: mount virtiofs `TAG` read-only under a tmpfs overlay and make it `/`.
 //! - `skiff.share=TAG:DIR`: mount virtiofs `TAG` writable at `DIR` (repeatable).
 

@@ -2,7 +2,9 @@
 //! (`agent-protocol`, described in docs/exec.md).
 //!
 //! As PID 1 of skiff's initramfs it sets the system up (`init`), connects to the host over
-//! vsock, serves that connection, and powers the machine off when the host asks or goes away.
+//! vsock, serves that connection, and powers the machine off when the host asks or goes away;
+//! or, given a port to listen on (`skiff.agent=vsock:PORT`, for `skiff run --agent`), serves
+//! every host connection to it until one asks for a shutdown.
 //! Anywhere else it is an ordinary service:
 //!
 //! ```text
@@ -153,7 +155,14 @@ fn run_as_init() -> ! {
         eprintln!("skiff-agent: cannot start the reaper thread");
         system::power_off();
     };
-    let ctx = Context::new(reaper, true);
+    let ctx = Arc::new(Context::new(reaper, true));
+    if let Address::Vsock {
+        cid: libc::VMADDR_CID_ANY,
+        ..
+    } = cfg.agent
+    {
+        serve_listening(&ctx, &cfg.agent);
+    }
     let started = Instant::now();
     let stream = loop {
         match transport::connect(&cfg.agent) {
@@ -173,6 +182,41 @@ fn run_as_init() -> ! {
     }
     ctx.registry.signal_all(libc::SIGKILL);
     system::power_off();
+}
+
+/// PID 1 in a long-running VM (`skiff run --agent`): serves every host connection to the
+/// port, each on a thread, until one asks for a shutdown.
+fn serve_listening(ctx: &Arc<Context>, addr: &Address) -> ! {
+    let listener = match Listener::bind(addr) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("skiff-agent: cannot listen on {addr}: {e}");
+            system::power_off();
+        }
+    };
+    eprintln!("skiff-agent: listening on {addr}");
+    loop {
+        let stream = match listener.accept() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("skiff-agent: accepting on {addr}: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let ctx = Arc::clone(ctx);
+        let spawned = std::thread::Builder::new()
+            .name("connection".into())
+            .spawn(move || {
+                if let Ok(End::Shutdown) = session::serve(&ctx, stream) {
+                    ctx.registry.signal_all(libc::SIGKILL);
+                    system::power_off();
+                }
+            });
+        if let Err(e) = spawned {
+            eprintln!("skiff-agent: no thread for a connection: {e}");
+        }
+    }
 }
 
 /// Opens /dev/null on any of fds 0-2 that is closed, so pipes never take those numbers.

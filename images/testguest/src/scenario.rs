@@ -17,7 +17,7 @@ pub const EXIT_FAIL: u8 = 33;
 pub const EXIT_PANIC: u8 = 34;
 
 /// Names used in FAIL lines, indexed by `CURRENT`.
-const NAMES: [&str; 30] = [
+const NAMES: [&str; 31] = [
     "boot",
     "hello",
     "memcheck",
@@ -48,6 +48,7 @@ const NAMES: [&str; 30] = [
     "vsock-abuse",
     "vsock-snapshot",
     "agent",
+    "agent-listen",
 ];
 const BOOT: u8 = 0;
 const HELLO: u8 = 1;
@@ -79,6 +80,7 @@ const VSOCK_VANISH: u8 = 26;
 const VSOCK_ABUSE: u8 = 27;
 const VSOCK_SNAPSHOT: u8 = 28;
 const AGENT: u8 = 29;
+const AGENT_LISTEN: u8 = 30;
 
 /// The scenario now running, for FAIL lines from the exception handler. In `.data.tg_hot` (see
 /// linker.ld).
@@ -182,6 +184,10 @@ pub fn run_all(info: &BootInfo) -> ! {
             b"agent" => {
                 start(AGENT);
                 crate::virtio::agent::run(info);
+            }
+            b"agent-listen" => {
+                start(AGENT_LISTEN);
+                crate::virtio::agent::listen(info);
             }
             b"virtio-bar-move" => {
                 start(VIRTIO_BAR_MOVE);

@@ -10,11 +10,13 @@
 //! - `cpio`: the newc archive writer.
 //! - `initramfs`: the embedded agent and the archive skiff boots.
 //! - `client`: the host side of the agent protocol.
+//! - `ctl`: `skiff ctl exec`, through the agent of a `skiff run --agent` VM.
 //! - `session`: waiting for the agent and running the command, with the run's end as a value.
 //! - `virtiofsd`: the file-sharing daemons.
 
 pub mod client;
 pub mod cpio;
+pub mod ctl;
 pub mod initramfs;
 mod session;
 pub mod virtiofsd;
@@ -366,6 +368,37 @@ fn run_inner(args: ExecArgs) -> Result<u8, Failure> {
     }
     drop(run_dir);
     Ok(code)
+}
+
+/// The kernel arguments that make the agent PID 1 and have it listen on vsock port 1024
+/// (`skiff run --agent`).
+pub fn agent_listen_cmdline() -> String {
+    format!(
+        "rdinit={} skiff.agent=vsock:{}",
+        initramfs::AGENT_PATH,
+        agent_protocol::AGENT_PORT
+    )
+}
+
+/// The initramfs of `skiff run --agent` in a temporary directory that lives as long as this.
+#[derive(Debug)]
+pub struct AgentInitrd {
+    dir: RunDir,
+}
+
+impl AgentInitrd {
+    /// Writes the agent's initramfs, with `user_initrd` appended. The error is one line.
+    pub fn create(user_initrd: Option<&Path>) -> Result<AgentInitrd, String> {
+        let dir = RunDir::create().map_err(|Failure(_, line)| line)?;
+        let me = AgentInitrd { dir };
+        initramfs::write_initramfs(&me.path(), user_initrd).map_err(|e| crate::error_chain(&e))?;
+        Ok(me)
+    }
+
+    /// The initramfs file.
+    pub fn path(&self) -> PathBuf {
+        self.dir.path.join("initramfs.cpio")
+    }
 }
 
 /// How many serial lines a failure shows.

@@ -50,6 +50,8 @@ pub enum SessionEnd {
     NotStarted(String),
     /// No agent connected: within the boot timeout, or before the VM ended.
     NoAgent { waited: Duration, vm_ended: bool },
+    /// `skiff ctl exec`: nothing listens on the agent's port.
+    NoListener(String),
     /// The kernel reached `Run /init` on a PVM host and no agent came.
     PvmHost,
     /// The agent went away mid-run.
@@ -287,6 +289,10 @@ impl SessionEnd {
                         exit_code::EXEC_NO_AGENT
                     )
                 }),
+            ),
+            SessionEnd::NoListener(m) => (
+                exit_code::EXEC_NO_AGENT,
+                Some(format!("{m} (exit code {})", exit_code::EXEC_NO_AGENT)),
             ),
             SessionEnd::PvmHost => (
                 exit_code::EXEC_PVM_HOST,

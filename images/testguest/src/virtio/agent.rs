@@ -1,7 +1,8 @@
-//! The `agent` scenario: the skiff guest agent's protocol (`agent-protocol`) over vsock, so
-//! `skiff exec` can be tested end to end on hosts whose KVM cannot run Linux user space. It
-//! connects to the host's port 1024 as the real agent does and answers requests; an `Exec`
-//! names one of these instead of a program:
+//! The `agent` and `agent-listen` scenarios: the skiff guest agent's protocol (`agent-protocol`)
+//! over vsock, so `skiff exec` and `skiff ctl exec` can be tested end to end on hosts whose KVM
+//! cannot run Linux user space. `agent` connects to the host's port 1024 as the real agent does
+//! under `skiff exec`; `agent-listen` listens on port 1024 as it does under `skiff run --agent`.
+//! An `Exec` names one of these instead of a program:
 //!
 //! - `exit=N`, `true`, `false`: exit with N, 0, 1.
 //! - `echo ARGS...`: ARGS joined by spaces and a newline on stdout; `warn ARGS...`: on stderr.
@@ -76,7 +77,8 @@ impl Link {
     }
 }
 
-/// Runs the agent until the host closes the connection or asks for a shutdown.
+/// `agent`: connects to the host's port 1024 and serves that connection; the VM ends when it
+/// closes.
 pub fn run(info: &BootInfo) -> ! {
     let mut v = Vsock::open(info);
     let c = match v.connect(AGENT_PORT, Deadline::after_ms(60_000)) {
@@ -89,27 +91,55 @@ pub fn run(info: &BootInfo) -> ! {
         c,
         out: [0; HEADER_LEN + OUT_CHUNK],
     };
+    serve(info, &mut link);
+    serial::line().str("testguest: agent: the host closed the connection\n");
+    io::exit(0);
+}
+
+/// `agent-listen`: listens on port 1024 (as the agent does for `skiff run --agent`) and serves
+/// host connections one after another until one asks for a shutdown.
+pub fn listen(info: &BootInfo) -> ! {
+    let mut v = Vsock::open(info);
+    v.listen(AGENT_PORT);
+    serial::line().str("testguest: agent listening\n");
+    loop {
+        let c = match v.accept(AGENT_PORT, Deadline::after_ms(FOREVER_MS)) {
+            Ok(c) => c,
+            Err(e) => fail_err("accept", e),
+        };
+        let mut link = Link {
+            v,
+            c,
+            out: [0; HEADER_LEN + OUT_CHUNK],
+        };
+        serve(info, &mut link);
+        link.v.close(link.c, Deadline::after_ms(1000));
+        v = link.v;
+    }
+}
+
+/// Answers requests until the host closes the connection (or sends something malformed).
+fn serve(info: &BootInfo, link: &mut Link) {
     let mut head = [0u8; HEADER_LEN];
     let mut payload = [0u8; MAX_REQUEST];
     loop {
         if !link.read_exact(&mut head) {
-            serial::line().str("testguest: agent: the host closed the connection\n");
-            io::exit(0);
+            return;
         }
         let header = match Header::decode(&head) {
             Ok(h) => h,
             Err(_) => {
                 link.error(0, ErrorCode::Malformed, "bad frame header");
-                io::exit(0);
+                return;
             }
         };
         let len = header.len as usize;
         if len > MAX_REQUEST {
             link.error(header.request, ErrorCode::Malformed, "request over 4096 bytes");
-            io::exit(0);
+            return;
         }
         if !link.read_exact(&mut payload[..len]) {
-            io::exit(0);
+            return;
         }
         let req = header.request;
         match Message::decode(header.kind, &payload[..len]) {
@@ -123,7 +153,7 @@ pub fn run(info: &BootInfo) -> ! {
             ),
             Ok(Message::Exec {
                 argv, timeout_ms, ..
-            }) => exec(&mut link, req, argv, timeout_ms),
+            }) => exec(link, req, argv, timeout_ms),
             Ok(Message::Quiesce | Message::Resume { .. }) => link.send(req, &Message::Done),
             Ok(Message::Shutdown) => {
                 link.send(req, &Message::Done);
@@ -133,7 +163,7 @@ pub fn run(info: &BootInfo) -> ! {
             Ok(_) => link.error(req, ErrorCode::Unsupported, "not in the test guest's agent"),
             Err(_) => {
                 link.error(req, ErrorCode::Malformed, "bad payload");
-                io::exit(0);
+                return;
             }
         }
     }
