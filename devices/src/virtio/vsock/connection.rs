@@ -37,6 +37,10 @@ pub enum Flush {
     Broken(io::ErrorKind),
 }
 
+/// The guest sent more than the credit it was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreditExceeded;
+
 /// One connection.
 #[derive(Debug)]
 pub struct Connection {
@@ -124,11 +128,11 @@ impl Connection {
 
     /// Takes `data` from the guest: writes what the host stream accepts now and buffers the
     /// rest. `Err` when the guest exceeded the credit we gave it.
-    pub fn from_guest(&mut self, data: &[u8]) -> Result<Flush, ()> {
-        let len = u32::try_from(data.len()).map_err(|_| ())?;
+    pub fn take_guest_data(&mut self, data: &[u8]) -> Result<Flush, CreditExceeded> {
+        let len = u32::try_from(data.len()).map_err(|_| CreditExceeded)?;
         let outstanding = self.rx_cnt.wrapping_sub(self.fwd_cnt);
         if u64::from(outstanding) + u64::from(len) > u64::from(CONN_BUFFER) {
-            return Err(());
+            return Err(CreditExceeded);
         }
         self.rx_cnt = self.rx_cnt.wrapping_add(len);
         if !self.to_host.is_empty() {
@@ -251,7 +255,7 @@ mod tests {
     fn guest_data_beyond_credit_is_refused() {
         let (mut c, _host) = pair();
         assert_eq!(
-            c.from_guest(&vec![1u8; CONN_BUFFER as usize]),
+            c.take_guest_data(&vec![1u8; CONN_BUFFER as usize]),
             Ok(Flush::Done)
         );
         // The host took it all (the socket buffer is large enough): credit is back.
@@ -265,11 +269,8 @@ mod tests {
         let (mut c, mut host) = pair();
         let chunk = vec![5u8; 4096];
         let mut sent = 0usize;
-        loop {
-            match c.from_guest(&chunk) {
-                Ok(_) => sent += chunk.len(),
-                Err(()) => break,
-            }
+        while c.take_guest_data(&chunk).is_ok() {
+            sent += chunk.len();
             assert!(sent <= 64 << 20, "never refused");
         }
         assert!(c.has_pending_to_host());
@@ -291,7 +292,7 @@ mod tests {
     #[test]
     fn guest_shutdown_send_shuts_the_host_write_side_after_the_data() {
         let (mut c, mut host) = pair();
-        c.from_guest(b"bye").unwrap();
+        c.take_guest_data(b"bye").unwrap();
         c.guest_done_sending = true;
         assert_eq!(c.flush(), Flush::Done);
         let mut all = Vec::new();

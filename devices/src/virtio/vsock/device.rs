@@ -168,6 +168,11 @@ impl VirtioDevice for VirtioVsock {
         })?;
         self.reset_event_pending = false;
         self.active = Some((active, event_loop));
+        log::info!(
+            "virtio-vsock: driver ready, guest CID {}, socket {}",
+            self.cid,
+            self.path.display()
+        );
         Ok(())
     }
 

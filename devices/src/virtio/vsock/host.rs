@@ -5,8 +5,9 @@
 //!
 //! Nothing here blocks: the listener and every stream are non-blocking, the `CONNECT` line is
 //! peeked and only the line itself consumed (bytes behind it belong to the guest), and a
-//! connect to a listener whose backlog is full counts as refused. The listening socket is
-//! removed again when the device goes away.
+//! connect to a listener whose backlog is full counts as refused. Dropping the host side
+//! removes the socket file if it is still the one it bound (a VM that fails to build); one a
+//! previous skiff left behind, with nobody accepting on it, is replaced.
 
 use std::collections::HashMap;
 use std::ffi::OsString;

@@ -236,7 +236,7 @@ impl Muxer {
     }
 
     /// One packet from the guest, with its payload.
-    pub fn from_guest(&mut self, h: &Header, payload: &[u8]) {
+    pub fn guest_packet(&mut self, h: &Header, payload: &[u8]) {
         if h.src_cid != self.guest_cid || h.dst_cid != HOST_CID {
             self.counters.dropped += 1;
             log::debug!(
@@ -279,12 +279,12 @@ impl Muxer {
                 if e.conn.state != ConnState::Established || e.conn.guest_done_sending {
                     return self.reset(key);
                 }
-                match e.conn.from_guest(payload) {
+                match e.conn.take_guest_data(payload) {
                     Ok(flush) => {
                         self.counters.bytes_to_host += payload.len() as u64;
                         self.after_flush(key, flush);
                     }
-                    Err(()) => {
+                    Err(_) => {
                         log::debug!("vsock: guest sent past its credit on {key:?}; resetting");
                         self.reset(key);
                     }

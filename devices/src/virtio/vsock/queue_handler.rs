@@ -148,7 +148,7 @@ impl VsockQueueHandler {
             };
             let head = chain.head_index();
             match read_tx(&self.mem, chain, &mut self.buf) {
-                Ok((header, len)) => m.from_guest(&header, &self.buf[..len]),
+                Ok((header, len)) => m.guest_packet(&header, &self.buf[..len]),
                 Err(e) => self.bad_chain(m, &e),
             }
             if let Err(e) = add_used(&mut self.tx, &self.mem, head, 0) {
