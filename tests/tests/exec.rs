@@ -290,3 +290,65 @@ fn a_virtiofsd_that_dies_mid_command_ends_the_run() {
         .assert_code(205)
         .assert_stderr_has("virtiofsd for");
 }
+
+/// Runs `skiff ctl exec` against the VM behind `vsock`.
+fn ctl_exec(vsock: &Path, extra: &[&str], cmd: &[&str]) -> Finished {
+    let mut c = Command::new(skiff_bin());
+    c.args(["ctl", "exec", "--vsock"])
+        .arg(vsock)
+        .args(extra)
+        .arg("--")
+        .args(cmd);
+    Skiff::spawn_command(&mut c).wait(LIMIT)
+}
+
+#[test]
+fn ctl_exec_runs_commands_in_a_long_running_agent_vm() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("dir");
+    let vsock = dir.path().join("v");
+    let log = dir.path().join("serial.log");
+    let mut vm = Command::new(skiff_bin());
+    vm.args(["run", "--agent", "--kernel"])
+        .arg(testguest())
+        .args(["--cmdline", "agent-listen", "--serial"])
+        .arg(format!("file={}", log.display()))
+        .arg("--vsock")
+        .arg(format!("cid=3,socket={}", vsock.display()));
+    let vm = Skiff::spawn_command(&mut vm);
+    let deadline = Instant::now() + LIMIT;
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("testguest: agent listening")
+    {
+        assert!(Instant::now() < deadline, "the guest never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The agent's initramfs and its parameters came after the user's command line.
+    assert!(std::fs::read_to_string(&log)
+        .expect("log")
+        .contains("agent-listen rdinit=/skiff-agent skiff.agent=vsock:1024"));
+
+    let r = ctl_exec(&vsock, &[], &["echo", "one"]);
+    r.assert_code(0);
+    assert_eq!(r.stdout, "one\n");
+    ctl_exec(&vsock, &[], &["exit=5"]).assert_code(5);
+    ctl_exec(&vsock, &["--timeout", "0.3"], &["spin"]).assert_code(124);
+    ctl_exec(&vsock, &[], &["missing"]).assert_code(127);
+    let r = ctl_exec(&vsock, &[], &["flood=200000"]);
+    r.assert_code(0);
+    assert_eq!(r.stdout.len(), 200_000);
+    // Nothing listens behind a socket that is not a VM's.
+    ctl_exec(&dir.path().join("nope"), &[], &["true"])
+        .assert_code(200)
+        .assert_stderr_has("cannot connect to");
+    drop(vm);
+
+    // --agent without --vsock is a usage error.
+    let mut bad = Command::new(skiff_bin());
+    bad.args(["run", "--agent", "--kernel"]).arg(testguest());
+    Skiff::spawn_command(&mut bad)
+        .wait(LIMIT)
+        .assert_code(2)
+        .assert_stderr_has("--agent needs --vsock");
+}

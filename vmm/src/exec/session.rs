@@ -86,9 +86,18 @@ impl SerialWatch {
         }
     }
 
-    /// Reads what the console printed since the last scan; returns when `Run /init` was seen.
+    /// Reads what the console printed since the last scan (at most every `SERIAL_SCAN`);
+    /// returns when `Run /init` was seen.
     fn init_seen(&mut self) -> Option<Instant> {
         if self.init_seen.is_some() || self.last_scan.elapsed() < SERIAL_SCAN {
+            return self.init_seen;
+        }
+        self.scan()
+    }
+
+    /// Reads what the console printed since the last scan, now.
+    fn scan(&mut self) -> Option<Instant> {
+        if self.init_seen.is_some() {
             return self.init_seen;
         }
         self.last_scan = Instant::now();
@@ -164,7 +173,8 @@ impl Session {
                 Ok(None) => {
                     return if let Some(d) = dead {
                         SessionEnd::Virtiofsd(d)
-                    } else if pvm_stuck {
+                    } else if pvm_stuck || (pvm && serial.scan().is_some()) {
+                        // Stuck after starting init, or init died (the kernel panicked).
                         SessionEnd::PvmHost
                     } else if self.stopped_by_host() {
                         SessionEnd::Stopped
@@ -173,7 +183,7 @@ impl Session {
                             waited: started.elapsed(),
                             vm_ended: exit.is_requested(),
                         }
-                    }
+                    };
                 }
                 Err(e) => return SessionEnd::Internal(format!("waiting for the agent: {e}")),
             }
