@@ -14,9 +14,7 @@
 //! - anything else: `NAME: command not found` on stderr and exit 127, as the real agent does.
 //!
 //! `Shutdown` powers the VM off; `Quiesce` and `Resume` answer `Done` (there is nothing to stop).
-use agent_protocol::{
-    ByteList, ErrorCode, ExitStatus, Header, Message, AGENT_PORT, HEADER_LEN,
-};
+use agent_protocol::{ByteList, ErrorCode, ExitStatus, Header, Message, AGENT_PORT, HEADER_LEN};
 
 use crate::bootinfo::BootInfo;
 use crate::io;
@@ -46,7 +44,10 @@ impl Link {
             Err(_) => crate::scenario::fail_msg("a reply does not fit the send buffer"),
         };
         let out = self.out;
-        if let Err(e) = self.v.send(self.c, &out[..n], Deadline::after_ms(FOREVER_MS)) {
+        if let Err(e) = self
+            .v
+            .send(self.c, &out[..n], Deadline::after_ms(FOREVER_MS))
+        {
             fail_err("send", e);
         }
     }
@@ -135,7 +136,11 @@ fn serve(info: &BootInfo, link: &mut Link) {
         };
         let len = header.len as usize;
         if len > MAX_REQUEST {
-            link.error(header.request, ErrorCode::Malformed, "request over 4096 bytes");
+            link.error(
+                header.request,
+                ErrorCode::Malformed,
+                "request over 4096 bytes",
+            );
             return;
         }
         if !link.read_exact(&mut payload[..len]) {
@@ -214,7 +219,11 @@ fn exec(link: &mut Link, req: u32, argv: ByteList<'_>, timeout_ms: u64) {
             ExitStatus::Code(0)
         }
         b"spin" => {
-            let deadline = Deadline::after_ms(if timeout_ms == 0 { FOREVER_MS } else { timeout_ms });
+            let deadline = Deadline::after_ms(if timeout_ms == 0 {
+                FOREVER_MS
+            } else {
+                timeout_ms
+            });
             while !deadline.passed() {
                 link.v.poll();
             }
@@ -264,7 +273,11 @@ fn flood(link: &mut Link, req: u32, bytes: u64) {
         let n = (bytes - sent).min(OUT_CHUNK as u64) as usize;
         for (j, b) in chunk[..n].iter_mut().enumerate() {
             let i = sent + j as u64;
-            *b = if i % 64 == 63 { b'\n' } else { b'a' + (i % 26) as u8 };
+            *b = if i % 64 == 63 {
+                b'\n'
+            } else {
+                b'a' + (i % 26) as u8
+            };
         }
         link.send(req, &Message::Stdout(&chunk[..n]));
         sent += n as u64;
