@@ -141,7 +141,7 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
         #[arg(long)]
         agent: bool,
         /// virtio-vsock in process: cid=N,socket=PATH. Host programs connect to PATH and write
-        /// "CONNECT <port>\n"; guest connections to port P go to the Unix socket PATH_P.
+        /// "CONNECT PORT\n"; guest connections to port P go to the Unix socket PATH_P.
         #[arg(long, value_name = "SPEC")]
         vsock: Option<VsockConfig>,
     }

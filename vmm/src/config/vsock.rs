@@ -11,6 +11,8 @@ use std::str::FromStr;
 use devices::virtio::vsock::{MAX_GUEST_CID, MIN_GUEST_CID};
 use thiserror::Error;
 
+use super::key_values::{KeyValueError, KeyValueSpec};
+
 /// Longest `socket=` path: `PATH_4294967295` must fit a Unix socket address (107 bytes).
 pub const MAX_SOCKET_PATH_LEN: usize = 107 - 11;
 
@@ -29,13 +31,16 @@ pub enum VsockConfigError {
     /// A path a Unix socket address cannot hold.
     #[error("--vsock socket={0:?}: expected a path of 1 to {MAX_SOCKET_PATH_LEN} bytes (PATH_<port> must fit a Unix socket address)")]
     Socket(String),
-    /// A key `--vsock` does not have.
-    #[error("unknown --vsock key {0:?}: expected cid or socket")]
-    UnknownKey(String),
-    /// A key given twice.
-    #[error("--vsock {0}= given twice")]
-    Repeated(&'static str),
+    /// An unknown or repeated key.
+    #[error(transparent)]
+    KeyValues(#[from] KeyValueError),
 }
+
+const VSOCK_KEYS: KeyValueSpec = KeyValueSpec {
+    option: "--vsock",
+    keys: &["cid", "socket"],
+    bare: None,
+};
 
 /// The virtio-vsock device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,10 +58,8 @@ impl FromStr for VsockConfig {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut cid = None;
         let mut socket = None;
-        for part in s.split(',').filter(|p| !p.is_empty()) {
-            let (key, value) = part.split_once('=').unwrap_or((part, ""));
+        for (key, value) in VSOCK_KEYS.split(s)? {
             match key {
-                "cid" if cid.is_some() => return Err(VsockConfigError::Repeated("cid")),
                 "cid" => {
                     let n = value
                         .parse::<u64>()
@@ -65,15 +68,14 @@ impl FromStr for VsockConfig {
                         .ok_or_else(|| VsockConfigError::Cid(value.to_string()))?;
                     cid = Some(n);
                 }
-                "socket" if socket.is_some() => return Err(VsockConfigError::Repeated("socket")),
-                "socket" => {
+                // "socket", the only other key.
+                _ => {
                     if value.is_empty() || value.len() > MAX_SOCKET_PATH_LEN || value.contains('\0')
                     {
                         return Err(VsockConfigError::Socket(value.to_string()));
                     }
                     socket = Some(PathBuf::from(value));
                 }
-                _ => return Err(VsockConfigError::UnknownKey(key.to_string())),
             }
         }
         Ok(Self {
@@ -124,14 +126,19 @@ mod tests {
             "socket=/x".parse::<VsockConfig>(),
             Err(VsockConfigError::MissingCid)
         );
-        assert_eq!(
+        assert!(matches!(
             "cid=3,cid=4,socket=/x".parse::<VsockConfig>(),
-            Err(VsockConfigError::Repeated("cid"))
-        );
-        assert_eq!(
+            Err(VsockConfigError::KeyValues(KeyValueError::Repeated {
+                key: "cid",
+                ..
+            }))
+        ));
+        assert!(matches!(
             "cid=3,socket=/x,port=5".parse::<VsockConfig>(),
-            Err(VsockConfigError::UnknownKey("port".into()))
-        );
+            Err(VsockConfigError::KeyValues(
+                KeyValueError::UnknownKey { .. }
+            ))
+        ));
         assert_eq!(
             "cid=2,socket=/x"
                 .parse::<VsockConfig>()

@@ -64,8 +64,12 @@ pub struct ExecArgs {
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value = "1", value_parser = parse_cpus)]
     pub cpus: u32,
-    /// Guest RAM: size=SIZE[,file=PATH][,hugepages=on][,prealloc=on] (default 256M).
-    #[arg(long, value_name = "SPEC")]
+    /// Guest RAM, as for `skiff run` (default 256M).
+    #[arg(
+        long,
+        value_name = "SPEC",
+        help = "Guest RAM: size=SIZE[,file=PATH][,hugepages=on][,prealloc=on] (default 256M)"
+    )]
     pub memory: Option<MemoryArg>,
     /// The command's time limit in seconds; when it expires the command's process group is
     /// killed and skiff exits 124.

@@ -14,6 +14,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
 
 use super::connection::{ConnState, Connection, Flush};
 use super::host::{connect_nonblocking, port_path, HandshakeStep, HostSide};
@@ -32,6 +33,10 @@ const FIRST_HOST_PORT: u32 = 1 << 30;
 /// Most control packets waiting for receive buffers; the transmit queue is not read beyond
 /// it, so a guest that sends without ever reading cannot make skiff buffer replies.
 pub const CONTROL_LIMIT: usize = 1024;
+
+/// How long a host program's `CONNECT` waits for the guest's answer before skiff gives up
+/// (resets the request and closes the host stream).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A packet without payload for the guest; credit fields are filled when it is sent.
 #[derive(Debug, Clone, Copy)]
@@ -65,6 +70,8 @@ struct Entry {
     closing: bool,
     /// The host stream hung up (both directions).
     host_hup: bool,
+    /// When skiff sent the guest `OP_REQUEST` for a host `CONNECT` still unanswered.
+    requested_at: Option<Instant>,
 }
 
 /// The connection table.
@@ -81,6 +88,8 @@ pub struct Muxer {
     /// Streams of removed connections, to unregister before they close.
     closed: Vec<UnixStream>,
     next_host_port: u32,
+    /// Connections with `requested_at` set.
+    awaiting: usize,
     pub counters: VsockCounters,
 }
 
@@ -97,6 +106,7 @@ impl Muxer {
             dirty: Vec::new(),
             closed: Vec::new(),
             next_host_port: FIRST_HOST_PORT,
+            awaiting: 0,
             counters: VsockCounters::default(),
         }
     }
@@ -171,6 +181,9 @@ impl Muxer {
 
     fn remove(&mut self, key: Key) {
         if let Some(e) = self.conns.remove(&key) {
+            if e.requested_at.is_some() {
+                self.awaiting -= 1;
+            }
             self.by_fd.remove(&e.conn.stream.as_raw_fd());
             self.closed.push(e.conn.stream);
         }
@@ -192,6 +205,7 @@ impl Muxer {
                 update_queued: false,
                 closing: false,
                 host_hup: false,
+                requested_at: None,
             },
         );
         self.dirty.push(key);
@@ -347,6 +361,9 @@ impl Muxer {
             return self.reset(key);
         }
         e.conn.state = ConnState::Established;
+        if e.requested_at.take().is_some() {
+            self.awaiting -= 1;
+        }
         let line = format!("OK {}\n", key.0);
         // A fresh stream's buffer takes a dozen bytes; anything short of that is a dead peer.
         match e.conn.stream.write(line.as_bytes()) {
@@ -369,7 +386,36 @@ impl Muxer {
         let key = (host_port, guest_port);
         // The guest's credit arrives with its response.
         self.insert(key, Connection::new(stream, ConnState::AwaitingGuest, 0, 0));
+        if let Some(e) = self.conns.get_mut(&key) {
+            e.requested_at = Some(Instant::now());
+        }
+        self.awaiting += 1;
         self.push_control(key, OP_REQUEST, 0);
+    }
+
+    /// Gives up on host `CONNECT`s the guest left unanswered for `CONNECT_TIMEOUT` (the guest
+    /// hears `OP_RST`, the host program sees its stream close). Returns how long until the
+    /// next one expires, if any waits.
+    pub fn expire_requests(&mut self, now: Instant) -> Option<Duration> {
+        if self.awaiting == 0 {
+            return None;
+        }
+        let mut next: Option<Duration> = None;
+        let mut expired = Vec::new();
+        for (key, e) in &self.conns {
+            let Some(at) = e.requested_at else { continue };
+            let left = CONNECT_TIMEOUT.saturating_sub(now.saturating_duration_since(at));
+            if left.is_zero() {
+                expired.push(*key);
+            } else {
+                next = Some(next.map_or(left, |n| n.min(left)));
+            }
+        }
+        for key in expired {
+            log::debug!("vsock: the guest did not answer CONNECT {} in time", key.1);
+            self.reset(key);
+        }
+        next
     }
 
     /// Handshake fd `fd` is readable. Returns true when the handshake is over (the caller

@@ -16,10 +16,12 @@ use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::QueueOwnedT;
 use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::muxer::{Key, Muxer};
 use super::packet::{read_tx, rx_room, write_rx, ChainError};
@@ -32,6 +34,7 @@ const RX_KICK: u32 = 0;
 const TX_KICK: u32 = 1;
 const EVENT_KICK: u32 = 2;
 const LISTENER: u32 = 3;
+const CONNECT_TIMER: u32 = 4;
 const FD_TAG: u32 = 16;
 
 /// Most chains taken from one queue per wake-up before yielding to other subscribers.
@@ -57,6 +60,8 @@ pub(crate) struct VsockQueueHandler {
     tx_pending: bool,
     /// A transport-reset event waits for an event buffer.
     reset_event_pending: bool,
+    /// Fires when the oldest unanswered host `CONNECT` times out.
+    timer: Option<TimerFd>,
     /// Host fds on epoll and what for.
     watched: HashMap<RawFd, EventSet>,
     /// Every connection's interest must be recomputed (receive buffers ran out or came).
@@ -96,6 +101,13 @@ impl VsockQueueHandler {
             rx_starved: false,
             tx_pending: false,
             reset_event_pending,
+            timer: TimerFd::new()
+                .map_err(|e| {
+                    log::warn!(
+                        "virtio-vsock: no CONNECT timer ({e}); unanswered host connects wait"
+                    )
+                })
+                .ok(),
             watched: HashMap::new(),
             resync_all: false,
             buf: vec![0u8; MAX_PAYLOAD].into_boxed_slice(),
@@ -331,6 +343,13 @@ impl VsockQueueHandler {
             // Batch done with chains left: come back after the other subscribers.
             let _ = self.tx.kick.write(1);
         }
+        let next_expiry = m.expire_requests(Instant::now());
+        // Expired requests were reset: their RSTs go out now.
+        self.process_rx(m);
+        if let (Some(left), Some(timer)) = (next_expiry, &mut self.timer) {
+            // A zero duration would disarm the timer.
+            let _ = timer.reset(left.max(Duration::from_millis(1)), None);
+        }
         self.sync(ops, m);
     }
 
@@ -339,6 +358,9 @@ impl VsockQueueHandler {
         let _ = ops.remove(Events::empty(&self.tx.kick));
         let _ = ops.remove(Events::empty(&self.event.kick));
         let _ = ops.remove(Events::empty(m.host().listener()));
+        if let Some(timer) = &self.timer {
+            let _ = ops.remove(Events::empty(timer));
+        }
         for fd in std::mem::take(&mut self.watched).into_keys() {
             let _ = ops.remove(Events::empty(&fd));
         }
@@ -379,6 +401,12 @@ impl MutEventSubscriber for VsockQueueHandler {
                 self.process_event();
             }
             LISTENER => self.accept(ops, m),
+            CONNECT_TIMER => {
+                if let Some(timer) = &mut self.timer {
+                    // Readable: expired, so this does not block.
+                    let _ = timer.wait();
+                }
+            }
             tag if tag >= FD_TAG => {
                 let fd = (tag - FD_TAG) as RawFd;
                 self.host_fd_ready(ops, m, fd, events.event_set());
@@ -404,6 +432,11 @@ impl MutEventSubscriber for VsockQueueHandler {
         for events in fixed {
             if let Err(e) = ops.add(events) {
                 log::error!("virtio-vsock: cannot watch a queue kick or the listener: {e:?}");
+            }
+        }
+        if let Some(timer) = &self.timer {
+            if let Err(e) = ops.add(Events::with_data(timer, CONNECT_TIMER, EventSet::IN)) {
+                log::warn!("virtio-vsock: cannot watch the CONNECT timer: {e:?}");
             }
         }
         let handshakes: Vec<RawFd> = m

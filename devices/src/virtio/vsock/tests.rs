@@ -36,15 +36,31 @@ struct Driver<'a> {
     signals: Arc<RecordingSignals>,
     rx_posted: u64,
     tx_at: u64,
+    /// Used entries seen so far, per queue.
+    seen: [u16; 3],
 }
 
+/// Queue `i`'s rings start at `RINGS[i]`; its used ring (moved, see `activate`) at
+/// `RINGS[i] + USED_OFFSET`.
+const RINGS: [u64; 3] = [0x0, 0x4000, 0x8000];
+const USED_OFFSET: u64 = 0x1000;
+
 fn activate<'a>(dev: &mut VirtioVsock, mem: &'a GuestMemoryMmap, lp: &TestLoop) -> Driver<'a> {
-    let rx = DriverQueue::new(mem, 0x0, QSIZE);
-    let tx = DriverQueue::new(mem, 0x4000, QSIZE);
-    let event = DriverQueue::new(mem, 0x8000, QSIZE);
-    let (a, k0) = rx.activated(0);
-    let (b, k1) = tx.activated(1);
-    let (c, k2) = event.activated(2);
+    use virtio_queue::QueueT;
+    let rx = DriverQueue::new(mem, RINGS[0], QSIZE);
+    let tx = DriverQueue::new(mem, RINGS[1], QSIZE);
+    let event = DriverQueue::new(mem, RINGS[2], QSIZE);
+    let (mut a, k0) = rx.activated(0);
+    let (mut b, k1) = tx.activated(1);
+    let (mut c, k2) = event.activated(2);
+    // virtio-queue's mock places the used ring by the avail ring's entry count rather than its
+    // size in bytes, so with 16 entries the two overlap; give the device a used ring of its own.
+    for (q, base) in [&mut a, &mut b, &mut c].into_iter().zip(RINGS) {
+        let used = base + USED_OFFSET;
+        mem.write_slice(&[0u8; 0x100], GuestAddress(used)).unwrap();
+        q.queue
+            .set_used_ring_address(Some(used as u32), Some((used >> 32) as u32));
+    }
     let signals = Arc::new(RecordingSignals::default());
     dev.activate(ActivateContext {
         mem: mem.clone(),
@@ -63,6 +79,7 @@ fn activate<'a>(dev: &mut VirtioVsock, mem: &'a GuestMemoryMmap, lp: &TestLoop) 
         signals,
         rx_posted: 0,
         tx_at: 0,
+        seen: [0; 3],
     }
 }
 
@@ -82,6 +99,21 @@ fn header(op: u16, src_port: u32, dst_port: u32, len: u32) -> Header {
 }
 
 impl Driver<'_> {
+    /// Used entries (head, length) of queue `q` since the last call.
+    fn take_used(&mut self, q: usize) -> Vec<(u16, u32)> {
+        let used = RINGS[q] + USED_OFFSET;
+        let idx: u16 = self.mem.read_obj(GuestAddress(used + 2)).unwrap();
+        let mut out = Vec::new();
+        while self.seen[q] != idx {
+            let at = used + 4 + 8 * u64::from(self.seen[q] % QSIZE);
+            let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap();
+            let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).unwrap();
+            out.push((id as u16, len));
+            self.seen[q] = self.seen[q].wrapping_add(1);
+        }
+        out
+    }
+
     /// Posts `n` receive buffers of `len` bytes.
     fn post_rx(&mut self, n: usize, len: u32) {
         for _ in 0..n {
@@ -118,8 +150,7 @@ impl Driver<'_> {
 
     /// Packets the device delivered since the last call.
     fn received(&mut self) -> Vec<(Header, Vec<u8>)> {
-        self.rx
-            .take_used()
+        self.take_used(0)
             .into_iter()
             .map(|(head, len)| {
                 let addr = RX_BUFS + u64::from(head) * 0x1_0000;
@@ -305,12 +336,13 @@ fn malformed_packets_are_dropped_or_reset_and_the_device_keeps_working() {
     let mut to_guest = header(OP_REQUEST, 1, 5, 0);
     to_guest.dst_cid = CID;
     drv.send(&to_guest, &[]);
-    // Length past the chain, past the largest packet, short header, writable descriptor.
-    // (A buffer outside guest memory is in the end-to-end abuse test.)
+    // Length past the chain, past the largest packet, short header, writable descriptor,
+    // a buffer running past the end of guest memory.
     drv.send(&header(OP_RW, 1, 5, 1000), b"short");
     drv.send(&header(OP_RW, 1, 5, u32::MAX), &[]);
     drv.send_raw(&[(TX_BUFS, 20, false)]);
     drv.send_raw(&[(TX_BUFS, 44, true)]);
+    drv.send_raw(&[(RAM as u64 - 8, 44, false)]);
     // Answered with RST: unknown connection, unknown op, non-stream type.
     drv.send(&header(OP_RW, 2, 5, 3), b"abc");
     drv.send(&header(42, 3, 5, 0), &[]);
@@ -325,7 +357,7 @@ fn malformed_packets_are_dropped_or_reset_and_the_device_keeps_working() {
     resets.sort_unstable();
     assert_eq!(resets, vec![(OP_RST, 2), (OP_RST, 3), (OP_RST, 4)]);
     assert!(!drv.signals.needs_reset());
-    assert_eq!(dev.counters().dropped, 6);
+    assert_eq!(dev.counters().dropped, 7);
     // A good connection still works.
     drv.send(&header(OP_REQUEST, 10, 5, 0), &[]);
     turn_until(&mut lp, || {
@@ -369,12 +401,12 @@ fn restored_device_announces_a_transport_reset() {
     let mut lp = TestLoop::new();
     let mut drv = activate(&mut dev, &mem, &lp);
     lp.turn();
-    assert!(drv.event.take_used().is_empty(), "no event buffer yet");
+    assert!(drv.take_used(2).is_empty(), "no event buffer yet");
     drv.event.add_chain(&[(EVENT_BUFS, 8, true)]);
     mem.write_obj(0xffff_ffffu32, GuestAddress(EVENT_BUFS))
         .unwrap();
     drv.kicks[2].write(1).unwrap();
-    turn_until(&mut lp, || !drv.event.take_used().is_empty());
+    turn_until(&mut lp, || !drv.take_used(2).is_empty());
     let id: u32 = mem.read_obj(GuestAddress(EVENT_BUFS)).unwrap();
     assert_eq!(id, 0, "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET");
     // Only once: a reset of the driver does not repeat it.
@@ -383,5 +415,44 @@ fn restored_device_announces_a_transport_reset() {
     drv.event.add_chain(&[(EVENT_BUFS, 8, true)]);
     drv.kicks[2].write(1).unwrap();
     lp.turn();
-    assert!(drv.event.take_used().is_empty());
+    assert!(drv.take_used(2).is_empty());
+}
+
+#[test]
+fn host_connect_the_guest_never_answers_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = device(dir.path());
+    let mem = guest_memory(RAM);
+    let mut lp = TestLoop::new();
+    let mut drv = activate(&mut dev, &mem, &lp);
+    drv.post_rx(4, 4096);
+    let mut host = UnixStream::connect(dir.path().join("v.sock")).unwrap();
+    host.write_all(b"CONNECT 77\n").unwrap();
+    let mut req = None;
+    turn_until(&mut lp, || {
+        req = drv.received().into_iter().find(|(h, _)| h.op == OP_REQUEST);
+        req.is_some()
+    });
+    let port = req.unwrap().0.src_port;
+    // The guest stays silent: after the timeout it hears a reset and the host sees EOF.
+    let started = std::time::Instant::now();
+    let mut rst = false;
+    while !rst && started.elapsed() < super::muxer::CONNECT_TIMEOUT * 3 {
+        lp.wait(100);
+        lp.turn();
+        rst = drv
+            .received()
+            .iter()
+            .any(|(h, _)| h.op == OP_RST && h.src_port == port);
+    }
+    assert!(rst, "no reset for the unanswered request");
+    assert!(started.elapsed() >= super::muxer::CONNECT_TIMEOUT / 2);
+    host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 8];
+    assert_eq!(
+        host.read(&mut buf).unwrap(),
+        0,
+        "the host stream was closed without OK"
+    );
+    assert_eq!(dev.connection_count(), 0);
 }
