@@ -553,6 +553,18 @@ fn process_state(pid: u32) -> char {
         .expect("state")
 }
 
+/// Waits up to 2 s for `pid`'s state to satisfy `ok` (signals take effect asynchronously).
+fn wait_state(pid: u32, ok: impl Fn(char) -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        if ok(process_state(pid)) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
 #[test]
 fn quiesce_stops_execs_and_resume_continues_them() {
     let mut a = Agent::start();
@@ -564,7 +576,11 @@ fn quiesce_stops_execs_and_resume_continues_them() {
     a.send(2, &Message::Quiesce);
     let f = a.recv().expect("reply");
     assert_eq!((f.request, f.kind), (2, Kind::Done));
-    assert_eq!(process_state(pid), 'T');
+    assert!(
+        wait_state(pid, |s| s == 'T'),
+        "not stopped: {}",
+        process_state(pid)
+    );
     a.send(
         3,
         &Message::Resume {
@@ -574,7 +590,7 @@ fn quiesce_stops_execs_and_resume_continues_them() {
     );
     let f = a.recv().expect("reply");
     assert_eq!((f.request, f.kind), (3, Kind::Done), "{:?}", f.message());
-    assert_eq!(process_state(pid), 'S');
+    assert!(wait_state(pid, |s| s != 'T'), "still stopped");
     a.send(1, &Message::Signal(libc::SIGINT));
     let outs = a.collect_with_done(1);
     assert_eq!(outs.exit, Some(ExitStatus::Signal(libc::SIGINT)));
