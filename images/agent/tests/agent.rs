@@ -210,6 +210,33 @@ fn exit_codes_signals_and_missing_programs() {
 }
 
 #[test]
+fn an_agent_without_path_gives_programs_one() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("agent.sock");
+    let listener = UnixListener::bind(&path).expect("bind");
+    let child = Command::new(env!("CARGO_BIN_EXE_skiff-agent"))
+        .arg("--connect")
+        .arg(format!("unix:{}", path.display()))
+        .env_clear()
+        .spawn()
+        .expect("start the agent");
+    let (stream, _) = listener.accept().expect("the agent connects");
+    let mut a = Agent {
+        stream,
+        child,
+        _dir: dir,
+    };
+    // `env` is found through the agent's default PATH and prints what the program got.
+    let o = a.run(&["env"]);
+    assert_eq!(o.exit, Some(ExitStatus::Code(0)));
+    let env = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        env.lines().any(|l| l.starts_with("PATH=/usr/local/sbin:")),
+        "{env}"
+    );
+}
+
+#[test]
 fn a_bad_cwd_is_a_spawn_error() {
     let mut a = Agent::start();
     let argv: [&[u8]; 1] = [b"/bin/true"];
