@@ -45,6 +45,8 @@ mod cli {
         /// Fold a diff snapshot and its parents into a full snapshot, in the diff's place.
         #[command(after_help = MERGE_EXAMPLES)]
         SnapshotMerge(vmm::commands::MergeArgs),
+        /// Show what a snapshot holds and every host resource it names.
+        SnapshotInfo(vmm::commands::InfoArgs),
         /// Serve a raw disk file as a vhost-user-blk backend on a Unix socket.
         #[command(after_help = VHOST_USER_BLK_EXAMPLES)]
         VhostUserBlk(vmm::vhost_user_blk::VhostUserBlkArgs),
@@ -218,6 +220,10 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
             Command::Ctl(args) => vmm::commands::ctl(args),
             Command::VhostUserBlk(args) => vmm::vhost_user_blk::run(args),
             Command::SnapshotMerge(args) => match vmm::commands::snapshot_merge(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(exit_code::VMM_ERROR, &e),
+            },
+            Command::SnapshotInfo(args) => match vmm::commands::snapshot_info(args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(exit_code::VMM_ERROR, &e),
             },

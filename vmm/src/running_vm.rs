@@ -419,6 +419,8 @@ impl RunningVm {
             },
             notes,
             parent: None,
+            resources: Vec::new(),
+            authentication: None,
         }
     }
 
