@@ -7,7 +7,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::api::client;
-use crate::config::resource_override::{DiskOverride, NetOverride, VhostUserOverride};
+use crate::config::resource_override::{
+    DiskOverride, NetOverride, VhostUserOverride, VsockOverride,
+};
 use crate::config::{parse_timeout, SerialConfig};
 use crate::runner::{run_vm, RunOptions, RunOutcome};
 use crate::snapshot::auth::{default_key_path, SnapshotKey};
@@ -45,6 +47,9 @@ pub struct RestoreArgs {
     /// (repeatable).
     #[arg(long = "vhost-user", value_name = "SPEC")]
     pub vhost_user: Vec<VhostUserOverride>,
+    /// Listen on this socket for the snapshot's vsock device ID: id=ID,socket=PATH.
+    #[arg(long = "vsock", value_name = "SPEC")]
+    pub vsock: Vec<VsockOverride>,
     /// A diff snapshot's parent directory (instead of the one the diff names).
     #[arg(long, value_name = "DIR")]
     pub parent: Option<PathBuf>,
@@ -65,6 +70,11 @@ impl RestoreArgs {
                 .collect(),
             vhost_user: self
                 .vhost_user
+                .iter()
+                .map(|v| (v.id.clone(), v.socket.clone()))
+                .collect(),
+            vsock: self
+                .vsock
                 .iter()
                 .map(|v| (v.id.clone(), v.socket.clone()))
                 .collect(),
