@@ -9,6 +9,7 @@
 //! | 120 | the guest asked for a reset or reboot |
 //! | 121 | a vCPU triple-faulted |
 //! | 122 | the hypervisor could not run a vCPU (KVM internal error, e.g. emulation failure) |
+//! | 123 | Windows: the Windows Hypervisor Platform is missing or disabled |
 //! | 124 | `--timeout` expired |
 //! | 128+N | skiff was stopped by signal N (130 for SIGINT, 143 for SIGTERM) |
 //!
@@ -40,6 +41,8 @@ pub const GUEST_RESET: u8 = 120;
 pub const TRIPLE_FAULT: u8 = 121;
 /// Hypervisor internal error.
 pub const INTERNAL_ERROR: u8 = 122;
+/// Windows: the Windows Hypervisor Platform is missing or disabled.
+pub const HYPERVISOR_UNAVAILABLE: u8 = 123;
 /// Timeout.
 pub const TIMEOUT: u8 = 124;
 /// `skiff exec`: set-up or VM start failed.
@@ -108,8 +111,18 @@ mod tests {
             INTERNAL_ERROR
         );
         assert_eq!(report(GuestEnd::Timeout).0, TIMEOUT);
-        assert_eq!(report(GuestEnd::HostSignal(libc::SIGINT)).0, 130);
-        assert_eq!(report(GuestEnd::HostSignal(libc::SIGTERM)).0, 143);
+        // SIGINT and SIGTERM (2 and 15 on every platform skiff builds for).
+        assert_eq!(report(GuestEnd::HostSignal(2)).0, 130);
+        assert_eq!(report(GuestEnd::HostSignal(15)).0, 143);
+        let others = [
+            VMM_ERROR,
+            USAGE,
+            GUEST_RESET,
+            TRIPLE_FAULT,
+            INTERNAL_ERROR,
+            TIMEOUT,
+        ];
+        assert!(!others.contains(&HYPERVISOR_UNAVAILABLE));
         assert!(report(GuestEnd::Reset).1.unwrap().contains("reset"));
     }
 }

@@ -426,7 +426,24 @@ fn main() -> std::process::ExitCode {
     cli::main()
 }
 
-#[cfg(not(target_os = "linux"))]
+/// On Windows: loads the Windows Hypervisor Platform, or says in one line why it cannot
+/// (exit code 123). Running a VM there is not built yet (docs/windows.md).
+#[cfg(windows)]
+fn main() -> std::process::ExitCode {
+    use vmm::exit_code;
+    match vmm::hypervisor::whp::WhpLibrary::load() {
+        Err(e) => {
+            eprintln!("skiff: {}", vmm::error_chain(&e));
+            std::process::ExitCode::from(exit_code::HYPERVISOR_UNAVAILABLE)
+        }
+        Ok(_) => {
+            eprintln!("skiff: the Windows Hypervisor Platform is present, but skiff cannot run VMs on Windows yet (docs/windows.md)");
+            std::process::ExitCode::from(exit_code::VMM_ERROR)
+        }
+    }
+}
+
+#[cfg(not(any(target_os = "linux", windows)))]
 fn main() -> std::process::ExitCode {
     eprintln!("skiff: this platform has no supported hypervisor backend yet (KVM on Linux only)");
     std::process::ExitCode::from(1)
