@@ -1,6 +1,7 @@
 //! The agent as a host process, driven over a Unix socket with the real protocol: exit codes
 //! and signals, timeouts, streaming with bounded memory, stdin, concurrency, malformed input,
 //! files, quiesce and resume.
+#![cfg(target_os = "linux")]
 
 use std::collections::HashMap;
 use std::io::Write;
