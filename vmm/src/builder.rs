@@ -2,9 +2,8 @@
 //! boot (kernel, initrd, tables), legacy devices, PCI devices, vCPUs. Each step is a function; the builder only
 //! composes them. If a step fails, a memory file the build created is removed again.
 
-use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use devices::bus::{Bus, BusError};
@@ -40,25 +39,10 @@ pub type VmEvents = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
 /// Errors from building a VM.
 #[derive(Debug, Error)]
 pub enum BuildError {
-    /// An input file is missing or unreadable.
-    #[error("cannot read {what} {path}")]
-    Input {
-        /// "kernel" or "initrd".
-        what: &'static str,
-        /// The path.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// An input path is not a regular file.
-    #[error("{what} {path} is not a regular file")]
-    NotAFile {
-        /// "kernel" or "initrd".
-        what: &'static str,
-        /// The path.
-        path: PathBuf,
-    },
+    /// An input file (kernel, initrd) or the serial output file cannot serve (boxed: the
+    /// error is large and rare).
+    #[error(transparent)]
+    HostFile(Box<crate::host_file::HostFileError>),
     /// The hypervisor refused.
     #[error(transparent)]
     Hypervisor(#[from] HypervisorError),
@@ -84,15 +68,6 @@ pub enum BuildError {
     /// Boot preparation failed.
     #[error(transparent)]
     Boot(#[from] BootError),
-    /// The serial output file could not be opened.
-    #[error("cannot open serial output file {path}")]
-    SerialFile {
-        /// The path.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
     /// An eventfd could not be created.
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
@@ -265,23 +240,14 @@ fn build_on_ram(
     }
 }
 
-fn check_input(what: &'static str, path: &Path) -> Result<(), BuildError> {
-    let file = File::open(path).map_err(|source| BuildError::Input {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let meta = file.metadata().map_err(|source| BuildError::Input {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })?;
-    if !meta.is_file() {
-        return Err(BuildError::NotAFile {
-            what,
-            path: path.to_path_buf(),
-        });
+impl From<crate::host_file::HostFileError> for BuildError {
+    fn from(e: crate::host_file::HostFileError) -> Self {
+        Self::HostFile(Box::new(e))
     }
+}
+
+fn check_input(what: &'static str, path: &Path) -> Result<(), BuildError> {
+    crate::host_file::open_regular(what, path)?;
     Ok(())
 }
 
@@ -359,16 +325,7 @@ pub(crate) fn create_legacy_devices(
     let output: Option<Box<dyn Write + Send>> = match serial_cfg {
         SerialConfig::Stdio => Some(Box::new(std::io::stdout())),
         SerialConfig::Off => None,
-        SerialConfig::File(path) => Some(Box::new(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|source| BuildError::SerialFile {
-                    path: path.clone(),
-                    source,
-                })?,
-        )),
+        SerialConfig::File(path) => Some(Box::new(crate::host_file::open_serial_output(path)?)),
     };
     let irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     vm.register_irqfd(&irq, COM1_IRQ)?;

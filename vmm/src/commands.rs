@@ -1,6 +1,6 @@
-//! The `skiff restore`, `snapshot-info`, `snapshot-merge` and `ctl` subcommands: their
-//! arguments (clap) and what they do. `main.rs` parses the command line and reports outcomes;
-//! `skiff run` stays there.
+//! The `skiff restore`, `snapshot-info`, `snapshot-verify`, `snapshot-merge` and `ctl`
+//! subcommands: their arguments (clap) and what they do. `main.rs` parses the command line and
+//! reports outcomes; `skiff run` stays there.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,6 +36,10 @@ pub struct RestoreArgs {
     /// End the guest after this many seconds (exit code 124).
     #[arg(long, value_name = "SECONDS", value_parser = parse_timeout)]
     pub timeout: Option<Duration>,
+    /// Check the snapshot first, as `skiff snapshot-verify` does (every memory file read and
+    /// summed against the manifest), and refuse it on the first problem.
+    #[arg(long)]
+    pub verify: bool,
     /// Use this disk for the snapshot's disk ID: id=ID,path=PATH (repeatable; ids as
     /// `skiff snapshot-info` shows them).
     #[arg(long = "disk", value_name = "SPEC")]
@@ -94,6 +98,19 @@ fn existing_key() -> Result<Option<SnapshotKey>, String> {
 
 /// Restores the snapshot and runs the VM to its end. The error is one line.
 pub fn restore(args: RestoreArgs) -> Result<RunOutcome, String> {
+    if args.verify {
+        let (problems, _) = crate::snapshot::integrity::verify(&args.dir, args.parent.as_deref());
+        if let Some(first) = problems.first() {
+            let more = match problems.len() - 1 {
+                0 => String::new(),
+                n => format!(" (and {n} more problem(s); skiff snapshot-verify lists them)"),
+            };
+            return Err(format!(
+                "snapshot {} failed verification: {first}{more}",
+                args.dir.display()
+            ));
+        }
+    }
     let key = existing_key()?;
     let snap = load(&args.dir, key.as_ref()).map_err(|e| crate::error_chain(&e))?;
     let plan = authorize(&snap, &args.overrides()).map_err(|e| crate::error_chain(&e))?;
@@ -106,6 +123,31 @@ pub fn restore(args: RestoreArgs) -> Result<RunOutcome, String> {
         description: snap.manifest.vm.clone(),
     };
     run_vm(vm, &opts).map_err(|e| crate::error_chain(&e))
+}
+
+/// `skiff snapshot-verify DIR`
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    /// The snapshot directory (a diff's parents are checked too).
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+}
+
+/// Checks a snapshot against its manifest: one `skiff:` line on stderr per problem and exit 1,
+/// or one summary line on stdout and exit 0.
+pub fn snapshot_verify(args: VerifyArgs) -> ExitCode {
+    let (problems, bytes) = crate::snapshot::integrity::verify(&args.dir, None);
+    if problems.is_empty() {
+        println!(
+            "{}: ok ({bytes} bytes of memory data match their checksums)",
+            args.dir.display()
+        );
+        return ExitCode::SUCCESS;
+    }
+    for p in &problems {
+        eprintln!("skiff: {p}");
+    }
+    ExitCode::from(crate::exit_code::VMM_ERROR)
 }
 
 /// `skiff snapshot-merge DIFF [PARENT]`

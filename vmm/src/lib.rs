@@ -14,6 +14,7 @@
 //! - `commands`: the `skiff restore` and `skiff ctl` subcommands.
 //! - `api`: the control API (HTTP + JSON on a Unix socket) and its `skiff ctl` client.
 //! - `exec`: `skiff exec`: boot with the guest agent, run one command, return its status.
+//! - `host_file`: opening command-line files without blocking, with their type checked.
 //! - `exit_code`: the process exit codes skiff documents.
 //! - `teardown`: ends skiff without waiting for the kernel's VM teardown.
 //! - `terminal`: raw mode for the host terminal.
@@ -37,6 +38,8 @@ pub mod event_loop;
 #[cfg(target_os = "linux")]
 pub mod exec;
 pub mod exit_code;
+#[cfg(target_os = "linux")]
+pub mod host_file;
 #[cfg(target_os = "linux")]
 pub mod pci_devices;
 #[cfg(target_os = "linux")]

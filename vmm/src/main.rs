@@ -45,6 +45,8 @@ mod cli {
         /// Fold a diff snapshot and its parents into a full snapshot, in the diff's place.
         #[command(after_help = MERGE_EXAMPLES)]
         SnapshotMerge(vmm::commands::MergeArgs),
+        /// Check a snapshot's files against its manifest (sizes, state CRC, memory checksums).
+        SnapshotVerify(vmm::commands::VerifyArgs),
         /// Show what a snapshot holds and every host resource it names.
         SnapshotInfo(vmm::commands::InfoArgs),
         /// Serve a raw disk file as a vhost-user-blk backend on a Unix socket.
@@ -106,7 +108,8 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
         /// Number of vCPUs.
         #[arg(long, value_name = "N", default_value = "1", value_parser = parse_cpus)]
         cpus: u32,
-        /// Guest RAM: size=SIZE[,file=PATH][,hugepages=on][,prealloc=on] (default 256M, sealed memfd).
+        /// Guest RAM: size=SIZE[,file=PATH][,hugepages=on][,prealloc=on][,shared-with-snapshot=on]
+        /// (default 256M, sealed memfd).
         #[arg(long, value_name = "SPEC")]
         memory: Option<MemoryArg>,
         /// Serial port (COM1) output: stdio, file=PATH or off.
@@ -159,6 +162,7 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
                     size: DEFAULT_MEMORY,
                     backing: BackingKind::Memfd,
                     prealloc: false,
+                    shared_with_snapshot: false,
                 }),
                 serial: self.serial,
                 timeout: self.timeout,
@@ -219,6 +223,7 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
             Command::Exec(args) => vmm::exec::run(args),
             Command::Ctl(args) => vmm::commands::ctl(args),
             Command::VhostUserBlk(args) => vmm::vhost_user_blk::run(args),
+            Command::SnapshotVerify(args) => vmm::commands::snapshot_verify(args),
             Command::SnapshotMerge(args) => match vmm::commands::snapshot_merge(args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail(exit_code::VMM_ERROR, &e),
