@@ -30,6 +30,9 @@ pub struct RestoreArgs {
     /// End the guest after this many seconds (exit code 124).
     #[arg(long, value_name = "SECONDS", value_parser = parse_timeout)]
     pub timeout: Option<Duration>,
+    /// Write how skiff ended (reason, exit code, detail) to this file as JSON, atomically.
+    #[arg(long, value_name = "PATH")]
+    pub exit_status_file: Option<PathBuf>,
 }
 
 /// Restores the snapshot and runs the VM to its end. The error is one line.

@@ -6,6 +6,7 @@
 //! - `boot`: loading the kernel, initrd and command line, and the boot CPU state.
 //! - `builder`: builds a VM in named steps (memory, VM, boot, devices, vCPUs).
 //! - `vcpu`: the per-vCPU run loop that dispatches exits to the device buses.
+//! - `guest_output`: bounded buffers and writer threads between guest output and host sinks.
 //! - `event_loop`: the event-loop subscribers (VM end, serial input, stop signals).
 //! - `pci_devices`: the PCI segment: host bridge, config access, virtio devices on PCI.
 //! - `runner`: runs a built VM to its end: vCPU threads, event loop, timeout, outcome.
@@ -13,7 +14,8 @@
 //! - `snapshot`: snapshot directories: manifest, state file, sparse memory files, restore.
 //! - `commands`: the `skiff restore` and `skiff ctl` subcommands.
 //! - `api`: the control API (HTTP + JSON on a Unix socket) and its `skiff ctl` client.
-//! - `exit_code`: the process exit codes skiff documents.
+//! - `exit_code`: the process exit codes skiff documents, their reasons and verdict lines.
+//! - `exit_status_file`: `--exit-status-file`, the verdict as JSON written atomically.
 //! - `teardown`: ends skiff without waiting for the kernel's VM teardown.
 //! - `terminal`: raw mode for the host terminal.
 //! - `vhost_user_blk`: the `skiff vhost-user-blk` subcommand (skiff's own vhost-user backend).
@@ -35,6 +37,10 @@ pub mod config;
 pub mod event_loop;
 #[cfg(target_os = "linux")]
 pub mod exit_code;
+#[cfg(target_os = "linux")]
+pub mod exit_status_file;
+#[cfg(target_os = "linux")]
+pub mod guest_output;
 #[cfg(target_os = "linux")]
 pub mod pci_devices;
 #[cfg(target_os = "linux")]

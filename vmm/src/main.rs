@@ -3,7 +3,8 @@
 
 #[cfg(target_os = "linux")]
 mod cli {
-    use std::path::PathBuf;
+    use std::ffi::OsString;
+    use std::path::{Path, PathBuf};
     use std::process::ExitCode;
     use std::time::Duration;
 
@@ -12,7 +13,8 @@ mod cli {
         parse_cpus, parse_timeout, DiskArg, MemoryArg, NetConfig, RngConfig, SerialConfig,
         VhostUserArg, VmConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY,
     };
-    use vmm::exit_code;
+    use vmm::exit_code::ExitStatus;
+    use vmm::exit_status_file;
     use vmm::memory::backing::BackingKind;
     use vmm::memory::MemoryConfig;
 
@@ -84,6 +86,9 @@ mod cli {
         /// (repeatable).
         #[arg(long = "vhost-user", value_name = "SPEC")]
         vhost_user: Vec<VhostUserArg>,
+        /// Write how skiff ended (reason, exit code, detail) to this file as JSON, atomically.
+        #[arg(long, value_name = "PATH")]
+        exit_status_file: Option<PathBuf>,
     }
 
     impl RunArgs {
@@ -109,14 +114,10 @@ mod cli {
         }
     }
 
-    fn fail(code: u8, message: &str) -> ExitCode {
-        eprintln!("skiff: {message}");
-        ExitCode::from(code)
-    }
-
     pub fn main() -> ExitCode {
         env_logger_init();
-        let cli = match Cli::try_parse() {
+        let argv: Vec<OsString> = std::env::args_os().collect();
+        let cli = match Cli::try_parse_from(&argv) {
             Ok(cli) => cli,
             Err(e) if !e.use_stderr() => {
                 // --help and --version go to stdout and succeed.
@@ -129,32 +130,53 @@ mod cli {
                     .lines()
                     .find(|l| !l.trim().is_empty())
                     .unwrap_or("invalid command line")
-                    .trim_start_matches("error: ");
-                return fail(exit_code::USAGE, line);
+                    .trim_start_matches("error: ")
+                    .to_string();
+                let status_file = exit_status_file::find_in_args(&argv);
+                return finish(status_file.as_deref(), &ExitStatus::usage(line), None);
             }
         };
         match cli.command {
             Command::Run(args) => {
+                let status_file = args.exit_status_file.clone();
+                if let Some(path) = &status_file {
+                    if let Err(e) = exit_status_file::check(path) {
+                        return finish(None, &ExitStatus::usage(e.to_string()), None);
+                    }
+                }
                 let api_socket = args.api_socket.clone();
-                run(args.into_config(), api_socket)
+                let (status, teardown) = run(args.into_config(), api_socket);
+                finish(status_file.as_deref(), &status, teardown)
             }
-            Command::Restore(args) => match vmm::commands::restore(args) {
-                Ok(outcome) => report(outcome),
-                Err(e) => fail(exit_code::VMM_ERROR, &e),
-            },
+            Command::Restore(args) => {
+                let status_file = args.exit_status_file.clone();
+                if let Some(path) = &status_file {
+                    if let Err(e) = exit_status_file::check(path) {
+                        return finish(None, &ExitStatus::usage(e.to_string()), None);
+                    }
+                }
+                let (status, teardown) = match vmm::commands::restore(args) {
+                    Ok(outcome) => outcome_status(outcome),
+                    Err(e) => (ExitStatus::error(e), None),
+                };
+                finish(status_file.as_deref(), &status, teardown)
+            }
             Command::Ctl(args) => vmm::commands::ctl(args),
             Command::VhostUserBlk(args) => vmm::vhost_user_blk::run(args),
             Command::SnapshotMerge(args) => match vmm::commands::snapshot_merge(args) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(exit_code::VMM_ERROR, &e),
+                Err(e) => finish(None, &ExitStatus::error(e), None),
             },
         }
     }
 
-    fn run(cfg: VmConfig, api_socket: Option<PathBuf>) -> ExitCode {
+    fn run(
+        cfg: VmConfig,
+        api_socket: Option<PathBuf>,
+    ) -> (ExitStatus, Option<vmm::teardown::Teardown>) {
         let vm = match vmm::builder::build_vm(&cfg) {
             Ok(vm) => vm,
-            Err(e) => return fail(exit_code::VMM_ERROR, &vmm::error_chain(&e)),
+            Err(e) => return (ExitStatus::error(vmm::error_chain(&e)), None),
         };
         let opts = vmm::runner::RunOptions {
             serial: cfg.serial.clone(),
@@ -163,20 +185,39 @@ mod cli {
             description: vmm::snapshot::manifest::VmDescription::from_config(&cfg),
         };
         match vmm::runner::run_vm(vm, &opts) {
-            Ok(outcome) => report(outcome),
-            Err(e) => fail(exit_code::VMM_ERROR, &vmm::error_chain(&e)),
+            Ok(outcome) => outcome_status(outcome),
+            Err(e) => (ExitStatus::error(vmm::error_chain(&e)), None),
         }
     }
 
-    /// Prints the one-line report for how the guest ended and returns its exit code.
-    fn report(outcome: vmm::runner::RunOutcome) -> ExitCode {
-        let (code, line) = exit_code::report(outcome.end);
-        if let Some(line) = outcome.detail.or(line) {
+    fn outcome_status(
+        outcome: vmm::runner::RunOutcome,
+    ) -> (ExitStatus, Option<vmm::teardown::Teardown>) {
+        let status = ExitStatus::from_end(outcome.end, outcome.detail, &outcome.output);
+        (status, Some(outcome.teardown))
+    }
+
+    /// Ends skiff with `status`: writes `--exit-status-file` (if given), then prints the
+    /// verdict line (always the last line skiff writes), then leaves the VM's teardown to a
+    /// detached process and returns the exit code.
+    fn finish(
+        status_file: Option<&Path>,
+        status: &ExitStatus,
+        teardown: Option<vmm::teardown::Teardown>,
+    ) -> ExitCode {
+        if let Some(path) = status_file {
+            if let Err(e) = exit_status_file::write(path, status) {
+                eprintln!("skiff: warn: {}", vmm::error_chain(&e));
+            }
+        }
+        if let Some(line) = status.stderr_line() {
             eprintln!("skiff: {line}");
         }
         let _ = std::io::Write::flush(&mut std::io::stdout());
-        outcome.teardown.detach();
-        ExitCode::from(code)
+        if let Some(teardown) = teardown {
+            teardown.detach();
+        }
+        ExitCode::from(status.code)
     }
 
     fn env_logger_init() {

@@ -1,7 +1,7 @@
 //! The scenario runner: splits the command line into tokens, runs the recognised ones in order,
 //! and owns the verdict lines (`done`, `FAIL`) and exit codes. The scenarios themselves live in
 //! their own modules (memcheck, smp, pci, virtio::*); the tiny ones (hello, exit=N, fault, panic,
-//! spin) live here.
+//! spin, flood) live here.
 use core::sync::atomic::{AtomicU8, Ordering};
 
 use crate::bootinfo::BootInfo;
@@ -17,7 +17,7 @@ pub const EXIT_FAIL: u8 = 33;
 pub const EXIT_PANIC: u8 = 34;
 
 /// Names used in FAIL lines, indexed by `CURRENT`.
-const NAMES: [&str; 23] = [
+const NAMES: [&str; 24] = [
     "boot",
     "hello",
     "memcheck",
@@ -41,6 +41,7 @@ const NAMES: [&str; 23] = [
     "virtio-bar-move",
     "io-loop",
     "blkloop",
+    "flood",
 ];
 const BOOT: u8 = 0;
 const HELLO: u8 = 1;
@@ -65,6 +66,7 @@ const VIRTIO_FS: u8 = 19;
 const VIRTIO_BAR_MOVE: u8 = 20;
 const IO_LOOP: u8 = 21;
 const BLKLOOP: u8 = 22;
+const FLOOD: u8 = 23;
 
 /// The scenario now running, for FAIL lines from the exception handler. In `.data.tg_hot` (see
 /// linker.ld).
@@ -131,6 +133,19 @@ pub fn run_all(info: &BootInfo) -> ! {
                 serial::line().str("testguest: spinning\n");
                 loop {
                     core::hint::spin_loop();
+                }
+            }
+            b"flood" => {
+                // Serial output without end, for the VMM's output-backpressure tests: a
+                // numbered line after another, never exiting.
+                start(FLOOD);
+                let mut n: u64 = 0;
+                loop {
+                    serial::line()
+                        .str("testguest: flood ")
+                        .dec(n)
+                        .str(" the quick brown fox jumps over the lazy dog\n");
+                    n = n.wrapping_add(1);
                 }
             }
             b"pci" => {
