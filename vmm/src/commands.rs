@@ -72,12 +72,19 @@ pub fn snapshot_merge(args: MergeArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// `skiff ctl --api-socket PATH ACTION`
+/// How long `skiff ctl` waits for an answer unless `--timeout` says otherwise.
+pub const CTL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `skiff ctl --api-socket PATH [--timeout SECONDS] ACTION`
 #[derive(Debug, clap::Args)]
 pub struct CtlArgs {
     /// The running skiff's control socket.
     #[arg(long, value_name = "PATH")]
     pub api_socket: PathBuf,
+    /// Give up when the server has not answered within this many seconds (default 10). A
+    /// snapshot may take longer, as long as its progress is answered within this time.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_timeout)]
+    pub timeout: Option<Duration>,
     /// What to do.
     #[command(subcommand)]
     pub action: CtlAction,
@@ -145,11 +152,15 @@ pub fn ctl(args: CtlArgs) -> ExitCode {
             ("PUT", "/vm/snapshot", Some(body))
         }
     };
+    let timeout = args.timeout.unwrap_or(CTL_TIMEOUT);
     let answer = match body.as_deref() {
-        Some(body) if path == "/vm/snapshot" && std::io::stderr().is_terminal() => {
-            crate::api::progress_bar::snapshot_with_progress(&args.api_socket, body)
-        }
-        body => client::request(&args.api_socket, method, path, body),
+        Some(body) if path == "/vm/snapshot" => crate::api::progress_bar::snapshot_with_progress(
+            &args.api_socket,
+            body,
+            timeout,
+            std::io::stderr().is_terminal(),
+        ),
+        body => client::request_within(&args.api_socket, method, path, body, timeout),
     };
     match answer {
         Ok((status, body)) if (200..300).contains(&status) => {
