@@ -1,14 +1,15 @@
 //! A rate limit for the warnings a guest can cause (a bad queue size, a refused FEATURES_OK, a
 //! BAR placed over another, a malformed chain): each device shows the first
 //! `SHOWN_PER_KIND` warnings of each kind, then counts the rest, and one summary line per kind
-//! gives the count when the device goes away (or `summarize` is called). A guest that repeats
+//! gives the count when the VMM calls `summarize_all` at the VM's end (or the device goes away
+//! first). Every `GuestWarnings` registers itself (weakly) for that. A guest that repeats
 //! its abuse in a loop thus costs the host a bounded number of log lines per device, while the
 //! first occurrences still say exactly what happened.
 //!
 //! Use `guest_warn!` at every guest-triggered `warn!`. Warnings about the host (a failed
 //! eventfd write, a missing tap) are not the guest's doing and are not limited here.
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 /// Warnings of one kind shown per device before the rest are only counted.
 pub const SHOWN_PER_KIND: u32 = 5;
@@ -31,25 +32,55 @@ struct KindCount {
     suppressed: u64,
 }
 
-/// One device's guest-warning counters, by kind.
+/// Every live `GuestWarnings`, for `summarize_all`.
+static REGISTRY: Mutex<Vec<Weak<Counters>>> = Mutex::new(Vec::new());
+
 #[derive(Debug)]
-pub struct GuestWarnings {
+struct Counters {
     device: String,
     kinds: Mutex<Vec<KindCount>>,
 }
 
+/// One device's guest-warning counters, by kind.
+#[derive(Debug)]
+pub struct GuestWarnings {
+    counters: Arc<Counters>,
+}
+
+/// Logs the summary of every device's suppressed warnings (see `GuestWarnings::summarize`).
+/// The VMM calls this once the VM has stopped.
+pub fn summarize_all() {
+    let live: Vec<Arc<Counters>> = REGISTRY
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+        .filter_map(Weak::upgrade)
+        .collect();
+    for counters in live {
+        counters.summarize();
+    }
+}
+
 impl GuestWarnings {
-    /// Counters for the device named `device` in summaries ("virtio blk", "MSI-X of rng").
+    /// Counters for the device named `device` in summaries ("virtio blk", "MSI-X").
     pub fn new(device: impl Into<String>) -> Self {
-        Self {
+        let counters = Arc::new(Counters {
             device: device.into(),
             kinds: Mutex::new(Vec::new()),
-        }
+        });
+        let mut registry = REGISTRY.lock().unwrap_or_else(PoisonError::into_inner);
+        registry.retain(|w| w.strong_count() > 0);
+        registry.push(Arc::downgrade(&counters));
+        Self { counters }
     }
 
     /// Counts a warning of `kind` and says whether to show it.
     pub fn admit(&self, kind: &'static str) -> WarnVerdict {
-        let mut kinds = self.kinds.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut kinds = self
+            .counters
+            .kinds
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let index = match kinds.iter().position(|k| k.kind == kind) {
             Some(i) => i,
             None => {
@@ -78,6 +109,17 @@ impl GuestWarnings {
     /// The suppressed count of each kind that has one, and clears those counts (the kinds stay
     /// limited).
     pub fn take_suppressed(&self) -> Vec<(&'static str, u64)> {
+        self.counters.take_suppressed()
+    }
+
+    /// Logs one line per kind with suppressed warnings: how many were not shown.
+    pub fn summarize(&self) {
+        self.counters.summarize();
+    }
+}
+
+impl Counters {
+    fn take_suppressed(&self) -> Vec<(&'static str, u64)> {
         let mut kinds = self.kinds.lock().unwrap_or_else(PoisonError::into_inner);
         kinds
             .iter_mut()
@@ -86,8 +128,7 @@ impl GuestWarnings {
             .collect()
     }
 
-    /// Logs one line per kind with suppressed warnings: how many were not shown.
-    pub fn summarize(&self) {
+    fn summarize(&self) {
         for (kind, n) in self.take_suppressed() {
             log::warn!("{}: {n} more \"{kind}\" warnings suppressed", self.device);
         }

@@ -136,6 +136,16 @@ mod cli {
                 return finish(status_file.as_deref(), &ExitStatus::usage(line), None);
             }
         };
+        if matches!(cli.command, Command::Run(_) | Command::Restore(_)) {
+            // Before any thread exists (output writers, disk threads), so every thread
+            // inherits the mask and only the run loop's signalfd takes SIGINT/SIGTERM/SIGHUP:
+            // a stop signal is a clean end with its verdict, never a kill. One that arrives
+            // during start-up waits until the loop runs.
+            if let Err(e) = vmm::event_loop::block_stop_signals() {
+                let msg = format!("cannot block the stop signals: {e}");
+                return finish(None, &ExitStatus::error(msg), None);
+            }
+        }
         match cli.command {
             Command::Run(args) => {
                 let status_file = args.exit_status_file.clone();
@@ -239,6 +249,14 @@ mod cli {
             metadata.level() <= log::max_level()
         }
         fn log(&self, record: &log::Record<'_>) {
+            // virtio-queue logs a guest's bad ring addresses as errors on its own; skiff
+            // reports those itself, rate-limited (`devices::guest_warnings`). Shown only at
+            // SKIFF_LOG=debug and above.
+            if record.target().starts_with("virtio_queue")
+                && log::max_level() < log::LevelFilter::Debug
+            {
+                return;
+            }
             if self.enabled(record.metadata()) {
                 eprintln!(
                     "skiff: {}: {}",

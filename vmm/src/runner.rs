@@ -206,6 +206,8 @@ pub fn run_vm(mut vm: BuiltVm, opts: &RunOptions) -> Result<RunOutcome, RunError
     }
     drop(api);
     drop(raw_mode);
+    // The counts of the guest-caused warnings that were not shown, one line per device and kind.
+    devices::guest_warnings::summarize_all();
     // Bounded: a sink nobody drains costs at most DRAIN_LIMIT, and what is left is counted.
     let output = outputs.finish(DRAIN_LIMIT);
     Ok(RunOutcome {
