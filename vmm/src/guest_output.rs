@@ -350,17 +350,10 @@ mod tests {
         // What reached the pipe plus what was dropped is what was written.
         let in_pipe = {
             let mut n: libc::c_int = 0;
-            // SAFETY: FIONREAD writes one int to `n`; `read` is an open pipe.
-            assert_eq!(
-                unsafe {
-                    libc::ioctl(
-                        std::os::fd::AsRawFd::as_raw_fd(&read),
-                        libc::FIONREAD,
-                        &mut n,
-                    )
-                },
-                0
-            );
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&read);
+            // SAFETY: FIONREAD writes one int to `n`; `fd` is an open pipe.
+            let rc = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) };
+            assert_eq!(rc, 0);
             u64::try_from(n).unwrap()
         };
         assert_eq!(report.dropped_bytes + in_pipe, 4096 * 1024, "{report:?}");
