@@ -123,11 +123,13 @@ fn zero_and_absurd_cpus() {
 fn zero_unaligned_and_absurd_memory() {
     require_kvm();
     let r = run(&["run", "--kernel", &guest(), "--memory", "size=0"]);
-    assert_one_line_error(&r, 1, "below the minimum");
+    assert_one_line_error(&r, 2, "below the minimum");
     let r = run(&["run", "--kernel", &guest(), "--memory", "size=10000001"]);
-    assert_one_line_error(&r, 1, "not a multiple of the backing's page size 0x1000");
+    assert_one_line_error(&r, 2, "not a multiple of the page size 0x1000");
     let r = run(&["run", "--kernel", &guest(), "--memory", "size=100T"]);
-    assert_one_line_error(&r, 1, "exceeds");
+    assert_one_line_error(&r, 2, "exceeds");
+    let r = run(&["run", "--kernel", &guest(), "--memory", "size=1G,size=2G"]);
+    assert_one_line_error(&r, 2, "--memory size= given twice");
     let r = run(&["run", "--kernel", &guest(), "--memory", "size=lots"]);
     assert_one_line_error(&r, 2, "invalid size \"lots\"");
 }

@@ -1,6 +1,7 @@
 //! The event-loop thread's subscribers (`event-manager`): the VM-end eventfd, host terminal input
 //! for the serial port (or the virtio console with `--console`), and SIGINT/SIGTERM/SIGHUP
-//! through a signalfd. Later devices (virtqueue ioeventfds, sockets) join the same loop.
+//! through a signalfd. The same loop also carries the control socket and the net, rng and
+//! console queues; each virtio-blk disk runs on a thread of its own (`devices::virtio::blk`).
 
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};

@@ -1,6 +1,10 @@
 //! The `skiff` command line: parses arguments into a `VmConfig`, builds and runs the VM, and
 //! turns the outcome into a documented exit code with a one-line report on stderr.
 
+// The argument structs' doc comments are the `--help` text, written for a terminal: option
+// syntax such as `[,id=NAME]` is not a rustdoc link.
+#![allow(rustdoc::broken_intra_doc_links)]
+
 #[cfg(target_os = "linux")]
 mod cli {
     use std::ffi::OsString;
@@ -20,7 +24,7 @@ mod cli {
 
     /// skiff: a small, fast KVM virtual machine monitor.
     #[derive(Debug, Parser)]
-    #[command(name = "skiff", version, about)]
+    #[command(name = "skiff", version, about, after_help = TOP_EXAMPLES)]
     struct Cli {
         #[command(subcommand)]
         command: Command,
@@ -29,16 +33,61 @@ mod cli {
     #[derive(Debug, Subcommand)]
     enum Command {
         /// Boot a kernel and run the VM until the guest ends.
+        #[command(after_help = RUN_EXAMPLES)]
         Run(RunArgs),
         /// Restore a VM from a snapshot directory and run it until the guest ends.
+        #[command(after_help = RESTORE_EXAMPLES)]
         Restore(vmm::commands::RestoreArgs),
         /// Send a control request to a running skiff (its --api-socket) and print the answer.
+        #[command(after_help = CTL_EXAMPLES)]
         Ctl(vmm::commands::CtlArgs),
         /// Fold a diff snapshot and its parents into a full snapshot, in the diff's place.
+        #[command(after_help = MERGE_EXAMPLES)]
         SnapshotMerge(vmm::commands::MergeArgs),
         /// Serve a raw disk file as a vhost-user-blk backend on a Unix socket.
+        #[command(after_help = VHOST_USER_BLK_EXAMPLES)]
         VhostUserBlk(vmm::vhost_user_blk::VhostUserBlkArgs),
     }
+
+    const TOP_EXAMPLES: &str = "Examples:
+  skiff run --kernel vmlinux --cpus 2 --memory size=1G --disk path=disk.img
+  skiff run --kernel bzImage --initrd initrd.cpio --cmdline 'console=ttyS0 quiet' --timeout 60
+  skiff run --kernel vmlinux --api-socket /tmp/vm.sock &
+  skiff ctl --api-socket /tmp/vm.sock snapshot /var/tmp/snap1 --stop
+  skiff restore /var/tmp/snap1
+
+Documentation: README.md and docs/ in the source tree.";
+
+    const RUN_EXAMPLES: &str = "Examples:
+  skiff run --kernel vmlinux
+  skiff run --kernel vmlinux --cpus 4 --memory size=4G,file=/var/tmp/ram.img --serial file=console.log
+  skiff run --kernel bzImage --initrd initrd.cpio --disk path=root.img,id=root --net tap=tap0
+  skiff run --kernel vmlinux --vhost-user type=fs,socket=/tmp/vfs.sock,tag=share
+  skiff run --kernel vmlinux --api-socket /tmp/vm.sock --timeout 30
+
+Exit code: the guest's debug-exit byte, 0 on poweroff, 1 when skiff fails, 2 for a bad command
+line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N signal N.";
+
+    const RESTORE_EXAMPLES: &str = "Examples:
+  skiff restore /var/tmp/snap1
+  skiff restore /var/tmp/snap1 --memory-mode copy --api-socket /tmp/vm2.sock
+  skiff restore /var/tmp/snap1 --serial file=console.log --timeout 10";
+
+    const CTL_EXAMPLES: &str = "Examples:
+  skiff ctl --api-socket /tmp/vm.sock status
+  skiff ctl --api-socket /tmp/vm.sock pause
+  skiff ctl --api-socket /tmp/vm.sock snapshot /var/tmp/snap1 --live
+  skiff ctl --api-socket /tmp/vm.sock snapshot /var/tmp/snap2 --diff
+  skiff ctl --api-socket /tmp/vm.sock shutdown";
+
+    const MERGE_EXAMPLES: &str = "Examples:
+  skiff snapshot-merge /var/tmp/snap2
+  skiff snapshot-merge /var/tmp/snap2 /mnt/moved/snap1";
+
+    const VHOST_USER_BLK_EXAMPLES: &str = "Examples:
+  skiff vhost-user-blk --socket /tmp/blk.sock --disk disk.img
+  skiff vhost-user-blk --socket /tmp/blk.sock --disk disk.img --readonly --once
+  skiff run --kernel vmlinux --vhost-user type=blk,socket=/tmp/blk.sock";
 
     #[derive(Debug, clap::Args)]
     struct RunArgs {
@@ -266,6 +315,121 @@ mod cli {
             }
         }
         fn flush(&self) {}
+    }
+
+    /// Every `skiff ...` example that the help texts, the README and docs/ show parses with the
+    /// real command line, so the examples a user copies cannot rot.
+    #[cfg(test)]
+    mod examples {
+        use super::*;
+
+        /// Splits one shell line into words: whitespace separates, single quotes group.
+        fn words(line: &str) -> Vec<String> {
+            let mut out = Vec::new();
+            let mut word = String::new();
+            let mut quoted = false;
+            let mut started = false;
+            for c in line.chars() {
+                match c {
+                    '\'' => {
+                        quoted = !quoted;
+                        started = true;
+                    }
+                    c if c.is_whitespace() && !quoted => {
+                        if started {
+                            out.push(std::mem::take(&mut word));
+                            started = false;
+                        }
+                    }
+                    c => {
+                        word.push(c);
+                        started = true;
+                    }
+                }
+            }
+            if started {
+                out.push(word);
+            }
+            out
+        }
+
+        /// The `skiff ...` command lines in a text (in Markdown, only inside code blocks):
+        /// continuation lines joined, a trailing `&` dropped.
+        fn skiff_lines(text: &str, markdown: bool) -> Vec<String> {
+            let mut lines = Vec::new();
+            let mut pending = String::new();
+            let mut in_code = !markdown;
+            for line in text.lines() {
+                let line = line.trim();
+                if markdown && line.starts_with("```") {
+                    in_code = !in_code;
+                    continue;
+                }
+                if !in_code || (pending.is_empty() && !line.starts_with("skiff ")) {
+                    continue;
+                }
+                if let Some(head) = line.strip_suffix('\\') {
+                    pending.push_str(head);
+                    pending.push(' ');
+                    continue;
+                }
+                pending.push_str(line.trim_end_matches('&'));
+                let example = std::mem::take(&mut pending);
+                // A synopsis (`skiff run ... [--x N] a|b`) is not an example.
+                if !example.contains("...") && !example.contains('|') && !example.contains('[') {
+                    lines.push(example);
+                }
+            }
+            lines
+        }
+
+        fn check(source: &str, text: &str, markdown: bool) -> usize {
+            let lines = skiff_lines(text, markdown);
+            for line in &lines {
+                if let Err(e) = Cli::try_parse_from(words(line)) {
+                    panic!("{source}: example does not parse: {line}\n{e}");
+                }
+            }
+            lines.len()
+        }
+
+        #[test]
+        fn help_examples_parse() {
+            let n: usize = [
+                TOP_EXAMPLES,
+                RUN_EXAMPLES,
+                RESTORE_EXAMPLES,
+                CTL_EXAMPLES,
+                MERGE_EXAMPLES,
+                VHOST_USER_BLK_EXAMPLES,
+            ]
+            .iter()
+            .map(|text| check("--help", text, false))
+            .sum();
+            assert!(n >= 20, "only {n} examples found in the help texts");
+        }
+
+        #[test]
+        fn documentation_examples_parse() {
+            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            let mut docs = vec![root.join("README.md")];
+            let mut pages: Vec<_> = std::fs::read_dir(root.join("docs"))
+                .expect("docs/ exists")
+                .map(|e| e.expect("docs/ entry").path())
+                .filter(|p| p.extension().is_some_and(|x| x == "md"))
+                .collect();
+            pages.sort();
+            docs.extend(pages);
+            let mut n = 0;
+            for doc in &docs {
+                let text = std::fs::read_to_string(doc).expect("readable doc");
+                n += check(&doc.display().to_string(), &text, true);
+            }
+            assert!(
+                n >= 5,
+                "only {n} skiff examples found in README.md and docs/"
+            );
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! A VM whose vCPU threads are running: pause, resume, status, and taking a snapshot.
 //!
-//! `RunningVm` owns what the runner used to hold loose: the hypervisor VM, guest RAM, the
+//! `RunningVm` owns the running VM's parts in one place: the hypervisor VM, guest RAM, the
 //! devices with state, and one thread plus `VcpuControl` per vCPU. Pausing kicks every thread
 //! out of `KVM_RUN` with the kick signal until all are parked; a snapshot then saves each
 //! vCPU's state on its own thread, the VM's and the devices' state here, and hands the memory

@@ -104,8 +104,8 @@ impl Teardown {
 /// (`anon_inode:kvm-vm`, `anon_inode:kvm-vcpu:N`), which the teardown grandchild keeps. Read
 /// before `fork` (the children may only make async-signal-safe calls); the listing's own
 /// descriptor may be in it, closed by then and perhaps reused, so callers skip their own. Without
-/// `/proc` the list is empty: the grandchild then holds everything until skiff has exited, as
-/// before this list existed.
+/// `/proc` the list is empty: the grandchild then holds everything until skiff has exited (disks
+/// stay locked a little longer, nothing breaks).
 fn descriptors_but_the_vm() -> Vec<i32> {
     let mut close = Vec::new();
     let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {

@@ -1,7 +1,7 @@
 //! `HangupWatcher`: the event-loop subscriber that watches one connection's socket for the
 //! backend going away, active device or not, and reports it once: one log line, then either
 //! `DEVICE_NEEDS_RESET` (if the driver uses the device; without `reconnect=`) or a wake-up for
-//! the reconnect thread.
+//! the reconnect thread (through `Waker`, the channel this module owns).
 //!
 //! It never reads or writes the socket: requests and replies belong to the thread that drives
 //! them, and watching only for hang-ups cannot steal a reply. It takes no lock the device
@@ -9,12 +9,38 @@
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
-use super::reconnect::Waker;
 use super::session::Shared;
+
+/// What wakes the reconnect thread.
+pub(super) enum Wake {
+    /// The connection of this generation hung up.
+    Lost(u64),
+    /// The device is gone: end the thread.
+    Close,
+}
+
+/// Tells the reconnect thread that a connection was lost.
+#[derive(Debug, Clone)]
+pub(super) struct Waker(pub(super) Sender<Wake>);
+
+impl Waker {
+    /// The connection of `generation` hung up.
+    pub(super) fn lost(&self, generation: u64) {
+        // Fails only when the thread has ended (the device is being dropped).
+        let _ = self.0.send(Wake::Lost(generation));
+    }
+
+    /// The device is gone: the reconnect thread ends.
+    pub(super) fn close(&self) {
+        // Fails only when the thread has ended already.
+        let _ = self.0.send(Wake::Close);
+    }
+}
 
 /// Watches one connection's socket.
 pub(super) struct HangupWatcher {

@@ -18,36 +18,17 @@
 //! `RetryClock` is the timing as a plain state machine, so it is tested without threads.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use event_manager::MutEventSubscriber;
 
 use super::connection::{connect_socket, Connection, VhostUserError};
-use super::hangup::HangupWatcher;
+use super::hangup::{HangupWatcher, Wake, Waker};
 use super::session::{bring_up, kick_all, Base, Handler, Shared};
 use crate::error_chain;
 use crate::virtio::subscription::LoopSubscription;
-
-enum Wake {
-    /// The connection of this generation hung up.
-    Lost(u64),
-    /// The device is gone: end the thread.
-    Close,
-}
-
-/// Tells the reconnect thread that a connection was lost.
-#[derive(Debug, Clone)]
-pub(super) struct Waker(Sender<Wake>);
-
-impl Waker {
-    /// The connection of `generation` hung up.
-    pub(super) fn lost(&self, generation: u64) {
-        // Fails only when the thread has ended (the device is being dropped).
-        let _ = self.0.send(Wake::Lost(generation));
-    }
-}
 
 /// The reconnect thread of one device; dropping this ends it.
 #[derive(Debug)]
@@ -75,7 +56,7 @@ impl Reconnector {
 
 impl Drop for Reconnector {
     fn drop(&mut self) {
-        let _ = self.waker.0.send(Wake::Close);
+        self.waker.close();
     }
 }
 

@@ -1,19 +1,8 @@
 //! The control API: HTTP/1.1 with JSON bodies on a Unix socket (`--api-socket PATH`), usable
 //! with `curl --unix-socket PATH` and with `skiff ctl`.
 //!
-//! | route | body | answer |
-//! |---|---|---|
-//! | `GET /vm` | | `{"state": "running"\|"paused", "vcpus", "memory_bytes", "snapshot_in_progress", "memory_private"}` |
-//! | `PUT /vm/pause` | | `{"state": "paused", "pause_ms"}` |
-//! | `PUT /vm/resume` | | `{"state": "running"}` |
-//! | `PUT /vm/snapshot` | `{"dir": "/abs/path", "stop": false, "live": false, "diff": false}` | `{"dir", "kind", "parent", "bytes_written", "time_ms", "pause_ms", "state_ms", "write_ms", "blackout_ms", "live": {"passes": [{"pages", "bytes", "ms"}], "precopy_ms", "final_pass"} or null, "regions": [{"guest_address", "size", "file", "method", "copied_bytes"}], "stopped", "notes"}` |
-//! | `GET /vm/snapshot/progress` | | `{"in_progress": true, "bytes_done", "bytes_total", "elapsed_ms"}` or `{"in_progress": false}` |
-//! | `PUT /vm/shutdown` | | `{"state": "stopping"}` |
-//!
-//! Errors answer 4xx or 5xx with `{"error": "one line"}`: 400 bad request (bad JSON, a relative
-//! or existing directory), 404 unknown path, 405 wrong method, 409 conflict (a snapshot is
-//! already being written; resume during a snapshot; a diff with no earlier snapshot), 501 devices whose state cannot be saved
-//! yet, 500 anything else.
+//! The routes are the `ROUTES` table below; `docs/api.md` describes them for users and
+//! `docs/api.openapi.json` for machines (a test keeps that file equal to `ROUTES`).
 //!
 //! - `http`: request parsing and response formatting.
 //! - `server`: the socket, as an event-loop subscriber that queues parsed requests.
@@ -62,27 +51,37 @@ struct SnapshotBody {
     diff: bool,
 }
 
+/// Every route the server answers, as (method, path). `route` looks requests up here first, so
+/// a path missing from this table is a 404 whatever `route` matches; a test checks this table
+/// against `docs/api.openapi.json`.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/vm"),
+    ("PUT", "/vm/pause"),
+    ("PUT", "/vm/resume"),
+    ("PUT", "/vm/shutdown"),
+    ("GET", "/vm/snapshot/progress"),
+    ("PUT", "/vm/snapshot"),
+];
+
 /// Maps a request to a route, or to the error status and message to answer with.
 pub fn route(req: &Request) -> Result<Route, (u16, String)> {
-    let check = |method: &str| {
-        if req.method == method {
-            Ok(())
-        } else {
-            Err((
-                405,
-                format!("{} {} is not allowed; use {method}", req.method, req.path),
-            ))
-        }
+    let path = req.path.trim_end_matches('/');
+    let Some(&(method, _)) = ROUTES.iter().find(|(_, p)| *p == path) else {
+        return Err((404, format!("no such route: {} {}", req.method, req.path)));
     };
-    let want = |method: &str, route: Route| check(method).map(|()| route);
-    match req.path.trim_end_matches('/') {
-        "/vm" => want("GET", Route::Status),
-        "/vm/pause" => want("PUT", Route::Pause),
-        "/vm/resume" => want("PUT", Route::Resume),
-        "/vm/shutdown" => want("PUT", Route::Shutdown),
-        "/vm/snapshot/progress" => want("GET", Route::SnapshotProgress),
+    if req.method != method {
+        return Err((
+            405,
+            format!("{} {} is not allowed; use {method}", req.method, req.path),
+        ));
+    }
+    match path {
+        "/vm" => Ok(Route::Status),
+        "/vm/pause" => Ok(Route::Pause),
+        "/vm/resume" => Ok(Route::Resume),
+        "/vm/shutdown" => Ok(Route::Shutdown),
+        "/vm/snapshot/progress" => Ok(Route::SnapshotProgress),
         "/vm/snapshot" => {
-            check("PUT")?;
             let body: SnapshotBody = serde_json::from_slice(&req.body).map_err(|e| {
                 (
                     400,
@@ -159,5 +158,33 @@ mod tests {
             .0,
             400
         );
+    }
+
+    /// The OpenAPI description in docs/ lists exactly the routes the server answers, and each
+    /// one (with the description's example body) reaches a route rather than a 404 or 405.
+    #[test]
+    fn openapi_description_matches_routes() {
+        let spec: serde_json::Value =
+            serde_json::from_str(include_str!("../../../docs/api.openapi.json"))
+                .expect("docs/api.openapi.json is JSON");
+        let paths = spec["paths"].as_object().expect("paths");
+        let mut described = Vec::new();
+        for (path, ops) in paths {
+            for (method, op) in ops.as_object().expect("operations") {
+                let method = method.to_uppercase();
+                let body = op["requestBody"]["content"]["application/json"]["example"].to_string();
+                let body = if body == "null" { String::new() } else { body };
+                let answer = route(&req(&method, path, &body));
+                assert!(answer.is_ok(), "{method} {path}: {answer:?}");
+                described.push((method, path.clone()));
+            }
+        }
+        let mut served: Vec<(String, String)> = ROUTES
+            .iter()
+            .map(|(m, p)| ((*m).to_string(), (*p).to_string()))
+            .collect();
+        described.sort();
+        served.sort();
+        assert_eq!(described, served);
     }
 }

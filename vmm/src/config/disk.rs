@@ -13,6 +13,8 @@ pub use devices::virtio::blk::disk::{ID_BYTES, MAX_QUEUES};
 pub use devices::virtio::blk::{DiskConfig, IoEngineKind};
 use thiserror::Error;
 
+use super::key_values::{KeyValueError, KeyValueSpec};
+
 /// A malformed `--disk` value.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum DiskConfigError {
@@ -22,12 +24,9 @@ pub enum DiskConfigError {
     /// `path=` with nothing after it.
     #[error("--disk path= is empty")]
     EmptyPath,
-    /// A key `--disk` does not have.
-    #[error("unknown --disk key {0:?}: expected path, readonly, id, queues or io")]
-    UnknownKey(String),
-    /// A key given twice.
-    #[error("--disk {0}= given twice")]
-    Repeated(&'static str),
+    /// An unknown or repeated key.
+    #[error(transparent)]
+    KeyValues(#[from] KeyValueError),
     /// `readonly=` neither on nor off.
     #[error("--disk readonly={0:?}: expected on or off")]
     Switch(String),
@@ -42,6 +41,12 @@ pub enum DiskConfigError {
     Io(String),
 }
 
+const DISK_KEYS: KeyValueSpec = KeyValueSpec {
+    option: "--disk",
+    keys: &["path", "readonly", "id", "queues", "io"],
+    bare: Some("path"),
+};
+
 /// `--disk` as typed on the command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskArg(pub DiskConfig);
@@ -55,15 +60,13 @@ impl FromStr for DiskArg {
         let mut id = None;
         let mut queues = None;
         let mut engine = None;
-        for part in s.split(',').filter(|p| !p.is_empty()) {
-            let (key, value) = part.split_once('=').unwrap_or(("path", part));
+        for (key, value) in DISK_KEYS.split(s)? {
             match key {
-                "path" => set(&mut path, "path", parse_path(value)?)?,
-                "readonly" => set(&mut readonly, "readonly", parse_switch(value)?)?,
-                "id" => set(&mut id, "id", parse_id(value)?)?,
-                "queues" => set(&mut queues, "queues", parse_queues(value)?)?,
-                "io" => set(&mut engine, "io", parse_engine(value)?)?,
-                _ => return Err(DiskConfigError::UnknownKey(key.to_string())),
+                "path" => path = Some(parse_path(value)?),
+                "readonly" => readonly = Some(parse_switch(value)?),
+                "id" => id = Some(parse_id(value)?),
+                "queues" => queues = Some(parse_queues(value)?),
+                _ => engine = Some(parse_engine(value)?),
             }
         }
         Ok(Self(DiskConfig {
@@ -74,14 +77,6 @@ impl FromStr for DiskArg {
             engine: engine.unwrap_or_default(),
         }))
     }
-}
-
-fn set<T>(slot: &mut Option<T>, key: &'static str, value: T) -> Result<(), DiskConfigError> {
-    if slot.is_some() {
-        return Err(DiskConfigError::Repeated(key));
-    }
-    *slot = Some(value);
-    Ok(())
 }
 
 fn parse_path(value: &str) -> Result<PathBuf, DiskConfigError> {
@@ -170,11 +165,17 @@ mod tests {
         assert_eq!(parse(""), Err(DiskConfigError::MissingPath));
         assert_eq!(parse("path="), Err(DiskConfigError::EmptyPath));
         assert_eq!(
-            parse("/x,ro=on"),
-            Err(DiskConfigError::UnknownKey("ro".into()))
+            parse("/x,ro=on").unwrap_err().to_string(),
+            "unknown --disk key \"ro\": expected path, readonly, id, queues, io"
         );
-        assert_eq!(parse("/x,/y"), Err(DiskConfigError::Repeated("path")));
-        assert_eq!(parse("/x,id=a,id=b"), Err(DiskConfigError::Repeated("id")));
+        assert_eq!(
+            parse("/x,/y").unwrap_err().to_string(),
+            "--disk path= given twice"
+        );
+        assert_eq!(
+            parse("/x,id=a,id=b").unwrap_err().to_string(),
+            "--disk id= given twice"
+        );
         assert_eq!(
             parse("/x,readonly=maybe"),
             Err(DiskConfigError::Switch("maybe".into()))
@@ -201,7 +202,7 @@ mod tests {
         );
         assert_eq!(
             parse("/x,colour=red").unwrap_err().to_string(),
-            "unknown --disk key \"colour\": expected path, readonly, id, queues or io"
+            "unknown --disk key \"colour\": expected path, readonly, id, queues, io"
         );
     }
 }

@@ -16,10 +16,12 @@ use crate::memory::backing::BackingKind;
 use crate::memory::MemoryConfig;
 
 pub mod disk;
+pub mod key_values;
 pub mod net;
 pub mod vhost_user;
 
 pub use disk::{DiskArg, DiskConfig};
+pub use key_values::{KeyValueError, KeyValueSpec};
 pub use net::NetConfig;
 pub use vhost_user::{VhostUserArg, VhostUserConfig};
 
@@ -39,14 +41,15 @@ pub enum ConfigError {
     /// A size string that does not parse.
     #[error("invalid size {0:?}: expected a number with an optional K, M, G or T suffix")]
     Size(String),
-    /// A key in a `key=value` list that the option does not have.
-    #[error("unknown {option} key {key:?}")]
-    UnknownKey {
-        /// The option.
-        option: &'static str,
-        /// The key.
-        key: String,
-    },
+    /// A `key=value` list with an unknown or repeated key.
+    #[error(transparent)]
+    KeyValues(#[from] KeyValueError),
+    /// A guest RAM size that is not a whole number of pages.
+    #[error("--memory size={0:#x} is not a multiple of the page size {SMALL_PAGE:#x}")]
+    MemoryAlignment(u64),
+    /// A guest RAM size the memory map cannot hold.
+    #[error("--memory: {0}")]
+    MemorySize(#[source] arch::layout::LayoutError),
     /// An `on`/`off` value that is neither.
     #[error("invalid value {value:?} for {key}: expected on or off")]
     Switch {
@@ -108,6 +111,16 @@ fn parse_switch(key: &'static str, value: &str) -> Result<bool, ConfigError> {
     }
 }
 
+/// The smallest page any backing has; larger ones (huge pages) are checked when the backing
+/// is opened.
+const SMALL_PAGE: u64 = 4096;
+
+const MEMORY_KEYS: KeyValueSpec = KeyValueSpec {
+    option: "--memory",
+    keys: &["size", "file", "hugepages", "prealloc"],
+    bare: Some("size"),
+};
+
 /// `--memory` as typed on the command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemoryArg(pub MemoryConfig);
@@ -120,23 +133,22 @@ impl FromStr for MemoryArg {
         let mut file = None;
         let mut hugepages = false;
         let mut prealloc = false;
-        for part in s.split(',').filter(|p| !p.is_empty()) {
-            let (key, value) = part.split_once('=').unwrap_or(("size", part));
+        for (key, value) in MEMORY_KEYS.split(s)? {
             match key {
                 "size" => size = Some(parse_size(value)?),
                 "file" if value.is_empty() => return Err(ConfigError::EmptyPath("--memory file=")),
                 "file" => file = Some(PathBuf::from(value)),
                 "hugepages" => hugepages = parse_switch("hugepages", value)?,
-                "prealloc" => prealloc = parse_switch("prealloc", value)?,
-                _ => {
-                    return Err(ConfigError::UnknownKey {
-                        option: "--memory",
-                        key: key.to_string(),
-                    })
-                }
+                _ => prealloc = parse_switch("prealloc", value)?,
             }
         }
         let size = size.ok_or(ConfigError::MissingSize)?;
+        // The same check building the VM makes, here so a size the memory map cannot hold is
+        // a bad command line.
+        arch::layout::ram_ranges(size).map_err(ConfigError::MemorySize)?;
+        if size % SMALL_PAGE != 0 {
+            return Err(ConfigError::MemoryAlignment(size));
+        }
         let backing = match (file, hugepages) {
             (Some(_), true) => {
                 return Err(ConfigError::Conflict(
@@ -282,8 +294,26 @@ mod tests {
         );
         assert!(matches!(
             "size=1G,color=red".parse::<MemoryArg>(),
-            Err(ConfigError::UnknownKey { .. })
+            Err(ConfigError::KeyValues(KeyValueError::UnknownKey { .. }))
         ));
+        assert_eq!(
+            "size=1G,size=2G"
+                .parse::<MemoryArg>()
+                .unwrap_err()
+                .to_string(),
+            "--memory size= given twice"
+        );
+        assert_eq!(
+            "size=10000001"
+                .parse::<MemoryArg>()
+                .unwrap_err()
+                .to_string(),
+            "--memory size=0x989681 is not a multiple of the page size 0x1000"
+        );
+        assert_eq!(
+            "size=1M".parse::<MemoryArg>().unwrap_err().to_string(),
+            "--memory: guest memory size 0x100000 is below the minimum of 0x200000 bytes"
+        );
         assert!(matches!(
             "size=1G,prealloc=maybe".parse::<MemoryArg>(),
             Err(ConfigError::Switch { .. })

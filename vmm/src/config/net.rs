@@ -9,6 +9,8 @@ use std::str::FromStr;
 
 use thiserror::Error;
 
+use super::key_values::{KeyValueError, KeyValueSpec};
+
 /// Longest interface name Linux accepts (`IFNAMSIZ` 16, less the NUL).
 pub const MAX_TAP_NAME_LEN: usize = 15;
 
@@ -29,12 +31,9 @@ pub enum NetConfigError {
         "--net mac={0}: not a unicast address (the first byte must be even, and not all zero)"
     )]
     NotUnicast(String),
-    /// A key `--net` does not have.
-    #[error("unknown --net key {0:?}: expected tap or mac")]
-    UnknownKey(String),
-    /// A key given twice.
-    #[error("--net {0}= given twice")]
-    Repeated(&'static str),
+    /// An unknown or repeated key.
+    #[error(transparent)]
+    KeyValues(#[from] KeyValueError),
 }
 
 /// One virtio-net device.
@@ -94,23 +93,25 @@ fn check_tap_name(name: &str) -> Result<(), NetConfigError> {
     Ok(())
 }
 
+const NET_KEYS: KeyValueSpec = KeyValueSpec {
+    option: "--net",
+    keys: &["tap", "mac"],
+    bare: Some("tap"),
+};
+
 impl FromStr for NetConfig {
     type Err = NetConfigError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut tap = None;
         let mut mac = None;
-        for part in s.split(',').filter(|p| !p.is_empty()) {
-            let (key, value) = part.split_once('=').unwrap_or(("tap", part));
+        for (key, value) in NET_KEYS.split(s)? {
             match key {
-                "tap" if tap.is_some() => return Err(NetConfigError::Repeated("tap")),
                 "tap" => {
                     check_tap_name(value)?;
                     tap = Some(value.to_string());
                 }
-                "mac" if mac.is_some() => return Err(NetConfigError::Repeated("mac")),
-                "mac" => mac = Some(value.parse::<MacAddr>()?.0),
-                _ => return Err(NetConfigError::UnknownKey(key.to_string())),
+                _ => mac = Some(value.parse::<MacAddr>()?.0),
             }
         }
         Ok(Self {
@@ -206,16 +207,22 @@ mod tests {
     #[test]
     fn unknown_and_repeated_keys() {
         assert_eq!(
-            "tap=a,queues=2".parse::<NetConfig>(),
-            Err(NetConfigError::UnknownKey("queues".into()))
+            "tap=a,queues=2"
+                .parse::<NetConfig>()
+                .unwrap_err()
+                .to_string(),
+            "unknown --net key \"queues\": expected tap, mac"
         );
         assert_eq!(
-            "tap=a,tap=b".parse::<NetConfig>(),
-            Err(NetConfigError::Repeated("tap"))
+            "tap=a,tap=b".parse::<NetConfig>().unwrap_err().to_string(),
+            "--net tap= given twice"
         );
         assert_eq!(
-            "a,mac=02:00:00:00:00:01,mac=02:00:00:00:00:02".parse::<NetConfig>(),
-            Err(NetConfigError::Repeated("mac"))
+            "a,mac=02:00:00:00:00:01,mac=02:00:00:00:00:02"
+                .parse::<NetConfig>()
+                .unwrap_err()
+                .to_string(),
+            "--net mac= given twice"
         );
         assert_eq!(
             "tap=a,mac=01:00:5e:00:00:01".parse::<NetConfig>().unwrap_err().to_string(),

@@ -15,6 +15,8 @@ pub use devices::vhost_user::config::{FS_TAG_BYTES, MAX_QUEUES};
 pub use devices::vhost_user::{VhostUserConfig, VhostUserKind};
 use thiserror::Error;
 
+use super::key_values::{KeyValueError, KeyValueSpec};
+
 /// A malformed `--vhost-user` value.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum VhostUserConfigError {
@@ -30,12 +32,9 @@ pub enum VhostUserConfigError {
     /// An unknown device type.
     #[error("--vhost-user type={0:?}: expected blk, fs, net, vsock, rng or generic")]
     Type(String),
-    /// A key `--vhost-user` does not have.
-    #[error("unknown --vhost-user key {0:?}: expected type, socket, queues, tag, reconnect or virtio-id")]
-    UnknownKey(String),
-    /// A key given twice.
-    #[error("--vhost-user {0}= given twice")]
-    Repeated(&'static str),
+    /// An unknown or repeated key, or a piece that is not `key=value`.
+    #[error(transparent)]
+    KeyValues(#[from] KeyValueError),
     /// A queue count out of range.
     #[error("--vhost-user queues={0:?}: expected a whole number from 1 to {MAX_QUEUES}")]
     Queues(String),
@@ -58,6 +57,12 @@ pub enum VhostUserConfigError {
     VirtioId,
 }
 
+const VHOST_USER_KEYS: KeyValueSpec = KeyValueSpec {
+    option: "--vhost-user",
+    keys: &["type", "socket", "queues", "tag", "reconnect", "virtio-id"],
+    bare: None,
+};
+
 /// `--vhost-user` as typed on the command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VhostUserArg(pub VhostUserConfig);
@@ -72,25 +77,23 @@ impl FromStr for VhostUserArg {
         let mut tag = None;
         let mut reconnect = None;
         let mut virtio_id = None;
-        for part in s.split(',').filter(|p| !p.is_empty()) {
-            let (key, value) = part.split_once('=').unwrap_or((part, ""));
+        for (key, value) in VHOST_USER_KEYS.split(s)? {
             match key {
-                "type" => set(&mut kind, "type", value.to_string())?,
+                "type" => kind = Some(value.to_string()),
                 "socket" if value.is_empty() => return Err(VhostUserConfigError::EmptySocket),
-                "socket" => set(&mut socket, "socket", PathBuf::from(value))?,
-                "queues" => set(&mut queues, "queues", parse_queues(value)?)?,
-                "tag" => set(&mut tag, "tag", parse_tag(value)?)?,
-                "reconnect" => set(&mut reconnect, "reconnect", parse_reconnect(value)?)?,
-                "virtio-id" | "virtio_id" => set(
-                    &mut virtio_id,
-                    "virtio-id",
-                    value
-                        .parse::<u32>()
-                        .ok()
-                        .filter(|n| (1..64).contains(n))
-                        .ok_or(VhostUserConfigError::VirtioId)?,
-                )?,
-                _ => return Err(VhostUserConfigError::UnknownKey(key.to_string())),
+                "socket" => socket = Some(PathBuf::from(value)),
+                "queues" => queues = Some(parse_queues(value)?),
+                "tag" => tag = Some(parse_tag(value)?),
+                "reconnect" => reconnect = Some(parse_reconnect(value)?),
+                _ => {
+                    virtio_id = Some(
+                        value
+                            .parse::<u32>()
+                            .ok()
+                            .filter(|n| (1..64).contains(n))
+                            .ok_or(VhostUserConfigError::VirtioId)?,
+                    )
+                }
             }
         }
         let kind = match (
@@ -123,14 +126,6 @@ impl FromStr for VhostUserArg {
         cfg.reconnect = reconnect;
         Ok(Self(cfg))
     }
-}
-
-fn set<T>(slot: &mut Option<T>, key: &'static str, value: T) -> Result<(), VhostUserConfigError> {
-    if slot.is_some() {
-        return Err(VhostUserConfigError::Repeated(key));
-    }
-    *slot = Some(value);
-    Ok(())
 }
 
 fn parse_queues(value: &str) -> Result<u16, VhostUserConfigError> {
@@ -193,13 +188,23 @@ mod tests {
         assert_eq!(parse("type=blk"), Err(E::MissingSocket));
         assert_eq!(parse("type=blk,socket="), Err(E::EmptySocket));
         assert_eq!(parse("type=gpu,socket=/s"), Err(E::Type("gpu".into())));
-        assert_eq!(
+        assert!(matches!(
             parse("type=blk,socket=/s,color=red"),
-            Err(E::UnknownKey("color".into()))
+            Err(E::KeyValues(KeyValueError::UnknownKey { .. }))
+        ));
+        assert_eq!(
+            parse("type=blk,type=fs,socket=/s").unwrap_err().to_string(),
+            "--vhost-user type= given twice"
         );
         assert_eq!(
-            parse("type=blk,type=fs,socket=/s"),
-            Err(E::Repeated("type"))
+            parse("type=blk,socket=/s,virtio-id=3,virtio_id=4")
+                .unwrap_err()
+                .to_string(),
+            "--vhost-user virtio-id= given twice"
+        );
+        assert_eq!(
+            parse("blk,socket=/s").unwrap_err().to_string(),
+            "--vhost-user: \"blk\" is not key=value"
         );
         assert_eq!(
             parse("type=blk,socket=/s,queues=0"),

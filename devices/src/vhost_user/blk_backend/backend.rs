@@ -16,22 +16,19 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::VhostUserVirtioFeatures;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
 use super::queue::serve_queue;
+use super::BackendMemory;
 use crate::virtio::blk::device::QUEUE_MAX_SIZE;
 use crate::virtio::blk::disk::DiskImage;
 use crate::virtio::blk::engine::{EngineError, IoEngine};
 use crate::virtio::blk::VirtioBlk;
 use crate::virtio::VirtioDevice;
-
-/// Guest memory as the backend maps it: each region's bitmap is the frontend's dirty log once
-/// it sends one (`SET_LOG_BASE`), so every write the backend makes is logged.
-pub(super) type BackendMemory = GuestMemoryAtomic<GuestMemoryMmap<BitmapMmapRegion>>;
 
 /// Largest configuration read answered (the protocol's own limit is 256 bytes).
 const MAX_CONFIG_READ: u32 = 256;

@@ -16,3 +16,10 @@ mod queue;
 mod serve;
 
 pub use serve::{serve, BlkBackendConfig, BlkBackendError};
+
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+/// Guest memory as the backend maps it: each region's bitmap is the frontend's dirty log once
+/// it sends one (`SET_LOG_BASE`), so every write the backend makes is logged.
+type BackendMemory = GuestMemoryAtomic<GuestMemoryMmap<BitmapMmapRegion>>;

@@ -19,7 +19,7 @@ use virtio_queue::QueueT;
 use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::backend::BackendMemory;
+use super::BackendMemory;
 use crate::virtio::blk::disk::DiskImage;
 use crate::virtio::blk::engine::{Completion, IoEngine, MAX_IN_FLIGHT};
 use crate::virtio::blk::request::{parse, prepare, Action, Segment};

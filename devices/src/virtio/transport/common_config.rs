@@ -20,12 +20,11 @@ use vm_memory::GuestAddress;
 
 use super::signals::{SignalsState, VirtioPciSignals};
 use super::state::{CommonConfigState, QueueSetupState};
+use super::NO_VECTOR;
 use crate::virtio::device::{DeviceSignals, GuestMemoryMmap};
 
 /// Size of the common configuration structure (virtio 1.0 fields, through `queue_device`).
 pub const COMMON_CONFIG_SIZE: u64 = 0x38;
-/// "No MSI-X vector" in the vector registers.
-pub const NO_VECTOR: u16 = 0xffff;
 
 const DEVICE_FEATURE_SELECT: u64 = 0x00;
 const DEVICE_FEATURE: u64 = 0x04;

@@ -19,7 +19,10 @@ mod state;
 #[cfg(test)]
 mod tests;
 
-pub use common_config::{CommonConfig, StatusAction, COMMON_CONFIG_SIZE, NO_VECTOR};
+pub use common_config::{CommonConfig, StatusAction, COMMON_CONFIG_SIZE};
+
+/// "No MSI-X vector" in the vector registers.
+pub const NO_VECTOR: u16 = 0xffff;
 pub use pci_device::{
     msix_vector_count, TransportError, VirtioPciDevice, VirtioPciResources, MAX_QUEUES,
     NOTIFY_OFFSET, NOTIFY_OFF_MULTIPLIER, VIRTIO_PCI_BAR_SIZE, VIRTIO_PCI_DEVICE_ID_BASE,

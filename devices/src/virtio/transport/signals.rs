@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use super::common_config::NO_VECTOR;
+use super::NO_VECTOR;
 use crate::guest_warnings::GuestWarnings;
 use crate::pci::msix::Msix;
 use crate::virtio::device::DeviceSignals;

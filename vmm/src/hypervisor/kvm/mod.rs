@@ -3,6 +3,7 @@
 mod convert;
 mod dirty_log;
 mod irq;
+mod msrs;
 mod state_convert;
 mod vcpu;
 mod vcpu_state;

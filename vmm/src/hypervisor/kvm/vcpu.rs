@@ -142,7 +142,7 @@ impl Vcpu for KvmVcpu {
                 data: m.data,
             })
             .collect();
-        super::vcpu_state::write_msrs(&self.fd, &values)
+        super::msrs::write_msrs(&self.fd, &values)
     }
 
     fn reset_fpu(&self) -> Result<()> {
