@@ -155,3 +155,44 @@ fn a_signal_is_recorded_with_its_number() {
         assert_eq!(v["signal"], signal, "{v}");
     }
 }
+
+/// A start-up that hangs (a vhost-user backend that accepts and never answers) still ends at
+/// once on SIGTERM, with its verdict.
+#[test]
+fn a_signal_during_start_up_ends_skiff_with_its_verdict() {
+    skiff_tests::require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("status.json");
+    let socket = dir.path().join("backend.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    let kernel = skiff_tests::testguest().to_string_lossy().into_owned();
+    let spec = format!("type=rng,socket={}", socket.display());
+    let vm = Skiff::spawn(&[
+        "run",
+        "--kernel",
+        &kernel,
+        "--cmdline",
+        "exit=0",
+        "--vhost-user",
+        &spec,
+        "--exit-status-file",
+        &file.to_string_lossy(),
+    ]);
+    // skiff is connected and waits for the backend's first answer.
+    let (_conn, _) = listener.accept().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    // SAFETY: sending a signal to a child we own.
+    unsafe { libc::kill(vm.pid() as i32, libc::SIGTERM) };
+    let r = vm.wait(T);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    let v = check(&r, &file, "signal", 143, 1);
+    assert!(
+        v["detail"].as_str().unwrap().contains("during start-up"),
+        "{v}"
+    );
+}

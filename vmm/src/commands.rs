@@ -35,11 +35,13 @@ pub struct RestoreArgs {
     pub exit_status_file: Option<PathBuf>,
 }
 
-/// Restores the snapshot and runs the VM to its end. The error is one line.
-pub fn restore(args: RestoreArgs) -> Result<RunOutcome, String> {
+/// Restores the snapshot and runs the VM to its end; `ready` is called once the VM is built,
+/// just before it runs. The error is one line.
+pub fn restore(args: RestoreArgs, ready: impl FnOnce()) -> Result<RunOutcome, String> {
     let snap = load(&args.dir).map_err(|e| crate::error_chain(&e))?;
     let mode = memory_mode(&snap, args.memory_mode).map_err(|e| crate::error_chain(&e))?;
     let vm = restore_vm(&snap, mode, &args.serial).map_err(|e| crate::error_chain(&e))?;
+    ready();
     let opts = RunOptions {
         serial: args.serial,
         timeout: args.timeout,

@@ -188,8 +188,8 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
         if matches!(cli.command, Command::Run(_) | Command::Restore(_)) {
             // Before any thread exists (output writers, disk threads), so every thread
             // inherits the mask and only the run loop's signalfd takes SIGINT/SIGTERM/SIGHUP:
-            // a stop signal is a clean end with its verdict, never a kill. One that arrives
-            // during start-up waits until the loop runs.
+            // a stop signal is a clean end with its verdict, never a kill. During start-up
+            // `StartupSignalWatch` takes them.
             if let Err(e) = vmm::event_loop::block_stop_signals() {
                 let msg = format!("cannot block the stop signals: {e}");
                 return finish(None, &ExitStatus::error(msg), None);
@@ -203,8 +203,12 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
                         return finish(None, &ExitStatus::usage(e.to_string()), None);
                     }
                 }
+                let watch = match watch_startup(status_file.clone()) {
+                    Ok(watch) => watch,
+                    Err(status) => return finish(status_file.as_deref(), &status, None),
+                };
                 let api_socket = args.api_socket.clone();
-                let (status, teardown) = run(args.into_config(), api_socket);
+                let (status, teardown) = run(args.into_config(), api_socket, watch);
                 finish(status_file.as_deref(), &status, teardown)
             }
             Command::Restore(args) => {
@@ -214,7 +218,11 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
                         return finish(None, &ExitStatus::usage(e.to_string()), None);
                     }
                 }
-                let (status, teardown) = match vmm::commands::restore(args) {
+                let watch = match watch_startup(status_file.clone()) {
+                    Ok(watch) => watch,
+                    Err(status) => return finish(status_file.as_deref(), &status, None),
+                };
+                let (status, teardown) = match vmm::commands::restore(args, || watch.stop()) {
                     Ok(outcome) => outcome_status(outcome),
                     Err(e) => (ExitStatus::error(e), None),
                 };
@@ -229,14 +237,39 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
         }
     }
 
+    /// Ends skiff with a `signal` verdict if a stop signal comes while the VM is built.
+    fn watch_startup(
+        status_file: Option<PathBuf>,
+    ) -> Result<vmm::event_loop::StartupSignalWatch, ExitStatus> {
+        vmm::event_loop::StartupSignalWatch::start(move |signal| {
+            let code = 128u8.saturating_add(u8::try_from(signal).unwrap_or(127));
+            let detail = format!("stopped by signal {signal} during start-up (exit code {code})");
+            let quiet = vmm::guest_output::OutputReport {
+                dropped_bytes: 0,
+                why: None,
+            };
+            let status = ExitStatus::from_end(
+                devices::vm_exit::GuestEnd::HostSignal(signal),
+                Some(detail),
+                &quiet,
+            );
+            let _ = finish(status_file.as_deref(), &status, None);
+            std::process::exit(i32::from(status.code));
+        })
+        .map_err(|e| ExitStatus::error(format!("cannot watch the stop signals: {e}")))
+    }
+
     fn run(
         cfg: VmConfig,
         api_socket: Option<PathBuf>,
+        watch: vmm::event_loop::StartupSignalWatch,
     ) -> (ExitStatus, Option<vmm::teardown::Teardown>) {
         let vm = match vmm::builder::build_vm(&cfg) {
             Ok(vm) => vm,
             Err(e) => return (ExitStatus::error(vmm::error_chain(&e)), None),
         };
+        // From here the run loop's signalfd takes the stop signals.
+        watch.stop();
         let opts = vmm::runner::RunOptions {
             serial: cfg.serial.clone(),
             timeout: cfg.timeout,
