@@ -73,7 +73,7 @@ pub fn snapshot_with_progress(
         })
     });
     match &result {
-        Ok((status, _)) if seen && (200..300).contains(status) => {
+        Ok((status, _)) if draw && seen && (200..300).contains(status) => {
             bar.set_position(bar.length().unwrap_or(0));
             bar.finish();
             // indicatif leaves the cursor after the bar: the answer starts on a line of its own.
