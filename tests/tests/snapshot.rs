@@ -343,7 +343,10 @@ fn damaged_or_foreign_snapshots_give_one_clear_error() {
     f.set_len(128 << 20).unwrap();
     assert_restore_fails(&d, "is 134217728 bytes but its region is 268435456");
 
-    assert_restore_fails(&root.path().join("missing"), "manifest.json");
+    assert_restore_fails(
+        &root.path().join("missing"),
+        "cannot open snapshot directory",
+    );
 
     // None of that touched the good snapshot, which still restores (and runs until stopped).
     restore(&good, &["--serial", "off", "--timeout", "0.5"]).assert_code(124);

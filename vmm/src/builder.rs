@@ -305,11 +305,7 @@ fn check_memory_fits_host(cfg: &VmConfig) -> Result<(), BuildError> {
     if matches!(cfg.memory.backing, BackingKind::File(_)) {
         return Ok(());
     }
-    // SAFETY: sysconf has no memory effects.
-    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
-    // SAFETY: as above.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    let total = u64::try_from(pages).unwrap_or(0) * u64::try_from(page).unwrap_or(0);
+    let total = host_ram_bytes();
     if total > 0 && cfg.memory.size > total {
         return Err(BuildError::MemoryExceedsHost {
             size: cfg.memory.size,
@@ -317,6 +313,17 @@ fn check_memory_fits_host(cfg: &VmConfig) -> Result<(), BuildError> {
         });
     }
     Ok(())
+}
+
+/// The host's physical memory in bytes (0 when unknown).
+pub(crate) fn host_ram_bytes() -> u64 {
+    // SAFETY: sysconf has no memory effects.
+    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
+    // SAFETY: as above.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(pages)
+        .unwrap_or(0)
+        .saturating_mul(u64::try_from(page).unwrap_or(0))
 }
 
 fn ram_ranges(ram: &GuestRam) -> Vec<arch::layout::RamRange> {

@@ -1,14 +1,18 @@
-//! The `skiff restore` and `skiff ctl` subcommands: their arguments (clap) and what they do.
-//! `main.rs` parses the command line and reports outcomes; `skiff run` stays there.
+//! The `skiff restore`, `snapshot-info`, `snapshot-merge` and `ctl` subcommands: their
+//! arguments (clap) and what they do. `main.rs` parses the command line and reports outcomes;
+//! `skiff run` stays there.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::api::client;
+use crate::config::resource_override::{DiskOverride, NetOverride, VhostUserOverride};
 use crate::config::{parse_timeout, SerialConfig};
 use crate::runner::{run_vm, RunOptions, RunOutcome};
-use crate::snapshot::restore::{load, memory_mode, restore_vm, MemoryMode};
+use crate::snapshot::auth::{default_key_path, SnapshotKey};
+use crate::snapshot::authorize::{authorize, ResourceOverrides};
+use crate::snapshot::restore::{load, memory_mode, restore_vm, LoadedSnapshot, MemoryMode};
 
 /// `skiff restore DIR ...`
 #[derive(Debug, clap::Args)]
@@ -33,14 +37,62 @@ pub struct RestoreArgs {
     /// Write how skiff ended (reason, exit code, detail) to this file as JSON, atomically.
     #[arg(long, value_name = "PATH")]
     pub exit_status_file: Option<PathBuf>,
+    /// Use this disk for the snapshot's disk ID: id=ID,path=PATH (repeatable; ids as
+    /// `skiff snapshot-info` shows them).
+    #[arg(long = "disk", value_name = "SPEC")]
+    pub disks: Vec<DiskOverride>,
+    /// Use this tap for the snapshot's net device ID: id=ID,tap=TAP (repeatable).
+    #[arg(long = "net", value_name = "SPEC")]
+    pub nets: Vec<NetOverride>,
+    /// Use this backend socket for the snapshot's vhost-user device ID: id=ID,socket=PATH
+    /// (repeatable).
+    #[arg(long = "vhost-user", value_name = "SPEC")]
+    pub vhost_user: Vec<VhostUserOverride>,
+    /// A diff snapshot's parent directory (instead of the one the diff names).
+    #[arg(long, value_name = "DIR")]
+    pub parent: Option<PathBuf>,
+}
+
+impl RestoreArgs {
+    fn overrides(&self) -> ResourceOverrides {
+        ResourceOverrides {
+            disks: self
+                .disks
+                .iter()
+                .map(|d| (d.id.clone(), d.path.clone()))
+                .collect(),
+            nets: self
+                .nets
+                .iter()
+                .map(|n| (n.id.clone(), n.tap.clone()))
+                .collect(),
+            vhost_user: self
+                .vhost_user
+                .iter()
+                .map(|v| (v.id.clone(), v.socket.clone()))
+                .collect(),
+            parent: self.parent.clone(),
+        }
+    }
+}
+
+/// This user's snapshot key if it exists (restore and inspection never create it: without one,
+/// nothing can be authenticated anyway). A key file that is unusable is an error.
+fn existing_key() -> Result<Option<SnapshotKey>, String> {
+    match default_key_path() {
+        Ok(path) => SnapshotKey::load(&path).map_err(|e| crate::error_chain(&e)),
+        Err(_) => Ok(None),
+    }
 }
 
 /// Restores the snapshot and runs the VM to its end; `ready` is called once the VM is built,
 /// just before it runs. The error is one line.
 pub fn restore(args: RestoreArgs, ready: impl FnOnce()) -> Result<RunOutcome, String> {
-    let snap = load(&args.dir).map_err(|e| crate::error_chain(&e))?;
-    let mode = memory_mode(&snap, args.memory_mode).map_err(|e| crate::error_chain(&e))?;
-    let vm = restore_vm(&snap, mode, &args.serial).map_err(|e| crate::error_chain(&e))?;
+    let key = existing_key()?;
+    let snap = load(&args.dir, key.as_ref()).map_err(|e| crate::error_chain(&e))?;
+    let plan = authorize(&snap, &args.overrides()).map_err(|e| crate::error_chain(&e))?;
+    let mode = memory_mode(&plan.devices, args.memory_mode).map_err(|e| crate::error_chain(&e))?;
+    let vm = restore_vm(&snap, &plan, mode, &args.serial).map_err(|e| crate::error_chain(&e))?;
     ready();
     let opts = RunOptions {
         serial: args.serial,
@@ -65,12 +117,122 @@ pub struct MergeArgs {
 /// Folds a diff and its parents into a full snapshot in the diff's place; prints a JSON
 /// summary. The error is one line.
 pub fn snapshot_merge(args: MergeArgs) -> Result<(), String> {
-    let report = crate::snapshot::chain::merge(&args.dir, args.parent.as_deref())
+    let key = existing_key()?;
+    let report = crate::snapshot::chain::merge(&args.dir, args.parent.as_deref(), key.as_ref())
         .map_err(|e| crate::error_chain(&e))?;
     println!(
         "{}",
         serde_json::to_string(&report).map_err(|e| e.to_string())?
     );
+    Ok(())
+}
+
+/// `skiff snapshot-info DIR [--json]`
+#[derive(Debug, clap::Args)]
+pub struct InfoArgs {
+    /// The snapshot directory.
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The facts `snapshot-info` shows, as JSON.
+fn info_json(snap: &LoadedSnapshot) -> serde_json::Value {
+    let m = &snap.manifest;
+    let resources: Vec<serde_json::Value> = snap
+        .resources
+        .iter()
+        .map(|r| {
+            let mut v = serde_json::to_value(r).unwrap_or_default();
+            if let Some(o) = v.as_object_mut() {
+                o.insert("opened_on_restore".into(), r.opened_on_restore().into());
+            }
+            v
+        })
+        .collect();
+    let (authenticated, why) = match &snap.authentication {
+        crate::snapshot::auth::Authentication::Authenticated => (true, None),
+        crate::snapshot::auth::Authentication::NotAuthenticated(why) => (false, Some(why.clone())),
+    };
+    serde_json::json!({
+        "dir": snap.dir,
+        "format_version": m.format_version,
+        "skiff_version": m.skiff_version,
+        "created_unix_ms": m.created_unix_ms,
+        "memory_size": m.vm.memory_size,
+        "vcpus": m.vm.cpus,
+        "regions": m.memory.iter().map(|r| serde_json::json!({
+            "guest_address": r.guest_address,
+            "size": r.size,
+            "file": r.file,
+        })).collect::<Vec<_>>(),
+        "parent": m.parent.as_ref().map(|p| &p.dir),
+        "authenticated": authenticated,
+        "not_authenticated_because": why,
+        "resources": resources,
+    })
+}
+
+/// Prints what a snapshot holds and every host resource it names. The error is one line.
+pub fn snapshot_info(args: InfoArgs) -> Result<(), String> {
+    let key = existing_key()?;
+    let snap = load(&args.dir, key.as_ref()).map_err(|e| crate::error_chain(&e))?;
+    if args.json {
+        println!("{}", info_json(&snap));
+        return Ok(());
+    }
+    let m = &snap.manifest;
+    let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+    println!("snapshot {}", snap.dir.display());
+    println!(
+        "format version {} ({}), written by skiff {}",
+        m.format_version,
+        if m.parent.is_some() { "diff" } else { "full" },
+        m.skiff_version
+    );
+    match &snap.authentication {
+        crate::snapshot::auth::Authentication::Authenticated => {
+            println!("authenticated: yes (written by this user on this host)");
+        }
+        crate::snapshot::auth::Authentication::NotAuthenticated(why) => {
+            println!("authenticated: no ({why})");
+        }
+    }
+    println!(
+        "memory: {} bytes ({:.0} MiB)",
+        m.vm.memory_size,
+        mib(m.vm.memory_size)
+    );
+    println!("vcpus: {}", m.vm.cpus);
+    for (i, r) in m.memory.iter().enumerate() {
+        println!(
+            "region {i}: guest {:#x}..{:#x} ({:.0} MiB) in {}",
+            r.guest_address,
+            r.guest_address.saturating_add(r.size),
+            mib(r.size),
+            r.file
+        );
+    }
+    match &m.parent {
+        Some(p) => println!("parent: {}", p.dir.display()),
+        None => println!("parent: none"),
+    }
+    println!("host resources:");
+    for r in &snap.resources {
+        println!(
+            "  {} {:?}: {}{}",
+            r.kind(),
+            r.id(),
+            r.location(),
+            if r.opened_on_restore() {
+                ""
+            } else {
+                " (recorded only, not opened on restore)"
+            }
+        );
+    }
     Ok(())
 }
 

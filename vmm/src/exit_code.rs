@@ -12,6 +12,7 @@
 //! | 120 | `reset` | the guest asked for a reset or reboot |
 //! | 121 | `triple-fault` | a vCPU triple-faulted |
 //! | 122 | `internal-error` | the hypervisor could not run a vCPU (e.g. emulation failure) |
+//! | 123 | | Windows: the Windows Hypervisor Platform is missing or disabled |
 //! | 124 | `timeout` | `--timeout` expired |
 //! | 128+N | `signal` | skiff was stopped by signal N (130 for SIGINT, 143 for SIGTERM) |
 //!
@@ -23,8 +24,6 @@
 use devices::vm_exit::GuestEnd;
 use serde::Serialize;
 
-use crate::guest_output::OutputReport;
-
 /// skiff failed (bad input, set-up or run-time error).
 pub const VMM_ERROR: u8 = 1;
 /// Command-line usage error.
@@ -35,6 +34,8 @@ pub const GUEST_RESET: u8 = 120;
 pub const TRIPLE_FAULT: u8 = 121;
 /// Hypervisor internal error.
 pub const INTERNAL_ERROR: u8 = 122;
+/// Windows: the Windows Hypervisor Platform is missing or disabled.
+pub const HYPERVISOR_UNAVAILABLE: u8 = 123;
 /// Timeout.
 pub const TIMEOUT: u8 = 124;
 
@@ -92,8 +93,13 @@ pub struct ExitStatus {
 
 impl ExitStatus {
     /// The verdict for a run that ended with `end`. `detail`, when a vCPU gave one, replaces
-    /// the standard line; `output` adds what was lost of the guest's output.
-    pub fn from_end(end: GuestEnd, detail: Option<String>, output: &OutputReport) -> Self {
+    /// the standard line; `dropped_bytes` of guest output were lost, as `output_note` says.
+    pub fn from_end(
+        end: GuestEnd,
+        detail: Option<String>,
+        dropped_bytes: u64,
+        output_note: Option<String>,
+    ) -> Self {
         let (reason, code, line) = describe(end);
         let signal = match end {
             GuestEnd::HostSignal(sig) => Some(sig),
@@ -109,8 +115,8 @@ impl ExitStatus {
             code,
             detail,
             signal,
-            guest_output_dropped_bytes: output.dropped_bytes,
-            guest_output_note: output.line(),
+            guest_output_dropped_bytes: dropped_bytes,
+            guest_output_note: output_note,
         }
     }
 
@@ -204,15 +210,12 @@ fn describe(end: GuestEnd) -> (ExitReason, u8, String) {
 mod tests {
     use super::*;
 
-    fn quiet() -> OutputReport {
-        OutputReport {
-            dropped_bytes: 0,
-            why: None,
-        }
-    }
+    // SIGINT and SIGTERM (2 and 15 on every platform skiff builds for).
+    const SIGINT: i32 = 2;
+    const SIGTERM: i32 = 15;
 
     fn status(end: GuestEnd) -> ExitStatus {
-        ExitStatus::from_end(end, None, &quiet())
+        ExitStatus::from_end(end, None, 0, None)
     }
 
     #[test]
@@ -241,29 +244,35 @@ mod tests {
         };
         assert_eq!(status(internal).code, INTERNAL_ERROR);
         assert_eq!(status(GuestEnd::Timeout).code, TIMEOUT);
-        let s = status(GuestEnd::HostSignal(libc::SIGINT));
+        let s = status(GuestEnd::HostSignal(SIGINT));
         assert_eq!(
             (s.reason, s.code, s.signal),
             (ExitReason::Signal, 130, Some(2))
         );
-        assert_eq!(status(GuestEnd::HostSignal(libc::SIGTERM)).code, 143);
+        assert_eq!(status(GuestEnd::HostSignal(SIGTERM)).code, 143);
         assert!(status(GuestEnd::Reset)
             .stderr_line()
             .unwrap()
             .contains("reset"));
         assert_eq!(status(GuestEnd::Stopped).reason, ExitReason::Stopped);
+        let skiffs = [
+            VMM_ERROR,
+            USAGE,
+            GUEST_RESET,
+            TRIPLE_FAULT,
+            INTERNAL_ERROR,
+            TIMEOUT,
+        ];
+        assert!(!skiffs.contains(&HYPERVISOR_UNAVAILABLE));
         // A vCPU's own description replaces the standard line.
-        let s = ExitStatus::from_end(GuestEnd::VmmError, Some("vCPU 0: boom".into()), &quiet());
+        let s = ExitStatus::from_end(GuestEnd::VmmError, Some("vCPU 0: boom".into()), 0, None);
         assert_eq!(s.stderr_line().as_deref(), Some("vCPU 0: boom"));
     }
 
     #[test]
     fn dropped_output_joins_the_verdict_line_or_warns_alone() {
-        let lost = OutputReport {
-            dropped_bytes: 7,
-            why: Some("stdout was not drained".into()),
-        };
-        let s = ExitStatus::from_end(GuestEnd::HostSignal(libc::SIGTERM), None, &lost);
+        let note = || Some("7 bytes of guest output dropped (stdout was not drained)".into());
+        let s = ExitStatus::from_end(GuestEnd::HostSignal(SIGTERM), None, 7, note());
         let line = s.stderr_line().unwrap();
         assert!(
             line.starts_with(
@@ -271,7 +280,7 @@ mod tests {
             ),
             "{line}"
         );
-        let s = ExitStatus::from_end(GuestEnd::DebugExit(0), None, &lost);
+        let s = ExitStatus::from_end(GuestEnd::DebugExit(0), None, 7, note());
         assert!(
             s.stderr_line().unwrap().starts_with("warn: 7 bytes"),
             "{s:?}"

@@ -118,11 +118,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("status.json");
         std::fs::write(&path, "old").unwrap();
-        let quiet = crate::guest_output::OutputReport {
-            dropped_bytes: 0,
-            why: None,
-        };
-        let status = ExitStatus::from_end(GuestEnd::Timeout, None, &quiet);
+        let status = ExitStatus::from_end(GuestEnd::Timeout, None, 0, None);
         write(&path, &status).unwrap();
         let v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();

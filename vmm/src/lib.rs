@@ -35,7 +35,6 @@ pub mod commands;
 pub mod config;
 #[cfg(target_os = "linux")]
 pub mod event_loop;
-#[cfg(target_os = "linux")]
 pub mod exit_code;
 #[cfg(target_os = "linux")]
 pub mod exit_status_file;

@@ -44,6 +44,8 @@ mod cli {
         /// Fold a diff snapshot and its parents into a full snapshot, in the diff's place.
         #[command(after_help = MERGE_EXAMPLES)]
         SnapshotMerge(vmm::commands::MergeArgs),
+        /// Show what a snapshot holds and every host resource it names.
+        SnapshotInfo(vmm::commands::InfoArgs),
         /// Serve a raw disk file as a vhost-user-blk backend on a Unix socket.
         #[command(after_help = VHOST_USER_BLK_EXAMPLES)]
         VhostUserBlk(vmm::vhost_user_blk::VhostUserBlkArgs),
@@ -234,6 +236,10 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => finish(None, &ExitStatus::error(e), None),
             },
+            Command::SnapshotInfo(args) => match vmm::commands::snapshot_info(args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => finish(None, &ExitStatus::error(e), None),
+            },
         }
     }
 
@@ -244,14 +250,11 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
         vmm::event_loop::StartupSignalWatch::start(move |signal| {
             let code = 128u8.saturating_add(u8::try_from(signal).unwrap_or(127));
             let detail = format!("stopped by signal {signal} during start-up (exit code {code})");
-            let quiet = vmm::guest_output::OutputReport {
-                dropped_bytes: 0,
-                why: None,
-            };
             let status = ExitStatus::from_end(
                 devices::vm_exit::GuestEnd::HostSignal(signal),
                 Some(detail),
-                &quiet,
+                0,
+                None,
             );
             let _ = finish(status_file.as_deref(), &status, None);
             std::process::exit(i32::from(status.code));
@@ -285,7 +288,12 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
     fn outcome_status(
         outcome: vmm::runner::RunOutcome,
     ) -> (ExitStatus, Option<vmm::teardown::Teardown>) {
-        let status = ExitStatus::from_end(outcome.end, outcome.detail, &outcome.output);
+        let status = ExitStatus::from_end(
+            outcome.end,
+            outcome.detail,
+            outcome.output.dropped_bytes,
+            outcome.output.line(),
+        );
         (status, Some(outcome.teardown))
     }
 
@@ -471,7 +479,24 @@ fn main() -> std::process::ExitCode {
     cli::main()
 }
 
-#[cfg(not(target_os = "linux"))]
+/// On Windows: loads the Windows Hypervisor Platform, or says in one line why it cannot
+/// (exit code 123). Running a VM there is not built yet (docs/windows.md).
+#[cfg(windows)]
+fn main() -> std::process::ExitCode {
+    use vmm::exit_code;
+    match vmm::hypervisor::whp::WhpLibrary::load() {
+        Err(e) => {
+            eprintln!("skiff: {}", vmm::error_chain(&e));
+            std::process::ExitCode::from(exit_code::HYPERVISOR_UNAVAILABLE)
+        }
+        Ok(_) => {
+            eprintln!("skiff: the Windows Hypervisor Platform is present, but skiff cannot run VMs on Windows yet (docs/windows.md)");
+            std::process::ExitCode::from(exit_code::VMM_ERROR)
+        }
+    }
+}
+
+#[cfg(not(any(target_os = "linux", windows)))]
 fn main() -> std::process::ExitCode {
     eprintln!("skiff: this platform has no supported hypervisor backend yet (KVM on Linux only)");
     std::process::ExitCode::from(1)

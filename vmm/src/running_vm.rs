@@ -425,6 +425,8 @@ impl RunningVm {
             },
             notes,
             parent: None,
+            resources: Vec::new(),
+            authentication: None,
         }
     }
 

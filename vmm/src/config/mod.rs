@@ -18,6 +18,7 @@ use crate::memory::MemoryConfig;
 pub mod disk;
 pub mod key_values;
 pub mod net;
+pub mod resource_override;
 pub mod vhost_user;
 
 pub use disk::{DiskArg, DiskConfig};

@@ -18,11 +18,14 @@ use std::time::Instant;
 use serde::Serialize;
 use thiserror::Error;
 
+use super::auth::{Authentication, SnapshotKey};
+use super::dir::{DirError, SnapshotDir};
 use super::manifest::{
     self, ManifestError, SnapshotManifest, MANIFEST_FILE, MANIFEST_FORMAT_VERSION,
-    MAX_MANIFEST_BYTES,
 };
 use super::memory_file::{copy_sparse, CopyMethod, MemoryFileError};
+use super::resources::HostResource;
+use super::state_file::MAX_STATE_FILE_BYTES;
 use super::writer::{create_file, fsync_dir, write_file, WriteError};
 
 /// Most snapshots a chain may hold, the base included.
@@ -74,6 +77,10 @@ pub enum ChainError {
     /// `snapshot-merge` was given a full snapshot.
     #[error("{0} is a full snapshot already: there is nothing to merge")]
     NotADiff(PathBuf),
+    /// A parent's directory or memory file is not usable (a symbolic link, not a regular
+    /// file).
+    #[error(transparent)]
+    File(#[from] DirError),
     /// A memory file is missing or has the wrong size.
     #[error("memory file {path} is missing or is not {expected} bytes long")]
     MemoryFile {
@@ -106,6 +113,19 @@ pub enum ChainError {
         expected: u64,
         /// Copied now.
         actual: u64,
+    },
+    /// The diff is not authenticated and its parent was not named by the user.
+    #[error(
+        "snapshot {dir} is not authenticated for this user ({why}); refusing to read its parent \
+         snapshot at {parent} (name it again: skiff snapshot-merge {dir} PARENT)"
+    )]
+    NotAuthenticated {
+        /// The diff.
+        dir: PathBuf,
+        /// Why it is not authenticated.
+        why: String,
+        /// The parent it names.
+        parent: PathBuf,
     },
     /// Writing the merged snapshot failed.
     #[error(transparent)]
@@ -153,20 +173,25 @@ pub struct Layer {
     pub manifest: SnapshotManifest,
 }
 
+/// A parent's manifest, read like any snapshot's (regular file, size-capped, relative to the
+/// directory); a missing directory or manifest is `ParentMissing`.
 fn read_manifest(child: &Path, dir: &Path) -> Result<(Vec<u8>, SnapshotManifest), ChainError> {
-    let path = dir.join(MANIFEST_FILE);
     let missing = |source| ChainError::ParentMissing {
         child: child.to_path_buf(),
         parent: dir.to_path_buf(),
         source,
     };
-    let len = std::fs::metadata(&path).map_err(missing)?.len();
-    if len > MAX_MANIFEST_BYTES as u64 {
-        return Err(ManifestError::TooLarge { path, len }.into());
+    let d = SnapshotDir::open(dir).map_err(|e| match e {
+        DirError::OpenDir { source, .. } => missing(source),
+        e => e.into(),
+    })?;
+    match manifest::read_in(&d) {
+        Ok(read) => Ok(read),
+        Err(ManifestError::File(DirError::Io {
+            op: "open", source, ..
+        })) => Err(missing(source)),
+        Err(e) => Err(e.into()),
     }
-    let bytes = std::fs::read(&path).map_err(missing)?;
-    let m = manifest::parse(&bytes, &path)?;
-    Ok((bytes, m))
 }
 
 fn same_layout(a: &SnapshotManifest, b: &SnapshotManifest) -> bool {
@@ -235,35 +260,61 @@ pub fn layer_region(
         let Some(entry) = layer.manifest.memory.get(index) else {
             continue;
         };
-        let path = layer.dir.join(&entry.file);
-        let bad = |source| ChainError::MemoryFile {
-            path: path.clone(),
-            expected: entry.size,
-            source,
-        };
-        let src = File::open(&path).map_err(bad)?;
-        let len = src.metadata().map_err(bad)?.len();
-        if len != entry.size {
-            return Err(bad(std::io::Error::from_raw_os_error(libc::EINVAL)));
-        }
-        let n = copy_sparse(&src, 0, dst, dst_offset, entry.size, cancel).map_err(|source| {
-            ChainError::Copy {
-                path: path.clone(),
-                source,
-            }
-        })?;
-        if let Some(expected) = entry.data_bytes.filter(|_| layer.manifest.parent.is_some()) {
-            if n != expected {
-                return Err(ChainError::DiffHoles {
-                    path,
-                    expected,
-                    actual: n,
-                });
-            }
-        }
-        copied += n;
+        let src =
+            SnapshotDir::open(&layer.dir)?.open_regular(&entry.file, u64::MAX, "memory file")?;
+        copied += layer_file(
+            &src.file,
+            &src.path,
+            &layer.manifest,
+            index,
+            dst,
+            dst_offset,
+            cancel,
+        )?;
     }
     Ok(copied)
+}
+
+/// Copies the open memory file `src` (at `path`) of region `index` of the snapshot `manifest`
+/// into `dst` at `dst_offset`, data extents only; a diff's file must hold the data bytes its
+/// manifest recorded. Returns the bytes copied.
+pub fn layer_file(
+    src: &File,
+    path: &Path,
+    manifest: &SnapshotManifest,
+    index: usize,
+    dst: &File,
+    dst_offset: u64,
+    cancel: &AtomicBool,
+) -> Result<u64, ChainError> {
+    let Some(entry) = manifest.memory.get(index) else {
+        return Ok(0);
+    };
+    let bad = |source| ChainError::MemoryFile {
+        path: path.to_path_buf(),
+        expected: entry.size,
+        source,
+    };
+    let len = src.metadata().map_err(bad)?.len();
+    if len != entry.size {
+        return Err(bad(std::io::Error::from_raw_os_error(libc::EINVAL)));
+    }
+    let n = copy_sparse(src, 0, dst, dst_offset, entry.size, cancel).map_err(|source| {
+        ChainError::Copy {
+            path: path.to_path_buf(),
+            source,
+        }
+    })?;
+    if let Some(expected) = entry.data_bytes.filter(|_| manifest.parent.is_some()) {
+        if n != expected {
+            return Err(ChainError::DiffHoles {
+                path: path.to_path_buf(),
+                expected,
+                actual: n,
+            });
+        }
+    }
+    Ok(n)
 }
 
 /// What `snapshot-merge` did.
@@ -283,12 +334,37 @@ pub struct MergeReport {
 /// folded together), atomically: the result is built in `DIR.merge-<pid>`, fsynced, and
 /// exchanged with `DIR` in one rename. The parents are left unchanged; other diffs taken on top
 /// of `dir` will no longer match it.
-pub fn merge(dir: &Path, first_parent: Option<&Path>) -> Result<MergeReport, ChainError> {
+///
+/// The parent directory is a host resource the diff names: it is read only when the diff is
+/// authenticated under `key` (then the result is authenticated too) or when the user names it
+/// (`first_parent`; the result is then unauthenticated, like the diff).
+pub fn merge(
+    dir: &Path,
+    first_parent: Option<&Path>,
+    key: Option<&SnapshotKey>,
+) -> Result<MergeReport, ChainError> {
     let started = Instant::now();
-    let top = manifest::read(dir)?;
-    if top.parent.is_none() {
+    let opened = SnapshotDir::open(dir)?;
+    let (_, top) = manifest::read_in(&opened)?;
+    let Some(parent) = &top.parent else {
         return Err(ChainError::NotADiff(dir.to_path_buf()));
-    }
+    };
+    let state = opened.read_capped(&top.state.file, MAX_STATE_FILE_BYTES, "state file")?;
+    let authentication = match key {
+        Some(k) => k.verify(&top, &state),
+        None => Authentication::NotAuthenticated("this user has no snapshot key".into()),
+    };
+    let sealing_key = match (&authentication, first_parent) {
+        (Authentication::Authenticated, _) => key,
+        (Authentication::NotAuthenticated(_), Some(_)) => None,
+        (Authentication::NotAuthenticated(why), None) => {
+            return Err(ChainError::NotAuthenticated {
+                dir: dir.to_path_buf(),
+                why: why.clone(),
+                parent: parent.dir.clone(),
+            })
+        }
+    };
     let mut layers = resolve_parents(dir, &top, first_parent)?;
     layers.push(Layer {
         dir: dir.to_path_buf(),
@@ -302,7 +378,7 @@ pub fn merge(dir: &Path, first_parent: Option<&Path>) -> Result<MergeReport, Cha
         path: temp.clone(),
         source,
     })?;
-    let result = build_merged(dir, &temp, &top, &layers);
+    let result = build_merged(&temp, &top, &state, &layers, sealing_key);
     let bytes = match result {
         Ok(b) => b,
         Err(e) => {
@@ -325,15 +401,20 @@ pub fn merge(dir: &Path, first_parent: Option<&Path>) -> Result<MergeReport, Cha
 }
 
 fn build_merged(
-    dir: &Path,
     temp: &Path,
     top: &SnapshotManifest,
+    state: &[u8],
     layers: &[Layer],
+    key: Option<&SnapshotKey>,
 ) -> Result<u64, ChainError> {
     let never = AtomicBool::new(false);
     let mut merged = top.clone();
     merged.format_version = MANIFEST_FORMAT_VERSION;
     merged.parent = None;
+    merged.authentication = None;
+    merged
+        .resources
+        .retain(|r| !matches!(r, HostResource::Parent { .. }));
     let mut bytes = 0;
     for (i, entry) in merged.memory.iter_mut().enumerate() {
         let path = temp.join(&entry.file);
@@ -352,13 +433,14 @@ fn build_merged(
         entry.method = CopyMethod::SparseCopy.name().into();
         entry.data_bytes = None;
     }
-    let state_path = dir.join(&top.state.file);
-    let state = std::fs::read(&state_path).map_err(|source| WriteError::Io {
-        op: "read",
-        path: state_path,
-        source,
-    })?;
-    write_file(&temp.join(&top.state.file), &state)?;
+    write_file(&temp.join(&top.state.file), state)?;
+    if let Some(key) = key {
+        key.seal(&mut merged, state).map_err(|e| WriteError::Io {
+            op: "authenticate",
+            path: temp.join(MANIFEST_FILE),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    }
     let text = serde_json::to_vec_pretty(&merged).map_err(|e| WriteError::Io {
         op: "encode",
         path: temp.join(MANIFEST_FILE),
@@ -405,6 +487,10 @@ mod tests {
 
     const SIZE: u64 = 8 << 20;
 
+    fn test_key() -> SnapshotKey {
+        SnapshotKey::from_bytes([3; crate::snapshot::auth::KEY_BYTES])
+    }
+
     /// Writes a snapshot directory whose memory file holds `pages` (page index, byte), with
     /// `parent` as its parent; returns its manifest's CRC-32.
     fn snapshot(dir: &Path, pages: &[(u64, u8)], parent: Option<(&Path, u32)>) -> u32 {
@@ -424,6 +510,7 @@ mod tests {
             f.write_all_at(&[byte; 4096], page * 4096).unwrap();
         }
         std::fs::write(dir.join(STATE_FILE), b"state").unwrap();
+        test_key().seal(&mut m, b"state").unwrap();
         let text = serde_json::to_vec(&m).unwrap();
         std::fs::write(dir.join(MANIFEST_FILE), &text).unwrap();
         crc32fast::hash(&text)
@@ -455,10 +542,19 @@ mod tests {
             parents.iter().map(|l| l.dir.clone()).collect::<Vec<_>>(),
             vec![a.clone(), b.clone()]
         );
-        let report = merge(&c, None).unwrap();
+        // Without the key that sealed it, the diff's parent is not read unless named.
+        let other = SnapshotKey::from_bytes([4; crate::snapshot::auth::KEY_BYTES]);
+        let e = merge(&c, None, Some(&other)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("refusing to read its parent snapshot at"),
+            "{e}"
+        );
+        let report = merge(&c, None, Some(&test_key())).unwrap();
         assert_eq!(report.layers, 3);
         let merged = manifest::read(&c).unwrap();
         assert!(merged.parent.is_none());
+        assert!(test_key().verify(&merged, b"state").is_authenticated());
         assert_eq!(merged.format_version, MANIFEST_FORMAT_VERSION);
         let mem = c.join("memory-0.bin");
         // Base, overwritten by b, by c; a page c dirtied back to zero stays zero.
@@ -469,7 +565,10 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(names.len(), 3, "no temporary directory left: {names:?}");
-        assert!(matches!(merge(&c, None), Err(ChainError::NotADiff(_))));
+        assert!(matches!(
+            merge(&c, None, Some(&test_key())),
+            Err(ChainError::NotADiff(_))
+        ));
     }
 
     #[test]
@@ -498,7 +597,7 @@ mod tests {
         let parents = resolve_parents(&b, &top, Some(&moved)).unwrap();
         assert_eq!(parents[0].dir, moved);
         // Merge failures leave the diff as it was.
-        assert!(merge(&b, None).is_err());
+        assert!(merge(&b, None, Some(&test_key())).is_err());
         assert_eq!(manifest::read(&b).unwrap(), top);
         // A diff copied without its holes would hide the parent's pages: refused.
         let f = File::options()

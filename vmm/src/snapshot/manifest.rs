@@ -5,14 +5,19 @@
 //! address, size, file, page size, how it was written) and the state file's size and checksum.
 //! It is untrusted input on restore: `parse` caps its size, checks the version first, and
 //! `validate` checks every value restore relies on (file names are plain names inside the
-//! directory, sizes are page multiples, the CPU count is in range). A diff snapshot (format
-//! version 2) also names its parent directory and the CRC-32 of the parent's manifest.
+//! directory, sizes are page multiples, the CPU count is in range, the regions are exactly
+//! the arch layout's for `memory_size`). A diff snapshot (format version 2) also names its
+//! parent directory and the CRC-32 of the parent's manifest. `resources` lists the host
+//! resources the snapshot names (`resources.rs`) and `authentication` holds its MAC
+//! (`auth.rs`).
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use super::dir::{is_plain_name, DirError, SnapshotDir};
+use super::resources::HostResource;
 use crate::config::{VmConfig, MAX_VCPUS};
 use crate::memory::backing::BackingKind;
 
@@ -26,8 +31,10 @@ pub const MANIFEST_FORMAT_VERSION: u32 = 1;
 /// only the pages dirtied since the parent. Older readers refuse it rather than restore holes
 /// as zero pages.
 pub const DIFF_FORMAT_VERSION: u32 = 2;
-/// Largest manifest `parse` reads.
+/// Largest manifest `read` reads (a real one is a few KiB).
 pub const MAX_MANIFEST_BYTES: usize = 1 << 20;
+/// Most host resources a manifest may list.
+pub const MAX_RESOURCES: usize = 256;
 /// Most memory regions a manifest may list.
 pub const MAX_REGIONS: usize = 64;
 
@@ -51,6 +58,13 @@ pub struct SnapshotManifest {
     /// For a diff snapshot: the snapshot its memory files are layered over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<ParentRef>,
+    /// Every host resource the snapshot names (`resources::list` of the state and `vm`).
+    #[serde(default)]
+    pub resources: Vec<HostResource>,
+    /// HMAC-SHA256 (hex) of the rest of the manifest and the state file under the writing
+    /// user's key (`auth.rs`); absent when the writer had no key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authentication: Option<String>,
 }
 
 /// The parent of a diff snapshot.
@@ -135,23 +149,9 @@ pub struct StateFileEntry {
 /// Why a manifest cannot be used.
 #[derive(Debug, Error)]
 pub enum ManifestError {
-    /// The manifest could not be read.
-    #[error("cannot read {path}")]
-    Read {
-        /// The path.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Too large to be a manifest.
-    #[error("{path} is {len} bytes, larger than a manifest can be ({MAX_MANIFEST_BYTES})")]
-    TooLarge {
-        /// The path.
-        path: PathBuf,
-        /// Its length.
-        len: u64,
-    },
+    /// The manifest file is missing, unreadable, not a regular file or too large.
+    #[error(transparent)]
+    File(#[from] DirError),
     /// Not JSON of the expected shape.
     #[error("{path} is not a valid snapshot manifest: {reason}")]
     Parse {
@@ -173,17 +173,15 @@ pub enum ManifestError {
 
 /// Reads and checks `dir/manifest.json`.
 pub fn read(dir: &Path) -> Result<SnapshotManifest, ManifestError> {
-    let path = dir.join(MANIFEST_FILE);
-    let read_err = |source| ManifestError::Read {
-        path: path.clone(),
-        source,
-    };
-    let len = std::fs::metadata(&path).map_err(read_err)?.len();
-    if len > MAX_MANIFEST_BYTES as u64 {
-        return Err(ManifestError::TooLarge { path, len });
-    }
-    let text = std::fs::read(&path).map_err(read_err)?;
-    parse(&text, &path)
+    Ok(read_in(&SnapshotDir::open(dir)?)?.1)
+}
+
+/// Reads (size-capped, a regular file only) and checks the manifest of an open snapshot
+/// directory; returns its bytes too.
+pub fn read_in(dir: &SnapshotDir) -> Result<(Vec<u8>, SnapshotManifest), ManifestError> {
+    let text = dir.read_capped(MANIFEST_FILE, MAX_MANIFEST_BYTES as u64, "manifest")?;
+    let manifest = parse(&text, &dir.path().join(MANIFEST_FILE))?;
+    Ok((text, manifest))
 }
 
 /// Parses manifest bytes (`path` only names them in errors).
@@ -208,16 +206,6 @@ pub fn parse(text: &[u8], path: &Path) -> Result<SnapshotManifest, ManifestError
     let manifest: SnapshotManifest = serde_json::from_value(value).map_err(parse_err)?;
     manifest.validate()?;
     Ok(manifest)
-}
-
-/// Whether `name` is a plain file name inside the directory (no separators, not `.` or `..`).
-fn is_plain_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 255
-        && name != "."
-        && name != ".."
-        && !name.contains('/')
-        && !name.contains('\0')
 }
 
 impl SnapshotManifest {
@@ -293,6 +281,40 @@ impl SnapshotManifest {
                 self.vm.memory_size
             ));
         }
+        self.check_layout()?;
+        if self.resources.len() > MAX_RESOURCES {
+            return invalid(format!(
+                "{} host resources listed (at most {MAX_RESOURCES})",
+                self.resources.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// The regions must be exactly those the arch layout gives a VM of `memory_size` (what
+    /// `run` builds): a region elsewhere, say in the MMIO hole, is refused.
+    fn check_layout(&self) -> Result<(), ManifestError> {
+        let size = self.vm.memory_size;
+        let expected = arch::layout::ram_ranges(size)
+            .map_err(|e| ManifestError::Invalid(format!("memory_size {size:#x}: {e}")))?;
+        let describe = |ranges: &mut dyn Iterator<Item = (u64, u64)>| {
+            ranges
+                .map(|(a, n)| format!("{a:#x}+{n:#x}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let same = expected.len() == self.memory.len()
+            && expected
+                .iter()
+                .zip(&self.memory)
+                .all(|(e, r)| e.start == r.guest_address && e.size == r.size);
+        if !same {
+            return Err(ManifestError::Invalid(format!(
+                "memory regions [{}] are not the layout of a {size:#x}-byte VM [{}]",
+                describe(&mut self.memory.iter().map(|r| (r.guest_address, r.size))),
+                describe(&mut expected.iter().map(|r| (r.start, r.size))),
+            )));
+        }
         Ok(())
     }
 }
@@ -330,6 +352,8 @@ pub(crate) mod tests {
             },
             notes: vec![],
             parent: None,
+            resources: vec![],
+            authentication: None,
         }
     }
 
@@ -369,6 +393,28 @@ pub(crate) mod tests {
                 Box::new(|m| m.memory[0].size = 4097),
             ),
             ("add up to", Box::new(|m| m.vm.memory_size = 1 << 30)),
+            (
+                "not the layout of a 0x800000-byte VM [0x0+0x800000]",
+                Box::new(|m| m.memory[0].guest_address = 0xe000_0000),
+            ),
+            (
+                "not the layout",
+                Box::new(|m| {
+                    m.memory[0].size = 4 << 20;
+                    m.memory.push(MemoryRegionEntry {
+                        guest_address: 4 << 20,
+                        file: "memory-1.bin".into(),
+                        ..m.memory[0].clone()
+                    });
+                }),
+            ),
+            (
+                "exceeds the maximum",
+                Box::new(|m| {
+                    m.vm.memory_size = 1 << 41;
+                    m.memory[0].size = 1 << 41;
+                }),
+            ),
             ("power of two", Box::new(|m| m.memory[0].page_size = 3000)),
             ("0 memory regions", Box::new(|m| m.memory.clear())),
             (

@@ -10,18 +10,27 @@
 //! `chain` resolves a diff's parents (restore and `snapshot-merge`), `progress` counts a write's
 //! bytes for the control API.
 //!
+//! A snapshot is untrusted input: `dir` opens its files relative to the directory (regular
+//! files only, sizes checked before reading), `resources` lists the host resources it names,
+//! `auth` authenticates it as this user's (HMAC under a per-user key), and `authorize` decides
+//! what a restore may open outside the directory (see docs/snapshot-trust.md).
+//!
 //! Not here: pausing the VM and gathering its state (`running_vm/`), the control API that asks
 //! for a snapshot (`api/`).
 
 use std::path::PathBuf;
 
+pub mod auth;
+pub mod authorize;
 pub mod chain;
+pub mod dir;
 pub mod dirty;
 pub mod job;
 pub mod live;
 pub mod manifest;
 pub mod memory_file;
 pub mod progress;
+pub mod resources;
 pub mod restore;
 pub mod state_file;
 pub mod writer;

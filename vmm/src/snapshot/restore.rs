@@ -10,6 +10,12 @@
 //!
 //! A diff snapshot is restored over its parent chain (`chain.rs`): its memory is always built
 //! by copying, base first, then each diff's data extents; `cow` falls back to that.
+//!
+//! The directory is untrusted input: `load` opens every file relative to it (`dir.rs`), checks
+//! the manifest against the arch layout and the host, and the state against the manifest,
+//! keeps the memory files open (nothing is reopened by path later), and verifies the MAC
+//! (`auth.rs`). What may be opened outside the directory is decided by `authorize`, whose
+//! `RestorePlan` `restore_vm` builds from.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -21,10 +27,14 @@ use devices::bus::Bus;
 use devices::vm_exit::VmExitSignal;
 use thiserror::Error;
 
-use super::chain::{layer_region, resolve_parents, ChainError, Layer};
+use super::auth::{Authentication, SnapshotKey};
+use super::authorize::{AuthorizeError, RestorePlan};
+use super::chain::{layer_file, layer_region, ChainError, Layer};
+use super::dir::{DirError, SnapshotDir, SnapshotFile};
 use super::manifest::{self, ManifestError, SnapshotManifest};
 use super::memory_file::{copy_sparse, MemoryFileError};
-use super::state_file::{self, SnapshotState, StateFileError};
+use super::resources::{self, HostResource};
+use super::state_file::{self, SnapshotState, StateFileError, MAX_STATE_FILE_BYTES};
 use crate::builder::{
     create_legacy_devices, create_restored_pci_devices, create_vm, BuildError, BuiltVm, VmEvents,
 };
@@ -63,15 +73,43 @@ pub enum RestoreError {
     /// The manifest is missing or unusable.
     #[error(transparent)]
     Manifest(#[from] ManifestError),
-    /// The state file cannot be read.
-    #[error("cannot read state file {path}")]
-    ReadState {
+    /// The snapshot directory cannot be opened.
+    #[error(transparent)]
+    Dir(DirError),
+    /// The state file cannot be opened or read (missing, not a regular file, too large).
+    #[error("cannot read state file")]
+    ReadState(#[source] DirError),
+    /// The state file's checksum differs from the manifest's.
+    #[error("state file {path} has CRC-32 {actual:#010x} but the manifest says {expected:#010x}")]
+    StateCrc {
         /// The path.
         path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
+        /// Per the manifest.
+        expected: u32,
+        /// In the file's header.
+        actual: u32,
     },
+    /// The manifest's resource list is not what the state and VM description name.
+    #[error(
+        "snapshot manifest is invalid: its resources list {listed} but the snapshot names {actual}"
+    )]
+    ResourcesDiffer {
+        /// The manifest's list (JSON).
+        listed: String,
+        /// The list derived from the state (JSON).
+        actual: String,
+    },
+    /// The VM's memory is larger than the host's.
+    #[error("snapshot memory_size {size:#x} exceeds the host's {total:#x} bytes of RAM (restored guest RAM is anonymous memory, which `skiff run` refuses beyond the host's RAM too)")]
+    MemoryExceedsHost {
+        /// The snapshot's memory size.
+        size: u64,
+        /// The host's RAM.
+        total: u64,
+    },
+    /// The snapshot names host resources it may not open.
+    #[error(transparent)]
+    Authorize(#[from] AuthorizeError),
     /// The state file's size differs from the manifest's.
     #[error("state file {path} is {actual} bytes but the manifest says {expected}")]
     StateSize {
@@ -91,11 +129,14 @@ pub enum RestoreError {
         #[source]
         source: StateFileError,
     },
-    /// A memory file is missing or unreadable.
-    #[error("cannot open memory file {path}")]
-    MemoryFile {
-        /// The path.
-        path: PathBuf,
+    /// A memory file is missing, unreadable or not a regular file.
+    #[error("cannot open memory file")]
+    MemoryFile(#[source] DirError),
+    /// A memory file could not be duplicated or fresh memory not opened.
+    #[error("cannot open memory {what}")]
+    MemoryFd {
+        /// Which.
+        what: String,
         /// The cause.
         #[source]
         source: std::io::Error,
@@ -145,22 +186,17 @@ pub enum RestoreError {
     CowWithVhostUser(PathBuf),
 }
 
-/// The memory mode for restoring `snap`: `requested` if given, else `cow`, except that a
-/// snapshot with vhost-user devices needs shared memory: `copy` by default, and an explicit
-/// `cow` is refused.
+/// The memory mode for restoring `devices` (the plan's, overrides applied): `requested` if
+/// given, else `cow`, except that a snapshot with vhost-user devices needs shared memory:
+/// `copy` by default, and an explicit `cow` is refused.
 pub fn memory_mode(
-    snap: &LoadedSnapshot,
+    devices: &[devices::virtio::transport::VirtioPciState],
     requested: Option<MemoryMode>,
 ) -> Result<MemoryMode, RestoreError> {
-    let vhost_user = snap
-        .state
-        .devices
-        .virtio
-        .iter()
-        .find_map(|d| match &d.identity {
-            devices::virtio::DeviceIdentity::VhostUser(cfg) => Some(cfg.socket.clone()),
-            _ => None,
-        });
+    let vhost_user = devices.iter().find_map(|d| match &d.identity {
+        devices::virtio::DeviceIdentity::VhostUser(cfg) => Some(cfg.socket.clone()),
+        _ => None,
+    });
     match (requested, vhost_user) {
         (Some(MemoryMode::Cow), Some(socket)) => Err(RestoreError::CowWithVhostUser(socket)),
         (Some(mode), _) => Ok(mode),
@@ -178,81 +214,126 @@ pub struct LoadedSnapshot {
     pub manifest: SnapshotManifest,
     /// Its decoded state.
     pub state: SnapshotState,
-    /// For a diff: its parents, base first, each checked (empty for a full snapshot).
-    pub parents: Vec<Layer>,
+    /// Its memory files, one per region, opened inside the directory and size-checked.
+    pub memory_files: Vec<SnapshotFile>,
+    /// Every host resource it names (equal to the manifest's list).
+    pub resources: Vec<HostResource>,
+    /// Whether it is authenticated as this user's.
+    pub authentication: Authentication,
 }
 
-/// Reads and checks a snapshot directory: manifest (version, values), state file (size,
-/// checksum, contents, vCPU count) and every memory file's size. Nothing is mapped yet.
-pub fn load(dir: &Path) -> Result<LoadedSnapshot, RestoreError> {
-    let manifest = manifest::read(dir)?;
-    let path = dir.join(&manifest.state.file);
-    let read_err = |source| RestoreError::ReadState {
-        path: path.clone(),
-        source,
-    };
-    let actual = std::fs::metadata(&path).map_err(read_err)?.len();
-    if actual != manifest.state.size {
+/// Refuses guest RAM larger than the host's: restored RAM is a memfd (copy) or private
+/// copy-on-write pages (cow), anonymous memory either way, which `run` refuses beyond the
+/// host's RAM too.
+fn check_memory_fits_host(size: u64) -> Result<(), RestoreError> {
+    let total = crate::builder::host_ram_bytes();
+    if total > 0 && size > total {
+        return Err(RestoreError::MemoryExceedsHost { size, total });
+    }
+    Ok(())
+}
+
+/// Reads and checks a snapshot directory: manifest (version, values, layout, host memory),
+/// state file (type and size before reading, checksum, contents, vCPU count), every memory
+/// file's type and size, the resource list, and the MAC under `key` (when the user has one).
+/// Nothing outside the directory is opened and nothing is mapped yet.
+pub fn load(dir: &Path, key: Option<&SnapshotKey>) -> Result<LoadedSnapshot, RestoreError> {
+    let opened = SnapshotDir::open(dir).map_err(RestoreError::Dir)?;
+    let (_, manifest) = manifest::read_in(&opened)?;
+    check_memory_fits_host(manifest.vm.memory_size)?;
+    let state_file = opened
+        .open_regular(&manifest.state.file, MAX_STATE_FILE_BYTES, "state file")
+        .map_err(RestoreError::ReadState)?;
+    let path = state_file.path.clone();
+    if state_file.len != manifest.state.size {
         return Err(RestoreError::StateSize {
             path,
             expected: manifest.state.size,
-            actual,
+            actual: state_file.len,
         });
     }
-    let bytes = std::fs::read(&path).map_err(read_err)?;
+    let bytes = opened
+        .read_capped(&manifest.state.file, manifest.state.size, "state file")
+        .map_err(RestoreError::ReadState)?;
     let state = state_file::decode(&bytes)
         .and_then(|s| state_file::check_vcpus(&s, manifest.vm.cpus).map(|()| s))
         .map_err(|source| RestoreError::State {
             path: path.clone(),
             source,
         })?;
-    for r in &manifest.memory {
-        let p = dir.join(&r.file);
-        let len = std::fs::metadata(&p)
-            .map_err(|source| RestoreError::MemoryFile {
-                path: p.clone(),
-                source,
-            })?
-            .len();
-        if len != r.size {
-            return Err(RestoreError::MemorySize {
-                path: p,
-                expected: r.size,
-                actual: len,
-            });
-        }
+    let crc = bytes
+        .get(20..24)
+        .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    if crc != manifest.state.crc32 {
+        return Err(RestoreError::StateCrc {
+            path,
+            expected: manifest.state.crc32,
+            actual: crc,
+        });
     }
-    let parents = resolve_parents(dir, &manifest, None)?;
+    let memory_files = manifest
+        .memory
+        .iter()
+        .map(|r| {
+            let f = opened
+                .open_regular(&r.file, u64::MAX, "memory file")
+                .map_err(RestoreError::MemoryFile)?;
+            if f.len != r.size {
+                return Err(RestoreError::MemorySize {
+                    path: f.path,
+                    expected: r.size,
+                    actual: f.len,
+                });
+            }
+            Ok(f)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let resources = resources::list(&manifest, &state);
+    if resources != manifest.resources {
+        let json = |r: &[HostResource]| serde_json::to_string(r).unwrap_or_default();
+        return Err(RestoreError::ResourcesDiffer {
+            listed: json(&manifest.resources),
+            actual: json(&resources),
+        });
+    }
+    let authentication = match key {
+        Some(key) => key.verify(&manifest, &bytes),
+        None => Authentication::NotAuthenticated("this user has no snapshot key".into()),
+    };
     Ok(LoadedSnapshot {
         dir: dir.to_path_buf(),
         manifest,
         state,
-        parents,
+        memory_files,
+        resources,
+        authentication,
     })
 }
 
-fn open_memory_file(path: &Path) -> Result<File, RestoreError> {
-    File::open(path).map_err(|source| RestoreError::MemoryFile {
-        path: path.to_path_buf(),
+fn clone_memory_file(f: &SnapshotFile) -> Result<File, RestoreError> {
+    f.file.try_clone().map_err(|source| RestoreError::MemoryFd {
+        what: format!("file {}", f.path.display()),
         source,
     })
 }
 
-/// Builds guest RAM from the snapshot's memory files.
+/// Builds guest RAM from the snapshot's memory files (opened by `load`) over `parents` (a
+/// diff's, from the `RestorePlan`).
 pub fn build_ram(
     snap: &LoadedSnapshot,
+    parents: &[Layer],
     mode: MemoryMode,
     max_slots: usize,
 ) -> Result<GuestRam, RestoreError> {
     let page = arch::layout::PAGE_SIZE;
-    let mode = if snap.parents.is_empty() {
+    let mode = if parents.is_empty() {
         mode
     } else {
         // A diff's memory is its layers together: there is no one file to map.
         log::info!(
             "{} is a diff over {} parent snapshot(s): copying the layers into fresh memory",
             snap.dir.display(),
-            snap.parents.len()
+            parents.len()
         );
         MemoryMode::Copy
     };
@@ -262,8 +343,9 @@ pub fn build_ram(
                 .manifest
                 .memory
                 .iter()
-                .map(|r| {
-                    let file = open_memory_file(&snap.dir.join(&r.file))?;
+                .zip(&snap.memory_files)
+                .map(|(r, f)| {
+                    let file = clone_memory_file(f)?;
                     Ok(ShareableRegion {
                         guest_address: r.guest_address,
                         size: r.size,
@@ -278,31 +360,42 @@ pub fn build_ram(
             let total = snap.manifest.vm.memory_size;
             let backing = Backing::create(&BackingKind::Memfd, total, false)
                 .map_err(|e| RestoreError::Memory(e.into()))?;
-            let memfd =
-                backing
-                    .file
-                    .try_clone_file()
-                    .map_err(|source| RestoreError::MemoryFile {
-                        path: PathBuf::from("memfd"),
-                        source,
-                    })?;
+            let memfd = backing
+                .file
+                .try_clone_file()
+                .map_err(|source| RestoreError::MemoryFd {
+                    what: "memfd".into(),
+                    source,
+                })?;
             let file = Arc::new(backing.file);
             let never = AtomicBool::new(false);
             let mut offset = 0;
             let mut regions = Vec::new();
-            let top = Layer {
-                dir: snap.dir.clone(),
-                manifest: snap.manifest.clone(),
-            };
-            for (i, r) in snap.manifest.memory.iter().enumerate() {
-                if snap.parents.is_empty() {
-                    let path = snap.dir.join(&r.file);
-                    let src = open_memory_file(&path)?;
-                    copy_sparse(&src, 0, &memfd, offset, r.size, &never)
-                        .map_err(|source| RestoreError::Copy { path, source })?;
+            for (i, (r, src)) in snap
+                .manifest
+                .memory
+                .iter()
+                .zip(&snap.memory_files)
+                .enumerate()
+            {
+                if parents.is_empty() {
+                    copy_sparse(&src.file, 0, &memfd, offset, r.size, &never).map_err(
+                        |source| RestoreError::Copy {
+                            path: src.path.clone(),
+                            source,
+                        },
+                    )?;
                 } else {
-                    layer_region(&snap.parents, i, &memfd, offset, &never)?;
-                    layer_region(std::slice::from_ref(&top), i, &memfd, offset, &never)?;
+                    layer_region(parents, i, &memfd, offset, &never)?;
+                    layer_file(
+                        &src.file,
+                        &src.path,
+                        &snap.manifest,
+                        i,
+                        &memfd,
+                        offset,
+                        &never,
+                    )?;
                 }
                 regions.push(ShareableRegion {
                     guest_address: r.guest_address,
@@ -317,9 +410,11 @@ pub fn build_ram(
     }
 }
 
-/// Builds a VM from a loaded snapshot, every piece in its saved state, ready for the runner.
+/// Builds a VM from a loaded snapshot, every piece in its saved state, ready for the runner;
+/// host resources come from `plan` (`authorize`) only.
 pub fn restore_vm(
     snap: &LoadedSnapshot,
+    plan: &RestorePlan,
     mode: MemoryMode,
     serial: &SerialConfig,
 ) -> Result<BuiltVm, RestoreError> {
@@ -335,7 +430,7 @@ pub fn restore_vm(
         .into());
     }
     let opened = started.elapsed();
-    let ram = build_ram(snap, mode, hypervisor.max_memory_slots())?;
+    let ram = build_ram(snap, &plan.parents, mode, hypervisor.max_memory_slots())?;
     let mapped = started.elapsed();
     let vm = create_vm(&hypervisor, &ram)?;
     let created = started.elapsed();
@@ -353,7 +448,7 @@ pub fn restore_vm(
     let (console_input, virtio) = create_restored_pci_devices(
         &*vm,
         &ram,
-        &snap.state.devices.virtio,
+        &plan.devices,
         &events,
         &mut outputs,
         &mut pio,
@@ -401,121 +496,5 @@ pub fn restore_vm(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::snapshot::manifest::{MANIFEST_FILE, STATE_FILE};
-    use crate::snapshot::state_file::{encode, tests::sample_state};
-
-    /// A snapshot directory on disk with a 2-vCPU state and one 8 MiB memory file.
-    fn write_sample(dir: &Path) {
-        let state = encode(&sample_state()).unwrap();
-        let mut m = manifest::tests::sample();
-        m.state.size = state.len() as u64;
-        std::fs::write(dir.join(STATE_FILE), &state).unwrap();
-        std::fs::write(dir.join(MANIFEST_FILE), serde_json::to_vec(&m).unwrap()).unwrap();
-        let f = File::create(dir.join("memory-0.bin")).unwrap();
-        f.set_len(8 << 20).unwrap();
-    }
-
-    fn load_err(dir: &Path) -> String {
-        crate::error_chain(&load(dir).unwrap_err())
-    }
-
-    #[test]
-    fn a_snapshot_with_a_vhost_user_device_is_restored_by_copying_and_refuses_cow() {
-        use devices::vhost_user::{VhostUserConfig, VhostUserKind};
-        use devices::virtio::DeviceIdentity;
-        let d = tempfile::tempdir().unwrap();
-        write_sample(d.path());
-        let mut snap = load(d.path()).unwrap();
-        assert_eq!(memory_mode(&snap, None).unwrap(), MemoryMode::Cow);
-        let cfg = VhostUserConfig::new(VhostUserKind::Blk, "/run/blk.sock");
-        snap.state.devices.virtio[0].identity = DeviceIdentity::VhostUser(cfg.clone());
-        // The identity survives the state file.
-        let again = state_file::decode(&encode(&snap.state).unwrap()).unwrap();
-        assert_eq!(
-            again.devices.virtio[0].identity,
-            DeviceIdentity::VhostUser(cfg)
-        );
-        assert_eq!(memory_mode(&snap, None).unwrap(), MemoryMode::Copy);
-        assert_eq!(
-            memory_mode(&snap, Some(MemoryMode::Copy)).unwrap(),
-            MemoryMode::Copy
-        );
-        let e = crate::error_chain(&memory_mode(&snap, Some(MemoryMode::Cow)).unwrap_err());
-        assert!(
-            e.contains("--memory-mode cow") && e.contains("/run/blk.sock"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn loads_a_good_directory_and_names_each_bad_file() {
-        let d = tempfile::tempdir().unwrap();
-        write_sample(d.path());
-        let snap = load(d.path()).unwrap();
-        assert_eq!(snap.state.vcpus.len(), 2);
-
-        let mem = d.path().join("memory-0.bin");
-        File::options()
-            .write(true)
-            .open(&mem)
-            .unwrap()
-            .set_len(4 << 20)
-            .unwrap();
-        assert!(load_err(d.path()).contains("is 4194304 bytes but its region is 8388608"));
-        std::fs::remove_file(&mem).unwrap();
-        assert!(load_err(d.path()).contains("cannot open memory file"));
-
-        write_sample(d.path());
-        let state = d.path().join(STATE_FILE);
-        let mut bytes = std::fs::read(&state).unwrap();
-        let last = bytes.len() - 1;
-        bytes[last] ^= 4;
-        std::fs::write(&state, &bytes).unwrap();
-        assert!(
-            load_err(d.path()).contains("CRC-32"),
-            "{}",
-            load_err(d.path())
-        );
-        bytes.truncate(100);
-        std::fs::write(&state, &bytes).unwrap();
-        assert!(load_err(d.path()).contains("but the manifest says"));
-        std::fs::remove_file(&state).unwrap();
-        assert!(load_err(d.path()).contains("cannot read state file"));
-        std::fs::remove_file(d.path().join(MANIFEST_FILE)).unwrap();
-        assert!(load_err(d.path()).contains("manifest.json"));
-    }
-
-    #[test]
-    fn both_memory_modes_show_the_file_contents_and_leave_the_file_alone() {
-        use std::os::unix::fs::FileExt;
-        use vm_memory::{Bytes, GuestAddress};
-        let d = tempfile::tempdir().unwrap();
-        write_sample(d.path());
-        let mem = File::options()
-            .read(true)
-            .write(true)
-            .open(d.path().join("memory-0.bin"))
-            .unwrap();
-        mem.write_all_at(&0xfeed_u64.to_le_bytes(), 0x10_0000)
-            .unwrap();
-        let snap = load(d.path()).unwrap();
-        for mode in [MemoryMode::Cow, MemoryMode::Copy] {
-            let ram = build_ram(&snap, mode, 32).unwrap();
-            assert_eq!(ram.is_private(), mode == MemoryMode::Cow);
-            let v: u64 = ram.memory().read_obj(GuestAddress(0x10_0000)).unwrap();
-            assert_eq!(v, 0xfeed);
-            ram.memory()
-                .write_obj(1u64, GuestAddress(0x10_0000))
-                .unwrap();
-        }
-        let mut buf = [0u8; 8];
-        mem.read_exact_at(&mut buf, 0x10_0000).unwrap();
-        assert_eq!(
-            u64::from_le_bytes(buf),
-            0xfeed,
-            "the snapshot file is unchanged"
-        );
-    }
-}
+#[path = "restore_tests.rs"]
+mod tests;

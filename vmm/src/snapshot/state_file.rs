@@ -31,6 +31,8 @@ pub const STATE_FORMAT_VERSION: u32 = 2;
 pub const HEADER_LEN: usize = 24;
 /// Largest payload `decode` accepts (254 vCPUs with large XSAVE areas fit easily).
 pub const MAX_PAYLOAD: u64 = 64 << 20;
+/// Largest state file restore opens (checked before a byte is read).
+pub const MAX_STATE_FILE_BYTES: u64 = HEADER_LEN as u64 + MAX_PAYLOAD;
 
 /// Everything a snapshot holds besides guest memory.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -22,6 +22,7 @@ use std::time::Instant;
 
 use thiserror::Error;
 
+use super::auth::{default_key_path, SnapshotKey};
 use super::chain::data_bytes;
 use super::dirty::{write_pages, PageBitmap, DIRTY_PAGE};
 use super::manifest::{
@@ -32,6 +33,7 @@ use super::memory_file::{
     MemoryFileError, PrivateMapping,
 };
 use super::progress::SnapshotProgress;
+use super::{resources, state_file};
 use crate::memory::ShareableRegion;
 
 /// hugetlbfs's `statfs.f_type`.
@@ -299,6 +301,7 @@ fn write_inner(
         crc32: crc,
     };
     write_file(&temp.join(STATE_FILE), &state)?;
+    describe_and_seal(&mut manifest, &state, &temp.join(STATE_FILE))?;
     let text = serde_json::to_vec_pretty(&manifest)
         .map_err(|e| io("encode", &temp.join(MANIFEST_FILE))(std::io::Error::other(e)))?;
     write_file(&temp.join(MANIFEST_FILE), &text)?;
@@ -316,6 +319,31 @@ fn write_inner(
         write_ms: started.elapsed().as_secs_f64() * 1000.0,
         manifest_crc32,
     })
+}
+
+/// Lists the host resources the snapshot names in its manifest and authenticates it under the
+/// user's key (created on first use). Without a usable key the snapshot is written
+/// unauthenticated, with a warning: it restores only with its host resources named again.
+fn describe_and_seal(
+    manifest: &mut SnapshotManifest,
+    state: &[u8],
+    state_path: &Path,
+) -> Result<(), WriteError> {
+    let decoded = state_file::decode(state).map_err(|e| {
+        io("list the host resources of", state_path)(std::io::Error::other(e.to_string()))
+    })?;
+    manifest.resources = resources::list(manifest, &decoded);
+    manifest.authentication = None;
+    let sealed = default_key_path()
+        .and_then(|path| SnapshotKey::load_or_create(&path))
+        .and_then(|key| key.seal(manifest, state));
+    if let Err(e) = sealed {
+        log::warn!(
+            "the snapshot is not authenticated ({}): restoring it needs its host resources named again",
+            crate::error_chain(&e)
+        );
+    }
+    Ok(())
 }
 
 /// A diff's memory file: as long as the region, holding only `pages`, holes elsewhere.
@@ -574,7 +602,7 @@ mod tests {
                 private: Vec::new(),
                 link: false,
             },
-            state: vec![1, 2, 3],
+            state: state_file::encode(&state_file::tests::sample_state()).unwrap(),
             manifest: m,
         }
     }
@@ -605,7 +633,17 @@ mod tests {
         let mem0 = std::fs::read(dir.join("memory-0.bin")).unwrap();
         assert_eq!(mem0.len(), 1 << 20);
         assert_eq!(&mem0[4096..4101], b"guest");
-        assert_eq!(std::fs::read(dir.join(STATE_FILE)).unwrap(), [1, 2, 3]);
+        let state = std::fs::read(dir.join(STATE_FILE)).unwrap();
+        assert_eq!(
+            state_file::decode(&state).unwrap(),
+            state_file::tests::sample_state()
+        );
+        assert_eq!(
+            m.resources.len(),
+            2,
+            "the disk and the kernel: {:?}",
+            m.resources
+        );
         assert!(matches!(reserve(&dir), Err(WriteError::Exists(_))));
         assert!(matches!(
             reserve(Path::new("rel/dir")),

@@ -1,0 +1,289 @@
+//! The host resources a snapshot names: what restoring it would make skiff open outside the
+//! snapshot directory (disks, taps, vhost-user sockets, a diff's parent directory), and what it
+//! merely records (kernel, initrd, the original `file=` memory backing).
+//!
+//! The list is derived from the decoded state and the manifest's VM description, and
+//! `manifest.json` carries the same list (`resources`) so that `skiff snapshot-info` can show it
+//! and a reader can see it; restore refuses a manifest whose list differs from what the state
+//! really names. Devices get ids: a disk's own `id=` (its serial) when it has a unique one,
+//! else `disk0`, `disk1`, ... in bus order; `net0`, ...; `vhost-user0`, ....
+//!
+//! Not here: whether restore may open them (`authorize`).
+
+use std::path::PathBuf;
+
+use devices::virtio::transport::VirtioPciState;
+use devices::virtio::DeviceIdentity;
+use serde::{Deserialize, Serialize};
+
+use super::manifest::SnapshotManifest;
+use super::state_file::SnapshotState;
+
+/// The id of a diff's parent directory in resource lists and messages.
+pub const PARENT_ID: &str = "parent";
+
+/// One host resource a snapshot names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum HostResource {
+    /// A virtio-blk disk file or block device (opened on restore).
+    Disk {
+        /// The device id (`--disk id=`).
+        id: String,
+        /// The disk.
+        path: PathBuf,
+        /// Opened read-only.
+        readonly: bool,
+    },
+    /// A virtio-net tap interface (opened, or created, on restore).
+    Net {
+        /// The device id (`--net id=`).
+        id: String,
+        /// The interface name.
+        tap: String,
+    },
+    /// A vhost-user backend's socket (connected to on restore).
+    VhostUser {
+        /// The device id (`--vhost-user id=`).
+        id: String,
+        /// The socket.
+        socket: PathBuf,
+    },
+    /// A diff snapshot's parent directory (its memory files are read on restore).
+    Parent {
+        /// The directory.
+        path: PathBuf,
+    },
+    /// The kernel the VM booted (recorded only; restore does not open it).
+    Kernel {
+        /// The image.
+        path: PathBuf,
+    },
+    /// The initrd the VM booted (recorded only).
+    Initrd {
+        /// The image.
+        path: PathBuf,
+    },
+    /// The VM's original `--memory file=` backing (recorded only; restore maps the snapshot's
+    /// own memory files).
+    MemoryBacking {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+impl HostResource {
+    /// Whether restore opens it (the others are recorded for the reader only).
+    pub fn opened_on_restore(&self) -> bool {
+        matches!(
+            self,
+            Self::Disk { .. } | Self::Net { .. } | Self::VhostUser { .. } | Self::Parent { .. }
+        )
+    }
+
+    /// The kind, as in `manifest.json` and on the command line.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Disk { .. } => "disk",
+            Self::Net { .. } => "net",
+            Self::VhostUser { .. } => "vhost-user",
+            Self::Parent { .. } => "parent",
+            Self::Kernel { .. } => "kernel",
+            Self::Initrd { .. } => "initrd",
+            Self::MemoryBacking { .. } => "memory-backing",
+        }
+    }
+
+    /// The device id, or the kind for a resource that is not a device.
+    pub fn id(&self) -> &str {
+        match self {
+            Self::Disk { id, .. } | Self::Net { id, .. } | Self::VhostUser { id, .. } => id,
+            Self::Parent { .. } => PARENT_ID,
+            other => other.kind(),
+        }
+    }
+
+    /// The path or interface name, for messages.
+    pub fn location(&self) -> String {
+        match self {
+            Self::Net { tap, .. } => format!("tap {tap:?}"),
+            Self::Disk { path, .. }
+            | Self::VhostUser { socket: path, .. }
+            | Self::Parent { path }
+            | Self::Kernel { path }
+            | Self::Initrd { path }
+            | Self::MemoryBacking { path } => path.display().to_string(),
+        }
+    }
+}
+
+/// Each virtio function's device id (`None` for devices that name no host resource: rng,
+/// console), in bus order.
+pub fn device_ids(devices: &[VirtioPciState]) -> Vec<Option<String>> {
+    let mut ids: Vec<Option<String>> = vec![None; devices.len()];
+    // Disks' own ids first, when unique and non-empty, so generated names avoid them.
+    for (i, d) in devices.iter().enumerate() {
+        if let DeviceIdentity::Blk { id: Some(id), .. } = &d.identity {
+            let unique = devices
+                .iter()
+                .filter(
+                    |o| matches!(&o.identity, DeviceIdentity::Blk { id: Some(x), .. } if x == id),
+                )
+                .count()
+                == 1;
+            if unique && !id.is_empty() {
+                ids[i] = Some(id.clone());
+            }
+        }
+    }
+    // The others: `disk{n}` for the n-th disk in bus order (the next free number if that
+    // name is some disk's own id), likewise for net and vhost-user.
+    let mut counters = [0usize; 3];
+    for (i, d) in devices.iter().enumerate() {
+        let (slot, prefix) = match &d.identity {
+            DeviceIdentity::Blk { .. } => (0, "disk"),
+            DeviceIdentity::Net { .. } => (1, "net"),
+            DeviceIdentity::VhostUser(_) => (2, "vhost-user"),
+            DeviceIdentity::Rng | DeviceIdentity::Console => continue,
+        };
+        let position = counters[slot];
+        counters[slot] += 1;
+        if ids[i].is_some() {
+            continue;
+        }
+        let name = (position..)
+            .map(|n| format!("{prefix}{n}"))
+            .find(|name| !ids.iter().any(|x| x.as_deref() == Some(name.as_str())));
+        ids[i] = name;
+    }
+    ids
+}
+
+/// The host resource one virtio function names, under device id `id`.
+pub fn device_resource(identity: &DeviceIdentity, id: &str) -> Option<HostResource> {
+    match identity {
+        DeviceIdentity::Blk { path, readonly, .. } => Some(HostResource::Disk {
+            id: id.to_string(),
+            path: path.clone(),
+            readonly: *readonly,
+        }),
+        DeviceIdentity::Net { tap, .. } => Some(HostResource::Net {
+            id: id.to_string(),
+            tap: tap.clone(),
+        }),
+        DeviceIdentity::VhostUser(cfg) => Some(HostResource::VhostUser {
+            id: id.to_string(),
+            socket: cfg.socket.clone(),
+        }),
+        DeviceIdentity::Rng | DeviceIdentity::Console => None,
+    }
+}
+
+/// Every host resource the snapshot (`manifest` without its `resources`, and `state`) names:
+/// devices in bus order, then the parent, kernel, initrd and memory backing.
+pub fn list(manifest: &SnapshotManifest, state: &SnapshotState) -> Vec<HostResource> {
+    let devices = &state.devices.virtio;
+    let mut out: Vec<HostResource> = devices
+        .iter()
+        .zip(device_ids(devices))
+        .filter_map(|(d, id)| device_resource(&d.identity, id.as_deref()?))
+        .collect();
+    if let Some(p) = &manifest.parent {
+        out.push(HostResource::Parent {
+            path: p.dir.clone(),
+        });
+    }
+    let vm = &manifest.vm;
+    out.push(HostResource::Kernel {
+        path: vm.kernel.clone(),
+    });
+    if let Some(path) = &vm.initrd {
+        out.push(HostResource::Initrd { path: path.clone() });
+    }
+    if let Some(path) = &vm.memory_file {
+        out.push(HostResource::MemoryBacking { path: path.clone() });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::state_file::tests::{sample_state, sample_virtio_state};
+
+    fn with(identity: DeviceIdentity) -> VirtioPciState {
+        let mut s = sample_virtio_state();
+        s.identity = identity;
+        s
+    }
+
+    fn blk(id: Option<&str>) -> DeviceIdentity {
+        DeviceIdentity::Blk {
+            path: "/d".into(),
+            readonly: false,
+            id: id.map(Into::into),
+            queues: 1,
+            threads: false,
+        }
+    }
+
+    #[test]
+    fn ids_use_a_disks_own_unique_id_and_number_the_rest() {
+        use devices::vhost_user::{VhostUserConfig, VhostUserKind};
+        let devices = vec![
+            with(blk(None)),
+            with(blk(Some("disk0"))),
+            with(DeviceIdentity::Rng),
+            with(DeviceIdentity::Net {
+                tap: "tap0".into(),
+                mac: [2, 0, 0, 0, 0, 1],
+            }),
+            with(blk(Some("root"))),
+            with(blk(Some("twice"))),
+            with(blk(Some("twice"))),
+            with(DeviceIdentity::VhostUser(VhostUserConfig::new(
+                VhostUserKind::Blk,
+                "/s",
+            ))),
+        ];
+        let ids = device_ids(&devices);
+        let ids: Vec<_> = ids.iter().map(|x| x.as_deref()).collect();
+        assert_eq!(
+            ids,
+            [
+                Some("disk1"),
+                Some("disk0"),
+                None,
+                Some("net0"),
+                Some("root"),
+                Some("disk3"),
+                Some("disk4"),
+                Some("vhost-user0")
+            ]
+        );
+    }
+
+    #[test]
+    fn the_list_names_devices_then_recorded_files_and_round_trips_as_json() {
+        let mut m = crate::snapshot::manifest::tests::sample();
+        m.vm.initrd = Some("/i".into());
+        let list = list(&m, &sample_state());
+        assert_eq!(
+            list,
+            [
+                HostResource::Disk {
+                    id: "disk0".into(),
+                    path: "/var/tmp/disk.img".into(),
+                    readonly: false
+                },
+                HostResource::Kernel { path: "/k".into() },
+                HostResource::Initrd { path: "/i".into() },
+            ]
+        );
+        let json = serde_json::to_string(&list).unwrap();
+        assert!(json.contains(r#"{"kind":"disk","id":"disk0","path":"/var/tmp/disk.img""#));
+        let back: Vec<HostResource> = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, list);
+        assert!(list[0].opened_on_restore() && !list[1].opened_on_restore());
+    }
+}
