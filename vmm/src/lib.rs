@@ -57,17 +57,6 @@ pub mod vcpu;
 #[cfg(target_os = "linux")]
 pub mod vhost_user_blk;
 
-/// Formats an error and its `source()` chain on one line: `outer: inner: root`.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let text = s.to_string();
-        if !out.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cur = s.source();
-    }
-    out
-}
+/// Formats an error and its `source()` chain on one line: `outer: inner: root` (one helper for
+/// every crate: `devices` owns it).
+pub use devices::error_chain;

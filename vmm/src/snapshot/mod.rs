@@ -25,6 +25,8 @@ pub mod authorize;
 pub mod chain;
 pub mod dir;
 pub mod dirty;
+#[cfg(test)]
+mod fuzz_seeds;
 pub mod job;
 pub mod live;
 pub mod manifest;

@@ -117,6 +117,19 @@ impl ConsoleQueueHandler {
         vec![QueueProgress::of(&self.rx), QueueProgress::of(&self.tx)]
     }
 
+    /// Serves both queues once, as kicks of each would (the fuzzing seam's way in).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn serve_queues(&mut self) {
+        self.process_tx();
+        self.process_rx();
+    }
+
+    /// Whether a queue failure marked the device broken.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn broken(&self) -> bool {
+        self.broken
+    }
+
     fn halted(&self) -> bool {
         self.broken || self.stopped.load(Ordering::Acquire)
     }
