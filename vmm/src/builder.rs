@@ -2,9 +2,8 @@
 //! boot (kernel, initrd, tables), legacy devices, PCI devices, vCPUs. Each step is a function; the builder only
 //! composes them. If a step fails, a memory file the build created is removed again.
 
-use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use devices::bus::{Bus, BusError};
@@ -18,6 +17,7 @@ use devices::virtio::console::{ConsoleError, ConsoleInput, VirtioConsole};
 use devices::virtio::net::{NetError, VirtioNet};
 use devices::virtio::rng::VirtioRng;
 use devices::virtio::transport::{StateError, VirtioPciDevice, VirtioPciState};
+use devices::virtio::vsock::{VirtioVsock, VsockError};
 use devices::virtio::{DeviceIdentity, VirtioDevice};
 use devices::vm_exit::VmExitSignal;
 use event_manager::{EventManager, MutEventSubscriber};
@@ -40,25 +40,10 @@ pub type VmEvents = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
 /// Errors from building a VM.
 #[derive(Debug, Error)]
 pub enum BuildError {
-    /// An input file is missing or unreadable.
-    #[error("cannot read {what} {path}")]
-    Input {
-        /// "kernel" or "initrd".
-        what: &'static str,
-        /// The path.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// An input path is not a regular file.
-    #[error("{what} {path} is not a regular file")]
-    NotAFile {
-        /// "kernel" or "initrd".
-        what: &'static str,
-        /// The path.
-        path: PathBuf,
-    },
+    /// An input file (kernel, initrd) or the serial output file cannot serve (boxed: the
+    /// error is large and rare).
+    #[error(transparent)]
+    HostFile(Box<crate::host_file::HostFileError>),
     /// The hypervisor refused.
     #[error(transparent)]
     Hypervisor(#[from] HypervisorError),
@@ -87,15 +72,6 @@ pub enum BuildError {
     /// The writer thread for guest output could not be started.
     #[error("cannot start the guest output writer")]
     OutputWriter(#[source] std::io::Error),
-    /// The serial output file could not be opened.
-    #[error("cannot open serial output file {path}")]
-    SerialFile {
-        /// The path.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
     /// An eventfd could not be created.
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
@@ -123,6 +99,9 @@ pub enum BuildError {
     /// The `--console` device could not be set up.
     #[error(transparent)]
     Console(#[from] ConsoleError),
+    /// The `--vsock` device could not be set up (its socket).
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
     /// A saved virtio device state cannot be used.
     #[error(transparent)]
     VirtioState(#[from] StateError),
@@ -279,23 +258,14 @@ fn build_on_ram(
     }
 }
 
-fn check_input(what: &'static str, path: &Path) -> Result<(), BuildError> {
-    let file = File::open(path).map_err(|source| BuildError::Input {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let meta = file.metadata().map_err(|source| BuildError::Input {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })?;
-    if !meta.is_file() {
-        return Err(BuildError::NotAFile {
-            what,
-            path: path.to_path_buf(),
-        });
+impl From<crate::host_file::HostFileError> for BuildError {
+    fn from(e: crate::host_file::HostFileError) -> Self {
+        Self::HostFile(Box::new(e))
     }
+}
+
+fn check_input(what: &'static str, path: &Path) -> Result<(), BuildError> {
+    crate::host_file::open_regular(what, path)?;
     Ok(())
 }
 
@@ -377,14 +347,7 @@ pub(crate) fn create_legacy_devices(
         )),
         SerialConfig::Off => None,
         SerialConfig::File(path) => {
-            let file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|source| BuildError::SerialFile {
-                    path: path.clone(),
-                    source,
-                })?;
+            let file = crate::host_file::open_serial_output(path)?;
             let name = format!("serial file {}", path.display());
             Some(Box::new(
                 outputs.file(name, file).map_err(BuildError::OutputWriter)?,
@@ -448,6 +411,9 @@ fn create_pci_devices(
         let device = VhostUserDevice::new(vhost_user, regions, events.remote_endpoint())?;
         pci.add_virtio_device(Box::new(device))?;
     }
+    if let Some(vsock) = &cfg.vsock {
+        pci.add_virtio_device(Box::new(VirtioVsock::new(vsock.cid, &vsock.socket)?))?;
+    }
     let console_input = if cfg.console {
         let stdout = outputs.stdout().map_err(BuildError::OutputWriter)?;
         let console = VirtioConsole::new(Box::new(stdout))?;
@@ -497,6 +463,10 @@ pub(crate) fn create_restored_pci_devices(
             })?),
             DeviceIdentity::Rng => Box::new(VirtioRng::new()),
             DeviceIdentity::Net { tap, mac } => Box::new(VirtioNet::open(tap, Some(*mac))?),
+            DeviceIdentity::Vsock { cid, socket } => {
+                // Listens anew; the guest hears a transport reset for its old connections.
+                Box::new(VirtioVsock::restored(*cid, socket)?)
+            }
             DeviceIdentity::Console => {
                 let stdout = outputs.stdout().map_err(BuildError::OutputWriter)?;
                 let console = VirtioConsole::new(Box::new(stdout))?;

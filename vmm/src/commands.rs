@@ -1,13 +1,15 @@
-//! The `skiff restore`, `snapshot-info`, `snapshot-merge` and `ctl` subcommands: their
-//! arguments (clap) and what they do. `main.rs` parses the command line and reports outcomes;
-//! `skiff run` stays there.
+//! The `skiff restore`, `snapshot-info`, `snapshot-verify`, `snapshot-merge` and `ctl`
+//! subcommands: their arguments (clap) and what they do. `main.rs` parses the command line and
+//! reports outcomes; `skiff run` stays there.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::api::client;
-use crate::config::resource_override::{DiskOverride, NetOverride, VhostUserOverride};
+use crate::config::resource_override::{
+    DiskOverride, NetOverride, VhostUserOverride, VsockOverride,
+};
 use crate::config::{parse_timeout, SerialConfig};
 use crate::runner::{run_vm, RunOptions, RunOutcome};
 use crate::snapshot::auth::{default_key_path, SnapshotKey};
@@ -37,6 +39,10 @@ pub struct RestoreArgs {
     /// Write how skiff ended (reason, exit code, detail) to this file as JSON, atomically.
     #[arg(long, value_name = "PATH")]
     pub exit_status_file: Option<PathBuf>,
+    /// Check the snapshot first, as `skiff snapshot-verify` does (every memory file read and
+    /// summed against the manifest), and refuse it on the first problem.
+    #[arg(long)]
+    pub verify: bool,
     /// Use this disk for the snapshot's disk ID: id=ID,path=PATH (repeatable; ids as
     /// `skiff snapshot-info` shows them).
     #[arg(long = "disk", value_name = "SPEC")]
@@ -48,6 +54,9 @@ pub struct RestoreArgs {
     /// (repeatable).
     #[arg(long = "vhost-user", value_name = "SPEC")]
     pub vhost_user: Vec<VhostUserOverride>,
+    /// Listen on this socket for the snapshot's vsock device ID: id=ID,socket=PATH.
+    #[arg(long = "vsock", value_name = "SPEC")]
+    pub vsock: Vec<VsockOverride>,
     /// A diff snapshot's parent directory (instead of the one the diff names).
     #[arg(long, value_name = "DIR")]
     pub parent: Option<PathBuf>,
@@ -71,6 +80,11 @@ impl RestoreArgs {
                 .iter()
                 .map(|v| (v.id.clone(), v.socket.clone()))
                 .collect(),
+            vsock: self
+                .vsock
+                .iter()
+                .map(|v| (v.id.clone(), v.socket.clone()))
+                .collect(),
             parent: self.parent.clone(),
         }
     }
@@ -88,6 +102,19 @@ fn existing_key() -> Result<Option<SnapshotKey>, String> {
 /// Restores the snapshot and runs the VM to its end; `ready` is called once the VM is built,
 /// just before it runs. The error is one line.
 pub fn restore(args: RestoreArgs, ready: impl FnOnce()) -> Result<RunOutcome, String> {
+    if args.verify {
+        let (problems, _) = crate::snapshot::integrity::verify(&args.dir, args.parent.as_deref());
+        if let Some(first) = problems.first() {
+            let more = match problems.len() - 1 {
+                0 => String::new(),
+                n => format!(" (and {n} more problem(s); skiff snapshot-verify lists them)"),
+            };
+            return Err(format!(
+                "snapshot {} failed verification: {first}{more}",
+                args.dir.display()
+            ));
+        }
+    }
     let key = existing_key()?;
     let snap = load(&args.dir, key.as_ref()).map_err(|e| crate::error_chain(&e))?;
     let plan = authorize(&snap, &args.overrides()).map_err(|e| crate::error_chain(&e))?;
@@ -101,6 +128,31 @@ pub fn restore(args: RestoreArgs, ready: impl FnOnce()) -> Result<RunOutcome, St
         description: snap.manifest.vm.clone(),
     };
     run_vm(vm, &opts).map_err(|e| crate::error_chain(&e))
+}
+
+/// `skiff snapshot-verify DIR`
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    /// The snapshot directory (a diff's parents are checked too).
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+}
+
+/// Checks a snapshot against its manifest: one `skiff:` line on stderr per problem and exit 1,
+/// or one summary line on stdout and exit 0.
+pub fn snapshot_verify(args: VerifyArgs) -> ExitCode {
+    let (problems, bytes) = crate::snapshot::integrity::verify(&args.dir, None);
+    if problems.is_empty() {
+        println!(
+            "{}: ok ({bytes} bytes of memory data match their checksums)",
+            args.dir.display()
+        );
+        return ExitCode::SUCCESS;
+    }
+    for p in &problems {
+        eprintln!("skiff: {p}");
+    }
+    ExitCode::from(crate::exit_code::VMM_ERROR)
 }
 
 /// `skiff snapshot-merge DIFF [PARENT]`

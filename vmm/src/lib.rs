@@ -14,6 +14,7 @@
 //! - `snapshot`: snapshot directories: manifest, state file, sparse memory files, restore.
 //! - `commands`: the `skiff restore` and `skiff ctl` subcommands.
 //! - `api`: the control API (HTTP + JSON on a Unix socket) and its `skiff ctl` client.
+//! - `host_file`: opening command-line files without blocking, with their type checked.
 //! - `exit_code`: the process exit codes skiff documents, their reasons and verdict lines.
 //! - `exit_status_file`: `--exit-status-file`, the verdict as JSON written atomically.
 //! - `teardown`: ends skiff without waiting for the kernel's VM teardown.
@@ -40,6 +41,8 @@ pub mod exit_code;
 pub mod exit_status_file;
 #[cfg(target_os = "linux")]
 pub mod guest_output;
+#[cfg(target_os = "linux")]
+pub mod host_file;
 #[cfg(target_os = "linux")]
 pub mod pci_devices;
 #[cfg(target_os = "linux")]

@@ -15,7 +15,7 @@ mod cli {
     use clap::{Parser, Subcommand};
     use vmm::config::{
         parse_cpus, parse_timeout, DiskArg, MemoryArg, NetConfig, RngConfig, SerialConfig,
-        VhostUserArg, VmConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY,
+        VhostUserArg, VmConfig, VsockConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY,
     };
     use vmm::exit_code::ExitStatus;
     use vmm::exit_status_file;
@@ -44,6 +44,8 @@ mod cli {
         /// Fold a diff snapshot and its parents into a full snapshot, in the diff's place.
         #[command(after_help = MERGE_EXAMPLES)]
         SnapshotMerge(vmm::commands::MergeArgs),
+        /// Check a snapshot's files against its manifest (sizes, state CRC, memory checksums).
+        SnapshotVerify(vmm::commands::VerifyArgs),
         /// Show what a snapshot holds and every host resource it names.
         SnapshotInfo(vmm::commands::InfoArgs),
         /// Serve a raw disk file as a vhost-user-blk backend on a Unix socket.
@@ -105,7 +107,8 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
         /// Number of vCPUs.
         #[arg(long, value_name = "N", default_value = "1", value_parser = parse_cpus)]
         cpus: u32,
-        /// Guest RAM: size=SIZE[,file=PATH][,hugepages=on][,prealloc=on] (default 256M, sealed memfd).
+        /// Guest RAM: size=SIZE[,file=PATH][,hugepages=on][,prealloc=on][,shared-with-snapshot=on]
+        /// (default 256M, sealed memfd).
         #[arg(long, value_name = "SPEC")]
         memory: Option<MemoryArg>,
         /// Serial port (COM1) output: stdio, file=PATH or off.
@@ -140,6 +143,10 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
         /// Write how skiff ended (reason, exit code, detail) to this file as JSON, atomically.
         #[arg(long, value_name = "PATH")]
         exit_status_file: Option<PathBuf>,
+        /// virtio-vsock in process: cid=N,socket=PATH. Host programs connect to PATH and write
+        /// "CONNECT <port>\n"; guest connections to port P go to the Unix socket PATH_P.
+        #[arg(long, value_name = "SPEC")]
+        vsock: Option<VsockConfig>,
     }
 
     impl RunArgs {
@@ -153,6 +160,7 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
                     size: DEFAULT_MEMORY,
                     backing: BackingKind::Memfd,
                     prealloc: false,
+                    shared_with_snapshot: false,
                 }),
                 serial: self.serial,
                 timeout: self.timeout,
@@ -161,6 +169,7 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
                 console: self.console,
                 rngs: RngConfig::repeated(self.rng),
                 vhost_user: self.vhost_user.into_iter().map(|v| v.0).collect(),
+                vsock: self.vsock,
             }
         }
     }
@@ -232,6 +241,7 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
             }
             Command::Ctl(args) => vmm::commands::ctl(args),
             Command::VhostUserBlk(args) => vmm::vhost_user_blk::run(args),
+            Command::SnapshotVerify(args) => vmm::commands::snapshot_verify(args),
             Command::SnapshotMerge(args) => match vmm::commands::snapshot_merge(args) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => finish(None, &ExitStatus::error(e), None),

@@ -17,7 +17,7 @@ pub const EXIT_FAIL: u8 = 33;
 pub const EXIT_PANIC: u8 = 34;
 
 /// Names used in FAIL lines, indexed by `CURRENT`.
-const NAMES: [&str; 24] = [
+const NAMES: [&str; 30] = [
     "boot",
     "hello",
     "memcheck",
@@ -41,6 +41,12 @@ const NAMES: [&str; 24] = [
     "virtio-bar-move",
     "io-loop",
     "blkloop",
+    "vsock-echo",
+    "vsock-serve",
+    "vsock-flood",
+    "vsock-vanish",
+    "vsock-abuse",
+    "vsock-snapshot",
     "flood",
 ];
 const BOOT: u8 = 0;
@@ -66,7 +72,13 @@ const VIRTIO_FS: u8 = 19;
 const VIRTIO_BAR_MOVE: u8 = 20;
 const IO_LOOP: u8 = 21;
 const BLKLOOP: u8 = 22;
-const FLOOD: u8 = 23;
+const VSOCK_ECHO: u8 = 23;
+const VSOCK_SERVE: u8 = 24;
+const VSOCK_FLOOD: u8 = 25;
+const VSOCK_VANISH: u8 = 26;
+const VSOCK_ABUSE: u8 = 27;
+const VSOCK_SNAPSHOT: u8 = 28;
+const FLOOD: u8 = 29;
 
 /// The scenario now running, for FAIL lines from the exception handler. In `.data.tg_hot` (see
 /// linker.ld).
@@ -221,6 +233,24 @@ pub fn run_all(info: &BootInfo) -> ! {
                     Some(rounds) => blk::loop_rounds(info, rounds),
                     None => fail_msg("bad round count (want blkloop=N, 1 <= N < 1048576)"),
                 }
+            }
+            _ if token.starts_with(b"vsock-") => {
+                use crate::virtio::vsock_cases as vc;
+                let (name, args) = match token.iter().position(|&b| b == b'=') {
+                    Some(at) => (&token[..at], &token[at + 1..]),
+                    None => (token, &token[token.len()..]),
+                };
+                let (id, case): (u8, fn(&BootInfo, &[u8])) = match name {
+                    b"vsock-echo" => (VSOCK_ECHO, vc::echo),
+                    b"vsock-serve" => (VSOCK_SERVE, vc::serve),
+                    b"vsock-flood" => (VSOCK_FLOOD, vc::flood),
+                    b"vsock-vanish" => (VSOCK_VANISH, vc::vanish),
+                    b"vsock-abuse" => (VSOCK_ABUSE, vc::abuse),
+                    b"vsock-snapshot" => (VSOCK_SNAPSHOT, vc::snapshot),
+                    _ => continue,
+                };
+                start(id);
+                case(info, args);
             }
             _ if token.starts_with(b"counter=") => {
                 start(COUNTER);

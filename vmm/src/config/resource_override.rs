@@ -1,5 +1,5 @@
-//! `skiff restore`'s resource overrides: `--disk id=ID,path=PATH`, `--net id=ID,tap=TAP` and
-//! `--vhost-user id=ID,socket=PATH`, each naming one host resource of the snapshot (by the id
+//! `skiff restore`'s resource overrides: `--disk id=ID,path=PATH`, `--net id=ID,tap=TAP`,
+//! `--vhost-user id=ID,socket=PATH` and `--vsock id=ID,socket=PATH`, each naming one host resource of the snapshot (by the id
 //! `skiff snapshot-info` shows) and what to use instead. The list is split by the shared
 //! `key_values` splitter, and the resource's value is checked by the option's own parser
 //! (`disk.rs`, `net.rs`), so paths and tap names are checked the same way as for `run`. Only the
@@ -33,6 +33,9 @@ pub enum OverrideError {
     /// No `socket=`, or an empty one.
     #[error("--vhost-user on restore needs socket=PATH")]
     MissingSocket,
+    /// No `socket=`, or one a Unix socket address cannot hold.
+    #[error("--vsock on restore needs socket=PATH of 1 to {max} bytes (got {0:?})", max = super::vsock::MAX_SOCKET_PATH_LEN)]
+    VsockSocket(String),
 }
 
 /// Splits an override into its id and the resource's `key=value` (as the option's own parser
@@ -137,11 +140,66 @@ impl FromStr for VhostUserOverride {
     }
 }
 
+/// `--vsock id=ID,socket=PATH` on restore: where the restored vsock device listens (and
+/// whose `PATH_P` sockets its guest connections go to).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockOverride {
+    /// The snapshot's device id.
+    pub id: String,
+    /// The socket to listen on instead.
+    pub socket: PathBuf,
+}
+
+impl FromStr for VsockOverride {
+    type Err = OverrideError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        const SPEC: KeyValueSpec = KeyValueSpec {
+            option: "--vsock",
+            keys: &["id", "socket"],
+            bare: None,
+        };
+        let (id, rest) = split_id(s, "vsock", &SPEC, "socket")?;
+        let socket = rest.strip_prefix("socket=").unwrap_or_default();
+        if socket.is_empty()
+            || socket.len() > super::vsock::MAX_SOCKET_PATH_LEN
+            || socket.contains('\0')
+        {
+            return Err(OverrideError::VsockSocket(socket.to_string()));
+        }
+        Ok(Self {
+            id,
+            socket: PathBuf::from(socket),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn vsock_override_names_the_listening_socket() {
+        let v: VsockOverride = "id=vsock0,socket=/run/v.sock".parse().unwrap();
+        assert_eq!(
+            (v.id.as_str(), v.socket.as_path()),
+            ("vsock0", std::path::Path::new("/run/v.sock"))
+        );
+        assert_eq!(
+            "id=vsock0".parse::<VsockOverride>(),
+            Err(OverrideError::VsockSocket(String::new()))
+        );
+        assert_eq!(
+            "socket=/x".parse::<VsockOverride>(),
+            Err(OverrideError::MissingId("vsock"))
+        );
+        assert!(matches!(
+            "id=vsock0,socket=/x,cid=4".parse::<VsockOverride>(),
+            Err(OverrideError::Shape(_))
+        ));
+    }
 
     #[test]
     fn parses_each_kind_and_refuses_guest_visible_keys() {

@@ -181,6 +181,9 @@ pub enum RestoreError {
     /// A diff's parent chain is unusable.
     #[error(transparent)]
     Chain(#[from] ChainError),
+    /// A memory file to map copy-on-write is in use by a running VM.
+    #[error(transparent)]
+    MemoryLock(#[from] super::memory_lock::MemoryLockError),
     /// `--memory-mode cow` for a snapshot whose vhost-user backends need shared memory.
     #[error("--memory-mode cow: the snapshot has a vhost-user device (socket {0}), whose backend needs guest memory shared; use --memory-mode copy (the default for such snapshots)")]
     CowWithVhostUser(PathBuf),
@@ -346,6 +349,8 @@ pub fn build_ram(
                 .zip(&snap.memory_files)
                 .map(|(r, f)| {
                     let file = clone_memory_file(f)?;
+                    // Held for the VM's life: the file must not change under the mapping.
+                    super::memory_lock::lock_shared(&file, &f.path)?;
                     Ok(ShareableRegion {
                         guest_address: r.guest_address,
                         size: r.size,

@@ -20,6 +20,8 @@ pub mod net;
 pub mod queue;
 pub mod rng;
 pub mod snapshot_loop;
+pub mod vsock;
+pub mod vsock_cases;
 
 use crate::bootinfo::BootInfo;
 use crate::mmio::Region;
