@@ -36,6 +36,9 @@ pub struct RestoreArgs {
     /// End the guest after this many seconds (exit code 124).
     #[arg(long, value_name = "SECONDS", value_parser = parse_timeout)]
     pub timeout: Option<Duration>,
+    /// Write how skiff ended (reason, exit code, detail) to this file as JSON, atomically.
+    #[arg(long, value_name = "PATH")]
+    pub exit_status_file: Option<PathBuf>,
     /// Check the snapshot first, as `skiff snapshot-verify` does (every memory file read and
     /// summed against the manifest), and refuse it on the first problem.
     #[arg(long)]
@@ -96,8 +99,9 @@ fn existing_key() -> Result<Option<SnapshotKey>, String> {
     }
 }
 
-/// Restores the snapshot and runs the VM to its end. The error is one line.
-pub fn restore(args: RestoreArgs) -> Result<RunOutcome, String> {
+/// Restores the snapshot and runs the VM to its end; `ready` is called once the VM is built,
+/// just before it runs. The error is one line.
+pub fn restore(args: RestoreArgs, ready: impl FnOnce()) -> Result<RunOutcome, String> {
     if args.verify {
         let (problems, _) = crate::snapshot::integrity::verify(&args.dir, args.parent.as_deref());
         if let Some(first) = problems.first() {
@@ -116,6 +120,7 @@ pub fn restore(args: RestoreArgs) -> Result<RunOutcome, String> {
     let plan = authorize(&snap, &args.overrides()).map_err(|e| crate::error_chain(&e))?;
     let mode = memory_mode(&plan.devices, args.memory_mode).map_err(|e| crate::error_chain(&e))?;
     let vm = restore_vm(&snap, &plan, mode, &args.serial).map_err(|e| crate::error_chain(&e))?;
+    ready();
     let opts = RunOptions {
         serial: args.serial,
         timeout: args.timeout,
@@ -283,12 +288,19 @@ pub fn snapshot_info(args: InfoArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// `skiff ctl --api-socket PATH ACTION`
+/// How long `skiff ctl` waits for an answer unless `--timeout` says otherwise.
+pub const CTL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `skiff ctl --api-socket PATH [--timeout SECONDS] ACTION`
 #[derive(Debug, clap::Args)]
 pub struct CtlArgs {
     /// The running skiff's control socket (every action but `exec`).
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// Give up when the server has not answered within this many seconds (default 10). A
+    /// snapshot may take longer, as long as its progress is answered within this time.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_timeout)]
+    pub timeout: Option<Duration>,
     /// What to do.
     #[command(subcommand)]
     pub action: CtlAction,
@@ -369,11 +381,15 @@ pub fn ctl(args: CtlArgs) -> ExitCode {
             ("PUT", "/vm/snapshot", Some(body))
         }
     };
+    let timeout = args.timeout.unwrap_or(CTL_TIMEOUT);
     let answer = match body.as_deref() {
-        Some(body) if path == "/vm/snapshot" && std::io::stderr().is_terminal() => {
-            crate::api::progress_bar::snapshot_with_progress(&api_socket, body)
-        }
-        body => client::request(&api_socket, method, path, body),
+        Some(body) if path == "/vm/snapshot" => crate::api::progress_bar::snapshot_with_progress(
+            &api_socket,
+            body,
+            timeout,
+            std::io::stderr().is_terminal(),
+        ),
+        body => client::request_within(&api_socket, method, path, body, timeout),
     };
     match answer {
         Ok((status, body)) if (200..300).contains(&status) => {
