@@ -48,6 +48,7 @@ fn minimal_kernel_boots_with_the_memory_map_cpus_and_devices_skiff_gave_it() {
     // The tap lives in a namespace of the test's own; `ip=` makes the kernel bring eth0 up and
     // log it.
     let ns = NetNs::new("sklnx0");
+    let vsock_spec = format!("cid=3,socket={}", dir.path().join("v.sock").display());
     // On PVM, unpacking the busybox initramfs alone takes minutes of emulated kernel time and
     // user space cannot run anyway: use the 10 KiB one.
     let initrd = if pvm {
@@ -81,15 +82,27 @@ fn minimal_kernel_boots_with_the_memory_map_cpus_and_devices_skiff_gave_it() {
             "--console",
             "--vhost-user",
             &vhost_spec,
+            "--vsock",
+            &vsock_spec,
         ])
-        .args(["--timeout", "900"]);
+        .args(["--timeout", "900"])
+        // skiff says at info level when the guest's vsock driver started the device.
+        .env("SKIFF_LOG", "info");
     let mut vm = Skiff::spawn_command(&mut cmd);
     vm.wait_for_line("Run /init as init process", Duration::from_secs(900));
     if !pvm {
         vm.wait_for_line("skiff-init: started", Duration::from_secs(60));
     }
     let log = vm.stdout_text();
+    let skiff_log = vm.stderr_text();
     drop(vm);
+    // virtio_vsock prints nothing when it probes; the probe shows as the driver setting
+    // DRIVER_OK on the device (skiff's log), next to the address family (af_vsock) and the
+    // PCI function (1af4:1053, modern virtio-vsock).
+    assert!(
+        skiff_log.contains("virtio-vsock: driver ready, guest CID 3"),
+        "the guest's vsock driver never started the device\n{skiff_log}"
+    );
 
     // The e820 map skiff wrote: low RAM below the EBDA, the reserved legacy area, RAM from 1 MiB
     // to the end of the 512 MiB guest, and the reserved ECAM window.
@@ -112,6 +125,9 @@ fn minimal_kernel_boots_with_the_memory_map_cpus_and_devices_skiff_gave_it() {
         "device=eth0",
         // virtio-console became a console.
         "console [hvc0] enabled",
+        // vsock: the address family and the virtio-vsock PCI function.
+        "NET: Registered PF_VSOCK protocol family",
+        "[1af4:1053]",
     ] {
         assert!(log.contains(line), "kernel log lacks {line:?}\n{log}");
     }

@@ -18,6 +18,7 @@ use devices::virtio::console::{ConsoleError, ConsoleInput, VirtioConsole};
 use devices::virtio::net::{NetError, VirtioNet};
 use devices::virtio::rng::VirtioRng;
 use devices::virtio::transport::{StateError, VirtioPciDevice, VirtioPciState};
+use devices::virtio::vsock::{VirtioVsock, VsockError};
 use devices::virtio::{DeviceIdentity, VirtioDevice};
 use devices::vm_exit::VmExitSignal;
 use event_manager::{EventManager, MutEventSubscriber};
@@ -119,6 +120,9 @@ pub enum BuildError {
     /// The `--console` device could not be set up.
     #[error(transparent)]
     Console(#[from] ConsoleError),
+    /// The `--vsock` device could not be set up (its socket).
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
     /// A saved virtio device state cannot be used.
     #[error(transparent)]
     VirtioState(#[from] StateError),
@@ -422,6 +426,9 @@ fn create_pci_devices(
         let device = VhostUserDevice::new(vhost_user, regions, events.remote_endpoint())?;
         pci.add_virtio_device(Box::new(device))?;
     }
+    if let Some(vsock) = &cfg.vsock {
+        pci.add_virtio_device(Box::new(VirtioVsock::new(vsock.cid, &vsock.socket)?))?;
+    }
     let console_input = if cfg.console {
         let console = VirtioConsole::new(Box::new(std::io::stdout()))?;
         let input = console.input();
@@ -469,6 +476,10 @@ pub(crate) fn create_restored_pci_devices(
             })?),
             DeviceIdentity::Rng => Box::new(VirtioRng::new()),
             DeviceIdentity::Net { tap, mac } => Box::new(VirtioNet::open(tap, Some(*mac))?),
+            DeviceIdentity::Vsock { cid, socket } => {
+                // Listens anew; the guest hears a transport reset for its old connections.
+                Box::new(VirtioVsock::restored(*cid, socket)?)
+            }
             DeviceIdentity::Console => {
                 let console = VirtioConsole::new(Box::new(std::io::stdout()))?;
                 console_input = Some(console.input());

@@ -7,7 +7,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::api::client;
-use crate::config::resource_override::{DiskOverride, NetOverride, VhostUserOverride};
+use crate::config::resource_override::{
+    DiskOverride, NetOverride, VhostUserOverride, VsockOverride,
+};
 use crate::config::{parse_timeout, SerialConfig};
 use crate::runner::{run_vm, RunOptions, RunOutcome};
 use crate::snapshot::auth::{default_key_path, SnapshotKey};
@@ -45,6 +47,10 @@ pub struct RestoreArgs {
     /// (repeatable).
     #[arg(long = "vhost-user", value_name = "SPEC")]
     pub vhost_user: Vec<VhostUserOverride>,
+    /// Listen on this Unix socket for the snapshot's vsock device ID: id=ID,socket=PATH (each
+    /// concurrent restore of one snapshot needs its own).
+    #[arg(long = "vsock", value_name = "SPEC")]
+    pub vsock: Vec<VsockOverride>,
     /// A diff snapshot's parent directory (instead of the one the diff names).
     #[arg(long, value_name = "DIR")]
     pub parent: Option<PathBuf>,
@@ -65,6 +71,11 @@ impl RestoreArgs {
                 .collect(),
             vhost_user: self
                 .vhost_user
+                .iter()
+                .map(|v| (v.id.clone(), v.socket.clone()))
+                .collect(),
+            vsock: self
+                .vsock
                 .iter()
                 .map(|v| (v.id.clone(), v.socket.clone()))
                 .collect(),
@@ -234,9 +245,9 @@ pub fn snapshot_info(args: InfoArgs) -> Result<(), String> {
 /// `skiff ctl --api-socket PATH ACTION`
 #[derive(Debug, clap::Args)]
 pub struct CtlArgs {
-    /// The running skiff's control socket.
+    /// The running skiff's control socket (every action but `exec`).
     #[arg(long, value_name = "PATH")]
-    pub api_socket: PathBuf,
+    pub api_socket: Option<PathBuf>,
     /// What to do.
     #[command(subcommand)]
     pub action: CtlAction,
@@ -268,6 +279,9 @@ pub enum CtlAction {
         #[arg(long)]
         diff: bool,
     },
+    /// Run a command through the guest agent of a VM started with `skiff run --agent`, and exit
+    /// with its status (docs/exec.md).
+    Exec(crate::exec::ctl::CtlExecArgs),
 }
 
 /// Sends the request, prints the JSON answer on stdout, and returns 0; on an error answer or
@@ -275,11 +289,21 @@ pub enum CtlAction {
 /// while it is written, when stderr is a terminal.
 pub fn ctl(args: CtlArgs) -> ExitCode {
     use std::io::IsTerminal;
-    let (method, path, body) = match args.action {
+    let (action, api_socket) = match (args.action, args.api_socket) {
+        (CtlAction::Exec(exec), _) => return crate::exec::ctl::run(exec),
+        (action, Some(socket)) => (action, socket),
+        (_, None) => {
+            eprintln!("skiff: ctl needs --api-socket PATH (the running skiff's control socket)");
+            return ExitCode::from(crate::exit_code::USAGE);
+        }
+    };
+    let (method, path, body) = match action {
         CtlAction::Status => ("GET", "/vm", None),
         CtlAction::Pause => ("PUT", "/vm/pause", None),
         CtlAction::Resume => ("PUT", "/vm/resume", None),
         CtlAction::Shutdown => ("PUT", "/vm/shutdown", None),
+        // Answered above, without the control socket.
+        CtlAction::Exec(_) => return ExitCode::from(crate::exit_code::USAGE),
         CtlAction::Snapshot {
             dir,
             stop,
@@ -306,9 +330,9 @@ pub fn ctl(args: CtlArgs) -> ExitCode {
     };
     let answer = match body.as_deref() {
         Some(body) if path == "/vm/snapshot" && std::io::stderr().is_terminal() => {
-            crate::api::progress_bar::snapshot_with_progress(&args.api_socket, body)
+            crate::api::progress_bar::snapshot_with_progress(&api_socket, body)
         }
-        body => client::request(&args.api_socket, method, path, body),
+        body => client::request(&api_socket, method, path, body),
     };
     match answer {
         Ok((status, body)) if (200..300).contains(&status) => {

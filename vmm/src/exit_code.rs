@@ -11,6 +11,22 @@
 //! | 122 | the hypervisor could not run a vCPU (KVM internal error, e.g. emulation failure) |
 //! | 124 | `--timeout` expired |
 //! | 128+N | skiff was stopped by signal N (130 for SIGINT, 143 for SIGTERM) |
+//!
+//! `skiff exec` exits with the command's own code (128+N when a signal N killed it), 124 when
+//! the command's `--timeout` expired, and these codes for its own failures:
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 200 | skiff could not set up or start the VM (missing kernel, bad option, initramfs) |
+//! | 201 | the guest never came up: no agent connected within `--boot-timeout`, or the VM ended first |
+//! | 202 | this host's KVM cannot run Linux user space (PVM): the kernel reached `Run /init`, no agent |
+//! | 203 | the agent was lost while the command ran (connection closed, VM ended) |
+//! | 204 | the guest broke the agent protocol (garbage on the connection) |
+//! | 205 | virtiofsd is missing, could not start, or died |
+//! | 206 | the agent could not set the command up (e.g. its working directory is missing) |
+//!
+//! A command that does not exist in the guest gives 127, and one that cannot be executed 126,
+//! as a shell does.
 
 use devices::vm_exit::GuestEnd;
 
@@ -26,6 +42,20 @@ pub const TRIPLE_FAULT: u8 = 121;
 pub const INTERNAL_ERROR: u8 = 122;
 /// Timeout.
 pub const TIMEOUT: u8 = 124;
+/// `skiff exec`: set-up or VM start failed.
+pub const EXEC_SETUP: u8 = 200;
+/// `skiff exec`: the guest never came up (no agent).
+pub const EXEC_NO_AGENT: u8 = 201;
+/// `skiff exec`: the host's KVM cannot run Linux user space (PVM).
+pub const EXEC_PVM_HOST: u8 = 202;
+/// `skiff exec`: the agent was lost mid-command.
+pub const EXEC_AGENT_LOST: u8 = 203;
+/// `skiff exec`: the guest sent something that is not the agent protocol.
+pub const EXEC_GARBAGE: u8 = 204;
+/// `skiff exec`: virtiofsd missing, failed to start, or died.
+pub const EXEC_VIRTIOFSD: u8 = 205;
+/// `skiff exec`: the agent could not set the command up.
+pub const EXEC_NOT_STARTED: u8 = 206;
 
 /// The exit code for `end`, and the line to print on stderr (none for a guest's own clean exit).
 pub fn report(end: GuestEnd) -> (u8, Option<String>) {

@@ -13,6 +13,7 @@
 //! - `snapshot`: snapshot directories: manifest, state file, sparse memory files, restore.
 //! - `commands`: the `skiff restore` and `skiff ctl` subcommands.
 //! - `api`: the control API (HTTP + JSON on a Unix socket) and its `skiff ctl` client.
+//! - `exec`: `skiff exec`: boot with the guest agent, run one command, return its status.
 //! - `exit_code`: the process exit codes skiff documents.
 //! - `teardown`: ends skiff without waiting for the kernel's VM teardown.
 //! - `terminal`: raw mode for the host terminal.
@@ -33,6 +34,8 @@ pub mod commands;
 pub mod config;
 #[cfg(target_os = "linux")]
 pub mod event_loop;
+#[cfg(target_os = "linux")]
+pub mod exec;
 #[cfg(target_os = "linux")]
 pub mod exit_code;
 #[cfg(target_os = "linux")]

@@ -14,7 +14,7 @@ mod cli {
     use clap::{Parser, Subcommand};
     use vmm::config::{
         parse_cpus, parse_timeout, DiskArg, MemoryArg, NetConfig, RngConfig, SerialConfig,
-        VhostUserArg, VmConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY,
+        VhostUserArg, VmConfig, VsockConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY,
     };
     use vmm::exit_code;
     use vmm::memory::backing::BackingKind;
@@ -33,6 +33,9 @@ mod cli {
         /// Boot a kernel and run the VM until the guest ends.
         #[command(after_help = RUN_EXAMPLES)]
         Run(RunArgs),
+        /// Boot a kernel with skiff's guest agent, run CMD in the guest, and exit with its
+        /// status (docs/exec.md).
+        Exec(vmm::exec::ExecArgs),
         /// Restore a VM from a snapshot directory and run it until the guest ends.
         #[command(after_help = RESTORE_EXAMPLES)]
         Restore(vmm::commands::RestoreArgs),
@@ -135,6 +138,14 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
         /// (repeatable).
         #[arg(long = "vhost-user", value_name = "SPEC")]
         vhost_user: Vec<VhostUserArg>,
+        /// Boot with skiff's guest agent as PID 1 (its initramfs before any --initrd), listening
+        /// on vsock port 1024 for `skiff ctl exec`; needs --vsock (docs/exec.md).
+        #[arg(long)]
+        agent: bool,
+        /// virtio-vsock in process: cid=N,socket=PATH. Host programs connect to PATH and write
+        /// "CONNECT PORT\n"; guest connections to port P go to the Unix socket PATH_P.
+        #[arg(long, value_name = "SPEC")]
+        vsock: Option<VsockConfig>,
     }
 
     impl RunArgs {
@@ -156,6 +167,7 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
                 console: self.console,
                 rngs: RngConfig::repeated(self.rng),
                 vhost_user: self.vhost_user.into_iter().map(|v| v.0).collect(),
+                vsock: self.vsock,
             }
         }
     }
@@ -187,12 +199,24 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
         match cli.command {
             Command::Run(args) => {
                 let api_socket = args.api_socket.clone();
-                run(args.into_config(), api_socket)
+                let agent = args.agent;
+                let mut cfg = args.into_config();
+                // Lives until the VM has ended: it holds the initramfs file.
+                let _agent_initrd = if agent {
+                    match with_agent(&mut cfg) {
+                        Ok(initrd) => Some(initrd),
+                        Err((code, line)) => return fail(code, &line),
+                    }
+                } else {
+                    None
+                };
+                run(cfg, api_socket)
             }
             Command::Restore(args) => match vmm::commands::restore(args) {
                 Ok(outcome) => report(outcome),
                 Err(e) => fail(exit_code::VMM_ERROR, &e),
             },
+            Command::Exec(args) => vmm::exec::run(args),
             Command::Ctl(args) => vmm::commands::ctl(args),
             Command::VhostUserBlk(args) => vmm::vhost_user_blk::run(args),
             Command::SnapshotMerge(args) => match vmm::commands::snapshot_merge(args) {
@@ -204,6 +228,23 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
                 Err(e) => fail(exit_code::VMM_ERROR, &e),
             },
         }
+    }
+
+    /// `--agent`: boots skiff's agent initramfs (the user's `--initrd` appended) with the agent
+    /// listening on vsock port 1024.
+    fn with_agent(cfg: &mut VmConfig) -> Result<vmm::exec::AgentInitrd, (u8, String)> {
+        if cfg.vsock.is_none() {
+            return Err((
+                exit_code::USAGE,
+                "--agent needs --vsock cid=N,socket=PATH (skiff ctl exec reaches the agent through it)".into(),
+            ));
+        }
+        let initrd = vmm::exec::AgentInitrd::create(cfg.initrd.as_deref())
+            .map_err(|e| (exit_code::VMM_ERROR, e))?;
+        cfg.initrd = Some(initrd.path());
+        cfg.cmdline.push(' ');
+        cfg.cmdline.push_str(&vmm::exec::agent_listen_cmdline());
+        Ok(initrd)
     }
 
     fn run(cfg: VmConfig, api_socket: Option<PathBuf>) -> ExitCode {

@@ -92,6 +92,14 @@ pub enum DeviceIdentity {
     },
     /// virtio-console.
     Console,
+    /// virtio-vsock: the guest CID and the host Unix socket (`--vsock`). Connections are not
+    /// saved; the restored device resets them (`VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`).
+    Vsock {
+        /// Guest CID.
+        cid: u64,
+        /// The listening socket `PATH` (guest connections go to `PATH_<port>`).
+        socket: std::path::PathBuf,
+    },
     /// A device served by a vhost-user backend: its `--vhost-user` configuration (type,
     /// socket, queues, tag, reconnect). The backend itself keeps no state skiff relies on.
     VhostUser(crate::vhost_user::VhostUserConfig),

@@ -16,6 +16,7 @@ pub mod subscription;
 #[cfg(test)]
 pub(crate) mod test_support;
 pub mod transport;
+pub mod vsock;
 
 pub use device::{
     ActivateContext, ActivateError, ActivatedQueue, DeviceDirtyLog, DeviceIdentity, DeviceSignals,

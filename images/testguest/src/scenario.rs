@@ -17,7 +17,7 @@ pub const EXIT_FAIL: u8 = 33;
 pub const EXIT_PANIC: u8 = 34;
 
 /// Names used in FAIL lines, indexed by `CURRENT`.
-const NAMES: [&str; 23] = [
+const NAMES: [&str; 31] = [
     "boot",
     "hello",
     "memcheck",
@@ -41,6 +41,14 @@ const NAMES: [&str; 23] = [
     "virtio-bar-move",
     "io-loop",
     "blkloop",
+    "vsock-echo",
+    "vsock-serve",
+    "vsock-flood",
+    "vsock-vanish",
+    "vsock-abuse",
+    "vsock-snapshot",
+    "agent",
+    "agent-listen",
 ];
 const BOOT: u8 = 0;
 const HELLO: u8 = 1;
@@ -65,6 +73,14 @@ const VIRTIO_FS: u8 = 19;
 const VIRTIO_BAR_MOVE: u8 = 20;
 const IO_LOOP: u8 = 21;
 const BLKLOOP: u8 = 22;
+const VSOCK_ECHO: u8 = 23;
+const VSOCK_SERVE: u8 = 24;
+const VSOCK_FLOOD: u8 = 25;
+const VSOCK_VANISH: u8 = 26;
+const VSOCK_ABUSE: u8 = 27;
+const VSOCK_SNAPSHOT: u8 = 28;
+const AGENT: u8 = 29;
+const AGENT_LISTEN: u8 = 30;
 
 /// The scenario now running, for FAIL lines from the exception handler. In `.data.tg_hot` (see
 /// linker.ld).
@@ -165,6 +181,14 @@ pub fn run_all(info: &BootInfo) -> ! {
                 start(VIRTIO_CONSOLE);
                 console::run(info);
             }
+            b"agent" => {
+                start(AGENT);
+                crate::virtio::agent::run(info);
+            }
+            b"agent-listen" => {
+                start(AGENT_LISTEN);
+                crate::virtio::agent::listen(info);
+            }
             b"virtio-bar-move" => {
                 start(VIRTIO_BAR_MOVE);
                 crate::virtio::bar_move::run(info);
@@ -206,6 +230,24 @@ pub fn run_all(info: &BootInfo) -> ! {
                     Some(rounds) => blk::loop_rounds(info, rounds),
                     None => fail_msg("bad round count (want blkloop=N, 1 <= N < 1048576)"),
                 }
+            }
+            _ if token.starts_with(b"vsock-") => {
+                use crate::virtio::vsock_cases as vc;
+                let (name, args) = match token.iter().position(|&b| b == b'=') {
+                    Some(at) => (&token[..at], &token[at + 1..]),
+                    None => (token, &token[token.len()..]),
+                };
+                let (id, case): (u8, fn(&BootInfo, &[u8])) = match name {
+                    b"vsock-echo" => (VSOCK_ECHO, vc::echo),
+                    b"vsock-serve" => (VSOCK_SERVE, vc::serve),
+                    b"vsock-flood" => (VSOCK_FLOOD, vc::flood),
+                    b"vsock-vanish" => (VSOCK_VANISH, vc::vanish),
+                    b"vsock-abuse" => (VSOCK_ABUSE, vc::abuse),
+                    b"vsock-snapshot" => (VSOCK_SNAPSHOT, vc::snapshot),
+                    _ => continue,
+                };
+                start(id);
+                case(info, args);
             }
             _ if token.starts_with(b"counter=") => {
                 start(COUNTER);

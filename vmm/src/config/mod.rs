@@ -3,8 +3,9 @@
 //! `--memory size=SIZE[,file=PATH][,hugepages=on][,prealloc=on]` becomes a `MemoryConfig`,
 //! `--serial stdio|file=PATH|off` a `SerialConfig`, `--net tap=NAME[,mac=MAC]` a `NetConfig`
 //! (module `net`), `--disk path=FILE[,...]` a `DiskConfig` (module `disk`), `--vhost-user
-//! type=...,socket=PATH[,...]` a `VhostUserConfig` (module `vhost_user`). Nothing downstream
-//! re-parses these strings.
+//! type=...,socket=PATH[,...]` a `VhostUserConfig` (module `vhost_user`), `--vsock
+//! cid=N,socket=PATH` a `VsockConfig` (module `vsock`). Nothing downstream re-parses these
+//! strings.
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -20,11 +21,13 @@ pub mod key_values;
 pub mod net;
 pub mod resource_override;
 pub mod vhost_user;
+pub mod vsock;
 
 pub use disk::{DiskArg, DiskConfig};
 pub use key_values::{KeyValueError, KeyValueSpec};
 pub use net::NetConfig;
 pub use vhost_user::{VhostUserArg, VhostUserConfig};
+pub use vsock::VsockConfig;
 
 /// Most vCPUs skiff creates: APIC IDs and ACPI processor UIDs are 8-bit in the xAPIC MADT
 /// entries skiff writes.
@@ -243,6 +246,8 @@ pub struct VmConfig {
     pub rngs: Vec<RngConfig>,
     /// Devices served by vhost-user backends (`--vhost-user`), in command-line order.
     pub vhost_user: Vec<VhostUserConfig>,
+    /// The in-process virtio-vsock device (`--vsock`).
+    pub vsock: Option<VsockConfig>,
 }
 
 /// One virtio-rng device (`--rng`): entropy from the host's `getrandom`. No options yet.

@@ -1,5 +1,5 @@
-//! `skiff restore`'s resource overrides: `--disk id=ID,path=PATH`, `--net id=ID,tap=TAP` and
-//! `--vhost-user id=ID,socket=PATH`, each naming one host resource of the snapshot (by the id
+//! `skiff restore`'s resource overrides: `--disk id=ID,path=PATH`, `--net id=ID,tap=TAP`,
+//! `--vhost-user id=ID,socket=PATH` and `--vsock id=ID,socket=PATH`, each naming one host resource of the snapshot (by the id
 //! `skiff snapshot-info` shows) and what to use instead. The list is split by the shared
 //! `key_values` splitter, and the resource's value is checked by the option's own parser
 //! (`disk.rs`, `net.rs`), so paths and tap names are checked the same way as for `run`. Only the
@@ -14,6 +14,7 @@ use thiserror::Error;
 use super::disk::{DiskArg, DiskConfigError};
 use super::key_values::{KeyValueError, KeyValueSpec};
 use super::net::{NetConfig, NetConfigError};
+use super::vsock::{check_socket_path, VsockConfigError};
 
 /// A malformed override.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -30,9 +31,12 @@ pub enum OverrideError {
     /// The net part does not parse.
     #[error(transparent)]
     Net(#[from] NetConfigError),
-    /// No `socket=`, or an empty one.
-    #[error("--vhost-user on restore needs socket=PATH")]
-    MissingSocket,
+    /// No `socket=`, or an empty one (the option is named).
+    #[error("--{0} on restore needs socket=PATH")]
+    MissingSocket(&'static str),
+    /// The vsock socket path does not fit a Unix socket address.
+    #[error(transparent)]
+    Vsock(#[from] VsockConfigError),
 }
 
 /// Splits an override into its id and the resource's `key=value` (as the option's own parser
@@ -129,11 +133,41 @@ impl FromStr for VhostUserOverride {
         let socket = rest
             .strip_prefix("socket=")
             .filter(|p| !p.is_empty())
-            .ok_or(OverrideError::MissingSocket)?;
+            .ok_or(OverrideError::MissingSocket("vhost-user"))?;
         Ok(Self {
             id,
             socket: PathBuf::from(socket),
         })
+    }
+}
+
+/// `--vsock id=ID,socket=PATH` on restore: the Unix socket the restored vsock device listens
+/// on (each fork of one snapshot needs its own). The guest's CID stays as saved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockOverride {
+    /// The snapshot's device id (`vsock0`).
+    pub id: String,
+    /// The socket to listen on instead.
+    pub socket: PathBuf,
+}
+
+impl FromStr for VsockOverride {
+    type Err = OverrideError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        const SPEC: KeyValueSpec = KeyValueSpec {
+            option: "--vsock",
+            keys: &["id", "socket"],
+            bare: None,
+        };
+        let (id, rest) = split_id(s, "vsock", &SPEC, "socket")?;
+        let socket = rest
+            .strip_prefix("socket=")
+            .filter(|p| !p.is_empty())
+            .ok_or(OverrideError::MissingSocket("vsock"))?;
+        let socket = PathBuf::from(socket);
+        check_socket_path(&socket)?;
+        Ok(Self { id, socket })
     }
 }
 
@@ -195,7 +229,23 @@ mod tests {
         assert!("id=d".parse::<DiskOverride>().is_err());
         assert_eq!(
             "id=v".parse::<VhostUserOverride>(),
-            Err(OverrideError::MissingSocket)
+            Err(OverrideError::MissingSocket("vhost-user"))
         );
+        assert_eq!(
+            "id=vsock0,socket=/run/f1.vsock"
+                .parse::<VsockOverride>()
+                .unwrap()
+                .socket,
+            PathBuf::from("/run/f1.vsock")
+        );
+        let e = "id=vsock0,socket=/s,cid=9"
+            .parse::<VsockOverride>()
+            .unwrap_err();
+        assert!(e.to_string().contains("unknown --vsock key \"cid\""), "{e}");
+        let long = format!("id=vsock0,socket=/{}", "x".repeat(200));
+        assert!(matches!(
+            long.parse::<VsockOverride>(),
+            Err(OverrideError::Vsock(_))
+        ));
     }
 }

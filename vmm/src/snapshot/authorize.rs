@@ -1,6 +1,7 @@
 //! Which host resources a restore may open: the snapshot's own, when it is authenticated as
 //! this user's (`auth.rs`), or the ones the user names again on the restore command line
-//! (`--disk id=,path=`, `--net id=,tap=`, `--vhost-user id=,socket=`, `--parent`), which win
+//! (`--disk id=,path=`, `--net id=,tap=`, `--vhost-user id=,socket=`, `--vsock id=,socket=`,
+//! `--parent`), which win
 //! over the snapshot's. Anything else is refused, naming the first resource refused.
 //!
 //! The result, a `RestorePlan`, is the only source of what restore opens outside the snapshot
@@ -28,6 +29,8 @@ pub struct ResourceOverrides {
     pub nets: Vec<(String, String)>,
     /// `--vhost-user id=ID,socket=PATH`.
     pub vhost_user: Vec<(String, PathBuf)>,
+    /// `--vsock id=ID,socket=PATH`.
+    pub vsock: Vec<(String, PathBuf)>,
     /// `--parent DIR`: a diff's parent directory.
     pub parent: Option<PathBuf>,
 }
@@ -147,14 +150,16 @@ pub fn authorize(
             .filter_map(|(_, id)| id.clone())
             .collect()
     };
-    let (disks, nets, vhost) = (
+    let (disks, nets, vhost, vsock) = (
         ids_of(|d| matches!(d, DeviceIdentity::Blk { .. })),
         ids_of(|d| matches!(d, DeviceIdentity::Net { .. })),
         ids_of(|d| matches!(d, DeviceIdentity::VhostUser(_))),
+        ids_of(|d| matches!(d, DeviceIdentity::Vsock { .. })),
     );
     check_ids("disk", &overrides.disks, &disks)?;
     check_ids("net", &overrides.nets, &nets)?;
     check_ids("vhost-user", &overrides.vhost_user, &vhost)?;
+    check_ids("vsock", &overrides.vsock, &vsock)?;
     let refused = |resource: &HostResource, hint: String| match &snap.authentication {
         Authentication::Authenticated => None,
         Authentication::NotAuthenticated(why) => Some(AuthorizeError::Refused(Box::new(Refusal {
@@ -179,6 +184,9 @@ pub fn authorize(
             DeviceIdentity::VhostUser(cfg) => find(&overrides.vhost_user, id)
                 .map(|s| cfg.socket = s.clone())
                 .ok_or_else(|| format!("--vhost-user id={id},socket=PATH")),
+            DeviceIdentity::Vsock { socket, .. } => find(&overrides.vsock, id)
+                .map(|s| *socket = s.clone())
+                .ok_or_else(|| format!("--vsock id={id},socket=PATH")),
             DeviceIdentity::Rng | DeviceIdentity::Console => continue,
         };
         let Some(resource) = device_resource(&device.identity, id) else {

@@ -1,12 +1,12 @@
 //! The host resources a snapshot names: what restoring it would make skiff open outside the
-//! snapshot directory (disks, taps, vhost-user sockets, a diff's parent directory), and what it
+//! snapshot directory (disks, taps, vhost-user sockets, the vsock device's socket, a diff's parent directory), and what it
 //! merely records (kernel, initrd, the original `file=` memory backing).
 //!
 //! The list is derived from the decoded state and the manifest's VM description, and
 //! `manifest.json` carries the same list (`resources`) so that `skiff snapshot-info` can show it
 //! and a reader can see it; restore refuses a manifest whose list differs from what the state
 //! really names. Devices get ids: a disk's own `id=` (its serial) when it has a unique one,
-//! else `disk0`, `disk1`, ... in bus order; `net0`, ...; `vhost-user0`, ....
+//! else `disk0`, `disk1`, ... in bus order; `net0`, ...; `vhost-user0`, ...; `vsock0`.
 //!
 //! Not here: whether restore may open them (`authorize`).
 
@@ -49,6 +49,14 @@ pub enum HostResource {
         /// The socket.
         socket: PathBuf,
     },
+    /// The Unix socket of the in-process virtio-vsock device (listened on, replacing a stale
+    /// socket file, on restore).
+    Vsock {
+        /// The device id (`--vsock id=`).
+        id: String,
+        /// The socket.
+        socket: PathBuf,
+    },
     /// A diff snapshot's parent directory (its memory files are read on restore).
     Parent {
         /// The directory.
@@ -77,7 +85,11 @@ impl HostResource {
     pub fn opened_on_restore(&self) -> bool {
         matches!(
             self,
-            Self::Disk { .. } | Self::Net { .. } | Self::VhostUser { .. } | Self::Parent { .. }
+            Self::Disk { .. }
+                | Self::Net { .. }
+                | Self::VhostUser { .. }
+                | Self::Vsock { .. }
+                | Self::Parent { .. }
         )
     }
 
@@ -87,6 +99,7 @@ impl HostResource {
             Self::Disk { .. } => "disk",
             Self::Net { .. } => "net",
             Self::VhostUser { .. } => "vhost-user",
+            Self::Vsock { .. } => "vsock",
             Self::Parent { .. } => "parent",
             Self::Kernel { .. } => "kernel",
             Self::Initrd { .. } => "initrd",
@@ -97,7 +110,10 @@ impl HostResource {
     /// The device id, or the kind for a resource that is not a device.
     pub fn id(&self) -> &str {
         match self {
-            Self::Disk { id, .. } | Self::Net { id, .. } | Self::VhostUser { id, .. } => id,
+            Self::Disk { id, .. }
+            | Self::Net { id, .. }
+            | Self::VhostUser { id, .. }
+            | Self::Vsock { id, .. } => id,
             Self::Parent { .. } => PARENT_ID,
             other => other.kind(),
         }
@@ -109,6 +125,7 @@ impl HostResource {
             Self::Net { tap, .. } => format!("tap {tap:?}"),
             Self::Disk { path, .. }
             | Self::VhostUser { socket: path, .. }
+            | Self::Vsock { socket: path, .. }
             | Self::Parent { path }
             | Self::Kernel { path }
             | Self::Initrd { path }
@@ -138,12 +155,13 @@ pub fn device_ids(devices: &[VirtioPciState]) -> Vec<Option<String>> {
     }
     // The others: `disk{n}` for the n-th disk in bus order (the next free number if that
     // name is some disk's own id), likewise for net and vhost-user.
-    let mut counters = [0usize; 3];
+    let mut counters = [0usize; 4];
     for (i, d) in devices.iter().enumerate() {
         let (slot, prefix) = match &d.identity {
             DeviceIdentity::Blk { .. } => (0, "disk"),
             DeviceIdentity::Net { .. } => (1, "net"),
             DeviceIdentity::VhostUser(_) => (2, "vhost-user"),
+            DeviceIdentity::Vsock { .. } => (3, "vsock"),
             DeviceIdentity::Rng | DeviceIdentity::Console => continue,
         };
         let position = counters[slot];
@@ -174,6 +192,10 @@ pub fn device_resource(identity: &DeviceIdentity, id: &str) -> Option<HostResour
         DeviceIdentity::VhostUser(cfg) => Some(HostResource::VhostUser {
             id: id.to_string(),
             socket: cfg.socket.clone(),
+        }),
+        DeviceIdentity::Vsock { socket, .. } => Some(HostResource::Vsock {
+            id: id.to_string(),
+            socket: socket.clone(),
         }),
         DeviceIdentity::Rng | DeviceIdentity::Console => None,
     }

@@ -80,7 +80,9 @@ pub fn run(info: &BootInfo) {
     set_bar(old as u32);
     if mask != 0xffff_8000 {
         fail(|w| {
-            w.str("size mask ").hex(mask.into()).str(", expected 0xffff8000");
+            w.str("size mask ")
+                .hex(mask.into())
+                .str(", expected 0xffff8000");
         });
     }
     expect(old, true, "after sizing");

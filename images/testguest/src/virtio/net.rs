@@ -111,7 +111,10 @@ impl NetPort {
         put(0, &[0xff; 6]);
         put(6, &self.mac);
         put(12, &ETHERTYPE.to_be_bytes());
-        put(ETH_HDR, &payload[..payload.len().min((MIN_FRAME - ETH_HDR) as usize)]);
+        put(
+            ETH_HDR,
+            &payload[..payload.len().min((MIN_FRAME - ETH_HDR) as usize)],
+        );
         self.tx
             .add(&[Buf::of(&frame, false)])
             .expect("tx queue has room");
