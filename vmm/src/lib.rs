@@ -37,6 +37,8 @@ pub mod event_loop;
 #[cfg(target_os = "linux")]
 pub mod exec;
 #[cfg(target_os = "linux")]
+pub mod test_runner;
+#[cfg(target_os = "linux")]
 pub mod exit_code;
 #[cfg(target_os = "linux")]
 pub mod pci_devices;
