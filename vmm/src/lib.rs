@@ -37,8 +37,6 @@ pub mod event_loop;
 #[cfg(target_os = "linux")]
 pub mod exec;
 #[cfg(target_os = "linux")]
-pub mod test_runner;
-#[cfg(target_os = "linux")]
 pub mod exit_code;
 #[cfg(target_os = "linux")]
 pub mod pci_devices;
@@ -52,6 +50,8 @@ pub mod snapshot;
 pub mod teardown;
 #[cfg(target_os = "linux")]
 pub mod terminal;
+#[cfg(target_os = "linux")]
+pub mod test_runner;
 #[cfg(target_os = "linux")]
 pub mod vcpu;
 #[cfg(target_os = "linux")]

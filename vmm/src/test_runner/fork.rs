@@ -62,9 +62,6 @@ pub fn prepare(ctx: &RunContext, vm: &VmSpec, index: usize) -> Result<ForkBase, 
     let fail = |why: String| format!("{why}{}", serial_tail(&dir.join("serial.log")));
     let mut client = connect_agent(&socket, Instant::now() + vm.boot_timeout, &mut base)
         .map_err(|e| fail(format!("vm {:?} did not come up: {e}", vm.name)))?;
-    client
-        .hello(|| false)
-        .map_err(|e| fail(format!("vm {:?}: agent hello: {e:?}", vm.name)))?;
     let mut transcript = std::fs::File::create(dir.join("setup-transcript.log"))
         .map_err(|e| format!("vm {:?}: artifact directory: {e}", vm.name))?;
     run_setup(&mut client, vm, &dir, &mut transcript, &mut base)
@@ -99,7 +96,12 @@ pub fn prepare(ctx: &RunContext, vm: &VmSpec, index: usize) -> Result<ForkBase, 
                 exit_code(s)
             ))
         }
-        None => return Err(format!("vm {:?}: skiff did not stop after its snapshot", vm.name)),
+        None => {
+            return Err(format!(
+                "vm {:?}: skiff did not stop after its snapshot",
+                vm.name
+            ))
+        }
     }
     Ok(ForkBase {
         snapshot,

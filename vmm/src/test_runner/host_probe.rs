@@ -51,7 +51,10 @@ impl HostCapabilities {
         add("hugepages", hugepages());
         add("net-admin", net_admin());
         add("io-uring", io_uring());
-        add("virtiofsd", crate::exec::virtiofsd::find_virtiofsd().is_ok());
+        add(
+            "virtiofsd",
+            crate::exec::virtiofsd::find_virtiofsd().is_ok(),
+        );
         // skiff's virtio-vsock device is in-process: it needs nothing from the host kernel.
         add("vsock", true);
         add("landlock", landlock());

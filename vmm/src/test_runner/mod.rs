@@ -231,7 +231,10 @@ pub fn run(args: TestArgs) -> ExitCode {
     let mut bases: std::collections::BTreeMap<String, Result<Arc<fork::ForkBase>, String>> =
         std::collections::BTreeMap::new();
     for (index, w) in work.iter_mut().enumerate() {
-        if !matches!(w.mode, Mode::Cold) || !w.vm.fork || !matches!(w.case.run, suite::CaseRun::Argv(_)) {
+        if !matches!(w.mode, Mode::Cold)
+            || !w.vm.fork
+            || !matches!(w.case.run, suite::CaseRun::Argv(_))
+        {
             continue;
         }
         let base = bases
@@ -239,7 +242,10 @@ pub fn run(args: TestArgs) -> ExitCode {
             .or_insert_with(|| fork::prepare(&ctx, &w.vm, index).map(Arc::new));
         w.mode = match base {
             Ok(b) => Mode::Fork(b.clone()),
-            Err(why) => Mode::Fail(format!("setup of vm {:?} failed, case not run: {why}", w.vm.name)),
+            Err(why) => Mode::Fail(format!(
+                "setup of vm {:?} failed, case not run: {why}",
+                w.vm.name
+            )),
         };
     }
     let out = Mutex::new(std::io::stdout());

@@ -188,7 +188,11 @@ impl Requirement {
         match self {
             Self::Atom(a) => {
                 let ok = host.has(a);
-                decisive.push(if ok { format!("{a}") } else { format!("{a} unmet") });
+                decisive.push(if ok {
+                    format!("{a}")
+                } else {
+                    format!("{a} unmet")
+                });
                 ok
             }
             Self::Not(r) => !r.holds(host, decisive),
@@ -228,12 +232,17 @@ mod tests {
         let r = Requirement::parse("!(a | b) & mem>=2G").unwrap();
         assert!(r.check(&host(&[])).is_ok());
         assert!(r.check(&host(&["b"])).is_err());
-        assert!(Requirement::parse("mem>=8G").unwrap().check(&host(&[])).is_err());
+        assert!(Requirement::parse("mem>=8G")
+            .unwrap()
+            .check(&host(&[]))
+            .is_err());
     }
 
     #[test]
     fn bad_expressions() {
-        for bad in ["", "a &", "(a", "a b", "a | | b", "cpus>=x", "mem>=3Q", "foo>=1", "a)", "&"] {
+        for bad in [
+            "", "a &", "(a", "a b", "a | | b", "cpus>=x", "mem>=3Q", "foo>=1", "a)", "&",
+        ] {
             assert!(Requirement::parse(bad).is_err(), "{bad:?}");
         }
     }

@@ -181,9 +181,12 @@ pub fn run_setup(
         let mut err = std::fs::File::create(dir.join(format!("setup-{n}.stderr")))
             .map_err(|e| format!("artifact: {e}"))?;
         let _ = writeln!(transcript, "-> Exec {argv:?} (setup)");
-        let end = client.run(&spec(argv, Some(vm.boot_timeout)), &mut out, &mut err, || {
-            proc.ended().is_some()
-        });
+        let end = client.run(
+            &spec(argv, Some(vm.boot_timeout)),
+            &mut out,
+            &mut err,
+            || proc.ended().is_some(),
+        );
         let what = describe(&end, proc);
         let _ = writeln!(transcript, "<- {what}");
         if end != CommandEnd::Exit(ExitStatus::Code(0)) {
@@ -224,8 +227,8 @@ fn attempt_scenario(ctx: &RunContext, w: &Work, scenario: &str, dir: &Path) -> R
     vm.cmdline = format!("{} {scenario}", vm.cmdline).trim().to_string();
     let serial = dir.join("serial.log");
     let args = vm_args(&vm, Path::new(""), &serial);
-    let mut proc = VmProcess::spawn(&ctx.skiff, &args, dir)
-        .map_err(|e| format!("cannot start skiff: {e}"))?;
+    let mut proc =
+        VmProcess::spawn(&ctx.skiff, &args, dir).map_err(|e| format!("cannot start skiff: {e}"))?;
     let Some(status) = proc.wait_until(Instant::now() + w.case.timeout) else {
         proc.kill();
         return Err(format!(
@@ -248,7 +251,13 @@ fn attempt_scenario(ctx: &RunContext, w: &Work, scenario: &str, dir: &Path) -> R
 }
 
 /// An argv through the agent, in a cold-booted or forked VM.
-fn attempt_agent(ctx: &RunContext, w: &Work, argv: &[String], dir: &Path, attempt: u32) -> Result<(), Failure> {
+fn attempt_agent(
+    ctx: &RunContext,
+    w: &Work,
+    argv: &[String],
+    dir: &Path,
+    attempt: u32,
+) -> Result<(), Failure> {
     let socket = ctx.runtime.join(format!("c{}-{attempt}.v", w.position));
     let api = ctx.runtime.join(format!("c{}-{attempt}.api", w.position));
     let serial = dir.join("serial.log");
@@ -259,17 +268,14 @@ fn attempt_agent(ctx: &RunContext, w: &Work, argv: &[String], dir: &Path, attemp
     if ctx.snapshot_on_failure {
         args.extend(["--api-socket".into(), api.clone().into()]);
     }
-    let mut proc = VmProcess::spawn(&ctx.skiff, &args, dir)
-        .map_err(|e| format!("cannot start skiff: {e}"))?;
+    let mut proc =
+        VmProcess::spawn(&ctx.skiff, &args, dir).map_err(|e| format!("cannot start skiff: {e}"))?;
     let mut transcript = std::fs::File::create(dir.join("agent-transcript.log"))
         .map_err(|e| format!("artifact: {e}"))?;
     let boot_fail = |why: String| format!("{why}{}", serial_tail(&serial));
-    let mut client = connect_agent(&socket, Instant::now() + w.vm.boot_timeout, &mut proc)
-        .map_err(boot_fail)?;
-    let agent = client
-        .hello(|| false)
-        .map_err(|e| boot_fail(format!("agent hello: {e:?}")))?;
-    let _ = writeln!(transcript, "<- HelloReply {agent:?}");
+    let mut client =
+        connect_agent(&socket, Instant::now() + w.vm.boot_timeout, &mut proc).map_err(boot_fail)?;
+    let _ = writeln!(transcript, "-> Hello, <- HelloReply");
     if let Mode::Fork(_) = w.mode {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -286,9 +292,8 @@ fn attempt_agent(ctx: &RunContext, w: &Work, argv: &[String], dir: &Path, attemp
             )
             .map_err(|e| format!("agent resume: {e:?}"))?;
     } else {
-        run_setup(&mut client, &w.vm, dir, &mut transcript, &mut proc).map_err(|e| {
-            Failure::from(format!("setup of vm {:?} failed: {e}", w.vm.name))
-        })?;
+        run_setup(&mut client, &w.vm, dir, &mut transcript, &mut proc)
+            .map_err(|e| Failure::from(format!("setup of vm {:?} failed: {e}", w.vm.name)))?;
     }
     let stdout_path = dir.join("stdout.log");
     let mut stdout = std::fs::File::create(&stdout_path).map_err(|e| format!("artifact: {e}"))?;
@@ -327,9 +332,12 @@ fn attempt_agent(ctx: &RunContext, w: &Work, argv: &[String], dir: &Path, attemp
         if let Ok(mut log) = std::fs::File::create(dir.join("kernel.log")) {
             let mut sink = std::io::sink();
             let dmesg = vec!["dmesg".to_string()];
-            let _ = client.run(&spec(&dmesg, Some(Duration::from_secs(10))), &mut log, &mut sink, || {
-                proc.ended().is_some()
-            });
+            let _ = client.run(
+                &spec(&dmesg, Some(Duration::from_secs(10))),
+                &mut log,
+                &mut sink,
+                || proc.ended().is_some(),
+            );
         }
     }
     drop(client);
@@ -345,7 +353,12 @@ fn attempt_agent(ctx: &RunContext, w: &Work, argv: &[String], dir: &Path, attemp
 }
 
 /// Stops a failed case's VM into `DIR/failure-snapshot`; the command that restores it.
-fn snapshot_failed_vm(ctx: &RunContext, api: &Path, dir: &Path, proc: &mut VmProcess) -> Option<String> {
+fn snapshot_failed_vm(
+    ctx: &RunContext,
+    api: &Path,
+    dir: &Path,
+    proc: &mut VmProcess,
+) -> Option<String> {
     let snapshot = dir.join("failure-snapshot");
     let out = Command::new(&ctx.skiff)
         .arg("ctl")
@@ -415,11 +428,18 @@ fn run_case(ctx: &RunContext, w: &Work) -> CaseResult {
         };
         match outcome {
             Ok(()) => {
-                result.verdict = Verdict::Pass;
+                if let Verdict::Fail(previous) =
+                    std::mem::replace(&mut result.verdict, Verdict::Pass)
+                {
+                    result.earlier_failures.push(previous);
+                }
+                result.restore_command = None;
                 break;
             }
             Err(f) => {
-                if let Verdict::Fail(previous) = std::mem::replace(&mut result.verdict, Verdict::Fail(f.reason)) {
+                if let Verdict::Fail(previous) =
+                    std::mem::replace(&mut result.verdict, Verdict::Fail(f.reason))
+                {
                     result.earlier_failures.push(previous);
                 }
                 result.restore_command = f.restore_command;
@@ -452,7 +472,10 @@ pub fn run_all(
     std::thread::scope(|s| {
         for _ in 0..jobs.max(1) {
             s.spawn(|| loop {
-                let next = queue.lock().unwrap_or_else(PoisonError::into_inner).pop_front();
+                let next = queue
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .pop_front();
                 let Some(w) = next else { break };
                 let r = run_case(ctx, &w);
                 record(&w, r);

@@ -299,7 +299,9 @@ pub fn parse(path: &Path, text: &str) -> Result<Suite, SuiteError> {
         if fork && vm.agent == AgentKind::None {
             return Err(invalid(
                 fork_at,
-                format!("vm {name:?}: fork = true needs an agent (agent = \"testguest\" or \"linux\")"),
+                format!(
+                    "vm {name:?}: fork = true needs an agent (agent = \"testguest\" or \"linux\")"
+                ),
             ));
         }
         if fork && !vm.net.is_empty() {
@@ -373,28 +375,48 @@ pub fn parse(path: &Path, text: &str) -> Result<Suite, SuiteError> {
             _ => {
                 return Err(invalid(
                     start,
-                    format!("test {name:?}: give exactly one of run = [argv...] and scenario = \"...\""),
+                    format!(
+                        "test {name:?}: give exactly one of run = [argv...] and scenario = \"...\""
+                    ),
                 ))
             }
         };
         match (&run, vm.agent) {
             (CaseRun::Argv(_), AgentKind::None) => {
-                return Err(invalid(start, format!("test {name:?}: run = [...] needs vm {:?} to have an agent", vm.name)))
+                return Err(invalid(
+                    start,
+                    format!(
+                        "test {name:?}: run = [...] needs vm {:?} to have an agent",
+                        vm.name
+                    ),
+                ))
             }
             (CaseRun::Scenario(_), a) if a != AgentKind::None => {
-                return Err(invalid(start, format!("test {name:?}: scenario needs a vm without an agent (vm {:?} has one)", vm.name)))
+                return Err(invalid(
+                    start,
+                    format!(
+                        "test {name:?}: scenario needs a vm without an agent (vm {:?} has one)",
+                        vm.name
+                    ),
+                ))
             }
             _ => {}
         }
         let timeout = seconds(t.timeout, DEFAULT_CASE_TIMEOUT).ok_or_else(|| {
-            invalid(start, format!("test {name:?}: timeout must be a positive number of seconds"))
+            invalid(
+                start,
+                format!("test {name:?}: timeout must be a positive number of seconds"),
+            )
         })?;
         let output = match &t.output {
             None => None,
             Some(p) => Some(regex::Regex::new(p.get_ref()).map_err(|e| {
                 invalid(
                     p.span().start,
-                    format!("test {name:?}: output pattern: {}", e.to_string().replace('\n', " ")),
+                    format!(
+                        "test {name:?}: output pattern: {}",
+                        e.to_string().replace('\n', " ")
+                    ),
                 )
             })?),
         };
@@ -447,18 +469,42 @@ mod tests {
     fn errors_carry_line_and_column() {
         let (_d, file) = kernel_dir();
         let e = parse(&file, "[vm.tg]\nkernel = \"k\"\ncolour = 1\n").unwrap_err();
-        assert!(matches!(e, SuiteError::UnknownKey { line: 3, column: 1, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                SuiteError::UnknownKey {
+                    line: 3,
+                    column: 1,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let e = parse(&file, "[vm.tg]\nkernel = \n").unwrap_err();
         assert!(matches!(e, SuiteError::Malformed { line: 2, .. }), "{e}");
         let e = parse(&file, "[vm.tg]\nkernel = \"nope\"\n").unwrap_err();
-        assert!(matches!(e, SuiteError::MissingFile { line: 2, column: 10, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                SuiteError::MissingFile {
+                    line: 2,
+                    column: 10,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         let e = parse(
             &file,
             "[vm.tg]\nkernel = \"k\"\n[[test]]\nname = \"a\"\nvm = \"tg\"\nscenario = \"hello\"\nrequires = \"kvm &\"\n",
         )
         .unwrap_err();
         assert!(matches!(e, SuiteError::Requirement { line: 7, .. }), "{e}");
-        let e = parse(&file, "[vm.tg]\nkernel = \"k\"\n[[test]]\nname = \"a\"\nvm = \"x\"\nscenario = \"hello\"\n").unwrap_err();
+        let e = parse(
+            &file,
+            "[vm.tg]\nkernel = \"k\"\n[[test]]\nname = \"a\"\nvm = \"x\"\nscenario = \"hello\"\n",
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("no vm \"x\""), "{e}");
     }
 }

@@ -11,10 +11,13 @@ use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::exec::client::AgentClient;
+use crate::exec::client::{AgentClient, Interrupt};
 
-/// How long the vsock device may take to answer one `CONNECT`.
-const CONNECT_ANSWER: Duration = Duration::from_secs(5);
+/// How long the guest may first take to answer `CONNECT` and then `Hello` before the
+/// connection is made again; doubled on each retry up to `MAX_ANSWER`.
+const FIRST_ANSWER: Duration = Duration::from_millis(20);
+/// The longest wait for one connection's answers.
+const MAX_ANSWER: Duration = Duration::from_secs(2);
 /// Pause between connection attempts while the guest boots.
 const CONNECT_RETRY: Duration = Duration::from_millis(2);
 
@@ -104,14 +107,17 @@ impl Drop for VmProcess {
     }
 }
 
-/// Connects to the agent behind the vsock socket `socket` until `deadline`, giving up early
-/// when `vm` ends. The error says why, for the case's verdict.
+/// Connects to the agent behind the vsock socket `socket` and greets it, until `deadline`,
+/// giving up early when `vm` ends. A connection that is not answered in time is dropped and
+/// made again, with more patience each time: right after a restore, a connection the guest accepted before it
+/// saw the device's transport reset is dead on its side. The error says why, for the verdict.
 pub fn connect_agent(
     socket: &Path,
     deadline: Instant,
     vm: &mut VmProcess,
 ) -> Result<AgentClient, String> {
     let port = agent_protocol::AGENT_PORT;
+    let mut answer = FIRST_ANSWER;
     loop {
         if let Some(status) = vm.ended() {
             return Err(format!(
@@ -125,17 +131,25 @@ pub fn connect_agent(
             ));
         }
         if let Ok(stream) = UnixStream::connect(socket) {
-            if let Ok(true) = handshake(&stream, port) {
-                return AgentClient::new(stream).map_err(|e| format!("agent connection: {e}"));
+            if let Ok(true) = handshake(&stream, port, answer) {
+                let mut client =
+                    AgentClient::new(stream).map_err(|e| format!("agent connection: {e}"))?;
+                let asked = Instant::now();
+                match client.hello(|| asked.elapsed() >= answer) {
+                    Ok(_) => return Ok(client),
+                    Err(Interrupt::Garbage(m)) => return Err(format!("agent hello: {m}")),
+                    Err(_) => {}
+                }
             }
+            answer = (answer * 2).min(MAX_ANSWER);
         }
         std::thread::sleep(CONNECT_RETRY);
     }
 }
 
-/// `CONNECT port`, then one `OK <hostport>` line; false when the guest refused.
-fn handshake(mut stream: &UnixStream, port: u32) -> std::io::Result<bool> {
-    stream.set_read_timeout(Some(CONNECT_ANSWER))?;
+/// `CONNECT port`, then one `OK <hostport>` line; false when the guest refused or is silent.
+fn handshake(mut stream: &UnixStream, port: u32, answer: Duration) -> std::io::Result<bool> {
+    stream.set_read_timeout(Some(answer))?;
     stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
