@@ -325,7 +325,8 @@ fn attempt_agent(
             w.case.timeout.as_secs_f64(),
             GRACE.as_secs()
         )),
-        _ => Err(format!("{what}{}", serial_tail(&serial))),
+        CommandEnd::Exit(_) | CommandEnd::NotStarted(_) => Err(what),
+        CommandEnd::Interrupted(_) => Err(format!("{what}{}", serial_tail(&serial))),
     };
     let Err(reason) = verdict else { return Ok(()) };
     if w.vm.agent == AgentKind::Linux && proc.ended().is_none() {
