@@ -49,7 +49,7 @@ mod tests {
     #[test]
     fn slices_cover_the_suite_once() {
         for count in 1..6 {
-            let mut seen = vec![0; 23];
+            let mut seen = [0; 23];
             for index in 1..=count {
                 let p: Partition = format!("{index}/{count}").parse().unwrap();
                 for (i, s) in seen.iter_mut().enumerate() {
