@@ -15,7 +15,7 @@ use crate::exec::client::{AgentClient, Interrupt};
 
 /// How long the guest may first take to answer `CONNECT` and then `Hello` before the
 /// connection is made again; doubled on each retry up to `MAX_ANSWER`.
-const FIRST_ANSWER: Duration = Duration::from_millis(20);
+const FIRST_ANSWER: Duration = Duration::from_millis(5);
 /// The longest wait for one connection's answers.
 const MAX_ANSWER: Duration = Duration::from_secs(2);
 /// Pause between connection attempts while the guest boots.
