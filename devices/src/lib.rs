@@ -3,14 +3,26 @@
 //! `bus` routes port I/O and MMIO accesses from vCPU exits to devices; `vm_exit` is how a device
 //! asks the VM to stop (debug-exit port, i8042 reset); `legacy` holds the PC devices a test or
 //! Linux guest expects (16550 serial, i8042, debug-exit); `pci` the PCI host bridge and
-//! configuration space; `virtio` the virtio 1.x transport and devices; `vhost_user` virtio devices served
-//! by another process (the frontend) and skiff's own backends. Devices never block: a handler runs on a
-//! vCPU thread and must return quickly.
+//! configuration space; `guest_warnings` the rate limit for warnings a guest causes; `virtio` the virtio 1.x transport and devices; `vhost_user` virtio devices served
+//! by another process (the frontend) and skiff's own backends; `interrupt` the seam through which a
+//! device raises an interrupt line; `irqchip` the user-space IOAPIC for hypervisors without an
+//! in-kernel one. Devices never block: a handler runs on a vCPU thread and must
+//! return quickly.
+//!
+//! On Windows only the platform-neutral part builds: the bus, the legacy devices, PCI
+//! configuration space and the interrupt seam. virtio, vhost-user, MSI-X delivery and BAR
+//! ioeventfds need eventfds (and virtio-queue needs vm-memory's Unix-only `rawfd`), so they are
+//! `cfg(unix)`.
 
 pub mod bus;
+pub mod guest_warnings;
+pub mod interrupt;
+pub mod irqchip;
 pub mod legacy;
 pub mod pci;
+#[cfg(unix)]
 pub mod vhost_user;
+#[cfg(unix)]
 pub mod virtio;
 pub mod vm_exit;
 

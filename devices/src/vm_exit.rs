@@ -1,9 +1,10 @@
 //! How devices ask the VM to stop: a shared, first-request-wins record of why the guest ended,
-//! plus an eventfd that wakes whoever waits for the VM to end.
+//! plus an eventfd (Unix) that wakes whoever waits for the VM to end.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+#[cfg(unix)]
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Why the guest stopped running.
@@ -49,16 +50,18 @@ struct Inner {
     // Set once `reason` holds a value: lets vCPU loops check for a stop without the lock.
     requested: AtomicBool,
     reason: Mutex<Option<GuestEnd>>,
+    #[cfg(unix)]
     event: EventFd,
 }
 
 impl VmExitSignal {
-    /// Creates a signal with a fresh non-blocking eventfd.
+    /// Creates a signal (on Unix with a fresh non-blocking eventfd).
     pub fn new() -> std::io::Result<Self> {
         Ok(Self {
             inner: Arc::new(Inner {
                 requested: AtomicBool::new(false),
                 reason: Mutex::new(None),
+                #[cfg(unix)]
                 event: EventFd::new(EFD_NONBLOCK)?,
             }),
         })
@@ -76,6 +79,7 @@ impl VmExitSignal {
             self.inner.requested.store(true, Ordering::Release);
         }
         // A failed write means the counter is saturated, i.e. the waiter is already signalled.
+        #[cfg(unix)]
         let _ = self.inner.event.write(1);
     }
 
@@ -94,6 +98,7 @@ impl VmExitSignal {
     }
 
     /// The eventfd written on every request, for polling.
+    #[cfg(unix)]
     pub fn event(&self) -> &EventFd {
         &self.inner.event
     }
@@ -110,6 +115,7 @@ mod tests {
         s.request(GuestEnd::DebugExit(7));
         s.request(GuestEnd::Reset);
         assert_eq!(s.reason(), Some(GuestEnd::DebugExit(7)));
+        #[cfg(unix)]
         assert!(s.event().read().unwrap() >= 1);
     }
 }

@@ -4,6 +4,8 @@
 //!
 //! Tests that need KVM call `require_kvm()`, which fails (never skips) when `/dev/kvm` is absent.
 //! `open_pty()` gives tests that need a terminal (raw mode, progress bars) a pseudo-terminal.
+//! The harness drives KVM VMs, so it is Unix-only (the Windows tests live in `vmm`).
+#![cfg(unix)]
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};

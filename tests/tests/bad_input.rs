@@ -249,3 +249,91 @@ fn no_permission_for_kvm() {
     let r = Skiff::spawn_command(&mut cmd).wait(T);
     assert_one_line_error(&r, 1, "no permission to open /dev/kvm");
 }
+
+fn mkfifo(dir: &std::path::Path) -> String {
+    let p = dir.join("fifo");
+    let ok = Command::new("mkfifo").arg(&p).status().unwrap().success();
+    assert!(ok, "mkfifo");
+    p.to_string_lossy().into_owned()
+}
+
+#[test]
+fn a_fifo_as_kernel_initrd_or_serial_file_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = mkfifo(dir.path());
+    // Nobody ever writes or reads the FIFO: a blocking open would hang until the timeout.
+    let quick = Duration::from_secs(10);
+    let r = run_skiff(&["run", "--kernel", &fifo], quick);
+    assert_one_line_error(
+        &r,
+        1,
+        &format!("kernel {fifo} is a FIFO, not a regular file"),
+    );
+    let r = run_skiff(&["run", "--kernel", &guest(), "--initrd", &fifo], quick);
+    assert_one_line_error(
+        &r,
+        1,
+        &format!("initrd {fifo} is a FIFO, not a regular file"),
+    );
+    require_kvm();
+    let serial = format!("file={fifo}");
+    let r = run_skiff(&["run", "--kernel", &guest(), "--serial", &serial], quick);
+    assert_one_line_error(
+        &r,
+        1,
+        &format!("serial output file {fifo} is a FIFO, not a regular file or a character device"),
+    );
+    // A character device is a fine sink.
+    let r = run_skiff(
+        &[
+            "run",
+            "--kernel",
+            &guest(),
+            "--serial",
+            "file=/dev/null",
+            "--cmdline",
+            "exit=7",
+        ],
+        T,
+    );
+    r.assert_code(7);
+}
+
+#[test]
+fn a_proc_file_or_an_empty_file_is_no_disk() {
+    require_kvm();
+    let r = run(&["run", "--kernel", &guest(), "--disk", "path=/proc/self/mem"]);
+    assert_one_line_error(&r, 1, "disk /proc/self/mem: size is 0 bytes");
+    let f = tempfile::NamedTempFile::new().unwrap();
+    let spec = format!("path={}", f.path().display());
+    let r = run(&["run", "--kernel", &guest(), "--disk", &spec]);
+    assert_one_line_error(&r, 1, "size is 0 bytes");
+    let r = run(&["run", "--kernel", &guest(), "--disk", "path=/dev/zero"]);
+    assert_one_line_error(
+        &r,
+        1,
+        "a character device, not a regular file or block device",
+    );
+}
+
+#[test]
+fn an_elf_of_the_wrong_class_or_machine_is_refused() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let image = std::fs::read(testguest()).unwrap();
+    let k = dir.path().join("vmlinux");
+    let mut bad = image.clone();
+    bad[4] = 1; // EI_CLASS: 32-bit
+    std::fs::write(&k, &bad).unwrap();
+    let r = run(&["run", "--kernel", k.to_str().unwrap()]);
+    assert_one_line_error(
+        &r,
+        1,
+        "cannot load ELF: ELF class (EI_CLASS) is 1, not 2 (64-bit)",
+    );
+    let mut bad = image;
+    bad[18..20].copy_from_slice(&183u16.to_le_bytes()); // EM_AARCH64
+    std::fs::write(&k, &bad).unwrap();
+    let r = run(&["run", "--kernel", k.to_str().unwrap()]);
+    assert_one_line_error(&r, 1, "ELF machine (e_machine) is 183, not 62 (x86-64)");
+}

@@ -645,3 +645,120 @@ fn a_restore_without_the_backend_or_with_cow_memory_is_one_line() {
     backend.kill();
     assert_restore_fails(&snap, sock.to_str().unwrap());
 }
+
+// ---- A backend killed in the middle of a stream of writes (`blkbench`) ----
+
+/// `blkbench` request size: each 512 KiB chunk of the image is written whole by one request.
+const BENCH_CHUNK: usize = 512 << 10;
+
+/// Waits until the guest's writes have reached `image`, so a kill right after lands in the
+/// middle of the write stream: until more than 8 chunks hold data, so (with at most 8 requests
+/// in flight) at least one request has completed.
+fn wait_for_writes(image: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let deadline = std::time::Instant::now() + T;
+    while std::fs::metadata(image).unwrap().blocks() * 512 <= 8 * BENCH_CHUNK as u64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no write reached the image"
+        );
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
+/// Classifies each 512 KiB chunk of a `blkbench` image: `Some(true)` when it holds one whole
+/// request buffer (slot s of the guest's ring: every u64 at chunk offset o is
+/// `(s * 512 KiB + o) ^ PATTERN`), `Some(false)` when it is all zeros (never written), `None`
+/// when it is anything else (torn or foreign data).
+fn bench_chunks(image: &Path) -> Vec<Option<bool>> {
+    let bytes = std::fs::read(image).unwrap();
+    bytes
+        .chunks(BENCH_CHUNK)
+        .map(|c| {
+            let word = |o: usize| u64::from_le_bytes(c[o..o + 8].try_into().unwrap());
+            if c.iter().all(|&b| b == 0) {
+                return Some(false);
+            }
+            let base = word(0) ^ PATTERN;
+            let whole = base.is_multiple_of(BENCH_CHUNK as u64)
+                && (0..c.len())
+                    .step_by(8)
+                    .all(|o| word(o) == (base + o as u64) ^ PATTERN);
+            whole.then_some(true)
+        })
+        .collect()
+}
+
+#[test]
+fn a_backend_killed_mid_write_stream_is_reconnected_and_every_write_lands() {
+    require_kvm();
+    let s = Scratch::new();
+    let (sock, img) = (s.path("blk.sock"), s.image(256 << 20));
+    let mut backend = Backend::skiff_blk(&sock, &img, &[]);
+    let device = format!("{},reconnect=0.05", vhost_user_arg(&sock));
+    let vm = spawn_guest("blkbench=256", &device, &["--timeout", "120"]);
+    wait_for_writes(&img);
+    backend.kill();
+    backend = Backend::skiff_blk(&sock, &img, &[]);
+    let r = vm.wait(T);
+    r.assert_code(0)
+        .assert_stdout_has("testguest: blkbench write bytes=268435456")
+        .assert_stdout_has("testguest: blkbench read bytes=268435456");
+    assert!(
+        r.stderr.contains("reconnected to the vhost-user backend"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+    // The requests in flight at the kill were offered again to the new backend: every chunk
+    // holds one whole request's data.
+    let chunks = bench_chunks(&img);
+    let bad: Vec<usize> = (0..chunks.len())
+        .filter(|&i| chunks[i] != Some(true))
+        .collect();
+    assert!(bad.is_empty(), "chunks not written whole: {bad:?}");
+    drop(backend);
+}
+
+#[test]
+fn without_reconnect_a_backend_killed_mid_write_stream_is_one_line_and_the_guest_sees_it() {
+    require_kvm();
+    let s = Scratch::new();
+    let (sock, img) = (s.path("blk.sock"), s.image(256 << 20));
+    let mut backend = Backend::skiff_blk(&sock, &img, &[]);
+    let vm = spawn_guest(
+        "blkbench=256",
+        &vhost_user_arg(&sock),
+        &["--timeout", "120"],
+    );
+    wait_for_writes(&img);
+    backend.kill();
+    // The VM keeps running; the guest's request never completes and, at its timeout, it sees
+    // DEVICE_NEEDS_RESET and fails its scenario on its own.
+    let r = vm.wait(T);
+    r.assert_code(33)
+        .assert_stdout_has("FAIL blkbench: timeout waiting for a virtio-blk request")
+        .assert_stdout_has("needs reset");
+    let lines: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.contains("vhost-user"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{}", r.stderr);
+    assert!(
+        lines[0].contains("the vhost-user backend closed its connection; the device needs a reset"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+    // What the backend wrote before it died is there in whole chunks; only the requests in
+    // flight at the kill (at most the guest's 8) may have left a chunk partly written.
+    let chunks = bench_chunks(&img);
+    let whole = chunks.iter().filter(|c| **c == Some(true)).count();
+    let torn = chunks.iter().filter(|c| c.is_none()).count();
+    assert!(whole > 0, "nothing reached the image");
+    assert!(
+        torn <= 8,
+        "{torn} chunks hold neither a whole request nor zeros"
+    );
+}

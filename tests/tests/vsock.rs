@@ -345,11 +345,18 @@ fn restore_resets_connections_and_listens_again() {
     // The stopped VM's socket file may still be there: nobody listens on it any more, so the
     // restored VM replaces it.
 
-    let mut restored = Skiff::spawn(&["restore", snap.to_str().unwrap()]);
+    // Restored onto another socket (the snapshot's `vsock0` resource overridden): skiff
+    // listens there, and guest connections go to its `_PORT` siblings.
+    let moved = dir.path().join("moved.sock");
+    // Only the moved echo service answers now.
+    std::fs::remove_file(port_path(&socket, 8000)).unwrap();
+    let _moved_echo = echo_server(&port_path(&moved, 8000));
+    let spec = format!("id=vsock0,socket={}", moved.display());
+    let mut restored = Skiff::spawn(&["restore", snap.to_str().unwrap(), "--vsock", &spec]);
     let line = restored.wait_for_line("testguest: vsock transport reset", T);
     assert!(line.ends_with(&format!("cid={CID}")), "{line}");
     restored.wait_for_line("testguest: vsock listening port=8001", T);
-    let (s, _) = host_connect(&socket, 8001);
+    let (s, _) = host_connect(&moved, 8001);
     echo_through(s, 3, 100_000);
     restored
         .wait(T)

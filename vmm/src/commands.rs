@@ -1,6 +1,6 @@
-//! The `skiff restore`, `snapshot-info`, `snapshot-merge` and `ctl` subcommands: their
-//! arguments (clap) and what they do. `main.rs` parses the command line and reports outcomes;
-//! `skiff run` stays there.
+//! The `skiff restore`, `snapshot-info`, `snapshot-verify`, `snapshot-merge` and `ctl`
+//! subcommands: their arguments (clap) and what they do. `main.rs` parses the command line and
+//! reports outcomes; `skiff run` stays there.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,6 +36,13 @@ pub struct RestoreArgs {
     /// End the guest after this many seconds (exit code 124).
     #[arg(long, value_name = "SECONDS", value_parser = parse_timeout)]
     pub timeout: Option<Duration>,
+    /// Write how skiff ended (reason, exit code, detail) to this file as JSON, atomically.
+    #[arg(long, value_name = "PATH")]
+    pub exit_status_file: Option<PathBuf>,
+    /// Check the snapshot first, as `skiff snapshot-verify` does (every memory file read and
+    /// summed against the manifest), and refuse it on the first problem.
+    #[arg(long)]
+    pub verify: bool,
     /// Use this disk for the snapshot's disk ID: id=ID,path=PATH (repeatable; ids as
     /// `skiff snapshot-info` shows them).
     #[arg(long = "disk", value_name = "SPEC")]
@@ -47,8 +54,7 @@ pub struct RestoreArgs {
     /// (repeatable).
     #[arg(long = "vhost-user", value_name = "SPEC")]
     pub vhost_user: Vec<VhostUserOverride>,
-    /// Listen on this Unix socket for the snapshot's vsock device ID: id=ID,socket=PATH (each
-    /// concurrent restore of one snapshot needs its own).
+    /// Listen on this socket for the snapshot's vsock device ID: id=ID,socket=PATH.
     #[arg(long = "vsock", value_name = "SPEC")]
     pub vsock: Vec<VsockOverride>,
     /// A diff snapshot's parent directory (instead of the one the diff names).
@@ -93,13 +99,28 @@ fn existing_key() -> Result<Option<SnapshotKey>, String> {
     }
 }
 
-/// Restores the snapshot and runs the VM to its end. The error is one line.
-pub fn restore(args: RestoreArgs) -> Result<RunOutcome, String> {
+/// Restores the snapshot and runs the VM to its end; `ready` is called once the VM is built,
+/// just before it runs. The error is one line.
+pub fn restore(args: RestoreArgs, ready: impl FnOnce()) -> Result<RunOutcome, String> {
+    if args.verify {
+        let (problems, _) = crate::snapshot::integrity::verify(&args.dir, args.parent.as_deref());
+        if let Some(first) = problems.first() {
+            let more = match problems.len() - 1 {
+                0 => String::new(),
+                n => format!(" (and {n} more problem(s); skiff snapshot-verify lists them)"),
+            };
+            return Err(format!(
+                "snapshot {} failed verification: {first}{more}",
+                args.dir.display()
+            ));
+        }
+    }
     let key = existing_key()?;
     let snap = load(&args.dir, key.as_ref()).map_err(|e| crate::error_chain(&e))?;
     let plan = authorize(&snap, &args.overrides()).map_err(|e| crate::error_chain(&e))?;
     let mode = memory_mode(&plan.devices, args.memory_mode).map_err(|e| crate::error_chain(&e))?;
     let vm = restore_vm(&snap, &plan, mode, &args.serial).map_err(|e| crate::error_chain(&e))?;
+    ready();
     let opts = RunOptions {
         serial: args.serial,
         timeout: args.timeout,
@@ -107,6 +128,31 @@ pub fn restore(args: RestoreArgs) -> Result<RunOutcome, String> {
         description: snap.manifest.vm.clone(),
     };
     run_vm(vm, &opts).map_err(|e| crate::error_chain(&e))
+}
+
+/// `skiff snapshot-verify DIR`
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    /// The snapshot directory (a diff's parents are checked too).
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+}
+
+/// Checks a snapshot against its manifest: one `skiff:` line on stderr per problem and exit 1,
+/// or one summary line on stdout and exit 0.
+pub fn snapshot_verify(args: VerifyArgs) -> ExitCode {
+    let (problems, bytes) = crate::snapshot::integrity::verify(&args.dir, None);
+    if problems.is_empty() {
+        println!(
+            "{}: ok ({bytes} bytes of memory data match their checksums)",
+            args.dir.display()
+        );
+        return ExitCode::SUCCESS;
+    }
+    for p in &problems {
+        eprintln!("skiff: {p}");
+    }
+    ExitCode::from(crate::exit_code::VMM_ERROR)
 }
 
 /// `skiff snapshot-merge DIFF [PARENT]`
@@ -242,12 +288,19 @@ pub fn snapshot_info(args: InfoArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// `skiff ctl --api-socket PATH ACTION`
+/// How long `skiff ctl` waits for an answer unless `--timeout` says otherwise.
+pub const CTL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `skiff ctl --api-socket PATH [--timeout SECONDS] ACTION`
 #[derive(Debug, clap::Args)]
 pub struct CtlArgs {
     /// The running skiff's control socket (every action but `exec`).
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// Give up when the server has not answered within this many seconds (default 10). A
+    /// snapshot may take longer, as long as its progress is answered within this time.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_timeout)]
+    pub timeout: Option<Duration>,
     /// What to do.
     #[command(subcommand)]
     pub action: CtlAction,
@@ -328,11 +381,15 @@ pub fn ctl(args: CtlArgs) -> ExitCode {
             ("PUT", "/vm/snapshot", Some(body))
         }
     };
+    let timeout = args.timeout.unwrap_or(CTL_TIMEOUT);
     let answer = match body.as_deref() {
-        Some(body) if path == "/vm/snapshot" && std::io::stderr().is_terminal() => {
-            crate::api::progress_bar::snapshot_with_progress(&api_socket, body)
-        }
-        body => client::request(&api_socket, method, path, body),
+        Some(body) if path == "/vm/snapshot" => crate::api::progress_bar::snapshot_with_progress(
+            &api_socket,
+            body,
+            timeout,
+            std::io::stderr().is_terminal(),
+        ),
+        body => client::request_within(&api_socket, method, path, body, timeout),
     };
     match answer {
         Ok((status, body)) if (200..300).contains(&status) => {

@@ -6,6 +6,7 @@
 //! - `boot`: loading the kernel, initrd and command line, and the boot CPU state.
 //! - `builder`: builds a VM in named steps (memory, VM, boot, devices, vCPUs).
 //! - `vcpu`: the per-vCPU run loop that dispatches exits to the device buses.
+//! - `guest_output`: bounded buffers and writer threads between guest output and host sinks.
 //! - `event_loop`: the event-loop subscribers (VM end, serial input, stop signals).
 //! - `pci_devices`: the PCI segment: host bridge, config access, virtio devices on PCI.
 //! - `runner`: runs a built VM to its end: vCPU threads, event loop, timeout, outcome.
@@ -14,7 +15,9 @@
 //! - `commands`: the `skiff restore` and `skiff ctl` subcommands.
 //! - `api`: the control API (HTTP + JSON on a Unix socket) and its `skiff ctl` client.
 //! - `exec`: `skiff exec`: boot with the guest agent, run one command, return its status.
-//! - `exit_code`: the process exit codes skiff documents.
+//! - `host_file`: opening command-line files without blocking, with their type checked.
+//! - `exit_code`: the process exit codes skiff documents, their reasons and verdict lines.
+//! - `exit_status_file`: `--exit-status-file`, the verdict as JSON written atomically.
 //! - `teardown`: ends skiff without waiting for the kernel's VM teardown.
 //! - `terminal`: raw mode for the host terminal.
 //! - `vhost_user_blk`: the `skiff vhost-user-blk` subcommand (skiff's own vhost-user backend).
@@ -36,8 +39,13 @@ pub mod config;
 pub mod event_loop;
 #[cfg(target_os = "linux")]
 pub mod exec;
-#[cfg(target_os = "linux")]
 pub mod exit_code;
+#[cfg(target_os = "linux")]
+pub mod exit_status_file;
+#[cfg(target_os = "linux")]
+pub mod guest_output;
+#[cfg(target_os = "linux")]
+pub mod host_file;
 #[cfg(target_os = "linux")]
 pub mod pci_devices;
 #[cfg(target_os = "linux")]
@@ -57,17 +65,6 @@ pub mod vcpu;
 #[cfg(target_os = "linux")]
 pub mod vhost_user_blk;
 
-/// Formats an error and its `source()` chain on one line: `outer: inner: root`.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let text = s.to_string();
-        if !out.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cur = s.source();
-    }
-    out
-}
+/// Formats an error and its `source()` chain on one line: `outer: inner: root` (one helper for
+/// every crate: `devices` owns it).
+pub use devices::error_chain;

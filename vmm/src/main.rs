@@ -7,7 +7,8 @@
 
 #[cfg(target_os = "linux")]
 mod cli {
-    use std::path::PathBuf;
+    use std::ffi::OsString;
+    use std::path::{Path, PathBuf};
     use std::process::ExitCode;
     use std::time::Duration;
 
@@ -16,7 +17,8 @@ mod cli {
         parse_cpus, parse_timeout, DiskArg, MemoryArg, NetConfig, RngConfig, SerialConfig,
         VhostUserArg, VmConfig, VsockConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY,
     };
-    use vmm::exit_code;
+    use vmm::exit_code::ExitStatus;
+    use vmm::exit_status_file;
     use vmm::memory::backing::BackingKind;
     use vmm::memory::MemoryConfig;
 
@@ -47,6 +49,8 @@ mod cli {
         /// Fold a diff snapshot and its parents into a full snapshot, in the diff's place.
         #[command(after_help = MERGE_EXAMPLES)]
         SnapshotMerge(vmm::commands::MergeArgs),
+        /// Check a snapshot's files against its manifest (sizes, state CRC, memory checksums).
+        SnapshotVerify(vmm::commands::VerifyArgs),
         /// Show what a snapshot holds and every host resource it names.
         SnapshotInfo(vmm::commands::InfoArgs),
         /// Serve a raw disk file as a vhost-user-blk backend on a Unix socket.
@@ -108,7 +112,8 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
         /// Number of vCPUs.
         #[arg(long, value_name = "N", default_value = "1", value_parser = parse_cpus)]
         cpus: u32,
-        /// Guest RAM: size=SIZE[,file=PATH][,hugepages=on][,prealloc=on] (default 256M, sealed memfd).
+        /// Guest RAM: size=SIZE[,file=PATH][,hugepages=on][,prealloc=on][,shared-with-snapshot=on]
+        /// (default 256M, sealed memfd).
         #[arg(long, value_name = "SPEC")]
         memory: Option<MemoryArg>,
         /// Serial port (COM1) output: stdio, file=PATH or off.
@@ -144,6 +149,9 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
         /// on vsock port 1024 for `skiff ctl exec`; needs --vsock (docs/exec.md).
         #[arg(long)]
         agent: bool,
+        /// Write how skiff ended (reason, exit code, detail) to this file as JSON, atomically.
+        #[arg(long, value_name = "PATH")]
+        exit_status_file: Option<PathBuf>,
         /// virtio-vsock in process: cid=N,socket=PATH. Host programs connect to PATH and write
         /// "CONNECT PORT\n"; guest connections to port P go to the Unix socket PATH_P.
         #[arg(long, value_name = "SPEC")]
@@ -161,6 +169,7 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
                     size: DEFAULT_MEMORY,
                     backing: BackingKind::Memfd,
                     prealloc: false,
+                    shared_with_snapshot: false,
                 }),
                 serial: self.serial,
                 timeout: self.timeout,
@@ -174,14 +183,10 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
         }
     }
 
-    fn fail(code: u8, message: &str) -> ExitCode {
-        eprintln!("skiff: {message}");
-        ExitCode::from(code)
-    }
-
     pub fn main() -> ExitCode {
         env_logger_init();
-        let cli = match Cli::try_parse() {
+        let argv: Vec<OsString> = std::env::args_os().collect();
+        let cli = match Cli::try_parse_from(&argv) {
             Ok(cli) => cli,
             Err(e) if !e.use_stderr() => {
                 // --help and --version go to stdout and succeed.
@@ -194,12 +199,34 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
                     .lines()
                     .find(|l| !l.trim().is_empty())
                     .unwrap_or("invalid command line")
-                    .trim_start_matches("error: ");
-                return fail(exit_code::USAGE, line);
+                    .trim_start_matches("error: ")
+                    .to_string();
+                let status_file = exit_status_file::find_in_args(&argv);
+                return finish(status_file.as_deref(), &ExitStatus::usage(line), None);
             }
         };
+        if matches!(cli.command, Command::Run(_) | Command::Restore(_)) {
+            // Before any thread exists (output writers, disk threads), so every thread
+            // inherits the mask and only the run loop's signalfd takes SIGINT/SIGTERM/SIGHUP:
+            // a stop signal is a clean end with its verdict, never a kill. During start-up
+            // `StartupSignalWatch` takes them.
+            if let Err(e) = vmm::event_loop::block_stop_signals() {
+                let msg = format!("cannot block the stop signals: {e}");
+                return finish(None, &ExitStatus::error(msg), None);
+            }
+        }
         match cli.command {
             Command::Run(args) => {
+                let status_file = args.exit_status_file.clone();
+                if let Some(path) = &status_file {
+                    if let Err(e) = exit_status_file::check(path) {
+                        return finish(None, &ExitStatus::usage(e.to_string()), None);
+                    }
+                }
+                let watch = match watch_startup(status_file.clone()) {
+                    Ok(watch) => watch,
+                    Err(status) => return finish(status_file.as_deref(), &status, None),
+                };
                 let api_socket = args.api_socket.clone();
                 let agent = args.agent;
                 let mut cfg = args.into_config();
@@ -207,54 +234,93 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
                 let _agent_initrd = if agent {
                     match with_agent(&mut cfg) {
                         Ok(initrd) => Some(initrd),
-                        Err((code, line)) => return fail(code, &line),
+                        Err(status) => return finish(status_file.as_deref(), &status, None),
                     }
                 } else {
                     None
                 };
-                run(cfg, api_socket)
+                let (status, teardown) = run(cfg, api_socket, watch);
+                finish(status_file.as_deref(), &status, teardown)
             }
-            Command::Restore(args) => match vmm::commands::restore(args) {
-                Ok(outcome) => report(outcome),
-                Err(e) => fail(exit_code::VMM_ERROR, &e),
-            },
+            Command::Restore(args) => {
+                let status_file = args.exit_status_file.clone();
+                if let Some(path) = &status_file {
+                    if let Err(e) = exit_status_file::check(path) {
+                        return finish(None, &ExitStatus::usage(e.to_string()), None);
+                    }
+                }
+                let watch = match watch_startup(status_file.clone()) {
+                    Ok(watch) => watch,
+                    Err(status) => return finish(status_file.as_deref(), &status, None),
+                };
+                let (status, teardown) = match vmm::commands::restore(args, || watch.stop()) {
+                    Ok(outcome) => outcome_status(outcome),
+                    Err(e) => (ExitStatus::error(e), None),
+                };
+                finish(status_file.as_deref(), &status, teardown)
+            }
             Command::Exec(args) => vmm::exec::run(args),
             Command::Test(args) => vmm::test_runner::run(args),
             Command::Ctl(args) => vmm::commands::ctl(args),
             Command::VhostUserBlk(args) => vmm::vhost_user_blk::run(args),
+            Command::SnapshotVerify(args) => vmm::commands::snapshot_verify(args),
             Command::SnapshotMerge(args) => match vmm::commands::snapshot_merge(args) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(exit_code::VMM_ERROR, &e),
+                Err(e) => finish(None, &ExitStatus::error(e), None),
             },
             Command::SnapshotInfo(args) => match vmm::commands::snapshot_info(args) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(exit_code::VMM_ERROR, &e),
+                Err(e) => finish(None, &ExitStatus::error(e), None),
             },
         }
     }
 
     /// `--agent`: boots skiff's agent initramfs (the user's `--initrd` appended) with the agent
     /// listening on vsock port 1024.
-    fn with_agent(cfg: &mut VmConfig) -> Result<vmm::exec::AgentInitrd, (u8, String)> {
+    fn with_agent(cfg: &mut VmConfig) -> Result<vmm::exec::AgentInitrd, ExitStatus> {
         if cfg.vsock.is_none() {
-            return Err((
-                exit_code::USAGE,
+            return Err(ExitStatus::usage(
                 "--agent needs --vsock cid=N,socket=PATH (skiff ctl exec reaches the agent through it)".into(),
             ));
         }
-        let initrd = vmm::exec::AgentInitrd::create(cfg.initrd.as_deref())
-            .map_err(|e| (exit_code::VMM_ERROR, e))?;
+        let initrd =
+            vmm::exec::AgentInitrd::create(cfg.initrd.as_deref()).map_err(ExitStatus::error)?;
         cfg.initrd = Some(initrd.path());
         cfg.cmdline.push(' ');
         cfg.cmdline.push_str(&vmm::exec::agent_listen_cmdline());
         Ok(initrd)
     }
 
-    fn run(cfg: VmConfig, api_socket: Option<PathBuf>) -> ExitCode {
+    /// Ends skiff with a `signal` verdict if a stop signal comes while the VM is built.
+    fn watch_startup(
+        status_file: Option<PathBuf>,
+    ) -> Result<vmm::event_loop::StartupSignalWatch, ExitStatus> {
+        vmm::event_loop::StartupSignalWatch::start(move |signal| {
+            let code = 128u8.saturating_add(u8::try_from(signal).unwrap_or(127));
+            let detail = format!("stopped by signal {signal} during start-up (exit code {code})");
+            let status = ExitStatus::from_end(
+                devices::vm_exit::GuestEnd::HostSignal(signal),
+                Some(detail),
+                0,
+                None,
+            );
+            let _ = finish(status_file.as_deref(), &status, None);
+            std::process::exit(i32::from(status.code));
+        })
+        .map_err(|e| ExitStatus::error(format!("cannot watch the stop signals: {e}")))
+    }
+
+    fn run(
+        cfg: VmConfig,
+        api_socket: Option<PathBuf>,
+        watch: vmm::event_loop::StartupSignalWatch,
+    ) -> (ExitStatus, Option<vmm::teardown::Teardown>) {
         let vm = match vmm::builder::build_vm(&cfg) {
             Ok(vm) => vm,
-            Err(e) => return fail(exit_code::VMM_ERROR, &vmm::error_chain(&e)),
+            Err(e) => return (ExitStatus::error(vmm::error_chain(&e)), None),
         };
+        // From here the run loop's signalfd takes the stop signals.
+        watch.stop();
         let opts = vmm::runner::RunOptions {
             serial: cfg.serial.clone(),
             timeout: cfg.timeout,
@@ -262,20 +328,44 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
             description: vmm::snapshot::manifest::VmDescription::from_config(&cfg),
         };
         match vmm::runner::run_vm(vm, &opts) {
-            Ok(outcome) => report(outcome),
-            Err(e) => fail(exit_code::VMM_ERROR, &vmm::error_chain(&e)),
+            Ok(outcome) => outcome_status(outcome),
+            Err(e) => (ExitStatus::error(vmm::error_chain(&e)), None),
         }
     }
 
-    /// Prints the one-line report for how the guest ended and returns its exit code.
-    fn report(outcome: vmm::runner::RunOutcome) -> ExitCode {
-        let (code, line) = exit_code::report(outcome.end);
-        if let Some(line) = outcome.detail.or(line) {
+    fn outcome_status(
+        outcome: vmm::runner::RunOutcome,
+    ) -> (ExitStatus, Option<vmm::teardown::Teardown>) {
+        let status = ExitStatus::from_end(
+            outcome.end,
+            outcome.detail,
+            outcome.output.dropped_bytes,
+            outcome.output.line(),
+        );
+        (status, Some(outcome.teardown))
+    }
+
+    /// Ends skiff with `status`: writes `--exit-status-file` (if given), then prints the
+    /// verdict line (always the last line skiff writes), then leaves the VM's teardown to a
+    /// detached process and returns the exit code.
+    fn finish(
+        status_file: Option<&Path>,
+        status: &ExitStatus,
+        teardown: Option<vmm::teardown::Teardown>,
+    ) -> ExitCode {
+        if let Some(path) = status_file {
+            if let Err(e) = exit_status_file::write(path, status) {
+                eprintln!("skiff: warn: {}", vmm::error_chain(&e));
+            }
+        }
+        if let Some(line) = status.stderr_line() {
             eprintln!("skiff: {line}");
         }
         let _ = std::io::Write::flush(&mut std::io::stdout());
-        outcome.teardown.detach();
-        ExitCode::from(code)
+        if let Some(teardown) = teardown {
+            teardown.detach();
+        }
+        ExitCode::from(status.code)
     }
 
     fn env_logger_init() {
@@ -297,6 +387,14 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
             metadata.level() <= log::max_level()
         }
         fn log(&self, record: &log::Record<'_>) {
+            // virtio-queue logs a guest's bad ring addresses as errors on its own; skiff
+            // reports those itself, rate-limited (`devices::guest_warnings`). Shown only at
+            // SKIFF_LOG=debug and above.
+            if record.target().starts_with("virtio_queue")
+                && log::max_level() < log::LevelFilter::Debug
+            {
+                return;
+            }
             if self.enabled(record.metadata()) {
                 eprintln!(
                     "skiff: {}: {}",
@@ -429,7 +527,24 @@ fn main() -> std::process::ExitCode {
     cli::main()
 }
 
-#[cfg(not(target_os = "linux"))]
+/// On Windows: loads the Windows Hypervisor Platform, or says in one line why it cannot
+/// (exit code 123). Running a VM there is not built yet (docs/windows.md).
+#[cfg(windows)]
+fn main() -> std::process::ExitCode {
+    use vmm::exit_code;
+    match vmm::hypervisor::whp::WhpLibrary::load() {
+        Err(e) => {
+            eprintln!("skiff: {}", vmm::error_chain(&e));
+            std::process::ExitCode::from(exit_code::HYPERVISOR_UNAVAILABLE)
+        }
+        Ok(_) => {
+            eprintln!("skiff: the Windows Hypervisor Platform is present, but skiff cannot run VMs on Windows yet (docs/windows.md)");
+            std::process::ExitCode::from(exit_code::VMM_ERROR)
+        }
+    }
+}
+
+#[cfg(not(any(target_os = "linux", windows)))]
 fn main() -> std::process::ExitCode {
     eprintln!("skiff: this platform has no supported hypervisor backend yet (KVM on Linux only)");
     std::process::ExitCode::from(1)

@@ -7,12 +7,11 @@
 
 use std::io::{self, Write};
 
+use crate::bus::BusDevice;
+use crate::interrupt::InterruptLine;
 use thiserror::Error;
 use vm_superio::serial::{Error as UartError, NoEvents};
 use vm_superio::Trigger;
-use vmm_sys_util::eventfd::EventFd;
-
-use crate::bus::BusDevice;
 
 /// Base I/O port of COM1.
 pub const COM1_PORT: u64 = 0x3f8;
@@ -38,19 +37,15 @@ pub enum SerialError {
     Restore(String),
 }
 
-/// Raises the UART's interrupt by writing to an eventfd (a KVM irqfd on the VMM side).
+/// Raises the UART's interrupt through its line (an eventfd registered as a KVM irqfd on Linux).
 #[derive(Debug)]
-struct IrqTrigger(EventFd);
+struct IrqTrigger(Box<dyn InterruptLine>);
 
 impl Trigger for IrqTrigger {
     type E = io::Error;
 
     fn trigger(&self) -> io::Result<()> {
-        match self.0.write(1) {
-            // The counter is saturated: the interrupt is already pending, nothing is lost.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
-            other => other,
-        }
+        self.0.trigger()
     }
 }
 
@@ -98,9 +93,12 @@ impl Serial {
     /// `output` is written once per byte and flushed after each, so pass an unbuffered or
     /// line-buffered writer such as `std::io::stdout()` or a `File`; a write that blocks
     /// stalls the vCPU that made it.
-    pub fn new(output: Option<Box<dyn Write + Send>>, interrupt: EventFd) -> Self {
+    pub fn new(
+        output: Option<Box<dyn Write + Send>>,
+        interrupt: impl InterruptLine + 'static,
+    ) -> Self {
         Self {
-            uart: vm_superio::Serial::new(IrqTrigger(interrupt), GuestOutput(output)),
+            uart: vm_superio::Serial::new(IrqTrigger(Box::new(interrupt)), GuestOutput(output)),
             lost_output_bytes: 0,
         }
     }
@@ -161,7 +159,7 @@ impl Serial {
     /// An interrupt the saved UART had pending is raised again at once.
     pub fn restore(
         output: Option<Box<dyn Write + Send>>,
-        interrupt: EventFd,
+        interrupt: impl InterruptLine + 'static,
         state: &SerialState,
     ) -> Result<Self, SerialError> {
         let uart_state = vm_superio::serial::SerialState {
@@ -178,7 +176,7 @@ impl Serial {
         };
         let uart = vm_superio::Serial::from_state(
             &uart_state,
-            IrqTrigger(interrupt),
+            IrqTrigger(Box::new(interrupt)),
             NoEvents,
             GuestOutput(output),
         )
@@ -247,7 +245,7 @@ mod tests {
 
     use std::sync::{Arc, Mutex};
 
-    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     use super::*;
 

@@ -14,9 +14,12 @@
 //! function 0 of each device exists; INTx is not provided.
 
 pub mod bar_allocator;
+// BAR ioeventfds and MSI-X irqfds are eventfd wiring: Unix only (see the crate's header).
+#[cfg(unix)]
 pub mod bar_mapping;
 pub mod config_space;
 pub mod host_bridge;
+#[cfg(unix)]
 pub mod msix;
 pub mod root;
 
@@ -37,8 +40,10 @@ pub trait PciDevice: Send {
 pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
 
 pub use bar_allocator::{BarAllocError, BarAllocator, BarWindow};
+#[cfg(unix)]
 pub use bar_mapping::{BarMapError, BarMapping, BarSpace, IoEventRegistry};
 pub use config_space::{BarDecode, BarKind, ConfigSpaceError, PciConfigSpace, PciIds};
 pub use host_bridge::PciHostBridge;
+#[cfg(unix)]
 pub use msix::{MsiMessage, MsiRouteUpdater, Msix, MsixError};
 pub use root::{PciConfigIo, PciEcam, PciRoot, PciRootError};

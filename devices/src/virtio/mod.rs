@@ -9,6 +9,9 @@
 pub mod blk;
 pub mod console;
 pub mod device;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod net;
 pub mod queue_ops;
 pub mod rng;

@@ -235,6 +235,10 @@ fn exec_request(
         }
     }
     merged.extend(given);
+    // PID 1 gets no PATH from the kernel; give programs the one the agent searches.
+    if !merged.iter().any(|e| e.as_bytes().starts_with(b"PATH=")) {
+        merged.push(c(format!("PATH={}", crate::spawn::DEFAULT_PATH).as_bytes())?);
+    }
     Ok(ExecRequest {
         argv,
         env: merged,

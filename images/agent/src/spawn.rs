@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use crate::reaper::Reaper;
 
 /// `PATH` when neither the exec nor the agent's environment gives one.
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// What to start.
 #[derive(Debug)]

@@ -1,6 +1,7 @@
 //! The agent as a host process, driven over a Unix socket with the real protocol: exit codes
 //! and signals, timeouts, streaming with bounded memory, stdin, concurrency, malformed input,
 //! files, quiesce and resume.
+#![cfg(target_os = "linux")]
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -207,6 +208,33 @@ fn exit_codes_signals_and_missing_programs() {
     let o = a.run(&["sh", "-c", "echo $SKIFF_TEST; test -n \"$PATH\""]);
     assert_eq!(o.stdout, b"1\n");
     assert_eq!(o.exit, Some(ExitStatus::Code(0)));
+}
+
+#[test]
+fn an_agent_without_path_gives_programs_one() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("agent.sock");
+    let listener = UnixListener::bind(&path).expect("bind");
+    let child = Command::new(env!("CARGO_BIN_EXE_skiff-agent"))
+        .arg("--connect")
+        .arg(format!("unix:{}", path.display()))
+        .env_clear()
+        .spawn()
+        .expect("start the agent");
+    let (stream, _) = listener.accept().expect("the agent connects");
+    let mut a = Agent {
+        stream,
+        child,
+        _dir: dir,
+    };
+    // `env` is found through the agent's default PATH and prints what the program got.
+    let o = a.run(&["env"]);
+    assert_eq!(o.exit, Some(ExitStatus::Code(0)));
+    let env = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        env.lines().any(|l| l.starts_with("PATH=/usr/local/sbin:")),
+        "{env}"
+    );
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! The scenario runner: splits the command line into tokens, runs the recognised ones in order,
 //! and owns the verdict lines (`done`, `FAIL`) and exit codes. The scenarios themselves live in
 //! their own modules (memcheck, smp, pci, virtio::*); the tiny ones (hello, exit=N, fault, panic,
-//! spin) live here.
+//! spin, flood) live here.
 use core::sync::atomic::{AtomicU8, Ordering};
 
 use crate::bootinfo::BootInfo;
@@ -17,7 +17,7 @@ pub const EXIT_FAIL: u8 = 33;
 pub const EXIT_PANIC: u8 = 34;
 
 /// Names used in FAIL lines, indexed by `CURRENT`.
-const NAMES: [&str; 31] = [
+const NAMES: [&str; 32] = [
     "boot",
     "hello",
     "memcheck",
@@ -49,6 +49,7 @@ const NAMES: [&str; 31] = [
     "vsock-snapshot",
     "agent",
     "agent-listen",
+    "flood",
 ];
 const BOOT: u8 = 0;
 const HELLO: u8 = 1;
@@ -81,6 +82,7 @@ const VSOCK_ABUSE: u8 = 27;
 const VSOCK_SNAPSHOT: u8 = 28;
 const AGENT: u8 = 29;
 const AGENT_LISTEN: u8 = 30;
+const FLOOD: u8 = 31;
 
 /// The scenario now running, for FAIL lines from the exception handler. In `.data.tg_hot` (see
 /// linker.ld).
@@ -147,6 +149,19 @@ pub fn run_all(info: &BootInfo) -> ! {
                 serial::line().str("testguest: spinning\n");
                 loop {
                     core::hint::spin_loop();
+                }
+            }
+            b"flood" => {
+                // Serial output without end, for the VMM's output-backpressure tests: a
+                // numbered line after another, never exiting.
+                start(FLOOD);
+                let mut n: u64 = 0;
+                loop {
+                    serial::line()
+                        .str("testguest: flood ")
+                        .dec(n)
+                        .str(" the quick brown fox jumps over the lazy dog\n");
+                    n = n.wrapping_add(1);
                 }
             }
             b"pci" => {

@@ -5,11 +5,13 @@
 //! The BSP side runs in CPL3 (the LAPIC page is identity-mapped user-accessible and uncached, and
 //! `rdtsc` is native there). APs never leave CPL0: each runs the trampoline (real -> protected ->
 //! long mode, shared with the BSP's path in entry.rs), prints one line, bumps `ONLINE`, and
-//! halts with interrupts off, so parked APs cost the host nothing.
+//! halts with interrupts off, so parked APs cost the host nothing. Before halting, an AP kicks
+//! the virtio notify register in `KICK_ADDR` if a scenario set one (`virtio-abuse`: kicks from
+//! several vCPUs at once), a bounded number of times.
 use core::arch::global_asm;
 use core::arch::x86_64::{__cpuid, _rdtsc, CpuidResult};
 use core::hint::spin_loop;
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, Ordering};
 
 use crate::acpi;
 use crate::bootinfo::BootInfo;
@@ -31,6 +33,17 @@ const DEFAULT_TSC_MHZ: u64 = 3000;
 
 /// APs that have printed their line.
 static ONLINE: AtomicU32 = AtomicU32::new(0);
+
+/// A virtio notify register each AP writes `KICK_VALUE` to once online (0: none), until
+/// `KICK_STOP` is set or it has kicked `AP_KICKS` times; `KICKED` counts the kicks.
+pub static KICK_ADDR: AtomicU64 = AtomicU64::new(0);
+pub static KICK_VALUE: AtomicU16 = AtomicU16::new(0);
+pub static KICK_STOP: AtomicBool = AtomicBool::new(false);
+pub static KICKED: AtomicU32 = AtomicU32::new(0);
+/// APs that have finished kicking (their kicks are in `KICKED`).
+pub static KICKERS_DONE: AtomicU32 = AtomicU32::new(0);
+/// Most kicks per AP (CPL0 is emulated: each costs a few microseconds and a VM exit).
+const AP_KICKS: u32 = 1000;
 
 global_asm!(
     r#"
@@ -76,6 +89,19 @@ pub extern "C" fn ap_main(apic_id: u32) -> ! {
         .dec(apic_id.into())
         .str(" online\n");
     ONLINE.fetch_add(1, Ordering::Release);
+    let addr = KICK_ADDR.load(Ordering::Acquire);
+    if addr != 0 {
+        let value = KICK_VALUE.load(Ordering::Relaxed);
+        let mut kicks = 0;
+        while kicks < AP_KICKS && !KICK_STOP.load(Ordering::Acquire) {
+            // SAFETY: the scenario set `addr` to a virtio notify register in the identity-mapped,
+            // uncached MMIO hole; the store reaches the device, never a Rust object.
+            unsafe { core::ptr::write_volatile(addr as *mut u16, value) };
+            kicks += 1;
+        }
+        KICKED.fetch_add(kicks, Ordering::Release);
+        KICKERS_DONE.fetch_add(1, Ordering::Release);
+    }
     cpu::park()
 }
 
@@ -137,7 +163,8 @@ fn install_trampoline(info: &BootInfo) {
     unsafe { core::ptr::copy_nonoverlapping(src, TRAMPOLINE as *mut u8, len) };
 }
 
-pub fn run(info: &BootInfo) {
+/// Starts every AP and waits for each to check in; returns the CPU count.
+pub fn run(info: &BootInfo) -> u32 {
     let madt = lapic::madt(info);
     let ids = madt.apic_ids();
     serial::line()
@@ -200,4 +227,5 @@ pub fn run(info: &BootInfo) {
         .str("testguest: smp ok cpus=")
         .dec(ids.len() as u64)
         .str("\n");
+    ids.len() as u32
 }

@@ -1,7 +1,6 @@
 //! Placing the initrd: read straight from the file into the highest page-aligned spot of low RAM
 //! that lies above the kernel and below the kernel's `initrd_addr_max`.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
@@ -12,6 +11,9 @@ use crate::memory::GuestMemory;
 /// Errors from loading the initrd.
 #[derive(Debug, Error)]
 pub enum InitrdError {
+    /// The path is missing, unreadable or not a regular file (boxed: large and rare).
+    #[error(transparent)]
+    File(Box<crate::host_file::HostFileError>),
     /// The file could not be opened or read.
     #[error("cannot read initrd {path}")]
     Read {
@@ -33,6 +35,12 @@ pub enum InitrdError {
         /// Highest usable address (exclusive).
         high: u64,
     },
+}
+
+impl From<crate::host_file::HostFileError> for InitrdError {
+    fn from(e: crate::host_file::HostFileError) -> Self {
+        Self::File(Box::new(e))
+    }
 }
 
 /// Where the initrd lives in guest memory.
@@ -63,7 +71,7 @@ pub fn load_initrd(
         path: path.to_path_buf(),
         source,
     };
-    let mut file = File::open(path).map_err(read_err)?;
+    let mut file = crate::host_file::open_regular("initrd", path)?;
     let size = file.metadata().map_err(read_err)?.len();
     let address = place(size, kernel_end, ram_top).ok_or_else(|| InitrdError::TooLarge {
         path: path.to_path_buf(),

@@ -11,7 +11,10 @@ use linux_loader::loader::{BzImage, Elf, KernelLoader};
 use thiserror::Error;
 use vm_memory::GuestAddress;
 
+use super::elf_check::check_elf;
+use crate::host_file::{open_regular, HostFileError};
 use crate::memory::GuestMemory;
+use arch::layout::RamRange;
 
 /// Offset of the bzImage "HdrS" magic.
 const BZIMAGE_MAGIC_OFFSET: usize = 0x202;
@@ -21,6 +24,9 @@ const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 /// Errors from loading a kernel.
 #[derive(Debug, Error)]
 pub enum KernelError {
+    /// The path is missing, unreadable or not a regular file (boxed: large and rare).
+    #[error(transparent)]
+    File(Box<HostFileError>),
     /// The file could not be opened or read.
     #[error("cannot read kernel image {path}")]
     Read {
@@ -48,6 +54,12 @@ pub enum KernelError {
         /// linux-loader's description.
         reason: String,
     },
+}
+
+impl From<HostFileError> for KernelError {
+    fn from(e: HostFileError) -> Self {
+        Self::File(Box::new(e))
+    }
 }
 
 /// How the loaded kernel wants to be entered.
@@ -107,12 +119,13 @@ fn detect(path: &Path, file: &mut File) -> Result<Format, KernelError> {
     })
 }
 
-/// Loads the kernel at `path` into `mem`, above 1 MiB.
-pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, KernelError> {
-    let mut file = File::open(path).map_err(|source| KernelError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+/// Loads the kernel at `path` into `mem` (laid out as `ram`), above 1 MiB.
+pub fn load_kernel(
+    mem: &GuestMemory,
+    ram: &[RamRange],
+    path: &Path,
+) -> Result<LoadedKernel, KernelError> {
+    let mut file = open_regular("kernel", path)?;
     let high = Some(GuestAddress(arch::layout::HIGH_MEMORY_START));
     let load_err = |format, e: linux_loader::loader::Error| KernelError::Load {
         path: path.to_path_buf(),
@@ -121,6 +134,11 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, Kerne
     };
     match detect(path, &mut file)? {
         Format::Elf => {
+            check_elf(&file, ram).map_err(|reason| KernelError::Load {
+                path: path.to_path_buf(),
+                format: "ELF",
+                reason,
+            })?;
             let r = Elf::load(mem, None, &mut file, high).map_err(|e| load_err("ELF", e))?;
             let entry = match r.pvh_boot_cap {
                 PvhBootCapability::PvhEntryPresent(addr) => KernelEntry::Pvh(addr.0),
@@ -157,6 +175,25 @@ mod tests {
         GuestMemory::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap()
     }
 
+    const RAM: &[RamRange] = &[RamRange {
+        start: 0,
+        size: 32 << 20,
+    }];
+
+    #[test]
+    fn a_32_bit_class_byte_or_a_low_segment_is_refused_before_loading() {
+        use super::super::elf_check::tests::elf;
+        let f = file_with(&elf(1, 62, &[]));
+        let msg = load_kernel(&mem(), RAM, f.path()).unwrap_err().to_string();
+        assert!(
+            msg.contains("cannot load ELF: ELF class (EI_CLASS) is 1"),
+            "{msg}"
+        );
+        let f = file_with(&elf(2, 62, &[(1, 0x9000, 0x1000)]));
+        let msg = load_kernel(&mem(), RAM, f.path()).unwrap_err().to_string();
+        assert!(msg.contains("overlaps the boot structures"), "{msg}");
+    }
+
     fn file_with(bytes: &[u8]) -> tempfile::NamedTempFile {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(bytes).unwrap();
@@ -166,7 +203,7 @@ mod tests {
     #[test]
     fn unknown_format_names_the_first_bytes() {
         let f = file_with(b"#!/bin/sh\necho not a kernel\n");
-        let e = load_kernel(&mem(), f.path()).unwrap_err();
+        let e = load_kernel(&mem(), RAM, f.path()).unwrap_err();
         let msg = e.to_string();
         assert!(msg.contains("not an ELF or bzImage"), "{msg}");
         assert!(msg.contains("23 21 2f 62"), "{msg}");
@@ -175,14 +212,14 @@ mod tests {
     #[test]
     fn empty_file_is_rejected() {
         let f = file_with(b"");
-        let msg = load_kernel(&mem(), f.path()).unwrap_err().to_string();
+        let msg = load_kernel(&mem(), RAM, f.path()).unwrap_err().to_string();
         assert!(msg.contains("empty"), "{msg}");
     }
 
     #[test]
     fn truncated_elf_is_rejected() {
         let f = file_with(b"\x7fELF\x02\x01\x01\x00");
-        let msg = load_kernel(&mem(), f.path()).unwrap_err().to_string();
+        let msg = load_kernel(&mem(), RAM, f.path()).unwrap_err().to_string();
         assert!(msg.contains("cannot load ELF"), "{msg}");
     }
 
@@ -191,13 +228,13 @@ mod tests {
         let mut image = vec![0u8; 0x210];
         image[0x202..0x206].copy_from_slice(b"HdrS");
         let f = file_with(&image);
-        let msg = load_kernel(&mem(), f.path()).unwrap_err().to_string();
+        let msg = load_kernel(&mem(), RAM, f.path()).unwrap_err().to_string();
         assert!(msg.contains("cannot load bzImage"), "{msg}");
     }
 
     #[test]
     fn missing_file_names_the_path() {
-        let msg = load_kernel(&mem(), Path::new("/nonexistent/vmlinux"))
+        let msg = load_kernel(&mem(), RAM, Path::new("/nonexistent/vmlinux"))
             .unwrap_err()
             .to_string();
         assert!(msg.contains("/nonexistent/vmlinux"), "{msg}");

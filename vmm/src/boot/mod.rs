@@ -2,6 +2,7 @@
 //! e820 map and the boot protocol's structures (PVH start_info or Linux boot_params), plus the
 //! boot vCPU's registers.
 
+mod elf_check;
 pub mod initrd;
 pub mod kernel;
 
@@ -92,7 +93,7 @@ pub fn prepare_boot(
     ram: &[RamRange],
     cfg: &BootConfig,
 ) -> Result<BootCpuState, BootError> {
-    let kernel = load_kernel(mem, &cfg.kernel)?;
+    let kernel = load_kernel(mem, ram, &cfg.kernel)?;
     let low_ram_end = ram.first().map_or(0, RamRange::end);
 
     let cmdline_max = match kernel.entry {

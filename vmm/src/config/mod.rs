@@ -1,6 +1,6 @@
 //! The VM configuration: command-line strings parsed into typed structs and validated once.
 //!
-//! `--memory size=SIZE[,file=PATH][,hugepages=on][,prealloc=on]` becomes a `MemoryConfig`,
+//! `--memory size=SIZE[,file=PATH][,hugepages=on][,prealloc=on][,shared-with-snapshot=on]` becomes a `MemoryConfig`,
 //! `--serial stdio|file=PATH|off` a `SerialConfig`, `--net tap=NAME[,mac=MAC]` a `NetConfig`
 //! (module `net`), `--disk path=FILE[,...]` a `DiskConfig` (module `disk`), `--vhost-user
 //! type=...,socket=PATH[,...]` a `VhostUserConfig` (module `vhost_user`), `--vsock
@@ -121,7 +121,13 @@ const SMALL_PAGE: u64 = 4096;
 
 const MEMORY_KEYS: KeyValueSpec = KeyValueSpec {
     option: "--memory",
-    keys: &["size", "file", "hugepages", "prealloc"],
+    keys: &[
+        "size",
+        "file",
+        "hugepages",
+        "prealloc",
+        "shared-with-snapshot",
+    ],
     bare: Some("size"),
 };
 
@@ -137,13 +143,17 @@ impl FromStr for MemoryArg {
         let mut file = None;
         let mut hugepages = false;
         let mut prealloc = false;
+        let mut shared_with_snapshot = false;
         for (key, value) in MEMORY_KEYS.split(s)? {
             match key {
                 "size" => size = Some(parse_size(value)?),
                 "file" if value.is_empty() => return Err(ConfigError::EmptyPath("--memory file=")),
                 "file" => file = Some(PathBuf::from(value)),
                 "hugepages" => hugepages = parse_switch("hugepages", value)?,
-                _ => prealloc = parse_switch("prealloc", value)?,
+                "prealloc" => prealloc = parse_switch("prealloc", value)?,
+                _ => {
+                    shared_with_snapshot = parse_switch("shared-with-snapshot", value)?;
+                }
             }
         }
         let size = size.ok_or(ConfigError::MissingSize)?;
@@ -163,10 +173,16 @@ impl FromStr for MemoryArg {
             (None, true) => BackingKind::HugetlbMemfd,
             (None, false) => BackingKind::Memfd,
         };
+        if shared_with_snapshot && !matches!(backing, BackingKind::File(_)) {
+            return Err(ConfigError::Conflict(
+                "--memory: shared-with-snapshot=on applies to a file= backing only",
+            ));
+        }
         Ok(Self(MemoryConfig {
             size,
             backing,
             prealloc,
+            shared_with_snapshot,
         }))
     }
 }
@@ -290,7 +306,15 @@ mod tests {
         assert_eq!(m.0.backing, BackingKind::Memfd);
         let m: MemoryArg = "512M".parse().unwrap();
         assert_eq!(m.0.size, 512 << 20);
+        let m: MemoryArg = "size=64M,file=/tmp/x,shared-with-snapshot=on"
+            .parse()
+            .unwrap();
+        assert!(m.0.shared_with_snapshot);
+        assert!("size=64M,shared-with-snapshot=on"
+            .parse::<MemoryArg>()
+            .is_err());
         let m: MemoryArg = "size=64M,file=/tmp/x".parse().unwrap();
+        assert!(!m.0.shared_with_snapshot);
         assert_eq!(m.0.backing, BackingKind::File("/tmp/x".into()));
         let m: MemoryArg = "size=64M,hugepages=on".parse().unwrap();
         assert_eq!(m.0.backing, BackingKind::HugetlbMemfd);

@@ -291,6 +291,7 @@ fn run_inner(args: ExecArgs) -> Result<u8, Failure> {
             size: DEFAULT_MEMORY,
             backing: BackingKind::Memfd,
             prealloc: false,
+            shared_with_snapshot: false,
         }),
         serial: SerialConfig::File(serial_log.clone()),
         timeout: None,

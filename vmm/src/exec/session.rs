@@ -252,6 +252,13 @@ impl Session {
     }
 }
 
+/// The exit code and verdict line `skiff run` would give for `end` (no line for the guest's own
+/// end).
+fn guest_verdict(end: GuestEnd) -> (u8, Option<String>) {
+    let status = exit_code::ExitStatus::from_end(end, None, 0, None);
+    (status.code, status.detail)
+}
+
 impl SessionEnd {
     /// The exit code, and the line for stderr (none when the command's own status is the
     /// whole story). `guest` is how the VM ended, when it ran.
@@ -259,7 +266,7 @@ impl SessionEnd {
         let how = |g: Option<GuestEnd>| match g {
             None | Some(GuestEnd::Stopped) => String::new(),
             Some(g) => {
-                let (_, line) = exit_code::report(g);
+                let (_, line) = guest_verdict(g);
                 line.map(|l| format!(" ({l})"))
                     .unwrap_or_else(|| format!(" (the guest ended: {g:?})"))
             }
@@ -331,7 +338,7 @@ impl SessionEnd {
                 Some(format!("{m} (exit code {})", exit_code::EXEC_VIRTIOFSD)),
             ),
             SessionEnd::Stopped => match guest {
-                Some(g @ GuestEnd::HostSignal(_)) => exit_code::report(g),
+                Some(g @ GuestEnd::HostSignal(_)) => guest_verdict(g),
                 _ => (exit_code::EXEC_AGENT_LOST, Some("stopped".into())),
             },
             SessionEnd::Internal(m) => (

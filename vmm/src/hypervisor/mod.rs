@@ -11,6 +11,7 @@ use thiserror::Error;
 #[cfg(target_os = "linux")]
 pub mod kvm;
 pub mod state;
+pub mod whp;
 
 /// A failed hypervisor operation: which operation, and the OS error.
 #[derive(Debug, Error)]

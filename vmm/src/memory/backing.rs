@@ -75,8 +75,24 @@ pub enum BackingError {
     /// The memory file exists but is not a regular file.
     #[error("memory file {0} is not a regular file")]
     NotRegular(PathBuf),
+    /// The memory file has other names: a snapshot taken with `snapshot --stop` may hold it as
+    /// its memory file, and a VM writing it would change that snapshot.
+    #[error(
+        "memory file {path} has {links} hard links: a snapshot (taken with --stop) may hold it \
+         as its memory, and this VM would overwrite that snapshot; restore the snapshot, or copy \
+         the file, or add shared-with-snapshot=on to --memory to use it anyway"
+    )]
+    Linked {
+        /// The path.
+        path: PathBuf,
+        /// Its link count.
+        links: u64,
+    },
     /// Another process holds the memory file's lock.
-    #[error("memory file {0} is in use by another process (locked)")]
+    #[error(
+        "memory file {0} is in use by another process (locked: another VM runs on it, or a \
+         copy-on-write restore maps it as a snapshot's memory)"
+    )]
     Locked(PathBuf),
     /// Sizing the backing failed.
     #[error("cannot size guest memory backing {what} to {size:#x} bytes")]
@@ -117,10 +133,21 @@ pub enum BackingError {
 impl Backing {
     /// Creates a backing of `size` bytes. `prealloc` allocates every page now.
     pub fn create(kind: &BackingKind, size: u64, prealloc: bool) -> Result<Self, BackingError> {
+        Self::create_with(kind, size, prealloc, false)
+    }
+
+    /// `create`; `allow_linked` accepts a user file with other hard links (which a snapshot
+    /// taken with `--stop` may hold: the VM then writes that snapshot's memory).
+    pub fn create_with(
+        kind: &BackingKind,
+        size: u64,
+        prealloc: bool,
+        allow_linked: bool,
+    ) -> Result<Self, BackingError> {
         let backing = match kind {
             BackingKind::Memfd => Self::memfd(size, false)?,
             BackingKind::HugetlbMemfd => Self::memfd(size, true)?,
-            BackingKind::File(path) => Self::user_file(path, size)?,
+            BackingKind::File(path) => Self::user_file(path, size, allow_linked)?,
         };
         // hugetlbfs pages are allocated on first fault and a shortage then kills the process
         // with SIGBUS, so they are always reserved up front.
@@ -179,7 +206,7 @@ impl Backing {
         })
     }
 
-    fn user_file(path: &Path, size: u64) -> Result<Self, BackingError> {
+    fn user_file(path: &Path, size: u64, allow_linked: bool) -> Result<Self, BackingError> {
         let open_err = |source| BackingError::Open {
             path: path.to_path_buf(),
             source,
@@ -201,6 +228,15 @@ impl Backing {
             .custom_flags(libc::O_CLOEXEC)
             .open(path)
             .map_err(open_err)?;
+        // Checked on what was opened, before anything is changed: a snapshot's memory file
+        // must not become a running VM's RAM by accident.
+        let links = std::os::unix::fs::MetadataExt::nlink(&file.metadata().map_err(open_err)?);
+        if links > 1 && !allow_linked {
+            return Err(BackingError::Linked {
+                path: path.to_path_buf(),
+                links,
+            });
+        }
         let mut backing = Self {
             file: Mappable::new(OwnedFd::from(file)),
             page_size: arch::layout::PAGE_SIZE,
@@ -372,6 +408,22 @@ mod tests {
         drop(b);
         // An existing larger file keeps its size.
         let b = Backing::create(&BackingKind::File(path.clone()), 4 << 20, true).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 8 << 20);
+        drop(b);
+    }
+
+    #[test]
+    fn a_file_with_other_links_needs_the_override_and_is_left_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ram");
+        std::fs::write(&path, [7u8; 4096]).unwrap();
+        std::fs::hard_link(&path, dir.path().join("memory-0.bin")).unwrap();
+        let kind = BackingKind::File(path.clone());
+        let e = Backing::create(&kind, 8 << 20, false).unwrap_err();
+        assert!(matches!(e, BackingError::Linked { links: 2, .. }), "{e:?}");
+        assert!(e.to_string().contains("shared-with-snapshot=on"), "{e}");
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 4096, "not grown");
+        let b = Backing::create_with(&kind, 8 << 20, false, true).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 8 << 20);
         drop(b);
     }

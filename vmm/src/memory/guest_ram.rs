@@ -33,6 +33,9 @@ pub struct MemoryConfig {
     pub backing: BackingKind,
     /// Allocate every page before the guest starts.
     pub prealloc: bool,
+    /// Accept a `file=` backing with other hard links (`shared-with-snapshot=on`): a snapshot
+    /// taken with `--stop` may hold it, and the VM then overwrites that snapshot's memory.
+    pub shared_with_snapshot: bool,
 }
 
 /// Errors from building guest RAM.
@@ -87,7 +90,12 @@ impl GuestRam {
     /// against `max_slots` and maps them. On failure a memory file skiff created is removed.
     pub fn create(config: &MemoryConfig, max_slots: usize) -> Result<Self, MemoryError> {
         let ranges = arch::layout::ram_ranges(config.size).map_err(MemoryError::Layout)?;
-        let backing = Backing::create(&config.backing, config.size, config.prealloc)?;
+        let backing = Backing::create_with(
+            &config.backing,
+            config.size,
+            config.prealloc,
+            config.shared_with_snapshot,
+        )?;
         let created = backing.created_path().map(Path::to_path_buf);
         let result = Self::from_backing(backing, &ranges, config.size, max_slots);
         match (result, created) {
@@ -329,6 +337,7 @@ mod tests {
             size,
             backing,
             prealloc: false,
+            shared_with_snapshot: false,
         }
     }
 

@@ -3,6 +3,8 @@
 //! - `region`: `ShareableRegion` and `Mappable`, the one description of guest RAM.
 //! - `backing`: the file behind RAM (sealed memfd, huge-page memfd, user file).
 //! - `validate`: checks on a region list before anything maps it.
+//! - `section`, `view`, `section_ram` (Windows): RAM as a pagefile-backed or file-backed
+//!   section, views of it that unmap on drop, and the regions mapped at their file offsets.
 //! - `share`: the regions as a vhost-user backend maps them (descriptor, offset, user address).
 //! - `guest_ram` (this file): lays RAM out around the MMIO hole, creates the backing, validates
 //!   and maps every region `MAP_SHARED` into the `vm-memory` view devices use.
@@ -15,9 +17,20 @@ pub mod backing;
 mod guest_ram;
 #[cfg(target_os = "linux")]
 pub mod share;
-#[cfg(target_os = "linux")]
 pub mod validate;
+
+#[cfg(windows)]
+pub mod section;
+#[cfg(windows)]
+mod section_ram;
+#[cfg(test)]
+#[cfg(windows)]
+mod section_tests;
+#[cfg(windows)]
+pub mod view;
 
 #[cfg(target_os = "linux")]
 pub use guest_ram::{GuestMemory, GuestRam, MemoryConfig, MemoryError};
 pub use region::{Mappable, ShareableRegion};
+#[cfg(windows)]
+pub use section_ram::{SectionRam, SectionRamError};

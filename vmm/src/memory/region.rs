@@ -19,6 +19,9 @@ pub struct Mappable {
     fd: OwnedFd,
     #[cfg(windows)]
     handle: OwnedHandle,
+    /// A section's size cannot be read back through Win32, so it travels with the handle.
+    #[cfg(windows)]
+    size: u64,
 }
 
 #[cfg(unix)]
@@ -32,6 +35,11 @@ impl Mappable {
     pub fn try_clone_file(&self) -> std::io::Result<std::fs::File> {
         Ok(std::fs::File::from(self.fd.try_clone()?))
     }
+
+    /// The file's current length in bytes.
+    pub fn byte_len(&self) -> std::io::Result<u64> {
+        Ok(self.try_clone_file()?.metadata()?.len())
+    }
 }
 
 #[cfg(unix)]
@@ -43,9 +51,14 @@ impl AsFd for Mappable {
 
 #[cfg(windows)]
 impl Mappable {
-    /// Wraps a section (file mapping) handle.
-    pub fn new(handle: OwnedHandle) -> Self {
-        Self { handle }
+    /// Wraps a section (file mapping) handle whose maximum size is `size` bytes.
+    pub fn new(handle: OwnedHandle, size: u64) -> Self {
+        Self { handle, size }
+    }
+
+    /// The section's size in bytes.
+    pub fn byte_len(&self) -> std::io::Result<u64> {
+        Ok(self.size)
     }
 }
 

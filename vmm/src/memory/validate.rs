@@ -1,8 +1,7 @@
 //! Checks a list of `ShareableRegion`s before anything maps them: sizes and offsets aligned to
 //! the backing's page size, no overflow, no overlap, backing files long enough, and no more
-//! regions than the hypervisor has memory slots.
-
-use std::os::fd::AsFd;
+//! regions than the hypervisor has memory slots. On Windows, `validate_view_offsets` adds the
+//! rule that a section view starts at a multiple of the allocation granularity.
 
 use thiserror::Error;
 
@@ -67,6 +66,16 @@ pub enum RegionError {
         /// The OS error text.
         errno: String,
     },
+    /// A file offset Windows cannot map a section view from.
+    #[error("memory region at {guest_address:#x}: file offset {file_offset:#x} is not a multiple of {granularity:#x}, the allocation granularity Windows requires of a section view's offset")]
+    ViewOffsetUnaligned {
+        /// Region start.
+        guest_address: u64,
+        /// The region's file offset.
+        file_offset: u64,
+        /// The host's allocation granularity (64 KiB on every Windows so far).
+        granularity: u64,
+    },
     /// More regions than memory slots.
     #[error("{count} memory regions exceed the host's {max} memory slots")]
     TooManySlots {
@@ -107,6 +116,25 @@ pub fn validate_regions(
     Ok(())
 }
 
+/// Checks Windows' rule for section views (`MapViewOfFile`): each region's `file_offset` is a
+/// multiple of the allocation `granularity`. Call after `validate_regions`.
+pub fn validate_view_offsets(
+    regions: &[ShareableRegion],
+    granularity: u64,
+) -> Result<(), RegionError> {
+    match regions
+        .iter()
+        .find(|r| granularity == 0 || r.file_offset % granularity != 0)
+    {
+        Some(r) => Err(RegionError::ViewOffsetUnaligned {
+            guest_address: r.guest_address,
+            file_offset: r.file_offset,
+            granularity,
+        }),
+        None => Ok(()),
+    }
+}
+
 fn validate_one(r: &ShareableRegion, page_size: u64) -> Result<(), RegionError> {
     let guest_address = r.guest_address;
     if r.size == 0 {
@@ -133,7 +161,7 @@ fn validate_one(r: &ShareableRegion, page_size: u64) -> Result<(), RegionError> 
             file_offset: r.file_offset,
         });
     };
-    let actual = file_len(r).map_err(|e| RegionError::Stat {
+    let actual = r.file.byte_len().map_err(|e| RegionError::Stat {
         guest_address,
         errno: e.to_string(),
     })?;
@@ -147,12 +175,8 @@ fn validate_one(r: &ShareableRegion, page_size: u64) -> Result<(), RegionError> 
     Ok(())
 }
 
-fn file_len(r: &ShareableRegion) -> std::io::Result<u64> {
-    let fd = r.file.as_fd().try_clone_to_owned()?;
-    Ok(std::fs::File::from(fd).metadata()?.len())
-}
-
 #[cfg(test)]
+#[cfg(unix)]
 mod tests {
     use super::*;
     use crate::memory::region::Mappable;
@@ -264,6 +288,25 @@ mod tests {
         assert!(matches!(e, RegionError::Overflow { .. }), "{e}");
         let e = validate_regions(&[region(&f, u64::MAX - P + 1, P, 0)], P, 32).unwrap_err();
         assert!(matches!(e, RegionError::Overflow { .. }), "{e}");
+    }
+
+    #[test]
+    fn rejects_view_offsets_off_the_allocation_granularity() {
+        let f = file_of(32 * P);
+        let g = 16 * P;
+        let ok = [region(&f, 0, P, 0), region(&f, P, P, g)];
+        assert_eq!(validate_view_offsets(&ok, g), Ok(()));
+        let bad = [region(&f, 0, P, 0), region(&f, P, P, 4 * P)];
+        let e = validate_view_offsets(&bad, g).unwrap_err();
+        assert_eq!(
+            e,
+            RegionError::ViewOffsetUnaligned {
+                guest_address: P,
+                file_offset: 4 * P,
+                granularity: g
+            }
+        );
+        assert!(e.to_string().contains("allocation granularity"), "{e}");
     }
 
     #[test]

@@ -133,6 +133,10 @@ pub struct MemoryRegionEntry {
     /// holes with zeros (which would hide the parent's pages) is caught on restore.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_bytes: Option<u64>,
+    /// The file's checksum (`integrity`): `xxh3-64:` and 16 hex digits. Absent in snapshots
+    /// written before checksums existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<String>,
 }
 
 /// The state file's size and checksum (the file carries both in its header too).
@@ -344,6 +348,7 @@ pub(crate) mod tests {
                 page_size: 4096,
                 method: "sparse-copy".into(),
                 data_bytes: None,
+                checksum: None,
             }],
             state: StateFileEntry {
                 file: STATE_FILE.into(),

@@ -8,7 +8,10 @@
 //!
 //! `dirty` gathers and writes dirty page sets, `live` copies memory while the guest runs,
 //! `chain` resolves a diff's parents (restore and `snapshot-merge`), `progress` counts a write's
-//! bytes for the control API.
+//! bytes for the control API. `integrity` sums each memory file when it is complete and
+//! verifies a directory against its manifest; `stale` removes the temporary directories of
+//! snapshot writers that were killed; `memory_lock` is the shared lock a copy-on-write restore
+//! holds on the files it maps.
 //!
 //! A snapshot is untrusted input: `dir` opens its files relative to the directory (regular
 //! files only, sizes checked before reading), `resources` lists the host resources it names,
@@ -25,13 +28,18 @@ pub mod authorize;
 pub mod chain;
 pub mod dir;
 pub mod dirty;
+#[cfg(test)]
+mod fuzz_seeds;
+pub mod integrity;
 pub mod job;
 pub mod live;
 pub mod manifest;
 pub mod memory_file;
+pub mod memory_lock;
 pub mod progress;
 pub mod resources;
 pub mod restore;
+pub mod stale;
 pub mod state_file;
 pub mod writer;
 

@@ -1,6 +1,6 @@
 //! The host resources a snapshot names: what restoring it would make skiff open outside the
-//! snapshot directory (disks, taps, vhost-user sockets, the vsock device's socket, a diff's parent directory), and what it
-//! merely records (kernel, initrd, the original `file=` memory backing).
+//! snapshot directory (disks, taps, vhost-user sockets, vsock listening sockets, a diff's parent
+//! directory), and what it merely records (kernel, initrd, the original `file=` memory backing).
 //!
 //! The list is derived from the decoded state and the manifest's VM description, and
 //! `manifest.json` carries the same list (`resources`) so that `skiff snapshot-info` can show it
@@ -49,8 +49,8 @@ pub enum HostResource {
         /// The socket.
         socket: PathBuf,
     },
-    /// The Unix socket of the in-process virtio-vsock device (listened on, replacing a stale
-    /// socket file, on restore).
+    /// A vsock device's listening socket (created on restore, replacing a stale socket file
+    /// there; guest connections go to `socket_PORT`).
     Vsock {
         /// The device id (`--vsock id=`).
         id: String,
@@ -154,7 +154,7 @@ pub fn device_ids(devices: &[VirtioPciState]) -> Vec<Option<String>> {
         }
     }
     // The others: `disk{n}` for the n-th disk in bus order (the next free number if that
-    // name is some disk's own id), likewise for net and vhost-user.
+    // name is some disk's own id), likewise for net, vhost-user and vsock.
     let mut counters = [0usize; 4];
     for (i, d) in devices.iter().enumerate() {
         let (slot, prefix) = match &d.identity {

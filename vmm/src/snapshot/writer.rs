@@ -8,7 +8,10 @@
 //! and the temporary directory are fsynced, the directory is renamed to `DIR` with
 //! `RENAME_NOREPLACE` (so a `DIR` that appeared meanwhile is never replaced), and the parent is
 //! fsynced. A crash at any point leaves no `DIR` or a complete one; any error removes the
-//! temporary directory. The VM is not touched here: the caller paused it and gathered the state.
+//! temporary directory. Each memory file, once complete, is fsynced while it is read back for
+//! its checksum (`integrity::seal`), which the manifest records. Stale temporary directories of
+//! killed writers in the same parent are removed first (`stale`). The VM is not touched here:
+//! the caller paused it and gathered the state.
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
@@ -25,6 +28,7 @@ use thiserror::Error;
 use super::auth::{default_key_path, SnapshotKey};
 use super::chain::data_bytes;
 use super::dirty::{write_pages, PageBitmap, DIRTY_PAGE};
+use super::integrity;
 use super::manifest::{
     MemoryRegionEntry, SnapshotManifest, StateFileEntry, MANIFEST_FILE, STATE_FILE,
 };
@@ -198,6 +202,11 @@ pub fn write(
     progress: &SnapshotProgress,
 ) -> Result<WriteReport, WriteError> {
     let temp = pending.temp.clone();
+    // Here, on the job's thread, not in `reserve` on the event loop: removing a killed
+    // writer's gigabytes takes a while.
+    if let Some(parent) = pending.dir.parent() {
+        super::stale::remove_stale_temporaries(parent);
+    }
     let result = write_inner(pending, cancel, progress);
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&temp);
@@ -266,18 +275,14 @@ fn write_inner(
                     progress,
                 )
             }?,
-            MemorySource::Written(_) => {
-                let report = written.next().ok_or_else(|| {
-                    io("find the copied memory file", &path)(std::io::Error::from_raw_os_error(
-                        libc::ENOENT,
-                    ))
-                })?;
-                File::open(&path)
-                    .and_then(|f| f.sync_all())
-                    .map_err(io("fsync", &path))?;
-                report
-            }
+            MemorySource::Written(_) => written.next().ok_or_else(|| {
+                io("find the copied memory file", &path)(std::io::Error::from_raw_os_error(
+                    libc::ENOENT,
+                ))
+            })?,
         };
+        // The file is complete: fsync it and, meanwhile, sum it.
+        let checksum = integrity::seal(&path, region.size, cancel)?;
         bytes += report.copied_bytes;
         manifest.memory.push(MemoryRegionEntry {
             guest_address: region.guest_address,
@@ -289,6 +294,7 @@ fn write_inner(
                 CopyMethod::DirtyPages => Some(data_bytes(&path)?),
                 _ => None,
             },
+            checksum: Some(checksum),
         });
         reports.push(report);
     }
@@ -373,7 +379,6 @@ unsafe fn write_dirty_region(
             path: path.to_path_buf(),
             source,
         })?;
-    dst.sync_all().map_err(io("fsync", path))?;
     Ok(RegionReport {
         guest_address: region.guest_address,
         size: region.size,
@@ -423,7 +428,8 @@ pub(super) fn expect_touched(
 
 /// One region's memory file, whole: hard-linked (`copy.link`, a backing that is a whole file of
 /// its own, on the same filesystem), else reflinked, else copied sparsely; a private mapping's
-/// own pages are then written over it.
+/// own pages are then written over it. Not fsynced: the caller seals the file when it is
+/// complete (`integrity::seal`).
 ///
 /// # Safety
 /// `copy.private`, if given, must be a live mapping of `region` that nobody writes during the
@@ -449,8 +455,8 @@ pub(super) unsafe fn write_region(
         && copy.link
         && hard_link(&src, region.file_offset, region.size, path).map_err(mem_err)?
     {
-        // The backing's dirty pages reach the disk here, as a copy's would.
-        src.sync_all().map_err(io("fsync", path))?;
+        // The backing's dirty pages reach the disk when the caller seals the file, as a
+        // copy's would.
         if let Some(p) = copy.progress {
             p.advance(data_extent_bytes(&src, 0, region.size).map_err(mem_err)?);
         }
@@ -490,7 +496,6 @@ pub(super) unsafe fn write_region(
         copied_bytes += unsafe { overlay_private_pages(mapping, &dst, copy.cancel, copy.progress) }
             .map_err(mem_err)?;
     }
-    dst.sync_all().map_err(io("fsync", path))?;
     Ok(RegionReport {
         guest_address: region.guest_address,
         size: region.size,
@@ -649,6 +654,58 @@ mod tests {
             reserve(Path::new("rel/dir")),
             Err(WriteError::NotAbsolute(_))
         ));
+    }
+
+    #[test]
+    fn every_memory_file_gets_a_checksum_that_verify_checks() {
+        use crate::snapshot::integrity::verify;
+        use crate::snapshot::state_file::{encode, tests::sample_state};
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("snap");
+        let temp = reserve(&dir).unwrap();
+        let mut p = pending(&dir, temp);
+        p.state = encode(&sample_state()).unwrap();
+        // The sample state has 2 vCPUs; one 2 MiB region, the layout of a 2 MiB VM.
+        p.manifest.vm.cpus = 2;
+        p.manifest.vm.memory_size = 2 << 20;
+        p.regions.truncate(1);
+        p.regions[0].size = 2 << 20;
+        write(p, &AtomicBool::new(false), &SnapshotProgress::default()).unwrap();
+        let m = manifest::read(&dir).unwrap();
+        assert!(m.memory.iter().all(|r| r
+            .checksum
+            .as_deref()
+            .is_some_and(|c| c.starts_with("xxh3-64:"))));
+        let (problems, bytes) = verify(&dir, None);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert!(bytes > 0);
+        // One byte of guest memory changed behind the snapshot's back.
+        let mem = File::options()
+            .write(true)
+            .open(dir.join("memory-0.bin"))
+            .unwrap();
+        mem.write_all_at(b"X", 4096).unwrap();
+        let (problems, _) = verify(&dir, None);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("memory-0.bin has checksum")
+                && problems[0].contains("contents changed"),
+            "{problems:?}"
+        );
+        // A memory file replaced by a symbolic link, and a truncated state file.
+        std::fs::remove_file(dir.join("memory-0.bin")).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", dir.join("memory-0.bin")).unwrap();
+        let state = File::options()
+            .write(true)
+            .open(dir.join(STATE_FILE))
+            .unwrap();
+        state.set_len(10).unwrap();
+        let (problems, _) = verify(&dir, None);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].contains("state file") && problems[0].contains("but the manifest says")
+        );
+        assert!(problems[1].contains("memory-0.bin"), "{problems:?}");
     }
 
     #[test]

@@ -78,8 +78,16 @@ pub enum DiskError {
         source: io::Error,
     },
     /// A directory, socket, FIFO or character device.
-    #[error("disk {0}: not a regular file or block device")]
-    NotFileOrBlockDevice(PathBuf),
+    #[error("disk {path}: {kind}, not a regular file or block device")]
+    NotFileOrBlockDevice {
+        /// The disk path.
+        path: PathBuf,
+        /// What it is instead.
+        kind: &'static str,
+    },
+    /// Zero bytes: no sector to serve (also what a `/proc` file reports).
+    #[error("disk {0}: size is 0 bytes; a disk needs at least one 512-byte sector")]
+    Empty(PathBuf),
     /// The size is not a whole number of sectors.
     #[error("disk {path}: size {size} bytes is not a multiple of 512")]
     Size {
@@ -152,7 +160,7 @@ impl DiskImage {
         // `stat` before `open`: opening a FIFO would block.
         let meta = std::fs::metadata(&path).map_err(|e| open_error(&path, e))?;
         if !is_disk_type(&meta.file_type()) {
-            return Err(DiskError::NotFileOrBlockDevice(path));
+            return Err(not_a_disk(path, &meta.file_type()));
         }
         let mut file = OpenOptions::new()
             .read(true)
@@ -162,7 +170,7 @@ impl DiskImage {
         // The path may have been swapped between `stat` and `open`: check what was opened.
         let meta = file.metadata().map_err(|e| open_error(&path, e))?;
         if !is_disk_type(&meta.file_type()) {
-            return Err(DiskError::NotFileOrBlockDevice(path));
+            return Err(not_a_disk(path, &meta.file_type()));
         }
         lock(&file, cfg.readonly, &path)?;
         let size = if meta.file_type().is_block_device() {
@@ -171,6 +179,9 @@ impl DiskImage {
         } else {
             meta.len()
         };
+        if size == 0 {
+            return Err(DiskError::Empty(path));
+        }
         if !size.is_multiple_of(SECTOR_SIZE) {
             return Err(DiskError::Size { path, size });
         }
@@ -218,6 +229,21 @@ fn open_error(path: &Path, e: io::Error) -> DiskError {
             source: e,
         }
     }
+}
+
+fn not_a_disk(path: PathBuf, t: &std::fs::FileType) -> DiskError {
+    let kind = if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() {
+        "a character device"
+    } else {
+        "an unknown file type"
+    };
+    DiskError::NotFileOrBlockDevice { path, kind }
 }
 
 fn is_disk_type(t: &std::fs::FileType) -> bool {
@@ -281,7 +307,31 @@ mod tests {
     fn directory_is_refused() {
         let dir = tempfile::tempdir().expect("temp dir");
         let e = DiskImage::open(&DiskConfig::new(dir.path())).expect_err("must fail");
-        assert!(matches!(e, DiskError::NotFileOrBlockDevice(_)), "{e:?}");
+        assert!(
+            e.to_string()
+                .ends_with("a directory, not a regular file or block device"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn proc_files_fifos_and_empty_files_are_refused() {
+        // /proc/self/mem stats as a regular file of 0 bytes.
+        let e = DiskImage::open(&DiskConfig::new("/proc/self/mem")).expect_err("must fail");
+        assert!(matches!(e, DiskError::Empty(_)), "{e:?}");
+        assert!(e.to_string().contains("size is 0 bytes"), "{e}");
+        let f = image(0);
+        let e = DiskImage::open(&DiskConfig::new(f.path())).expect_err("must fail");
+        assert!(matches!(e, DiskError::Empty(_)), "{e:?}");
+        let e = DiskImage::open(&DiskConfig::new("/dev/null")).expect_err("must fail");
+        assert!(e.to_string().contains("a character device"), "{e}");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().expect("utf-8")).expect("no NUL");
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = DiskImage::open(&DiskConfig::new(&fifo)).expect_err("must fail at once");
+        assert!(e.to_string().contains("a FIFO"), "{e}");
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 mod device;
 mod input;
-mod queue_handler;
+pub(crate) mod queue_handler;
 
 #[cfg(test)]
 mod tests;

@@ -117,12 +117,29 @@ impl ConsoleQueueHandler {
         vec![QueueProgress::of(&self.rx), QueueProgress::of(&self.tx)]
     }
 
+    /// Serves both queues once, as kicks of each would (the fuzzing seam's way in).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn serve_queues(&mut self) {
+        self.process_tx();
+        self.process_rx();
+    }
+
+    /// Whether a queue failure marked the device broken.
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn broken(&self) -> bool {
+        self.broken
+    }
+
     fn halted(&self) -> bool {
         self.broken || self.stopped.load(Ordering::Acquire)
     }
 
     fn fail(&mut self, e: QueueFailure) {
-        log::error!("virtio-console: {e}; the device needs a reset");
+        crate::guest_warn!(
+            self.signals.guest_warnings(),
+            "bad chain",
+            "virtio-console: {e}; the device needs a reset"
+        );
         self.broken = true;
         self.signals.set_needs_reset();
     }

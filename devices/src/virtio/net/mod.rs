@@ -7,7 +7,7 @@
 //! `tap` is the host side. Not here: multiqueue, the control queue, mergeable receive buffers.
 
 mod device;
-mod frames;
+pub(crate) mod frames;
 mod queue_handler;
 pub mod tap;
 

@@ -73,8 +73,9 @@ impl IoVecs {
         v
     }
 
-    /// Bytes left to transfer (the tests follow short transfers with it).
-    #[cfg(test)]
+    /// Bytes left to transfer (the tests follow short transfers with it, the fuzzing seam
+    /// checks planned transfers with it).
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn remaining_len(&self) -> usize {
         self.iov[self.start..].iter().map(|v| v.iov_len).sum()
     }

@@ -1,5 +1,5 @@
-//! `virtio-abuse`: a driver that misprograms a virtio-rng and a virtio-blk device on purpose and
-//! checks that each one refuses (the request's status byte says IOERR, or the device status gets
+//! `virtio-abuse`: a driver that misprograms a virtio-rng, a virtio-blk, a virtio-net and a
+//! virtio-console device on purpose and checks that each one refuses (the request's status byte says IOERR, or the device status gets
 //! DEVICE_NEEDS_RESET) instead of hanging, crashing the VM or touching memory outside guest RAM.
 //! The device is reset (status 0, read back until 0) before every attempt; the last case shows a
 //! reset device works again.
@@ -13,22 +13,43 @@
 //! `rig.rs` holds the raw device access the cases share, `report.rs` the result lines,
 //! `transport_cases.rs` the cases that misprogram the PCI transport (queue sizes, ring addresses,
 //! MSI-X vectors, queue selects, BAR accesses) and `request_cases.rs` those that post bogus
-//! requests (chains, buffers, directions, lengths, sectors) and the final reset check.
+//! requests (chains, buffers, directions, lengths, sectors) and the final reset check,
+//! `ring_cases.rs` those that corrupt the rings around valid requests (indirect tables, the
+//! available index, overlapping rings, buffers in the MMIO hole, the event index, writes after
+//! DRIVER_OK, a reset with I/O in flight) and `pci_cases.rs` those that misprogram PCI itself
+//! (MSI-X table and PBA, capability list, ROM BAR, 64-bit BAR halves).
+//!
+//! net and console are driven through their transmit queue (1), whose chains the device takes
+//! as soon as it is kicked; net frames go to the tap, console output (newlines only) to stdout.
 
+mod pci_cases;
 mod report;
 mod request_cases;
 mod rig;
+mod ring_cases;
 mod transport_cases;
 
 use crate::bootinfo::BootInfo;
 use crate::serial;
+use pci_cases::{config_space, msix_table};
 use report::Parts;
 use request_cases::{after_reset, data_address, desc_loop, direction, oversized, sector_range};
 use rig::Rig;
+use ring_cases::{
+    avail_far_ahead, driver_ok_writes, indirect, mmio_hole, reset_in_flight, smp_kicks,
+    used_event, used_overlap,
+};
 use transport_cases::{bar_access, msix_vector, queue_select, queue_size, ring_address};
 
-const RNG: u16 = 4;
+const NET: u16 = 1;
 const BLK: u16 = 2;
+const CONSOLE: u16 = 3;
+const RNG: u16 = 4;
+/// `VIRTIO_RING_F_INDIRECT_DESC`, negotiated by every rig.
+const F_INDIRECT_DESC: u64 = 1 << 28;
+/// `VIRTIO_RING_F_EVENT_IDX`, negotiated for the `used-event` case.
+const F_EVENT_IDX: u64 = 1 << 29;
+const DESC_F_INDIRECT: u16 = 4;
 /// Queue size the cases program (a power of two every device here offers).
 const SIZE: u16 = 8;
 /// Rings are allocated for at most this many entries.
@@ -59,12 +80,16 @@ const BAIT: u64 = 0x7777_7777_7777_7777;
 
 /// The `virtio-abuse` scenario.
 pub fn run(info: &BootInfo) {
-    // Open both devices first: each open starts a fresh DMA arena.
+    // Open every device first: each open starts a fresh DMA arena.
     let rng_dev = Rig::open(info, RNG, "virtio-rng");
     let blk_dev = Rig::open(info, BLK, "virtio-blk");
+    let net_dev = Rig::open(info, NET, "virtio-net");
+    let console_dev = Rig::open(info, CONSOLE, "virtio-console");
     let mut rigs = [
         Rig::new(info, rng_dev, RNG, "rng"),
         Rig::new(info, blk_dev, BLK, "blk"),
+        Rig::new(info, net_dev, NET, "net"),
+        Rig::new(info, console_dev, CONSOLE, "console"),
     ];
     let mut cases = 0;
     let mut case = |name: &str, parts: Parts| {
@@ -81,11 +106,21 @@ pub fn run(info: &BootInfo) {
     case("msix-vector", msix_vector(&mut rigs));
     case("queue-select", queue_select(&mut rigs));
     case("bar-access", bar_access(&mut rigs));
-    let [rng, blk] = &mut rigs;
+    case("indirect", indirect(&mut rigs));
+    case("avail-far-ahead", avail_far_ahead(&mut rigs));
+    case("used-overlap", used_overlap(&mut rigs));
+    case("mmio-hole", mmio_hole(&mut rigs[1]));
+    case("used-event", used_event(&mut rigs[1]));
+    case("driver-ok-writes", driver_ok_writes(&mut rigs));
+    case("reset-in-flight", reset_in_flight(&mut rigs[1]));
+    case("smp-kicks", smp_kicks(info, &mut rigs[1]));
+    case("msix-table", msix_table(info, &mut rigs));
+    case("config-space", config_space(info, &mut rigs));
+    let [rng, blk, ..] = &mut rigs;
     case("after-reset", after_reset(rng, blk));
     serial::line()
         .str("testguest: virtio-abuse ok cases=")
         .dec(cases)
         .str("\n");
-    // Dropping the rigs resets both devices.
+    // Dropping the rigs resets the devices.
 }

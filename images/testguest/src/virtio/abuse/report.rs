@@ -12,7 +12,7 @@ pub(super) struct Part {
 
 /// The items of one result line.
 pub(super) struct Parts {
-    pub(super) items: [Part; 24],
+    pub(super) items: [Part; 64],
     pub(super) len: usize,
 }
 
@@ -24,7 +24,7 @@ impl Parts {
             num: None,
         };
         Parts {
-            items: [empty; 24],
+            items: [empty; 64],
             len: 0,
         }
     }

@@ -4,7 +4,6 @@
 use super::report::{fail_case, Parts};
 use super::rig::{BlkCase, Desc, Outcome, Rig};
 use super::{DESC_F_NEXT, DESC_F_WRITE, FAR, PROOF_SECTOR, SECTOR, SIZE, S_UNSET, T_IN, T_OUT};
-use crate::mmio::Region;
 use crate::virtio::blk::PATTERN;
 
 /// Case 3: Descriptor chains that loop or leave the table: IOERR or NEEDS_RESET.
@@ -150,7 +149,7 @@ pub(super) fn after_reset(rng: &mut Rig, blk: &mut Rig) -> Parts {
     let mut p = Parts::new();
     rng.start("after-reset");
     rng.post_valid();
-    let buf = Region::new(rng.desc.base() + 2048, 64).expect("rng buffer");
+    let buf = rng.buf;
     match rng.wait() {
         Outcome::Used(len) if len > 0 && len <= 64 => {
             let first = buf.read::<u8>(0);

@@ -7,8 +7,9 @@ use core::sync::atomic::Ordering;
 
 use super::report::fail_case;
 use super::{
-    BAIT, BLK, CAP_ID_MSIX, CAP_ID_VENDOR, CMD_MEMORY, DESC_F_NEXT, DESC_F_WRITE, NUM_QUEUES,
-    REG_BAR0, REG_COMMAND, RING_MAX, SIZE, S_IOERR, S_UNSET, T_IN, WAIT_MS,
+    BAIT, BLK, CAP_ID_MSIX, CAP_ID_VENDOR, CMD_MEMORY, CONSOLE, DESC_F_NEXT, DESC_F_WRITE,
+    F_INDIRECT_DESC, NET, NUM_QUEUES, REG_BAR0, REG_COMMAND, RING_MAX, SIZE, S_IOERR, S_UNSET,
+    T_IN, WAIT_MS,
 };
 use crate::bootinfo::BootInfo;
 use crate::mmio::Region;
@@ -50,8 +51,13 @@ pub(super) struct BlkMem {
 pub(super) struct Rig {
     pub(super) dev: Device,
     pub(super) name: &'static str,
+    /// virtio device type.
+    pub(super) kind: u16,
+    /// The queue the cases drive: 0, or the transmit queue (1) of net and console, whose
+    /// chains the device takes as soon as they are offered.
+    pub(super) qi: u16,
     pub(super) wanted: u64,
-    /// Queue 0's maximum size.
+    /// The driven queue's maximum size.
     pub(super) max: u16,
     pub(super) num_queues: u16,
     pub(super) desc: Region,
@@ -67,6 +73,8 @@ pub(super) struct Rig {
     pub(super) msix_table: u16,
     /// End of the RAM range holding the rings.
     pub(super) ram_end: u64,
+    /// A page for the data of rng, net and console requests.
+    pub(super) buf: Region,
     pub(super) blk: Option<BlkMem>,
 }
 
@@ -80,10 +88,11 @@ impl Rig {
     /// Finds the PCI details and allocates rings and buffers for `dev`.
     pub(super) fn new(info: &BootInfo, dev: Device, device_type: u16, name: &'static str) -> Rig {
         let c = dev.common;
-        c.write::<u16>(QUEUE_SELECT, 0);
+        let qi = u16::from(matches!(device_type, NET | CONSOLE));
+        c.write::<u16>(QUEUE_SELECT, qi);
         let max = c.read::<u16>(QUEUE_SIZE);
         if max < SIZE {
-            fail_case("setup", name, "queue 0", "is smaller than 8:", max.into());
+            fail_case("setup", name, "queue", "is smaller than 8:", max.into());
         }
         let num_queues = c.read::<u16>(NUM_QUEUES);
         let notify_off =
@@ -97,11 +106,12 @@ impl Rig {
                 notify_off,
             )
         };
-        let (bar, bar_size, msix_table) = pci_details(info, device_type, dev.common.base());
+        let (_, bar, bar_size, msix_table) = pci_details(info, device_type, dev.common.base());
         let n = u64::from(max.min(RING_MAX));
         let desc = dma::alloc(16 * n);
         let avail = dma::alloc(6 + 2 * n);
         let used = dma::alloc(6 + 8 * n);
+        let buf = dma::alloc(4096);
         let ram_end = info
             .ram()
             .iter()
@@ -115,7 +125,9 @@ impl Rig {
         Rig {
             dev,
             name,
-            wanted: F_VERSION_1,
+            kind: device_type,
+            qi,
+            wanted: F_VERSION_1 | F_INDIRECT_DESC,
             max,
             num_queues,
             desc,
@@ -128,6 +140,7 @@ impl Rig {
             bar_size,
             msix_table,
             ram_end,
+            buf,
             blk,
         }
     }
@@ -167,10 +180,10 @@ impl Rig {
         (self.desc.base(), self.avail.base(), self.used.base())
     }
 
-    /// Programs queue 0 (size `size` unless `None`) with these ring addresses and enables it.
+    /// Programs the driven queue (size `size` unless `None`) with these ring addresses and enables it.
     pub(super) fn program(&self, size: Option<u16>, (desc, avail, used): (u64, u64, u64)) {
         let c = self.dev.common;
-        c.write::<u16>(QUEUE_SELECT, 0);
+        c.write::<u16>(QUEUE_SELECT, self.qi);
         if let Some(size) = size {
             c.write::<u16>(QUEUE_SIZE, size);
         }
@@ -190,7 +203,7 @@ impl Rig {
         self.dev.driver_ok();
     }
 
-    /// Reset, a valid queue 0 of `SIZE` entries, DRIVER_OK; fails if the device is unhappy.
+    /// Reset, a valid driven queue of `SIZE` entries, DRIVER_OK; fails if the device is unhappy.
     pub(super) fn start(&mut self, case: &str) {
         self.restart();
         self.program(Some(SIZE), self.rings());
@@ -251,16 +264,13 @@ impl Rig {
         }
     }
 
-    /// A request the device should serve: rng 64 bytes, blk a one-sector read of sector 0.
+    /// A request the device should serve: rng 64 bytes, blk a one-sector read of sector 0, net
+    /// a 60-byte frame (after the 12-byte header) to transmit, console one newline to print.
     pub(super) fn post_valid(&mut self) {
+        let buf = self.buf.base();
         let chain: [Desc; 3];
-        let n = match &self.blk {
-            None => {
-                let buf = self.desc.base() + 2048;
-                chain = [(buf, 64, DESC_F_WRITE, 0), (0, 0, 0, 0), (0, 0, 0, 0)];
-                1
-            }
-            Some(m) => {
+        let n = match (&self.blk, self.kind) {
+            (Some(m), _) => {
                 m.hdr.write::<u32>(0, T_IN);
                 m.hdr.write::<u32>(4, 0);
                 m.hdr.write::<u64>(8, 0);
@@ -271,6 +281,24 @@ impl Rig {
                     (m.hdr.base() + 16, 1, DESC_F_WRITE, 0),
                 ];
                 3
+            }
+            (None, NET) => {
+                // Header all zeros, then a broadcast frame of an unused EtherType.
+                self.buf.zero();
+                self.buf.write::<u32>(12, u32::MAX);
+                self.buf.write::<u16>(16, u16::MAX);
+                self.buf.write::<u16>(24, 0xb588);
+                chain = [(buf, 72, 0, 0), (0, 0, 0, 0), (0, 0, 0, 0)];
+                1
+            }
+            (None, CONSOLE) => {
+                self.buf.write::<u8>(0, b'\n');
+                chain = [(buf, 1, 0, 0), (0, 0, 0, 0), (0, 0, 0, 0)];
+                1
+            }
+            (None, _) => {
+                chain = [(buf, 64, DESC_F_WRITE, 0), (0, 0, 0, 0), (0, 0, 0, 0)];
+                1
             }
         };
         self.post(&chain[..n]);
@@ -345,9 +373,9 @@ impl Rig {
     }
 }
 
-/// BAR address and size of the BAR holding the common configuration at `common`, and the MSI-X
-/// table size, of the first device `1af4:(1040 + device_type)`.
-pub(super) fn pci_details(info: &BootInfo, device_type: u16, common: u64) -> (u64, u64, u16) {
+/// PCI device number, BAR address and size of the BAR holding the common configuration at
+/// `common`, and the MSI-X table size, of the first device `1af4:(1040 + device_type)`.
+pub(super) fn pci_details(info: &BootInfo, device_type: u16, common: u64) -> (u8, u64, u64, u16) {
     let pci = Pci::new(info);
     let Some(f) = pci.find(VENDOR, MODERN_ID_BASE + device_type) else {
         fail_case(
@@ -390,7 +418,7 @@ pub(super) fn pci_details(info: &BootInfo, device_type: u16, common: u64) -> (u6
             base,
         );
     }
-    (base, size, msix_table)
+    (f.dev, base, size, msix_table)
 }
 
 // Raw MMIO at any alignment, for the BAR cases (`Region` insists on natural alignment).

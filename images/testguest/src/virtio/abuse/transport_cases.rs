@@ -9,12 +9,12 @@ use crate::virtio::{
 };
 
 /// Case 1: queue_size 3, then enable and DRIVER_OK: NEEDS_RESET, or the size write refused.
-pub(super) fn queue_size(rigs: &mut [Rig; 2]) -> Parts {
+pub(super) fn queue_size(rigs: &mut [Rig]) -> Parts {
     let mut p = Parts::new();
     for r in rigs.iter_mut() {
         r.restart();
         let c = r.dev.common;
-        c.write::<u16>(QUEUE_SELECT, 0);
+        c.write::<u16>(QUEUE_SELECT, r.qi);
         c.write::<u16>(QUEUE_SIZE, 3);
         let back = c.read::<u16>(QUEUE_SIZE);
         let at_write = r.needs_reset();
@@ -44,7 +44,7 @@ pub(super) fn queue_size(rigs: &mut [Rig; 2]) -> Parts {
 }
 
 /// Case 2: Rings outside guest RAM: NEEDS_RESET at enable, DRIVER_OK or the first kick.
-pub(super) fn ring_address(rigs: &mut [Rig; 2]) -> Parts {
+pub(super) fn ring_address(rigs: &mut [Rig]) -> Parts {
     let mut p = Parts::new();
     for r in rigs.iter_mut() {
         let (d, a, u) = r.rings();
@@ -93,12 +93,12 @@ pub(super) fn ring_address(rigs: &mut [Rig; 2]) -> Parts {
 }
 
 /// Case 8: MSI-X vectors beyond the table read back as NO_VECTOR.
-pub(super) fn msix_vector(rigs: &mut [Rig; 2]) -> Parts {
+pub(super) fn msix_vector(rigs: &mut [Rig]) -> Parts {
     let mut p = Parts::new();
     for r in rigs.iter_mut() {
         r.restart();
         let c = r.dev.common;
-        c.write::<u16>(QUEUE_SELECT, 0);
+        c.write::<u16>(QUEUE_SELECT, r.qi);
         let table = r.msix_table;
         let mut refused = 0u64;
         for v in [500u16, table, 0x7fff, 0xfffe] {
@@ -137,7 +137,7 @@ pub(super) fn msix_vector(rigs: &mut [Rig; 2]) -> Parts {
 }
 
 /// Queue selectors beyond num_queues: queue_size reads 0, writes change nothing.
-pub(super) fn queue_select(rigs: &mut [Rig; 2]) -> Parts {
+pub(super) fn queue_select(rigs: &mut [Rig]) -> Parts {
     let mut p = Parts::new();
     for r in rigs.iter_mut() {
         r.restart();
@@ -159,7 +159,7 @@ pub(super) fn queue_select(rigs: &mut [Rig; 2]) -> Parts {
                 );
             }
         }
-        c.write::<u16>(QUEUE_SELECT, 0);
+        c.write::<u16>(QUEUE_SELECT, r.qi);
         let size0 = c.read::<u16>(QUEUE_SIZE);
         let desc0 = c.read::<u32>(QUEUE_DESC);
         if size0 != r.max || desc0 != 0 {
@@ -180,7 +180,7 @@ pub(super) fn queue_select(rigs: &mut [Rig; 2]) -> Parts {
 
 /// Case 9: Unaligned and out-of-range BAR accesses: reads give zero or all-ones, writes change
 /// nothing, the VM stays up.
-pub(super) fn bar_access(rigs: &mut [Rig; 2]) -> Parts {
+pub(super) fn bar_access(rigs: &mut [Rig]) -> Parts {
     let mut p = Parts::new();
     for r in rigs.iter_mut() {
         r.restart();

@@ -1,0 +1,22 @@
+//! User-space interrupt controllers for hypervisors that emulate only the local APIC (the
+//! Windows Hypervisor Platform); KVM uses its in-kernel ones instead. Platform-neutral and
+//! unit-tested on Linux against what KVM's in-kernel versions do.
+//!
+//! - `request`: `InterruptRequest`, one interrupt message to local APICs, decoded from an MSI or
+//!   built by the IOAPIC, and `InterruptSink`, where the backend delivers it
+//!   (`WHvRequestInterrupt` on WHP).
+//! - `ioapic`: the IOAPIC's registers, redirection table and pin state.
+//! - `pin`: an IOAPIC input as the `InterruptLine` devices raise.
+//! - `pic`: the cascaded 8259A pair and its ELCR.
+//!
+//! The 8254 PIT is not here yet (docs/windows.md).
+
+pub mod ioapic;
+pub mod pic;
+pub mod pin;
+pub mod request;
+
+pub use ioapic::{Ioapic, IoapicState, IOAPIC_PINS};
+pub use pic::{Pic, PicChip, PicPorts};
+pub use pin::IoapicPin;
+pub use request::{DeliveryMode, InterruptRequest, InterruptSink};

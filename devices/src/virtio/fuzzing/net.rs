@@ -1,0 +1,124 @@
+//! virtio-net frames from fuzzed chains (`gather_tx` on the transmit queue, `scatter_rx` on
+//! the receive queue), and the plain chain walk with indirect tables that every device relies
+//! on, fed to both the blk and the net parsers.
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::DescriptorChain;
+
+use super::{activated_queue, guest_memory, serve_chains, Config};
+use crate::virtio::blk::request;
+use crate::virtio::device::GuestMemoryMmap;
+use crate::virtio::net::frames::{gather_tx, scatter_rx};
+use crate::virtio::net::{MAX_BUFFER_LEN, VNET_HDR_LEN};
+
+/// Frame lengths (header included) a receive case delivers, by `Config::variant`.
+const RX_FRAMES: [usize; 4] = [VNET_HDR_LEN, VNET_HDR_LEN + 60, VNET_HDR_LEN + 1514, 4096];
+
+/// What `net_chains` and `indirect_chains` saw.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct NetOutcome {
+    /// Chains taken from the queue.
+    pub chains: usize,
+    /// Chains that carried a frame.
+    pub frames: usize,
+    /// Descriptors walked (`indirect_chains`).
+    pub descriptors: usize,
+}
+
+/// One receive chain: the frame goes in whole or not at all.
+fn receive(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>, len: usize) -> u32 {
+    let mut frame: Vec<u8> = (0..len).map(|i| i as u8).collect();
+    match scatter_rx(mem, chain, &mut frame) {
+        Ok(used) => {
+            assert_eq!(used as usize, len, "used length of a {len}-byte frame");
+            used
+        }
+        Err(_) => 0,
+    }
+}
+
+/// One transmit chain, gathered whole.
+fn transmit(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    buf: &mut [u8],
+) -> bool {
+    match gather_tx(mem, chain, buf) {
+        Ok(n) => {
+            assert!(
+                (VNET_HDR_LEN..=MAX_BUFFER_LEN).contains(&n),
+                "gathered {n} bytes"
+            );
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Runs every chain of the fuzzed queue through virtio-net's frame copying: the receive queue
+/// when `Config::alternate`, else the transmit queue.
+pub fn net_chains(data: &[u8]) -> NetOutcome {
+    let mut outcome = NetOutcome::default();
+    let Some((&config, image)) = data.split_first() else {
+        return outcome;
+    };
+    let config = Config(config);
+    let Some(mem) = guest_memory(image) else {
+        return outcome;
+    };
+    let Some(mut queue) = activated_queue(&mem, config, 0) else {
+        return outcome;
+    };
+    let mut buf = vec![0u8; MAX_BUFFER_LEN];
+    let rx_len = RX_FRAMES[usize::from(config.variant())];
+    outcome.chains = serve_chains(&mem, &mut queue, |chain| {
+        if config.alternate() {
+            let used = receive(&mem, chain, rx_len);
+            outcome.frames += usize::from(used > 0);
+            used
+        } else {
+            outcome.frames += usize::from(transmit(&mem, chain, &mut buf));
+            0
+        }
+    });
+    outcome
+}
+
+/// Walks every chain of the fuzzed queue (indirect tables followed as virtio-queue does for
+/// every device here) and feeds it to the blk request parser and both net directions. Panics
+/// when a walk does not end within the bound the descriptor tables allow, or a parser accepts
+/// a chain the walk says is too long.
+pub fn indirect_chains(data: &[u8]) -> NetOutcome {
+    let mut outcome = NetOutcome::default();
+    let Some((&config, image)) = data.split_first() else {
+        return outcome;
+    };
+    let config = Config(config);
+    let Some(mem) = guest_memory(image) else {
+        return outcome;
+    };
+    let Some(mut queue) = activated_queue(&mem, config, 0) else {
+        return outcome;
+    };
+    // The ring's table, then at most one indirect table of at most 2^16 - 1 entries.
+    let bound = usize::from(config.queue_size()) + usize::from(u16::MAX);
+    let mut buf = vec![0u8; MAX_BUFFER_LEN];
+    let rx_len = RX_FRAMES[usize::from(config.variant())];
+    outcome.chains = serve_chains(&mem, &mut queue, |chain| {
+        let descs: Vec<Descriptor> = chain.clone().take(bound + 1).collect();
+        assert!(
+            descs.len() <= bound,
+            "a chain of more than {bound} descriptors"
+        );
+        let bytes: u64 = descs.iter().map(|d| u64::from(d.len())).sum();
+        assert!(bytes <= u64::from(u32::MAX), "a chain of {bytes} bytes");
+        outcome.descriptors += descs.len();
+        if let Ok(req) = request::parse(chain.clone(), &mem) {
+            assert!(req.readable.len() + req.writable.len() <= descs.len());
+        }
+        let sent = transmit(&mem, chain.clone(), &mut buf);
+        let used = receive(&mem, chain, rx_len);
+        outcome.frames += usize::from(sent) + usize::from(used > 0);
+        used
+    });
+    outcome
+}

@@ -1,0 +1,29 @@
+//! The Windows Hypervisor Platform backend.
+//!
+//! - `library` (Windows): `winhvplatform.dll` and `winhvemulation.dll`, loaded at run time into
+//!   typed function pointers, and the check that the platform is present and enabled.
+//! - `cpuid`: the partition's CPUID result and exit lists from skiff's per-vCPU tables, and the
+//!   answers to CPUID exits (platform-neutral, unit-tested on Linux).
+//! - `exit`: WHP exits in neutral form, decoded into the seam's `VcpuExit` for the shared run
+//!   loop, and the register write-back that finishes `in`/`out` and CPUID exits.
+//! - `exit_context` (Windows): `WHV_RUN_VP_EXIT_CONTEXT` decoded into the neutral form.
+//! - `interrupt`: interrupt requests (MSI, IOAPIC) as `WHvRequestInterrupt` controls.
+//! - `registers`: the neutral register types as WHP register names and values.
+//! - `partition` (Windows): partition set-up, guest RAM as mapped GPA ranges, interrupts.
+//!
+//! What this backend does not have yet (vCPUs, the instruction emulator, the `Hypervisor`
+//! trait impl) is listed in docs/windows.md.
+
+pub mod cpuid;
+pub mod exit;
+#[cfg(windows)]
+pub mod exit_context;
+pub mod interrupt;
+#[cfg(windows)]
+pub mod library;
+#[cfg(windows)]
+pub mod partition;
+pub mod registers;
+
+#[cfg(windows)]
+pub use library::{WhpLibrary, WhpLoadError};
