@@ -59,6 +59,8 @@ pub mod teardown;
 #[cfg(target_os = "linux")]
 pub mod terminal;
 #[cfg(target_os = "linux")]
+pub mod test_runner;
+#[cfg(target_os = "linux")]
 pub mod vcpu;
 #[cfg(target_os = "linux")]
 pub mod vhost_user_blk;

@@ -38,6 +38,8 @@ mod cli {
         /// Boot a kernel with skiff's guest agent, run CMD in the guest, and exit with its
         /// status (docs/exec.md).
         Exec(vmm::exec::ExecArgs),
+        /// Run a suite of tests in VMs, described in a TOML file (docs/test-runner.md).
+        Test(vmm::test_runner::TestArgs),
         /// Restore a VM from a snapshot directory and run it until the guest ends.
         #[command(after_help = RESTORE_EXAMPLES)]
         Restore(vmm::commands::RestoreArgs),
@@ -258,6 +260,7 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
                 finish(status_file.as_deref(), &status, teardown)
             }
             Command::Exec(args) => vmm::exec::run(args),
+            Command::Test(args) => vmm::test_runner::run(args),
             Command::Ctl(args) => vmm::commands::ctl(args),
             Command::VhostUserBlk(args) => vmm::vhost_user_blk::run(args),
             Command::SnapshotVerify(args) => vmm::commands::snapshot_verify(args),

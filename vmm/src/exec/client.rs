@@ -163,6 +163,29 @@ impl AgentClient {
         }
     }
 
+    /// Sends a request answered by `Done` (`Quiesce`, `Resume`, `Shutdown`) and waits for it.
+    pub fn request_done(
+        &mut self,
+        msg: &Message<'_>,
+        mut stop: impl FnMut() -> bool,
+    ) -> Result<(), Interrupt> {
+        const CONTROL_REQUEST: u32 = 2;
+        write_message(&mut self.stream, msg, CONTROL_REQUEST)
+            .map_err(|e| Interrupt::Lost(format!("writing to the agent: {e}")))?;
+        match self.next(&mut stop)? {
+            (CONTROL_REQUEST, Message::Done) => Ok(()),
+            (_, Message::Error { code, message }) => Err(Interrupt::Garbage(format!(
+                "the agent refused {:?}: {code:?}: {}",
+                msg.kind(),
+                String::from_utf8_lossy(message)
+            ))),
+            (_, other) => Err(Interrupt::Garbage(format!(
+                "expected Done, got {:?}",
+                other.kind()
+            ))),
+        }
+    }
+
     /// Runs `spec`, writing its output to `stdout` and `stderr` as it arrives.
     pub fn run(
         &mut self,
