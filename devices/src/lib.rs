@@ -3,7 +3,7 @@
 //! `bus` routes port I/O and MMIO accesses from vCPU exits to devices; `vm_exit` is how a device
 //! asks the VM to stop (debug-exit port, i8042 reset); `legacy` holds the PC devices a test or
 //! Linux guest expects (16550 serial, i8042, debug-exit); `pci` the PCI host bridge and
-//! configuration space; `virtio` the virtio 1.x transport and devices; `vhost_user` virtio devices served
+//! configuration space; `guest_warnings` the rate limit for warnings a guest causes; `virtio` the virtio 1.x transport and devices; `vhost_user` virtio devices served
 //! by another process (the frontend) and skiff's own backends; `interrupt` the seam through which a
 //! device raises an interrupt line; `irqchip` the user-space IOAPIC for hypervisors without an
 //! in-kernel one; `thread_kind` names the kinds of thread skiff runs and the hook each calls when
@@ -16,6 +16,7 @@
 //! `cfg(unix)`.
 
 pub mod bus;
+pub mod guest_warnings;
 pub mod interrupt;
 pub mod irqchip;
 pub mod legacy;

@@ -29,11 +29,13 @@ pub enum ThreadKind {
     Teardown,
     /// The `skiff vhost-user-blk` backend process, once its socket and disk are open.
     VhostUserBlkBackend,
+    /// Drains one host sink's guest-output buffer (stdout, a `--serial file=`) into it.
+    GuestOutput,
 }
 
 impl ThreadKind {
     /// Every kind, for tables and tests.
-    pub const ALL: [ThreadKind; 9] = [
+    pub const ALL: [ThreadKind; 10] = [
         ThreadKind::Vcpu,
         ThreadKind::EventLoop,
         ThreadKind::Disk,
@@ -43,6 +45,7 @@ impl ThreadKind {
         ThreadKind::SnapshotWriter,
         ThreadKind::Teardown,
         ThreadKind::VhostUserBlkBackend,
+        ThreadKind::GuestOutput,
     ];
 
     /// The kind's name in options, messages and docs (`vcpu`, `event-loop`, ...).
@@ -57,6 +60,7 @@ impl ThreadKind {
             ThreadKind::SnapshotWriter => "snapshot-writer",
             ThreadKind::Teardown => "teardown",
             ThreadKind::VhostUserBlkBackend => "vhost-user-blk",
+            ThreadKind::GuestOutput => "guest-output",
         }
     }
 

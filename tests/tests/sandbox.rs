@@ -68,6 +68,13 @@ fn the_event_loop_thread_is_stopped_by_its_filter() {
     assert_stopped_by_filter(&r, "event-loop");
 }
 
+#[test]
+fn a_guest_output_writer_is_stopped_by_its_filter() {
+    // The serial port's stdout sink has a writer thread of its own.
+    let r = run_guest_with_trigger("guest-output", "hello", &[]);
+    assert_stopped_by_filter(&r, "guest-output");
+}
+
 fn disk_image(dir: &Path) -> PathBuf {
     let p = dir.join("disk.img");
     std::fs::File::create(&p).unwrap().set_len(4 << 20).unwrap();

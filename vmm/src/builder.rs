@@ -27,6 +27,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::boot::{prepare_boot, BootConfig, BootCpuState, BootError};
 use crate::config::{SerialConfig, VmConfig};
+use crate::guest_output::GuestOutputs;
 use crate::hypervisor::kvm::KvmHypervisor;
 use crate::hypervisor::{Hypervisor, HypervisorError, Vcpu, Vm};
 use crate::memory::backing::BackingKind;
@@ -68,6 +69,9 @@ pub enum BuildError {
     /// Boot preparation failed.
     #[error(transparent)]
     Boot(#[from] BootError),
+    /// The writer thread for guest output could not be started.
+    #[error("cannot start the guest output writer")]
+    OutputWriter(#[source] std::io::Error),
     /// An eventfd could not be created.
     #[error("cannot create an eventfd")]
     EventFd(#[source] std::io::Error),
@@ -144,6 +148,9 @@ pub struct BuiltVm {
     pub console_input: Option<ConsoleInput>,
     /// The virtio PCI functions, in the order they were added (kept for snapshots).
     pub virtio: VirtioFunctions,
+    /// Where guest output goes (bounded buffers drained by writer threads); the runner
+    /// takes it to report dropped output.
+    pub outputs: GuestOutputs,
 }
 
 /// The VM's virtio PCI functions, in bus order.
@@ -202,11 +209,13 @@ fn build_on_ram(
             },
         )?;
         let exit = VmExitSignal::new().map_err(BuildError::EventFd)?;
-        let (mut pio, serial, i8042) = create_legacy_devices(&*vm, &cfg.serial, &exit, None)?;
+        let mut outputs = GuestOutputs::default();
+        let (mut pio, serial, i8042) =
+            create_legacy_devices(&*vm, &cfg.serial, &mut outputs, &exit, None)?;
         let events = VmEvents::new().map_err(|e| BuildError::EventLoop(format!("{e:?}")))?;
         let mut mmio = Bus::new();
         let (console_input, virtio) =
-            create_pci_devices(&*vm, &ram, cfg, &events, &mut pio, &mut mmio)?;
+            create_pci_devices(&*vm, &ram, cfg, &events, &mut outputs, &mut pio, &mut mmio)?;
         let vcpus = create_vcpus(hypervisor, &*vm, cfg.cpus, &boot)?;
         Ok((
             vm,
@@ -217,25 +226,34 @@ fn build_on_ram(
             i8042,
             exit,
             events,
-            (console_input, virtio),
+            (console_input, virtio, outputs),
         ))
     };
     match steps() {
-        Ok((vm, vcpus, pio, mmio, serial, i8042, exit, events, (console_input, virtio))) => {
-            Ok(BuiltVm {
-                ram,
-                vm,
-                vcpus,
-                pio: Arc::new(pio),
-                mmio: Arc::new(mmio),
-                serial,
-                i8042,
-                exit,
-                events: Some(events),
-                console_input,
-                virtio,
-            })
-        }
+        Ok((
+            vm,
+            vcpus,
+            pio,
+            mmio,
+            serial,
+            i8042,
+            exit,
+            events,
+            (console_input, virtio, outputs),
+        )) => Ok(BuiltVm {
+            ram,
+            vm,
+            vcpus,
+            pio: Arc::new(pio),
+            mmio: Arc::new(mmio),
+            serial,
+            i8042,
+            exit,
+            events: Some(events),
+            console_input,
+            virtio,
+            outputs,
+        }),
         Err(e) => Err((e, ram)),
     }
 }
@@ -315,17 +333,26 @@ pub(crate) fn create_vm(
 pub(crate) type LegacyDevices = (Bus, Arc<Mutex<Serial>>, Arc<Mutex<I8042>>);
 
 /// Step: COM1, the i8042 and the debug-exit port on the I/O bus; in the saved state `restore`
-/// when a snapshot is being restored.
+/// when a snapshot is being restored. The serial port writes into a sink of `outputs`.
 pub(crate) fn create_legacy_devices(
     vm: &dyn Vm,
     serial_cfg: &SerialConfig,
+    outputs: &mut GuestOutputs,
     exit: &VmExitSignal,
     restore: Option<&crate::snapshot::DeviceStates>,
 ) -> Result<LegacyDevices, BuildError> {
     let output: Option<Box<dyn Write + Send>> = match serial_cfg {
-        SerialConfig::Stdio => Some(Box::new(std::io::stdout())),
+        SerialConfig::Stdio => Some(Box::new(
+            outputs.stdout().map_err(BuildError::OutputWriter)?,
+        )),
         SerialConfig::Off => None,
-        SerialConfig::File(path) => Some(Box::new(crate::host_file::open_serial_output(path)?)),
+        SerialConfig::File(path) => {
+            let file = crate::host_file::open_serial_output(path)?;
+            let name = format!("serial file {}", path.display());
+            Some(Box::new(
+                outputs.file(name, file).map_err(BuildError::OutputWriter)?,
+            ))
+        }
     };
     let irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     vm.register_irqfd(&irq, COM1_IRQ)?;
@@ -365,6 +392,7 @@ fn create_pci_devices(
     ram: &GuestRam,
     cfg: &VmConfig,
     events: &VmEvents,
+    outputs: &mut GuestOutputs,
     pio: &mut Bus,
     mmio: &mut Bus,
 ) -> Result<(Option<ConsoleInput>, VirtioFunctions), BuildError> {
@@ -387,7 +415,8 @@ fn create_pci_devices(
         pci.add_virtio_device(Box::new(VirtioVsock::new(vsock.cid, &vsock.socket)?))?;
     }
     let console_input = if cfg.console {
-        let console = VirtioConsole::new(Box::new(std::io::stdout()))?;
+        let stdout = outputs.stdout().map_err(BuildError::OutputWriter)?;
+        let console = VirtioConsole::new(Box::new(stdout))?;
         let input = console.input();
         pci.add_virtio_device(Box::new(console))?;
         Some(input)
@@ -407,6 +436,7 @@ pub(crate) fn create_restored_pci_devices(
     ram: &GuestRam,
     saved: &[VirtioPciState],
     events: &VmEvents,
+    outputs: &mut GuestOutputs,
     pio: &mut Bus,
     mmio: &mut Bus,
 ) -> Result<(Option<ConsoleInput>, VirtioFunctions), BuildError> {
@@ -438,7 +468,8 @@ pub(crate) fn create_restored_pci_devices(
                 Box::new(VirtioVsock::restored(*cid, socket)?)
             }
             DeviceIdentity::Console => {
-                let console = VirtioConsole::new(Box::new(std::io::stdout()))?;
+                let stdout = outputs.stdout().map_err(BuildError::OutputWriter)?;
+                let console = VirtioConsole::new(Box::new(stdout))?;
                 console_input = Some(console.input());
                 Box::new(console)
             }

@@ -39,6 +39,9 @@ pub struct RestoreArgs {
     pub timeout: Option<Duration>,
     #[command(flatten)]
     pub sandbox: SandboxArgs,
+    /// Write how skiff ended (reason, exit code, detail) to this file as JSON, atomically.
+    #[arg(long, value_name = "PATH")]
+    pub exit_status_file: Option<PathBuf>,
     /// Check the snapshot first, as `skiff snapshot-verify` does (every memory file read and
     /// summed against the manifest), and refuse it on the first problem.
     #[arg(long)]
@@ -99,8 +102,9 @@ fn existing_key() -> Result<Option<SnapshotKey>, String> {
     }
 }
 
-/// Restores the snapshot and runs the VM to its end. The error is one line.
-pub fn restore(args: RestoreArgs) -> Result<RunOutcome, String> {
+/// Restores the snapshot and runs the VM to its end; `ready` is called once the VM is built,
+/// just before it runs. The error is one line.
+pub fn restore(args: RestoreArgs, ready: impl FnOnce()) -> Result<RunOutcome, String> {
     crate::sandbox::init(&args.sandbox).map_err(|e| crate::error_chain(&e))?;
     if args.verify {
         let (problems, _) = crate::snapshot::integrity::verify(&args.dir, args.parent.as_deref());
@@ -126,6 +130,7 @@ pub fn restore(args: RestoreArgs) -> Result<RunOutcome, String> {
         args.api_socket.as_deref(),
         &args.sandbox.sandbox_allow,
     );
+    ready();
     let opts = RunOptions {
         serial: args.serial,
         timeout: args.timeout,
@@ -294,12 +299,19 @@ pub fn snapshot_info(args: InfoArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// `skiff ctl --api-socket PATH ACTION`
+/// How long `skiff ctl` waits for an answer unless `--timeout` says otherwise.
+pub const CTL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `skiff ctl --api-socket PATH [--timeout SECONDS] ACTION`
 #[derive(Debug, clap::Args)]
 pub struct CtlArgs {
-    /// The running skiff's control socket.
+    /// The running skiff's control socket (every action but `exec`).
     #[arg(long, value_name = "PATH")]
-    pub api_socket: PathBuf,
+    pub api_socket: Option<PathBuf>,
+    /// Give up when the server has not answered within this many seconds (default 10). A
+    /// snapshot may take longer, as long as its progress is answered within this time.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_timeout)]
+    pub timeout: Option<Duration>,
     /// What to do.
     #[command(subcommand)]
     pub action: CtlAction,
@@ -331,6 +343,9 @@ pub enum CtlAction {
         #[arg(long)]
         diff: bool,
     },
+    /// Run a command through the guest agent of a VM started with `skiff run --agent`, and exit
+    /// with its status (docs/exec.md).
+    Exec(crate::exec::ctl::CtlExecArgs),
 }
 
 /// Sends the request, prints the JSON answer on stdout, and returns 0; on an error answer or
@@ -338,11 +353,21 @@ pub enum CtlAction {
 /// while it is written, when stderr is a terminal.
 pub fn ctl(args: CtlArgs) -> ExitCode {
     use std::io::IsTerminal;
-    let (method, path, body) = match args.action {
+    let (action, api_socket) = match (args.action, args.api_socket) {
+        (CtlAction::Exec(exec), _) => return crate::exec::ctl::run(exec),
+        (action, Some(socket)) => (action, socket),
+        (_, None) => {
+            eprintln!("skiff: ctl needs --api-socket PATH (the running skiff's control socket)");
+            return ExitCode::from(crate::exit_code::USAGE);
+        }
+    };
+    let (method, path, body) = match action {
         CtlAction::Status => ("GET", "/vm", None),
         CtlAction::Pause => ("PUT", "/vm/pause", None),
         CtlAction::Resume => ("PUT", "/vm/resume", None),
         CtlAction::Shutdown => ("PUT", "/vm/shutdown", None),
+        // Answered above, without the control socket.
+        CtlAction::Exec(_) => return ExitCode::from(crate::exit_code::USAGE),
         CtlAction::Snapshot {
             dir,
             stop,
@@ -367,11 +392,15 @@ pub fn ctl(args: CtlArgs) -> ExitCode {
             ("PUT", "/vm/snapshot", Some(body))
         }
     };
+    let timeout = args.timeout.unwrap_or(CTL_TIMEOUT);
     let answer = match body.as_deref() {
-        Some(body) if path == "/vm/snapshot" && std::io::stderr().is_terminal() => {
-            crate::api::progress_bar::snapshot_with_progress(&args.api_socket, body)
-        }
-        body => client::request(&args.api_socket, method, path, body),
+        Some(body) if path == "/vm/snapshot" => crate::api::progress_bar::snapshot_with_progress(
+            &api_socket,
+            body,
+            timeout,
+            std::io::stderr().is_terminal(),
+        ),
+        body => client::request_within(&api_socket, method, path, body, timeout),
     };
     match answer {
         Ok((status, body)) if (200..300).contains(&status) => {

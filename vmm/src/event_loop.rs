@@ -2,10 +2,12 @@
 //! for the serial port (or the virtio console with `--console`), and SIGINT/SIGTERM/SIGHUP
 //! through a signalfd. The same loop also carries the control socket and the net, rng and
 //! console queues; each virtio-blk disk runs on a thread of its own (`devices::virtio::blk`).
+//! While the VM is still being built, `StartupSignalWatch` takes the stop signals instead.
 
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
 
 use devices::legacy::serial::Serial;
 use devices::virtio::console::ConsoleInput;
@@ -169,39 +171,118 @@ pub fn block_stop_signals() -> io::Result<()> {
     Ok(())
 }
 
+/// A non-blocking signalfd for the stop signals.
+fn stop_signalfd() -> io::Result<OwnedFd> {
+    let set = stop_signal_set();
+    // SAFETY: `set` is an initialised sigset; -1 asks for a new descriptor.
+    let raw: RawFd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// Reads one signal from a stop-signal signalfd: its number, or `None` if none is pending.
+fn read_stop_signal(fd: &OwnedFd) -> Option<i32> {
+    // SAFETY: all-zero is a valid signalfd_siginfo to be overwritten.
+    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::signalfd_siginfo>();
+    // SAFETY: reads at most `size` bytes into `info`, which is that large.
+    let n = unsafe {
+        libc::read(
+            fd.as_raw_fd(),
+            (&mut info as *mut libc::signalfd_siginfo).cast(),
+            size,
+        )
+    };
+    (usize::try_from(n).ok() == Some(size)).then(|| i32::try_from(info.ssi_signo).unwrap_or(0))
+}
+
 impl StopSignals {
     /// Creates the signalfd.
     pub fn new(exit: VmExitSignal) -> io::Result<Self> {
-        let set = stop_signal_set();
-        // SAFETY: `set` is an initialised sigset; -1 asks for a new descriptor.
-        let raw: RawFd =
-            unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
+        Ok(Self {
+            fd: stop_signalfd()?,
+            exit,
+        })
+    }
+}
+
+/// Takes the stop signals while the VM is built (they are blocked in every thread from the
+/// start, so one that arrives waits for a signalfd): a thread polls a signalfd and, if a stop
+/// signal comes before `stop`, hands it to `on_signal`, which ends skiff. A hung start-up (a
+/// backend that never answers) thus still ends at once on SIGTERM, with its verdict.
+#[derive(Debug)]
+pub struct StartupSignalWatch {
+    stop: vmm_sys_util::eventfd::EventFd,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl StartupSignalWatch {
+    /// Starts watching; `on_signal` gets the signal number and must end the process.
+    pub fn start(on_signal: impl FnOnce(i32) + Send + 'static) -> io::Result<Self> {
+        let signals = stop_signalfd()?;
+        let stop = vmm_sys_util::eventfd::EventFd::new(libc::EFD_CLOEXEC)?;
+        let wake = stop.try_clone()?;
+        let thread = std::thread::Builder::new()
+            .name("skiff-startup".into())
+            .spawn(move || loop {
+                let mut fds = [
+                    libc::pollfd {
+                        fd: signals.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                    libc::pollfd {
+                        fd: wake.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                ];
+                // SAFETY: `fds` holds two initialised pollfds for open descriptors.
+                let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+                if rc < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                // Stopping wins: a signal not read here stays pending for the run loop.
+                if rc < 0 || fds[1].revents != 0 {
+                    return;
+                }
+                if let Some(signal) = read_stop_signal(&signals) {
+                    on_signal(signal);
+                    return;
+                }
+            })?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Ends the watch; from now on the run loop's signalfd takes the stop signals.
+    pub fn stop(mut self) {
+        self.end();
+    }
+
+    fn end(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = self.stop.write(1);
+            let _ = thread.join();
         }
-        // SAFETY: `raw` is a new descriptor that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        Ok(Self { fd, exit })
+    }
+}
+
+impl Drop for StartupSignalWatch {
+    fn drop(&mut self) {
+        self.end();
     }
 }
 
 impl MutEventSubscriber for StopSignals {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        // SAFETY: all-zero is a valid signalfd_siginfo to be overwritten.
-        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
-        let size = std::mem::size_of::<libc::signalfd_siginfo>();
-        // SAFETY: reads at most `size` bytes into `info`, which is that large.
-        let n = unsafe {
-            libc::read(
-                self.fd.as_raw_fd(),
-                (&mut info as *mut libc::signalfd_siginfo).cast(),
-                size,
-            )
-        };
-        if usize::try_from(n).ok() == Some(size) {
-            self.exit.request(GuestEnd::HostSignal(
-                i32::try_from(info.ssi_signo).unwrap_or(0),
-            ));
+        if let Some(signal) = read_stop_signal(&self.fd) {
+            self.exit.request(GuestEnd::HostSignal(signal));
         }
     }
 

@@ -6,6 +6,7 @@
 //! - `boot`: loading the kernel, initrd and command line, and the boot CPU state.
 //! - `builder`: builds a VM in named steps (memory, VM, boot, devices, vCPUs).
 //! - `vcpu`: the per-vCPU run loop that dispatches exits to the device buses.
+//! - `guest_output`: bounded buffers and writer threads between guest output and host sinks.
 //! - `event_loop`: the event-loop subscribers (VM end, serial input, stop signals).
 //! - `pci_devices`: the PCI segment: host bridge, config access, virtio devices on PCI.
 //! - `runner`: runs a built VM to its end: vCPU threads, event loop, timeout, outcome.
@@ -15,8 +16,10 @@
 //! - `snapshot`: snapshot directories: manifest, state file, sparse memory files, restore.
 //! - `commands`: the `skiff restore` and `skiff ctl` subcommands.
 //! - `api`: the control API (HTTP + JSON on a Unix socket) and its `skiff ctl` client.
+//! - `exec`: `skiff exec`: boot with the guest agent, run one command, return its status.
 //! - `host_file`: opening command-line files without blocking, with their type checked.
-//! - `exit_code`: the process exit codes skiff documents.
+//! - `exit_code`: the process exit codes skiff documents, their reasons and verdict lines.
+//! - `exit_status_file`: `--exit-status-file`, the verdict as JSON written atomically.
 //! - `teardown`: ends skiff without waiting for the kernel's VM teardown.
 //! - `terminal`: raw mode for the host terminal.
 //! - `vhost_user_blk`: the `skiff vhost-user-blk` subcommand (skiff's own vhost-user backend).
@@ -36,7 +39,13 @@ pub mod commands;
 pub mod config;
 #[cfg(target_os = "linux")]
 pub mod event_loop;
+#[cfg(target_os = "linux")]
+pub mod exec;
 pub mod exit_code;
+#[cfg(target_os = "linux")]
+pub mod exit_status_file;
+#[cfg(target_os = "linux")]
+pub mod guest_output;
 #[cfg(target_os = "linux")]
 pub mod host_file;
 #[cfg(target_os = "linux")]
@@ -53,6 +62,8 @@ pub mod snapshot;
 pub mod teardown;
 #[cfg(target_os = "linux")]
 pub mod terminal;
+#[cfg(target_os = "linux")]
+pub mod test_runner;
 #[cfg(target_os = "linux")]
 pub mod vcpu;
 #[cfg(target_os = "linux")]

@@ -7,7 +7,8 @@
 
 #[cfg(target_os = "linux")]
 mod cli {
-    use std::path::PathBuf;
+    use std::ffi::OsString;
+    use std::path::{Path, PathBuf};
     use std::process::ExitCode;
     use std::time::Duration;
 
@@ -16,7 +17,8 @@ mod cli {
         parse_cpus, parse_timeout, DiskArg, MemoryArg, NetConfig, RngConfig, SerialConfig,
         VhostUserArg, VmConfig, VsockConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY,
     };
-    use vmm::exit_code;
+    use vmm::exit_code::ExitStatus;
+    use vmm::exit_status_file;
     use vmm::memory::backing::BackingKind;
     use vmm::memory::MemoryConfig;
 
@@ -33,6 +35,11 @@ mod cli {
         /// Boot a kernel and run the VM until the guest ends.
         #[command(after_help = RUN_EXAMPLES)]
         Run(RunArgs),
+        /// Boot a kernel with skiff's guest agent, run CMD in the guest, and exit with its
+        /// status (docs/exec.md).
+        Exec(vmm::exec::ExecArgs),
+        /// Run a suite of tests in VMs, described in a TOML file (docs/test-runner.md).
+        Test(vmm::test_runner::TestArgs),
         /// Restore a VM from a snapshot directory and run it until the guest ends.
         #[command(after_help = RESTORE_EXAMPLES)]
         Restore(vmm::commands::RestoreArgs),
@@ -138,8 +145,15 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
         /// (repeatable).
         #[arg(long = "vhost-user", value_name = "SPEC")]
         vhost_user: Vec<VhostUserArg>,
+        /// Boot with skiff's guest agent as PID 1 (its initramfs before any --initrd), listening
+        /// on vsock port 1024 for `skiff ctl exec`; needs --vsock (docs/exec.md).
+        #[arg(long)]
+        agent: bool,
+        /// Write how skiff ended (reason, exit code, detail) to this file as JSON, atomically.
+        #[arg(long, value_name = "PATH")]
+        exit_status_file: Option<PathBuf>,
         /// virtio-vsock in process: cid=N,socket=PATH. Host programs connect to PATH and write
-        /// "CONNECT <port>\n"; guest connections to port P go to the Unix socket PATH_P.
+        /// "CONNECT PORT\n"; guest connections to port P go to the Unix socket PATH_P.
         #[arg(long, value_name = "SPEC")]
         vsock: Option<VsockConfig>,
         #[command(flatten)]
@@ -171,21 +185,15 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
         }
     }
 
-    fn fail(code: u8, message: &str) -> ExitCode {
-        eprintln!("skiff: {message}");
-        ExitCode::from(code)
-    }
-
     pub fn main() -> ExitCode {
         // No option passes skiff a descriptor: everything beyond stdio was inherited by accident.
         if let Err(e) = vmm::sandbox::fds::close_inherited(&[]) {
-            return fail(
-                exit_code::VMM_ERROR,
-                &format!("cannot close inherited descriptors: {e}"),
-            );
+            let msg = format!("cannot close inherited descriptors: {e}");
+            return finish(None, &ExitStatus::error(msg), None);
         }
         env_logger_init();
-        let cli = match Cli::try_parse() {
+        let argv: Vec<OsString> = std::env::args_os().collect();
+        let cli = match Cli::try_parse_from(&argv) {
             Ok(cli) => cli,
             Err(e) if !e.use_stderr() => {
                 // --help and --version go to stdout and succeed.
@@ -206,40 +214,125 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
                         line = format!("{line} {}", next.trim());
                     }
                 }
-                return fail(exit_code::USAGE, &line);
+                let status_file = exit_status_file::find_in_args(&argv);
+                return finish(status_file.as_deref(), &ExitStatus::usage(line), None);
             }
         };
+        if matches!(cli.command, Command::Run(_) | Command::Restore(_)) {
+            // Before any thread exists (output writers, disk threads), so every thread
+            // inherits the mask and only the run loop's signalfd takes SIGINT/SIGTERM/SIGHUP:
+            // a stop signal is a clean end with its verdict, never a kill. During start-up
+            // `StartupSignalWatch` takes them.
+            if let Err(e) = vmm::event_loop::block_stop_signals() {
+                let msg = format!("cannot block the stop signals: {e}");
+                return finish(None, &ExitStatus::error(msg), None);
+            }
+        }
         match cli.command {
             Command::Run(args) => {
+                let status_file = args.exit_status_file.clone();
+                if let Some(path) = &status_file {
+                    if let Err(e) = exit_status_file::check(path) {
+                        return finish(None, &ExitStatus::usage(e.to_string()), None);
+                    }
+                }
+                let watch = match watch_startup(status_file.clone()) {
+                    Ok(watch) => watch,
+                    Err(status) => return finish(status_file.as_deref(), &status, None),
+                };
                 let api_socket = args.api_socket.clone();
-                let sandbox = args.sandbox.clone();
-                run(args.into_config(), api_socket, &sandbox)
+                let agent = args.agent;
+                let args_sandbox = args.sandbox.clone();
+                let mut cfg = args.into_config();
+                // Lives until the VM has ended: it holds the initramfs file.
+                let _agent_initrd = if agent {
+                    match with_agent(&mut cfg) {
+                        Ok(initrd) => Some(initrd),
+                        Err(status) => return finish(status_file.as_deref(), &status, None),
+                    }
+                } else {
+                    None
+                };
+                let sandbox = args_sandbox;
+                let (status, teardown) = run(cfg, api_socket, watch, &sandbox);
+                finish(status_file.as_deref(), &status, teardown)
             }
-            Command::Restore(args) => match vmm::commands::restore(args) {
-                Ok(outcome) => report(outcome),
-                Err(e) => fail(exit_code::VMM_ERROR, &e),
-            },
+            Command::Restore(args) => {
+                let status_file = args.exit_status_file.clone();
+                if let Some(path) = &status_file {
+                    if let Err(e) = exit_status_file::check(path) {
+                        return finish(None, &ExitStatus::usage(e.to_string()), None);
+                    }
+                }
+                let watch = match watch_startup(status_file.clone()) {
+                    Ok(watch) => watch,
+                    Err(status) => return finish(status_file.as_deref(), &status, None),
+                };
+                let (status, teardown) = match vmm::commands::restore(args, || watch.stop()) {
+                    Ok(outcome) => outcome_status(outcome),
+                    Err(e) => (ExitStatus::error(e), None),
+                };
+                finish(status_file.as_deref(), &status, teardown)
+            }
+            Command::Exec(args) => vmm::exec::run(args),
+            Command::Test(args) => vmm::test_runner::run(args),
             Command::Ctl(args) => vmm::commands::ctl(args),
             Command::VhostUserBlk(args) => vmm::vhost_user_blk::run(args),
             Command::SnapshotVerify(args) => vmm::commands::snapshot_verify(args),
             Command::SnapshotMerge(args) => match vmm::commands::snapshot_merge(args) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(exit_code::VMM_ERROR, &e),
+                Err(e) => finish(None, &ExitStatus::error(e), None),
             },
             Command::SnapshotInfo(args) => match vmm::commands::snapshot_info(args) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) => fail(exit_code::VMM_ERROR, &e),
+                Err(e) => finish(None, &ExitStatus::error(e), None),
             },
         }
+    }
+
+    /// `--agent`: boots skiff's agent initramfs (the user's `--initrd` appended) with the agent
+    /// listening on vsock port 1024.
+    fn with_agent(cfg: &mut VmConfig) -> Result<vmm::exec::AgentInitrd, ExitStatus> {
+        if cfg.vsock.is_none() {
+            return Err(ExitStatus::usage(
+                "--agent needs --vsock cid=N,socket=PATH (skiff ctl exec reaches the agent through it)".into(),
+            ));
+        }
+        let initrd =
+            vmm::exec::AgentInitrd::create(cfg.initrd.as_deref()).map_err(ExitStatus::error)?;
+        cfg.initrd = Some(initrd.path());
+        cfg.cmdline.push(' ');
+        cfg.cmdline.push_str(&vmm::exec::agent_listen_cmdline());
+        Ok(initrd)
+    }
+
+    /// Ends skiff with a `signal` verdict if a stop signal comes while the VM is built.
+    fn watch_startup(
+        status_file: Option<PathBuf>,
+    ) -> Result<vmm::event_loop::StartupSignalWatch, ExitStatus> {
+        vmm::event_loop::StartupSignalWatch::start(move |signal| {
+            let code = 128u8.saturating_add(u8::try_from(signal).unwrap_or(127));
+            let detail = format!("stopped by signal {signal} during start-up (exit code {code})");
+            let status = ExitStatus::from_end(
+                devices::vm_exit::GuestEnd::HostSignal(signal),
+                Some(detail),
+                0,
+                None,
+            );
+            let _ = finish(status_file.as_deref(), &status, None);
+            std::process::exit(i32::from(status.code));
+        })
+        .map_err(|e| ExitStatus::error(format!("cannot watch the stop signals: {e}")))
     }
 
     fn run(
         cfg: VmConfig,
         api_socket: Option<PathBuf>,
+        watch: vmm::event_loop::StartupSignalWatch,
         sandbox: &vmm::sandbox::SandboxArgs,
-    ) -> ExitCode {
+    ) -> (ExitStatus, Option<vmm::teardown::Teardown>) {
         if let Err(e) = vmm::sandbox::init(sandbox) {
-            return fail(exit_code::VMM_ERROR, &vmm::error_chain(&e));
+            return (ExitStatus::error(vmm::error_chain(&e)), None);
         }
         let sandbox_paths = vmm::sandbox::SandboxPaths::for_run(
             &cfg,
@@ -248,8 +341,10 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
         );
         let vm = match vmm::builder::build_vm(&cfg) {
             Ok(vm) => vm,
-            Err(e) => return fail(exit_code::VMM_ERROR, &vmm::error_chain(&e)),
+            Err(e) => return (ExitStatus::error(vmm::error_chain(&e)), None),
         };
+        // From here the run loop's signalfd takes the stop signals.
+        watch.stop();
         let opts = vmm::runner::RunOptions {
             serial: cfg.serial.clone(),
             timeout: cfg.timeout,
@@ -258,20 +353,44 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
             sandbox_paths,
         };
         match vmm::runner::run_vm(vm, &opts) {
-            Ok(outcome) => report(outcome),
-            Err(e) => fail(exit_code::VMM_ERROR, &vmm::error_chain(&e)),
+            Ok(outcome) => outcome_status(outcome),
+            Err(e) => (ExitStatus::error(vmm::error_chain(&e)), None),
         }
     }
 
-    /// Prints the one-line report for how the guest ended and returns its exit code.
-    fn report(outcome: vmm::runner::RunOutcome) -> ExitCode {
-        let (code, line) = exit_code::report(outcome.end);
-        if let Some(line) = outcome.detail.or(line) {
+    fn outcome_status(
+        outcome: vmm::runner::RunOutcome,
+    ) -> (ExitStatus, Option<vmm::teardown::Teardown>) {
+        let status = ExitStatus::from_end(
+            outcome.end,
+            outcome.detail,
+            outcome.output.dropped_bytes,
+            outcome.output.line(),
+        );
+        (status, Some(outcome.teardown))
+    }
+
+    /// Ends skiff with `status`: writes `--exit-status-file` (if given), then prints the
+    /// verdict line (always the last line skiff writes), then leaves the VM's teardown to a
+    /// detached process and returns the exit code.
+    fn finish(
+        status_file: Option<&Path>,
+        status: &ExitStatus,
+        teardown: Option<vmm::teardown::Teardown>,
+    ) -> ExitCode {
+        if let Some(path) = status_file {
+            if let Err(e) = exit_status_file::write(path, status) {
+                eprintln!("skiff: warn: {}", vmm::error_chain(&e));
+            }
+        }
+        if let Some(line) = status.stderr_line() {
             eprintln!("skiff: {line}");
         }
         let _ = std::io::Write::flush(&mut std::io::stdout());
-        outcome.teardown.detach();
-        ExitCode::from(code)
+        if let Some(teardown) = teardown {
+            teardown.detach();
+        }
+        ExitCode::from(status.code)
     }
 
     fn env_logger_init() {
@@ -293,6 +412,14 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
             metadata.level() <= log::max_level()
         }
         fn log(&self, record: &log::Record<'_>) {
+            // virtio-queue logs a guest's bad ring addresses as errors on its own; skiff
+            // reports those itself, rate-limited (`devices::guest_warnings`). Shown only at
+            // SKIFF_LOG=debug and above.
+            if record.target().starts_with("virtio_queue")
+                && log::max_level() < log::LevelFilter::Debug
+            {
+                return;
+            }
             if self.enabled(record.metadata()) {
                 eprintln!(
                     "skiff: {}: {}",

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use devices::vm_exit::GuestEnd;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
@@ -23,6 +24,7 @@ use crate::api::Route;
 use crate::builder::BuiltVm;
 use crate::config::SerialConfig;
 use crate::event_loop::{block_stop_signals, ExitWatcher, SerialInput, StopSignals};
+use crate::guest_output::{OutputReport, DRAIN_LIMIT};
 use crate::running_vm::RunningVm;
 use crate::sandbox::{SandboxError, SandboxPaths};
 use crate::snapshot::manifest::VmDescription;
@@ -62,6 +64,8 @@ pub struct RunOutcome {
     pub end: GuestEnd,
     /// A vCPU's description of an abnormal end, if one gave it.
     pub detail: Option<String>,
+    /// Guest output that never reached its sink.
+    pub output: OutputReport,
     /// The stopped VM and its memory, for the caller to tear down.
     pub teardown: Teardown,
 }
@@ -153,6 +157,10 @@ pub fn run_vm(mut vm: BuiltVm, opts: &RunOptions) -> Result<RunOutcome, RunError
         input
     });
 
+    // The output sinks outlive the devices that write into them: the runner drains and
+    // reports them at the end.
+    let outputs = std::mem::take(&mut vm.outputs);
+    let output_dropped = outputs.dropped_counter();
     let mut running = RunningVm::start(vm, opts.description.clone())
         .map_err(|(index, source)| RunError::Spawn { index, source })?;
     let exit = running.exit().clone();
@@ -201,7 +209,7 @@ pub fn run_vm(mut vm: BuiltVm, opts: &RunOptions) -> Result<RunOutcome, RunError
         }
         if let Some(api) = &api {
             let mut api = api.lock().unwrap_or_else(PoisonError::into_inner);
-            serve_requests(&mut api, &mut running, &mut snapshot_token);
+            serve_requests(&mut api, &mut running, &mut snapshot_token, &output_dropped);
         }
     }
 
@@ -215,9 +223,14 @@ pub fn run_vm(mut vm: BuiltVm, opts: &RunOptions) -> Result<RunOutcome, RunError
     }
     drop(api);
     drop(raw_mode);
+    // The counts of the guest-caused warnings that were not shown, one line per device and kind.
+    devices::guest_warnings::summarize_all();
+    // Bounded: a sink nobody drains costs at most DRAIN_LIMIT, and what is left is counted.
+    let output = outputs.finish(DRAIN_LIMIT);
     Ok(RunOutcome {
         end: exit.reason().unwrap_or(GuestEnd::VmmError),
         detail,
+        output,
         teardown,
     })
 }
@@ -227,11 +240,20 @@ fn json<T: serde::Serialize>(value: &T) -> String {
 }
 
 /// Acts on the queued control requests and on a finished snapshot write.
-fn serve_requests(api: &mut ApiServer, vm: &mut RunningVm, snapshot_token: &mut Option<Token>) {
+fn serve_requests(
+    api: &mut ApiServer,
+    vm: &mut RunningVm,
+    snapshot_token: &mut Option<Token>,
+    output_dropped: &AtomicU64,
+) {
     use crate::api::http::error_body;
     for (token, route) in api.take_requests() {
         let answer = match route {
-            Route::Status => Ok(json(&vm.status())),
+            Route::Status => {
+                let mut status = vm.status();
+                status.guest_output_dropped_bytes = output_dropped.load(Ordering::Relaxed);
+                Ok(json(&status))
+            }
             Route::SnapshotProgress => Ok(json(&vm.snapshot_progress())),
             Route::Pause => vm.pause().map(|d| {
                 json(&serde_json::json!({

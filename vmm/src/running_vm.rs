@@ -89,6 +89,9 @@ pub struct VmStatus {
     pub memory_private: bool,
     /// The snapshot a `diff` snapshot would be layered over, if any.
     pub diff_parent: Option<PathBuf>,
+    /// Guest output bytes (serial, console) dropped because their host sink was slow or
+    /// failing (the runner fills it in).
+    pub guest_output_dropped_bytes: u64,
 }
 
 struct VcpuThread {
@@ -146,6 +149,8 @@ impl RunningVm {
             events: _,
             console_input: _,
             virtio,
+            // The runner took the output sinks out already, to report them.
+            outputs: _,
         } = vm;
         let job_done = EventFd::new(EFD_NONBLOCK).map_err(|e| (0, e))?;
         let mut running = Self {
@@ -211,6 +216,7 @@ impl RunningVm {
             snapshot_in_progress: self.job.is_some(),
             memory_private: self.ram.is_private(),
             diff_parent: self.diff_base.as_ref().map(|b| b.parent.dir.clone()),
+            guest_output_dropped_bytes: 0,
         }
     }
 

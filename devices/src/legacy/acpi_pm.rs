@@ -27,12 +27,17 @@ const WAK_STS: u8 = 1 << 7;
 #[derive(Debug)]
 pub struct AcpiPm {
     exit: VmExitSignal,
+    /// Rate limit for the warnings the guest's sleep requests cause.
+    warnings: crate::guest_warnings::GuestWarnings,
 }
 
 impl AcpiPm {
     /// Creates the block; power-off and reset requests go to `exit`.
     pub fn new(exit: VmExitSignal) -> Self {
-        Self { exit }
+        Self {
+            exit,
+            warnings: crate::guest_warnings::GuestWarnings::new("ACPI PM"),
+        }
     }
 }
 
@@ -57,7 +62,11 @@ impl BusDevice for AcpiPm {
                 if value & SLP_EN != 0 && sleep_type == S5_SLEEP_TYPE {
                     self.exit.request(GuestEnd::PowerOff);
                 } else if value & SLP_EN != 0 {
-                    log::warn!("guest asked for ACPI sleep type {sleep_type}, which skiff does not support; ignored");
+                    crate::guest_warn!(
+                        Some(&self.warnings),
+                        "unsupported sleep",
+                        "guest asked for ACPI sleep type {sleep_type}, which skiff does not support; ignored"
+                    );
                 }
             }
             RESET_OFFSET if value == RESET_VALUE => self.exit.request(GuestEnd::Reset),

@@ -94,7 +94,8 @@ struct Slot {
     /// What the last `update` asked for, so a configuration write that changes nothing about
     /// the BAR does nothing (and a refused address is not logged again).
     requested: Option<Option<u64>>,
-    warned: bool,
+    /// Rate limit for the warnings the guest's BAR placements cause.
+    warnings: crate::guest_warnings::GuestWarnings,
 }
 
 impl Slot {
@@ -175,7 +176,7 @@ impl BarSpace {
             bound_at: None,
             bound: Vec::new(),
             requested: None,
-            warned: false,
+            warnings: crate::guest_warnings::GuestWarnings::new(format!("virtio {name} BAR")),
         });
         Ok(BarMapping {
             space: self.space.clone(),
@@ -218,22 +219,21 @@ impl BarMapping {
                 describe(from),
                 describe(to)
             ),
-            Err(e @ BarMapError::IoEvent { .. }) => log::warn!(
+            Err(e @ BarMapError::IoEvent { .. }) => crate::guest_warn!(
+                Some(&slot.warnings),
+                "notifications unbound",
                 "virtio {name}: BAR at {}: {} (notifications there take an MMIO exit)",
                 describe(to),
                 error_chain(&e)
             ),
-            Err(e) if !slot.warned => {
-                slot.warned = true;
-                log::warn!(
-                    "virtio {name}: guest placed the BAR at {:#x}: {}; it stays unmapped until \
-                     the guest writes another address or that range is free (further refusals \
-                     are logged at debug level)",
-                    to.unwrap_or_default(),
-                    error_chain(&e)
-                );
-            }
-            Err(e) => log::debug!("virtio {name}: {}", error_chain(&e)),
+            Err(e) => crate::guest_warn!(
+                Some(&slot.warnings),
+                "placement refused",
+                "virtio {name}: guest placed the BAR at {:#x}: {}; it stays unmapped until \
+                 the guest writes another address or that range is free",
+                to.unwrap_or_default(),
+                error_chain(&e)
+            ),
         }
     }
 

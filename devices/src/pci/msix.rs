@@ -146,6 +146,8 @@ pub struct Msix {
     routed: Vec<Option<MsiMessage>>,
     irqs: Vec<EventFd>,
     routes: Arc<dyn MsiRouteUpdater>,
+    /// Rate limit for the warnings the guest's table writes cause.
+    warnings: crate::guest_warnings::GuestWarnings,
 }
 
 impl Msix {
@@ -163,6 +165,7 @@ impl Msix {
             routed: vec![None; count],
             irqs,
             routes,
+            warnings: crate::guest_warnings::GuestWarnings::new("MSI-X"),
         })
     }
 
@@ -389,7 +392,11 @@ impl Msix {
             // `v` < entries.len() <= MSIX_MAX_VECTORS fits u16.
             match self.routes.update_route(v as u16, message) {
                 Ok(()) => self.routed[v] = Some(message),
-                Err(e) => log::warn!("MSI-X vector {v}: cannot route {message:x?}: {e}"),
+                Err(e) => crate::guest_warn!(
+                    Some(&self.warnings),
+                    "unroutable message",
+                    "MSI-X vector {v}: cannot route {message:x?}: {e}"
+                ),
             }
         }
         if self.pending[v / 64] & (1 << (v % 64)) != 0 {

@@ -37,6 +37,11 @@ pub trait DeviceSignals: Send + Sync + std::fmt::Debug {
     fn queue_irqfd(&self, _queue: u16) -> Option<vmm_sys_util::eventfd::EventFd> {
         None
     }
+    /// The device's rate limit for warnings the guest causes (`guest_warn!`); `None` shows
+    /// every warning.
+    fn guest_warnings(&self) -> Option<&crate::guest_warnings::GuestWarnings> {
+        None
+    }
 }
 
 /// Where a queue stood when its device was quiesced: the next available-ring entry the device

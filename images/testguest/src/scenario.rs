@@ -1,7 +1,7 @@
 //! The scenario runner: splits the command line into tokens, runs the recognised ones in order,
 //! and owns the verdict lines (`done`, `FAIL`) and exit codes. The scenarios themselves live in
 //! their own modules (memcheck, smp, pci, virtio::*); the tiny ones (hello, exit=N, fault, panic,
-//! spin) live here.
+//! spin, flood) live here.
 use core::sync::atomic::{AtomicU8, Ordering};
 
 use crate::bootinfo::BootInfo;
@@ -17,7 +17,7 @@ pub const EXIT_FAIL: u8 = 33;
 pub const EXIT_PANIC: u8 = 34;
 
 /// Names used in FAIL lines, indexed by `CURRENT`.
-const NAMES: [&str; 29] = [
+const NAMES: [&str; 32] = [
     "boot",
     "hello",
     "memcheck",
@@ -47,6 +47,9 @@ const NAMES: [&str; 29] = [
     "vsock-vanish",
     "vsock-abuse",
     "vsock-snapshot",
+    "agent",
+    "agent-listen",
+    "flood",
 ];
 const BOOT: u8 = 0;
 const HELLO: u8 = 1;
@@ -77,6 +80,9 @@ const VSOCK_FLOOD: u8 = 25;
 const VSOCK_VANISH: u8 = 26;
 const VSOCK_ABUSE: u8 = 27;
 const VSOCK_SNAPSHOT: u8 = 28;
+const AGENT: u8 = 29;
+const AGENT_LISTEN: u8 = 30;
+const FLOOD: u8 = 31;
 
 /// The scenario now running, for FAIL lines from the exception handler. In `.data.tg_hot` (see
 /// linker.ld).
@@ -145,6 +151,19 @@ pub fn run_all(info: &BootInfo) -> ! {
                     core::hint::spin_loop();
                 }
             }
+            b"flood" => {
+                // Serial output without end, for the VMM's output-backpressure tests: a
+                // numbered line after another, never exiting.
+                start(FLOOD);
+                let mut n: u64 = 0;
+                loop {
+                    serial::line()
+                        .str("testguest: flood ")
+                        .dec(n)
+                        .str(" the quick brown fox jumps over the lazy dog\n");
+                    n = n.wrapping_add(1);
+                }
+            }
             b"pci" => {
                 start(PCI);
                 pci::run(info);
@@ -176,6 +195,14 @@ pub fn run_all(info: &BootInfo) -> ! {
             b"virtio-console" => {
                 start(VIRTIO_CONSOLE);
                 console::run(info);
+            }
+            b"agent" => {
+                start(AGENT);
+                crate::virtio::agent::run(info);
+            }
+            b"agent-listen" => {
+                start(AGENT_LISTEN);
+                crate::virtio::agent::listen(info);
             }
             b"virtio-bar-move" => {
                 start(VIRTIO_BAR_MOVE);

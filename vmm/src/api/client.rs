@@ -1,9 +1,15 @@
 //! The `skiff ctl` side of the control API: one request over the Unix socket, the status and
-//! JSON body back. Used by the CLI and by nothing else in the VMM.
+//! JSON body back, within a time limit. Used by the CLI and by nothing else in the VMM.
+//!
+//! A server that turns the connection away (503) may close it before reading the request; the
+//! kernel then resets the connection, but the answer already sent is still read and shown.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
 
 use thiserror::Error;
 
@@ -28,6 +34,14 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
+    /// No answer came in time.
+    #[error("no answer from --api-socket {path} within {} s", after.as_secs_f64())]
+    Timeout {
+        /// The socket path.
+        path: PathBuf,
+        /// The time limit.
+        after: Duration,
+    },
     /// The answer is not HTTP.
     #[error("malformed answer from {path}: {reason}")]
     Malformed {
@@ -38,7 +52,45 @@ pub enum ClientError {
     },
 }
 
-/// Sends `method path` with an optional JSON body; returns the status and the body.
+/// Sends `method path` with an optional JSON body and returns the status and the body, or
+/// `ClientError::Timeout` when the whole exchange (connecting included: a server whose backlog
+/// is full keeps `connect` waiting) takes longer than `timeout`.
+pub fn request_within(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    timeout: Duration,
+) -> Result<(u16, String), ClientError> {
+    let (tx, rx) = mpsc::channel();
+    let (sock, method, path, body) = (
+        socket.to_path_buf(),
+        method.to_string(),
+        path.to_string(),
+        body.map(str::to_string),
+    );
+    let io = |source| ClientError::Io {
+        path: socket.to_path_buf(),
+        source,
+    };
+    // The exchange runs on its own thread; one still blocked when the time is up is left
+    // behind (`skiff ctl` exits right after).
+    thread::Builder::new()
+        .name("skiff-ctl-request".into())
+        .spawn(move || {
+            let _ = tx.send(request(&sock, &method, &path, body.as_deref()));
+        })
+        .map_err(io)?;
+    rx.recv_timeout(timeout).unwrap_or_else(|_| {
+        Err(ClientError::Timeout {
+            path: socket.to_path_buf(),
+            after: timeout,
+        })
+    })
+}
+
+/// Sends `method path` with an optional JSON body; returns the status and the body. Waits as
+/// long as the server takes (see `request_within`).
 pub fn request(
     socket: &Path,
     method: &str,
@@ -58,9 +110,16 @@ pub fn request(
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    stream.write_all(req.as_bytes()).map_err(io)?;
+    // A server that turned us away may have closed already: its answer is still there to read.
+    let sent = stream.write_all(req.as_bytes());
     let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).map_err(io)?;
+    // On an error (a reset after the answer) the bytes read so far are kept in `answer`.
+    let received = stream.read_to_end(&mut answer);
+    if let Ok(parsed) = parse_response(&answer) {
+        return Ok(parsed);
+    }
+    sent.map_err(io)?;
+    received.map_err(io)?;
     parse_response(&answer).map_err(|reason| ClientError::Malformed {
         path: socket.to_path_buf(),
         reason,

@@ -1,9 +1,10 @@
 //! Just enough HTTP/1.1 for the control API: parse one request (headers with `httparse`, a body
 //! by `Content-Length`), and format one response. Every connection carries one request and is
 //! closed after the response (`Connection: close`), which `curl` and `skiff ctl` both expect.
-//! Requests are untrusted: headers and bodies have size limits, and nothing here panics.
+//! Requests are untrusted: the whole header block and the body have size limits,
+//! `Content-Length` is plain decimal digits (one value), and nothing here panics.
 
-/// Largest header block accepted.
+/// Largest header block accepted (request line and headers, up to the blank line).
 pub const MAX_HEADER_BYTES: usize = 8 * 1024;
 /// Largest body accepted.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -36,6 +37,9 @@ pub fn parse_request(buf: &[u8]) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) if n > MAX_HEADER_BYTES => {
+            return Parsed::Invalid(431, "request headers are too large".into())
+        }
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() > MAX_HEADER_BYTES => {
             return Parsed::Invalid(431, "request headers are too large".into())
@@ -43,19 +47,17 @@ pub fn parse_request(buf: &[u8]) -> Parsed {
         Ok(httparse::Status::Partial) => return Parsed::Incomplete,
         Err(e) => return Parsed::Invalid(400, format!("malformed HTTP request: {e}")),
     };
-    let mut length = 0usize;
+    let mut length: Option<usize> = None;
     for h in req.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
-            let parsed = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse::<usize>().ok());
-            match parsed {
-                Some(n) if n <= MAX_BODY_BYTES => length = n,
-                Some(n) => {
-                    return Parsed::Invalid(413, format!("request body of {n} bytes is too large"))
-                }
-                None => return Parsed::Invalid(400, "invalid Content-Length".into()),
+            let n = match content_length(h.value) {
+                Ok(n) => n,
+                Err(invalid) => return invalid,
+            };
+            if length.is_some_and(|l| l != n) {
+                return Parsed::Invalid(400, "conflicting Content-Length headers".into());
             }
+            length = Some(n);
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             return Parsed::Invalid(
                 411,
@@ -63,6 +65,7 @@ pub fn parse_request(buf: &[u8]) -> Parsed {
             );
         }
     }
+    let length = length.unwrap_or(0);
     let Some(body) = buf.get(head_len..) else {
         return Parsed::Incomplete;
     };
@@ -78,6 +81,33 @@ pub fn parse_request(buf: &[u8]) -> Parsed {
     })
 }
 
+/// A `Content-Length` value: decimal digits only (no sign, no spaces inside, no hex), at most
+/// `MAX_BODY_BYTES`.
+fn content_length(value: &[u8]) -> Result<usize, Parsed> {
+    let digits = value.trim_ascii();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        let shown = String::from_utf8_lossy(value);
+        return Err(Parsed::Invalid(
+            400,
+            format!("invalid Content-Length {shown:?}: want decimal digits"),
+        ));
+    }
+    // Digits only, so a failed parse is an overflow: far too large either way.
+    match std::str::from_utf8(digits)
+        .ok()
+        .and_then(|d| d.parse::<usize>().ok())
+    {
+        Some(n) if n <= MAX_BODY_BYTES => Ok(n),
+        _ => Err(Parsed::Invalid(
+            413,
+            format!(
+                "request body of {} bytes is too large",
+                String::from_utf8_lossy(digits)
+            ),
+        )),
+    }
+}
+
 /// The reason phrase for the statuses the API uses.
 fn reason(status: u16) -> &'static str {
     match status {
@@ -85,6 +115,7 @@ fn reason(status: u16) -> &'static str {
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        408 => "Request Timeout",
         409 => "Conflict",
         411 => "Length Required",
         413 => "Payload Too Large",
@@ -156,6 +187,29 @@ mod tests {
         let mut long = b"GET /vm HTTP/1.1\r\nX: ".to_vec();
         long.extend(std::iter::repeat_n(b'a', MAX_HEADER_BYTES + 1));
         assert!(matches!(parse_request(&long), Parsed::Invalid(431, _)));
+        // A complete header block is held to the same limit: 70 KB in a few long headers.
+        let mut block = b"GET /vm HTTP/1.1\r\n".to_vec();
+        for i in 0..7 {
+            block.extend(format!("X-{i}: ").as_bytes());
+            block.extend(std::iter::repeat_n(b'a', 10_000));
+            block.extend(b"\r\n");
+        }
+        block.extend(b"\r\n");
+        assert!(matches!(parse_request(&block), Parsed::Invalid(431, _)));
+        // Content-Length is plain digits.
+        for bad in ["+2", "-1", "0x10", "2 2", "", "1e3", " +2"] {
+            let req = format!("PUT /vm/pause HTTP/1.1\r\nContent-Length: {bad}\r\n\r\nxx");
+            assert!(
+                matches!(parse_request(req.as_bytes()), Parsed::Invalid(400, _)),
+                "Content-Length {bad:?} accepted"
+            );
+        }
+        let huge = b"PUT /vm/pause HTTP/1.1\r\nContent-Length: 99999999999999999999999\r\n\r\n";
+        assert!(matches!(parse_request(huge), Parsed::Invalid(413, _)));
+        let twice = b"PUT /vm/pause HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nxxx";
+        assert!(matches!(parse_request(twice), Parsed::Invalid(400, _)));
+        let same = b"PUT /vm/pause HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nxx";
+        assert!(matches!(parse_request(same), Parsed::Complete(_)));
     }
 
     #[test]

@@ -1,11 +1,12 @@
-//! `skiff ctl snapshot` on a terminal: a progress bar while the snapshot is written.
+//! `skiff ctl snapshot`: waiting for a snapshot's answer, with a progress bar on a terminal.
 //!
 //! The snapshot request waits on its own connection for its answer (which comes when the
-//! snapshot is complete), while this thread polls `GET /vm/snapshot/progress` on short-lived
-//! connections and draws the counters with `indicatif` on stderr: bytes of memory written out of
-//! the touched total, the rate and the time. Only used when stderr is a terminal; without one
-//! `skiff ctl` prints nothing but the answer. Not here: the counters themselves
-//! (`snapshot/progress.rs`).
+//! snapshot is complete, however long that takes), while this thread polls
+//! `GET /vm/snapshot/progress` on short-lived connections. Each poll must be answered within
+//! `ctl --timeout`: that is how a hung server is told from a long snapshot. When stderr is a
+//! terminal the counters are drawn with `indicatif`: bytes of memory written out of the touched
+//! total, the rate and the time; without one `skiff ctl` prints nothing but the answer. Not
+//! here: the counters themselves (`snapshot/progress.rs`).
 
 use std::path::Path;
 use std::thread;
@@ -13,7 +14,7 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::client::{request, ClientError};
+use super::client::{request, request_within, ClientError};
 
 /// How often the counters are asked for.
 const POLL: Duration = Duration::from_millis(100);
@@ -21,9 +22,15 @@ const POLL: Duration = Duration::from_millis(100);
 const TEMPLATE: &str = "snapshot [{bar:40}] {binary_bytes}/{binary_total_bytes} \
                         ({binary_bytes_per_sec}, {elapsed})";
 
-/// Sends `PUT /vm/snapshot` with `body` and draws the write's progress on stderr until the
-/// answer comes; returns the answer as `client::request` does.
-pub fn snapshot_with_progress(socket: &Path, body: &str) -> Result<(u16, String), ClientError> {
+/// Sends `PUT /vm/snapshot` with `body` and waits for the answer while every progress poll is
+/// answered within `timeout`; with `draw`, draws the write's progress on stderr meanwhile.
+/// Returns the answer as `client::request` does.
+pub fn snapshot_with_progress(
+    socket: &Path,
+    body: &str,
+    timeout: Duration,
+    draw: bool,
+) -> Result<(u16, String), ClientError> {
     let (sock, body) = (socket.to_path_buf(), body.to_string());
     let answer = thread::Builder::new()
         .name("skiff-ctl-snapshot".into())
@@ -32,17 +39,31 @@ pub fn snapshot_with_progress(socket: &Path, body: &str) -> Result<(u16, String)
             path: socket.to_path_buf(),
             source,
         })?;
-    let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+    let target = if draw {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    };
+    let bar = ProgressBar::with_draw_target(Some(0), target);
     if let Ok(style) = ProgressStyle::with_template(TEMPLATE) {
         bar.set_style(style.progress_chars("=> "));
     }
     let mut seen = false;
     while !answer.is_finished() {
         thread::sleep(POLL);
-        if let Some((done, total)) = poll(socket) {
-            seen = true;
-            bar.set_length(total);
-            bar.set_position(done);
+        match poll(socket, timeout) {
+            Ok(Some((done, total))) => {
+                seen = true;
+                bar.set_length(total);
+                bar.set_position(done);
+            }
+            Ok(None) => {}
+            // The answer may have come while the poll waited; else the server is silent.
+            Err(e @ ClientError::Timeout { .. }) if !answer.is_finished() => {
+                bar.finish_and_clear();
+                return Err(e);
+            }
+            Err(_) => {}
         }
     }
     let result = answer.join().unwrap_or_else(|_| {
@@ -52,7 +73,7 @@ pub fn snapshot_with_progress(socket: &Path, body: &str) -> Result<(u16, String)
         })
     });
     match &result {
-        Ok((status, _)) if seen && (200..300).contains(status) => {
+        Ok((status, _)) if draw && seen && (200..300).contains(status) => {
             bar.set_position(bar.length().unwrap_or(0));
             bar.finish();
             // indicatif leaves the cursor after the bar: the answer starts on a line of its own.
@@ -65,13 +86,13 @@ pub fn snapshot_with_progress(socket: &Path, body: &str) -> Result<(u16, String)
 }
 
 /// The running snapshot's `(bytes_done, bytes_total)`, or `None` when none runs or the answer
-/// is unusable.
-fn poll(socket: &Path) -> Option<(u64, u64)> {
-    let (status, body) = request(socket, "GET", "/vm/snapshot/progress", None).ok()?;
+/// is unusable; an error when the server did not answer within `timeout`.
+fn poll(socket: &Path, timeout: Duration) -> Result<Option<(u64, u64)>, ClientError> {
+    let (status, body) = request_within(socket, "GET", "/vm/snapshot/progress", None, timeout)?;
     if status != 200 {
-        return None;
+        return Ok(None);
     }
-    parse_progress(&body)
+    Ok(parse_progress(&body))
 }
 
 fn parse_progress(body: &str) -> Option<(u64, u64)> {

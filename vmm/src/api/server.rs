@@ -7,25 +7,36 @@
 //! queue after each event-loop turn, acts on the VM, and answers through `respond`, which writes
 //! the response and closes the connection. A snapshot's answer comes later, when its write ends;
 //! the connection waits meanwhile.
+//!
+//! Nothing a client does can stall the event loop or lock others out: sockets are non-blocking
+//! (an answer the peer does not take is dropped), a request must be complete within
+//! `REQUEST_TIMEOUT` of its connection (a one-second timer closes late ones with 408), and when
+//! all `MAX_CONNECTIONS` slots are taken the connection that has been sending its request the
+//! longest is closed to make room; only when every slot holds a request being worked on is a new
+//! one answered 503. At drop the socket is removed only if the path still holds the socket this
+//! server created (same device and inode): another skiff may have taken the path since.
 
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use thiserror::Error;
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::http::{error_body, parse_request, response, Parsed, MAX_BODY_BYTES, MAX_HEADER_BYTES};
 use super::{route, Route};
 
-/// Most connections waiting at once; more are closed at once.
-const MAX_CONNECTIONS: usize = 64;
-/// How long writing one response may block.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most connections open at once.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a connection may take to send its whole request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often connections are checked against `REQUEST_TIMEOUT`.
+const EXPIRY_TICK: Duration = Duration::from_secs(1);
 
 /// Errors from creating the control socket.
 #[derive(Debug, Error)]
@@ -55,12 +66,17 @@ pub type Token = u64;
 struct Connection {
     stream: UnixStream,
     buf: Vec<u8>,
+    accepted: Instant,
 }
 
 /// The control socket's subscriber.
 pub struct ApiServer {
     path: PathBuf,
+    /// Device and inode of the socket this server created at `path`.
+    identity: (u64, u64),
     listener: UnixListener,
+    /// Ticks while connections are still sending their request.
+    expiry: TimerFd,
     next: Token,
     /// Connections still sending their request, by descriptor.
     reading: HashMap<i32, (Token, Connection)>,
@@ -112,10 +128,15 @@ impl ApiServer {
             let _ = std::fs::remove_file(&temp);
             return Err(io("create")(e));
         }
+        let meta = std::fs::symlink_metadata(path).map_err(io("inspect"))?;
         listener.set_nonblocking(true).map_err(io("configure"))?;
+        let expiry = TimerFd::new()
+            .map_err(|e| io("create the request timer for")(std::io::Error::from(e)))?;
         Ok(Self {
             path: path.to_path_buf(),
+            identity: (meta.dev(), meta.ino()),
             listener,
+            expiry,
             next: 1,
             reading: HashMap::new(),
             waiting: HashMap::new(),
@@ -139,8 +160,10 @@ impl ApiServer {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
-                    if self.reading.len() + self.waiting.len() >= MAX_CONNECTIONS {
-                        answer(stream, 503, &error_body("too many control connections"));
+                    if self.reading.len() + self.waiting.len() >= MAX_CONNECTIONS
+                        && !self.close_oldest_reading(ops)
+                    {
+                        refuse(stream, 503, "too many control requests in progress");
                         continue;
                     }
                     if stream.set_nonblocking(true).is_err() {
@@ -159,9 +182,11 @@ impl ApiServer {
                             Connection {
                                 stream,
                                 buf: Vec::new(),
+                                accepted: Instant::now(),
                             },
                         ),
                     );
+                    self.arm_expiry();
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
@@ -170,6 +195,62 @@ impl ApiServer {
                     break;
                 }
             }
+        }
+    }
+
+    /// Makes room: closes (with 408) the connection that has been sending its request the
+    /// longest. False when every connection holds a request being worked on.
+    fn close_oldest_reading(&mut self, ops: &mut EventOps) -> bool {
+        let Some(fd) = self
+            .reading
+            .iter()
+            .min_by_key(|(_, (token, _))| *token)
+            .map(|(fd, _)| *fd)
+        else {
+            return false;
+        };
+        self.close_reading(
+            fd,
+            ops,
+            "closed to make room for another control connection",
+        );
+        true
+    }
+
+    fn close_reading(&mut self, fd: i32, ops: &mut EventOps, why: &str) {
+        let _ = ops.remove(Events::empty_raw(fd));
+        if let Some((_, conn)) = self.reading.remove(&fd) {
+            refuse(conn.stream, 408, why);
+        }
+    }
+
+    /// Starts the expiry tick unless it runs already (never moves an armed timer, so an
+    /// expiry already counted is never lost).
+    fn arm_expiry(&mut self) {
+        if self.expiry.is_armed().unwrap_or(false) {
+            return;
+        }
+        if let Err(e) = self.expiry.reset(EXPIRY_TICK, Some(EXPIRY_TICK)) {
+            log::warn!("control socket: cannot arm the request timer: {e}");
+        }
+    }
+
+    /// Closes the connections whose request did not arrive in time; stops the tick when no
+    /// connection is left sending.
+    fn expire(&mut self, ops: &mut EventOps) {
+        let _ = self.expiry.wait();
+        let late: Vec<i32> = self
+            .reading
+            .iter()
+            .filter(|(_, (_, c))| c.accepted.elapsed() >= REQUEST_TIMEOUT)
+            .map(|(fd, _)| *fd)
+            .collect();
+        let why = format!("no complete request within {} s", REQUEST_TIMEOUT.as_secs());
+        for fd in late {
+            self.close_reading(fd, ops, &why);
+        }
+        if self.reading.is_empty() {
+            let _ = self.expiry.clear();
         }
     }
 
@@ -221,17 +302,35 @@ impl ApiServer {
     }
 }
 
+/// Writes the response and closes the connection. The socket stays non-blocking: an answer
+/// the peer's buffer cannot take at once (it never reads) is dropped, the loop never waits.
 fn answer(mut stream: UnixStream, status: u16, json: &str) {
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
+    let _ = stream.set_nonblocking(true);
     let _ = stream.write_all(&response(status, json));
     let _ = stream.shutdown(std::net::Shutdown::Both);
+}
+
+/// Answers a connection turned away with `status` and `why`. What the client sent so far is
+/// read first, as far as it has arrived: a socket closed with unread input resets the
+/// connection, and the client may then see the reset before the answer.
+fn refuse(mut stream: UnixStream, status: u16, why: &str) {
+    let _ = stream.set_nonblocking(true);
+    let mut sink = [0u8; 4096];
+    for _ in 0..16 {
+        match stream.read(&mut sink) {
+            Ok(n) if n > 0 => {}
+            _ => break,
+        }
+    }
+    answer(stream, status, &error_body(why));
 }
 
 impl MutEventSubscriber for ApiServer {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         if events.fd() == self.listener.as_raw_fd() {
             self.accept(ops);
+        } else if events.fd() == self.expiry.as_raw_fd() {
+            self.expire(ops);
         } else {
             self.read(events.fd(), ops);
         }
@@ -241,6 +340,9 @@ impl MutEventSubscriber for ApiServer {
         if let Err(e) = ops.add(Events::new(&self.listener, EventSet::IN)) {
             log::error!("cannot watch the control socket: {e:?}");
         }
+        if let Err(e) = ops.add(Events::new(&self.expiry, EventSet::IN)) {
+            log::error!("cannot watch the control socket's request timer: {e:?}");
+        }
     }
 }
 
@@ -249,7 +351,12 @@ impl Drop for ApiServer {
         for (_, conn) in self.waiting.drain() {
             answer(conn.stream, 503, &error_body("the VM has ended"));
         }
-        let _ = std::fs::remove_file(&self.path);
+        // Only our own socket: the path may belong to another skiff by now.
+        let ours = std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| (m.dev(), m.ino()) == self.identity);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -272,6 +379,14 @@ mod tests {
         drop(stale);
         // A socket nobody listens on any more is replaced.
         ApiServer::bind(&path).unwrap();
+        // A path another server took over since is left alone at drop.
+        let first = ApiServer::bind(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let second = ApiServer::bind(&path).unwrap();
+        drop(first);
+        assert!(path.exists(), "the other server's socket was removed");
+        drop(second);
+        assert!(!path.exists());
         let file = dir.path().join("plain");
         std::fs::write(&file, b"x").unwrap();
         assert!(matches!(

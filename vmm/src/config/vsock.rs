@@ -70,11 +70,9 @@ impl FromStr for VsockConfig {
                 }
                 // "socket", the only other key.
                 _ => {
-                    if value.is_empty() || value.len() > MAX_SOCKET_PATH_LEN || value.contains('\0')
-                    {
-                        return Err(VsockConfigError::Socket(value.to_string()));
-                    }
-                    socket = Some(PathBuf::from(value));
+                    let path = PathBuf::from(value);
+                    check_socket_path(&path)?;
+                    socket = Some(path);
                 }
             }
         }
@@ -83,6 +81,17 @@ impl FromStr for VsockConfig {
             socket: socket.ok_or(VsockConfigError::MissingSocket)?,
         })
     }
+}
+
+/// Checks that `PATH_<port>` of a socket path fits a Unix socket address.
+pub fn check_socket_path(path: &std::path::Path) -> Result<(), VsockConfigError> {
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+    if bytes.is_empty() || bytes.len() > MAX_SOCKET_PATH_LEN || bytes.contains(&0) {
+        return Err(VsockConfigError::Socket(
+            path.to_string_lossy().into_owned(),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

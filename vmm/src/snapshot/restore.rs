@@ -39,6 +39,7 @@ use crate::builder::{
     create_legacy_devices, create_restored_pci_devices, create_vm, BuildError, BuiltVm, VmEvents,
 };
 use crate::config::SerialConfig;
+use crate::guest_output::GuestOutputs;
 use crate::hypervisor::kvm::KvmHypervisor;
 use crate::hypervisor::{Hypervisor, HypervisorError, Vcpu};
 use crate::memory::backing::{Backing, BackingKind};
@@ -442,14 +443,22 @@ pub fn restore_vm(
     vm.restore_devices(&snap.state.vm)
         .map_err(RestoreError::Vm)?;
     let exit = VmExitSignal::new().map_err(BuildError::EventFd)?;
+    let mut outputs = GuestOutputs::default();
     let (mut pio, serial, i8042) =
-        create_legacy_devices(&*vm, serial, &exit, Some(&snap.state.devices))?;
+        create_legacy_devices(&*vm, serial, &mut outputs, &exit, Some(&snap.state.devices))?;
     // The PCI segment with the saved virtio devices, their state back and the running ones
     // active again (their handlers join the event loop when the runner starts it).
     let events = VmEvents::new().map_err(|e| BuildError::EventLoop(format!("{e:?}")))?;
     let mut mmio = Bus::new();
-    let (console_input, virtio) =
-        create_restored_pci_devices(&*vm, &ram, &plan.devices, &events, &mut pio, &mut mmio)?;
+    let (console_input, virtio) = create_restored_pci_devices(
+        &*vm,
+        &ram,
+        &plan.devices,
+        &events,
+        &mut outputs,
+        &mut pio,
+        &mut mmio,
+    )?;
     let vcpus = (0..cpus)
         .zip(&snap.state.vcpus)
         .map(|(index, saved)| {
@@ -487,6 +496,7 @@ pub fn restore_vm(
         events: Some(events),
         console_input,
         virtio,
+        outputs,
     })
 }
 

@@ -71,7 +71,6 @@ pub(crate) struct BlkQueueHandler {
     completions: Vec<Completion>,
     /// Per queue: used entries added since the last notification decision.
     used_added: Vec<bool>,
-    warned: bool,
 }
 
 impl std::fmt::Debug for BlkQueueHandler {
@@ -108,7 +107,6 @@ impl BlkQueueHandler {
             free: Vec::new(),
             completions: Vec::with_capacity(MAX_IN_FLIGHT),
             used_added: vec![false; n],
-            warned: false,
         }
     }
 
@@ -378,7 +376,9 @@ impl BlkQueueHandler {
         }
         self.broken = true;
         let index = self.queues.get(qi).map_or(0, |q| q.index);
-        log::error!(
+        crate::guest_warn!(
+            self.signals.guest_warnings(),
+            "broken queue",
             "virtio-blk {}: queue {index}: {why}; the device needs a reset",
             self.disk.path().display()
         );
@@ -387,17 +387,14 @@ impl BlkQueueHandler {
 
     fn warn(&mut self, qi: usize, bad: &BadChain) {
         let index = self.queues.get(qi).map_or(0, |q| q.index);
-        let msg = format!(
+        crate::guest_warn!(
+            self.signals.guest_warnings(),
+            "bad request",
             "virtio-blk {}: queue {index}: chain {}: {}",
             self.disk.path().display(),
             bad.head,
             bad.error
         );
-        if std::mem::replace(&mut self.warned, true) {
-            log::debug!("{msg}");
-        } else {
-            log::warn!("{msg} (further bad chains are logged at debug level)");
-        }
     }
 }
 

@@ -135,7 +135,11 @@ impl ConsoleQueueHandler {
     }
 
     fn fail(&mut self, e: QueueFailure) {
-        log::error!("virtio-console: {e}; the device needs a reset");
+        crate::guest_warn!(
+            self.signals.guest_warnings(),
+            "bad chain",
+            "virtio-console: {e}; the device needs a reset"
+        );
         self.broken = true;
         self.signals.set_needs_reset();
     }

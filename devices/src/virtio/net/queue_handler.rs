@@ -61,7 +61,6 @@ pub(crate) struct NetQueueHandler {
     rx_pending: Option<usize>,
     tx_buf: Box<[u8]>,
     counters: NetCounters,
-    warned: bool,
 }
 
 impl std::fmt::Debug for NetQueueHandler {
@@ -99,7 +98,6 @@ impl NetQueueHandler {
             rx_pending: None,
             tx_buf: vec![0u8; MAX_BUFFER_LEN].into_boxed_slice(),
             counters: NetCounters::default(),
-            warned: false,
         }
     }
 
@@ -117,19 +115,18 @@ impl NetQueueHandler {
     }
 
     fn bad_chain(&mut self, e: &FrameError) {
-        if self.warned {
-            log::debug!("virtio-net {}: dropped {e}", self.tap.name());
-        } else {
-            self.warned = true;
-            log::warn!(
-                "virtio-net {}: dropped {e} (further drops are logged at debug level)",
-                self.tap.name()
-            );
-        }
+        crate::guest_warn!(
+            self.signals.guest_warnings(),
+            "bad frame",
+            "virtio-net {}: dropped {e}",
+            self.tap.name()
+        );
     }
 
     fn fail(&mut self, e: QueueFailure) {
-        log::error!(
+        crate::guest_warn!(
+            self.signals.guest_warnings(),
+            "broken queue",
             "virtio-net {}: {e}; the device needs a reset",
             self.tap.name()
         );

@@ -55,7 +55,11 @@ impl RngQueueHandler {
     }
 
     fn fail(&mut self, what: &dyn std::fmt::Display) {
-        log::warn!("virtio rng: {what}; device needs reset");
+        crate::guest_warn!(
+            self.signals.guest_warnings(),
+            "bad chain",
+            "virtio rng: {what}; device needs reset"
+        );
         self.stopped = true;
         self.signals.set_needs_reset();
     }

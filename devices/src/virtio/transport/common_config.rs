@@ -213,7 +213,11 @@ impl CommonConfig {
     }
 
     fn broken(&self, what: std::fmt::Arguments<'_>) {
-        log::warn!("virtio-pci: {what}; device needs reset");
+        crate::guest_warn!(
+            self.signals.guest_warnings(),
+            "bad queue set-up",
+            "virtio-pci: {what}; device needs reset"
+        );
         DeviceSignals::set_needs_reset(&*self.signals);
     }
 
@@ -410,13 +414,19 @@ impl CommonConfig {
         }
         let old = self.status;
         if old & !value & !STATUS_NEEDS_RESET != 0 {
-            log::warn!("virtio-pci: driver tried to clear status bits ({old:#04x} -> {value:#04x}); ignored");
+            crate::guest_warn!(
+                self.signals.guest_warnings(),
+                "status bits cleared",
+                "virtio-pci: driver tried to clear status bits ({old:#04x} -> {value:#04x}); ignored"
+            );
             return StatusAction::None;
         }
         let mut new = value & !STATUS_NEEDS_RESET;
         let added = new & !old;
         if added & STATUS_FEATURES_OK != 0 && !self.features_acceptable() {
-            log::warn!(
+            crate::guest_warn!(
+                self.signals.guest_warnings(),
+                "FEATURES_OK refused",
                 "virtio-pci: driver features {:#x} are not a subset of {:#x} with VERSION_1; FEATURES_OK refused",
                 self.driver_features, self.device_features
             );

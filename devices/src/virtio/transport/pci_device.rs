@@ -359,7 +359,7 @@ impl VirtioPciDevice {
             .map_err(space_err)?;
 
         let msix = Arc::new(Mutex::new(msix));
-        let signals = Arc::new(VirtioPciSignals::new(msix.clone(), max_sizes.len()));
+        let signals = Arc::new(VirtioPciSignals::new(msix.clone(), max_sizes.len(), name));
         let common = CommonConfig::new(
             features,
             &max_sizes,
@@ -462,7 +462,12 @@ impl VirtioPciDevice {
 
     fn activate(&mut self) {
         if let Err(e) = self.activate_at(None) {
-            log::warn!("virtio {}: activation failed: {e}", self.name);
+            crate::guest_warn!(
+                self.signals.guest_warnings(),
+                "activation refused",
+                "virtio {}: activation failed: {e}",
+                self.name
+            );
             self.signals.set_needs_reset();
         }
     }

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use super::NO_VECTOR;
+use crate::guest_warnings::GuestWarnings;
 use crate::pci::msix::Msix;
 use crate::virtio::device::DeviceSignals;
 
@@ -42,12 +43,16 @@ pub struct VirtioPciSignals {
     isr: AtomicU8,
     needs_reset: AtomicBool,
     config_generation: AtomicU8,
+    /// Rate limit for the warnings the driver causes, for the transport and the device alike.
+    warnings: GuestWarnings,
 }
 
 impl VirtioPciSignals {
     /// Signals for `queues` queues delivered through `msix`; every vector starts unassigned.
-    pub fn new(msix: Arc<Mutex<Msix>>, queues: usize) -> Self {
+    /// `name` names the device in warning summaries.
+    pub fn new(msix: Arc<Mutex<Msix>>, queues: usize, name: &str) -> Self {
         Self {
+            warnings: GuestWarnings::new(format!("virtio {name}")),
             msix,
             config_vector: AtomicU16::new(NO_VECTOR),
             queue_vectors: (0..queues).map(|_| AtomicU16::new(NO_VECTOR)).collect(),
@@ -174,5 +179,9 @@ impl DeviceSignals for VirtioPciSignals {
         if let Err(e) = self.notify_config() {
             log::warn!("virtio-pci: cannot signal the configuration change: {e}");
         }
+    }
+
+    fn guest_warnings(&self) -> Option<&GuestWarnings> {
+        Some(&self.warnings)
     }
 }

@@ -9,6 +9,7 @@
 //! Register accesses are VM exits (~50 us each on the target machines): set-up costs a few dozen,
 //! and each batch of requests costs one notify write at most.
 pub mod abuse;
+pub mod agent;
 pub mod bar_move;
 pub mod blk;
 pub mod console;

@@ -53,6 +53,9 @@ pub(super) fn add(list: &mut AllowList) -> Result<(), BackendError> {
         libc::SYS_rt_sigaction,
     ]);
     list.call_if_arg(libc::SYS_socket, 0, &[libc::AF_UNIX as u64])?;
+    // `--exit-status-file` is written by the main thread at the end: a temporary file, fsynced,
+    // renamed over the path (std's `rename`), then the directory fsynced.
+    list.calls(&[libc::SYS_rename, libc::SYS_fsync]);
     common::thread_start(list)?;
     // Resuming after a snapshot, or a restored VM's first run, activates its disks here.
     disk::activation(list)?;

@@ -1,0 +1,299 @@
+//! The `agent` and `agent-listen` scenarios: the skiff guest agent's protocol (`agent-protocol`)
+//! over vsock, so `skiff exec` and `skiff ctl exec` can be tested end to end on hosts whose KVM
+//! cannot run Linux user space. `agent` connects to the host's port 1024 as the real agent does
+//! under `skiff exec`; `agent-listen` listens on port 1024 as it does under `skiff run --agent`.
+//! An `Exec` names one of these instead of a program:
+//!
+//! - `exit=N`, `true`, `false`: exit with N, 0, 1.
+//! - `echo ARGS...`: ARGS joined by spaces and a newline on stdout; `warn ARGS...`: on stderr.
+//! - `flood=BYTES`: BYTES of `a..z` on stdout (a newline every 64th byte).
+//! - `signal=N`: end as if killed by signal N.
+//! - `spin`: never ends by itself; reports `TimedOut` once the exec's timeout passes.
+//! - `die`: the guest ends (debug exit 7) in the middle of the exec.
+//! - `garbage`: bytes that are not a frame.
+//! - anything else: `NAME: command not found` on stderr and exit 127, as the real agent does.
+//!
+//! `Shutdown` powers the VM off; `Quiesce` and `Resume` answer `Done` (there is nothing to stop).
+use agent_protocol::{ByteList, ErrorCode, ExitStatus, Header, Message, AGENT_PORT, HEADER_LEN};
+
+use crate::bootinfo::BootInfo;
+use crate::io;
+use crate::serial;
+use crate::tsc::Deadline;
+use crate::virtio::vsock::{fail_err, Conn, Vsock};
+
+/// The largest request payload the test guest takes.
+const MAX_REQUEST: usize = 4096;
+/// The largest payload it sends in one frame.
+const OUT_CHUNK: usize = 4096;
+/// A wait with no real limit (the host ends the VM when it gives up).
+const FOREVER_MS: u64 = 24 * 3600 * 1000;
+/// The debug-exit code of `die`.
+const DIE_CODE: u8 = 7;
+
+struct Link {
+    v: Vsock,
+    c: Conn,
+    out: [u8; HEADER_LEN + OUT_CHUNK],
+}
+
+impl Link {
+    fn send(&mut self, req: u32, msg: &Message<'_>) {
+        let n = match msg.encode(req, &mut self.out) {
+            Ok(n) => n,
+            Err(_) => crate::scenario::fail_msg("a reply does not fit the send buffer"),
+        };
+        let out = self.out;
+        if let Err(e) = self
+            .v
+            .send(self.c, &out[..n], Deadline::after_ms(FOREVER_MS))
+        {
+            fail_err("send", e);
+        }
+    }
+
+    /// Fills `buf`; false when the host closed the connection first.
+    fn read_exact(&mut self, buf: &mut [u8]) -> bool {
+        let mut got = 0;
+        while got < buf.len() {
+            match self
+                .v
+                .recv(self.c, &mut buf[got..], Deadline::after_ms(FOREVER_MS))
+            {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => got += n,
+            }
+        }
+        true
+    }
+
+    fn error(&mut self, req: u32, code: ErrorCode, message: &str) {
+        self.send(
+            req,
+            &Message::Error {
+                code,
+                message: message.as_bytes(),
+            },
+        );
+    }
+}
+
+/// `agent`: connects to the host's port 1024 and serves that connection; the VM ends when it
+/// closes.
+pub fn run(info: &BootInfo) -> ! {
+    let mut v = Vsock::open(info);
+    let c = match v.connect(AGENT_PORT, Deadline::after_ms(60_000)) {
+        Ok(c) => c,
+        Err(e) => fail_err("connect to the host's agent port", e),
+    };
+    serial::line().str("testguest: agent connected\n");
+    let mut link = Link {
+        v,
+        c,
+        out: [0; HEADER_LEN + OUT_CHUNK],
+    };
+    serve(info, &mut link);
+    serial::line().str("testguest: agent: the host closed the connection\n");
+    io::exit(0);
+}
+
+/// `agent-listen`: listens on port 1024 (as the agent does for `skiff run --agent`) and serves
+/// host connections one after another until one asks for a shutdown.
+pub fn listen(info: &BootInfo) -> ! {
+    let mut v = Vsock::open(info);
+    v.listen(AGENT_PORT);
+    serial::line().str("testguest: agent listening\n");
+    loop {
+        let c = match v.accept(AGENT_PORT, Deadline::after_ms(FOREVER_MS)) {
+            Ok(c) => c,
+            Err(e) => fail_err("accept", e),
+        };
+        let mut link = Link {
+            v,
+            c,
+            out: [0; HEADER_LEN + OUT_CHUNK],
+        };
+        serve(info, &mut link);
+        link.v.close(link.c, Deadline::after_ms(1000));
+        v = link.v;
+    }
+}
+
+/// Answers requests until the host closes the connection (or sends something malformed).
+fn serve(info: &BootInfo, link: &mut Link) {
+    let mut head = [0u8; HEADER_LEN];
+    let mut payload = [0u8; MAX_REQUEST];
+    loop {
+        if !link.read_exact(&mut head) {
+            return;
+        }
+        let header = match Header::decode(&head) {
+            Ok(h) => h,
+            Err(_) => {
+                link.error(0, ErrorCode::Malformed, "bad frame header");
+                return;
+            }
+        };
+        let len = header.len as usize;
+        if len > MAX_REQUEST {
+            link.error(
+                header.request,
+                ErrorCode::Malformed,
+                "request over 4096 bytes",
+            );
+            return;
+        }
+        if !link.read_exact(&mut payload[..len]) {
+            return;
+        }
+        let req = header.request;
+        match Message::decode(header.kind, &payload[..len]) {
+            Ok(Message::Hello { .. }) => link.send(
+                req,
+                &Message::HelloReply {
+                    version: u32::from(agent_protocol::VERSION),
+                    features: 0,
+                    agent: b"skiff-testguest",
+                },
+            ),
+            Ok(Message::Exec {
+                argv, timeout_ms, ..
+            }) => exec(link, req, argv, timeout_ms),
+            Ok(Message::Quiesce | Message::Resume { .. }) => link.send(req, &Message::Done),
+            Ok(Message::Shutdown) => {
+                link.send(req, &Message::Done);
+                crate::power::poweroff(info);
+            }
+            Ok(Message::Stdin(_) | Message::StdinEof) => {}
+            Ok(_) => link.error(req, ErrorCode::Unsupported, "not in the test guest's agent"),
+            Err(_) => {
+                link.error(req, ErrorCode::Malformed, "bad payload");
+                return;
+            }
+        }
+    }
+}
+
+fn parse_num(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 18 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(digits.iter().fold(0, |v, &d| v * 10 + u64::from(d - b'0')))
+}
+
+/// Runs one exec "program" and sends its output and end.
+fn exec(link: &mut Link, req: u32, argv: ByteList<'_>, timeout_ms: u64) {
+    let mut args = argv.iter();
+    let name = args.next().unwrap_or(b"");
+    serial::line()
+        .str("testguest: agent exec ")
+        .bytes(name)
+        .str("\n");
+    link.send(req, &Message::Started { pid: 1 });
+    let status = match name {
+        b"true" => ExitStatus::Code(0),
+        b"false" => ExitStatus::Code(1),
+        b"echo" | b"warn" => {
+            let mut line = [0u8; OUT_CHUNK];
+            let mut n = 0;
+            for (i, a) in args.enumerate() {
+                if i > 0 && n < line.len() {
+                    line[n] = b' ';
+                    n += 1;
+                }
+                let take = a.len().min(line.len() - n);
+                line[n..n + take].copy_from_slice(&a[..take]);
+                n += take;
+            }
+            if n < line.len() {
+                line[n] = b'\n';
+                n += 1;
+            }
+            let data = &line[..n];
+            let msg = if name == b"echo" {
+                Message::Stdout(data)
+            } else {
+                Message::Stderr(data)
+            };
+            link.send(req, &msg);
+            ExitStatus::Code(0)
+        }
+        b"spin" => {
+            let deadline = Deadline::after_ms(if timeout_ms == 0 {
+                FOREVER_MS
+            } else {
+                timeout_ms
+            });
+            while !deadline.passed() {
+                link.v.poll();
+            }
+            ExitStatus::TimedOut
+        }
+        b"die" => {
+            serial::line().str("testguest: agent dies mid-exec\n");
+            io::exit(DIE_CODE);
+        }
+        b"garbage" => {
+            let junk = *b"this is not an agent frame, at all";
+            if let Err(e) = link.v.send(link.c, &junk, Deadline::after_ms(FOREVER_MS)) {
+                fail_err("send", e);
+            }
+            // The host should give up on the connection; wait for it to end the VM.
+            loop {
+                link.v.poll();
+            }
+        }
+        _ => {
+            let (key, value) = match name.iter().position(|&b| b == b'=') {
+                Some(at) => (&name[..at], parse_num(&name[at + 1..])),
+                None => (name, None),
+            };
+            match (key, value) {
+                (b"exit", Some(code)) if code < 256 => ExitStatus::Code(code as i32),
+                (b"signal", Some(sig)) if (1..65).contains(&sig) => ExitStatus::Signal(sig as i32),
+                (b"flood", Some(bytes)) => {
+                    flood(link, req, bytes);
+                    ExitStatus::Code(0)
+                }
+                _ => {
+                    not_found(link, req, name);
+                    ExitStatus::Code(127)
+                }
+            }
+        }
+    };
+    link.send(req, &Message::Exit(status));
+}
+
+/// `flood=BYTES`: `a..z` with a newline every 64th byte.
+fn flood(link: &mut Link, req: u32, bytes: u64) {
+    let mut chunk = [0u8; OUT_CHUNK];
+    let mut sent: u64 = 0;
+    while sent < bytes {
+        let n = (bytes - sent).min(OUT_CHUNK as u64) as usize;
+        for (j, b) in chunk[..n].iter_mut().enumerate() {
+            let i = sent + j as u64;
+            *b = if i % 64 == 63 {
+                b'\n'
+            } else {
+                b'a' + (i % 26) as u8
+            };
+        }
+        link.send(req, &Message::Stdout(&chunk[..n]));
+        sent += n as u64;
+    }
+}
+
+/// What a shell says for a program it cannot find.
+fn not_found(link: &mut Link, req: u32, name: &[u8]) {
+    const PREFIX: &[u8] = b"testguest: ";
+    const SUFFIX: &[u8] = b": command not found\n";
+    let mut line = [0u8; 256];
+    let take = name.len().min(line.len() - PREFIX.len() - SUFFIX.len());
+    let mut n = 0;
+    for part in [PREFIX, &name[..take], SUFFIX] {
+        line[n..n + part.len()].copy_from_slice(part);
+        n += part.len();
+    }
+    link.send(req, &Message::Stderr(&line[..n]));
+}

@@ -1,0 +1,354 @@
+//! `skiff exec` end to end with the test guest's `agent` scenario, which speaks the agent
+//! protocol over vsock and runs named scenarios instead of programs: exit codes, signals,
+//! streaming, timeouts, agent death, garbage, a guest that never starts the agent, bad input,
+//! and virtiofsd missing or dying. Every run gets a TMPDIR of its own, checked empty afterwards
+//! (no temporary file left), and no process may be left that mentions it (no orphaned
+//! virtiofsd).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use skiff_tests::{require_kvm, skiff_bin, testguest, virtiofsd_bin, Finished, Skiff};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// A private TMPDIR for one `skiff exec`.
+struct Run {
+    tmp: tempfile::TempDir,
+}
+
+impl Run {
+    fn new() -> Self {
+        require_kvm();
+        Run {
+            tmp: tempfile::Builder::new()
+                .prefix("sx")
+                .tempdir_in("/tmp")
+                .expect("temp dir"),
+        }
+    }
+
+    fn command(&self, extra: &[&str], cmd: &[&str]) -> Command {
+        let mut c = Command::new(skiff_bin());
+        c.env("TMPDIR", self.tmp.path())
+            .arg("exec")
+            .arg("--kernel")
+            .arg(testguest())
+            .args(extra)
+            .arg("--")
+            .args(cmd);
+        c
+    }
+
+    /// Runs `skiff exec` with the guest's `agent` scenario.
+    fn exec(&self, extra: &[&str], cmd: &[&str]) -> Finished {
+        let mut args = vec!["--cmdline", "agent"];
+        args.extend_from_slice(extra);
+        self.finish(Skiff::spawn_command(&mut self.command(&args, cmd)))
+    }
+
+    fn finish(&self, skiff: Skiff) -> Finished {
+        let done = skiff.wait(LIMIT);
+        self.assert_clean();
+        done
+    }
+
+    /// Nothing left in TMPDIR, and no process mentions it.
+    fn assert_clean(&self) {
+        let left: Vec<_> = std::fs::read_dir(self.tmp.path())
+            .expect("read TMPDIR")
+            .map(|e| e.expect("entry").path())
+            .collect();
+        assert!(left.is_empty(), "skiff exec left {left:?}");
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let procs = processes_mentioning(self.tmp.path());
+            if procs.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "processes left behind: {procs:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Live processes whose command line mentions `path`.
+fn processes_mentioning(path: &Path) -> Vec<(u32, String)> {
+    let needle = path.to_string_lossy().into_owned();
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let zombie = std::fs::read_to_string(entry.path().join("stat"))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true);
+        if cmdline.contains(&needle) && !zombie {
+            out.push((pid, cmdline));
+        }
+    }
+    out
+}
+
+#[test]
+fn exit_codes_and_signals_come_back() {
+    let run = Run::new();
+    let r = run.exec(&[], &["echo", "hello", "world"]);
+    r.assert_code(0);
+    assert_eq!(r.stdout, "hello world\n");
+    assert_eq!(r.stderr, "", "a clean run prints nothing of its own");
+    run.exec(&[], &["exit=42"]).assert_code(42);
+    run.exec(&[], &["false"]).assert_code(1);
+    // 128 + N for a signal, as a shell reports it.
+    run.exec(&[], &["signal=9"]).assert_code(137);
+    let r = run.exec(&[], &["warn", "to", "stderr"]);
+    r.assert_code(0);
+    assert_eq!(r.stderr, "to stderr\n");
+    assert_eq!(r.stdout, "");
+}
+
+#[test]
+fn a_missing_command_exits_127() {
+    let run = Run::new();
+    run.exec(&[], &["no-such-command"])
+        .assert_code(127)
+        .assert_stderr_has("no-such-command: command not found");
+}
+
+#[test]
+fn output_streams_in_full() {
+    let run = Run::new();
+    let bytes = 3_000_000;
+    let r = run.exec(&[], &[&format!("flood={bytes}")]);
+    r.assert_code(0);
+    assert_eq!(r.stdout.len(), bytes);
+    for (i, b) in r.stdout.bytes().enumerate().step_by(997) {
+        let want = if i % 64 == 63 {
+            b'\n'
+        } else {
+            b'a' + (i % 26) as u8
+        };
+        assert_eq!(b, want, "byte {i}");
+    }
+}
+
+#[test]
+fn a_command_timeout_exits_124() {
+    let run = Run::new();
+    let start = Instant::now();
+    let r = run.exec(&["--timeout", "0.5"], &["spin"]);
+    r.assert_code(124).assert_stderr_has("--timeout expired");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn an_agent_that_dies_mid_command_is_lost() {
+    let run = Run::new();
+    run.exec(&[], &["die"])
+        .assert_code(203)
+        .assert_stderr_has("skiff: the agent was lost")
+        // The serial console's last lines come with it.
+        .assert_stderr_has("testguest: agent dies mid-exec");
+}
+
+#[test]
+fn garbage_from_the_guest_is_its_own_code() {
+    let run = Run::new();
+    run.exec(&[], &["garbage"])
+        .assert_code(204)
+        .assert_stderr_has("broke the agent protocol: bad frame magic");
+}
+
+#[test]
+fn a_guest_that_never_starts_the_agent() {
+    let run = Run::new();
+    // The guest ends before any agent connects.
+    let mut cmd = run.command(&["--cmdline", "exit=3"], &["true"]);
+    run.finish(Skiff::spawn_command(&mut cmd))
+        .assert_code(201)
+        .assert_stderr_has("the guest never came up: it ended before its agent connected")
+        .assert_stderr_has("testguest: exit 3");
+    // The guest runs but never connects: the boot timeout ends it.
+    let start = Instant::now();
+    let mut cmd = run.command(&["--cmdline", "spin", "--boot-timeout", "1"], &["true"]);
+    run.finish(Skiff::spawn_command(&mut cmd))
+        .assert_code(201)
+        .assert_stderr_has("no agent connected within 1 s")
+        .assert_stderr_has("testguest: spinning");
+    assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn bad_input_gets_one_line_and_its_code() {
+    let run = Run::new();
+    let mut cmd = Command::new(skiff_bin());
+    cmd.env("TMPDIR", run.tmp.path())
+        .args(["exec", "--kernel", "/no/such/kernel", "--", "true"]);
+    let r = run.finish(Skiff::spawn_command(&mut cmd));
+    r.assert_code(200)
+        .assert_stderr_has("skiff: kernel /no/such/kernel: not a readable file");
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+
+    let r = run.exec(&["--initrd", "/no/such/initrd"], &["true"]);
+    r.assert_code(200).assert_stderr_has("/no/such/initrd");
+    let r = run.exec(&["--share", "/no/such/dir:/mnt"], &["true"]);
+    r.assert_code(200)
+        .assert_stderr_has("--share /no/such/dir: not a directory");
+    let r = run.exec(&["--share", "/tmp:relative"], &["true"]);
+    r.assert_code(2);
+    // No command at all.
+    let mut cmd = Command::new(skiff_bin());
+    cmd.args(["exec", "--kernel", "/x"]);
+    let r = run.finish(Skiff::spawn_command(&mut cmd));
+    r.assert_code(2);
+}
+
+#[test]
+fn a_missing_or_failing_virtiofsd_is_its_own_code() {
+    let run = Run::new();
+    let share = tempfile::tempdir().expect("share dir");
+    let share_arg = format!("{}:/mnt/share", share.path().display());
+
+    let mut cmd = run.command(&["--cmdline", "agent", "--share", &share_arg], &["true"]);
+    cmd.env("SKIFF_VIRTIOFSD", "/no/such/virtiofsd");
+    run.finish(Skiff::spawn_command(&mut cmd))
+        .assert_code(205)
+        .assert_stderr_has("virtiofsd not found");
+
+    // A "virtiofsd" that exits at once.
+    let fake = share.path().join("fake-virtiofsd");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho fake virtiofsd gives up >&2\nexit 3\n",
+    )
+    .expect("script");
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let mut cmd = run.command(&["--cmdline", "agent", "--share", &share_arg], &["true"]);
+    cmd.env("SKIFF_VIRTIOFSD", &fake);
+    run.finish(Skiff::spawn_command(&mut cmd))
+        .assert_code(205)
+        .assert_stderr_has("exited (exit status: 3): fake virtiofsd gives up");
+}
+
+#[test]
+fn a_virtiofsd_that_dies_mid_command_ends_the_run() {
+    let run = Run::new();
+    let share = tempfile::tempdir().expect("share dir");
+    let share_arg = format!("{}:/mnt/share", share.path().display());
+    let log_dir = tempfile::tempdir().expect("log dir");
+    let log = log_dir.path().join("serial.log");
+    let log_arg = log.to_string_lossy().into_owned();
+    let mut cmd = run.command(
+        &[
+            "--cmdline",
+            "agent",
+            "--share",
+            &share_arg,
+            "--serial-log",
+            &log_arg,
+        ],
+        &["spin"],
+    );
+    cmd.env("SKIFF_VIRTIOFSD", virtiofsd_bin());
+    let skiff = Skiff::spawn_command(&mut cmd);
+    let deadline = Instant::now() + LIMIT;
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("testguest: agent exec spin")
+    {
+        assert!(Instant::now() < deadline, "the exec never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let daemons: Vec<u32> = processes_mentioning(run.tmp.path())
+        .into_iter()
+        .filter(|(pid, _)| *pid != skiff.pid())
+        .map(|(pid, _)| pid)
+        .collect();
+    assert!(!daemons.is_empty(), "no virtiofsd found");
+    for pid in daemons {
+        // SAFETY: kill has no memory effects.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    run.finish(skiff)
+        .assert_code(205)
+        .assert_stderr_has("virtiofsd for");
+}
+
+/// Runs `skiff ctl exec` against the VM behind `vsock`.
+fn ctl_exec(vsock: &Path, extra: &[&str], cmd: &[&str]) -> Finished {
+    let mut c = Command::new(skiff_bin());
+    c.args(["ctl", "exec", "--vsock"])
+        .arg(vsock)
+        .args(extra)
+        .arg("--")
+        .args(cmd);
+    Skiff::spawn_command(&mut c).wait(LIMIT)
+}
+
+#[test]
+fn ctl_exec_runs_commands_in_a_long_running_agent_vm() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("dir");
+    let vsock = dir.path().join("v");
+    let log = dir.path().join("serial.log");
+    let mut vm = Command::new(skiff_bin());
+    vm.args(["run", "--agent", "--kernel"])
+        .arg(testguest())
+        .args(["--cmdline", "agent-listen", "--serial"])
+        .arg(format!("file={}", log.display()))
+        .arg("--vsock")
+        .arg(format!("cid=3,socket={}", vsock.display()));
+    let vm = Skiff::spawn_command(&mut vm);
+    let deadline = Instant::now() + LIMIT;
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("testguest: agent listening")
+    {
+        assert!(Instant::now() < deadline, "the guest never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The agent's initramfs and its parameters came after the user's command line.
+    assert!(std::fs::read_to_string(&log)
+        .expect("log")
+        .contains("agent-listen rdinit=/skiff-agent skiff.agent=vsock:1024"));
+
+    let r = ctl_exec(&vsock, &[], &["echo", "one"]);
+    r.assert_code(0);
+    assert_eq!(r.stdout, "one\n");
+    ctl_exec(&vsock, &[], &["exit=5"]).assert_code(5);
+    ctl_exec(&vsock, &["--timeout", "0.3"], &["spin"]).assert_code(124);
+    ctl_exec(&vsock, &[], &["missing"]).assert_code(127);
+    let r = ctl_exec(&vsock, &[], &["flood=200000"]);
+    r.assert_code(0);
+    assert_eq!(r.stdout.len(), 200_000);
+    // Nothing listens behind a socket that is not a VM's.
+    ctl_exec(&dir.path().join("nope"), &[], &["true"])
+        .assert_code(200)
+        .assert_stderr_has("cannot connect to");
+    drop(vm);
+
+    // --agent without --vsock is a usage error.
+    let mut bad = Command::new(skiff_bin());
+    bad.args(["run", "--agent", "--kernel"]).arg(testguest());
+    Skiff::spawn_command(&mut bad)
+        .wait(LIMIT)
+        .assert_code(2)
+        .assert_stderr_has("--agent needs --vsock");
+}

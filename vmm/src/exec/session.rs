@@ -1,0 +1,411 @@
+//! The `skiff exec` session, on its own thread while the VM runs on the main one: wait for the
+//! agent, greet it, run the command, then stop the VM. Its result is a `SessionEnd`, which
+//! `report` turns into skiff's exit code and one line.
+//!
+//! While waiting it watches the VM (ended early: the guest never came up), the virtiofsd
+//! processes (one died: its own code) and, on a PVM host, the serial console: once the kernel
+//! has printed `Run /skiff-agent as init process` and the agent still has not connected after `PVM_GRACE`, the host's
+//! KVM cannot run Linux user space and waiting longer would only hang.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use agent_protocol::ExitStatus;
+use devices::vm_exit::{GuestEnd, VmExitSignal};
+
+use super::client::{wait_for_agent, AgentClient, CommandEnd, CommandSpec, Interrupt};
+use super::virtiofsd::Virtiofsd;
+use crate::exit_code;
+
+/// How long after `Run /init` a PVM host is declared unable to run the agent.
+const PVM_GRACE: Duration = Duration::from_secs(10);
+/// How long past the command's own timeout skiff waits for the agent to report it.
+const TIMEOUT_GRACE: Duration = Duration::from_secs(5);
+/// What Linux prints when it starts init (`Run /skiff-agent as init process`).
+const INIT_MARKER: &[u8] = b" as init process";
+/// How often the serial console is scanned for `Run /init`.
+const SERIAL_SCAN: Duration = Duration::from_millis(500);
+
+/// Everything the session needs; moved to its thread.
+#[derive(Debug)]
+pub struct Session {
+    pub listener: UnixListener,
+    pub exit: VmExitSignal,
+    pub boot_timeout: Duration,
+    pub serial_log: PathBuf,
+    pub spec: CommandSpec,
+    pub daemons: Vec<Virtiofsd>,
+}
+
+/// How the session ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// The command ran and ended so.
+    Command(ExitStatus),
+    /// The command's timeout passed and the agent never reported it.
+    HostTimeout,
+    /// The agent could not set the command up.
+    NotStarted(String),
+    /// No agent connected: within the boot timeout, or before the VM ended.
+    NoAgent { waited: Duration, vm_ended: bool },
+    /// `skiff ctl exec`: nothing listens on the agent's port.
+    NoListener(String),
+    /// The kernel reached `Run /init` on a PVM host and no agent came.
+    PvmHost,
+    /// The agent went away mid-run.
+    Lost(String),
+    /// The guest sent something that is not the protocol.
+    Garbage(String),
+    /// A virtiofsd died.
+    Virtiofsd(String),
+    /// The VM ended because skiff was told to stop.
+    Stopped,
+    /// skiff itself failed.
+    Internal(String),
+}
+
+/// Watches the serial log for the kernel starting init.
+struct SerialWatch {
+    path: PathBuf,
+    offset: u64,
+    carry: Vec<u8>,
+    last_scan: Instant,
+    init_seen: Option<Instant>,
+}
+
+impl SerialWatch {
+    fn new(path: &Path) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            offset: 0,
+            carry: Vec::new(),
+            last_scan: Instant::now(),
+            init_seen: None,
+        }
+    }
+
+    /// Reads what the console printed since the last scan (at most every `SERIAL_SCAN`);
+    /// returns when `Run /init` was seen.
+    fn init_seen(&mut self) -> Option<Instant> {
+        if self.init_seen.is_some() || self.last_scan.elapsed() < SERIAL_SCAN {
+            return self.init_seen;
+        }
+        self.scan()
+    }
+
+    /// Reads what the console printed since the last scan, now.
+    fn scan(&mut self) -> Option<Instant> {
+        if self.init_seen.is_some() {
+            return self.init_seen;
+        }
+        self.last_scan = Instant::now();
+        let Ok(mut f) = std::fs::File::open(&self.path) else {
+            return None;
+        };
+        if f.seek(SeekFrom::Start(self.offset)).is_err() {
+            return None;
+        }
+        let mut new = Vec::new();
+        if f.read_to_end(&mut new).is_err() {
+            return None;
+        }
+        self.offset += new.len() as u64;
+        self.carry.extend_from_slice(&new);
+        if self
+            .carry
+            .windows(INIT_MARKER.len())
+            .any(|w| w == INIT_MARKER)
+        {
+            self.init_seen = Some(Instant::now());
+        }
+        // Keep only a tail, enough to find the marker split across reads.
+        let keep = self.carry.len().saturating_sub(INIT_MARKER.len());
+        self.carry.drain(..keep);
+        self.init_seen
+    }
+}
+
+impl Session {
+    /// Runs the session and hands back its end and the virtiofsd processes (stopped by the
+    /// caller after the VM).
+    pub fn run(mut self) -> (SessionEnd, Vec<Virtiofsd>) {
+        let end = self.run_inner();
+        // The answer is in: stop the VM now rather than wait for the guest to power off.
+        self.exit.request(GuestEnd::Stopped);
+        (end, self.daemons)
+    }
+
+    /// The first virtiofsd that died, if any.
+    fn dead_daemon(daemons: &mut [Virtiofsd]) -> Option<String> {
+        daemons
+            .iter_mut()
+            .find_map(|d| d.exited().map(|e| crate::error_chain(&e)))
+    }
+
+    fn run_inner(&mut self) -> SessionEnd {
+        let pvm = Path::new("/sys/module/kvm_pvm").exists();
+        let started = Instant::now();
+        let mut serial = SerialWatch::new(&self.serial_log);
+        let mut dead: Option<String> = None;
+        let mut pvm_stuck = false;
+        let exit = self.exit.clone();
+        let daemons = &mut self.daemons;
+        let stream = {
+            let stop = || {
+                if let Some(d) = Self::dead_daemon(daemons) {
+                    dead = Some(d);
+                    return true;
+                }
+                if pvm {
+                    if let Some(at) = serial.init_seen() {
+                        if at.elapsed() > PVM_GRACE {
+                            pvm_stuck = true;
+                            return true;
+                        }
+                    }
+                }
+                exit.is_requested()
+            };
+            match wait_for_agent(&self.listener, started + self.boot_timeout, stop) {
+                Ok(Some(s)) => s,
+                Ok(None) => {
+                    return if let Some(d) = dead {
+                        SessionEnd::Virtiofsd(d)
+                    } else if pvm_stuck || (pvm && serial.scan().is_some()) {
+                        // Stuck after starting init, or init died (the kernel panicked).
+                        SessionEnd::PvmHost
+                    } else if self.stopped_by_host() {
+                        SessionEnd::Stopped
+                    } else {
+                        SessionEnd::NoAgent {
+                            waited: started.elapsed(),
+                            vm_ended: exit.is_requested(),
+                        }
+                    };
+                }
+                Err(e) => return SessionEnd::Internal(format!("waiting for the agent: {e}")),
+            }
+        };
+        log::info!("agent connected after {:?}", started.elapsed());
+        let mut client = match AgentClient::new(stream) {
+            Ok(c) => c,
+            Err(e) => return SessionEnd::Internal(format!("agent connection: {e}")),
+        };
+        let mut dead: Option<String> = None;
+        let mut host_timeout = false;
+        let command_deadline = self
+            .spec
+            .timeout
+            .map(|t| Instant::now() + t + TIMEOUT_GRACE);
+        let end = {
+            let daemons = &mut self.daemons;
+            let mut stop = || {
+                if let Some(d) = Self::dead_daemon(daemons) {
+                    dead = Some(d);
+                    return true;
+                }
+                if command_deadline.is_some_and(|d| Instant::now() > d) {
+                    host_timeout = true;
+                    return true;
+                }
+                exit.is_requested()
+            };
+            match client.hello(&mut stop) {
+                Err(i) => CommandEnd::Interrupted(i),
+                Ok(agent) => {
+                    log::info!("{agent} is ready after {:?}", started.elapsed());
+                    client.run(
+                        &self.spec,
+                        &mut std::io::stdout().lock(),
+                        &mut std::io::stderr().lock(),
+                        &mut stop,
+                    )
+                }
+            }
+        };
+        match end {
+            CommandEnd::Exit(status) => SessionEnd::Command(status),
+            CommandEnd::NotStarted(m) => SessionEnd::NotStarted(m),
+            CommandEnd::Interrupted(i) => self.interrupted(i, dead, host_timeout),
+        }
+    }
+
+    fn stopped_by_host(&self) -> bool {
+        matches!(self.exit.reason(), Some(GuestEnd::HostSignal(_)))
+    }
+
+    fn interrupted(&self, i: Interrupt, dead: Option<String>, host_timeout: bool) -> SessionEnd {
+        if let Some(d) = dead {
+            return SessionEnd::Virtiofsd(d);
+        }
+        if host_timeout {
+            return SessionEnd::HostTimeout;
+        }
+        match i {
+            Interrupt::Stopped if self.stopped_by_host() => SessionEnd::Stopped,
+            Interrupt::Stopped => SessionEnd::Lost("the VM ended while the command ran".into()),
+            Interrupt::Lost(m) => SessionEnd::Lost(m),
+            Interrupt::Garbage(m) => SessionEnd::Garbage(m),
+        }
+    }
+}
+
+/// The exit code and verdict line `skiff run` would give for `end` (no line for the guest's own
+/// end).
+fn guest_verdict(end: GuestEnd) -> (u8, Option<String>) {
+    let status = exit_code::ExitStatus::from_end(end, None, 0, None);
+    (status.code, status.detail)
+}
+
+impl SessionEnd {
+    /// The exit code, and the line for stderr (none when the command's own status is the
+    /// whole story). `guest` is how the VM ended, when it ran.
+    pub fn report(&self, guest: Option<GuestEnd>) -> (u8, Option<String>) {
+        let how = |g: Option<GuestEnd>| match g {
+            None | Some(GuestEnd::Stopped) => String::new(),
+            Some(g) => {
+                let (_, line) = guest_verdict(g);
+                line.map(|l| format!(" ({l})"))
+                    .unwrap_or_else(|| format!(" (the guest ended: {g:?})"))
+            }
+        };
+        match self {
+            SessionEnd::Command(ExitStatus::Code(c)) => (u8::try_from(*c & 0xff).unwrap_or(1), None),
+            SessionEnd::Command(ExitStatus::Signal(n)) => {
+                let code = 128u8.saturating_add(u8::try_from(*n).unwrap_or(127));
+                (code, None)
+            }
+            SessionEnd::Command(ExitStatus::TimedOut) | SessionEnd::HostTimeout => (
+                exit_code::TIMEOUT,
+                Some(format!(
+                    "the command's --timeout expired; it was killed (exit code {})",
+                    exit_code::TIMEOUT
+                )),
+            ),
+            SessionEnd::NotStarted(m) => (
+                exit_code::EXEC_NOT_STARTED,
+                Some(format!(
+                    "the agent could not start the command: {m} (exit code {})",
+                    exit_code::EXEC_NOT_STARTED
+                )),
+            ),
+            SessionEnd::NoAgent { waited, vm_ended } => (
+                exit_code::EXEC_NO_AGENT,
+                Some(if *vm_ended {
+                    format!(
+                        "the guest never came up: it ended before its agent connected{} (exit code {})",
+                        how(guest),
+                        exit_code::EXEC_NO_AGENT
+                    )
+                } else {
+                    format!(
+                        "the guest never came up: no agent connected within {:.0} s (exit code {})",
+                        waited.as_secs_f64(),
+                        exit_code::EXEC_NO_AGENT
+                    )
+                }),
+            ),
+            SessionEnd::NoListener(m) => (
+                exit_code::EXEC_NO_AGENT,
+                Some(format!("{m} (exit code {})", exit_code::EXEC_NO_AGENT)),
+            ),
+            SessionEnd::PvmHost => (
+                exit_code::EXEC_PVM_HOST,
+                Some(format!(
+                    "this host's KVM (PVM, /sys/module/kvm_pvm) cannot run Linux user space: the kernel ran the agent as init but it never connected (exit code {})",
+                    exit_code::EXEC_PVM_HOST
+                )),
+            ),
+            SessionEnd::Lost(m) => (
+                exit_code::EXEC_AGENT_LOST,
+                Some(format!(
+                    "the agent was lost: {m}{} (exit code {})",
+                    how(guest),
+                    exit_code::EXEC_AGENT_LOST
+                )),
+            ),
+            SessionEnd::Garbage(m) => (
+                exit_code::EXEC_GARBAGE,
+                Some(format!(
+                    "the guest broke the agent protocol: {m} (exit code {})",
+                    exit_code::EXEC_GARBAGE
+                )),
+            ),
+            SessionEnd::Virtiofsd(m) => (
+                exit_code::EXEC_VIRTIOFSD,
+                Some(format!("{m} (exit code {})", exit_code::EXEC_VIRTIOFSD)),
+            ),
+            SessionEnd::Stopped => match guest {
+                Some(g @ GuestEnd::HostSignal(_)) => guest_verdict(g),
+                _ => (exit_code::EXEC_AGENT_LOST, Some("stopped".into())),
+            },
+            SessionEnd::Internal(m) => (
+                exit_code::EXEC_SETUP,
+                Some(format!("{m} (exit code {})", exit_code::EXEC_SETUP)),
+            ),
+        }
+    }
+
+    /// Whether the guest's console explains this end (the run failed in or around the guest).
+    pub fn wants_serial_tail(&self) -> bool {
+        matches!(
+            self,
+            SessionEnd::NoAgent { .. }
+                | SessionEnd::PvmHost
+                | SessionEnd::Lost(_)
+                | SessionEnd::Garbage(_)
+                | SessionEnd::HostTimeout
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_end_has_its_own_code() {
+        let ends = [
+            SessionEnd::HostTimeout,
+            SessionEnd::NotStarted("x".into()),
+            SessionEnd::NoAgent {
+                waited: Duration::from_secs(1),
+                vm_ended: false,
+            },
+            SessionEnd::PvmHost,
+            SessionEnd::Lost("x".into()),
+            SessionEnd::Garbage("x".into()),
+            SessionEnd::Virtiofsd("x".into()),
+            SessionEnd::Internal("x".into()),
+        ];
+        let codes: Vec<u8> = ends.iter().map(|e| e.report(None).0).collect();
+        let mut unique = codes.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), codes.len(), "{codes:?}");
+        for e in &ends {
+            let (code, line) = e.report(None);
+            assert!(line.expect("a line").contains(&format!("exit code {code}")));
+        }
+        assert_eq!(
+            SessionEnd::Command(ExitStatus::Code(3)).report(None),
+            (3, None)
+        );
+        assert_eq!(
+            SessionEnd::Command(ExitStatus::Signal(9)).report(None).0,
+            137
+        );
+        assert_eq!(
+            SessionEnd::Command(ExitStatus::TimedOut).report(None).0,
+            124
+        );
+        assert_eq!(
+            SessionEnd::Stopped
+                .report(Some(GuestEnd::HostSignal(libc::SIGINT)))
+                .0,
+            130
+        );
+    }
+}

@@ -1,0 +1,164 @@
+//! One VM of a test run: a `skiff run` or `skiff restore` child in a process group of its own
+//! (so a timeout kills skiff and anything it started, virtiofsd included), its stdout and stderr
+//! in the case's artifact directory, killed when dropped; and the agent connection through the
+//! VM's vsock socket (`CONNECT 1024`), retried until the agent listens or the VM ends.
+
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::exec::client::{AgentClient, Interrupt};
+
+/// How long the guest may first take to answer `CONNECT` and then `Hello` before the
+/// connection is made again; doubled on each retry up to `MAX_ANSWER`.
+const FIRST_ANSWER: Duration = Duration::from_millis(5);
+/// The longest wait for one connection's answers.
+const MAX_ANSWER: Duration = Duration::from_secs(2);
+/// Pause between connection attempts while the guest boots.
+const CONNECT_RETRY: Duration = Duration::from_millis(2);
+
+/// A running skiff child.
+#[derive(Debug)]
+pub struct VmProcess {
+    child: Child,
+    status: Option<ExitStatus>,
+}
+
+/// skiff's exit code for a status (128+N for signal N, as a shell says).
+pub fn exit_code(status: ExitStatus) -> i32 {
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(-1)
+}
+
+impl VmProcess {
+    /// Starts `skiff ARGS` with stdout and stderr to `DIR/skiff-stdout.log` and
+    /// `DIR/skiff-stderr.log`.
+    pub fn spawn(skiff: &Path, args: &[OsString], dir: &Path) -> std::io::Result<Self> {
+        std::fs::write(
+            dir.join("skiff-command.txt"),
+            format!(
+                "{} {}\n",
+                skiff.display(),
+                args.iter()
+                    .map(|a| a.to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
+        )?;
+        let stdout = std::fs::File::create(dir.join("skiff-stdout.log"))?;
+        let stderr = std::fs::File::create(dir.join("skiff-stderr.log"))?;
+        let child = Command::new(skiff)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .process_group(0)
+            .spawn()?;
+        Ok(Self {
+            child,
+            status: None,
+        })
+    }
+
+    /// The exit status, once it has ended.
+    pub fn ended(&mut self) -> Option<ExitStatus> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().ok().flatten();
+        }
+        self.status
+    }
+
+    /// Waits until it ends or `deadline`; `None` on the deadline.
+    pub fn wait_until(&mut self, deadline: Instant) -> Option<ExitStatus> {
+        loop {
+            if let Some(s) = self.ended() {
+                return Some(s);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Kills its whole process group and reaps it.
+    pub fn kill(&mut self) {
+        if self.ended().is_some() {
+            return;
+        }
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // SAFETY: killpg only sends a signal; the group is the child's own (process_group(0)
+            // made its pid the group id) and the child is not reaped yet, so the id is not reused.
+            unsafe { libc::killpg(pid, libc::SIGKILL) };
+        }
+        self.status = self.child.wait().ok();
+    }
+}
+
+impl Drop for VmProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Connects to the agent behind the vsock socket `socket` and greets it, until `deadline`,
+/// giving up early when `vm` ends. A connection that is not answered in time is dropped and
+/// made again, with more patience each time: right after a restore, a connection the guest accepted before it
+/// saw the device's transport reset is dead on its side. The error says why, for the verdict.
+pub fn connect_agent(
+    socket: &Path,
+    deadline: Instant,
+    vm: &mut VmProcess,
+) -> Result<AgentClient, String> {
+    let port = agent_protocol::AGENT_PORT;
+    let mut answer = FIRST_ANSWER;
+    loop {
+        if let Some(status) = vm.ended() {
+            return Err(format!(
+                "the VM ended (skiff exit {}) before its agent answered",
+                exit_code(status)
+            ));
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "no agent answered on vsock port {port} within the boot timeout"
+            ));
+        }
+        if let Ok(stream) = UnixStream::connect(socket) {
+            if let Ok(true) = handshake(&stream, port, answer) {
+                let mut client =
+                    AgentClient::new(stream).map_err(|e| format!("agent connection: {e}"))?;
+                let asked = Instant::now();
+                match client.hello(|| asked.elapsed() >= answer) {
+                    Ok(_) => return Ok(client),
+                    Err(Interrupt::Garbage(m)) => return Err(format!("agent hello: {m}")),
+                    Err(_) => {}
+                }
+            }
+            answer = (answer * 2).min(MAX_ANSWER);
+        }
+        std::thread::sleep(CONNECT_RETRY);
+    }
+}
+
+/// `CONNECT port`, then one `OK <hostport>` line; false when the guest refused or is silent.
+fn handshake(mut stream: &UnixStream, port: u32, answer: Duration) -> std::io::Result<bool> {
+    stream.set_read_timeout(Some(answer))?;
+    stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() < 32 {
+        match stream.read(&mut byte)? {
+            1 if byte[0] == b'\n' => return Ok(line.starts_with(b"OK ")),
+            1 => line.push(byte[0]),
+            _ => return Ok(false),
+        }
+    }
+    Ok(false)
+}
