@@ -7,8 +7,6 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use super::requirements::Atom;
-
 /// The environment variable that adds capabilities.
 pub const EXTRA_CAPABILITIES_ENV: &str = "SKIFF_TEST_CAPABILITIES";
 
@@ -71,13 +69,19 @@ impl HostCapabilities {
         }
     }
 
-    /// Whether the host has `atom`.
-    pub fn has(&self, atom: &Atom) -> bool {
-        match atom {
-            Atom::Cap(name) => self.names.contains(name),
-            Atom::CpusAtLeast(n) => self.cpus >= *n,
-            Atom::MemAtLeast(n) => self.mem_bytes >= *n,
-        }
+    /// Whether the host has the capability called `name`.
+    pub fn has_cap(&self, name: &str) -> bool {
+        self.names.contains(name)
+    }
+
+    /// The host's CPU count.
+    pub fn cpus(&self) -> u64 {
+        self.cpus
+    }
+
+    /// The host's memory in bytes.
+    pub fn mem_bytes(&self) -> u64 {
+        self.mem_bytes
     }
 
     /// The named capabilities, sorted.
@@ -167,11 +171,11 @@ mod tests {
     #[test]
     fn the_probe_is_consistent() {
         let host = HostCapabilities::probe();
-        let has = |n: &str| host.has(&Atom::Cap(n.into()));
+        let has = |n: &str| host.has_cap(n);
         assert!(has("vsock"));
         assert!(!(has("hardware-kvm") && has("emulated-kvm")));
         assert_eq!(has("linux-userspace"), has("hardware-kvm"));
-        assert!(host.has(&Atom::CpusAtLeast(1)));
-        assert!(host.has(&Atom::MemAtLeast(1 << 20)));
+        assert!(host.cpus() >= 1);
+        assert!(host.mem_bytes() >= 1 << 20);
     }
 }

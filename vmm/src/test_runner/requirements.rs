@@ -31,6 +31,17 @@ pub enum Atom {
     MemAtLeast(u64),
 }
 
+impl Atom {
+    /// Whether `host` has this.
+    pub fn holds(&self, host: &HostCapabilities) -> bool {
+        match self {
+            Atom::Cap(name) => host.has_cap(name),
+            Atom::CpusAtLeast(n) => host.cpus() >= *n,
+            Atom::MemAtLeast(n) => host.mem_bytes() >= *n,
+        }
+    }
+}
+
 /// A parsed requirement.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Requirement {
@@ -187,7 +198,7 @@ impl Requirement {
     fn holds(&self, host: &HostCapabilities, decisive: &mut Vec<String>) -> bool {
         match self {
             Self::Atom(a) => {
-                let ok = host.has(a);
+                let ok = a.holds(host);
                 decisive.push(if ok {
                     format!("{a}")
                 } else {
