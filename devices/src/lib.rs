@@ -16,6 +16,8 @@
 //! `cfg(unix)`.
 
 pub mod bus;
+#[cfg(unix)]
+pub mod file_type;
 pub mod guest_warnings;
 pub mod interrupt;
 pub mod irqchip;

@@ -59,25 +59,7 @@ pub enum HostFileError {
 }
 
 /// The file type of `t` in words, for error messages.
-pub fn describe(t: &std::fs::FileType) -> &'static str {
-    if t.is_file() {
-        "a regular file"
-    } else if t.is_dir() {
-        "a directory"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_socket() {
-        "a socket"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_symlink() {
-        "a symbolic link"
-    } else {
-        "an unknown file type"
-    }
-}
+pub use devices::file_type::describe;
 
 /// Opens `path` for reading; it must be a regular file.
 pub fn open_regular(what: &'static str, path: &Path) -> Result<File, HostFileError> {

@@ -232,18 +232,10 @@ fn open_error(path: &Path, e: io::Error) -> DiskError {
 }
 
 fn not_a_disk(path: PathBuf, t: &std::fs::FileType) -> DiskError {
-    let kind = if t.is_dir() {
-        "a directory"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_socket() {
-        "a socket"
-    } else if t.is_char_device() {
-        "a character device"
-    } else {
-        "an unknown file type"
-    };
-    DiskError::NotFileOrBlockDevice { path, kind }
+    DiskError::NotFileOrBlockDevice {
+        path,
+        kind: crate::file_type::describe(t),
+    }
 }
 
 fn is_disk_type(t: &std::fs::FileType) -> bool {
