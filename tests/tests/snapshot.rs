@@ -12,10 +12,9 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use skiff_tests::{require_kvm, skiff_bin, Skiff};
+use skiff_tests::{require_kvm, Skiff};
 
 mod snapshot_support;
 use snapshot_support::*;
@@ -207,21 +206,7 @@ fn snapshot_into_an_existing_directory_is_refused_and_the_vm_runs_on() {
 fn a_full_filesystem_fails_the_snapshot_cleanly() {
     require_kvm();
     let root = tempfile::tempdir().unwrap();
-    let full = root.path().join("full");
-    std::fs::create_dir(&full).unwrap();
-    let sock = root.path().join("api.sock");
-    // skiff runs in its own mount namespace with an 8 MiB tmpfs at `full`: the guest's 16 MiB
-    // buffer cannot fit.
-    let script = format!(
-        "mount -t tmpfs -o size=8m skiff-test {} && exec \"$0\" run --kernel {} --cmdline counter={LINES} --api-socket {}",
-        full.display(),
-        guest(),
-        sock.display()
-    );
-    let mut cmd = Command::new("unshare");
-    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script])
-        .arg(skiff_bin());
-    let mut vm = Skiff::spawn_command(&mut cmd);
+    let (mut vm, full, sock) = start_counter_over_full_tmpfs(root.path());
     vm.wait_for_line("testguest: counter 2 ", T);
     let snap = full.join("snap");
     let (code, _, err) = ctl(&sock, &["snapshot", snap.to_str().unwrap()]);

@@ -8,10 +8,9 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use skiff_tests::{require_kvm, run_skiff, skiff_bin, Finished, Skiff};
+use skiff_tests::{require_kvm, run_skiff, Finished, Skiff};
 
 mod snapshot_support;
 use snapshot_support::*;
@@ -304,21 +303,7 @@ fn sigkill_at_random_moments_of_full_and_live_snapshots_tears_nothing() {
 fn a_full_filesystem_during_a_live_snapshot_is_one_line_and_the_vm_runs_on() {
     require_kvm();
     let root = tempfile::tempdir().unwrap();
-    let full = root.path().join("full");
-    std::fs::create_dir(&full).unwrap();
-    let sock = root.path().join("api.sock");
-    // skiff runs in its own mount namespace with an 8 MiB tmpfs at `full`: the counter guest's
-    // 16 MiB buffer cannot fit, and the live copy runs out of space while the guest runs.
-    let script = format!(
-        "mount -t tmpfs -o size=8m skiff-test {} && exec \"$0\" run --kernel {} --cmdline counter={LINES} --api-socket {}",
-        full.display(),
-        guest(),
-        sock.display()
-    );
-    let mut cmd = Command::new("unshare");
-    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script])
-        .arg(skiff_bin());
-    let mut vm = Skiff::spawn_command(&mut cmd);
+    let (mut vm, full, sock) = start_counter_over_full_tmpfs(root.path());
     vm.wait_for_line("testguest: counter 2 ", T);
     let snap = full.join("snap");
     let (code, _, err) = ctl(&sock, &["snapshot", snap.to_str().unwrap(), "--live"]);

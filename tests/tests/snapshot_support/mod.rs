@@ -47,6 +47,25 @@ pub fn start_counter(dir: &Path, extra: &[&str]) -> (Skiff, PathBuf) {
 /// Runs `skiff ctl --api-socket SOCK ARGS...`: (exit code, stdout, stderr).
 /// A 1 GiB guest whose memory is fully written (memcheck), idling with the control API on
 /// `dir/api.sock`: snapshotting it copies 1 GiB, long enough to overlap a second request.
+/// Starts the `counter` guest (API socket `DIR/api.sock`) in a mount namespace of its own with
+/// an 8 MiB tmpfs at `DIR/full`: the guest's 16 MiB buffer cannot fit there, so a snapshot into
+/// it runs out of space. Returns the VM, the tmpfs directory and the socket.
+pub fn start_counter_over_full_tmpfs(dir: &Path) -> (Skiff, PathBuf, PathBuf) {
+    let full = dir.join("full");
+    std::fs::create_dir(&full).unwrap();
+    let sock = dir.join("api.sock");
+    let script = format!(
+        "mount -t tmpfs -o size=8m skiff-test {} && exec \"$0\" run --kernel {} --cmdline counter={LINES} --api-socket {}",
+        full.display(),
+        guest(),
+        sock.display()
+    );
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .arg(skiff_tests::skiff_bin());
+    (Skiff::spawn_command(&mut cmd), full, sock)
+}
+
 pub fn start_touched_1gib(dir: &Path) -> (Skiff, PathBuf) {
     require_kvm();
     let sock = dir.join("api.sock");
