@@ -6,8 +6,8 @@
 //! to the same buses as KVM exits. Unlike KVM, WHP does not finish an exit by itself: plain
 //! `in`/`out` and CPUID are completed from the decoded context (`Completion`: RAX and the other
 //! registers, and RIP past the instruction). String and `rep` port I/O and MMIO need the
-//! instruction emulator (`WHvEmulatorTry*Emulation`), which is not wired yet; they come out
-//! as `Unhandled`.
+//! instruction emulator (`WHvEmulatorTry*Emulation`); the WHP vCPU (`vcpu`) sends those to the
+//! emulator before they reach this decoder, so here they come out as `Unhandled`.
 //!
 //! Platform-neutral; unit-tested on Linux against a fake exit source.
 
@@ -58,6 +58,12 @@ pub enum RawExit {
     Halt,
     /// `WHvRunVpExitReasonX64InterruptWindow`: the guest can take an interrupt now.
     InterruptWindow,
+    /// `WHvRunVpExitReasonX64ApicEoi`: the guest ended a level-triggered interrupt with this
+    /// vector; the vCPU forwards it to the IOAPIC.
+    ApicEoi {
+        /// The vector.
+        vector: u8,
+    },
     /// `WHvRunVpExitReasonCanceled`: `WHvCancelRunVirtualProcessor` (pause or stop).
     Canceled,
     /// `WHvRunVpExitReasonUnrecoverableException`: the guest triple-faulted.
@@ -207,7 +213,9 @@ impl ExitDecoder {
                 "MMIO at {gpa:#x} (needs the WHP instruction emulator)"
             )),
             RawExit::Halt => VcpuExit::Halt,
-            RawExit::InterruptWindow | RawExit::Canceled => VcpuExit::Interrupted,
+            RawExit::InterruptWindow | RawExit::Canceled | RawExit::ApicEoi { .. } => {
+                VcpuExit::Interrupted
+            }
             RawExit::UnrecoverableException => VcpuExit::Shutdown,
             RawExit::InvalidRegisterValue => VcpuExit::InternalError,
             RawExit::Other(reason) => VcpuExit::Unhandled(format!("WHP exit reason {reason:#x}")),

@@ -15,15 +15,21 @@
 //! trait impl) is listed in docs/windows.md.
 
 pub mod cpuid;
+pub mod emulation;
+#[cfg(windows)]
+pub mod emulator;
 pub mod exit;
 #[cfg(windows)]
 pub mod exit_context;
+pub mod halt;
 pub mod interrupt;
 #[cfg(windows)]
 pub mod library;
 #[cfg(windows)]
 pub mod partition;
 pub mod registers;
+#[cfg(windows)]
+pub mod vcpu;
 
 #[cfg(windows)]
 pub use library::{WhpLibrary, WhpLoadError};

@@ -119,6 +119,10 @@ fn other_exits_map_to_the_seams_exits() {
         VcpuExit::Interrupted
     ));
     assert!(matches!(
+        d.decode(RawExit::ApicEoi { vector: 0x30 }, &p),
+        VcpuExit::Interrupted
+    ));
+    assert!(matches!(
         d.decode(RawExit::UnrecoverableException, &p),
         VcpuExit::Shutdown
     ));
