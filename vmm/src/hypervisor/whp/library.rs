@@ -249,6 +249,13 @@ pub struct WhpLibrary {
     _emulation: Library,
 }
 
+// SAFETY: module handles are process-wide and the function pointers are plain code addresses;
+// nothing in the library is mutated after `load`, and the WHP functions may be called from any
+// thread.
+unsafe impl Send for WhpLibrary {}
+// SAFETY: as above.
+unsafe impl Sync for WhpLibrary {}
+
 impl WhpLibrary {
     /// Loads both DLLs, resolves every entry point and checks that the hypervisor runs.
     pub fn load() -> Result<Self, WhpLoadError> {

@@ -22,14 +22,20 @@ pub mod exit;
 #[cfg(windows)]
 pub mod exit_context;
 pub mod halt;
+pub mod host_cpuid;
 pub mod interrupt;
 #[cfg(windows)]
 pub mod library;
+pub mod msi_routes;
 #[cfg(windows)]
 pub mod partition;
 pub mod registers;
 #[cfg(windows)]
 pub mod vcpu;
+#[cfg(windows)]
+pub mod vm;
 
 #[cfg(windows)]
 pub use library::{WhpLibrary, WhpLoadError};
+#[cfg(windows)]
+pub use vm::{WhpHypervisor, WhpPlatform, WhpVm};
