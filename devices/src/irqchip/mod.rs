@@ -8,15 +8,16 @@
 //! - `ioapic`: the IOAPIC's registers, redirection table and pin state.
 //! - `pin`: an IOAPIC input as the `InterruptLine` devices raise.
 //! - `pic`: the cascaded 8259A pair and its ELCR.
-//!
-//! The 8254 PIT is not here yet (docs/windows.md).
+//! - `pit`: the 8254 interval timer and the speaker port's gate and output bits.
 
 pub mod ioapic;
 pub mod pic;
 pub mod pin;
+pub mod pit;
 pub mod request;
 
 pub use ioapic::{Ioapic, IoapicState, IOAPIC_PINS};
 pub use pic::{Pic, PicChip, PicPorts};
 pub use pin::IoapicPin;
+pub use pit::{HostClock, Pit, PitClock, PitPorts};
 pub use request::{DeliveryMode, InterruptRequest, InterruptSink};
