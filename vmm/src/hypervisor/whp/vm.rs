@@ -8,9 +8,9 @@
 //! up from that plan; the builder's later `set_cpuid` calls confirm the same tables.
 //!
 //! `WhpVm` maps memory as GPA ranges (unmapped on drop) and records them in a `MappedRam` for the
-//! instruction emulator. Its platform devices are the user-space IOAPIC and PIC
-//! (`WhpPlatform`), delivering through `WHvRequestInterrupt` and waking halted vCPUs; MSI routes
-//! live in `MsiRoutes`. The buses the vCPUs' emulators reach are attached with `attach_buses`
+//! instruction emulator. Its platform devices are the user-space IOAPIC, PIC and PIT
+//! (`WhpPlatform`, and the PIT's timer thread), delivering through `WHvRequestInterrupt` and
+//! waking halted vCPUs; EOIs WHP reports go back to the IOAPIC; MSI routes live in `MsiRoutes`. The buses the vCPUs' emulators reach are attached with `attach_buses`
 //! before the first `create_vcpu`. Dirty-page tracking and snapshots are `NotSupported` here.
 //!
 //! Windows only; compiled and clippy-checked here but never run (wine has no hypervisor).
@@ -18,8 +18,11 @@
 use std::sync::{Arc, Mutex, PoisonError};
 
 use arch::regs::CpuidEntry;
-use devices::bus::Bus;
-use devices::irqchip::{InterruptRequest, InterruptSink, Ioapic, Pic};
+use devices::bus::{Bus, BusError};
+use devices::irqchip::{
+    HostClock, InterruptRequest, InterruptSink, Ioapic, IsaIrq, Pic, PicPorts, Pit, PitClock,
+    PitPorts, PitTimer,
+};
 use windows::Win32::System::Hypervisor::{
     WHvMapGpaRangeFlagExecute, WHvMapGpaRangeFlagRead, WHvMapGpaRangeFlagWrite,
     WHV_MAP_GPA_RANGE_FLAGS,
@@ -91,6 +94,7 @@ impl Hypervisor for WhpHypervisor {
             mapped: Mutex::new(Vec::new()),
             routes: Arc::new(MsiRoutes::default()),
             platform: Mutex::new(None),
+            pit_timer: Mutex::new(None),
             buses: Mutex::new(None),
         }))
     }
@@ -134,14 +138,48 @@ impl InterruptSink for WhpInterrupts {
     }
 }
 
-/// The user-space interrupt controllers of a WHP VM, for the builder to put on the buses
-/// (IOAPIC at `arch::layout::IOAPIC_START`, PIC ports through `PicPorts`).
+/// The IOAPIC's MMIO window, as KVM's in-kernel one has it.
+pub const IOAPIC_MMIO_LEN: u64 = 0x100;
+/// The PIC's port ranges (master, slave, ELCR), two ports each.
+const PIC_PORTS: [u16; 3] = [0x20, 0xa0, 0x4d0];
+
+/// The user-space interrupt controllers and timer of a WHP VM.
 #[derive(Debug, Clone)]
 pub struct WhpPlatform {
     /// The IOAPIC, delivering through `WhpInterrupts`.
     pub ioapic: Arc<Mutex<Ioapic>>,
     /// The 8259A pair.
     pub pic: Arc<Mutex<Pic>>,
+    /// The 8254, on ISA IRQ 0 (PIC input 0 and the IOAPIC pin the MADT names).
+    pub pit: Arc<Mutex<Pit>>,
+}
+
+impl WhpPlatform {
+    /// Puts the IOAPIC at `arch::layout::IOAPIC_START` on `mmio`, and the PIC (0x20, 0xa0,
+    /// 0x4d0) and the PIT's counters (0x40-0x43) on `pio`. The PIT's speaker port (0x61,
+    /// `PitPorts::new(pit, SPEAKER_PORT)`) is left to the caller: skiff's i8042 covers 0x61.
+    pub fn attach(&self, pio: &Bus, mmio: &Bus) -> std::result::Result<(), BusError> {
+        mmio.insert(
+            self.ioapic.clone(),
+            arch::layout::IOAPIC_START,
+            IOAPIC_MMIO_LEN,
+        )?;
+        for base in PIC_PORTS {
+            pio.insert(
+                Arc::new(Mutex::new(PicPorts::new(self.pic.clone(), base))),
+                u64::from(base),
+                2,
+            )?;
+        }
+        pio.insert(
+            Arc::new(Mutex::new(PitPorts::new(
+                self.pit.clone(),
+                devices::irqchip::pit::PIT_PORT,
+            ))),
+            u64::from(devices::irqchip::pit::PIT_PORT),
+            4,
+        )
+    }
 }
 
 /// One WHP partition behind the `Vm` trait.
@@ -153,6 +191,7 @@ pub struct WhpVm {
     mapped: Mutex<Vec<(u64, u64)>>,
     routes: Arc<MsiRoutes>,
     platform: Mutex<Option<WhpPlatform>>,
+    pit_timer: Mutex<Option<PitTimer>>,
     buses: Mutex<Option<(Arc<Bus>, Arc<Bus>)>>,
 }
 
@@ -238,12 +277,29 @@ impl Vm for WhpVm {
         Ok(())
     }
 
+    /// The IOAPIC, the PIC and the PIT with its timer thread (`WhpPlatform`); they reach the
+    /// buses through `WhpPlatform::attach`.
     fn create_platform_devices(&self) -> Result<()> {
         let sink: Arc<dyn InterruptSink> = self.interrupts.clone();
-        *self.platform.lock().unwrap_or_else(PoisonError::into_inner) = Some(WhpPlatform {
-            ioapic: Arc::new(Mutex::new(Ioapic::new(sink))),
-            pic: Arc::new(Mutex::new(Pic::new())),
-        });
+        let ioapic = Arc::new(Mutex::new(Ioapic::new(sink)));
+        let pic = Arc::new(Mutex::new(Pic::new()));
+        let pit_gsi = usize::try_from(arch::acpi::PIT_GSI).unwrap_or(0);
+        let irq0 = IsaIrq::new(
+            pic.clone(),
+            ioapic.clone(),
+            arch::acpi::PIT_ISA_IRQ,
+            pit_gsi,
+        );
+        let clock: Arc<dyn PitClock> = Arc::new(HostClock::default());
+        let pit = Arc::new(Mutex::new(Pit::new(clock.clone(), Arc::new(irq0))));
+        let timer = PitTimer::start(pit.clone(), clock)
+            .map_err(|e| HypervisorError::op("starting the PIT timer thread", e))?;
+        *self
+            .pit_timer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(timer);
+        *self.platform.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some(WhpPlatform { ioapic, pic, pit });
         Ok(())
     }
 
@@ -335,5 +391,61 @@ impl VmSnapshot for WhpVm {
 
     fn restore_clock(&self, _state: &VmState) -> Result<()> {
         Err(HypervisorError::NotSupported("snapshots of WHP VMs"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use devices::interrupt::InterruptLine;
+
+    #[derive(Debug, Default)]
+    struct Requests(Mutex<Vec<InterruptRequest>>);
+
+    impl InterruptSink for Requests {
+        fn deliver(&self, request: InterruptRequest) -> std::io::Result<()> {
+            self.0.lock().unwrap().push(request);
+            Ok(())
+        }
+    }
+
+    /// The controllers as `create_platform_devices` wires them, without a partition.
+    #[test]
+    fn the_platform_on_the_buses_routes_the_pits_irq0_through_the_ioapic() {
+        let sink = Arc::new(Requests::default());
+        let ioapic = Arc::new(Mutex::new(Ioapic::new(sink.clone())));
+        let pic = Arc::new(Mutex::new(Pic::new()));
+        let gsi = usize::try_from(arch::acpi::PIT_GSI).unwrap();
+        let irq0 = Arc::new(IsaIrq::new(pic.clone(), ioapic.clone(), 0, gsi));
+        let pit = Arc::new(Mutex::new(Pit::new(
+            Arc::new(HostClock::default()),
+            irq0.clone(),
+        )));
+        let platform = WhpPlatform { ioapic, pic, pit };
+        let (pio, mmio) = (Bus::new(), Bus::new());
+        platform.attach(&pio, &mmio).unwrap();
+        // The guest routes the PIT's pin to vector 0x30 through the IOAPIC's MMIO window.
+        let base = arch::layout::IOAPIC_START;
+        mmio.write(base, &(0x10 + 2 * arch::acpi::PIT_GSI).to_le_bytes());
+        mmio.write(base + 0x10, &0x30u32.to_le_bytes());
+        // ... and programs channel 0 through the ports: the timer is armed.
+        pio.write(0x43, &[0x34]);
+        pio.write(0x40, &[0x9c]);
+        pio.write(0x40, &[0x2e]);
+        assert!(platform.pit.lock().unwrap().next_deadline().is_some());
+        irq0.trigger().unwrap();
+        let got = sink.0.lock().unwrap().clone();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].vector, 0x30);
+        // The PIC answers on its ports, and the ranges are taken.
+        let mut imr = [0u8];
+        pio.read(0x21, &mut imr);
+        assert_eq!(imr, [0]);
+        assert!(pio.check_free(0xa0, 2).is_err());
+        assert!(pio.check_free(0x4d0, 2).is_err());
+        assert!(
+            pio.check_free(0x61, 1).is_ok(),
+            "0x61 is left to the caller"
+        );
     }
 }
