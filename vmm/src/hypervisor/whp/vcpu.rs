@@ -5,7 +5,8 @@
 //! instruction emulator, whose callbacks reach the same buses the shared run loop uses; plain
 //! `in`/`out`, CPUID, cancels and the rest leave as the seam's `VcpuExit`s for that loop. A `hlt`
 //! with interrupts enabled waits on the vCPU's `HaltWake` (see `halt`); an EOI for a
-//! level-triggered vector goes to the EOI handler (the IOAPIC). `VcpuCanceller` stops a run from
+//! level-triggered vector goes to the EOI handler (the IOAPIC). Before each run the boot vCPU
+//! takes the PIC's interrupt or asks for an interrupt window (`ext_int`). `VcpuCanceller` stops a run from
 //! another thread (`WHvCancelRunVirtualProcessor`) for pause and stop.
 //!
 //! Registers go through the neutral `arch::regs` types (`registers`). Snapshots of WHP vCPUs are
@@ -15,15 +16,17 @@
 //! register value conversions are tested under wine.
 
 use std::ffi::c_void;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use arch::regs::{CpuidEntry, MsrEntry, SpecialRegisters, StandardRegisters};
 use devices::bus::Bus;
+use devices::irqchip::Pic;
 use windows::Win32::System::Hypervisor::{
-    WHvX64RegisterFpControlStatus, WHvX64RegisterXmmControlStatus, WHV_REGISTER_NAME,
-    WHV_REGISTER_VALUE, WHV_RUN_VP_EXIT_CONTEXT, WHV_TRANSLATE_GVA_FLAGS, WHV_TRANSLATE_GVA_RESULT,
-    WHV_TRANSLATE_GVA_RESULT_CODE, WHV_X64_SEGMENT_REGISTER, WHV_X64_SEGMENT_REGISTER_0,
-    WHV_X64_TABLE_REGISTER,
+    WHvRegisterInterruptState, WHvRegisterPendingInterruption,
+    WHvX64RegisterDeliverabilityNotifications, WHvX64RegisterFpControlStatus, WHvX64RegisterRflags,
+    WHvX64RegisterXmmControlStatus, WHV_REGISTER_NAME, WHV_REGISTER_VALUE, WHV_RUN_VP_EXIT_CONTEXT,
+    WHV_TRANSLATE_GVA_FLAGS, WHV_TRANSLATE_GVA_RESULT, WHV_TRANSLATE_GVA_RESULT_CODE,
+    WHV_X64_SEGMENT_REGISTER, WHV_X64_SEGMENT_REGISTER_0, WHV_X64_TABLE_REGISTER,
 };
 
 use super::cpuid::CpuidPlan;
@@ -31,6 +34,9 @@ use super::emulation::{check_status, EmulatedAccess, GuestRam};
 use super::emulator::{CallbackContext, Emulator, VpAccess};
 use super::exit::{Completion, ExitDecoder, RawExit};
 use super::exit_context::raw_exit;
+use super::ext_int::{
+    ext_int_action, pending_external_interrupt, ExtIntAction, INTERRUPT_WINDOW_NOTIFICATION,
+};
 use super::halt::{wakeable, HaltWake, HALT_RECHECK};
 use super::partition::Partition;
 use super::registers::{self, WhpRegister, WhpSegment, WhpValue};
@@ -60,6 +66,8 @@ pub struct VcpuIo {
     pub ram: Arc<dyn GuestRam>,
     /// Called with the vector of each EOI WHP reports (the IOAPIC's `end_of_interrupt`).
     pub eoi: Option<Arc<dyn Fn(u8) + Send + Sync>>,
+    /// The PIC whose interrupts this vCPU takes (the boot vCPU only).
+    pub pic: Option<Arc<Mutex<Pic>>>,
 }
 
 impl std::fmt::Debug for VcpuIo {
@@ -334,6 +342,55 @@ impl WhpVcpu {
         self.set(&list)
     }
 
+    /// Hands the PIC's interrupt to the guest when it can take one, or asks for an
+    /// interrupt-window exit (see `ext_int`).
+    fn inject_pic_interrupt(&self) -> Result<()> {
+        let Some(pic) = &self.io.pic else {
+            return Ok(());
+        };
+        if !pic
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .has_interrupt()
+        {
+            return Ok(());
+        }
+        let names = [
+            WHvX64RegisterRflags,
+            WHvRegisterInterruptState,
+            WHvRegisterPendingInterruption,
+        ];
+        let mut values = [WHV_REGISTER_VALUE::default(); 3];
+        self.vp()
+            .get_registers(&names, &mut values)
+            .map_err(|e| HypervisorError::op("WHvGetVirtualProcessorRegisters", e))?;
+        // SAFETY: the three registers are read as their raw 64-bit images.
+        let [rflags, state, pending] = values.map(|v| unsafe { v.Reg64 });
+        // The PIC may have withdrawn its request meanwhile; `acknowledge` then gives the
+        // spurious vector, as the hardware does.
+        match ext_int_action(true, rflags, state, pending) {
+            ExtIntAction::Inject => {
+                let vector = pic
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .acknowledge();
+                self.set_raw(
+                    &[WHvRegisterPendingInterruption],
+                    &[WHV_REGISTER_VALUE {
+                        Reg64: pending_external_interrupt(vector),
+                    }],
+                )
+            }
+            ExtIntAction::RequestWindow => self.set_raw(
+                &[WHvX64RegisterDeliverabilityNotifications],
+                &[WHV_REGISTER_VALUE {
+                    Reg64: INTERRUPT_WINDOW_NOTIFICATION,
+                }],
+            ),
+            ExtIntAction::Nothing => Ok(()),
+        }
+    }
+
     /// Runs the emulator on the current exit (port I/O when `io`, MMIO otherwise). `None`
     /// when it finished the instruction, else why not.
     fn emulate(&mut self, io: bool) -> Result<Option<String>> {
@@ -384,6 +441,7 @@ impl Vcpu for WhpVcpu {
             if let Some(completion) = self.decoder.take_completion() {
                 self.write_completion(completion)?;
             }
+            self.inject_pic_interrupt()?;
             // SAFETY: `exit` is a WHV_RUN_VP_EXIT_CONTEXT of the size passed, written during
             // the call; the partition and processor are live.
             unsafe {
@@ -409,6 +467,13 @@ impl Vcpu for WhpVcpu {
                         self.last_failure = format!("MMIO at {gpa:#x}: {why}");
                         return Ok(VcpuExit::InternalError);
                     }
+                }
+                RawExit::InterruptWindow => {
+                    // The window is open: stop asking, and inject at the top of the loop.
+                    self.set_raw(
+                        &[WHvX64RegisterDeliverabilityNotifications],
+                        &[WHV_REGISTER_VALUE { Reg64: 0 }],
+                    )?;
                 }
                 RawExit::ApicEoi { vector } => {
                     if let Some(eoi) = &self.io.eoi {

@@ -347,11 +347,14 @@ impl Vm for WhpVm {
                     .end_of_interrupt(vector);
             }) as Arc<dyn Fn(u8) + Send + Sync>
         });
+        // The PIC's output reaches the boot vCPU's LINT0 only.
+        let pic = self.platform().filter(|_| index == 0).map(|p| p.pic);
         let io = VcpuIo {
             pio,
             mmio,
             ram: self.ram.clone(),
             eoi,
+            pic,
         };
         let vcpu = WhpVcpu::create(
             self.interrupts.partition.clone(),
