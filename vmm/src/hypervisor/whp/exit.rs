@@ -74,6 +74,40 @@ pub enum RawExit {
     Other(i32),
 }
 
+/// What the WHP vCPU does with an exit before anything reaches the shared run loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuStep {
+    /// Run the instruction emulator on a string or `rep` port access, then run again.
+    EmulateIo,
+    /// Run the instruction emulator on an MMIO access at this address, then run again.
+    EmulateMmio(u64),
+    /// The interrupt window opened: clear the request, inject, run again.
+    InterruptWindow,
+    /// Hand the EOI for this vector to the IOAPIC, then run again.
+    Eoi(u8),
+    /// The vCPU halted: wait for an interrupt if it can take one.
+    Halt,
+    /// WHP refused the register state: an internal error.
+    InvalidState,
+    /// Everything else: decode it into a `VcpuExit` for the run loop (`ExitDecoder`).
+    Decode,
+}
+
+impl VcpuStep {
+    /// The step for `raw`.
+    pub fn of(raw: &RawExit) -> Self {
+        match *raw {
+            RawExit::PortAccess { string, rep, .. } if string || rep => Self::EmulateIo,
+            RawExit::MemoryAccess { gpa } => Self::EmulateMmio(gpa),
+            RawExit::InterruptWindow => Self::InterruptWindow,
+            RawExit::ApicEoi { vector } => Self::Eoi(vector),
+            RawExit::Halt => Self::Halt,
+            RawExit::InvalidRegisterValue => Self::InvalidState,
+            _ => Self::Decode,
+        }
+    }
+}
+
 /// Registers to write before the next run, to finish the last exit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Completion {

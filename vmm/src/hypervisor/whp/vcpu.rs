@@ -32,7 +32,7 @@ use windows::Win32::System::Hypervisor::{
 use super::cpuid::CpuidPlan;
 use super::emulation::{check_status, EmulatedAccess, GuestRam};
 use super::emulator::{CallbackContext, Emulator, VpAccess};
-use super::exit::{Completion, ExitDecoder, RawExit};
+use super::exit::{Completion, ExitDecoder, VcpuStep};
 use super::exit_context::raw_exit;
 use super::ext_int::{
     ext_int_action, pending_external_interrupt, ExtIntAction, INTERRUPT_WINDOW_NOTIFICATION,
@@ -455,32 +455,32 @@ impl Vcpu for WhpVcpu {
             .ok()
             .map_err(|e| HypervisorError::op("WHvRunVirtualProcessor", e))?;
             let raw = raw_exit(&self.exit);
-            match raw {
-                RawExit::PortAccess { string, rep, .. } if string || rep => {
+            match VcpuStep::of(&raw) {
+                VcpuStep::EmulateIo => {
                     if let Some(why) = self.emulate(true)? {
                         self.last_failure = format!("string port I/O: {why}");
                         return Ok(VcpuExit::InternalError);
                     }
                 }
-                RawExit::MemoryAccess { gpa } => {
+                VcpuStep::EmulateMmio(gpa) => {
                     if let Some(why) = self.emulate(false)? {
                         self.last_failure = format!("MMIO at {gpa:#x}: {why}");
                         return Ok(VcpuExit::InternalError);
                     }
                 }
-                RawExit::InterruptWindow => {
+                VcpuStep::InterruptWindow => {
                     // The window is open: stop asking, and inject at the top of the loop.
                     self.set_raw(
                         &[WHvX64RegisterDeliverabilityNotifications],
                         &[WHV_REGISTER_VALUE { Reg64: 0 }],
                     )?;
                 }
-                RawExit::ApicEoi { vector } => {
+                VcpuStep::Eoi(vector) => {
                     if let Some(eoi) = &self.io.eoi {
                         eoi(vector);
                     }
                 }
-                RawExit::Halt => {
+                VcpuStep::Halt => {
                     // SAFETY: RFLAGS is 64 bits wide.
                     let rflags = unsafe { self.get(&[WhpRegister::Rflags])?[0].Reg64 };
                     if !wakeable(rflags) {
@@ -490,11 +490,11 @@ impl Vcpu for WhpVcpu {
                     // Back to the run loop, which looks at pause and stop requests.
                     return Ok(VcpuExit::Interrupted);
                 }
-                RawExit::InvalidRegisterValue => {
+                VcpuStep::InvalidState => {
                     self.last_failure = "WHP refused the vCPU's register state".into();
                     return Ok(VcpuExit::InternalError);
                 }
-                _ => return Ok(self.decoder.decode(raw, &self.cpuid)),
+                VcpuStep::Decode => return Ok(self.decoder.decode(raw, &self.cpuid)),
             }
         }
     }
