@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use arch::regs::CpuidEntry;
 use devices::bus::{Bus, BusError};
+use devices::interrupt::InterruptLine;
 use devices::irqchip::{
     HostClock, InterruptRequest, InterruptSink, Ioapic, IsaIrq, Pic, PicPorts, Pit, PitClock,
     PitPorts, PitTimer,
@@ -34,7 +35,7 @@ use super::host_cpuid::host_cpuid;
 use super::library::{WhpLibrary, WhpLoadError};
 use super::msi_routes::MsiRoutes;
 use super::partition::{Partition, PartitionError};
-use super::vcpu::{VcpuIo, WhpVcpu};
+use super::vcpu::{VcpuCanceller, VcpuIo, WhpVcpu};
 use crate::hypervisor::state::VmState;
 use crate::hypervisor::{
     DirtyLog, Hypervisor, HypervisorError, MsiRoute, MsiRouting, Result, Vcpu, Vm, VmSnapshot,
@@ -96,6 +97,7 @@ impl Hypervisor for WhpHypervisor {
             platform: Mutex::new(None),
             pit_timer: Mutex::new(None),
             buses: Mutex::new(None),
+            boot_kick: Arc::new(Mutex::new(None)),
         }))
     }
 
@@ -135,6 +137,38 @@ impl InterruptSink for WhpInterrupts {
             wake.notify();
         }
         result
+    }
+}
+
+/// An ISA line that also kicks the boot vCPU out of its run when the PIC, after the pulse, asks
+/// for an interrupt, so that `WhpVcpu` injects it at once rather than at its next exit.
+#[derive(Debug)]
+struct KickingIsaIrq {
+    line: IsaIrq,
+    pic: Arc<Mutex<Pic>>,
+    boot_kick: Arc<Mutex<Option<VcpuCanceller>>>,
+}
+
+impl InterruptLine for KickingIsaIrq {
+    fn trigger(&self) -> std::io::Result<()> {
+        self.line.trigger()?;
+        if !self
+            .pic
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .has_interrupt()
+        {
+            return Ok(());
+        }
+        let kick = self
+            .boot_kick
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        match kick {
+            Some(kick) => kick.cancel().map_err(std::io::Error::other),
+            None => Ok(()),
+        }
     }
 }
 
@@ -193,9 +227,32 @@ pub struct WhpVm {
     platform: Mutex<Option<WhpPlatform>>,
     pit_timer: Mutex<Option<PitTimer>>,
     buses: Mutex<Option<(Arc<Bus>, Arc<Bus>)>>,
+    boot_kick: Arc<Mutex<Option<VcpuCanceller>>>,
 }
 
 impl WhpVm {
+    fn kicking_line(
+        &self,
+        pic: &Arc<Mutex<Pic>>,
+        ioapic: &Arc<Mutex<Ioapic>>,
+        irq: u8,
+        gsi: usize,
+    ) -> Arc<dyn InterruptLine> {
+        Arc::new(KickingIsaIrq {
+            line: IsaIrq::new(pic.clone(), ioapic.clone(), irq, gsi),
+            pic: pic.clone(),
+            boot_kick: self.boot_kick.clone(),
+        })
+    }
+
+    /// ISA interrupt `irq` (0..16) as a device's `InterruptLine`: PIC input `irq` and IOAPIC
+    /// pin `irq`, kicking the boot vCPU when the PIC then asks for an interrupt. `None` before
+    /// `create_platform_devices` or for an `irq` past 15.
+    pub fn isa_irq(&self, irq: u8) -> Option<Arc<dyn InterruptLine>> {
+        let platform = self.platform().filter(|_| irq < 16)?;
+        Some(self.kicking_line(&platform.pic, &platform.ioapic, irq, usize::from(irq)))
+    }
+
     fn partition(&self) -> &Partition {
         &self.interrupts.partition
     }
@@ -284,14 +341,9 @@ impl Vm for WhpVm {
         let ioapic = Arc::new(Mutex::new(Ioapic::new(sink)));
         let pic = Arc::new(Mutex::new(Pic::new()));
         let pit_gsi = usize::try_from(arch::acpi::PIT_GSI).unwrap_or(0);
-        let irq0 = IsaIrq::new(
-            pic.clone(),
-            ioapic.clone(),
-            arch::acpi::PIT_ISA_IRQ,
-            pit_gsi,
-        );
+        let irq0 = self.kicking_line(&pic, &ioapic, arch::acpi::PIT_ISA_IRQ, pit_gsi);
         let clock: Arc<dyn PitClock> = Arc::new(HostClock::default());
-        let pit = Arc::new(Mutex::new(Pit::new(clock.clone(), Arc::new(irq0))));
+        let pit = Arc::new(Mutex::new(Pit::new(clock.clone(), irq0)));
         let timer = PitTimer::start(pit.clone(), clock)
             .map_err(|e| HypervisorError::op("starting the PIT timer thread", e))?;
         *self
@@ -363,6 +415,12 @@ impl Vm for WhpVm {
             io,
             wake,
         )?;
+        if index == 0 {
+            *self
+                .boot_kick
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(vcpu.canceller());
+        }
         Ok(Box::new(vcpu))
     }
 
@@ -400,7 +458,6 @@ impl VmSnapshot for WhpVm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use devices::interrupt::InterruptLine;
 
     #[derive(Debug, Default)]
     struct Requests(Mutex<Vec<InterruptRequest>>);
