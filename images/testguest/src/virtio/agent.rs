@@ -11,15 +11,22 @@
 //! - `spin`: never ends by itself; reports `TimedOut` once the exec's timeout passes.
 //! - `die`: the guest ends (debug exit 7) in the middle of the exec.
 //! - `garbage`: bytes that are not a frame.
+//! - `put PATH WORDS...`: WORDS joined by spaces and a newline become the file PATH
+//!   (`agent_files.rs`: a few small files in RAM, kept across connections and snapshots).
+//! - `cat PATH`: the file PATH on stdout, or `cat: PATH: no such file` and exit 1.
 //! - anything else: `NAME: command not found` on stderr and exit 127, as the real agent does.
 //!
-//! `Shutdown` powers the VM off; `Quiesce` and `Resume` answer `Done` (there is nothing to stop).
-use agent_protocol::{ByteList, ErrorCode, ExitStatus, Header, Message, AGENT_PORT, HEADER_LEN};
+//! `ReadFile` and `WriteFile` (replace, or append) use the same files. `Shutdown` powers the VM
+//! off; `Quiesce` and `Resume` answer `Done` (there is nothing to stop).
+use agent_protocol::{
+    ByteList, ErrorCode, ExitStatus, Header, Message, WriteFlags, AGENT_PORT, HEADER_LEN,
+};
 
 use crate::bootinfo::BootInfo;
 use crate::io;
 use crate::serial;
 use crate::tsc::Deadline;
+use crate::virtio::agent_files::{Files, MAX_DATA};
 use crate::virtio::vsock::{fail_err, Conn, Vsock};
 
 /// The largest request payload the test guest takes.
@@ -92,7 +99,8 @@ pub fn run(info: &BootInfo) -> ! {
         c,
         out: [0; HEADER_LEN + OUT_CHUNK],
     };
-    serve(info, &mut link);
+    let mut files = Files::new();
+    serve(info, &mut link, &mut files);
     serial::line().str("testguest: agent: the host closed the connection\n");
     io::exit(0);
 }
@@ -103,6 +111,7 @@ pub fn listen(info: &BootInfo) -> ! {
     let mut v = Vsock::open(info);
     v.listen(AGENT_PORT);
     serial::line().str("testguest: agent listening\n");
+    let mut files = Files::new();
     loop {
         let c = match v.accept(AGENT_PORT, Deadline::after_ms(FOREVER_MS)) {
             Ok(c) => c,
@@ -113,14 +122,14 @@ pub fn listen(info: &BootInfo) -> ! {
             c,
             out: [0; HEADER_LEN + OUT_CHUNK],
         };
-        serve(info, &mut link);
+        serve(info, &mut link, &mut files);
         link.v.close(link.c, Deadline::after_ms(1000));
         v = link.v;
     }
 }
 
 /// Answers requests until the host closes the connection (or sends something malformed).
-fn serve(info: &BootInfo, link: &mut Link) {
+fn serve(info: &BootInfo, link: &mut Link, files: &mut Files) {
     let mut head = [0u8; HEADER_LEN];
     let mut payload = [0u8; MAX_REQUEST];
     loop {
@@ -158,7 +167,38 @@ fn serve(info: &BootInfo, link: &mut Link) {
             ),
             Ok(Message::Exec {
                 argv, timeout_ms, ..
-            }) => exec(link, req, argv, timeout_ms),
+            }) => exec(link, req, argv, timeout_ms, files),
+            Ok(Message::ReadFile { path }) => match files.get(path) {
+                Some(data) => {
+                    let mut copy = [0u8; MAX_DATA];
+                    copy[..data.len()].copy_from_slice(data);
+                    link.send(req, &Message::FileData(&copy[..data.len()]));
+                    link.send(req, &Message::Done);
+                }
+                None => link.error(req, ErrorCode::Io, "no such file"),
+            },
+            Ok(Message::WriteFile {
+                flags, path, data, ..
+            }) => {
+                let mut joined = [0u8; MAX_DATA];
+                let mut n = 0;
+                if flags.has(WriteFlags::APPEND) {
+                    if let Some(old) = files.get(path) {
+                        joined[..old.len()].copy_from_slice(old);
+                        n = old.len();
+                    }
+                }
+                let result = if n + data.len() > MAX_DATA {
+                    Err("a file over 512 bytes")
+                } else {
+                    joined[n..n + data.len()].copy_from_slice(data);
+                    files.put(path, &joined[..n + data.len()])
+                };
+                match result {
+                    Ok(()) => link.send(req, &Message::Done),
+                    Err(why) => link.error(req, ErrorCode::Io, why),
+                }
+            }
             Ok(Message::Quiesce | Message::Resume { .. }) => link.send(req, &Message::Done),
             Ok(Message::Shutdown) => {
                 link.send(req, &Message::Done);
@@ -182,7 +222,7 @@ fn parse_num(digits: &[u8]) -> Option<u64> {
 }
 
 /// Runs one exec "program" and sends its output and end.
-fn exec(link: &mut Link, req: u32, argv: ByteList<'_>, timeout_ms: u64) {
+fn exec(link: &mut Link, req: u32, argv: ByteList<'_>, timeout_ms: u64, files: &mut Files) {
     let mut args = argv.iter();
     let name = args.next().unwrap_or(b"");
     serial::line()
@@ -195,20 +235,7 @@ fn exec(link: &mut Link, req: u32, argv: ByteList<'_>, timeout_ms: u64) {
         b"false" => ExitStatus::Code(1),
         b"echo" | b"warn" => {
             let mut line = [0u8; OUT_CHUNK];
-            let mut n = 0;
-            for (i, a) in args.enumerate() {
-                if i > 0 && n < line.len() {
-                    line[n] = b' ';
-                    n += 1;
-                }
-                let take = a.len().min(line.len() - n);
-                line[n..n + take].copy_from_slice(&a[..take]);
-                n += take;
-            }
-            if n < line.len() {
-                line[n] = b'\n';
-                n += 1;
-            }
+            let n = join_line(args, &mut line);
             let data = &line[..n];
             let msg = if name == b"echo" {
                 Message::Stdout(data)
@@ -217,6 +244,33 @@ fn exec(link: &mut Link, req: u32, argv: ByteList<'_>, timeout_ms: u64) {
             };
             link.send(req, &msg);
             ExitStatus::Code(0)
+        }
+        b"put" => {
+            let path = args.next().unwrap_or(b"");
+            let mut data = [0u8; MAX_DATA];
+            let n = join_line(args, &mut data);
+            match files.put(path, &data[..n]) {
+                Ok(()) => ExitStatus::Code(0),
+                Err(why) => {
+                    link.send(req, &Message::Stderr(why.as_bytes()));
+                    ExitStatus::Code(1)
+                }
+            }
+        }
+        b"cat" => {
+            let path = args.next().unwrap_or(b"");
+            match files.get(path) {
+                Some(data) => {
+                    let mut copy = [0u8; MAX_DATA];
+                    copy[..data.len()].copy_from_slice(data);
+                    link.send(req, &Message::Stdout(&copy[..data.len()]));
+                    ExitStatus::Code(0)
+                }
+                None => {
+                    link.send(req, &Message::Stderr(b"cat: no such file\n"));
+                    ExitStatus::Code(1)
+                }
+            }
         }
         b"spin" => {
             let deadline = Deadline::after_ms(if timeout_ms == 0 {
@@ -263,6 +317,25 @@ fn exec(link: &mut Link, req: u32, argv: ByteList<'_>, timeout_ms: u64) {
         }
     };
     link.send(req, &Message::Exit(status));
+}
+
+/// `args` joined by spaces and ended by a newline in `line` (cut at its length); the length.
+fn join_line<'a>(args: impl Iterator<Item = &'a [u8]>, line: &mut [u8]) -> usize {
+    let mut n = 0;
+    for (i, a) in args.enumerate() {
+        if i > 0 && n < line.len() {
+            line[n] = b' ';
+            n += 1;
+        }
+        let take = a.len().min(line.len() - n);
+        line[n..n + take].copy_from_slice(&a[..take]);
+        n += take;
+    }
+    if n < line.len() {
+        line[n] = b'\n';
+        n += 1;
+    }
+    n
 }
 
 /// `flood=BYTES`: `a..z` with a newline every 64th byte.
