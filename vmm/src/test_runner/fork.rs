@@ -137,11 +137,7 @@ fn prepare_base(ctx: &RunContext, vm: &VmSpec, index: usize) -> Result<ForkBase,
             .into())
         }
         None => {
-            return Err(format!(
-                "vm {:?}: skiff did not stop after its snapshot",
-                vm.name
-            )
-            .into())
+            return Err(format!("vm {:?}: skiff did not stop after its snapshot", vm.name).into())
         }
     }
     Ok(ForkBase {

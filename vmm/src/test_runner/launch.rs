@@ -168,7 +168,6 @@ pub fn run_setup(
     Ok(())
 }
 
-
 /// 32 bytes from `/dev/urandom` (none if it cannot be read: the guest keeps its pool).
 fn entropy() -> Vec<u8> {
     use std::io::Read;

@@ -25,10 +25,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use host_probe::HostCapabilities;
+use launch::RunContext;
 use partition::Partition;
 use report::Format;
 use requirements::{Atom, Requirement};
-use launch::RunContext;
 use run::{Mode, Work};
 use suite::{AgentKind, SuiteError};
 use watchdog::Watchdog;

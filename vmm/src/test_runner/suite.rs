@@ -571,7 +571,14 @@ mod tests {
         assert!(e.to_string().contains("no vm \"x\""), "{e}");
         let e = parse(&file, "watchdog = -1\n[vm.tg]\nkernel = \"k\"\n").unwrap_err();
         assert!(
-            matches!(e, SuiteError::Invalid { line: 1, column: 12, .. }),
+            matches!(
+                e,
+                SuiteError::Invalid {
+                    line: 1,
+                    column: 12,
+                    ..
+                }
+            ),
             "{e}"
         );
         let e = parse(
@@ -579,6 +586,9 @@ mod tests {
             "[vm.tg]\nkernel = \"k\"\nagent = \"testguest\"\nready = \"up\"\n",
         )
         .unwrap_err();
-        assert!(e.to_string().contains("ready is for VMs without an agent"), "{e}");
+        assert!(
+            e.to_string().contains("ready is for VMs without an agent"),
+            "{e}"
+        );
     }
 }

@@ -105,11 +105,15 @@ impl TestVm {
         args.extend(["--api-socket".into(), api.clone().into()]);
         let mut proc = start(skiff, &args, dir)?;
         let mut client = connect_agent(&socket, Instant::now() + vm.boot_timeout, &mut proc)
-            .map_err(|e| TestVmError::Boot(format!("{e}{}", serial_tail(&dir.join("serial.log")))))?;
-        let mut transcript = std::fs::File::create(dir.join("agent-transcript.log"))
-            .map_err(|source| TestVmError::Start {
-                skiff: skiff.to_path_buf(),
-                source,
+            .map_err(|e| {
+                TestVmError::Boot(format!("{e}{}", serial_tail(&dir.join("serial.log"))))
+            })?;
+        let mut transcript =
+            std::fs::File::create(dir.join("agent-transcript.log")).map_err(|source| {
+                TestVmError::Start {
+                    skiff: skiff.to_path_buf(),
+                    source,
+                }
             })?;
         run_setup(&mut client, vm, dir, &mut transcript, &mut proc).map_err(TestVmError::Setup)?;
         Ok(Self {
@@ -141,8 +145,10 @@ impl TestVm {
             api.clone().into(),
         ];
         let mut proc = start(skiff, &args, dir)?;
-        let mut client = connect_agent(&socket, Instant::now() + FORK_TIMEOUT, &mut proc)
-            .map_err(|e| TestVmError::Boot(format!("{e}{}", serial_tail(&dir.join("serial.log")))))?;
+        let mut client =
+            connect_agent(&socket, Instant::now() + FORK_TIMEOUT, &mut proc).map_err(|e| {
+                TestVmError::Boot(format!("{e}{}", serial_tail(&dir.join("serial.log"))))
+            })?;
         resume(&mut client, &mut proc).map_err(|e| TestVmError::Agent(format!("resume: {e:?}")))?;
         Ok(Self {
             skiff: skiff.to_path_buf(),
@@ -221,7 +227,9 @@ impl TestVm {
             .output()
             .map_err(|e| fail(format!("cannot run skiff ctl: {e}")))?;
         if !out.status.success() {
-            return Err(fail(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+            return Err(fail(
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ));
         }
         match self.proc.wait_until(Instant::now() + STOP_PATIENCE) {
             Some(s) if s.success() => Ok(()),
@@ -234,6 +242,11 @@ impl TestVm {
     pub fn serial(&self) -> String {
         String::from_utf8_lossy(&std::fs::read(self.dir.join("serial.log")).unwrap_or_default())
             .into_owned()
+    }
+
+    /// The skiff process's id.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
     }
 
     /// skiff's exit code once it has ended.

@@ -152,6 +152,11 @@ impl VmProcess {
         Ok(vm)
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Its process group id (its pid).
     fn group(&self) -> i32 {
         i32::try_from(self.child.id()).unwrap_or(i32::MAX)

@@ -9,6 +9,7 @@
 //! - `flood=BYTES`: BYTES of `a..z` on stdout (a newline every 64th byte).
 //! - `signal=N`: end as if killed by signal N.
 //! - `spin`: never ends by itself; reports `TimedOut` once the exec's timeout passes.
+//! - `sleep=MS`: waits MS milliseconds (serving the connection), then exits 0.
 //! - `die`: the guest ends (debug exit 7) in the middle of the exec.
 //! - `garbage`: bytes that are not a frame.
 //! - `put PATH WORDS...`: WORDS joined by spaces and a newline become the file PATH
@@ -305,6 +306,13 @@ fn exec(link: &mut Link, req: u32, argv: ByteList<'_>, timeout_ms: u64, files: &
             match (key, value) {
                 (b"exit", Some(code)) if code < 256 => ExitStatus::Code(code as i32),
                 (b"signal", Some(sig)) if (1..65).contains(&sig) => ExitStatus::Signal(sig as i32),
+                (b"sleep", Some(ms)) => {
+                    let deadline = Deadline::after_ms(ms);
+                    while !deadline.passed() {
+                        link.v.poll();
+                    }
+                    ExitStatus::Code(0)
+                }
                 (b"flood", Some(bytes)) => {
                     flood(link, req, bytes);
                     ExitStatus::Code(0)
