@@ -10,6 +10,7 @@
 //! - `signal=N`: end as if killed by signal N.
 //! - `spin`: never ends by itself; reports `TimedOut` once the exec's timeout passes.
 //! - `sleep=MS`: waits MS milliseconds (serving the connection), then exits 0.
+//! - `read-ram`: reads a word of every RAM page, prints `PAGES pages read`, exits 0.
 //! - `die`: the guest ends (debug exit 7) in the middle of the exec.
 //! - `garbage`: bytes that are not a frame.
 //! - `put PATH WORDS...`: WORDS joined by spaces and a newline become the file PATH
@@ -168,7 +169,7 @@ fn serve(info: &BootInfo, link: &mut Link, files: &mut Files) {
             ),
             Ok(Message::Exec {
                 argv, timeout_ms, ..
-            }) => exec(link, req, argv, timeout_ms, files),
+            }) => exec(info, link, req, argv, timeout_ms, files),
             Ok(Message::ReadFile { path }) => match files.get(path) {
                 Some(data) => {
                     let mut copy = [0u8; MAX_DATA];
@@ -223,7 +224,14 @@ fn parse_num(digits: &[u8]) -> Option<u64> {
 }
 
 /// Runs one exec "program" and sends its output and end.
-fn exec(link: &mut Link, req: u32, argv: ByteList<'_>, timeout_ms: u64, files: &mut Files) {
+fn exec(
+    info: &BootInfo,
+    link: &mut Link,
+    req: u32,
+    argv: ByteList<'_>,
+    timeout_ms: u64,
+    files: &mut Files,
+) {
     let mut args = argv.iter();
     let name = args.next().unwrap_or(b"");
     serial::line()
@@ -272,6 +280,15 @@ fn exec(link: &mut Link, req: u32, argv: ByteList<'_>, timeout_ms: u64, files: &
                     ExitStatus::Code(1)
                 }
             }
+        }
+        b"read-ram" => {
+            let pages = crate::memcheck::read_all(info);
+            let mut line = [0u8; 64];
+            let n = decimal(pages, &mut line);
+            let tail = b" pages read\n";
+            line[n..n + tail.len()].copy_from_slice(tail);
+            link.send(req, &Message::Stdout(&line[..n + tail.len()]));
+            ExitStatus::Code(0)
         }
         b"spin" => {
             let deadline = Deadline::after_ms(if timeout_ms == 0 {
@@ -325,6 +342,24 @@ fn exec(link: &mut Link, req: u32, argv: ByteList<'_>, timeout_ms: u64, files: &
         }
     };
     link.send(req, &Message::Exit(status));
+}
+
+/// `v` in decimal at the start of `out` (at least 20 bytes); the length.
+fn decimal(mut v: u64, out: &mut [u8]) -> usize {
+    let mut digits = [0u8; 20];
+    let mut n = 0;
+    loop {
+        digits[n] = b'0' + (v % 10) as u8;
+        n += 1;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    for i in 0..n {
+        out[i] = digits[n - 1 - i];
+    }
+    n
 }
 
 /// `args` joined by spaces and ended by a newline in `line` (cut at its length); the length.
