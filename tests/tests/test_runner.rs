@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use skiff_tests::{require_kvm, skiff_bin, testguest};
+use skiff_tests::{processes_mentioning, require_kvm, skiff_bin, testguest};
 use vmm::test_runner::test_vm::TestVm;
 
 /// A suite directory with the VMs every test uses.
@@ -416,32 +416,6 @@ fn snapshot_on_failure_restores_to_the_failed_vm() {
     );
 }
 
-/// Live processes (not zombies) whose command line mentions `path`.
-fn processes_mentioning(path: &Path) -> Vec<String> {
-    let needle = path.to_string_lossy().into_owned();
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        if entry.file_name().to_string_lossy().parse::<u32>().is_err() {
-            continue;
-        }
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        let zombie = std::fs::read_to_string(entry.path().join("stat"))
-            .map(|s| {
-                s.rsplit(')')
-                    .next()
-                    .is_some_and(|r| r.trim_start().starts_with('Z'))
-            })
-            .unwrap_or(true);
-        if cmdline.contains(&needle) && !zombie {
-            out.push(cmdline);
-        }
-    }
-    out
-}
-
 #[test]
 fn the_suite_watchdog_kills_the_vms_and_reports_the_rest_not_run() {
     require_kvm();
@@ -492,7 +466,7 @@ fn the_suite_watchdog_kills_the_vms_and_reports_the_rest_not_run() {
     let doc = roxmltree::Document::parse(&xml).unwrap();
     assert_eq!(doc.root_element().attribute("errors"), Some("2"), "{xml}");
     // No VM outlives the run.
-    assert_eq!(processes_mentioning(dir.path()), Vec::<String>::new());
+    assert_eq!(processes_mentioning(dir.path()), Vec::new());
 
     // --watchdog overrides the file's key: with 120 s the spin runs to its own timeout.
     let out = skiff_test(

@@ -317,4 +317,26 @@ mod tests {
         assert!(x.contains("expected 0 ?"));
         assert!(x.contains("attempt 1 failed: timeout"));
     }
+
+    #[test]
+    fn not_run_cases_are_junit_errors_and_fail_the_suite() {
+        let r = CaseResult {
+            name: "late".into(),
+            vm: "tg".into(),
+            verdict: Verdict::NotRun("not run: the suite watchdog (3.0 s) expired".into()),
+            attempts: 0,
+            earlier_failures: Vec::new(),
+            duration: Duration::ZERO,
+            unstable: Some("flaky".into()),
+            forked: false,
+            artifacts: None,
+            restore_command: None,
+        };
+        assert!(r.fails_suite(), "unstable does not excuse a case that never ran");
+        let x = junit_xml("s", std::slice::from_ref(&r), Duration::from_millis(9));
+        assert!(x.contains("errors=\"1\" skipped=\"0\""), "{x}");
+        assert!(x.contains("<error message=\"not run: the suite watchdog"), "{x}");
+        let line = summary_line(&[r], Duration::from_secs(1), Format::Human);
+        assert!(line.contains("0 failed, 0 skipped, 1 not run"), "{line}");
+    }
 }
