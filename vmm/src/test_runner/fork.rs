@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use agent_protocol::Message;
 
-use super::launch::{run_setup, serial_tail, vm_args, RunContext};
+use super::launch::{run_setup, says_no_space, serial_tail, vm_args, RunContext};
 use super::suite::VmSpec;
 use super::vm_process::{connect_agent, exit_code};
 
@@ -46,14 +46,6 @@ impl From<String> for BaseFailure {
             no_space: false,
         }
     }
-}
-
-/// Whether an error text is the OS's "no space" (`ENOSPC`, `EDQUOT`), as Rust's `io::Error`
-/// prints it.
-fn says_no_space(text: &str) -> bool {
-    ["(os error 28)", "(os error 122)", "No space left on device"]
-        .iter()
-        .any(|needle| text.contains(needle))
 }
 
 /// Boots `vm`, runs its setup and snapshots it; the error is the reason its cases fail.

@@ -8,6 +8,7 @@
 use std::ffi::OsString;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -36,6 +37,8 @@ pub struct RunContext {
     pub watchdog: Arc<Watchdog>,
     /// Reaps discarded VMs off the cases' critical path.
     pub reaper: Reaper,
+    /// A snapshot or an artifact did not fit: the run exits `NO_SPACE`.
+    pub disk_full: AtomicBool,
 }
 
 impl RunContext {
@@ -45,6 +48,26 @@ impl RunContext {
         VmProcess::spawn(&self.skiff, args, dir, Some(self.watchdog.live()))
             .map_err(|e| format!("cannot start skiff: {e}"))
     }
+
+    /// Records that `what` did not fit on its file system, and says so in one `skiff:` line
+    /// (the first time only: one full disk, one line). Not once the watchdog has fired (its
+    /// kills cut writes short).
+    pub fn report_disk_full(&self, what: &str) {
+        if self.watchdog.expired() {
+            return;
+        }
+        if !self.disk_full.swap(true, Ordering::SeqCst) {
+            eprintln!("skiff: {what}");
+        }
+    }
+}
+
+/// Whether an error text is the OS's "no space" (`ENOSPC`, `EDQUOT`), as Rust's `io::Error`
+/// prints it.
+pub fn says_no_space(text: &str) -> bool {
+    ["(os error 28)", "(os error 122)", "No space left on device"]
+        .iter()
+        .any(|needle| text.contains(needle))
 }
 
 /// `; serial: A | B | C` with the log's last lines, or nothing.

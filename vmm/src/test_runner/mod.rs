@@ -246,6 +246,7 @@ pub fn run(args: TestArgs) -> ExitCode {
         snapshot_on_failure: args.snapshot_on_failure,
         watchdog: Arc::clone(&watchdog),
         reaper: vm_process::Reaper::start(),
+        disk_full: std::sync::atomic::AtomicBool::new(false),
     };
     // Fires at the limit, or returns when `finish` is called below.
     let watcher = std::thread::Builder::new()
@@ -278,7 +279,6 @@ fn run_work(
         String,
         Result<Arc<fork::ForkBase>, fork::BaseFailure>,
     > = std::collections::BTreeMap::new();
-    let mut no_space = false;
     for (index, w) in work.iter_mut().enumerate() {
         if !matches!(w.mode, Mode::Cold)
             || !w.vm.fork
@@ -289,9 +289,8 @@ fn run_work(
         let base = bases.entry(w.vm.name.clone()).or_insert_with(|| {
             let base = fork::prepare(ctx, &w.vm, index).map(Arc::new);
             if let Err(f) = &base {
-                if f.no_space && !ctx.watchdog.expired() {
-                    no_space = true;
-                    eprintln!("skiff: {}", f.reason);
+                if f.no_space {
+                    ctx.report_disk_full(&f.reason);
                 }
             }
             base
@@ -333,7 +332,7 @@ fn run_work(
             report::totals(&results).not_run
         );
         exit::WATCHDOG
-    } else if no_space {
+    } else if ctx.disk_full.load(std::sync::atomic::Ordering::SeqCst) {
         exit::NO_SPACE
     } else if results.iter().any(report::CaseResult::fails_suite) {
         exit::FAILED

@@ -332,10 +332,16 @@ mod tests {
             artifacts: None,
             restore_command: None,
         };
-        assert!(r.fails_suite(), "unstable does not excuse a case that never ran");
+        assert!(
+            r.fails_suite(),
+            "unstable does not excuse a case that never ran"
+        );
         let x = junit_xml("s", std::slice::from_ref(&r), Duration::from_millis(9));
         assert!(x.contains("errors=\"1\" skipped=\"0\""), "{x}");
-        assert!(x.contains("<error message=\"not run: the suite watchdog"), "{x}");
+        assert!(
+            x.contains("<error message=\"not run: the suite watchdog"),
+            "{x}"
+        );
         let line = summary_line(&[r], Duration::from_secs(1), Format::Human);
         assert!(line.contains("0 failed, 0 skipped, 1 not run"), "{line}");
     }

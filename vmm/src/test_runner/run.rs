@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use agent_protocol::ExitStatus;
 
 use super::fork::{restore_args, ForkBase};
-use super::launch::{describe, resume, run_setup, serial_tail, spec, vm_args, RunContext};
+use super::launch::{
+    describe, resume, run_setup, says_no_space, serial_tail, spec, vm_args, RunContext,
+};
 use super::report::{CaseResult, Verdict};
 use super::suite::{AgentKind, CaseRun, CaseSpec, VmSpec};
 use super::vm_process::{connect_agent, exit_code, VmProcess};
@@ -305,6 +307,13 @@ fn snapshot_failed_vm(
         .output()
         .ok()?;
     if !out.status.success() {
+        let why = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        if says_no_space(&why) {
+            ctx.report_disk_full(&format!(
+                "the failure snapshot {} does not fit: the file system is full ({why})",
+                snapshot.display()
+            ));
+        }
         let _ = std::fs::write(dir.join("failure-snapshot.err"), &out.stderr);
         return None;
     }
@@ -354,7 +363,16 @@ fn run_case(ctx: &RunContext, w: &Work) -> CaseResult {
         }
         result.attempts = attempt;
         let outcome = match ctx.artifacts.case_dir(&w.case.name, attempt) {
-            Err(e) => Err(Failure::from(format!("artifact directory: {e}"))),
+            Err(e) => {
+                let why = format!("artifact directory: {e}");
+                if says_no_space(&why) {
+                    ctx.report_disk_full(&format!(
+                        "the artifact directory {} is full ({e})",
+                        ctx.artifacts.root().display()
+                    ));
+                }
+                Err(Failure::from(why))
+            }
             Ok(dir) => {
                 result.artifacts = Some(dir.clone());
                 let outcome = match &w.case.run {
