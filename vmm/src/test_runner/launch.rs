@@ -15,8 +15,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use agent_protocol::{ExitStatus, Message};
 
 use super::artifacts::Artifacts;
+use super::reaper::Reaper;
 use super::suite::{AgentKind, VmSpec};
-use super::vm_process::{exit_code, Reaper, VmProcess};
+use super::vm_process::{exit_code, VmProcess};
 use super::watchdog::Watchdog;
 use crate::exec::client::{AgentClient, CommandEnd, CommandSpec, Interrupt};
 

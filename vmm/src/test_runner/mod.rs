@@ -1,16 +1,18 @@
 //! `skiff test`: runs a suite of tests that each need a VM, described in a TOML file
 //! (`suite.rs`), on this host's capabilities (`host_probe.rs`, `requirements.rs`), a slice of it
 //! at a time (`partition.rs`), cold or forked from a snapshot of a set-up VM (`fork.rs`,
-//! `run.rs`, both starting VMs through `launch.rs` and `vm_process.rs`), under a suite
-//! watchdog (`watchdog.rs`), with per-case artifacts (`artifacts.rs`) and human, jsonl and
-//! JUnit output (`report.rs`). `test_vm.rs` offers the same pieces to Rust tests. This module
-//! owns the command line, the order of the steps and the exit codes.
+//! `run.rs`; VMs are started through `launch.rs` and `vm_process.rs` and ended through
+//! `reaper.rs`), under a suite watchdog (`watchdog.rs`), with per-case artifacts
+//! (`artifacts.rs`) and human, jsonl and JUnit output (`report.rs`). `test_vm.rs` offers the
+//! same pieces to Rust tests. This module owns the command line, the order of the steps and
+//! the exit codes.
 
 pub mod artifacts;
 pub mod fork;
 pub mod host_probe;
 pub mod launch;
 pub mod partition;
+pub mod reaper;
 pub mod report;
 pub mod requirements;
 pub mod run;
@@ -245,7 +247,7 @@ pub fn run(args: TestArgs) -> ExitCode {
         runtime: runtime.path().to_path_buf(),
         snapshot_on_failure: args.snapshot_on_failure,
         watchdog: Arc::clone(&watchdog),
-        reaper: vm_process::Reaper::start(),
+        reaper: reaper::Reaper::start(),
         disk_full: std::sync::atomic::AtomicBool::new(false),
     };
     // Fires at the limit, or returns when `finish` is called below.

@@ -1,9 +1,9 @@
 //! One VM of a test run: a `skiff run` or `skiff restore` child in a process group of its own
 //! (so a timeout kills skiff and anything it started, virtiofsd included), its stdout and stderr
 //! in the case's artifact directory, killed when dropped; the set of a run's live process
-//! groups (`LiveGroups`, which the suite watchdog kills at once); the `Reaper`, which pays for a
-//! discarded VM's exit on a thread of its own; and the agent connection through the VM's vsock
-//! socket (`CONNECT 1024`), retried until the agent listens or the VM ends.
+//! groups (`LiveGroups`, which the suite watchdog kills at once); and the agent connection
+//! through the VM's vsock socket (`CONNECT 1024`), retried until the agent listens or the VM
+//! ends.
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -11,9 +11,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::exec::client::{AgentClient, Interrupt};
@@ -25,11 +23,6 @@ const FIRST_ANSWER: Duration = Duration::from_millis(5);
 const MAX_ANSWER: Duration = Duration::from_secs(2);
 /// Pause between connection attempts while the guest boots.
 const CONNECT_RETRY: Duration = Duration::from_millis(2);
-
-/// Discarded VMs the reaper holds before `Reaper::discard` waits for room.
-const REAP_BACKLOG: usize = 16;
-/// How often the reaper looks at the VMs it waits for.
-const REAP_TICK: Duration = Duration::from_millis(2);
 
 /// A running skiff child.
 #[derive(Debug)]
@@ -163,7 +156,7 @@ impl VmProcess {
     }
 
     /// Sends SIGKILL to its process group unless it has been reaped, without waiting.
-    fn signal_kill(&mut self) {
+    pub(super) fn signal_kill(&mut self) {
         if let Some(live) = self.live.take() {
             live.unregister(self.group());
         }
@@ -208,84 +201,6 @@ impl VmProcess {
 impl Drop for VmProcess {
     fn drop(&mut self) {
         self.kill();
-    }
-}
-
-/// Reaps discarded VMs on a thread of its own: a killed VM's exit (its memory unmapped, its
-/// KVM VM destroyed) costs milliseconds that would otherwise be on the next case's critical
-/// path. At most `REAP_BACKLOG` wait in the channel and as many on the thread; `discard` waits
-/// when both are full. `finish` (or dropping it) waits until every VM handed over is reaped.
-#[derive(Debug)]
-pub struct Reaper {
-    sender: Mutex<Option<SyncSender<VmProcess>>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
-}
-
-impl Reaper {
-    /// Starts the reaping thread; with none (the thread cannot start), VMs are reaped in place.
-    pub fn start() -> Self {
-        let (sender, receiver) = sync_channel::<VmProcess>(REAP_BACKLOG);
-        let thread = std::thread::Builder::new()
-            .name("vm-reaper".into())
-            .spawn(move || {
-                let mut waiting: Vec<VmProcess> = Vec::new();
-                let mut open = true;
-                while open || !waiting.is_empty() {
-                    if open && waiting.len() < REAP_BACKLOG {
-                        match receiver.recv_timeout(REAP_TICK) {
-                            Ok(vm) => waiting.push(vm),
-                            Err(RecvTimeoutError::Timeout) => {}
-                            Err(RecvTimeoutError::Disconnected) => open = false,
-                        }
-                    } else {
-                        std::thread::sleep(REAP_TICK);
-                    }
-                    // `ended` reaps: a VM that has exited is done with.
-                    waiting.retain_mut(|vm| vm.ended().is_none());
-                }
-            })
-            .ok();
-        Self {
-            sender: Mutex::new(thread.as_ref().map(|_| sender)),
-            thread: Mutex::new(thread),
-        }
-    }
-
-    /// Kills `vm`'s process group now and leaves the wait for its exit to the reaper.
-    pub fn discard(&self, mut vm: VmProcess) {
-        vm.signal_kill();
-        let sender = self
-            .sender
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        match sender {
-            // A send error hands the VM back, dropped here: reaped in place.
-            Some(s) => drop(s.send(vm)),
-            None => drop(vm),
-        }
-    }
-
-    /// Waits until every discarded VM is reaped; later discards are reaped in place.
-    pub fn finish(&self) {
-        self.sender
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(t) = self
-            .thread
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        self.finish();
     }
 }
 
