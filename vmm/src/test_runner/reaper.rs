@@ -35,7 +35,13 @@ impl Reaper {
                 let mut waiting: Vec<VmProcess> = Vec::new();
                 let mut open = true;
                 while open || !waiting.is_empty() {
-                    if open && waiting.len() < REAP_BACKLOG {
+                    if open && waiting.is_empty() {
+                        // Nothing to look at: sleep until a VM comes (or the run ends).
+                        match receiver.recv() {
+                            Ok(vm) => waiting.push(vm),
+                            Err(_) => open = false,
+                        }
+                    } else if open && waiting.len() < REAP_BACKLOG {
                         match receiver.recv_timeout(REAP_TICK) {
                             Ok(vm) => waiting.push(vm),
                             Err(RecvTimeoutError::Timeout) => {}
