@@ -98,3 +98,64 @@ impl Drop for Reaper {
         self.finish();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use super::*;
+    use crate::test_runner::vm_process::LiveGroups;
+
+    fn gone(pid: u32) -> bool {
+        !Path::new(&format!("/proc/{pid}")).exists()
+    }
+
+    #[test]
+    fn discard_returns_at_once_and_finish_reaps_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        let reaper = Reaper::start();
+        let mut pids = Vec::new();
+        for _ in 0..3 {
+            let vm = VmProcess::spawn(Path::new("/bin/sleep"), &["30".into()], dir.path(), None)
+                .unwrap();
+            pids.push(vm.pid());
+            let started = Instant::now();
+            reaper.discard(vm);
+            assert!(started.elapsed() < Duration::from_secs(1));
+        }
+        reaper.finish();
+        for pid in pids {
+            assert!(gone(pid), "{pid} was not reaped");
+        }
+    }
+
+    #[test]
+    fn the_watchdog_set_kills_live_groups_and_refuses_new_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = Arc::new(LiveGroups::new());
+        let mut vm = VmProcess::spawn(
+            Path::new("/bin/sleep"),
+            &["30".into()],
+            dir.path(),
+            Some(&live),
+        )
+        .unwrap();
+        assert_eq!(live.kill_all(), 1);
+        let status = vm
+            .wait_until(Instant::now() + Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(crate::test_runner::vm_process::exit_code(status), 128 + 9);
+        let refused = VmProcess::spawn(
+            Path::new("/bin/sleep"),
+            &["30".into()],
+            dir.path(),
+            Some(&live),
+        )
+        .unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::Interrupted);
+    }
+}
