@@ -18,7 +18,9 @@
 //! - `cat PATH`: the file PATH on stdout, or `cat: PATH: no such file` and exit 1.
 //! - anything else: `NAME: command not found` on stderr and exit 127, as the real agent does.
 //!
-//! `ReadFile` and `WriteFile` (replace, or append) use the same files. `Shutdown` powers the VM
+//! `ReadFile` and `WriteFile` (replace, or append) use the same files. Under `agent-listen`, a
+//! reply the host has reset (it gave up on that connection) drops the connection and the agent
+//! accepts the next one; under `agent`, whose one connection is the run, it fails the guest. `Shutdown` powers the VM
 //! off; `Quiesce` and `Resume` answer `Done` (there is nothing to stop).
 use agent_protocol::{
     ByteList, ErrorCode, ExitStatus, Header, Message, WriteFlags, AGENT_PORT, HEADER_LEN,
@@ -44,10 +46,18 @@ struct Link {
     v: Vsock,
     c: Conn,
     out: [u8; HEADER_LEN + OUT_CHUNK],
+    /// `agent-listen`: a send the host reset ends this connection, not the guest (the host
+    /// gave up on it and connects again). `agent`: the one connection is the run; it fails.
+    survive_reset: bool,
+    /// A send failed: nothing more goes out, and `serve` returns after this request.
+    broken: bool,
 }
 
 impl Link {
     fn send(&mut self, req: u32, msg: &Message<'_>) {
+        if self.broken {
+            return;
+        }
         let n = match msg.encode(req, &mut self.out) {
             Ok(n) => n,
             Err(_) => crate::scenario::fail_msg("a reply does not fit the send buffer"),
@@ -57,7 +67,11 @@ impl Link {
             .v
             .send(self.c, &out[..n], Deadline::after_ms(FOREVER_MS))
         {
-            fail_err("send", e);
+            if !self.survive_reset {
+                fail_err("send", e);
+            }
+            serial::line().str("testguest: agent: a send failed, the connection is dropped\n");
+            self.broken = true;
         }
     }
 
@@ -100,6 +114,8 @@ pub fn run(info: &BootInfo) -> ! {
         v,
         c,
         out: [0; HEADER_LEN + OUT_CHUNK],
+        survive_reset: false,
+        broken: false,
     };
     let mut files = Files::new();
     serve(info, &mut link, &mut files);
@@ -123,6 +139,8 @@ pub fn listen(info: &BootInfo) -> ! {
             v,
             c,
             out: [0; HEADER_LEN + OUT_CHUNK],
+            survive_reset: true,
+            broken: false,
         };
         serve(info, &mut link, &mut files);
         link.v.close(link.c, Deadline::after_ms(1000));
@@ -135,7 +153,7 @@ fn serve(info: &BootInfo, link: &mut Link, files: &mut Files) {
     let mut head = [0u8; HEADER_LEN];
     let mut payload = [0u8; MAX_REQUEST];
     loop {
-        if !link.read_exact(&mut head) {
+        if link.broken || !link.read_exact(&mut head) {
             return;
         }
         let header = match Header::decode(&head) {
