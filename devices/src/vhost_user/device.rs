@@ -47,8 +47,7 @@ use super::reconnect::{watch, Reconnector};
 use super::session::{bring_up, retarget_calls, ActiveRings, Base, Handler, Ring, Session, Shared};
 use crate::error_chain;
 use crate::virtio::device::{
-    ActivateContext, ActivateError, DeviceDirtyLog, DeviceIdentity, EventLoop, QueueProgress,
-    VirtioDevice,
+    ActivateContext, ActivateError, DeviceDirtyLog, EventLoop, QueueProgress, VirtioDevice,
 };
 use crate::virtio::subscription::LoopSubscription;
 
@@ -97,6 +96,11 @@ impl VhostUserDevice {
     ) -> Result<Self, VhostUserError> {
         let conn = Connection::open(cfg)?;
         Self::from_connection(cfg, conn, regions, event_loop)
+    }
+
+    /// The device's configuration (`--vhost-user`).
+    pub fn config(&self) -> &VhostUserConfig {
+        &self.cfg
     }
 
     /// As `new`, on a connection whose handshake is done.
@@ -368,10 +372,6 @@ impl VirtioDevice for VhostUserDevice {
                 break;
             }
         }
-    }
-
-    fn identity(&self) -> Result<DeviceIdentity, String> {
-        Ok(DeviceIdentity::VhostUser(self.cfg.clone()))
     }
 
     fn interrupt_delivery_changed(&mut self) {

@@ -7,6 +7,7 @@
 
 mod device;
 mod input;
+mod persist;
 pub(crate) mod queue_handler;
 
 #[cfg(test)]
@@ -14,6 +15,7 @@ mod tests;
 
 pub use device::{ConsoleError, VirtioConsole};
 pub use input::{ConsoleInput, INPUT_CAPACITY};
+pub use persist::ConsoleState;
 pub use queue_handler::ConsoleCounters;
 
 /// Index of receiveq0 (host to guest).

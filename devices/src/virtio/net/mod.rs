@@ -8,6 +8,7 @@
 
 mod device;
 pub(crate) mod frames;
+mod persist;
 mod queue_handler;
 pub mod tap;
 
@@ -17,6 +18,7 @@ mod real_tap_tests;
 mod tests;
 
 pub use device::{NetError, VirtioNet};
+pub use persist::NetState;
 pub use queue_handler::NetCounters;
 pub use tap::{Tap, TapError};
 

@@ -6,8 +6,10 @@
 //! - `request`: checks and fills one descriptor chain.
 
 mod device;
+mod persist;
 mod queue_handler;
 mod request;
 
 pub use device::{VirtioRng, RNG_QUEUE_SIZE};
+pub use persist::RngState;
 pub use request::{fill_request, RequestError, MAX_REQUEST_BYTES};

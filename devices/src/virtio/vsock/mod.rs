@@ -20,6 +20,7 @@ mod device;
 mod host;
 mod muxer;
 mod packet;
+mod persist;
 mod queue_handler;
 
 #[cfg(test)]
@@ -27,6 +28,7 @@ mod tests;
 
 pub use device::{VirtioVsock, VsockError};
 pub use host::HostSideError;
+pub use persist::VsockState;
 
 /// virtio device type of a socket device.
 pub const DEVICE_TYPE_VSOCK: u32 = 19;
