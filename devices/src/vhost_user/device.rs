@@ -17,8 +17,8 @@
 //!   forwarder leaves the event loop.
 //! - Snapshots: `quiesce` stops every ring the same way and keeps where each restarts
 //!   (`quiesce` module); the transport's resume, or a restore, activates the device again at
-//!   those positions. `identity` is the `--vhost-user` configuration, from which a restore
-//!   connects again. The backend writes guest memory behind the VMM's dirty tracking
+//!   those positions. The saved state (`persist.rs`) is the `--vhost-user` configuration, from
+//!   which a restore connects again. The backend writes guest memory behind the VMM's dirty tracking
 //!   (`untracked_writes`), so a diff counts every page with data; a live snapshot uses the
 //!   backend's own dirty log (`dirty_log`, `log_control`) and is refused when the backend
 //!   lacks `LOG_SHMFD` or `VHOST_F_LOG_ALL`.
@@ -66,7 +66,7 @@ const BLK_SIZE_MAX: usize = 8;
 /// A virtio device served by a vhost-user backend.
 pub struct VhostUserDevice {
     kind: VhostUserKind,
-    /// The configuration it was built from (its identity in a snapshot).
+    /// The configuration it was built from (its saved state in a snapshot).
     cfg: VhostUserConfig,
     shared: Arc<Shared>,
     /// With `reconnect=`: the thread that brings the backend back.

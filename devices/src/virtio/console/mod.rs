@@ -2,7 +2,8 @@
 //! input to the guest, transmitq0 guest output to a host writer (skiff's stdout).
 //!
 //! `device` holds the configuration space and activation; `queue_handler` is the event-loop
-//! subscriber that moves bytes; `input` is the handle the VMM's stdin reader feeds. Not here:
+//! subscriber that moves bytes; `input` is the handle the VMM's stdin reader feeds; `persist` is what a snapshot keeps.
+//! Not here:
 //! multiport, the control queues, terminal resizing, emergency writes.
 
 mod device;

@@ -4,7 +4,7 @@
 //! and segmentation offloads where the tap takes them) and activation; `queue_handler` is the
 //! event-loop subscriber that moves frames between the queues and the tap; `frames` copies one
 //! frame between a descriptor chain and a host buffer, checking everything the guest wrote;
-//! `tap` is the host side. Not here: multiqueue, the control queue, mergeable receive buffers.
+//! `tap` is the host side; `persist` is what a snapshot keeps (tap name, MAC). Not here: multiqueue, the control queue, mergeable receive buffers.
 
 mod device;
 pub(crate) mod frames;

@@ -4,6 +4,7 @@
 //! - `device`: the `VirtioDevice` (features, activation, reset).
 //! - `queue_handler`: the event-loop subscriber that runs when the driver kicks the queue.
 //! - `request`: checks and fills one descriptor chain.
+//! - `persist`: what a snapshot keeps of the device (nothing of its own).
 
 mod device;
 mod persist;
