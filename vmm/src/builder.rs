@@ -32,6 +32,7 @@ use crate::boot::{prepare_boot, BootConfig, BootCpuState, BootError};
 use crate::config::{SerialConfig, VmConfig};
 use crate::guest_output::GuestOutputs;
 use crate::hypervisor::kvm::KvmHypervisor;
+use crate::hypervisor::state::VcpuState;
 use crate::hypervisor::{Hypervisor, HypervisorError, Vcpu, Vm};
 use crate::memory::backing::BackingKind;
 use crate::memory::{GuestRam, MemoryError};
@@ -109,6 +110,15 @@ pub enum BuildError {
     /// A saved virtio device state cannot be used.
     #[error(transparent)]
     VirtioState(#[from] StateError),
+    /// A saved vCPU state cannot be put back.
+    #[error("cannot restore vCPU {index}")]
+    VcpuState {
+        /// The vCPU.
+        index: u32,
+        /// The cause.
+        #[source]
+        source: HypervisorError,
+    },
     /// A saved serial port state cannot be used.
     #[error("cannot restore the serial port")]
     SerialState(#[source] devices::legacy::serial::SerialError),
@@ -277,7 +287,7 @@ fn build_parts(
         &mut legacy.pio,
         &mut mmio,
     )?;
-    let vcpus = create_vcpus(hypervisor, &*vm, cfg.cpus, &boot)?;
+    let vcpus = create_vcpus(hypervisor, &*vm, cfg.cpus, VcpuStart::Boot(&boot))?;
     Ok(VmParts {
         vm,
         vcpus,
@@ -486,14 +496,37 @@ pub(crate) fn create_pci_devices(
     })
 }
 
-/// Step: vCPUs with CPUID, MSRs, FPU and LAPIC set up; the boot vCPU gets the boot registers,
-/// the others wait in the in-kernel LAPIC for INIT/SIPI.
-fn create_vcpus(
+/// Where the vCPUs start.
+pub(crate) enum VcpuStart<'a> {
+    /// A fresh boot: the boot vCPU at the kernel's entry.
+    Boot(&'a BootCpuState),
+    /// A restore: each vCPU in its saved state (one per vCPU, index = APIC ID).
+    Saved(&'a [VcpuState]),
+}
+
+/// Step: `count` vCPUs. For a boot, with CPUID, MSRs, FPU and LAPIC set up; the boot vCPU gets
+/// the boot registers, the others wait in the in-kernel LAPIC for INIT/SIPI. For a restore,
+/// each in its saved state in full (its own ordering is in `hypervisor/kvm/vcpu_state.rs`).
+pub(crate) fn create_vcpus(
     hypervisor: &dyn Hypervisor,
     vm: &dyn Vm,
     count: u32,
-    boot: &BootCpuState,
+    start: VcpuStart<'_>,
 ) -> Result<Vec<Box<dyn Vcpu>>, BuildError> {
+    let boot = match start {
+        VcpuStart::Boot(boot) => boot,
+        VcpuStart::Saved(saved) => {
+            return (0..count)
+                .zip(saved)
+                .map(|(index, saved)| {
+                    let vcpu = vm.create_vcpu(index)?;
+                    vcpu.restore_state(saved)
+                        .map_err(|source| BuildError::VcpuState { index, source })?;
+                    Ok(vcpu)
+                })
+                .collect();
+        }
+    };
     let supported = hypervisor.supported_cpuid()?;
     let msrs = arch::msr::boot_msrs();
     (0..count)

@@ -1,6 +1,6 @@
 //! Restoring a VM from a snapshot directory: check the files, build guest RAM over them, then
 //! the builder's own steps (hypervisor VM with memory slots and platform devices, legacy
-//! devices, vCPUs), each fed the saved state instead of boot state.
+//! devices, PCI devices, vCPUs), each fed the saved state instead of boot state.
 //!
 //! Order: the platform devices' state goes in right after they are created, before any vCPU
 //! exists (the virtio devices too: rebuilt from their own saved state through the builder's
@@ -38,12 +38,13 @@ use super::memory_file::{copy_sparse, MemoryFileError};
 use super::resources::{self, HostResource};
 use super::state_file::{self, SnapshotState, StateFileError, MAX_STATE_FILE_BYTES};
 use crate::builder::{
-    create_legacy_devices, create_pci_devices, create_vm, BuildError, BuiltVm, VmEvents, VmParts,
+    create_legacy_devices, create_pci_devices, create_vcpus, create_vm, BuildError, BuiltVm,
+    VcpuStart, VmEvents, VmParts,
 };
 use crate::config::SerialConfig;
 use crate::guest_output::GuestOutputs;
 use crate::hypervisor::kvm::KvmHypervisor;
-use crate::hypervisor::{Hypervisor, HypervisorError, Vcpu};
+use crate::hypervisor::{Hypervisor, HypervisorError};
 use crate::memory::backing::{Backing, BackingKind};
 use crate::memory::{GuestRam, Mappable, MemoryError, ShareableRegion};
 use crate::virtio_devices::{VirtioDeviceState, VirtioFunctionState};
@@ -169,15 +170,6 @@ pub enum RestoreError {
     /// A builder step failed.
     #[error(transparent)]
     Build(#[from] BuildError),
-    /// Putting state back into the hypervisor failed.
-    #[error("cannot restore vCPU {index}")]
-    Vcpu {
-        /// The vCPU.
-        index: u32,
-        /// The cause.
-        #[source]
-        source: HypervisorError,
-    },
     /// Putting the VM's state back failed.
     #[error("cannot restore the VM's interrupt controllers, timer or clock")]
     Vm(#[source] HypervisorError),
@@ -474,15 +466,7 @@ pub fn restore_vm(
         &mut legacy.pio,
         &mut mmio,
     )?;
-    let vcpus = (0..cpus)
-        .zip(&snap.state.vcpus)
-        .map(|(index, saved)| {
-            let vcpu = vm.create_vcpu(index).map_err(BuildError::from)?;
-            vcpu.restore_state(saved)
-                .map_err(|source| RestoreError::Vcpu { index, source })?;
-            Ok(vcpu)
-        })
-        .collect::<Result<Vec<Box<dyn Vcpu>>, RestoreError>>()?;
+    let vcpus = create_vcpus(&hypervisor, &*vm, cpus, VcpuStart::Saved(&snap.state.vcpus))?;
     let vcpus_done = started.elapsed();
     // Last: every vCPU's TSC is back, so the clock offset computed now holds for all of them.
     vm.restore_clock(&snap.state.vm).map_err(RestoreError::Vm)?;
