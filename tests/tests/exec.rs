@@ -5,6 +5,8 @@
 //! (no temporary file left), and no process may be left that mentions it (no orphaned
 //! virtiofsd).
 
+#![cfg(unix)] // KVM tests: Linux only (the Windows build compiles them to nothing)
+
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};

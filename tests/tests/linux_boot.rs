@@ -7,6 +7,7 @@
 //! guest runs its busybox init, which prints a marker and powers off. The test prints which tier
 //! ran.
 
+#![cfg(unix)] // KVM tests: Linux only (the Windows build compiles them to nothing)
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::time::Duration;

@@ -1,6 +1,8 @@
 //! `skiff test` end to end: small suites of test-guest cases written to temporary directories,
 //! run through the real binary, with the results read back from its output, its JUnit file and
 //! its artifact directory.
+
+#![cfg(unix)] // KVM tests: Linux only (the Windows build compiles them to nothing)
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -2,6 +2,8 @@
 //! run commands and read files through it, stop it into a snapshot, fork two VMs from that
 //! snapshot, and see each fork start from the snapshot's state and keep its own changes; every
 //! VM is gone once its `TestVm` is dropped.
+
+#![cfg(unix)] // KVM tests: Linux only (the Windows build compiles them to nothing)
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::path::Path;
