@@ -11,11 +11,64 @@ use crate::config::resource_override::{
     DiskOverride, NetOverride, VhostUserOverride, VsockOverride,
 };
 use crate::config::{parse_timeout, SerialConfig};
+use crate::runner::RunError;
 use crate::runner::{run_vm, RunOptions, RunOutcome};
+use crate::sandbox::SandboxError;
 use crate::sandbox::{SandboxArgs, SandboxPaths};
-use crate::snapshot::auth::{default_key_path, SnapshotKey};
-use crate::snapshot::authorize::{authorize, ResourceOverrides};
-use crate::snapshot::restore::{load, memory_mode, restore_vm, LoadedSnapshot, MemoryMode};
+use crate::snapshot::auth::{default_key_path, AuthError, SnapshotKey};
+use crate::snapshot::authorize::{authorize, AuthorizeError, ResourceOverrides};
+use crate::snapshot::chain::ChainError;
+use crate::snapshot::restore::{
+    load, memory_mode, restore_vm, LoadedSnapshot, MemoryMode, RestoreError,
+};
+
+/// Why `restore`, `snapshot-merge` or `snapshot-info` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// The sandbox could not be set up.
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    /// This user's snapshot key is unusable.
+    #[error(transparent)]
+    Key(#[from] AuthError),
+    /// `--verify` found a problem.
+    #[error(
+        "snapshot {} failed verification: {first}{}",
+        dir.display(),
+        more_problems(*others)
+    )]
+    Verification {
+        /// The snapshot directory.
+        dir: PathBuf,
+        /// The first problem found.
+        first: String,
+        /// How many more were found.
+        others: usize,
+    },
+    /// The snapshot could not be loaded or restored.
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
+    /// The snapshot names host resources it may not open.
+    #[error(transparent)]
+    Authorize(#[from] AuthorizeError),
+    /// The restored VM could not run.
+    #[error(transparent)]
+    Run(#[from] RunError),
+    /// A diff could not be merged.
+    #[error(transparent)]
+    Merge(#[from] ChainError),
+    /// A report could not be encoded as JSON.
+    #[error("cannot encode the report as JSON")]
+    Encode(#[source] serde_json::Error),
+}
+
+/// The tail of a verification failure naming how many other problems there are.
+fn more_problems(others: usize) -> String {
+    match others {
+        0 => String::new(),
+        n => format!(" (and {n} more problem(s); skiff snapshot-verify lists them)"),
+    }
+}
 
 /// `skiff restore DIR ...`
 #[derive(Debug, clap::Args)]
@@ -95,35 +148,32 @@ impl RestoreArgs {
 
 /// This user's snapshot key if it exists (restore and inspection never create it: without one,
 /// nothing can be authenticated anyway). A key file that is unusable is an error.
-fn existing_key() -> Result<Option<SnapshotKey>, String> {
+fn existing_key() -> Result<Option<SnapshotKey>, AuthError> {
     match default_key_path() {
-        Ok(path) => SnapshotKey::load(&path).map_err(|e| crate::error_chain(&e)),
+        Ok(path) => SnapshotKey::load(&path),
         Err(_) => Ok(None),
     }
 }
 
 /// Restores the snapshot and runs the VM to its end; `ready` is called once the VM is built,
-/// just before it runs. The error is one line.
-pub fn restore(args: RestoreArgs, ready: impl FnOnce()) -> Result<RunOutcome, String> {
-    crate::sandbox::init(&args.sandbox).map_err(|e| crate::error_chain(&e))?;
+/// just before it runs.
+pub fn restore(args: RestoreArgs, ready: impl FnOnce()) -> Result<RunOutcome, CommandError> {
+    crate::sandbox::init(&args.sandbox)?;
     if args.verify {
         let (problems, _) = crate::snapshot::integrity::verify(&args.dir, args.parent.as_deref());
         if let Some(first) = problems.first() {
-            let more = match problems.len() - 1 {
-                0 => String::new(),
-                n => format!(" (and {n} more problem(s); skiff snapshot-verify lists them)"),
-            };
-            return Err(format!(
-                "snapshot {} failed verification: {first}{more}",
-                args.dir.display()
-            ));
+            return Err(CommandError::Verification {
+                dir: args.dir,
+                first: first.clone(),
+                others: problems.len() - 1,
+            });
         }
     }
     let key = existing_key()?;
-    let snap = load(&args.dir, key.as_ref()).map_err(|e| crate::error_chain(&e))?;
-    let plan = authorize(&snap, &args.overrides()).map_err(|e| crate::error_chain(&e))?;
-    let mode = memory_mode(&plan.devices, args.memory_mode).map_err(|e| crate::error_chain(&e))?;
-    let vm = restore_vm(&snap, &plan, mode, &args.serial).map_err(|e| crate::error_chain(&e))?;
+    let snap = load(&args.dir, key.as_ref())?;
+    let plan = authorize(&snap, &args.overrides())?;
+    let mode = memory_mode(&plan.devices, args.memory_mode)?;
+    let vm = restore_vm(&snap, &plan, mode, &args.serial)?;
     let sandbox_paths = SandboxPaths::for_restore(
         &args.dir,
         &args.serial,
@@ -138,7 +188,7 @@ pub fn restore(args: RestoreArgs, ready: impl FnOnce()) -> Result<RunOutcome, St
         description: snap.manifest.vm.clone(),
         sandbox_paths,
     };
-    run_vm(vm, &opts).map_err(|e| crate::error_chain(&e))
+    Ok(run_vm(vm, &opts)?)
 }
 
 /// `skiff snapshot-verify DIR`
@@ -178,14 +228,13 @@ pub struct MergeArgs {
 }
 
 /// Folds a diff and its parents into a full snapshot in the diff's place; prints a JSON
-/// summary. The error is one line.
-pub fn snapshot_merge(args: MergeArgs) -> Result<(), String> {
+/// summary.
+pub fn snapshot_merge(args: MergeArgs) -> Result<(), CommandError> {
     let key = existing_key()?;
-    let report = crate::snapshot::chain::merge(&args.dir, args.parent.as_deref(), key.as_ref())
-        .map_err(|e| crate::error_chain(&e))?;
+    let report = crate::snapshot::chain::merge(&args.dir, args.parent.as_deref(), key.as_ref())?;
     println!(
         "{}",
-        serde_json::to_string(&report).map_err(|e| e.to_string())?
+        serde_json::to_string(&report).map_err(CommandError::Encode)?
     );
     Ok(())
 }
@@ -238,10 +287,10 @@ fn info_json(snap: &LoadedSnapshot) -> serde_json::Value {
     })
 }
 
-/// Prints what a snapshot holds and every host resource it names. The error is one line.
-pub fn snapshot_info(args: InfoArgs) -> Result<(), String> {
+/// Prints what a snapshot holds and every host resource it names.
+pub fn snapshot_info(args: InfoArgs) -> Result<(), CommandError> {
     let key = existing_key()?;
-    let snap = load(&args.dir, key.as_ref()).map_err(|e| crate::error_chain(&e))?;
+    let snap = load(&args.dir, key.as_ref())?;
     if args.json {
         println!("{}", info_json(&snap));
         return Ok(());

@@ -270,7 +270,7 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
                 };
                 let (status, teardown) = match vmm::commands::restore(args, || watch.stop()) {
                     Ok(outcome) => outcome_status(outcome),
-                    Err(e) => (ExitStatus::error(e), None),
+                    Err(e) => (ExitStatus::error(vmm::error_chain(&e)), None),
                 };
                 finish(status_file.as_deref(), &status, teardown)
             }
@@ -281,11 +281,11 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
             Command::SnapshotVerify(args) => vmm::commands::snapshot_verify(args),
             Command::SnapshotMerge(args) => match vmm::commands::snapshot_merge(args) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) => finish(None, &ExitStatus::error(e), None),
+                Err(e) => finish(None, &ExitStatus::error(vmm::error_chain(&e)), None),
             },
             Command::SnapshotInfo(args) => match vmm::commands::snapshot_info(args) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) => finish(None, &ExitStatus::error(e), None),
+                Err(e) => finish(None, &ExitStatus::error(vmm::error_chain(&e)), None),
             },
         }
     }

@@ -23,5 +23,5 @@ pub mod vsock;
 
 pub use device::{
     ActivateContext, ActivateError, ActivatedQueue, DeviceDirtyLog, DeviceIdentity, DeviceSignals,
-    EventLoop, GuestMemoryMmap, QueueProgress, VirtioDevice,
+    DirtyLogError, EventLoop, GuestMemoryMmap, QueueProgress, VirtioDevice,
 };

@@ -328,7 +328,7 @@ mod tests {
     struct DeviceScript(Mutex<Vec<Vec<u64>>>);
 
     impl DeviceDirtyLog for DeviceScript {
-        fn start(&self, _ram_end: u64) -> Result<(), String> {
+        fn start(&self, _ram_end: u64) -> Result<(), devices::virtio::DirtyLogError> {
             Ok(())
         }
         fn take(&self, page: &mut dyn FnMut(u64)) {
