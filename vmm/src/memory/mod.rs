@@ -5,6 +5,8 @@
 //! - `validate`: checks on a region list before anything maps it.
 //! - `section`, `view`, `section_ram` (Windows): RAM as a pagefile-backed or file-backed
 //!   section, views of it that unmap on drop, and the regions mapped at their file offsets.
+//! - `host_mapping`: one region's mapping in this process, kept alive by its handle, whose bytes
+//!   snapshot writers hand to the kernel.
 //! - `share`: the regions as a vhost-user backend maps them (descriptor, offset, user address).
 //! - `guest_ram` (this file): lays RAM out around the MMIO hole, creates the backing, validates
 //!   and maps every region `MAP_SHARED` into the `vm-memory` view devices use.
@@ -15,6 +17,8 @@ pub mod region;
 pub mod backing;
 #[cfg(target_os = "linux")]
 mod guest_ram;
+#[cfg(target_os = "linux")]
+mod host_mapping;
 #[cfg(target_os = "linux")]
 pub mod share;
 pub mod validate;
@@ -31,6 +35,8 @@ pub mod view;
 
 #[cfg(target_os = "linux")]
 pub use guest_ram::{GuestMemory, GuestRam, MemoryConfig, MemoryError};
+#[cfg(target_os = "linux")]
+pub use host_mapping::RegionMapping;
 pub use region::{Mappable, ShareableRegion};
 #[cfg(windows)]
 pub use section_ram::{SectionRam, SectionRamError};

@@ -31,15 +31,15 @@ use std::time::Instant;
 use devices::vm_exit::GuestEnd;
 
 use super::{ControlError, RunningVm};
+use crate::memory::RegionMapping;
 use crate::snapshot::dirty::{
-    gather, mappings, mark_backed_pages, reset_device_bitmaps, DirtyError, PageBitmap,
+    gather, mark_backed_pages, reset_device_bitmaps, DirtyError, PageBitmap,
 };
 use crate::snapshot::job::{
     JobMeta, JobOutput, LiveSummary, ProgressStatus, SnapshotJob, SnapshotSummary,
 };
 use crate::snapshot::live::{copy_dirty, FirstPass, Limits, Precopy, PrecopyReport};
 use crate::snapshot::manifest::{ParentRef, SnapshotManifest, DIFF_FORMAT_VERSION};
-use crate::snapshot::memory_file::PrivateMapping;
 use crate::snapshot::state_file;
 use crate::snapshot::writer::{reserve, MemorySource, PendingSnapshot, WriteError};
 use crate::snapshot::SnapshotRequest;
@@ -204,7 +204,7 @@ impl RunningVm {
         };
         let memory = match (&self.diff_base, req.diff) {
             (Some(base), true) => MemorySource::Pages {
-                mappings: mappings(self.ram.memory()),
+                mappings: RegionMapping::of_each(self.ram.memory()),
                 pages: base.pending.clone(),
             },
             _ => MemorySource::Full {
@@ -293,7 +293,7 @@ impl RunningVm {
         let precopy = Precopy {
             temp,
             regions: self.ram.regions().to_vec(),
-            mappings: mappings(self.ram.memory()),
+            mappings: RegionMapping::of_each(self.ram.memory()),
             private: self.ram.is_private(),
             first,
             log,
@@ -501,11 +501,10 @@ impl RunningVm {
     }
 
     /// For RAM mapped copy-on-write, each region's mapping in this process (see
-    /// `MemorySource::Full`): they stay mapped while `self.ram` lives, and the snapshot job
-    /// ends before `stop` drops it.
-    fn private_mappings(&self) -> Vec<PrivateMapping> {
+    /// `MemorySource::Full`).
+    fn private_mappings(&self) -> Vec<RegionMapping> {
         if self.ram.is_private() {
-            mappings(self.ram.memory())
+            RegionMapping::of_each(self.ram.memory())
         } else {
             Vec::new()
         }

@@ -34,11 +34,11 @@ use super::manifest::{
 };
 use super::memory_file::{
     copy_sparse_counted, data_extent_bytes, hard_link, overlay_private_pages, reflink, CopyMethod,
-    MemoryFileError, PrivateMapping,
+    MemoryFileError,
 };
 use super::progress::SnapshotProgress;
 use super::{resources, state_file};
-use crate::memory::ShareableRegion;
+use crate::memory::{RegionMapping, ShareableRegion};
 
 /// hugetlbfs's `statfs.f_type`.
 const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
@@ -151,7 +151,7 @@ pub enum MemorySource {
     /// mapping, whose own pages are written over the file's data; empty for shared RAM.
     Full {
         /// The private mappings.
-        private: Vec<PrivateMapping>,
+        private: Vec<RegionMapping>,
         /// The VM ends with this snapshot and nothing writes its memory again, so a backing that
         /// is a file of its own may become the memory file itself.
         link: bool,
@@ -159,7 +159,7 @@ pub enum MemorySource {
     /// A diff: only these pages of each region, from its mapping in this process.
     Pages {
         /// Each region's mapping.
-        mappings: Vec<PrivateMapping>,
+        mappings: Vec<RegionMapping>,
         /// Each region's pages.
         pages: Vec<PageBitmap>,
     },
@@ -254,27 +254,22 @@ fn write_inner(
         let report = match &memory {
             MemorySource::Full { private, link } => {
                 let copy = RegionCopy {
-                    private: private.get(i).copied(),
+                    private: private.get(i),
                     link: *link,
                     cancel,
                     progress: Some(progress),
                 };
-                // SAFETY: the caller keeps the private mappings alive and unwritten (VM paused)
-                // until the write ends (`MemorySource::Full`).
-                unsafe { write_region(region, &copy, &path, name) }?
+                write_region(region, &copy, &path, name)?
             }
-            // SAFETY: as above, for the mappings the pages are read from.
-            MemorySource::Pages { mappings, pages } => unsafe {
-                write_dirty_region(
-                    region,
-                    mappings.get(i),
-                    pages.get(i),
-                    &path,
-                    name,
-                    cancel,
-                    progress,
-                )
-            }?,
+            MemorySource::Pages { mappings, pages } => write_dirty_region(
+                region,
+                mappings.get(i),
+                pages.get(i),
+                &path,
+                name,
+                cancel,
+                progress,
+            )?,
             MemorySource::Written(_) => written.next().ok_or_else(|| {
                 io("find the copied memory file", &path)(std::io::Error::from_raw_os_error(
                     libc::ENOENT,
@@ -352,32 +347,31 @@ fn describe_and_seal(
     Ok(())
 }
 
-/// A diff's memory file: as long as the region, holding only `pages`, holes elsewhere.
-///
-/// # Safety
-/// `mapping` must be a live mapping of `region` that stays mapped during the call.
-unsafe fn write_dirty_region(
+/// A diff's memory file: as long as the region, holding only `pages` (read from `mapping`, the
+/// region's mapping), holes elsewhere.
+fn write_dirty_region(
     region: &ShareableRegion,
-    mapping: Option<&PrivateMapping>,
+    mapping: Option<&RegionMapping>,
     pages: Option<&PageBitmap>,
     path: &Path,
     name: String,
     cancel: &AtomicBool,
     progress: &SnapshotProgress,
 ) -> Result<RegionReport, WriteError> {
-    let (Some(&mapping), Some(pages)) = (mapping, pages) else {
+    let (Some(mapping), Some(pages)) = (mapping, pages) else {
         return Err(io("find the dirty pages for", path)(
             std::io::Error::from_raw_os_error(libc::EINVAL),
         ));
     };
     let dst = create_file(path)?;
     dst.set_len(region.size).map_err(io("size", path))?;
-    // SAFETY: guaranteed by the caller.
-    let copied_bytes = unsafe { write_pages(mapping, pages, &dst, cancel, Some(progress)) }
-        .map_err(|source| WriteError::Memory {
-            guest_address: region.guest_address,
-            path: path.to_path_buf(),
-            source,
+    let copied_bytes =
+        write_pages(mapping, pages, &dst, cancel, Some(progress)).map_err(|source| {
+            WriteError::Memory {
+                guest_address: region.guest_address,
+                path: path.to_path_buf(),
+                source,
+            }
         })?;
     Ok(RegionReport {
         guest_address: region.guest_address,
@@ -391,8 +385,9 @@ unsafe fn write_dirty_region(
 /// How one region's memory file is made (`write_region`).
 pub(super) struct RegionCopy<'a> {
     /// For RAM mapped copy-on-write: the region's private mapping, whose own pages are written
-    /// over the file's data.
-    pub private: Option<PrivateMapping>,
+    /// over the file's data. Nobody writes it during the copy (the VM is paused), or the dirty
+    /// log records the writes (a live snapshot's first pass).
+    pub private: Option<&'a RegionMapping>,
     /// The VM ends with the snapshot: the backing may be hard-linked.
     pub link: bool,
     /// Set when the VM ends mid-copy.
@@ -430,11 +425,7 @@ pub(super) fn expect_touched(
 /// its own, on the same filesystem), else reflinked, else copied sparsely; a private mapping's
 /// own pages are then written over it. Not fsynced: the caller seals the file when it is
 /// complete (`integrity::seal`).
-///
-/// # Safety
-/// `copy.private`, if given, must be a live mapping of `region` that nobody writes during the
-/// call (or, for a live snapshot's first pass, whose writes meanwhile the dirty log records).
-pub(super) unsafe fn write_region(
+pub(super) fn write_region(
     region: &ShareableRegion,
     copy: &RegionCopy<'_>,
     path: &Path,
@@ -492,9 +483,8 @@ pub(super) unsafe fn write_region(
         (CopyMethod::SparseCopy, n)
     };
     if let Some(mapping) = copy.private {
-        // SAFETY: guaranteed by the caller.
-        copied_bytes += unsafe { overlay_private_pages(mapping, &dst, copy.cancel, copy.progress) }
-            .map_err(mem_err)?;
+        copied_bytes +=
+            overlay_private_pages(mapping, &dst, copy.cancel, copy.progress).map_err(mem_err)?;
     }
     Ok(RegionReport {
         guest_address: region.guest_address,
