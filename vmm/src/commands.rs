@@ -17,10 +17,9 @@ use crate::sandbox::SandboxError;
 use crate::sandbox::{SandboxArgs, SandboxPaths};
 use crate::snapshot::auth::{default_key_path, AuthError, SnapshotKey};
 use crate::snapshot::authorize::{authorize, AuthorizeError, ResourceOverrides};
-use crate::snapshot::chain::ChainError;
-use crate::snapshot::restore::{
-    load, memory_mode, restore_vm, LoadedSnapshot, MemoryMode, RestoreError,
-};
+use crate::snapshot::loaded_snapshot::LoadedSnapshot;
+use crate::snapshot::merge::MergeError;
+use crate::snapshot::restore::{load, memory_mode, restore_vm, MemoryMode, RestoreError};
 
 /// Why `restore`, `snapshot-merge` or `snapshot-info` failed.
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +55,7 @@ pub enum CommandError {
     Run(#[from] RunError),
     /// A diff could not be merged.
     #[error(transparent)]
-    Merge(#[from] ChainError),
+    Merge(#[from] MergeError),
     /// A report could not be encoded as JSON.
     #[error("cannot encode the report as JSON")]
     Encode(#[source] serde_json::Error),
@@ -231,7 +230,7 @@ pub struct MergeArgs {
 /// summary.
 pub fn snapshot_merge(args: MergeArgs) -> Result<(), CommandError> {
     let key = existing_key()?;
-    let report = crate::snapshot::chain::merge(&args.dir, args.parent.as_deref(), key.as_ref())?;
+    let report = crate::snapshot::merge::merge(&args.dir, args.parent.as_deref(), key.as_ref())?;
     println!(
         "{}",
         serde_json::to_string(&report).map_err(CommandError::Encode)?

@@ -28,10 +28,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use xxhash_rust::xxh3::Xxh3;
 
 use super::chain::resolve_parents;
+use super::files::FileError;
 use super::manifest::{self, MemoryRegionEntry, SnapshotManifest};
 use super::memory_file::{data_extents, MemoryFileError};
 use super::state_file;
-use super::writer::WriteError;
 
 /// The algorithm's name, the prefix of every checksum string.
 pub const ALGORITHM: &str = "xxh3-64";
@@ -185,9 +185,9 @@ fn read_full(file: &File, buf: &mut [u8], at: u64) -> Result<usize, MemoryFileEr
 
 /// Makes a complete memory file durable and returns its checksum: fsyncs it on one thread
 /// while this one reads it back and sums it.
-pub fn seal(path: &Path, len: u64, cancel: &AtomicBool) -> Result<String, WriteError> {
+pub fn seal(path: &Path, len: u64, cancel: &AtomicBool) -> Result<String, FileError> {
     let io = |op| {
-        move |source| WriteError::Io {
+        move |source| FileError {
             op,
             path: path.to_path_buf(),
             source,
@@ -208,7 +208,7 @@ pub fn seal(path: &Path, len: u64, cancel: &AtomicBool) -> Result<String, WriteE
         (synced, summed)
     });
     synced.map_err(io("fsync"))?;
-    summed.map_err(|source| WriteError::Io {
+    summed.map_err(|source| FileError {
         op: "checksum",
         path: path.to_path_buf(),
         source: std::io::Error::other(crate::error_chain(&source)),

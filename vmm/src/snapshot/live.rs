@@ -20,11 +20,10 @@ use serde::Serialize;
 use thiserror::Error;
 
 use super::dirty::{gather, merge_device_logs, write_pages, DirtyError, PageBitmap, DIRTY_PAGE};
+use super::files::{create_file, FileError};
 use super::memory_file::{CopyMethod, MemoryFileError};
 use super::progress::SnapshotProgress;
-use super::writer::{
-    create_file, expect_touched, write_region, RegionCopy, RegionReport, WriteError,
-};
+use super::writer::{expect_touched, write_region, RegionCopy, RegionReport, WriteError};
 use crate::hypervisor::DirtyLog;
 use crate::memory::{GuestMemory, RegionMapping, ShareableRegion};
 
@@ -58,6 +57,9 @@ pub enum LiveError {
     /// Writing a memory file failed.
     #[error(transparent)]
     Write(#[from] WriteError),
+    /// A memory file could not be created, sized or opened.
+    #[error(transparent)]
+    File(#[from] FileError),
     /// The dirty pages could not be gathered.
     #[error(transparent)]
     Dirty(#[from] DirtyError),
@@ -172,7 +174,7 @@ pub fn precopy(job: &Precopy, cancel: &AtomicBool) -> Result<PrecopyReport, Live
             }
             FirstPass::Pages(sets) => {
                 let dst = create_file(&path)?;
-                dst.set_len(region.size).map_err(|source| WriteError::Io {
+                dst.set_len(region.size).map_err(|source| FileError {
                     op: "size",
                     path: path.clone(),
                     source,
@@ -248,7 +250,7 @@ pub fn copy_dirty(
         let dst = File::options()
             .write(true)
             .open(&path)
-            .map_err(|source| WriteError::Io {
+            .map_err(|source| FileError {
                 op: "open",
                 path: path.clone(),
                 source,

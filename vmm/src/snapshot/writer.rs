@@ -14,11 +14,8 @@
 //! the caller paused it and gathered the state.
 
 use std::ffi::CString;
-use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
@@ -26,8 +23,8 @@ use std::time::Instant;
 use thiserror::Error;
 
 use super::auth::{default_key_path, SnapshotKey};
-use super::chain::data_bytes;
 use super::dirty::{write_pages, PageBitmap, DIRTY_PAGE};
+use super::files::{create_file, data_bytes, fsync_dir, io, write_file, FileError};
 use super::integrity;
 use super::manifest::{
     MemoryRegionEntry, SnapshotManifest, StateFileEntry, MANIFEST_FILE, STATE_FILE,
@@ -62,16 +59,8 @@ pub enum WriteError {
         source: std::io::Error,
     },
     /// A file or directory operation failed.
-    #[error("cannot {op} {path}")]
-    Io {
-        /// What was being done.
-        op: &'static str,
-        /// On which path.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] FileError),
     /// Copying a memory region failed.
     #[error("cannot write memory region at {guest_address:#x} to {path}")]
     Memory {
@@ -83,17 +72,6 @@ pub enum WriteError {
         #[source]
         source: MemoryFileError,
     },
-}
-
-pub(super) fn io<'a>(
-    op: &'static str,
-    path: &'a Path,
-) -> impl FnOnce(std::io::Error) -> WriteError + 'a {
-    move |source| WriteError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// What one region's memory file holds and how it was made.
@@ -190,7 +168,7 @@ pub fn reserve(dir: &Path) -> Result<PathBuf, WriteError> {
             path: dir.to_path_buf(),
             source: e,
         }),
-        Err(e) => Err(io("create", &temp)(e)),
+        Err(e) => Err(io("create", &temp)(e).into()),
     }
 }
 
@@ -359,9 +337,9 @@ fn write_dirty_region(
     progress: &SnapshotProgress,
 ) -> Result<RegionReport, WriteError> {
     let (Some(mapping), Some(pages)) = (mapping, pages) else {
-        return Err(io("find the dirty pages for", path)(
+        return Err(WriteError::from(io("find the dirty pages for", path)(
             std::io::Error::from_raw_os_error(libc::EINVAL),
-        ));
+        )));
     };
     let dst = create_file(path)?;
     dst.set_len(region.size).map_err(io("size", path))?;
@@ -508,29 +486,6 @@ fn page_size(region: &ShareableRegion) -> u64 {
     arch::layout::PAGE_SIZE
 }
 
-pub(super) fn create_file(path: &Path) -> Result<File, WriteError> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(path)
-        .map_err(io("create", path))
-}
-
-pub(super) fn write_file(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
-    let mut f = create_file(path)?;
-    f.write_all(bytes).map_err(io("write", path))?;
-    f.sync_all().map_err(io("fsync", path))
-}
-
-pub(super) fn fsync_dir(path: &Path) -> Result<(), WriteError> {
-    File::open(path)
-        .and_then(|d| d.sync_all())
-        .map_err(io("fsync directory", path))
-}
-
 fn rename_no_replace(from: &Path, to: &Path) -> Result<(), WriteError> {
     let c = |p: &Path| {
         CString::new(p.as_os_str().as_bytes())
@@ -552,7 +507,7 @@ fn rename_no_replace(from: &Path, to: &Path) -> Result<(), WriteError> {
         if e.raw_os_error() == Some(libc::EEXIST) {
             return Err(WriteError::Exists(to.to_path_buf()));
         }
-        return Err(io("rename into place", to)(e));
+        return Err(io("rename into place", to)(e).into());
     }
     Ok(())
 }
@@ -562,6 +517,7 @@ mod tests {
     use super::*;
     use crate::memory::Mappable;
     use crate::snapshot::manifest;
+    use std::fs::File;
     use std::os::unix::fs::FileExt;
     use std::sync::Arc;
 
