@@ -11,6 +11,7 @@ use crate::runner::{run_vm, RunError, RunOptions, RunOutcome};
 use crate::sandbox::{SandboxError, SandboxPaths};
 use crate::snapshot::auth::{default_key_path, AuthError, SnapshotKey};
 use crate::snapshot::authorize::{authorize, AuthorizeError};
+use crate::snapshot::integrity::Problem;
 use crate::snapshot::loaded_snapshot::LoadedSnapshot;
 use crate::snapshot::merge::MergeError;
 use crate::snapshot::restore::{load, memory_mode, restore_vm, RestoreError};
@@ -26,15 +27,16 @@ pub enum CommandError {
     Key(#[from] AuthError),
     /// `--verify` found a problem.
     #[error(
-        "snapshot {} failed verification: {first}{}",
+        "snapshot {} failed verification: {}{}",
         dir.display(),
+        crate::error_chain(first),
         more_problems(*others)
     )]
     Verification {
         /// The snapshot directory.
         dir: PathBuf,
         /// The first problem found.
-        first: String,
+        first: Box<Problem>,
         /// How many more were found.
         others: usize,
     },
@@ -78,11 +80,12 @@ pub fn restore(args: RestoreArgs, ready: impl FnOnce()) -> Result<RunOutcome, Co
     crate::sandbox::init(&args.sandbox)?;
     if args.verify {
         let (problems, _) = crate::snapshot::integrity::verify(&args.dir, args.parent.as_deref());
-        if let Some(first) = problems.first() {
+        let others = problems.len().saturating_sub(1);
+        if let Some(first) = problems.into_iter().next() {
             return Err(CommandError::Verification {
                 dir: args.dir,
-                first: first.clone(),
-                others: problems.len() - 1,
+                first: Box::new(first),
+                others,
             });
         }
     }
@@ -120,7 +123,7 @@ pub fn snapshot_verify(args: VerifyArgs) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     for p in &problems {
-        eprintln!("skiff: {p}");
+        eprintln!("skiff: {}", crate::error_chain(p));
     }
     ExitCode::from(crate::exit_code::VMM_ERROR)
 }

@@ -604,8 +604,13 @@ mod tests {
 
     #[test]
     fn every_memory_file_gets_a_checksum_that_verify_checks() {
-        use crate::snapshot::integrity::verify;
         use crate::snapshot::state_file::{encode, tests::sample_state};
+        // Each problem `verify` finds, as the line `snapshot-verify` prints.
+        let verify = |dir: &Path| {
+            let (problems, bytes) = crate::snapshot::integrity::verify(dir, None);
+            let lines: Vec<String> = problems.iter().map(|p| crate::error_chain(p)).collect();
+            (lines, bytes)
+        };
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("snap");
         let temp = reserve(&dir).unwrap();
@@ -622,7 +627,7 @@ mod tests {
             .checksum
             .as_deref()
             .is_some_and(|c| c.starts_with("xxh3-64:"))));
-        let (problems, bytes) = verify(&dir, None);
+        let (problems, bytes) = verify(&dir);
         assert!(problems.is_empty(), "{problems:?}");
         assert!(bytes > 0);
         // One byte of guest memory changed behind the snapshot's back.
@@ -631,7 +636,7 @@ mod tests {
             .open(dir.join("memory-0.bin"))
             .unwrap();
         mem.write_all_at(b"X", 4096).unwrap();
-        let (problems, _) = verify(&dir, None);
+        let (problems, _) = verify(&dir);
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(
             problems[0].contains("memory-0.bin has checksum")
@@ -646,7 +651,7 @@ mod tests {
             .open(dir.join(STATE_FILE))
             .unwrap();
         state.set_len(10).unwrap();
-        let (problems, _) = verify(&dir, None);
+        let (problems, _) = verify(&dir);
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(
             problems[0].contains("state file") && problems[0].contains("but the manifest says")
