@@ -49,9 +49,9 @@ pub enum KernelError {
     Elf {
         /// The path.
         path: PathBuf,
-        /// What is wrong with it.
+        /// What is wrong with it (boxed: it carries a segment's values).
         #[source]
-        source: super::elf_check::ElfError,
+        source: Box<super::elf_check::ElfError>,
     },
     /// linux-loader rejected the image.
     #[error("kernel image {path}: cannot load {format}: {reason}")]
@@ -143,9 +143,9 @@ pub fn load_kernel(
     };
     match detect(path, &mut file)? {
         Format::Elf => {
-            check_elf(&file, ram).map_err(|source| KernelError::Elf {
+            check_elf(&file, ram).map_err(|e| KernelError::Elf {
                 path: path.to_path_buf(),
-                source,
+                source: Box::new(e),
             })?;
             let r = Elf::load(mem, None, &mut file, high).map_err(|e| load_err("ELF", e))?;
             let entry = match r.pvh_boot_cap {

@@ -156,9 +156,9 @@ pub enum HypervisorError {
     InvalidState {
         /// "vCPU" or "VM".
         what: &'static str,
-        /// What is wrong.
+        /// What is wrong (boxed: the error stays small on every path that returns it).
         #[source]
-        source: state::StateError,
+        source: Box<state::StateError>,
     },
     /// The host cannot run the saved guest's TSC at its frequency.
     #[error("cannot run the saved guest's TSC at {saved_khz} kHz on this host ({host_khz} kHz)")]

@@ -140,9 +140,9 @@ impl VcpuSnapshot for KvmVcpu {
         let facts = host_facts()?;
         state
             .validate()
-            .map_err(|source| HypervisorError::InvalidState {
+            .map_err(|e| HypervisorError::InvalidState {
                 what: "vCPU",
-                source,
+                source: Box::new(e),
             })?;
         // 1. CPUID first: it decides which MSRs, XSAVE components and CR4 bits KVM accepts below.
         let cpuid: Vec<_> = state

@@ -55,7 +55,10 @@ impl VmSnapshot for KvmVm {
         let fd = &self.fd;
         state
             .validate()
-            .map_err(|source| HypervisorError::InvalidState { what: "VM", source })?;
+            .map_err(|e| HypervisorError::InvalidState {
+                what: "VM",
+                source: Box::new(e),
+            })?;
         // The chips exist once `create_platform_devices` ran; their state goes in before any
         // vCPU runs, so no interrupt is routed through a half-restored controller.
         let mut chip = kvm_irqchip {
