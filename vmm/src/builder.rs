@@ -356,12 +356,8 @@ pub(crate) fn create_vm(
     let vm = hypervisor.create_vm()?;
     for (slot, region) in ram.memory().iter().enumerate() {
         let host = region.as_ptr() as u64;
-        let slot = u32::try_from(slot).map_err(|_| {
-            HypervisorError::op(
-                "numbering memory slots",
-                std::io::Error::from_raw_os_error(libc::E2BIG),
-            )
-        })?;
+        let slot =
+            u32::try_from(slot).map_err(|_| HypervisorError::TooManySlots { index: slot })?;
         // SAFETY: the mapping belongs to `ram`, which `BuiltVm` keeps alive as long as the VM.
         unsafe { vm.map_memory(slot, region.start_addr().0, region.len(), host) }?;
     }
