@@ -14,6 +14,9 @@
 //! - anything else: `NAME: command not found` on stderr and exit 127, as the real agent does.
 //!
 //! `Shutdown` powers the VM off; `Quiesce` and `Resume` answer `Done` (there is nothing to stop).
+//!
+//! The console stays quiet on the way (each byte is a VM exit): only `spin` and `die` say
+//! that they run.
 use agent_protocol::{ByteList, ErrorCode, ExitStatus, Header, Message, AGENT_PORT, HEADER_LEN};
 
 use crate::bootinfo::BootInfo;
@@ -86,7 +89,6 @@ pub fn run(info: &BootInfo) -> ! {
         Ok(c) => c,
         Err(e) => fail_err("connect to the host's agent port", e),
     };
-    serial::line().str("testguest: agent connected\n");
     let mut link = Link {
         v,
         c,
@@ -185,10 +187,6 @@ fn parse_num(digits: &[u8]) -> Option<u64> {
 fn exec(link: &mut Link, req: u32, argv: ByteList<'_>, timeout_ms: u64) {
     let mut args = argv.iter();
     let name = args.next().unwrap_or(b"");
-    serial::line()
-        .str("testguest: agent exec ")
-        .bytes(name)
-        .str("\n");
     link.send(req, &Message::Started { pid: 1 });
     let status = match name {
         b"true" => ExitStatus::Code(0),
@@ -219,6 +217,8 @@ fn exec(link: &mut Link, req: u32, argv: ByteList<'_>, timeout_ms: u64) {
             ExitStatus::Code(0)
         }
         b"spin" => {
+            // The one program that runs until stopped says so, for tests that wait for it.
+            serial::line().str("testguest: agent exec spin\n");
             let deadline = Deadline::after_ms(if timeout_ms == 0 {
                 FOREVER_MS
             } else {
