@@ -95,7 +95,7 @@ impl RestoreArgs {
 
 /// This user's snapshot key if it exists (restore and inspection never create it: without one,
 /// nothing can be authenticated anyway). A key file that is unusable is an error.
-fn existing_key() -> Result<Option<SnapshotKey>, String> {
+pub(crate) fn existing_key() -> Result<Option<SnapshotKey>, String> {
     match default_key_path() {
         Ok(path) => SnapshotKey::load(&path).map_err(|e| crate::error_chain(&e)),
         Err(_) => Ok(None),

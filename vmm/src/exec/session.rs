@@ -28,10 +28,20 @@ const INIT_MARKER: &[u8] = b" as init process";
 /// How often the serial console is scanned for `Run /init`.
 const SERIAL_SCAN: Duration = Duration::from_millis(500);
 
+/// How the session reaches the agent.
+#[derive(Debug)]
+pub enum AgentLink {
+    /// A booting guest's agent connects out to this listener (on the vsock device's
+    /// `PATH_1024`).
+    Listen(UnixListener),
+    /// A restored guest's agent listens on vsock port 1024 behind this vsock socket.
+    Connect(PathBuf),
+}
+
 /// Everything the session needs; moved to its thread.
 #[derive(Debug)]
 pub struct Session {
-    pub listener: UnixListener,
+    pub link: AgentLink,
     pub exit: VmExitSignal,
     pub boot_timeout: Duration,
     pub serial_log: PathBuf,
@@ -62,6 +72,9 @@ pub enum SessionEnd {
     Virtiofsd(String),
     /// The VM ended because skiff was told to stop.
     Stopped,
+    /// `skiff exec --snapshot`: the snapshot cannot run a command (not a snapshot, no vsock
+    /// device, no agent listening in it).
+    SnapshotUnusable(String),
     /// skiff itself failed.
     Internal(String),
 }
@@ -152,6 +165,16 @@ impl Session {
         let mut pvm_stuck = false;
         let exit = self.exit.clone();
         let daemons = &mut self.daemons;
+        let listener = match &self.link {
+            AgentLink::Listen(listener) => listener,
+            AgentLink::Connect(path) => {
+                return match super::ctl::connect_agent(path) {
+                    Ok(stream) => self.serve(stream, started),
+                    Err(SessionEnd::NoListener(m)) => SessionEnd::SnapshotUnusable(m),
+                    Err(end) => end,
+                }
+            }
+        };
         let stream = {
             let stop = || {
                 if let Some(d) = Self::dead_daemon(daemons) {
@@ -168,7 +191,7 @@ impl Session {
                 }
                 exit.is_requested()
             };
-            match wait_for_agent(&self.listener, started + self.boot_timeout, stop) {
+            match wait_for_agent(listener, started + self.boot_timeout, stop) {
                 Ok(Some(s)) => s,
                 Ok(None) => {
                     return if let Some(d) = dead {
@@ -189,6 +212,12 @@ impl Session {
             }
         };
         log::info!("agent connected after {:?}", started.elapsed());
+        self.serve(stream, started)
+    }
+
+    /// Greets the agent on `stream` and runs the command.
+    fn serve(&mut self, stream: std::os::unix::net::UnixStream, started: Instant) -> SessionEnd {
+        let exit = self.exit.clone();
         let mut client = match AgentClient::new(stream) {
             Ok(c) => c,
             Err(e) => return SessionEnd::Internal(format!("agent connection: {e}")),
@@ -341,6 +370,10 @@ impl SessionEnd {
                 Some(g @ GuestEnd::HostSignal(_)) => guest_verdict(g),
                 _ => (exit_code::EXEC_AGENT_LOST, Some("stopped".into())),
             },
+            SessionEnd::SnapshotUnusable(m) => (
+                exit_code::EXEC_SNAPSHOT,
+                Some(format!("{m} (exit code {})", exit_code::EXEC_SNAPSHOT)),
+            ),
             SessionEnd::Internal(m) => (
                 exit_code::EXEC_SETUP,
                 Some(format!("{m} (exit code {})", exit_code::EXEC_SETUP)),
@@ -378,6 +411,7 @@ mod tests {
             SessionEnd::Lost("x".into()),
             SessionEnd::Garbage("x".into()),
             SessionEnd::Virtiofsd("x".into()),
+            SessionEnd::SnapshotUnusable("x".into()),
             SessionEnd::Internal("x".into()),
         ];
         let codes: Vec<u8> = ends.iter().map(|e| e.report(None).0).collect();

@@ -23,6 +23,7 @@ use crate::bootinfo::BootInfo;
 use crate::io;
 use crate::serial;
 use crate::tsc::Deadline;
+use crate::virtio::console::ConsolePort;
 use crate::virtio::vsock::{fail_err, Conn, Vsock};
 
 /// The largest request payload the test guest takes.
@@ -34,9 +35,51 @@ const FOREVER_MS: u64 = 24 * 3600 * 1000;
 /// The debug-exit code of `die`.
 const DIE_CODE: u8 = 7;
 
+/// The byte stream the protocol runs over.
+enum Channel {
+    /// A vsock connection.
+    Vsock(Vsock, Conn),
+    /// virtio-console port 0 (for VMMs without vsock: QEMU here has no vhost-vsock).
+    Console(ConsolePort),
+}
+
+impl Channel {
+    fn send_all(&mut self, data: &[u8]) {
+        match self {
+            Channel::Vsock(v, c) => {
+                if let Err(e) = v.send(*c, data, Deadline::after_ms(FOREVER_MS)) {
+                    fail_err("send", e);
+                }
+            }
+            Channel::Console(port) => port.write_all(data),
+        }
+    }
+
+    /// Some bytes (Ok(0): the host closed the stream).
+    fn recv(&mut self, buf: &mut [u8]) -> Result<usize, ()> {
+        match self {
+            Channel::Vsock(v, c) => v
+                .recv(*c, buf, Deadline::after_ms(FOREVER_MS))
+                .map_err(|_| ()),
+            Channel::Console(port) => loop {
+                match port.read(buf, Deadline::after_ms(FOREVER_MS)) {
+                    Some(0) | None => continue,
+                    Some(n) => return Ok(n),
+                }
+            },
+        }
+    }
+
+    /// Does the device work a waiting program would leave undone.
+    fn idle(&mut self) {
+        if let Channel::Vsock(v, _) = self {
+            v.poll();
+        }
+    }
+}
+
 struct Link {
-    v: Vsock,
-    c: Conn,
+    ch: Channel,
     out: [u8; HEADER_LEN + OUT_CHUNK],
 }
 
@@ -47,23 +90,15 @@ impl Link {
             Err(_) => crate::scenario::fail_msg("a reply does not fit the send buffer"),
         };
         let out = self.out;
-        if let Err(e) = self
-            .v
-            .send(self.c, &out[..n], Deadline::after_ms(FOREVER_MS))
-        {
-            fail_err("send", e);
-        }
+        self.ch.send_all(&out[..n]);
     }
 
     /// Fills `buf`; false when the host closed the connection first.
     fn read_exact(&mut self, buf: &mut [u8]) -> bool {
         let mut got = 0;
         while got < buf.len() {
-            match self
-                .v
-                .recv(self.c, &mut buf[got..], Deadline::after_ms(FOREVER_MS))
-            {
-                Ok(0) | Err(_) => return false,
+            match self.ch.recv(&mut buf[got..]) {
+                Ok(0) | Err(()) => return false,
                 Ok(n) => got += n,
             }
         }
@@ -90,13 +125,27 @@ pub fn run(info: &BootInfo) -> ! {
         Err(e) => fail_err("connect to the host's agent port", e),
     };
     let mut link = Link {
-        v,
-        c,
+        ch: Channel::Vsock(v, c),
         out: [0; HEADER_LEN + OUT_CHUNK],
     };
     serve(info, &mut link);
     serial::line().str("testguest: agent: the host closed the connection\n");
     io::exit(0);
+}
+
+/// `agent-console`: serves the protocol on virtio-console port 0 (one stream, no
+/// connections: the host program is whatever reads and writes the port), until a `Shutdown`.
+pub fn console(info: &BootInfo) -> ! {
+    crate::virtio::dma::reset(info);
+    let port = ConsolePort::open_another(info);
+    serial::line().str("testguest: agent on the console\n");
+    let mut link = Link {
+        ch: Channel::Console(port),
+        out: [0; HEADER_LEN + OUT_CHUNK],
+    };
+    loop {
+        serve(info, &mut link);
+    }
 }
 
 /// `agent-listen`: listens on port 1024 (as the agent does for `skiff run --agent`) and serves
@@ -111,13 +160,15 @@ pub fn listen(info: &BootInfo) -> ! {
             Err(e) => fail_err("accept", e),
         };
         let mut link = Link {
-            v,
-            c,
+            ch: Channel::Vsock(v, c),
             out: [0; HEADER_LEN + OUT_CHUNK],
         };
         serve(info, &mut link);
-        link.v.close(link.c, Deadline::after_ms(1000));
-        v = link.v;
+        let Channel::Vsock(mut back, c) = link.ch else {
+            crate::scenario::fail_msg("the listener's channel is not vsock");
+        };
+        back.close(c, Deadline::after_ms(1000));
+        v = back;
     }
 }
 
@@ -225,7 +276,7 @@ fn exec(link: &mut Link, req: u32, argv: ByteList<'_>, timeout_ms: u64) {
                 timeout_ms
             });
             while !deadline.passed() {
-                link.v.poll();
+                link.ch.idle();
             }
             ExitStatus::TimedOut
         }
@@ -234,13 +285,10 @@ fn exec(link: &mut Link, req: u32, argv: ByteList<'_>, timeout_ms: u64) {
             io::exit(DIE_CODE);
         }
         b"garbage" => {
-            let junk = *b"this is not an agent frame, at all";
-            if let Err(e) = link.v.send(link.c, &junk, Deadline::after_ms(FOREVER_MS)) {
-                fail_err("send", e);
-            }
+            link.ch.send_all(b"this is not an agent frame, at all");
             // The host should give up on the connection; wait for it to end the VM.
             loop {
-                link.v.poll();
+                link.ch.idle();
             }
         }
         _ => {
