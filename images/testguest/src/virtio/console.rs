@@ -120,7 +120,7 @@ impl ConsolePort {
     pub fn read(&mut self, out: &mut [u8], deadline: Deadline) -> Option<usize> {
         if self.in_taken == self.in_len {
             let (_, len) = self.rx.wait(deadline)?;
-            self.in_len = u64::from(len).min(PORT_BUF);
+            self.in_len = u64::from(len).min(self.inbuf.len());
             self.in_taken = 0;
         }
         let n = ((self.in_len - self.in_taken) as usize).min(out.len());
