@@ -40,7 +40,7 @@ fn unusable(line: String) -> Failure {
 
 /// Restores `dir` and runs `args.command` in it; the exit code as `skiff exec` gives it.
 pub(super) fn run(args: &ExecArgs, dir: &Path, env: Vec<Vec<u8>>) -> Result<u8, Failure> {
-    let key = crate::commands::existing_key().map_err(|e| setup_failed(e))?;
+    let key = crate::commands::existing_key().map_err(setup_failed)?;
     let snap = load(dir, key.as_ref()).map_err(|e| {
         unusable(format!(
             "--snapshot {}: not a snapshot skiff can restore: {}",
