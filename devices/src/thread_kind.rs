@@ -31,11 +31,13 @@ pub enum ThreadKind {
     VhostUserBlkBackend,
     /// Drains one host sink's guest-output buffer (stdout, a `--serial file=`) into it.
     GuestOutput,
+    /// `skiff exec`'s session: waits for the guest agent, runs the command, streams its output.
+    ExecSession,
 }
 
 impl ThreadKind {
     /// Every kind, for tables and tests.
-    pub const ALL: [ThreadKind; 10] = [
+    pub const ALL: [ThreadKind; 11] = [
         ThreadKind::Vcpu,
         ThreadKind::EventLoop,
         ThreadKind::Disk,
@@ -46,6 +48,7 @@ impl ThreadKind {
         ThreadKind::Teardown,
         ThreadKind::VhostUserBlkBackend,
         ThreadKind::GuestOutput,
+        ThreadKind::ExecSession,
     ];
 
     /// The kind's name in options, messages and docs (`vcpu`, `event-loop`, ...).
@@ -61,6 +64,7 @@ impl ThreadKind {
             ThreadKind::Teardown => "teardown",
             ThreadKind::VhostUserBlkBackend => "vhost-user-blk",
             ThreadKind::GuestOutput => "guest-output",
+            ThreadKind::ExecSession => "exec-session",
         }
     }
 

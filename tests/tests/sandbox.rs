@@ -147,6 +147,51 @@ fn a_snapshot_writer_thread_is_stopped_by_its_filter() {
 }
 
 #[test]
+fn the_exec_session_thread_is_stopped_by_its_filter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let kernel = guest();
+    require_kvm();
+    let mut cmd = Command::new(skiff_bin());
+    cmd.env("TMPDIR", tmp.path())
+        .env(TRIGGER, "exec-session")
+        .args([
+            "exec",
+            "--kernel",
+            &kernel,
+            "--cmdline",
+            "agent",
+            "--",
+            "exit=0",
+        ]);
+    let r = Skiff::spawn_command(&mut cmd).wait(T);
+    assert_stopped_by_filter(&r, "exec-session");
+}
+
+#[test]
+fn skiff_exec_runs_a_command_with_every_filter_on() {
+    // The session, the VM's threads and the main thread's end (stopping, removing the run
+    // directory) all stay inside their filters: a command's exit code comes back untouched.
+    let tmp = tempfile::tempdir().unwrap();
+    let kernel = guest();
+    require_kvm();
+    for mode in ["on", "log"] {
+        let mut cmd = Command::new(skiff_bin());
+        cmd.env("TMPDIR", tmp.path()).args([
+            "exec",
+            "--seccomp",
+            mode,
+            "--kernel",
+            &kernel,
+            "--cmdline",
+            "agent",
+            "--",
+            "exit=7",
+        ]);
+        Skiff::spawn_command(&mut cmd).wait(T).assert_code(7);
+    }
+}
+
+#[test]
 fn the_teardown_process_is_stopped_by_its_filter() {
     // skiff itself ends as the guest asked; the detached teardown process reports on the
     // stderr it still holds, before it gives it up.

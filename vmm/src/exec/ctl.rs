@@ -99,12 +99,18 @@ fn interrupted(i: Interrupt) -> SessionEnd {
 }
 
 /// Connects to the agent's port behind the vsock socket `vsock` through the device's
-/// `CONNECT` handshake (also `skiff exec --snapshot`).
-pub(super) fn connect_agent(vsock: &Path) -> Result<UnixStream, SessionEnd> {
+/// `CONNECT` handshake.
+fn connect_agent(vsock: &Path) -> Result<UnixStream, SessionEnd> {
+    let stream = UnixStream::connect(vsock)
+        .map_err(|e| SessionEnd::Internal(format!("cannot connect to {}: {e}", vsock.display())))?;
+    handshake(stream, vsock)
+}
+
+/// The device's `CONNECT 1024` handshake on `stream`, connected to the vsock socket `vsock`
+/// (also `skiff exec --snapshot`, whose session thread may not create sockets).
+pub(super) fn handshake(mut stream: UnixStream, vsock: &Path) -> Result<UnixStream, SessionEnd> {
     let path = vsock.display();
     let port = agent_protocol::AGENT_PORT;
-    let mut stream = UnixStream::connect(vsock)
-        .map_err(|e| SessionEnd::Internal(format!("cannot connect to {path}: {e}")))?;
     stream
         .set_read_timeout(Some(CONNECT_PATIENCE))
         .and_then(|()| stream.write_all(format!("CONNECT {port}\n").as_bytes()))

@@ -15,6 +15,7 @@
 //! and one in which nothing listens on port 1024 all end with `EXEC_SNAPSHOT` (207) and one
 //! line saying which.
 
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use super::session::{AgentLink, Session};
@@ -96,16 +97,27 @@ pub(super) fn run(args: &ExecArgs, dir: &Path, env: Vec<Vec<u8>>) -> Result<u8, 
     let mode = memory_mode(&plan.devices, Some(MemoryMode::Cow))
         .or_else(|_| memory_mode(&plan.devices, None))
         .map_err(|e| setup_failed(crate::error_chain(&e)))?;
+    // Seccomp filters as for a cold `skiff exec` (and `skiff restore`).
+    let sandbox = crate::sandbox::SandboxArgs {
+        seccomp: args.seccomp,
+        sandbox: false,
+        sandbox_allow: Vec::new(),
+    };
+    crate::sandbox::init(&sandbox).map_err(|e| setup_failed(crate::error_chain(&e)))?;
     let serial = SerialConfig::File(serial_log.clone());
     let vm = restore_vm(&snap, &plan, mode, &serial)
         .map_err(|e| setup_failed(crate::error_chain(&e)))?;
+    // The device listens already; connecting here leaves the session thread, whose filter
+    // allows no new sockets, only the `CONNECT` line to exchange once the VM runs.
+    let stream = UnixStream::connect(&vsock_socket)
+        .map_err(|e| setup_failed(format!("cannot connect to {}: {e}", vsock_socket.display())))?;
     let cwd = args
         .cwd
         .as_ref()
         .map(|d| std::os::unix::ffi::OsStrExt::as_bytes(d.as_os_str()).to_vec())
         .unwrap_or_default();
     let session = Session {
-        link: AgentLink::Connect(vsock_socket),
+        link: AgentLink::Connect(stream, vsock_socket),
         exit: vm.exit.clone(),
         boot_timeout: CONNECT_TIMEOUT,
         serial_log: serial_log.clone(),
@@ -117,7 +129,7 @@ pub(super) fn run(args: &ExecArgs, dir: &Path, env: Vec<Vec<u8>>) -> Result<u8, 
         timeout: None,
         api_socket: None,
         description: snap.manifest.vm.clone(),
-        // As for a cold `skiff exec`: no seccomp filters or Landlock rules are installed.
+        // As for a cold `skiff exec`: seccomp filters, no Landlock rules.
         sandbox_paths: crate::sandbox::SandboxPaths::default(),
     };
     run_session(vm, &opts, session, &serial_log, run_dir)

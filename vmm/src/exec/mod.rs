@@ -108,6 +108,10 @@ pub struct ExecArgs {
     /// lines are shown when the run fails).
     #[arg(long, value_name = "PATH")]
     pub serial_log: Option<PathBuf>,
+    /// Per-thread seccomp filters, as for `skiff run`: on (a forbidden system call ends skiff
+    /// with exit code 159), log (allowed, logged by the kernel), off.
+    #[arg(long, value_name = "MODE", default_value = "on")]
+    pub seccomp: crate::sandbox::SeccompMode,
     /// The command and its arguments.
     #[arg(required = true, last = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -329,6 +333,14 @@ fn run_inner(args: ExecArgs) -> Result<u8, Failure> {
             socket: vsock_socket,
         }),
     };
+    // The VM's threads get their seccomp filters as under `skiff run` (no Landlock here: the
+    // run directory skiff removes at the end lies outside anything it could be confined to).
+    let sandbox = crate::sandbox::SandboxArgs {
+        seccomp: args.seccomp,
+        sandbox: false,
+        sandbox_allow: Vec::new(),
+    };
+    crate::sandbox::init(&sandbox).map_err(|e| setup_failed(crate::error_chain(&e)))?;
     let vm = crate::builder::build_vm(&cfg).map_err(|e| setup_failed(crate::error_chain(&e)))?;
     let exit = vm.exit.clone();
 
@@ -352,8 +364,7 @@ fn run_inner(args: ExecArgs) -> Result<u8, Failure> {
         timeout: None,
         api_socket: None,
         description: crate::snapshot::manifest::VmDescription::from_config(&cfg),
-        // `skiff exec` installs no seccomp filters or Landlock rules yet (sandbox::init is not
-        // called), so confining the main thread is a no-op here.
+        // Without Landlock (see above) the main thread gets its seccomp filter only.
         sandbox_paths: crate::sandbox::SandboxPaths::default(),
     };
     run_session(vm, &opts, session, &serial_log, run_dir)
@@ -386,7 +397,10 @@ fn run_session(
         .map_err(|e| setup_failed(format!("cannot block stop signals: {e}")))?;
     let session_thread = std::thread::Builder::new()
         .name("exec-session".into())
-        .spawn(move || session.run())
+        .spawn(move || {
+            crate::sandbox::confine_thread_or_exit(crate::sandbox::ThreadKind::ExecSession);
+            session.run()
+        })
         .map_err(|e| setup_failed(format!("cannot start the session thread: {e}")))?;
 
     let outcome = crate::runner::run_vm(vm, opts);

@@ -34,8 +34,11 @@ pub enum AgentLink {
     /// A booting guest's agent connects out to this listener (on the vsock device's
     /// `PATH_1024`).
     Listen(UnixListener),
-    /// A restored guest's agent listens on vsock port 1024 behind this vsock socket.
-    Connect(PathBuf),
+    /// A restored guest's agent listens on vsock port 1024 behind the vsock socket (the
+    /// path), to which the stream is connected, its `CONNECT` not yet sent.
+    Connect(std::os::unix::net::UnixStream, PathBuf),
+    /// `Connect`'s stream, handed on to the session's client.
+    Used,
 }
 
 /// Everything the session needs; moved to its thread.
@@ -165,15 +168,20 @@ impl Session {
         let mut pvm_stuck = false;
         let exit = self.exit.clone();
         let daemons = &mut self.daemons;
-        let listener = match &self.link {
-            AgentLink::Listen(listener) => listener,
-            AgentLink::Connect(path) => {
-                return match super::ctl::connect_agent(path) {
-                    Ok(stream) => self.serve(stream, started),
-                    Err(SessionEnd::NoListener(m)) => SessionEnd::SnapshotUnusable(m),
-                    Err(end) => end,
-                }
-            }
+        if let AgentLink::Connect(..) = self.link {
+            let AgentLink::Connect(stream, path) =
+                std::mem::replace(&mut self.link, AgentLink::Used)
+            else {
+                return SessionEnd::Internal("the agent connection is gone".into());
+            };
+            return match super::ctl::handshake(stream, &path) {
+                Ok(stream) => self.serve(stream, started),
+                Err(SessionEnd::NoListener(m)) => SessionEnd::SnapshotUnusable(m),
+                Err(end) => end,
+            };
+        }
+        let AgentLink::Listen(listener) = &self.link else {
+            return SessionEnd::Internal("the agent listener is gone".into());
         };
         let stream = {
             let stop = || {

@@ -4,6 +4,7 @@
 //! with its own exit code.
 
 use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -73,6 +74,10 @@ pub fn find_virtiofsd() -> Result<PathBuf, VirtiofsdError> {
 #[derive(Debug)]
 pub struct Virtiofsd {
     child: Child,
+    /// The child's pidfd (Linux 5.3 and later): stopping the daemon signals it through this, so
+    /// the thread that does so needs no right to signal arbitrary processes (its seccomp filter
+    /// allows `pidfd_send_signal`, not `kill`).
+    pidfd: Option<OwnedFd>,
     dir: PathBuf,
     log: PathBuf,
 }
@@ -118,8 +123,10 @@ impl Virtiofsd {
             });
         }
         let child = cmd.spawn().map_err(spawn_err)?;
+        let pidfd = open_pidfd(child.id());
         let mut me = Virtiofsd {
             child,
+            pidfd,
             dir: dir.to_path_buf(),
             log: log.to_path_buf(),
         };
@@ -162,8 +169,7 @@ impl Virtiofsd {
 
 impl Drop for Virtiofsd {
     fn drop(&mut self) {
-        // SAFETY: kill has no memory effects; the pid is our child, not yet waited for.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        self.signal(libc::SIGTERM);
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(2) {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -171,7 +177,39 @@ impl Drop for Virtiofsd {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        let _ = self.child.kill();
+        self.signal(libc::SIGKILL);
         let _ = self.child.wait();
     }
+}
+
+impl Virtiofsd {
+    /// Sends `signal` to the daemon, through its pidfd where there is one.
+    fn signal(&self, signal: libc::c_int) {
+        match &self.pidfd {
+            // SAFETY: pidfd_send_signal with a pidfd we own and no siginfo; no memory effects.
+            Some(fd) => unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.as_raw_fd(),
+                    signal,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                );
+            },
+            // SAFETY: kill has no memory effects; the pid is our child, not yet waited for.
+            None => unsafe {
+                libc::kill(self.child.id() as libc::pid_t, signal);
+            },
+        }
+    }
+}
+
+/// A pidfd for our child `pid`, or `None` where the kernel has no `pidfd_open`.
+fn open_pidfd(pid: u32) -> Option<OwnedFd> {
+    let pid = libc::pid_t::try_from(pid).ok()?;
+    // SAFETY: pidfd_open returns a new descriptor or -1; it touches no memory of ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
+    // SAFETY: `fd` was just returned by pidfd_open and nothing else owns it.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }

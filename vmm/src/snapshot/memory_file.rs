@@ -130,6 +130,7 @@ pub fn copy_sparse_counted(
             let n = (hole - at).min(CHUNK);
             let out = dst_offset + (at - src_offset);
             let done = copy_chunk(&mut primitive, &mut buffer, src, at, dst, out, n)?;
+            start_writeback(dst, out, done);
             if let Some(p) = progress {
                 p.advance(done);
             }
@@ -139,6 +140,19 @@ pub fn copy_sparse_counted(
         pos = hole;
     }
     Ok(copied)
+}
+
+/// Starts writing `[offset, offset + len)` of `dst` back to its disk without waiting for it, so
+/// the disk works while the next chunk is copied and the final `fsync` only waits for the tail
+/// (a full snapshot then takes about as long as the disk needs, not copy time plus disk time).
+/// A hint: on a file system without writeback (tmpfs, a memfd) it does nothing, and a real I/O
+/// error shows again at the `fsync` that seals the file, where it is reported.
+fn start_writeback(dst: &File, offset: u64, len: u64) {
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: sync_file_range on a descriptor we hold; it only schedules writeback.
+    unsafe { libc::sync_file_range(dst.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE) };
 }
 
 /// The bytes of data (not holes) in `[start, start + len)` of `f`, as `SEEK_DATA`/`SEEK_HOLE`

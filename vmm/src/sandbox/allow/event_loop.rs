@@ -51,6 +51,9 @@ pub(super) fn add(list: &mut AllowList) -> Result<(), BackendError> {
         libc::SYS_pipe2,
         libc::SYS_wait4,
         libc::SYS_rt_sigaction,
+        // `skiff exec` stops its virtiofsd children after the VM, through their pidfds (a
+        // pidfd names one process the caller already holds; `kill` could name any).
+        libc::SYS_pidfd_send_signal,
     ]);
     list.call_if_arg(libc::SYS_socket, 0, &[libc::AF_UNIX as u64])?;
     // `--exit-status-file` is written by the main thread at the end: a temporary file, fsynced,

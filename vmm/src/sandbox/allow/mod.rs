@@ -14,6 +14,7 @@
 mod common;
 mod disk;
 mod event_loop;
+mod exec_session;
 mod snapshot;
 mod teardown;
 mod vcpu;
@@ -86,6 +87,7 @@ pub(super) fn rules_for(kind: ThreadKind) -> Result<Vec<(i64, Vec<SeccompRule>)>
         ThreadKind::VhostUserBlkBackend => vhost_user::blk_backend(&mut list)?,
         // Writes to a descriptor it already holds and waits on a condvar: the common calls.
         ThreadKind::GuestOutput => {}
+        ThreadKind::ExecSession => exec_session::add(&mut list)?,
     }
     Ok(list.into_rules())
 }

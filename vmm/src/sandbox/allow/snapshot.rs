@@ -42,6 +42,8 @@ pub(super) fn add(list: &mut AllowList) -> Result<(), BackendError> {
         libc::SYS_fallocate,
         libc::SYS_fsync,
         libc::SYS_fdatasync,
+        // Writeback of each copied chunk starts at once (memory_file::start_writeback).
+        libc::SYS_sync_file_range,
         libc::SYS_flock,
         // Sealing with this user's key: its owner is checked, and it is created on first use.
         libc::SYS_getrandom,
