@@ -182,7 +182,7 @@ fn dsdt_describes_the_pci_host_bridge_and_its_windows() {
     }
     let crs = position(body, b"_CRS").expect("_CRS");
     let crs = &body[crs..];
-    let bus = address_descriptor(0x88, 2, 0, 2, 0, 255);
+    let bus = address_descriptor(0x88, 2, 0, 2, 0, u64::from(ECAM_END_BUS));
     let io = [0x47, 0x01, 0xf8, 0x0c, 0xf8, 0x0c, 0x01, 0x08];
     let mmio32 = address_descriptor(0x87, 0, 1, 4, 0xc000_0000, 0xdfff_ffff);
     let mmio64 = address_descriptor(
@@ -254,7 +254,9 @@ fn mcfg_covers_the_ecam_area() {
     let entry = &mcfg[44..];
     assert_eq!(u64_at(entry, 0), PCI_ECAM_START);
     assert_eq!(u16::from_le_bytes([entry[8], entry[9]]), 0, "segment");
-    assert_eq!((entry[10], entry[11]), (0, 255), "bus range");
+    // Bus 0 only: Linux probes up to the MCFG's end bus (its peer-host-bridge scan).
+    assert_eq!((entry[10], entry[11]), (0, 0), "bus range");
+    assert_eq!(ECAM_END_BUS, 0);
 }
 
 #[test]

@@ -121,7 +121,7 @@ mod tests {
                 },
                 E820Entry {
                     addr: 0xe000_0000,
-                    size: 0x1000_0000,
+                    size: 0x10_0000,
                     kind: E820Kind::Reserved
                 },
             ]

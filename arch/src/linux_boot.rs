@@ -372,6 +372,8 @@ pub fn long_mode_boot_sregs(sregs: &mut SpecialRegisters) {
     sregs.efer = EFER_LME | EFER_LMA;
 }
 
+// The tests read boot_params back through linux-loader, a Unix-only dev-dependency.
 #[cfg(test)]
+#[cfg(unix)]
 #[path = "linux_boot_tests.rs"]
 mod tests;

@@ -181,7 +181,9 @@ pub fn pvh_boot_sregs(sregs: &mut SpecialRegisters) {
     sregs.efer = 0;
 }
 
+// The tests read start_info back through linux-loader, a Unix-only dev-dependency.
 #[cfg(test)]
+#[cfg(unix)]
 mod tests {
     use super::*;
     use crate::e820::{e820_map, E820Kind};

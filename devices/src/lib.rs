@@ -6,7 +6,7 @@
 //! configuration space; `guest_warnings` the rate limit for warnings a guest causes; `virtio` the virtio 1.x transport and devices; `vhost_user` virtio devices served
 //! by another process (the frontend) and skiff's own backends; `interrupt` the seam through which a
 //! device raises an interrupt line; `irqchip` the user-space IOAPIC for hypervisors without an
-//! in-kernel one; `thread_kind` names the kinds of thread skiff runs and the hook each calls when
+//! in-kernel one; `persist` the trait through which a device's state survives a snapshot; `thread_kind` names the kinds of thread skiff runs and the hook each calls when
 //! it starts (the VMM confines it there). Devices never block: a handler runs on a vCPU thread and must
 //! return quickly.
 //!
@@ -23,6 +23,7 @@ pub mod interrupt;
 pub mod irqchip;
 pub mod legacy;
 pub mod pci;
+pub mod persist;
 pub mod thread_kind;
 #[cfg(unix)]
 pub mod vhost_user;

@@ -606,3 +606,30 @@ impl Drop for Backend {
         self.kill();
     }
 }
+
+/// Live processes (not zombies) whose command line mentions `path`: (pid, command line). Tests
+/// use it to show that nothing they started (a VM, a virtiofsd) outlives its run.
+pub fn processes_mentioning(path: &Path) -> Vec<(u32, String)> {
+    let needle = path.to_string_lossy().into_owned();
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let zombie = std::fs::read_to_string(entry.path().join("stat"))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true);
+        if cmdline.contains(&needle) && !zombie {
+            out.push((pid, cmdline));
+        }
+    }
+    out
+}

@@ -1,6 +1,7 @@
 //! Bad user input: each case must give one clear line on stderr naming the problem, a non-zero
 //! exit, no panic, and no file left behind.
 
+#![cfg(unix)] // KVM tests: Linux only (the Windows build compiles them to nothing)
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::os::unix::fs::PermissionsExt;

@@ -4,6 +4,7 @@
 //! control socket times out idle connections, makes room when all slots are taken, and refuses
 //! oversized or odd requests; `skiff ctl` has a timeout and shows the server's error text.
 
+#![cfg(unix)] // KVM tests: Linux only (the Windows build compiles them to nothing)
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::io::{Read, Write};

@@ -5,11 +5,15 @@
 //! (no temporary file left), and no process may be left that mentions it (no orphaned
 //! virtiofsd).
 
+#![cfg(unix)] // KVM tests: Linux only (the Windows build compiles them to nothing)
+
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use skiff_tests::{require_kvm, skiff_bin, testguest, virtiofsd_bin, Finished, Skiff};
+use skiff_tests::{
+    processes_mentioning, require_kvm, skiff_bin, testguest, virtiofsd_bin, Finished, Skiff,
+};
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -74,32 +78,6 @@ impl Run {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-}
-
-/// Live processes whose command line mentions `path`.
-fn processes_mentioning(path: &Path) -> Vec<(u32, String)> {
-    let needle = path.to_string_lossy().into_owned();
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        let zombie = std::fs::read_to_string(entry.path().join("stat"))
-            .map(|s| {
-                s.rsplit(')')
-                    .next()
-                    .is_some_and(|r| r.trim_start().starts_with('Z'))
-            })
-            .unwrap_or(true);
-        if cmdline.contains(&needle) && !zombie {
-            out.push((pid, cmdline));
-        }
-    }
-    out
 }
 
 #[test]

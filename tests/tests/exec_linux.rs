@@ -7,6 +7,8 @@
 //! busybox initramfs is appended and `uname -a` and `false` run in the guest. The test prints
 //! which tier ran.
 
+#![cfg(unix)] // KVM tests: Linux only (the Windows build compiles them to nothing)
+
 use std::process::Command;
 use std::time::Duration;
 

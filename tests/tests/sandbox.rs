@@ -4,6 +4,7 @@
 //! inherited descriptors are closed, and `--sandbox` (Landlock) lets a VM snapshot only into
 //! the directories it was given (or, on a kernel without Landlock, fails with one line).
 
+#![cfg(unix)] // KVM tests: Linux only (the Windows build compiles them to nothing)
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::os::fd::AsRawFd;

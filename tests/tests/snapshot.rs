@@ -8,6 +8,7 @@
 //! output followed by the restored run's output must read as one uninterrupted run: every line
 //! number exactly once, in order.
 
+#![cfg(unix)] // KVM tests: Linux only (the Windows build compiles them to nothing)
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::os::unix::fs::PermissionsExt;

@@ -5,6 +5,7 @@
 //! removes the dead writers' temporary directories), and a full filesystem during a live
 //! snapshot.
 
+#![cfg(unix)] // KVM tests: Linux only (the Windows build compiles them to nothing)
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::path::{Path, PathBuf};

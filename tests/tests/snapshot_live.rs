@@ -5,6 +5,7 @@
 //! snapshot; a diff whose parent is missing or changed, a diff with no earlier snapshot, and a
 //! snapshot requested while a live one runs are each refused with one clear error.
 
+#![cfg(unix)] // KVM tests: Linux only (the Windows build compiles them to nothing)
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::path::Path;

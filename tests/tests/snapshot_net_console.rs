@@ -6,6 +6,7 @@
 //! in a new process with the tap opened again, goes on exchanging frames and console bytes
 //! without re-initialising anything.
 
+#![cfg(unix)] // KVM tests: Linux only (the Windows build compiles them to nothing)
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::io::{BufRead, BufReader, Write};

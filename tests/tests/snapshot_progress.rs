@@ -3,6 +3,7 @@
 //! terminal (and its absence without one), and a `file=`-backed guest that ends with its
 //! snapshot (`--stop`), whose memory file is then the backing itself, hard-linked, and restores.
 
+#![cfg(unix)] // KVM tests: Linux only (the Windows build compiles them to nothing)
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::io::Read;

@@ -5,6 +5,7 @@
 //! memory files that are links, regions in the MMIO hole, a VM larger than the host, a huge
 //! state file and FIFOs are refused at once.
 
+#![cfg(unix)] // KVM tests: Linux only (the Windows build compiles them to nothing)
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::path::{Path, PathBuf};

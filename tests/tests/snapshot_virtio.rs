@@ -5,6 +5,7 @@
 //! re-initialising anything: random bytes keep coming, a sector written before the snapshot is
 //! read back after it, and every sector the guest wrote is in the host file afterwards.
 
+#![cfg(unix)] // KVM tests: Linux only (the Windows build compiles them to nothing)
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::path::{Path, PathBuf};

@@ -2,6 +2,7 @@
 //! in raw mode (no line buffering, no echo) so keystrokes reach the guest, and its settings are
 //! restored when skiff exits, whatever the exit path (guest exit, timeout, signal).
 
+#![cfg(unix)] // KVM tests: Linux only (the Windows build compiles them to nothing)
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::os::fd::{AsRawFd, OwnedFd};

@@ -1,6 +1,8 @@
 //! `skiff test` end to end: small suites of test-guest cases written to temporary directories,
 //! run through the real binary, with the results read back from its output, its JUnit file and
 //! its artifact directory.
+
+#![cfg(unix)] // KVM tests: Linux only (the Windows build compiles them to nothing)
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -8,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use skiff_tests::{require_kvm, skiff_bin, testguest};
+use skiff_tests::{processes_mentioning, require_kvm, skiff_bin, testguest};
+use vmm::test_runner::test_vm::TestVm;
 
 /// A suite directory with the VMs every test uses.
 fn suite(tests: &str) -> (tempfile::TempDir, PathBuf) {
@@ -403,34 +406,234 @@ fn snapshot_on_failure_restores_to_the_failed_vm() {
         .lines()
         .find_map(|l| l.trim().strip_prefix("restore the failed VM: "))
         .unwrap_or_else(|| panic!("no restore command in {stdout}"));
-    let snapshot = cmd.split(' ').nth(2).unwrap();
-    assert!(Path::new(snapshot).join("manifest.json").exists());
-    let sock = dir.path().join("r.v");
-    let mut vm = Command::new(skiff_bin())
-        .args(["restore", snapshot, "--serial", "off", "--vsock"])
-        .arg(format!("id=vsock0,socket={}", sock.display()))
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let code = loop {
-        let o = Command::new(skiff_bin())
-            .args(["ctl", "exec", "--vsock"])
-            .arg(&sock)
-            .args(["--", "exit=5"])
-            .output()
-            .unwrap();
-        if o.status.code() == Some(5) || Instant::now() > deadline {
-            break o.status.code();
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let _ = vm.kill();
-    let _ = vm.wait();
+    let snapshot = Path::new(cmd.split(' ').nth(2).unwrap());
+    assert!(snapshot.join("manifest.json").exists());
+    let logs = tempfile::tempdir().unwrap();
+    let mut vm = TestVm::fork(skiff_bin(), snapshot, logs.path()).unwrap();
+    let run = vm.exec(&["exit=5"]).unwrap();
     assert_eq!(
-        code,
+        run.code(),
         Some(5),
         "the restored VM's agent did not run a command"
     );
+}
+
+#[test]
+fn the_suite_watchdog_kills_the_vms_and_reports_the_rest_not_run() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = testguest().display().to_string();
+    let mut text_file = format!(
+        "watchdog = 3\n[vm.fork]\nkernel = {kernel:?}\nagent = \"testguest\"\nfork = true\n\n"
+    );
+    for i in 0..3 {
+        text_file += &format!(
+            "[[test]]\nname = \"spin-{i}\"\nvm = \"fork\"\nrun = [\"spin\"]\ntimeout = 8\n\n"
+        );
+    }
+    std::fs::write(dir.path().join("skiff-test.toml"), text_file).unwrap();
+    let started = Instant::now();
+    let out = skiff_test(dir.path(), &["--junit", "junit.xml", "--artifacts", "art"]);
+    let took = started.elapsed();
+    let stdout = text(&out.stdout);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(10), "{stdout}\n{stderr}");
+    // Killed at 3 s, not after the 8 s case timeout (let alone three of them).
+    assert!(took < Duration::from_secs(8), "{took:?}");
+    let v = verdicts(&out);
+    assert!(v["spin-0"].starts_with("FAIL"), "{stdout}");
+    assert!(
+        v["spin-0"].contains("stopped: the suite watchdog (3.0 s) expired, its VM was killed"),
+        "{}",
+        v["spin-0"]
+    );
+    for name in ["spin-1", "spin-2"] {
+        assert!(
+            stdout.contains(&format!(
+                "NOT-RUN {name}: not run: the suite watchdog (3.0 s) expired"
+            )),
+            "{stdout}"
+        );
+    }
+    assert!(
+        stdout.contains("0 passed, 1 failed, 0 skipped, 2 not run"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.starts_with("skiff: the suite watchdog (3.0 s) expired")
+            && stderr.contains("2 case(s) not run"),
+        "{stderr}"
+    );
+    let xml = std::fs::read_to_string(dir.path().join("junit.xml")).unwrap();
+    let doc = roxmltree::Document::parse(&xml).unwrap();
+    assert_eq!(doc.root_element().attribute("errors"), Some("2"), "{xml}");
+    // No VM outlives the run.
+    assert_eq!(processes_mentioning(dir.path()), Vec::new());
+
+    // --watchdog overrides the file's key: with 120 s the spin runs to its own timeout.
+    let out = skiff_test(
+        dir.path(),
+        &[
+            "--watchdog",
+            "120",
+            "--filter",
+            "spin-0",
+            "--artifacts",
+            "art2",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+}
+
+#[test]
+fn a_scenario_vm_that_does_not_boot_in_time_fails_with_its_serial_tail() {
+    require_kvm();
+    let (dir, file) = suite(
+        "[[test]]\nname = \"never-ready\"\nvm = \"slow\"\nscenario = \"spin\"\ntimeout = 60\n\n\
+         [[test]]\nname = \"ready\"\nvm = \"quick\"\nscenario = \"hello\"\noutput = \"hello\"\n",
+    );
+    let kernel = testguest().display().to_string();
+    let mut s = std::fs::read_to_string(&file).unwrap();
+    s = s.replacen(
+        "[[test]]",
+        &format!(
+            "[vm.slow]\nkernel = {kernel:?}\nboot_timeout = 1\nready = \"never printed\"\n\n\
+             [vm.quick]\nkernel = {kernel:?}\nboot_timeout = 30\nready = \"^testguest: boot \"\n\n[[test]]"
+        ),
+        1,
+    );
+    std::fs::write(&file, s).unwrap();
+    let started = Instant::now();
+    let out = skiff_test(dir.path(), &["--artifacts", "art"]);
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let v = verdicts(&out);
+    let line = &v["never-ready"];
+    assert!(line.starts_with("FAIL"), "{line}");
+    assert!(
+        line.contains("did not boot within 1.0 s (no serial line matched /never printed/"),
+        "{line}"
+    );
+    assert!(
+        line.contains("; serial: testguest: boot cmdline="),
+        "{line}"
+    );
+    assert!(v["ready"].starts_with("PASS"), "{}", v["ready"]);
+}
+
+#[test]
+fn a_fork_snapshot_that_fills_the_disk_is_one_line_and_its_own_code() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = testguest().display().to_string();
+    // memcheck touches all 64 MiB before the agent listens: the snapshot cannot fit in 8 MiB.
+    let suite_text = format!(
+        "[vm.big]\nkernel = {kernel:?}\nagent = \"testguest\"\nfork = true\nmemory = \"size=64M\"\n\
+         cmdline = \"memcheck\"\n\n[[test]]\nname = \"a\"\nvm = \"big\"\nrun = [\"true\"]\n"
+    );
+    std::fs::write(dir.path().join("s.toml"), suite_text).unwrap();
+    let art = dir.path().join("art");
+    std::fs::create_dir(&art).unwrap();
+    let script = format!(
+        "mount -t tmpfs -o size=8m skiff-test {} && exec \"$0\" test s.toml --artifacts {}",
+        art.display(),
+        art.display()
+    );
+    let out = Command::new("unshare")
+        .current_dir(dir.path())
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .arg(skiff_bin())
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(11),
+        "{}\n{stderr}",
+        text(&out.stdout)
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("skiff: vm \"big\": its snapshot does not fit in ")
+            && stderr.contains("the file system is full")
+            && stderr.contains("No space left on device"),
+        "{stderr}"
+    );
+    let v = verdicts(&out);
+    assert!(v["a"].starts_with("FAIL"), "{}", v["a"]);
+    assert!(v["a"].contains("case not run"), "{}", v["a"]);
+}
+
+#[test]
+fn a_stateful_case_gives_the_same_result_forked_and_cold() {
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = testguest().display().to_string();
+    let mut s = String::new();
+    for (vm, fork) in [("state-fork", true), ("state-cold", false)] {
+        s += &format!(
+            "[vm.{vm}]\nkernel = {kernel:?}\nagent = \"testguest\"\nfork = {fork}\n\
+             setup = [[\"put\", \"/state\", \"set\", \"up\", \"by\", \"setup\"]]\n\n"
+        );
+    }
+    s += &format!("[vm.no-setup]\nkernel = {kernel:?}\nagent = \"testguest\"\nfork = true\n\n");
+    for vm in ["state-fork", "state-cold", "no-setup"] {
+        // In file order with one job: `overwrite` runs between the two reads, so the second read
+        // shows whether one case's state leaks into the next.
+        for (case, run) in [
+            ("read", r#"["cat", "/state"]"#),
+            ("overwrite", r#"["put", "/state", "changed"]"#),
+            ("read-again", r#"["cat", "/state"]"#),
+        ] {
+            s += &format!(
+                "[[test]]\nname = \"{vm}-{case}\"\nvm = \"{vm}\"\nrun = {run}\noutput = \"^(set up by setup\\n)?$\"\n\n"
+            );
+        }
+    }
+    std::fs::write(dir.path().join("skiff-test.toml"), s).unwrap();
+    let out = skiff_test(
+        dir.path(),
+        &["--jobs", "1", "--format", "jsonl", "--artifacts", "art"],
+    );
+    let events: BTreeMap<String, serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["event"] == "case")
+        .map(|e| (e["name"].as_str().unwrap().to_string(), e))
+        .collect();
+    assert_eq!(events.len(), 9, "{}", text(&out.stdout));
+    let stdout_of = |name: &str| {
+        std::fs::read_to_string(dir.path().join(format!("art/{name}/attempt-1/stdout.log")))
+            .unwrap()
+    };
+    for case in ["read", "overwrite", "read-again"] {
+        let (f, c) = (
+            &events[&format!("state-fork-{case}")],
+            &events[&format!("state-cold-{case}")],
+        );
+        assert_eq!(f["forked"], true);
+        assert_eq!(c["forked"], false);
+        assert_eq!(f["outcome"], "pass", "{f}");
+        assert_eq!(
+            (&f["outcome"], &f["reason"]),
+            (&c["outcome"], &c["reason"]),
+            "{case}"
+        );
+        assert_eq!(
+            stdout_of(&format!("state-fork-{case}")),
+            stdout_of(&format!("state-cold-{case}")),
+            "{case}"
+        );
+    }
+    // The state came from setup, before the snapshot; the overwrite stayed in its own VM.
+    assert_eq!(stdout_of("state-fork-read"), "set up by setup\n");
+    assert_eq!(stdout_of("state-fork-read-again"), "set up by setup\n");
+    // Without setup there is nothing to read.
+    assert_eq!(events["no-setup-read"]["outcome"], "fail");
+    assert!(events["no-setup-read"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("exit 1"));
 }
 
 /// Runs `skiff test` on `body` and checks for one `skiff:` line with `needle` and `code`.

@@ -1,6 +1,7 @@
 //! End-to-end runs of the no_std test guest under skiff: every scenario, 1 and 2 vCPUs, memfd and
 //! file backings, a 5 GiB guest that crosses the MMIO hole, exit codes and the timeout.
 
+#![cfg(unix)] // KVM tests: Linux only (the Windows build compiles them to nothing)
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::time::Duration;

@@ -8,6 +8,7 @@
 //! snapshots following the backend's dirty log (skiff's and qemu-storage-daemon's), a live
 //! snapshot refused for a backend without one, a restore without the backend.
 
+#![cfg(unix)] // KVM tests: Linux only (the Windows build compiles them to nothing)
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::io::{Read, Write};

@@ -4,6 +4,7 @@
 //! vhost-device-rng serving the `virtio-rng` scenario. Each test starts and stops its backend,
 //! and fails (never skips) when the backend is not installed (`scripts/setup` installs both).
 
+#![cfg(unix)] // KVM tests: Linux only (the Windows build compiles them to nothing)
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::io::Read;

@@ -3,6 +3,7 @@
 //! the host (the disk file, the tap). Also the ACPI poweroff and reset paths, and device start-up
 //! errors.
 
+#![cfg(unix)] // KVM tests: Linux only (the Windows build compiles them to nothing)
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::io::{BufRead, BufReader};

@@ -11,6 +11,7 @@
 //! anywhere but the one sector the guest's final, valid write targets, and stayed quiet on
 //! stderr.
 
+#![cfg(unix)] // KVM tests: Linux only (the Windows build compiles them to nothing)
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::time::Duration;

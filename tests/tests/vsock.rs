@@ -4,6 +4,7 @@
 //! (skiff's memory stays bounded, the guest waits for credit), a host that goes away, guest
 //! abuse, and snapshot/restore (listener back, connections reset by a transport-reset event).
 
+#![cfg(unix)] // KVM tests: Linux only (the Windows build compiles them to nothing)
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -1,6 +1,10 @@
 //! Builds a VM from a `VmConfig` in named steps: check inputs, guest memory, hypervisor VM,
 //! boot (kernel, initrd, tables), legacy devices, PCI devices, vCPUs. Each step is a function; the builder only
 //! composes them. If a step fails, a memory file the build created is removed again.
+//!
+//! Restore (`snapshot::restore`) composes the same steps, handing the device steps saved
+//! states (each device's own `Persist::State`, the transport's `VirtioPciState`) instead of
+//! the command line's; nothing here knows the snapshot's file format.
 
 use std::io::Write;
 use std::path::Path;
@@ -9,16 +13,15 @@ use std::sync::{Arc, Mutex};
 use devices::bus::{Bus, BusError};
 use devices::legacy::acpi_pm::{AcpiPm, ACPI_PM_PORT, ACPI_PM_PORT_LEN};
 use devices::legacy::debug_exit::{DebugExit, DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_LEN};
-use devices::legacy::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
-use devices::legacy::serial::{Serial, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
-use devices::vhost_user::{VhostUserDevice, VhostUserError};
-use devices::virtio::blk::{BlkError, VirtioBlk};
-use devices::virtio::console::{ConsoleError, ConsoleInput, VirtioConsole};
-use devices::virtio::net::{NetError, VirtioNet};
-use devices::virtio::rng::VirtioRng;
+use devices::legacy::i8042::{I8042State, I8042, I8042_PORT, I8042_PORT_LEN};
+use devices::legacy::serial::{Serial, SerialState, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
+use devices::persist::Persist;
+use devices::vhost_user::VhostUserError;
+use devices::virtio::blk::BlkError;
+use devices::virtio::console::{ConsoleError, ConsoleInput};
+use devices::virtio::net::NetError;
 use devices::virtio::transport::{StateError, VirtioPciDevice, VirtioPciState};
-use devices::virtio::vsock::{VirtioVsock, VsockError};
-use devices::virtio::{DeviceIdentity, VirtioDevice};
+use devices::virtio::vsock::VsockError;
 use devices::vm_exit::VmExitSignal;
 use event_manager::{EventManager, MutEventSubscriber};
 use thiserror::Error;
@@ -29,10 +32,12 @@ use crate::boot::{prepare_boot, BootConfig, BootCpuState, BootError};
 use crate::config::{SerialConfig, VmConfig};
 use crate::guest_output::GuestOutputs;
 use crate::hypervisor::kvm::KvmHypervisor;
+use crate::hypervisor::state::VcpuState;
 use crate::hypervisor::{Hypervisor, HypervisorError, Vcpu, Vm};
 use crate::memory::backing::BackingKind;
 use crate::memory::{GuestRam, MemoryError};
 use crate::pci_devices::{map_bars, PciDevices, PciDevicesError};
+use crate::virtio_devices::{DeviceContext, Origin, VirtioDeviceState};
 
 /// The VM's event loop (`event-manager`): device handlers, host input, signals, the VM's end.
 pub type VmEvents = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
@@ -105,9 +110,24 @@ pub enum BuildError {
     /// A saved virtio device state cannot be used.
     #[error(transparent)]
     VirtioState(#[from] StateError),
+    /// A saved vCPU state cannot be put back.
+    #[error("cannot restore vCPU {index}")]
+    VcpuState {
+        /// The vCPU.
+        index: u32,
+        /// The cause.
+        #[source]
+        source: HypervisorError,
+    },
     /// A saved serial port state cannot be used.
     #[error("cannot restore the serial port")]
     SerialState(#[source] devices::legacy::serial::SerialError),
+}
+
+impl From<std::convert::Infallible> for BuildError {
+    fn from(never: std::convert::Infallible) -> Self {
+        match never {}
+    }
 }
 
 impl From<VhostUserError> for BuildError {
@@ -196,66 +216,88 @@ fn build_on_ram(
     cfg: &VmConfig,
     ram: GuestRam,
 ) -> Result<BuiltVm, (BuildError, GuestRam)> {
-    let steps = || -> Result<_, BuildError> {
-        let vm = create_vm(hypervisor, &ram)?;
-        let boot = prepare_boot(
-            ram.memory(),
-            &ram_ranges(&ram),
-            &BootConfig {
-                kernel: cfg.kernel.clone(),
-                initrd: cfg.initrd.clone(),
-                cmdline: cfg.cmdline.clone(),
-                cpus: cfg.cpus,
-            },
-        )?;
-        let exit = VmExitSignal::new().map_err(BuildError::EventFd)?;
-        let mut outputs = GuestOutputs::default();
-        let (mut pio, serial, i8042) =
-            create_legacy_devices(&*vm, &cfg.serial, &mut outputs, &exit, None)?;
-        let events = VmEvents::new().map_err(|e| BuildError::EventLoop(format!("{e:?}")))?;
-        let mut mmio = Bus::new();
-        let (console_input, virtio) =
-            create_pci_devices(&*vm, &ram, cfg, &events, &mut outputs, &mut pio, &mut mmio)?;
-        let vcpus = create_vcpus(hypervisor, &*vm, cfg.cpus, &boot)?;
-        Ok((
-            vm,
-            vcpus,
-            pio,
-            mmio,
-            serial,
-            i8042,
-            exit,
-            events,
-            (console_input, virtio, outputs),
-        ))
-    };
-    match steps() {
-        Ok((
-            vm,
-            vcpus,
-            pio,
-            mmio,
-            serial,
-            i8042,
-            exit,
-            events,
-            (console_input, virtio, outputs),
-        )) => Ok(BuiltVm {
-            ram,
-            vm,
-            vcpus,
-            pio: Arc::new(pio),
-            mmio: Arc::new(mmio),
-            serial,
-            i8042,
-            exit,
-            events: Some(events),
-            console_input,
-            virtio,
-            outputs,
-        }),
+    match build_parts(hypervisor, cfg, &ram) {
+        Ok(parts) => Ok(parts.with_ram(ram)),
         Err(e) => Err((e, ram)),
     }
+}
+
+/// A built VM but for its guest RAM, which the caller keeps until every step succeeded (a
+/// failed build may have to remove the RAM's file).
+pub(crate) struct VmParts {
+    pub(crate) vm: Box<dyn Vm>,
+    pub(crate) vcpus: Vec<Box<dyn Vcpu>>,
+    pub(crate) legacy: LegacyDevices,
+    pub(crate) mmio: Bus,
+    pub(crate) exit: VmExitSignal,
+    pub(crate) events: VmEvents,
+    pub(crate) pci: PciFunctions,
+    pub(crate) outputs: GuestOutputs,
+}
+
+impl VmParts {
+    /// The VM, with its guest RAM.
+    pub(crate) fn with_ram(self, ram: GuestRam) -> BuiltVm {
+        BuiltVm {
+            ram,
+            vm: self.vm,
+            vcpus: self.vcpus,
+            pio: Arc::new(self.legacy.pio),
+            mmio: Arc::new(self.mmio),
+            serial: self.legacy.serial,
+            i8042: self.legacy.i8042,
+            exit: self.exit,
+            events: Some(self.events),
+            console_input: self.pci.console_input,
+            virtio: self.pci.functions,
+            outputs: self.outputs,
+        }
+    }
+}
+
+fn build_parts(
+    hypervisor: &dyn Hypervisor,
+    cfg: &VmConfig,
+    ram: &GuestRam,
+) -> Result<VmParts, BuildError> {
+    let vm = create_vm(hypervisor, ram)?;
+    let boot = prepare_boot(
+        ram.memory(),
+        &ram_ranges(ram),
+        &BootConfig {
+            kernel: cfg.kernel.clone(),
+            initrd: cfg.initrd.clone(),
+            cmdline: cfg.cmdline.clone(),
+            cpus: cfg.cpus,
+        },
+    )?;
+    let exit = VmExitSignal::new().map_err(BuildError::EventFd)?;
+    let mut outputs = GuestOutputs::default();
+    let mut legacy = create_legacy_devices(&*vm, &cfg.serial, &mut outputs, &exit, None)?;
+    let events = VmEvents::new().map_err(|e| BuildError::EventLoop(format!("{e:?}")))?;
+    let mut mmio = Bus::new();
+    let devices = VirtioDeviceState::from_config(cfg)?;
+    let pci = create_pci_devices(
+        &*vm,
+        ram,
+        &devices,
+        None,
+        &events,
+        &mut outputs,
+        &mut legacy.pio,
+        &mut mmio,
+    )?;
+    let vcpus = create_vcpus(hypervisor, &*vm, cfg.cpus, VcpuStart::Boot(&boot))?;
+    Ok(VmParts {
+        vm,
+        vcpus,
+        legacy,
+        mmio,
+        exit,
+        events,
+        pci,
+        outputs,
+    })
 }
 
 impl From<crate::host_file::HostFileError> for BuildError {
@@ -329,17 +371,24 @@ pub(crate) fn create_vm(
     Ok(vm)
 }
 
-/// The legacy devices on the I/O bus, as `create_legacy_devices` returns them.
-pub(crate) type LegacyDevices = (Bus, Arc<Mutex<Serial>>, Arc<Mutex<I8042>>);
+/// The legacy devices on the I/O bus.
+pub(crate) struct LegacyDevices {
+    /// The I/O bus they are on (the PCI step adds configuration access).
+    pub(crate) pio: Bus,
+    /// COM1.
+    pub(crate) serial: Arc<Mutex<Serial>>,
+    /// The i8042 controller.
+    pub(crate) i8042: Arc<Mutex<I8042>>,
+}
 
-/// Step: COM1, the i8042 and the debug-exit port on the I/O bus; in the saved state `restore`
-/// when a snapshot is being restored. The serial port writes into a sink of `outputs`.
+/// Step: COM1, the i8042 and the debug-exit port on the I/O bus; in the saved states
+/// `saved` when a snapshot is being restored. The serial port writes into a sink of `outputs`.
 pub(crate) fn create_legacy_devices(
     vm: &dyn Vm,
     serial_cfg: &SerialConfig,
     outputs: &mut GuestOutputs,
     exit: &VmExitSignal,
-    restore: Option<&crate::snapshot::DeviceStates>,
+    saved: Option<(&SerialState, &I8042State)>,
 ) -> Result<LegacyDevices, BuildError> {
     let output: Option<Box<dyn Write + Send>> = match serial_cfg {
         SerialConfig::Stdio => Some(Box::new(
@@ -356,11 +405,11 @@ pub(crate) fn create_legacy_devices(
     };
     let irq = EventFd::new(EFD_NONBLOCK).map_err(BuildError::EventFd)?;
     vm.register_irqfd(&irq, COM1_IRQ)?;
-    let (serial, i8042) = match restore {
+    let (serial, i8042) = match saved {
         None => (Serial::new(output, irq), I8042::new(exit.clone())),
-        Some(saved) => (
-            Serial::restore(output, irq, &saved.serial).map_err(BuildError::SerialState)?,
-            I8042::restore(exit.clone(), &saved.i8042),
+        Some((serial, i8042)) => (
+            Serial::restore((output, Box::new(irq)), serial).map_err(BuildError::SerialState)?,
+            I8042::restore(exit.clone(), i8042)?,
         ),
     };
     let serial = Arc::new(Mutex::new(serial));
@@ -382,137 +431,102 @@ pub(crate) fn create_legacy_devices(
         ACPI_PM_PORT_LEN,
     )
     .map_err(BuildError::Bus)?;
-    Ok((pio, serial, i8042))
+    Ok(LegacyDevices { pio, serial, i8042 })
 }
 
-/// Step: the PCI host bridge, configuration access and the virtio devices `cfg` asks for.
-/// Returns the virtio console's input handle when `--console` added one, and the functions.
-fn create_pci_devices(
+/// The virtio PCI functions a VM has, and the console's input when it has a console.
+pub(crate) struct PciFunctions {
+    /// The functions, in bus order.
+    pub(crate) functions: VirtioFunctions,
+    /// The virtio console's input (`--console`).
+    pub(crate) console_input: Option<ConsoleInput>,
+}
+
+/// Step: the PCI host bridge, configuration access and the virtio `devices`, each built from
+/// its state in this order (so BARs and GSIs fall where they were for a restore). For a restore,
+/// `saved` holds each function's transport state, which goes in once the functions are
+/// attached; devices the driver had running are active again when this returns.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn create_pci_devices(
     vm: &dyn Vm,
     ram: &GuestRam,
-    cfg: &VmConfig,
+    devices: &[VirtioDeviceState],
+    saved: Option<&[VirtioPciState]>,
     events: &VmEvents,
     outputs: &mut GuestOutputs,
     pio: &mut Bus,
     mmio: &mut Bus,
-) -> Result<(Option<ConsoleInput>, VirtioFunctions), BuildError> {
+) -> Result<PciFunctions, BuildError> {
     let mut pci = PciDevices::new(vm, ram.memory().clone(), events.remote_endpoint())?;
-    for disk in &cfg.disks {
-        pci.add_virtio_device(Box::new(VirtioBlk::new(disk)?))?;
-    }
-    for _ in &cfg.rngs {
-        pci.add_virtio_device(Box::new(VirtioRng::new()))?;
-    }
-    for net in &cfg.nets {
-        pci.add_virtio_device(Box::new(VirtioNet::open(&net.tap, net.mac)?))?;
-    }
-    for vhost_user in &cfg.vhost_user {
-        let regions = crate::memory::share::shared_regions(ram)?;
-        let device = VhostUserDevice::new(vhost_user, regions, events.remote_endpoint())?;
-        pci.add_virtio_device(Box::new(device))?;
-    }
-    if let Some(vsock) = &cfg.vsock {
-        pci.add_virtio_device(Box::new(VirtioVsock::new(vsock.cid, &vsock.socket)?))?;
-    }
-    let console_input = if cfg.console {
-        let stdout = outputs.stdout().map_err(BuildError::OutputWriter)?;
-        let console = VirtioConsole::new(Box::new(stdout))?;
-        let input = console.input();
-        pci.add_virtio_device(Box::new(console))?;
-        Some(input)
+    let origin = if saved.is_some() {
+        Origin::Snapshot
     } else {
-        None
+        Origin::Boot
     };
-    let functions = pci.attach(pio, mmio)?;
-    map_bars(&functions)?;
-    Ok((console_input, functions))
-}
-
-/// Restore's step: the PCI segment with the virtio devices a snapshot saved, each built again
-/// from its identity in the saved order (so BARs and GSIs fall where they were) and given its
-/// saved state; devices the driver had running are active again when this returns.
-pub(crate) fn create_restored_pci_devices(
-    vm: &dyn Vm,
-    ram: &GuestRam,
-    saved: &[VirtioPciState],
-    events: &VmEvents,
-    outputs: &mut GuestOutputs,
-    pio: &mut Bus,
-    mmio: &mut Bus,
-) -> Result<(Option<ConsoleInput>, VirtioFunctions), BuildError> {
-    let mut pci = PciDevices::new(vm, ram.memory().clone(), events.remote_endpoint())?;
-    let mut console_input = None;
-    for state in saved {
-        let device: Box<dyn VirtioDevice> = match &state.identity {
-            DeviceIdentity::Blk {
-                path,
-                readonly,
-                id,
-                queues,
-                threads,
-            } => Box::new(VirtioBlk::new(&devices::virtio::blk::DiskConfig {
-                path: path.clone(),
-                readonly: *readonly,
-                id: id.clone(),
-                queues: *queues,
-                engine: if *threads {
-                    devices::virtio::blk::IoEngineKind::Threads
-                } else {
-                    devices::virtio::blk::IoEngineKind::Auto
-                },
-            })?),
-            DeviceIdentity::Rng => Box::new(VirtioRng::new()),
-            DeviceIdentity::Net { tap, mac } => Box::new(VirtioNet::open(tap, Some(*mac))?),
-            DeviceIdentity::Vsock { cid, socket } => {
-                // Listens anew; the guest hears a transport reset for its old connections.
-                Box::new(VirtioVsock::restored(*cid, socket)?)
-            }
-            DeviceIdentity::Console => {
-                let stdout = outputs.stdout().map_err(BuildError::OutputWriter)?;
-                let console = VirtioConsole::new(Box::new(stdout))?;
-                console_input = Some(console.input());
-                Box::new(console)
-            }
-            DeviceIdentity::VhostUser(cfg) => {
-                cfg.check().map_err(|what| StateError::Invalid {
-                    device: cfg.kind.name(),
-                    what: format!("saved vhost-user device: {what}"),
-                })?;
-                // Connects, handshakes and sends the memory table; `restore_state` below
-                // brings the rings up at their saved positions.
-                let regions = crate::memory::share::shared_regions(ram)?;
-                Box::new(VhostUserDevice::new(
-                    cfg,
-                    regions,
-                    events.remote_endpoint(),
-                )?)
-            }
-        };
-        pci.add_virtio_device(device)?;
+    let mut ctx = DeviceContext {
+        ram,
+        event_loop: events.remote_endpoint(),
+        outputs,
+        console_input: None,
+    };
+    for device in devices {
+        pci.add_virtio_device(device.build(origin, &mut ctx)?)?;
     }
     let functions = pci.attach(pio, mmio)?;
-    for (function, state) in functions.iter().zip(saved) {
-        function
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .restore_state(state)?;
+    match saved {
+        None => map_bars(&functions)?,
+        Some(saved) => {
+            for (function, state) in functions.iter().zip(saved) {
+                function
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .restore(state)?;
+            }
+            // Every saved BAR address is back, so BARs the guest swapped do not collide. One
+            // the running VM had refused (outside the window, over another BAR) stays
+            // unmapped, as it was.
+            if let Err(e) = map_bars(&functions) {
+                log::warn!("restoring the BARs: {}", crate::error_chain(&e));
+            }
+        }
     }
-    // Every saved BAR address is back, so BARs the guest swapped do not collide. One the
-    // running VM had refused (outside the window, over another BAR) stays unmapped, as it was.
-    if let Err(e) = map_bars(&functions) {
-        log::warn!("restoring the BARs: {}", crate::error_chain(&e));
-    }
-    Ok((console_input, functions))
+    Ok(PciFunctions {
+        functions,
+        console_input: ctx.console_input,
+    })
 }
 
-/// Step: vCPUs with CPUID, MSRs, FPU and LAPIC set up; the boot vCPU gets the boot registers,
-/// the others wait in the in-kernel LAPIC for INIT/SIPI.
-fn create_vcpus(
+/// Where the vCPUs start.
+pub(crate) enum VcpuStart<'a> {
+    /// A fresh boot: the boot vCPU at the kernel's entry.
+    Boot(&'a BootCpuState),
+    /// A restore: each vCPU in its saved state (one per vCPU, index = APIC ID).
+    Saved(&'a [VcpuState]),
+}
+
+/// Step: `count` vCPUs. For a boot, with CPUID, MSRs, FPU and LAPIC set up; the boot vCPU gets
+/// the boot registers, the others wait in the in-kernel LAPIC for INIT/SIPI. For a restore,
+/// each in its saved state in full (its own ordering is in `hypervisor/kvm/vcpu_state.rs`).
+pub(crate) fn create_vcpus(
     hypervisor: &dyn Hypervisor,
     vm: &dyn Vm,
     count: u32,
-    boot: &BootCpuState,
+    start: VcpuStart<'_>,
 ) -> Result<Vec<Box<dyn Vcpu>>, BuildError> {
+    let boot = match start {
+        VcpuStart::Boot(boot) => boot,
+        VcpuStart::Saved(saved) => {
+            return (0..count)
+                .zip(saved)
+                .map(|(index, saved)| {
+                    let vcpu = vm.create_vcpu(index)?;
+                    vcpu.restore_state(saved)
+                        .map_err(|source| BuildError::VcpuState { index, source })?;
+                    Ok(vcpu)
+                })
+                .collect();
+        }
+    };
     let supported = hypervisor.supported_cpuid()?;
     let msrs = arch::msr::boot_msrs();
     (0..count)

@@ -23,6 +23,8 @@
 //! - `teardown`: ends skiff without waiting for the kernel's VM teardown.
 //! - `terminal`: raw mode for the host terminal.
 //! - `vhost_user_blk`: the `skiff vhost-user-blk` subcommand (skiff's own vhost-user backend).
+//! - `virtio_devices`: the VM's virtio devices as one list of their own states, which a fresh
+//!   start and a restore both build from.
 
 pub mod hypervisor;
 pub mod memory;
@@ -68,6 +70,8 @@ pub mod test_runner;
 pub mod vcpu;
 #[cfg(target_os = "linux")]
 pub mod vhost_user_blk;
+#[cfg(target_os = "linux")]
+pub mod virtio_devices;
 
 /// Formats an error and its `source()` chain on one line: `outer: inner: root` (one helper for
 /// every crate: `devices` owns it).

@@ -17,6 +17,7 @@ use devices::bus::Bus;
 use devices::legacy::debug_exit::DEBUG_EXIT_PORT;
 use devices::legacy::i8042::{I8042, I8042_PORT};
 use devices::legacy::serial::{Serial, COM1_PORT};
+use devices::persist::Persist;
 use devices::virtio::DeviceDirtyLog;
 use devices::vm_exit::{GuestEnd, VmExitSignal};
 use serde::Serialize;
@@ -33,6 +34,7 @@ use crate::snapshot::manifest::{
 use crate::snapshot::{DeviceStates, SnapshotState};
 use crate::teardown::Teardown;
 use crate::vcpu::{run_vcpu, VcpuContext, VcpuControl};
+use crate::virtio_devices::{VirtioDeviceState, VirtioFunctionState};
 
 mod snapshot;
 
@@ -293,9 +295,12 @@ impl RunningVm {
             let f = f.lock().unwrap_or_else(PoisonError::into_inner);
             let bar = f.mapped_bar();
             bars.extend(bar);
-            if let Some(why) = f.snapshot_blocker() {
+            if VirtioDeviceState::save(f.device()).is_none() {
                 let at = bar.map_or_else(|| "unmapped".into(), |b| format!("at {b:#x}"));
-                list.push(format!("virtio {} (BAR {at}): {why}", f.name()));
+                list.push(format!(
+                    "virtio {} (BAR {at}): its state cannot be saved",
+                    f.name()
+                ));
             }
         }
         list.extend(
@@ -403,12 +408,19 @@ impl RunningVm {
                 .virtio
                 .iter()
                 .map(|f| {
-                    f.lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .save_state()
+                    let f = f.lock().unwrap_or_else(PoisonError::into_inner);
+                    let device = VirtioDeviceState::save(f.device()).ok_or_else(|| {
+                        ControlError::Unsupported(format!(
+                            "virtio {}: its state cannot be saved",
+                            f.name()
+                        ))
+                    })?;
+                    Ok(VirtioFunctionState {
+                        device,
+                        transport: f.save(),
+                    })
                 })
-                .collect::<Result<_, _>>()
-                .map_err(|e| ControlError::Unsupported(crate::error_chain(&e)))?,
+                .collect::<Result<_, ControlError>>()?,
         };
         Ok((SnapshotState { vcpus, vm, devices }, notes))
     }

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::request::{DeliveryMode, InterruptRequest, InterruptSink};
 use crate::bus::BusDevice;
+use crate::persist::Persist;
 
 /// Input pins.
 pub const IOAPIC_PINS: usize = 24;
@@ -199,9 +200,23 @@ impl Ioapic {
         let index = usize::try_from(reg.checked_sub(REG_REDIRECTION)?).ok()?;
         (index < 2 * IOAPIC_PINS).then_some((index / 2, index % 2 == 1))
     }
+}
 
-    /// The state to save.
-    pub fn save(&self) -> IoapicState {
+/// Why a saved IOAPIC state cannot be restored.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("saved IOAPIC has {found} redirection entries, expected {IOAPIC_PINS}")]
+pub struct IoapicStateError {
+    /// Entries in the saved state.
+    pub found: usize,
+}
+
+impl Persist for Ioapic {
+    type State = IoapicState;
+    /// Where the IOAPIC delivers its interrupts.
+    type RestoreArgs = Arc<dyn InterruptSink>;
+    type Error = IoapicStateError;
+
+    fn save(&self) -> IoapicState {
         IoapicState {
             id: self.id,
             select: self.select,
@@ -210,13 +225,21 @@ impl Ioapic {
         }
     }
 
-    /// An IOAPIC in `state` delivering to `sink`, or `None` if the state does not have one
-    /// entry per pin.
-    pub fn restore(sink: Arc<dyn InterruptSink>, state: &IoapicState) -> Option<Self> {
-        Some(Self {
+    /// An IOAPIC in `state` delivering to `sink`; refused unless the state has one entry per
+    /// pin. Other fields are cut to their width.
+    fn restore(
+        sink: Arc<dyn InterruptSink>,
+        state: &IoapicState,
+    ) -> Result<Self, IoapicStateError> {
+        let found = state.redirection.len();
+        Ok(Self {
             id: state.id & 0xf,
             select: state.select & 0xff,
-            redirection: state.redirection.as_slice().try_into().ok()?,
+            redirection: state
+                .redirection
+                .as_slice()
+                .try_into()
+                .map_err(|_| IoapicStateError { found })?,
             irr: state.irr & ((1 << IOAPIC_PINS) - 1),
             sink,
         })

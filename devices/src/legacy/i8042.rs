@@ -13,8 +13,10 @@
 //! serves 0x61 when the VMM creates one).
 
 use std::collections::VecDeque;
+use std::convert::Infallible;
 
 use crate::bus::BusDevice;
+use crate::persist::Persist;
 use crate::vm_exit::{GuestEnd, VmExitSignal};
 
 /// Base I/O port of the controller (its data port).
@@ -175,9 +177,14 @@ pub struct I8042State {
     pub port_b: u8,
 }
 
-impl I8042 {
+impl Persist for I8042 {
+    type State = I8042State;
+    /// Where the guest's reset requests go.
+    type RestoreArgs = VmExitSignal;
+    type Error = Infallible;
+
     /// The state to save in a snapshot.
-    pub fn save(&self) -> I8042State {
+    fn save(&self) -> I8042State {
         I8042State {
             ccb: self.ccb,
             output_port: self.output_port,
@@ -190,8 +197,8 @@ impl I8042 {
 
     /// A controller in the saved `state`, reporting resets to `exit`. An over-long output
     /// buffer (from a corrupt snapshot) is cut to the controller's capacity.
-    pub fn restore(exit: VmExitSignal, state: &I8042State) -> Self {
-        Self {
+    fn restore(exit: VmExitSignal, state: &I8042State) -> Result<Self, Infallible> {
+        Ok(Self {
             exit,
             ccb: state.ccb,
             output_port: state.output_port,
@@ -204,7 +211,7 @@ impl I8042 {
                 .collect(),
             last_output: state.last_output,
             port_b: state.port_b,
-        }
+        })
     }
 }
 
@@ -310,7 +317,7 @@ mod tests {
         dev.write(PORT_B, &[0x02]);
         dev.write(STATUS_COMMAND, &[CMD_READ_CCB]);
         let state = dev.save();
-        let mut back = I8042::restore(exit.clone(), &state);
+        let Ok(mut back) = I8042::restore(exit.clone(), &state);
         assert_eq!(back.save(), state);
         assert_eq!(read(&mut back, STATUS_COMMAND), STATUS_OUTPUT_FULL);
         assert_eq!(read(&mut back, DATA), 0x30, "the unread response survives");
@@ -319,10 +326,8 @@ mod tests {
             output: vec![1; 1000],
             ..state
         };
-        assert_eq!(
-            I8042::restore(exit, &huge).save().output.len(),
-            OUTPUT_BUFFER_MAX
-        );
+        let Ok(cut) = I8042::restore(exit, &huge);
+        assert_eq!(cut.save().output.len(), OUTPUT_BUFFER_MAX);
     }
 
     #[test]

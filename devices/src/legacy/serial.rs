@@ -9,6 +9,7 @@ use std::io::{self, Write};
 
 use crate::bus::BusDevice;
 use crate::interrupt::InterruptLine;
+use crate::persist::Persist;
 use thiserror::Error;
 use vm_superio::serial::{Error as UartError, NoEvents};
 use vm_superio::Trigger;
@@ -137,9 +138,16 @@ impl Serial {
     pub fn lost_output_bytes(&self) -> u64 {
         self.lost_output_bytes
     }
+}
+
+impl Persist for Serial {
+    type State = SerialState;
+    /// Where guest output goes and the line the UART raises, as for `new`.
+    type RestoreArgs = (Option<Box<dyn Write + Send>>, Box<dyn InterruptLine>);
+    type Error = SerialError;
 
     /// The UART's registers and RX FIFO, to save in a snapshot.
-    pub fn save(&self) -> SerialState {
+    fn save(&self) -> SerialState {
         let s = self.uart.state();
         SerialState {
             baud_divisor_low: s.baud_divisor_low,
@@ -157,9 +165,8 @@ impl Serial {
 
     /// A UART in the saved `state`, writing to `output` and raising `interrupt` as `new` does.
     /// An interrupt the saved UART had pending is raised again at once.
-    pub fn restore(
-        output: Option<Box<dyn Write + Send>>,
-        interrupt: impl InterruptLine + 'static,
+    fn restore(
+        (output, interrupt): Self::RestoreArgs,
         state: &SerialState,
     ) -> Result<Self, SerialError> {
         let uart_state = vm_superio::serial::SerialState {
@@ -176,7 +183,7 @@ impl Serial {
         };
         let uart = vm_superio::Serial::from_state(
             &uart_state,
-            IrqTrigger(Box::new(interrupt)),
+            IrqTrigger(interrupt),
             NoEvents,
             GuestOutput(output),
         )
@@ -239,7 +246,9 @@ impl BusDevice for Serial {
     }
 }
 
+// The tests drive the UART's interrupt through an eventfd (Unix).
 #[cfg(test)]
+#[cfg(unix)]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
@@ -377,7 +386,8 @@ mod tests {
         let state = serial.save();
         let out = SharedBuf::default();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        let mut back = Serial::restore(Some(Box::new(out.clone())), irq, &state).unwrap();
+        let mut back =
+            Serial::restore((Some(Box::new(out.clone())), Box::new(irq)), &state).unwrap();
         assert_eq!(back.save(), state);
         assert_eq!(read_reg(&mut back, LCR), 0x1b);
         assert_eq!(read_reg(&mut back, 7), 0x77);
@@ -389,7 +399,7 @@ mod tests {
             ..state
         };
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
-        let e = Serial::restore(None, irq, &too_long).unwrap_err();
+        let e = Serial::restore((None, Box::new(irq)), &too_long).unwrap_err();
         assert!(e.to_string().contains("65 bytes"), "{e}");
     }
 

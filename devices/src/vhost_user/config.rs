@@ -91,7 +91,7 @@ impl VhostUserKind {
     }
 }
 
-/// One `--vhost-user` device, validated (a snapshot keeps it as the device's identity).
+/// One `--vhost-user` device, validated (a snapshot keeps it as the device's state).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VhostUserConfig {
     /// The device type.

@@ -51,6 +51,14 @@ const VHOST_VRING_F_LOG: u32 = 1;
 /// Errors from talking to a vhost-user backend.
 #[derive(Debug, Error)]
 pub enum VhostUserError {
+    /// A saved configuration (from a snapshot) is invalid.
+    #[error("saved vhost-user device on socket {socket}: {what}")]
+    SavedConfig {
+        /// The saved socket path.
+        socket: PathBuf,
+        /// What is wrong, with the value.
+        what: String,
+    },
     /// The socket path does not exist.
     #[error("vhost-user socket {0} does not exist (start the backend first)")]
     SocketMissing(PathBuf),

@@ -17,8 +17,8 @@
 //!   forwarder leaves the event loop.
 //! - Snapshots: `quiesce` stops every ring the same way and keeps where each restarts
 //!   (`quiesce` module); the transport's resume, or a restore, activates the device again at
-//!   those positions. `identity` is the `--vhost-user` configuration, from which a restore
-//!   connects again. The backend writes guest memory behind the VMM's dirty tracking
+//!   those positions. The saved state (`persist.rs`) is the `--vhost-user` configuration, from
+//!   which a restore connects again. The backend writes guest memory behind the VMM's dirty tracking
 //!   (`untracked_writes`), so a diff counts every page with data; a live snapshot uses the
 //!   backend's own dirty log (`dirty_log`, `log_control`) and is refused when the backend
 //!   lacks `LOG_SHMFD` or `VHOST_F_LOG_ALL`.
@@ -47,8 +47,7 @@ use super::reconnect::{watch, Reconnector};
 use super::session::{bring_up, retarget_calls, ActiveRings, Base, Handler, Ring, Session, Shared};
 use crate::error_chain;
 use crate::virtio::device::{
-    ActivateContext, ActivateError, DeviceDirtyLog, DeviceIdentity, EventLoop, QueueProgress,
-    VirtioDevice,
+    ActivateContext, ActivateError, DeviceDirtyLog, EventLoop, QueueProgress, VirtioDevice,
 };
 use crate::virtio::subscription::LoopSubscription;
 
@@ -67,7 +66,7 @@ const BLK_SIZE_MAX: usize = 8;
 /// A virtio device served by a vhost-user backend.
 pub struct VhostUserDevice {
     kind: VhostUserKind,
-    /// The configuration it was built from (its identity in a snapshot).
+    /// The configuration it was built from (its saved state in a snapshot).
     cfg: VhostUserConfig,
     shared: Arc<Shared>,
     /// With `reconnect=`: the thread that brings the backend back.
@@ -97,6 +96,11 @@ impl VhostUserDevice {
     ) -> Result<Self, VhostUserError> {
         let conn = Connection::open(cfg)?;
         Self::from_connection(cfg, conn, regions, event_loop)
+    }
+
+    /// The device's configuration (`--vhost-user`).
+    pub fn config(&self) -> &VhostUserConfig {
+        &self.cfg
     }
 
     /// As `new`, on a connection whose handshake is done.
@@ -368,10 +372,6 @@ impl VirtioDevice for VhostUserDevice {
                 break;
             }
         }
-    }
-
-    fn identity(&self) -> Result<DeviceIdentity, String> {
-        Ok(DeviceIdentity::VhostUser(self.cfg.clone()))
     }
 
     fn interrupt_delivery_changed(&mut self) {

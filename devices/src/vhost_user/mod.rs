@@ -16,6 +16,7 @@
 //! - `hangup`: the event-loop subscriber that notices when the backend goes away.
 //! - `reconnect`: with `reconnect=`, the thread that connects again and replays the set-up.
 //! - `quiesce`: stopping the rings for a snapshot and where each restarts.
+//! - `persist`: what a snapshot keeps of the device (its configuration) and restoring it.
 //! - `dirty_log`: the memfd bitmap a backend logs the guest pages it writes in, and reading it.
 //! - `log_control`: switching a backend's dirty log on and off for a live snapshot
 //!   (`DeviceDirtyLog`).
@@ -37,6 +38,7 @@ mod fs_config;
 pub mod fuzzing;
 mod hangup;
 mod log_control;
+mod persist;
 mod quiesce;
 mod reconnect;
 mod session;
@@ -50,3 +52,4 @@ mod tests;
 pub use config::{SharedMemoryRegion, VhostUserConfig, VhostUserKind};
 pub use connection::VhostUserError;
 pub use device::VhostUserDevice;
+pub use persist::VhostUserState;

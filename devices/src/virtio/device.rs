@@ -1,9 +1,11 @@
 //! The `VirtioDevice` trait every device model implements, and what a device gets when the
 //! driver activates it: guest memory, its queues with their kick eventfds, a way to signal the
 //! driver, and the event loop to register its queue handlers with. Also the device's side of
-//! snapshots: what it is (`DeviceIdentity`, to rebuild it on restore) and `quiesce`, which
-//! finishes what is in flight and hands back each queue's position (`QueueProgress`).
+//! snapshots that the transport drives: `quiesce`, which finishes what is in flight and hands
+//! back each queue's position (`QueueProgress`). What the device itself is in a snapshot is
+//! its `Persist` state, next to it.
 
+use std::any::Any;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{MutEventSubscriber, RemoteEndpoint};
@@ -69,47 +71,6 @@ impl QueueProgress {
     }
 }
 
-/// What a device is, as a snapshot records it so that restore can build the same device again
-/// (its own state beyond configuration and queues: none for any of these).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum DeviceIdentity {
-    /// virtio-blk on a disk file.
-    Blk {
-        /// The disk file or block device.
-        path: std::path::PathBuf,
-        /// Writes refused.
-        readonly: bool,
-        /// `GET_ID` serial.
-        id: Option<String>,
-        /// Request queues.
-        queues: u16,
-        /// The worker-thread engine was in use (else io_uring).
-        threads: bool,
-    },
-    /// virtio-rng.
-    Rng,
-    /// virtio-net on a tap.
-    Net {
-        /// The tap interface.
-        tap: String,
-        /// The MAC address the guest saw.
-        mac: [u8; 6],
-    },
-    /// virtio-console.
-    Console,
-    /// virtio-vsock: the guest CID and the host Unix socket (`--vsock`). Connections are not
-    /// saved; the restored device resets them (`VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`).
-    Vsock {
-        /// Guest CID.
-        cid: u64,
-        /// The listening socket `PATH` (guest connections go to `PATH_<port>`).
-        socket: std::path::PathBuf,
-    },
-    /// A device served by a vhost-user backend: its `--vhost-user` configuration (type,
-    /// socket, queues, tag, reconnect). The backend itself keeps no state skiff relies on.
-    VhostUser(crate::vhost_user::VhostUserConfig),
-}
-
 /// One queue the driver enabled.
 #[derive(Debug)]
 pub struct ActivatedQueue {
@@ -166,8 +127,10 @@ pub enum ActivateError {
     },
 }
 
-/// A virtio device model behind the PCI transport.
-pub trait VirtioDevice: Send {
+/// A virtio device model behind the PCI transport. What a snapshot keeps of the device itself
+/// is its `crate::persist::Persist` implementation, next to it (`persist.rs`); the VMM finds
+/// it through `as_any`.
+pub trait VirtioDevice: Send + AsAny {
     /// virtio device type (1 = net, 2 = blk, 3 = console, 4 = rng, ...).
     fn device_type(&self) -> u32;
     /// A short name for messages ("blk", "net", ...).
@@ -185,10 +148,6 @@ pub trait VirtioDevice: Send {
     /// Stops processing (the driver reset the device) and drops the queues, so a later
     /// `activate` starts afresh. Must deregister the device's event-loop handlers.
     fn reset(&mut self);
-    /// What the device is, for a snapshot; `Err` says why this device cannot be snapshotted.
-    fn identity(&self) -> Result<DeviceIdentity, String> {
-        Err("its state cannot be saved".into())
-    }
     /// For a snapshot of the paused VM: finishes every request in flight (used entries
     /// written, the driver notified as it asked), stops and deregisters the handlers like
     /// `reset` but returning nothing unfinished, and gives each queue's position. `None` when
@@ -211,6 +170,19 @@ pub trait VirtioDevice: Send {
     /// `DeviceSignals::queue_irqfd` eventfds to another process asks again. Called on a vCPU
     /// thread with the transport's lock held.
     fn interrupt_delivery_changed(&mut self) {}
+}
+
+/// The device as `Any`, so that the VMM can reach its concrete type (its `Persist`
+/// implementation) behind `dyn VirtioDevice`. Every `'static` type has it.
+pub trait AsAny {
+    /// `self` as `Any`.
+    fn as_any(&self) -> &dyn Any;
+}
+
+impl<T: Any> AsAny for T {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
 }
 
 /// A device's own record of the guest pages it writes (a vhost-user backend's dirty log),

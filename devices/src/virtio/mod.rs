@@ -4,7 +4,8 @@
 //! feature negotiation, queue set-up, status and interrupts; a device owns its configuration space
 //! and what it does with its queues once activated. Each device is a folder (`blk/`, `net/`, ...)
 //! split by job: `device.rs` (config, features, activation), an `event-manager` subscriber that
-//! knows which queue kicked, and the request parsing, testable without KVM.
+//! knows which queue kicked, the request parsing, testable without KVM, and `persist.rs`, what a
+//! snapshot keeps of the device (`crate::persist::Persist`).
 
 pub mod blk;
 pub mod console;
@@ -22,6 +23,6 @@ pub mod transport;
 pub mod vsock;
 
 pub use device::{
-    ActivateContext, ActivateError, ActivatedQueue, DeviceDirtyLog, DeviceIdentity, DeviceSignals,
+    ActivateContext, ActivateError, ActivatedQueue, AsAny, DeviceDirtyLog, DeviceSignals,
     EventLoop, GuestMemoryMmap, QueueProgress, VirtioDevice,
 };

@@ -2,7 +2,8 @@
 //! into every 4 KiB page of every RAM range, then reads them all back. All ranges are written
 //! before any is verified, so pages that alias each other across ranges (say a slot mapped
 //! twice) are caught too. Skips the guest's own image (code, data, BSS with stacks and page
-//! tables), the AP trampoline page and every ACPI table it can find.
+//! tables), the AP trampoline page and every ACPI table it can find. `read_all` only reads a
+//! word of every RAM page (the agent's `read-ram`: a restored guest faulting in all its memory).
 use crate::bootinfo::BootInfo;
 use crate::paging;
 use crate::scenario::fail;
@@ -167,4 +168,23 @@ pub fn run(info: &BootInfo) {
         .str(" pages=")
         .dec(total)
         .str("\n");
+}
+
+/// Reads one word of every whole RAM page and returns how many pages it read.
+pub fn read_all(info: &BootInfo) -> u64 {
+    let mut pages = 0u64;
+    let mut fold = 0u64;
+    for r in info.ram() {
+        if !paging::map(r.start, r.end) {
+            continue;
+        }
+        for page in whole_pages(r.start, r.end).step_by(PAGE as usize) {
+            // SAFETY: `page` is RAM per the memory map and identity-mapped (mapped above); the
+            // load only reads it.
+            fold ^= unsafe { peek(page) };
+            pages += 1;
+        }
+    }
+    core::hint::black_box(fold);
+    pages
 }

@@ -186,6 +186,48 @@ impl AgentClient {
         }
     }
 
+    /// Reads the guest file at `path` (`ReadFile`): its bytes, up to `limit`; the inner error
+    /// is the agent's refusal (no such file, ...) or a file over `limit`.
+    pub fn read_file(
+        &mut self,
+        path: &[u8],
+        limit: usize,
+        mut stop: impl FnMut() -> bool,
+    ) -> Result<Result<Vec<u8>, String>, Interrupt> {
+        const READ_REQUEST: u32 = 3;
+        write_message(&mut self.stream, &Message::ReadFile { path }, READ_REQUEST)
+            .map_err(|e| Interrupt::Lost(format!("writing to the agent: {e}")))?;
+        let mut data = Vec::new();
+        let mut over = false;
+        loop {
+            match self.next(&mut stop)? {
+                (READ_REQUEST, Message::FileData(d)) => {
+                    if data.len() + d.len() > limit {
+                        over = true;
+                    } else {
+                        data.extend_from_slice(d);
+                    }
+                }
+                (READ_REQUEST, Message::Done) if over => {
+                    return Ok(Err(format!("the file is over {limit} bytes")))
+                }
+                (READ_REQUEST, Message::Done) => return Ok(Ok(data)),
+                (READ_REQUEST, Message::Error { code, message }) => {
+                    return Ok(Err(format!(
+                        "{code:?}: {}",
+                        String::from_utf8_lossy(message)
+                    )))
+                }
+                (req, other) => {
+                    return Err(Interrupt::Garbage(format!(
+                        "expected FileData or Done for request {READ_REQUEST}, got {:?} for {req}",
+                        other.kind()
+                    )))
+                }
+            }
+        }
+    }
+
     /// Runs `spec`, writing its output to `stdout` and `stderr` as it arrives.
     pub fn run(
         &mut self,

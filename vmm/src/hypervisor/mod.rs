@@ -31,6 +31,9 @@ pub enum HypervisorError {
     /// The host hypervisor lacks a capability skiff needs.
     #[error("the host hypervisor lacks the required capability {0}")]
     MissingCapability(&'static str),
+    /// The hypervisor backend does not offer this (yet).
+    #[error("{0} is not supported by this hypervisor backend")]
+    NotSupported(&'static str),
     /// An operation failed.
     #[error("{op} failed")]
     Op {

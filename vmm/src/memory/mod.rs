@@ -3,6 +3,8 @@
 //! - `region`: `ShareableRegion` and `Mappable`, the one description of guest RAM.
 //! - `backing`: the file behind RAM (sealed memfd, huge-page memfd, user file).
 //! - `validate`: checks on a region list before anything maps it.
+//! - `mapped_ram`: RAM as the host mappings registered with the hypervisor, read and written by
+//!   guest address (what the WHP instruction emulator reaches).
 //! - `section`, `view`, `section_ram` (Windows): RAM as a pagefile-backed or file-backed
 //!   section, views of it that unmap on drop, and the regions mapped at their file offsets.
 //! - `share`: the regions as a vhost-user backend maps them (descriptor, offset, user address).
@@ -15,6 +17,7 @@ pub mod region;
 pub mod backing;
 #[cfg(target_os = "linux")]
 mod guest_ram;
+mod mapped_ram;
 #[cfg(target_os = "linux")]
 pub mod share;
 pub mod validate;
@@ -31,6 +34,7 @@ pub mod view;
 
 #[cfg(target_os = "linux")]
 pub use guest_ram::{GuestMemory, GuestRam, MemoryConfig, MemoryError};
+pub use mapped_ram::MappedRam;
 pub use region::{Mappable, ShareableRegion};
 #[cfg(windows)]
 pub use section_ram::{SectionRam, SectionRamError};

@@ -11,14 +11,13 @@
 
 use std::path::PathBuf;
 
-use devices::virtio::transport::VirtioPciState;
-use devices::virtio::DeviceIdentity;
 use thiserror::Error;
 
 use super::auth::Authentication;
 use super::chain::{resolve_parents, ChainError, Layer};
 use super::resources::{device_ids, device_resource, HostResource};
 use super::restore::LoadedSnapshot;
+use crate::virtio_devices::{VirtioDeviceState, VirtioFunctionState};
 
 /// Host resources the user names again for a restore.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -94,7 +93,7 @@ pub struct Refusal {
 #[derive(Debug)]
 pub struct RestorePlan {
     /// The virtio functions' saved state, with overridden resources in place.
-    pub devices: Vec<VirtioPciState>,
+    pub devices: Vec<VirtioFunctionState>,
     /// A diff's parents, base first (empty for a full snapshot).
     pub parents: Vec<Layer>,
     /// Every host resource the restore will open, after overrides.
@@ -142,19 +141,19 @@ pub fn authorize(
 ) -> Result<RestorePlan, AuthorizeError> {
     let mut devices = snap.state.devices.virtio.clone();
     let ids = device_ids(&devices);
-    let ids_of = |want: fn(&DeviceIdentity) -> bool| -> Vec<String> {
+    let ids_of = |want: fn(&VirtioDeviceState) -> bool| -> Vec<String> {
         devices
             .iter()
             .zip(&ids)
-            .filter(|(d, _)| want(&d.identity))
+            .filter(|(d, _)| want(&d.device))
             .filter_map(|(_, id)| id.clone())
             .collect()
     };
     let (disks, nets, vhost, vsock) = (
-        ids_of(|d| matches!(d, DeviceIdentity::Blk { .. })),
-        ids_of(|d| matches!(d, DeviceIdentity::Net { .. })),
-        ids_of(|d| matches!(d, DeviceIdentity::VhostUser(_))),
-        ids_of(|d| matches!(d, DeviceIdentity::Vsock { .. })),
+        ids_of(|d| matches!(d, VirtioDeviceState::Blk(_))),
+        ids_of(|d| matches!(d, VirtioDeviceState::Net(_))),
+        ids_of(|d| matches!(d, VirtioDeviceState::VhostUser(_))),
+        ids_of(|d| matches!(d, VirtioDeviceState::Vsock(_))),
     );
     check_ids("disk", &overrides.disks, &disks)?;
     check_ids("net", &overrides.nets, &nets)?;
@@ -174,22 +173,22 @@ pub fn authorize(
     let mut host_opens = Vec::new();
     for (device, id) in devices.iter_mut().zip(&ids) {
         let Some(id) = id else { continue };
-        let overridden = match &mut device.identity {
-            DeviceIdentity::Blk { path, .. } => find(&overrides.disks, id)
-                .map(|p| *path = p.clone())
+        let overridden = match &mut device.device {
+            VirtioDeviceState::Blk(disk) => find(&overrides.disks, id)
+                .map(|p| disk.path = p.clone())
                 .ok_or_else(|| format!("--disk id={id},path=PATH")),
-            DeviceIdentity::Net { tap, .. } => find(&overrides.nets, id)
-                .map(|t| *tap = t.clone())
+            VirtioDeviceState::Net(net) => find(&overrides.nets, id)
+                .map(|t| net.tap = t.clone())
                 .ok_or_else(|| format!("--net id={id},tap=TAP")),
-            DeviceIdentity::VhostUser(cfg) => find(&overrides.vhost_user, id)
-                .map(|s| cfg.socket = s.clone())
+            VirtioDeviceState::VhostUser(vhost) => find(&overrides.vhost_user, id)
+                .map(|s| vhost.config.socket = s.clone())
                 .ok_or_else(|| format!("--vhost-user id={id},socket=PATH")),
-            DeviceIdentity::Vsock { socket, .. } => find(&overrides.vsock, id)
-                .map(|s| *socket = s.clone())
+            VirtioDeviceState::Vsock(vsock) => find(&overrides.vsock, id)
+                .map(|s| vsock.socket = s.clone())
                 .ok_or_else(|| format!("--vsock id={id},socket=PATH")),
-            DeviceIdentity::Rng | DeviceIdentity::Console => continue,
+            VirtioDeviceState::Rng(_) | VirtioDeviceState::Console(_) => continue,
         };
-        let Some(resource) = device_resource(&device.identity, id) else {
+        let Some(resource) = device_resource(&device.device, id) else {
             continue;
         };
         if let Err(hint) = overridden {

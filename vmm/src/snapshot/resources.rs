@@ -12,12 +12,11 @@
 
 use std::path::PathBuf;
 
-use devices::virtio::transport::VirtioPciState;
-use devices::virtio::DeviceIdentity;
 use serde::{Deserialize, Serialize};
 
 use super::manifest::SnapshotManifest;
 use super::state_file::SnapshotState;
+use crate::virtio_devices::{VirtioDeviceState, VirtioFunctionState};
 
 /// The id of a diff's parent directory in resource lists and messages.
 pub const PARENT_ID: &str = "parent";
@@ -136,15 +135,16 @@ impl HostResource {
 
 /// Each virtio function's device id (`None` for devices that name no host resource: rng,
 /// console), in bus order.
-pub fn device_ids(devices: &[VirtioPciState]) -> Vec<Option<String>> {
+pub fn device_ids(devices: &[VirtioFunctionState]) -> Vec<Option<String>> {
     let mut ids: Vec<Option<String>> = vec![None; devices.len()];
     // Disks' own ids first, when unique and non-empty, so generated names avoid them.
     for (i, d) in devices.iter().enumerate() {
-        if let DeviceIdentity::Blk { id: Some(id), .. } = &d.identity {
+        if let VirtioDeviceState::Blk(disk) = &d.device {
+            let Some(id) = &disk.id else { continue };
             let unique = devices
                 .iter()
                 .filter(
-                    |o| matches!(&o.identity, DeviceIdentity::Blk { id: Some(x), .. } if x == id),
+                    |o| matches!(&o.device, VirtioDeviceState::Blk(other) if other.id.as_ref() == Some(id)),
                 )
                 .count()
                 == 1;
@@ -157,12 +157,12 @@ pub fn device_ids(devices: &[VirtioPciState]) -> Vec<Option<String>> {
     // name is some disk's own id), likewise for net, vhost-user and vsock.
     let mut counters = [0usize; 4];
     for (i, d) in devices.iter().enumerate() {
-        let (slot, prefix) = match &d.identity {
-            DeviceIdentity::Blk { .. } => (0, "disk"),
-            DeviceIdentity::Net { .. } => (1, "net"),
-            DeviceIdentity::VhostUser(_) => (2, "vhost-user"),
-            DeviceIdentity::Vsock { .. } => (3, "vsock"),
-            DeviceIdentity::Rng | DeviceIdentity::Console => continue,
+        let (slot, prefix) = match &d.device {
+            VirtioDeviceState::Blk(_) => (0, "disk"),
+            VirtioDeviceState::Net(_) => (1, "net"),
+            VirtioDeviceState::VhostUser(_) => (2, "vhost-user"),
+            VirtioDeviceState::Vsock(_) => (3, "vsock"),
+            VirtioDeviceState::Rng(_) | VirtioDeviceState::Console(_) => continue,
         };
         let position = counters[slot];
         counters[slot] += 1;
@@ -178,26 +178,26 @@ pub fn device_ids(devices: &[VirtioPciState]) -> Vec<Option<String>> {
 }
 
 /// The host resource one virtio function names, under device id `id`.
-pub fn device_resource(identity: &DeviceIdentity, id: &str) -> Option<HostResource> {
-    match identity {
-        DeviceIdentity::Blk { path, readonly, .. } => Some(HostResource::Disk {
+pub fn device_resource(device: &VirtioDeviceState, id: &str) -> Option<HostResource> {
+    match device {
+        VirtioDeviceState::Blk(disk) => Some(HostResource::Disk {
             id: id.to_string(),
-            path: path.clone(),
-            readonly: *readonly,
+            path: disk.path.clone(),
+            readonly: disk.readonly,
         }),
-        DeviceIdentity::Net { tap, .. } => Some(HostResource::Net {
+        VirtioDeviceState::Net(net) => Some(HostResource::Net {
             id: id.to_string(),
-            tap: tap.clone(),
+            tap: net.tap.clone(),
         }),
-        DeviceIdentity::VhostUser(cfg) => Some(HostResource::VhostUser {
+        VirtioDeviceState::VhostUser(vhost) => Some(HostResource::VhostUser {
             id: id.to_string(),
-            socket: cfg.socket.clone(),
+            socket: vhost.config.socket.clone(),
         }),
-        DeviceIdentity::Vsock { socket, .. } => Some(HostResource::Vsock {
+        VirtioDeviceState::Vsock(vsock) => Some(HostResource::Vsock {
             id: id.to_string(),
-            socket: socket.clone(),
+            socket: vsock.socket.clone(),
         }),
-        DeviceIdentity::Rng | DeviceIdentity::Console => None,
+        VirtioDeviceState::Rng(_) | VirtioDeviceState::Console(_) => None,
     }
 }
 
@@ -208,7 +208,7 @@ pub fn list(manifest: &SnapshotManifest, state: &SnapshotState) -> Vec<HostResou
     let mut out: Vec<HostResource> = devices
         .iter()
         .zip(device_ids(devices))
-        .filter_map(|(d, id)| device_resource(&d.identity, id.as_deref()?))
+        .filter_map(|(d, id)| device_resource(&d.device, id.as_deref()?))
         .collect();
     if let Some(p) = &manifest.parent {
         out.push(HostResource::Parent {
@@ -233,40 +233,41 @@ mod tests {
     use super::*;
     use crate::snapshot::state_file::tests::{sample_state, sample_virtio_state};
 
-    fn with(identity: DeviceIdentity) -> VirtioPciState {
+    use devices::virtio::blk::{BlkState, IoEngineKind};
+
+    fn with(device: VirtioDeviceState) -> VirtioFunctionState {
         let mut s = sample_virtio_state();
-        s.identity = identity;
+        s.device = device;
         s
     }
 
-    fn blk(id: Option<&str>) -> DeviceIdentity {
-        DeviceIdentity::Blk {
+    fn blk(id: Option<&str>) -> VirtioDeviceState {
+        VirtioDeviceState::Blk(BlkState {
             path: "/d".into(),
             readonly: false,
             id: id.map(Into::into),
             queues: 1,
-            threads: false,
-        }
+            engine: IoEngineKind::Auto,
+        })
     }
 
     #[test]
     fn ids_use_a_disks_own_unique_id_and_number_the_rest() {
-        use devices::vhost_user::{VhostUserConfig, VhostUserKind};
+        use devices::vhost_user::{VhostUserConfig, VhostUserKind, VhostUserState};
         let devices = vec![
             with(blk(None)),
             with(blk(Some("disk0"))),
-            with(DeviceIdentity::Rng),
-            with(DeviceIdentity::Net {
+            with(VirtioDeviceState::Rng(devices::virtio::rng::RngState)),
+            with(VirtioDeviceState::Net(devices::virtio::net::NetState {
                 tap: "tap0".into(),
                 mac: [2, 0, 0, 0, 0, 1],
-            }),
+            })),
             with(blk(Some("root"))),
             with(blk(Some("twice"))),
             with(blk(Some("twice"))),
-            with(DeviceIdentity::VhostUser(VhostUserConfig::new(
-                VhostUserKind::Blk,
-                "/s",
-            ))),
+            with(VirtioDeviceState::VhostUser(VhostUserState {
+                config: VhostUserConfig::new(VhostUserKind::Blk, "/s"),
+            })),
         ];
         let ids = device_ids(&devices);
         let ids: Vec<_> = ids.iter().map(|x| x.as_deref()).collect();

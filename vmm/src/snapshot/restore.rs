@@ -1,10 +1,11 @@
 //! Restoring a VM from a snapshot directory: check the files, build guest RAM over them, then
 //! the builder's own steps (hypervisor VM with memory slots and platform devices, legacy
-//! devices, vCPUs), each fed the saved state instead of boot state.
+//! devices, PCI devices, vCPUs), each fed the saved state instead of boot state.
 //!
 //! Order: the platform devices' state goes in right after they are created, before any vCPU
-//! exists (the virtio devices too: rebuilt from their saved identity, their state applied and
-//! the running ones activated at their saved queue positions); each vCPU is created and restored in full (its own ordering is in
+//! exists (the virtio devices too: rebuilt from their own saved state through the builder's
+//! PCI step, the transport's state applied and the running ones activated at their saved queue
+//! positions); each vCPU is created and restored in full (its own ordering is in
 //! `hypervisor/kvm/vcpu_state.rs`); the clock is set last, once every vCPU's TSC is back. The
 //! VM comes out paused in the sense that no vCPU thread exists yet: the runner starts them.
 //!
@@ -24,6 +25,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use devices::bus::Bus;
+use devices::virtio::transport::VirtioPciState;
 use devices::vm_exit::VmExitSignal;
 use thiserror::Error;
 
@@ -36,14 +38,16 @@ use super::memory_file::{copy_sparse, MemoryFileError};
 use super::resources::{self, HostResource};
 use super::state_file::{self, SnapshotState, StateFileError, MAX_STATE_FILE_BYTES};
 use crate::builder::{
-    create_legacy_devices, create_restored_pci_devices, create_vm, BuildError, BuiltVm, VmEvents,
+    create_legacy_devices, create_pci_devices, create_vcpus, create_vm, BuildError, BuiltVm,
+    VcpuStart, VmEvents, VmParts,
 };
 use crate::config::SerialConfig;
 use crate::guest_output::GuestOutputs;
 use crate::hypervisor::kvm::KvmHypervisor;
-use crate::hypervisor::{Hypervisor, HypervisorError, Vcpu};
+use crate::hypervisor::{Hypervisor, HypervisorError};
 use crate::memory::backing::{Backing, BackingKind};
 use crate::memory::{GuestRam, Mappable, MemoryError, ShareableRegion};
+use crate::virtio_devices::{VirtioDeviceState, VirtioFunctionState};
 
 /// How restored guest RAM relates to the snapshot's memory files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,15 +170,6 @@ pub enum RestoreError {
     /// A builder step failed.
     #[error(transparent)]
     Build(#[from] BuildError),
-    /// Putting state back into the hypervisor failed.
-    #[error("cannot restore vCPU {index}")]
-    Vcpu {
-        /// The vCPU.
-        index: u32,
-        /// The cause.
-        #[source]
-        source: HypervisorError,
-    },
     /// Putting the VM's state back failed.
     #[error("cannot restore the VM's interrupt controllers, timer or clock")]
     Vm(#[source] HypervisorError),
@@ -193,11 +188,11 @@ pub enum RestoreError {
 /// given, else `cow`, except that a snapshot with vhost-user devices needs shared memory:
 /// `copy` by default, and an explicit `cow` is refused.
 pub fn memory_mode(
-    devices: &[devices::virtio::transport::VirtioPciState],
+    devices: &[VirtioFunctionState],
     requested: Option<MemoryMode>,
 ) -> Result<MemoryMode, RestoreError> {
-    let vhost_user = devices.iter().find_map(|d| match &d.identity {
-        devices::virtio::DeviceIdentity::VhostUser(cfg) => Some(cfg.socket.clone()),
+    let vhost_user = devices.iter().find_map(|d| match &d.device {
+        VirtioDeviceState::VhostUser(s) => Some(s.config.socket.clone()),
         _ => None,
     });
     match (requested, vhost_user) {
@@ -444,30 +439,34 @@ pub fn restore_vm(
         .map_err(RestoreError::Vm)?;
     let exit = VmExitSignal::new().map_err(BuildError::EventFd)?;
     let mut outputs = GuestOutputs::default();
-    let (mut pio, serial, i8042) =
-        create_legacy_devices(&*vm, serial, &mut outputs, &exit, Some(&snap.state.devices))?;
+    let saved = &snap.state.devices;
+    let mut legacy = create_legacy_devices(
+        &*vm,
+        serial,
+        &mut outputs,
+        &exit,
+        Some((&saved.serial, &saved.i8042)),
+    )?;
     // The PCI segment with the saved virtio devices, their state back and the running ones
     // active again (their handlers join the event loop when the runner starts it).
     let events = VmEvents::new().map_err(|e| BuildError::EventLoop(format!("{e:?}")))?;
     let mut mmio = Bus::new();
-    let (console_input, virtio) = create_restored_pci_devices(
+    let (devices, transports): (Vec<VirtioDeviceState>, Vec<VirtioPciState>) = plan
+        .devices
+        .iter()
+        .map(|f| (f.device.clone(), f.transport.clone()))
+        .unzip();
+    let pci = create_pci_devices(
         &*vm,
         &ram,
-        &plan.devices,
+        &devices,
+        Some(&transports),
         &events,
         &mut outputs,
-        &mut pio,
+        &mut legacy.pio,
         &mut mmio,
     )?;
-    let vcpus = (0..cpus)
-        .zip(&snap.state.vcpus)
-        .map(|(index, saved)| {
-            let vcpu = vm.create_vcpu(index).map_err(BuildError::from)?;
-            vcpu.restore_state(saved)
-                .map_err(|source| RestoreError::Vcpu { index, source })?;
-            Ok(vcpu)
-        })
-        .collect::<Result<Vec<Box<dyn Vcpu>>, RestoreError>>()?;
+    let vcpus = create_vcpus(&hypervisor, &*vm, cpus, VcpuStart::Saved(&snap.state.vcpus))?;
     let vcpus_done = started.elapsed();
     // Last: every vCPU's TSC is back, so the clock offset computed now holds for all of them.
     vm.restore_clock(&snap.state.vm).map_err(RestoreError::Vm)?;
@@ -484,20 +483,17 @@ pub fn restore_vm(
         ms(vcpus_done),
         ms(started.elapsed()),
     );
-    Ok(BuiltVm {
-        ram,
+    Ok(VmParts {
         vm,
         vcpus,
-        pio: Arc::new(pio),
-        mmio: Arc::new(mmio),
-        serial,
-        i8042,
+        legacy,
+        mmio,
         exit,
-        events: Some(events),
-        console_input,
-        virtio,
+        events,
+        pci,
         outputs,
-    })
+    }
+    .with_ram(ram))
 }
 
 #[cfg(test)]

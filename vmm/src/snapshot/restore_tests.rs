@@ -58,8 +58,7 @@ fn load_err(dir: &Path) -> String {
 
 #[test]
 fn a_snapshot_with_a_vhost_user_device_is_restored_by_copying_and_refuses_cow() {
-    use devices::vhost_user::{VhostUserConfig, VhostUserKind};
-    use devices::virtio::DeviceIdentity;
+    use devices::vhost_user::{VhostUserConfig, VhostUserKind, VhostUserState};
     let d = tempfile::tempdir().unwrap();
     write_sample(d.path());
     let mut snap = load_ok(d.path());
@@ -68,13 +67,11 @@ fn a_snapshot_with_a_vhost_user_device_is_restored_by_copying_and_refuses_cow() 
         MemoryMode::Cow
     );
     let cfg = VhostUserConfig::new(VhostUserKind::Blk, "/run/blk.sock");
-    snap.state.devices.virtio[0].identity = DeviceIdentity::VhostUser(cfg.clone());
-    // The identity survives the state file.
+    let vhost_user = VirtioDeviceState::VhostUser(VhostUserState { config: cfg });
+    snap.state.devices.virtio[0].device = vhost_user.clone();
+    // The device's state survives the state file.
     let again = state_file::decode(&encode(&snap.state).unwrap()).unwrap();
-    assert_eq!(
-        again.devices.virtio[0].identity,
-        DeviceIdentity::VhostUser(cfg)
-    );
+    assert_eq!(again.devices.virtio[0].device, vhost_user);
     assert_eq!(
         memory_mode(&snap.state.devices.virtio, None).unwrap(),
         MemoryMode::Copy
@@ -167,7 +164,8 @@ fn both_memory_modes_show_the_file_contents_and_leave_the_file_alone() {
 use crate::snapshot::auth::Authentication;
 use crate::snapshot::manifest::{ParentRef, DIFF_FORMAT_VERSION};
 use crate::snapshot::state_file::tests::sample_virtio_state;
-use devices::virtio::DeviceIdentity;
+use crate::virtio_devices::VirtioDeviceState;
+use devices::virtio::{blk::BlkState, blk::IoEngineKind, net::NetState, rng::RngState};
 use std::os::unix::fs::MetadataExt;
 
 fn mkfifo(path: &Path) {
@@ -195,23 +193,24 @@ fn edit_manifest(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
 fn rng_only_state() -> SnapshotState {
     let mut s = sample_state();
     let mut rng = sample_virtio_state();
-    rng.identity = DeviceIdentity::Rng;
+    rng.device = VirtioDeviceState::Rng(RngState);
     s.devices.virtio = vec![rng];
     s
 }
 
 /// A state with a disk, a net device and a vhost-user device.
 fn three_resource_state() -> SnapshotState {
-    use devices::vhost_user::{VhostUserConfig, VhostUserKind};
+    use devices::vhost_user::{VhostUserConfig, VhostUserKind, VhostUserState};
     let mut s = sample_state();
     let mut net = sample_virtio_state();
-    net.identity = DeviceIdentity::Net {
+    net.device = VirtioDeviceState::Net(NetState {
         tap: "tap-victim".into(),
         mac: [2, 0, 0, 0, 0, 1],
-    };
+    });
     let mut vu = sample_virtio_state();
-    vu.identity =
-        DeviceIdentity::VhostUser(VhostUserConfig::new(VhostUserKind::Blk, "/run/v.sock"));
+    vu.device = VirtioDeviceState::VhostUser(VhostUserState {
+        config: VhostUserConfig::new(VhostUserKind::Blk, "/run/v.sock"),
+    });
     s.devices.virtio.push(net);
     s.devices.virtio.push(vu);
     s
@@ -339,8 +338,8 @@ fn an_edited_state_naming_another_host_file_is_refused_and_an_override_wins() {
     // Edit the state: the disk now points at a host file; CRC and manifest fixed up to match
     // (resources too), as an attacker would. The MAC no longer matches.
     let mut state = sample_state();
-    if let DeviceIdentity::Blk { path, .. } = &mut state.devices.virtio[0].identity {
-        *path = "/etc/shadow".into();
+    if let VirtioDeviceState::Blk(disk) = &mut state.devices.virtio[0].device {
+        disk.path = "/etc/shadow".into();
     }
     write_snapshot(d.path(), manifest::tests::sample(), &state, None);
     let snap = load_ok(d.path());
@@ -380,7 +379,7 @@ fn an_edited_state_naming_another_host_file_is_refused_and_an_override_wins() {
         }]
     );
     assert!(
-        matches!(&plan.devices[0].identity, DeviceIdentity::Blk { path, .. } if path == Path::new("/tmp/mine.img"))
+        matches!(&plan.devices[0].device, VirtioDeviceState::Blk(disk) if disk.path == Path::new("/tmp/mine.img"))
     );
     // An override wins for an authenticated snapshot too.
     write_sample(d.path());
@@ -561,26 +560,28 @@ fn mutate_state(rng: &mut Rng, dir: &Path, outside: &Path) {
             // A well-formed state naming host resources: what an attacker really writes.
             let mut state = state_file::decode(&bytes).unwrap_or_else(|_| rng_only_state());
             let path = outside.to_path_buf();
-            let identity = match rng.below(4) {
-                0 => DeviceIdentity::Blk {
+            let saved = match rng.below(4) {
+                0 => VirtioDeviceState::Blk(BlkState {
                     path,
                     readonly: rng.below(2) == 0,
                     id: None,
                     queues: 1,
-                    threads: false,
-                },
-                1 => DeviceIdentity::Net {
+                    engine: IoEngineKind::Auto,
+                }),
+                1 => VirtioDeviceState::Net(NetState {
                     tap: "evil0".into(),
                     mac: [2, 0, 0, 0, 0, 9],
-                },
-                2 => DeviceIdentity::VhostUser(devices::vhost_user::VhostUserConfig::new(
-                    devices::vhost_user::VhostUserKind::Blk,
-                    path,
-                )),
-                _ => DeviceIdentity::Rng,
+                }),
+                2 => VirtioDeviceState::VhostUser(devices::vhost_user::VhostUserState {
+                    config: devices::vhost_user::VhostUserConfig::new(
+                        devices::vhost_user::VhostUserKind::Blk,
+                        path,
+                    ),
+                }),
+                _ => VirtioDeviceState::Rng(RngState),
             };
             let mut device = sample_virtio_state();
-            device.identity = identity;
+            device.device = saved;
             if state.devices.virtio.is_empty() || rng.below(2) == 0 {
                 state.devices.virtio.push(device);
             } else {

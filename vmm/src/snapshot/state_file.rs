@@ -16,17 +16,18 @@
 
 use devices::legacy::i8042::I8042State;
 use devices::legacy::serial::SerialState;
-use devices::virtio::transport::VirtioPciState;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::hypervisor::state::{StateError, VcpuState, VmState};
+use crate::virtio_devices::VirtioFunctionState;
 
 /// The state file's magic bytes.
 pub const STATE_MAGIC: [u8; 8] = *b"SKIFFSTA";
 /// The version of the state file's layout and payload.
-/// Version 2 added the virtio PCI functions' state (`DeviceStates::virtio`).
-pub const STATE_FORMAT_VERSION: u32 = 2;
+/// Version 3: each virtio function's state is the device's own (`VirtioDeviceState`, a
+/// disk's `io=` engine as configured) beside the transport's.
+pub const STATE_FORMAT_VERSION: u32 = 3;
 /// Bytes before the payload.
 pub const HEADER_LEN: usize = 24;
 /// Largest payload `decode` accepts (254 vCPUs with large XSAVE areas fit easily).
@@ -52,9 +53,9 @@ pub struct DeviceStates {
     pub serial: SerialState,
     /// The i8042 controller.
     pub i8042: I8042State,
-    /// Every virtio PCI function, in bus order (checked against the rebuilt device on
-    /// restore: `VirtioPciDevice::restore_state`).
-    pub virtio: Vec<VirtioPciState>,
+    /// Every virtio PCI function, in bus order (the device rebuilt from its own state, the
+    /// transport's checked against it on restore: `VirtioPciDevice::restore`).
+    pub virtio: Vec<VirtioFunctionState>,
 }
 
 /// Why a state file cannot be used.
@@ -74,7 +75,7 @@ pub enum StateFileError {
     },
     /// Another format version.
     #[error(
-        "state file has format version {found}; this skiff reads version {STATE_FORMAT_VERSION}"
+        "state file has format version {found}; this skiff reads version {STATE_FORMAT_VERSION} only (take the snapshot again with this skiff)"
     )]
     Version {
         /// The file's version.
@@ -275,60 +276,65 @@ pub(crate) mod tests {
     }
 
     /// A running virtio-blk function's state, with every part filled in.
-    pub(crate) fn sample_virtio_state() -> VirtioPciState {
+    pub(crate) fn sample_virtio_state() -> VirtioFunctionState {
         use devices::pci::config_space::ConfigSpaceState;
         use devices::pci::msix::{MsixEntryState, MsixState};
-        use devices::virtio::transport::{CommonConfigState, QueueSetupState, SignalsState};
-        use devices::virtio::{DeviceIdentity, QueueProgress};
-        VirtioPciState {
-            identity: DeviceIdentity::Blk {
+        use devices::virtio::blk::{BlkState, IoEngineKind};
+        use devices::virtio::transport::{
+            CommonConfigState, QueueSetupState, SignalsState, VirtioPciState,
+        };
+        use devices::virtio::QueueProgress;
+        VirtioFunctionState {
+            device: crate::virtio_devices::VirtioDeviceState::Blk(BlkState {
                 path: "/var/tmp/disk.img".into(),
                 readonly: false,
                 id: Some("disk0".into()),
                 queues: 1,
-                threads: false,
-            },
-            config: ConfigSpaceState {
-                bytes: (0..=255).collect(),
-            },
-            msix: MsixState {
-                entries: vec![
-                    MsixEntryState {
-                        address_low: 0xfee0_0000,
-                        address_high: 0,
-                        data: 0x41,
-                        control: 0,
-                    };
-                    2
-                ],
-                pending: vec![0b10],
-            },
-            common: CommonConfigState {
-                device_feature_select: 1,
-                driver_feature_select: 1,
-                driver_features: 1 << 32,
-                status: 0xf,
-                queue_select: 0,
-                queues: vec![QueueSetupState {
-                    size: 128,
-                    desc: 0x10_0000,
-                    driver: 0x10_1000,
-                    device: 0x10_2000,
-                    enabled: true,
+                engine: IoEngineKind::IoUring,
+            }),
+            transport: VirtioPciState {
+                config: ConfigSpaceState {
+                    bytes: (0..=255).collect(),
+                },
+                msix: MsixState {
+                    entries: vec![
+                        MsixEntryState {
+                            address_low: 0xfee0_0000,
+                            address_high: 0,
+                            data: 0x41,
+                            control: 0,
+                        };
+                        2
+                    ],
+                    pending: vec![0b10],
+                },
+                common: CommonConfigState {
+                    device_feature_select: 1,
+                    driver_feature_select: 1,
+                    driver_features: 1 << 32,
+                    status: 0xf,
+                    queue_select: 0,
+                    queues: vec![QueueSetupState {
+                        size: 128,
+                        desc: 0x10_0000,
+                        driver: 0x10_1000,
+                        device: 0x10_2000,
+                        enabled: true,
+                    }],
+                },
+                signals: SignalsState {
+                    config_vector: 1,
+                    queue_vectors: vec![0],
+                    isr: 1,
+                    needs_reset: false,
+                    config_generation: 0,
+                },
+                progress: vec![QueueProgress {
+                    index: 0,
+                    next_avail: 300,
+                    next_used: 299,
                 }],
             },
-            signals: SignalsState {
-                config_vector: 1,
-                queue_vectors: vec![0],
-                isr: 1,
-                needs_reset: false,
-                config_generation: 0,
-            },
-            progress: vec![QueueProgress {
-                index: 0,
-                next_avail: 300,
-                next_used: 299,
-            }],
         }
     }
 
@@ -357,8 +363,14 @@ pub(crate) mod tests {
         b[0] = b'X';
         assert!(matches!(decode(&b), Err(StateFileError::Magic { .. })));
         let mut b = bytes.clone();
-        b[8] = 3;
-        assert_eq!(decode(&b), Err(StateFileError::Version { found: 3 }));
+        b[8] = 4;
+        assert_eq!(decode(&b), Err(StateFileError::Version { found: 4 }));
+        b[8] = 2;
+        assert_eq!(
+            decode(&b),
+            Err(StateFileError::Version { found: 2 }),
+            "a version 2 file (a device identity, not the device's own state) is refused"
+        );
         b[8] = 1;
         assert_eq!(
             decode(&b),

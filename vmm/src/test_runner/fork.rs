@@ -3,7 +3,8 @@
 //! in the artifact directory. Each case then restores that snapshot copy-on-write in a new
 //! process with its own vsock socket (`--vsock id=vsock0,socket=`) and, for every writable disk,
 //! its own copy (`--disk id=diskN,path=`), reflinked where the file system can. Read-only disks
-//! are shared.
+//! are shared. A snapshot that does not fit on its file system is told apart, so `skiff test`
+//! can say so in one line and exit with a code of its own.
 
 use std::ffi::OsString;
 use std::os::fd::AsRawFd;
@@ -14,9 +15,9 @@ use std::time::{Duration, Instant};
 
 use agent_protocol::Message;
 
-use super::run::{run_setup, serial_tail, vm_args, RunContext};
+use super::launch::{run_setup, says_no_space, serial_tail, vm_args, RunContext};
 use super::suite::VmSpec;
-use super::vm_process::{connect_agent, exit_code, VmProcess};
+use super::vm_process::{connect_agent, exit_code};
 
 /// How long the stopped VM may take to exit after its snapshot.
 const STOP_PATIENCE: Duration = Duration::from_secs(30);
@@ -30,8 +31,32 @@ pub struct ForkBase {
     pub writable_disks: Vec<(String, PathBuf)>,
 }
 
+/// Why a fork base could not be made: the reason its cases fail.
+#[derive(Debug, Clone)]
+pub struct BaseFailure {
+    pub reason: String,
+    /// The snapshot did not fit: its file system is full (or over quota).
+    pub no_space: bool,
+}
+
+impl From<String> for BaseFailure {
+    fn from(reason: String) -> Self {
+        Self {
+            reason,
+            no_space: false,
+        }
+    }
+}
+
 /// Boots `vm`, runs its setup and snapshots it; the error is the reason its cases fail.
-pub fn prepare(ctx: &RunContext, vm: &VmSpec, index: usize) -> Result<ForkBase, String> {
+pub fn prepare(ctx: &RunContext, vm: &VmSpec, index: usize) -> Result<ForkBase, BaseFailure> {
+    prepare_base(ctx, vm, index).map_err(|f| BaseFailure {
+        no_space: f.no_space || says_no_space(&f.reason),
+        reason: f.reason,
+    })
+}
+
+fn prepare_base(ctx: &RunContext, vm: &VmSpec, index: usize) -> Result<ForkBase, BaseFailure> {
     let mut writable_disks = Vec::new();
     for (n, disk) in vm.disks.iter().enumerate() {
         if disk.readonly {
@@ -44,7 +69,7 @@ pub fn prepare(ctx: &RunContext, vm: &VmSpec, index: usize) -> Result<ForkBase, 
                 "vm {:?}: writable disk {} is not a regular file, so a fork cannot get its own copy (make it readonly = true, or fork = false)",
                 vm.name,
                 disk.path.display()
-            ));
+            ).into());
         }
         writable_disks.push((format!("disk{n}"), disk.path.clone()));
     }
@@ -57,8 +82,7 @@ pub fn prepare(ctx: &RunContext, vm: &VmSpec, index: usize) -> Result<ForkBase, 
     let mut args = vm_args(vm, &socket, &dir.join("serial.log"));
     args.push("--api-socket".into());
     args.push(api.clone().into());
-    let mut base = VmProcess::spawn(&ctx.skiff, &args, &dir)
-        .map_err(|e| format!("cannot start skiff: {e}"))?;
+    let mut base = ctx.spawn(&args, &dir)?;
     let fail = |why: String| format!("{why}{}", serial_tail(&dir.join("serial.log")));
     let mut client = connect_agent(&socket, Instant::now() + vm.boot_timeout, &mut base)
         .map_err(|e| fail(format!("vm {:?} did not come up: {e}", vm.name)))?;
@@ -81,11 +105,18 @@ pub fn prepare(ctx: &RunContext, vm: &VmSpec, index: usize) -> Result<ForkBase, 
         .output()
         .map_err(|e| format!("cannot run skiff ctl: {e}"))?;
     if !out.status.success() {
-        return Err(format!(
-            "vm {:?}: snapshot failed: {}",
-            vm.name,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        let why = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        if says_no_space(&why) {
+            return Err(BaseFailure {
+                reason: format!(
+                    "vm {:?}: its snapshot does not fit in {}: the file system is full ({why})",
+                    vm.name,
+                    snapshot.display()
+                ),
+                no_space: true,
+            });
+        }
+        return Err(format!("vm {:?}: snapshot failed: {why}", vm.name).into());
     }
     match base.wait_until(Instant::now() + STOP_PATIENCE) {
         Some(s) if s.success() => {}
@@ -94,13 +125,11 @@ pub fn prepare(ctx: &RunContext, vm: &VmSpec, index: usize) -> Result<ForkBase, 
                 "vm {:?}: skiff exited {} after its snapshot",
                 vm.name,
                 exit_code(s)
-            ))
+            )
+            .into())
         }
         None => {
-            return Err(format!(
-                "vm {:?}: skiff did not stop after its snapshot",
-                vm.name
-            ))
+            return Err(format!("vm {:?}: skiff did not stop after its snapshot", vm.name).into())
         }
     }
     Ok(ForkBase {

@@ -1,30 +1,39 @@
 //! `skiff test`: runs a suite of tests that each need a VM, described in a TOML file
 //! (`suite.rs`), on this host's capabilities (`host_probe.rs`, `requirements.rs`), a slice of it
 //! at a time (`partition.rs`), cold or forked from a snapshot of a set-up VM (`fork.rs`,
-//! `run.rs`), with per-case artifacts (`artifacts.rs`) and human, jsonl and JUnit output
-//! (`report.rs`). This module owns the command line, the order of the steps and the exit codes.
+//! `run.rs`; VMs are started through `launch.rs` and `vm_process.rs` and ended through
+//! `reaper.rs`), under a suite watchdog (`watchdog.rs`), with per-case artifacts
+//! (`artifacts.rs`) and human, jsonl and JUnit output (`report.rs`). `test_vm.rs` offers the
+//! same pieces to Rust tests. This module owns the command line, the order of the steps and
+//! the exit codes.
 
 pub mod artifacts;
 pub mod fork;
 pub mod host_probe;
+pub mod launch;
 pub mod partition;
+pub mod reaper;
 pub mod report;
 pub mod requirements;
 pub mod run;
 pub mod suite;
+pub mod test_vm;
 pub mod vm_process;
+pub mod watchdog;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use host_probe::HostCapabilities;
+use launch::RunContext;
 use partition::Partition;
 use report::Format;
 use requirements::{Atom, Requirement};
-use run::{Mode, RunContext, Work};
+use run::{Mode, Work};
 use suite::{AgentKind, SuiteError};
+use watchdog::Watchdog;
 
 /// Exit codes of `skiff test`.
 pub mod exit {
@@ -46,6 +55,10 @@ pub mod exit {
     pub const ARTIFACTS: u8 = 8;
     /// The suite is inconsistent otherwise (unknown VM, bad pattern, ...).
     pub const INVALID: u8 = 9;
+    /// The suite watchdog fired: the run was cut short.
+    pub const WATCHDOG: u8 = 10;
+    /// A fork snapshot did not fit: its file system is full.
+    pub const NO_SPACE: u8 = 11;
 }
 
 /// `skiff test` options.
@@ -82,6 +95,18 @@ pub struct TestArgs {
     /// Stop a failing case's VM into a snapshot and print the command that restores it.
     #[arg(long)]
     pub snapshot_on_failure: bool,
+    /// Kill the run's VMs and stop when the whole suite takes longer than this (overrides the
+    /// suite's `watchdog` key).
+    #[arg(long, value_name = "SECONDS", value_parser = watchdog_seconds)]
+    pub watchdog: Option<Duration>,
+}
+
+fn watchdog_seconds(s: &str) -> Result<Duration, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v > 0.0 && *v < 1e9)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(|| format!("{s:?} is not a positive number of seconds"))
 }
 
 fn suite_exit(e: &SuiteError) -> u8 {
@@ -215,12 +240,36 @@ pub fn run(args: TestArgs) -> ExitCode {
         }
     };
     let skiff = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("skiff"));
+    let watchdog = Arc::new(Watchdog::new(args.watchdog.or(suite.watchdog)));
     let ctx = RunContext {
         skiff,
         artifacts,
         runtime: runtime.path().to_path_buf(),
         snapshot_on_failure: args.snapshot_on_failure,
+        watchdog: Arc::clone(&watchdog),
+        reaper: reaper::Reaper::start(),
+        disk_full: std::sync::atomic::AtomicBool::new(false),
     };
+    // Fires at the limit, or returns when `finish` is called below.
+    let watcher = std::thread::Builder::new()
+        .name("suite-watchdog".into())
+        .spawn(move || watchdog.watch());
+    let code = run_work(&args, &ctx, work, &host, started);
+    ctx.watchdog.finish();
+    if let Ok(w) = watcher {
+        let _ = w.join();
+    }
+    ExitCode::from(code)
+}
+
+/// Prepares the fork bases and runs `work`; the exit code.
+fn run_work(
+    args: &TestArgs,
+    ctx: &RunContext,
+    mut work: Vec<Work>,
+    host: &HostCapabilities,
+    started: Instant,
+) -> u8 {
     if args.format == Format::Jsonl {
         println!(
             "{}",
@@ -228,8 +277,10 @@ pub fn run(args: TestArgs) -> ExitCode {
         );
     }
     // Fork bases, one per fork VM with a case to run.
-    let mut bases: std::collections::BTreeMap<String, Result<Arc<fork::ForkBase>, String>> =
-        std::collections::BTreeMap::new();
+    let mut bases: std::collections::BTreeMap<
+        String,
+        Result<Arc<fork::ForkBase>, fork::BaseFailure>,
+    > = std::collections::BTreeMap::new();
     for (index, w) in work.iter_mut().enumerate() {
         if !matches!(w.mode, Mode::Cold)
             || !w.vm.fork
@@ -237,14 +288,23 @@ pub fn run(args: TestArgs) -> ExitCode {
         {
             continue;
         }
-        let base = bases
-            .entry(w.vm.name.clone())
-            .or_insert_with(|| fork::prepare(&ctx, &w.vm, index).map(Arc::new));
+        let base = bases.entry(w.vm.name.clone()).or_insert_with(|| {
+            let base = fork::prepare(ctx, &w.vm, index).map(Arc::new);
+            if let Err(f) = &base {
+                if f.no_space {
+                    ctx.report_disk_full(&f.reason);
+                }
+            }
+            base
+        });
         w.mode = match base {
             Ok(b) => Mode::Fork(b.clone()),
-            Err(why) => Mode::Fail(format!(
-                "setup of vm {:?} failed, case not run: {why}",
-                w.vm.name
+            Err(_) if ctx.watchdog.expired() => {
+                Mode::NotRun(format!("not run: {}", ctx.watchdog.reason()))
+            }
+            Err(f) => Mode::Fail(format!(
+                "setup of vm {:?} failed, case not run: {}",
+                w.vm.name, f.reason
             )),
         };
     }
@@ -254,7 +314,7 @@ pub fn run(args: TestArgs) -> ExitCode {
         let mut o = out.lock().unwrap_or_else(PoisonError::into_inner);
         let _ = std::io::Write::write_all(&mut *o, format!("{line}\n").as_bytes());
     };
-    let results = run::run_all(&ctx, work, usize::from(args.jobs), &report);
+    let results = run::run_all(ctx, work, usize::from(args.jobs), &report);
     let elapsed = started.elapsed();
     println!("{}", report::summary_line(&results, elapsed, args.format));
     if let Some(path) = &args.junit {
@@ -264,13 +324,22 @@ pub fn run(args: TestArgs) -> ExitCode {
             .map_or("skiff-test".into(), |s| s.to_string_lossy().into_owned());
         if let Err(e) = report::write_junit(path, &name, &results, elapsed) {
             eprintln!("skiff: cannot write --junit {}: {e}", path.display());
-            return ExitCode::from(exit::ARTIFACTS);
+            return exit::ARTIFACTS;
         }
     }
-    if results.iter().any(report::CaseResult::fails_suite) {
-        ExitCode::from(exit::FAILED)
+    if ctx.watchdog.expired() {
+        eprintln!(
+            "skiff: {}: its VMs were killed, {} case(s) not run",
+            ctx.watchdog.reason(),
+            report::totals(&results).not_run
+        );
+        exit::WATCHDOG
+    } else if ctx.disk_full.load(std::sync::atomic::Ordering::SeqCst) {
+        exit::NO_SPACE
+    } else if results.iter().any(report::CaseResult::fails_suite) {
+        exit::FAILED
     } else {
-        ExitCode::from(exit::PASSED)
+        exit::PASSED
     }
 }
 

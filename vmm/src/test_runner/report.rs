@@ -1,7 +1,8 @@
 //! Results and how they are shown: the human lines (one per case, with timings and retries),
 //! `--format jsonl` (one JSON event per line), and the JUnit XML file (`--junit`), written
 //! atomically, in the shape nextest and common CI readers take (`<testsuites>`, one
-//! `<testsuite>`, `<testcase>` with `<failure>`, `<skipped>` and `<system-out>`).
+//! `<testsuite>`, `<testcase>` with `<failure>`, `<error>` (not run: the run was cut short),
+//! `<skipped>` and `<system-out>`).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -17,6 +18,8 @@ pub enum Verdict {
     Pass,
     Fail(String),
     Skip(String),
+    /// Not run because the run was cut short (the suite watchdog): this reason.
+    NotRun(String),
 }
 
 /// One case's result.
@@ -43,7 +46,11 @@ pub struct CaseResult {
 impl CaseResult {
     /// Whether this result fails the suite.
     pub fn fails_suite(&self) -> bool {
-        matches!(self.verdict, Verdict::Fail(_)) && self.unstable.is_none()
+        match self.verdict {
+            Verdict::Fail(_) => self.unstable.is_none(),
+            Verdict::NotRun(_) => true,
+            Verdict::Pass | Verdict::Skip(_) => false,
+        }
     }
 }
 
@@ -85,6 +92,7 @@ pub fn case_line(r: &CaseResult, format: Format) -> String {
                     millis(r.duration)
                 ),
                 Verdict::Skip(why) => format!("SKIP {}: {why}", r.name),
+                Verdict::NotRun(why) => format!("NOT-RUN {}: {why}", r.name),
             };
             for (i, f) in r.earlier_failures.iter().enumerate() {
                 let _ = write!(line, "\n     attempt {} failed: {f}", i + 1);
@@ -102,6 +110,7 @@ pub fn case_line(r: &CaseResult, format: Format) -> String {
                 Verdict::Pass => ("pass", None),
                 Verdict::Fail(w) => ("fail", Some(w)),
                 Verdict::Skip(w) => ("skip", Some(w)),
+                Verdict::NotRun(w) => ("not-run", Some(w)),
             };
             json!({
                 "event": "case",
@@ -128,6 +137,7 @@ pub struct Totals {
     pub passed: usize,
     pub failed: usize,
     pub skipped: usize,
+    pub not_run: usize,
     pub retried: usize,
 }
 
@@ -139,6 +149,7 @@ pub fn totals(results: &[CaseResult]) -> Totals {
             Verdict::Pass => t.passed += 1,
             Verdict::Fail(_) => t.failed += 1,
             Verdict::Skip(_) => t.skipped += 1,
+            Verdict::NotRun(_) => t.not_run += 1,
         }
         if r.attempts > 1 {
             t.retried += 1;
@@ -152,10 +163,15 @@ pub fn summary_line(results: &[CaseResult], elapsed: Duration, format: Format) -
     let t = totals(results);
     match format {
         Format::Human => format!(
-            "{} passed, {} failed, {} skipped ({} retried) in {:.2} s",
+            "{} passed, {} failed, {} skipped{} ({} retried) in {:.2} s",
             t.passed,
             t.failed,
             t.skipped,
+            if t.not_run > 0 {
+                format!(", {} not run", t.not_run)
+            } else {
+                String::new()
+            },
             t.retried,
             elapsed.as_secs_f64()
         ),
@@ -164,6 +180,7 @@ pub fn summary_line(results: &[CaseResult], elapsed: Duration, format: Format) -
             "passed": t.passed,
             "failed": t.failed,
             "skipped": t.skipped,
+            "not_run": t.not_run,
             "retried": t.retried,
             "duration_ms": millis(elapsed),
         })
@@ -194,18 +211,20 @@ pub fn junit_xml(suite: &str, results: &[CaseResult], elapsed: Duration) -> Stri
     let mut x = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
     let _ = writeln!(
         x,
-        "<testsuites name=\"skiff-test\" tests=\"{}\" failures=\"{}\" errors=\"0\" skipped=\"{}\" time=\"{:.3}\">",
+        "<testsuites name=\"skiff-test\" tests=\"{}\" failures=\"{}\" errors=\"{}\" skipped=\"{}\" time=\"{:.3}\">",
         results.len(),
         t.failed,
+        t.not_run,
         t.skipped,
         elapsed.as_secs_f64()
     );
     let _ = writeln!(
         x,
-        "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{}\" errors=\"0\" skipped=\"{}\" time=\"{:.3}\">",
+        "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{}\" errors=\"{}\" skipped=\"{}\" time=\"{:.3}\">",
         escape(suite),
         results.len(),
         t.failed,
+        t.not_run,
         t.skipped,
         elapsed.as_secs_f64()
     );
@@ -246,6 +265,13 @@ pub fn junit_xml(suite: &str, results: &[CaseResult], elapsed: Duration) -> Stri
             }
             Verdict::Skip(why) => {
                 let _ = writeln!(x, "      <skipped message=\"{}\"/>", escape(why));
+            }
+            Verdict::NotRun(why) => {
+                let _ = writeln!(
+                    x,
+                    "      <error message=\"{}\" type=\"not-run\"/>",
+                    escape(why)
+                );
             }
         }
         if !out.is_empty() {
@@ -290,5 +316,33 @@ mod tests {
         assert!(x.contains("failures=\"1\""));
         assert!(x.contains("expected 0 ?"));
         assert!(x.contains("attempt 1 failed: timeout"));
+    }
+
+    #[test]
+    fn not_run_cases_are_junit_errors_and_fail_the_suite() {
+        let r = CaseResult {
+            name: "late".into(),
+            vm: "tg".into(),
+            verdict: Verdict::NotRun("not run: the suite watchdog (3.0 s) expired".into()),
+            attempts: 0,
+            earlier_failures: Vec::new(),
+            duration: Duration::ZERO,
+            unstable: Some("flaky".into()),
+            forked: false,
+            artifacts: None,
+            restore_command: None,
+        };
+        assert!(
+            r.fails_suite(),
+            "unstable does not excuse a case that never ran"
+        );
+        let x = junit_xml("s", std::slice::from_ref(&r), Duration::from_millis(9));
+        assert!(x.contains("errors=\"1\" skipped=\"0\""), "{x}");
+        assert!(
+            x.contains("<error message=\"not run: the suite watchdog"),
+            "{x}"
+        );
+        let line = summary_line(&[r], Duration::from_secs(1), Format::Human);
+        assert!(line.contains("0 failed, 0 skipped, 1 not run"), "{line}");
     }
 }

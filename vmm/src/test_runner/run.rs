@@ -3,41 +3,33 @@
 //! its VM's fork snapshot. A case passes on the expected exit code and, when given, output
 //! matching its pattern (the command's stdout for agent cases, the serial log for scenarios).
 //! Timeouts: the agent kills the command's process group at the case timeout; the VM's process
-//! group is killed after a grace period if no answer comes, and scenario VMs at the timeout.
+//! group is killed after a grace period if no answer comes. A scenario VM has `boot_timeout` to
+//! print its `ready` line (by default any line), then the case timeout. When the suite watchdog
+//! fires, the cases it stopped fail with its reason and the ones not started are not run.
+//! A finished case's VM goes to the reaper, so its exit is not on the next case's path.
 
 use std::collections::VecDeque;
-use std::ffi::OsString;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::io::{Read, Write};
+use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use agent_protocol::{ExitStatus, Message};
+use agent_protocol::ExitStatus;
 
-use super::artifacts::Artifacts;
 use super::fork::{restore_args, ForkBase};
+use super::launch::{
+    describe, resume, run_setup, says_no_space, serial_tail, spec, vm_args, RunContext,
+};
 use super::report::{CaseResult, Verdict};
 use super::suite::{AgentKind, CaseRun, CaseSpec, VmSpec};
 use super::vm_process::{connect_agent, exit_code, VmProcess};
-use crate::exec::client::{AgentClient, CommandEnd, CommandSpec, Interrupt};
+use crate::exec::client::{CommandEnd, Interrupt};
 
 /// How long past a case's timeout the agent may take to report it before the VM is killed.
 const GRACE: Duration = Duration::from_secs(5);
-/// Serial lines quoted in a boot failure.
-const SERIAL_TAIL_LINES: usize = 3;
-
-/// What every case of a run shares.
-#[derive(Debug)]
-pub struct RunContext {
-    /// The skiff binary to start VMs with.
-    pub skiff: PathBuf,
-    pub artifacts: Artifacts,
-    /// An owner-only directory for vsock and API sockets (short paths).
-    pub runtime: PathBuf,
-    /// Stop a failing agent case's VM into a snapshot.
-    pub snapshot_on_failure: bool,
-}
+/// How often a scenario VM's serial log and exit are looked at.
+const SCENARIO_TICK: Duration = Duration::from_millis(2);
 
 /// How a case is to be run.
 #[derive(Debug, Clone)]
@@ -46,6 +38,8 @@ pub enum Mode {
     Skip(String),
     /// Not run, failed: this reason (an unmet `--require`, a failed fork setup).
     Fail(String),
+    /// Not run because the run was cut short: this reason (the suite watchdog).
+    NotRun(String),
     /// A fresh boot.
     Cold,
     /// A restore of this snapshot.
@@ -77,134 +71,6 @@ impl From<String> for Failure {
     }
 }
 
-/// `; serial: A | B | C` with the log's last lines, or nothing.
-pub fn serial_tail(log: &Path) -> String {
-    let Ok(bytes) = std::fs::read(log) else {
-        return String::new();
-    };
-    let text = String::from_utf8_lossy(&bytes);
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    if lines.is_empty() {
-        return String::new();
-    }
-    let tail = &lines[lines.len().saturating_sub(SERIAL_TAIL_LINES)..];
-    format!("; serial: {}", tail.join(" | "))
-}
-
-/// `skiff run` arguments for `vm` with its agent on `socket` (no agent: none) and the serial
-/// console in `serial`.
-pub fn vm_args(vm: &VmSpec, socket: &Path, serial: &Path) -> Vec<OsString> {
-    let mut args: Vec<OsString> = vec!["run".into(), "--kernel".into(), vm.kernel.clone().into()];
-    if let Some(initrd) = &vm.initrd {
-        args.extend(["--initrd".into(), initrd.clone().into()]);
-    }
-    if let Some(cpus) = vm.cpus {
-        args.extend(["--cpus".into(), cpus.to_string().into()]);
-    }
-    if let Some(memory) = &vm.memory {
-        args.extend(["--memory".into(), memory.into()]);
-    }
-    for disk in &vm.disks {
-        let mut spec = OsString::from("path=");
-        spec.push(&disk.path);
-        if disk.readonly {
-            spec.push(",readonly=on");
-        }
-        args.extend(["--disk".into(), spec]);
-    }
-    for net in &vm.net {
-        args.extend(["--net".into(), net.into()]);
-    }
-    let mut serial_arg = OsString::from("file=");
-    serial_arg.push(serial);
-    args.extend(["--serial".into(), serial_arg]);
-    let mut cmdline = vm.cmdline.clone();
-    if vm.agent != AgentKind::None {
-        let mut vsock = OsString::from("cid=3,socket=");
-        vsock.push(socket);
-        args.extend(["--vsock".into(), vsock]);
-    }
-    match vm.agent {
-        AgentKind::Testguest => cmdline = format!("{cmdline} agent-listen").trim().to_string(),
-        AgentKind::Linux => args.push("--agent".into()),
-        AgentKind::None => {}
-    }
-    if !cmdline.is_empty() {
-        args.extend(["--cmdline".into(), cmdline.into()]);
-    }
-    args
-}
-
-fn spec(argv: &[String], timeout: Option<Duration>) -> CommandSpec {
-    CommandSpec {
-        argv: argv.iter().map(|a| a.as_bytes().to_vec()).collect(),
-        env: Vec::new(),
-        cwd: Vec::new(),
-        timeout,
-        forward_stdin: false,
-    }
-}
-
-fn describe(end: &CommandEnd, vm: &mut VmProcess) -> String {
-    match end {
-        CommandEnd::Exit(ExitStatus::Code(c)) => format!("exit {c}"),
-        CommandEnd::Exit(ExitStatus::Signal(s)) => format!("killed by signal {s}"),
-        CommandEnd::Exit(ExitStatus::TimedOut) => "timed out".into(),
-        CommandEnd::NotStarted(m) => format!("not started: {m}"),
-        CommandEnd::Interrupted(i) => {
-            // A lost connection is usually the VM ending: give it a moment to say how.
-            let ended = vm.wait_until(Instant::now() + Duration::from_millis(500));
-            let how = match i {
-                Interrupt::Stopped => "no answer".to_string(),
-                Interrupt::Lost(m) => format!("agent lost: {m}"),
-                Interrupt::Garbage(m) => format!("agent protocol broken: {m}"),
-            };
-            match ended {
-                Some(s) => format!("{how}; the VM ended (skiff exit {})", exit_code(s)),
-                None => how,
-            }
-        }
-    }
-}
-
-/// Runs the VM's setup commands, each of which must exit 0.
-pub fn run_setup(
-    client: &mut AgentClient,
-    vm: &VmSpec,
-    dir: &Path,
-    transcript: &mut std::fs::File,
-    proc: &mut VmProcess,
-) -> Result<(), String> {
-    for (n, argv) in vm.setup.iter().enumerate() {
-        let mut out = std::fs::File::create(dir.join(format!("setup-{n}.stdout")))
-            .map_err(|e| format!("artifact: {e}"))?;
-        let mut err = std::fs::File::create(dir.join(format!("setup-{n}.stderr")))
-            .map_err(|e| format!("artifact: {e}"))?;
-        let _ = writeln!(transcript, "-> Exec {argv:?} (setup)");
-        let end = client.run(
-            &spec(argv, Some(vm.boot_timeout)),
-            &mut out,
-            &mut err,
-            || proc.ended().is_some(),
-        );
-        let what = describe(&end, proc);
-        let _ = writeln!(transcript, "<- {what}");
-        if end != CommandEnd::Exit(ExitStatus::Code(0)) {
-            return Err(format!("setup command {argv:?} failed: {what}"));
-        }
-    }
-    Ok(())
-}
-
-fn entropy() -> Vec<u8> {
-    use std::io::Read;
-    let mut buf = vec![0u8; 32];
-    match std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf)) {
-        Ok(()) => buf,
-        Err(_) => Vec::new(),
-    }
-}
-
 fn matches_output(case: &CaseSpec, file: &Path) -> Result<(), String> {
     let Some(pattern) = &case.output else {
         return Ok(());
@@ -221,22 +87,89 @@ fn matches_output(case: &CaseSpec, file: &Path) -> Result<(), String> {
     }
 }
 
-/// A test-guest scenario, booted cold with the scenario on the command line.
+/// Watches a growing serial log for a line matching a VM's `ready` pattern (any line without
+/// one); reads only what is new at each look.
+struct ReadyWatch<'a> {
+    pattern: Option<&'a regex::Regex>,
+    file: Option<std::fs::File>,
+    /// Bytes after the last newline seen (the start of the next line), at most 4 KiB kept.
+    partial: Vec<u8>,
+}
+
+impl ReadyWatch<'_> {
+    /// Whether a ready line has appeared since the last look.
+    fn seen(&mut self, log: &Path) -> bool {
+        if self.file.is_none() {
+            self.file = std::fs::File::open(log).ok();
+        }
+        let Some(file) = self.file.as_mut() else {
+            return false;
+        };
+        let mut chunk = Vec::new();
+        if file.read_to_end(&mut chunk).is_err() {
+            return false;
+        }
+        self.partial.extend_from_slice(&chunk);
+        let mut ready = false;
+        while let Some(at) = self.partial.iter().position(|&b| b == b'\n') {
+            let line = String::from_utf8_lossy(&self.partial[..at]).into_owned();
+            self.partial.drain(..=at);
+            ready |= match self.pattern {
+                Some(p) => p.is_match(&line),
+                None => !line.trim().is_empty(),
+            };
+        }
+        if self.partial.len() > 4096 {
+            let excess = self.partial.len() - 4096;
+            self.partial.drain(..excess);
+        }
+        ready
+    }
+}
+
+/// A test-guest scenario, booted cold with the scenario on the command line: `boot_timeout`
+/// until its ready line, then the case timeout.
 fn attempt_scenario(ctx: &RunContext, w: &Work, scenario: &str, dir: &Path) -> Result<(), Failure> {
     let mut vm = (*w.vm).clone();
     vm.cmdline = format!("{} {scenario}", vm.cmdline).trim().to_string();
     let serial = dir.join("serial.log");
     let args = vm_args(&vm, Path::new(""), &serial);
-    let mut proc =
-        VmProcess::spawn(&ctx.skiff, &args, dir).map_err(|e| format!("cannot start skiff: {e}"))?;
-    let Some(status) = proc.wait_until(Instant::now() + w.case.timeout) else {
-        proc.kill();
-        return Err(format!(
-            "timed out after {:.1} s (the VM's process group was killed){}",
-            w.case.timeout.as_secs_f64(),
-            serial_tail(&serial)
-        )
-        .into());
+    let mut proc = ctx.spawn(&args, dir)?;
+    let mut watch = ReadyWatch {
+        pattern: vm.ready.as_ref(),
+        file: None,
+        partial: Vec::new(),
+    };
+    let mut booted = false;
+    let mut deadline = Instant::now() + vm.boot_timeout;
+    let status = loop {
+        if let Some(status) = proc.ended() {
+            break status;
+        }
+        if !booted && watch.seen(&serial) {
+            booted = true;
+            deadline = Instant::now() + w.case.timeout;
+        }
+        if Instant::now() >= deadline {
+            proc.kill();
+            let why = if booted {
+                format!(
+                    "timed out after {:.1} s (the VM's process group was killed)",
+                    w.case.timeout.as_secs_f64()
+                )
+            } else {
+                format!(
+                    "did not boot within {:.1} s ({}; the VM's process group was killed)",
+                    vm.boot_timeout.as_secs_f64(),
+                    vm.ready.as_ref().map_or_else(
+                        || "no serial line".to_string(),
+                        |p| format!("no serial line matched /{}/", p.as_str())
+                    )
+                )
+            };
+            return Err(format!("{why}{}", serial_tail(&serial)).into());
+        }
+        std::thread::sleep(SCENARIO_TICK);
     };
     let code = exit_code(status);
     if code != w.case.exit_code {
@@ -268,31 +201,34 @@ fn attempt_agent(
     if ctx.snapshot_on_failure {
         args.extend(["--api-socket".into(), api.clone().into()]);
     }
-    let mut proc =
-        VmProcess::spawn(&ctx.skiff, &args, dir).map_err(|e| format!("cannot start skiff: {e}"))?;
+    let mut proc = ctx.spawn(&args, dir)?;
+    let outcome = drive_agent(ctx, w, argv, dir, (&socket, &api), &mut proc);
+    // The VM's exit is paid off this case's path.
+    ctx.reaper.discard(proc);
+    outcome
+}
+
+/// The agent case's steps in the VM `proc`, from the connection to the verdict.
+fn drive_agent(
+    ctx: &RunContext,
+    w: &Work,
+    argv: &[String],
+    dir: &Path,
+    (socket, api): (&Path, &Path),
+    proc: &mut VmProcess,
+) -> Result<(), Failure> {
+    let serial = dir.join("serial.log");
     let mut transcript = std::fs::File::create(dir.join("agent-transcript.log"))
         .map_err(|e| format!("artifact: {e}"))?;
     let boot_fail = |why: String| format!("{why}{}", serial_tail(&serial));
     let mut client =
-        connect_agent(&socket, Instant::now() + w.vm.boot_timeout, &mut proc).map_err(boot_fail)?;
+        connect_agent(socket, Instant::now() + w.vm.boot_timeout, proc).map_err(boot_fail)?;
     let _ = writeln!(transcript, "-> Hello, <- HelloReply");
     if let Mode::Fork(_) = w.mode {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-        let seed = entropy();
         let _ = writeln!(transcript, "-> Resume");
-        client
-            .request_done(
-                &Message::Resume {
-                    unix_time_ns: now,
-                    entropy: &seed,
-                },
-                || proc.ended().is_some(),
-            )
-            .map_err(|e| format!("agent resume: {e:?}"))?;
+        resume(&mut client, proc).map_err(|e| format!("agent resume: {e:?}"))?;
     } else {
-        run_setup(&mut client, &w.vm, dir, &mut transcript, &mut proc)
+        run_setup(&mut client, &w.vm, dir, &mut transcript, proc)
             .map_err(|e| Failure::from(format!("setup of vm {:?} failed: {e}", w.vm.name)))?;
     }
     let stdout_path = dir.join("stdout.log");
@@ -307,7 +243,7 @@ fn attempt_agent(
         &mut stderr,
         || proc.ended().is_some() || Instant::now() >= give_up,
     );
-    let what = describe(&end, &mut proc);
+    let what = describe(&end, proc);
     let _ = writeln!(transcript, "<- {what}");
     let verdict = match &end {
         CommandEnd::Exit(ExitStatus::Code(c)) if *c == w.case.exit_code => {
@@ -343,7 +279,7 @@ fn attempt_agent(
     }
     drop(client);
     let restore_command = if ctx.snapshot_on_failure && proc.ended().is_none() {
-        snapshot_failed_vm(ctx, &api, dir, &mut proc)
+        snapshot_failed_vm(ctx, api, dir, proc)
     } else {
         None
     };
@@ -371,6 +307,13 @@ fn snapshot_failed_vm(
         .output()
         .ok()?;
     if !out.status.success() {
+        let why = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        if says_no_space(&why) {
+            ctx.report_disk_full(&format!(
+                "the failure snapshot {} does not fit: the file system is full ({why})",
+                snapshot.display()
+            ));
+        }
         let _ = std::fs::write(dir.join("failure-snapshot.err"), &out.stderr);
         return None;
     }
@@ -405,12 +348,31 @@ fn run_case(ctx: &RunContext, w: &Work) -> CaseResult {
             result.verdict = Verdict::Fail(why.clone());
             return result;
         }
+        Mode::NotRun(why) => {
+            result.verdict = Verdict::NotRun(why.clone());
+            return result;
+        }
         Mode::Cold | Mode::Fork(_) => {}
     }
     for attempt in 1..=w.case.retries.saturating_add(1) {
+        if ctx.watchdog.expired() {
+            if attempt == 1 {
+                result.verdict = Verdict::NotRun(format!("not run: {}", ctx.watchdog.reason()));
+            }
+            break;
+        }
         result.attempts = attempt;
         let outcome = match ctx.artifacts.case_dir(&w.case.name, attempt) {
-            Err(e) => Err(Failure::from(format!("artifact directory: {e}"))),
+            Err(e) => {
+                let why = format!("artifact directory: {e}");
+                if says_no_space(&why) {
+                    ctx.report_disk_full(&format!(
+                        "the artifact directory {} is full ({e})",
+                        ctx.artifacts.root().display()
+                    ));
+                }
+                Err(Failure::from(why))
+            }
             Ok(dir) => {
                 result.artifacts = Some(dir.clone());
                 let outcome = match &w.case.run {
@@ -438,8 +400,17 @@ fn run_case(ctx: &RunContext, w: &Work) -> CaseResult {
                 break;
             }
             Err(f) => {
+                let reason = if ctx.watchdog.expired() {
+                    format!(
+                        "stopped: {}, its VM was killed ({})",
+                        ctx.watchdog.reason(),
+                        f.reason
+                    )
+                } else {
+                    f.reason
+                };
                 if let Verdict::Fail(previous) =
-                    std::mem::replace(&mut result.verdict, Verdict::Fail(f.reason))
+                    std::mem::replace(&mut result.verdict, Verdict::Fail(reason))
                 {
                     result.earlier_failures.push(previous);
                 }
@@ -452,7 +423,7 @@ fn run_case(ctx: &RunContext, w: &Work) -> CaseResult {
 }
 
 /// Runs `work` with up to `jobs` cases at once (exclusive ones afterwards, alone), calling
-/// `report` as each finishes; the results in suite order.
+/// `report` as each finishes; the results in suite order, once every VM is reaped.
 pub fn run_all(
     ctx: &RunContext,
     work: Vec<Work>,
@@ -487,6 +458,7 @@ pub fn run_all(
         let r = run_case(ctx, w);
         record(w, r);
     }
+    ctx.reaper.finish();
     let mut results = results.into_inner().unwrap_or_else(PoisonError::into_inner);
     results.sort_by_key(|(p, _)| *p);
     results.into_iter().map(|(_, r)| r).collect()

@@ -1,7 +1,8 @@
 //! The suite file (`skiff-test.toml`): VM entries (`[vm.NAME]`) and test entries (`[[test]]`),
 //! parsed with `toml` and serde with unknown keys refused, then checked as a whole (every test
 //! names a VM that exists, runs either an argv through an agent or a test-guest scenario, has a
-//! valid pattern and requirement). Every error is one line with the file, line and column.
+//! valid pattern and requirement), and the suite's own keys (`watchdog`). Every error is one
+//! line with the file, line and column.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -113,6 +114,7 @@ struct RawVm {
     #[serde(default)]
     agent: AgentKind,
     boot_timeout: Option<f64>,
+    ready: Option<Spanned<String>>,
     #[serde(default)]
     setup: Vec<Vec<String>>,
     fork: Option<Spanned<bool>>,
@@ -142,6 +144,7 @@ struct RawTest {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawSuite {
+    watchdog: Option<Spanned<f64>>,
     #[serde(default)]
     vm: BTreeMap<String, RawVm>,
     #[serde(default)]
@@ -161,9 +164,34 @@ pub struct VmSpec {
     pub net: Vec<String>,
     pub agent: AgentKind,
     pub boot_timeout: Duration,
+    /// The serial line that says an agent-less VM has booted (none: any line).
+    pub ready: Option<regex::Regex>,
     pub setup: Vec<Vec<String>>,
     pub fork: bool,
     pub requires: Option<Requirement>,
+}
+
+impl VmSpec {
+    /// A VM entry for `kernel` with `agent` and the defaults a suite file gives (for Rust tests
+    /// through `test_vm`); set the other fields as needed.
+    pub fn new(name: &str, kernel: impl Into<PathBuf>, agent: AgentKind) -> Self {
+        Self {
+            name: name.to_string(),
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: String::new(),
+            cpus: None,
+            memory: None,
+            disks: Vec::new(),
+            net: Vec::new(),
+            agent,
+            boot_timeout: Duration::from_secs_f64(DEFAULT_BOOT_TIMEOUT),
+            ready: None,
+            setup: Vec::new(),
+            fork: false,
+            requires: None,
+        }
+    }
 }
 
 /// What a test runs.
@@ -193,6 +221,8 @@ pub struct CaseSpec {
 /// A whole suite, checked.
 #[derive(Debug, Clone)]
 pub struct Suite {
+    /// The suite watchdog's limit (`watchdog = SECONDS`).
+    pub watchdog: Option<Duration>,
     pub vms: BTreeMap<String, VmSpec>,
     /// In file order.
     pub cases: Vec<CaseSpec>,
@@ -280,6 +310,15 @@ pub fn parse(path: &Path, text: &str) -> Result<Suite, SuiteError> {
         })?;
         Ok(full)
     };
+    let watchdog = match &raw.watchdog {
+        None => None,
+        Some(w) => Some(seconds(Some(*w.get_ref()), 0.0).ok_or_else(|| {
+            invalid(
+                w.span().start,
+                "watchdog must be a positive number of seconds".to_string(),
+            )
+        })?),
+    };
     let mut vms = BTreeMap::new();
     for (name, vm) in raw.vm {
         let kernel = existing(&vm.kernel, "kernel")?;
@@ -294,6 +333,24 @@ pub fn parse(path: &Path, text: &str) -> Result<Suite, SuiteError> {
                 format!("vm {name:?}: boot_timeout must be a positive number of seconds"),
             )
         })?;
+        let ready = match &vm.ready {
+            None => None,
+            Some(p) if vm.agent != AgentKind::None => {
+                return Err(invalid(
+                    p.span().start,
+                    format!("vm {name:?}: ready is for VMs without an agent (an agent VM is up when its agent answers)"),
+                ))
+            }
+            Some(p) => Some(regex::Regex::new(p.get_ref()).map_err(|e| {
+                invalid(
+                    p.span().start,
+                    format!(
+                        "vm {name:?}: ready pattern: {}",
+                        e.to_string().replace('\n', " ")
+                    ),
+                )
+            })?),
+        };
         let fork_at = vm.fork.as_ref().map_or(0, |f| f.span().start);
         let fork = vm.fork.as_ref().is_some_and(|f| *f.get_ref());
         if fork && vm.agent == AgentKind::None {
@@ -343,6 +400,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Suite, SuiteError> {
                 net: vm.net,
                 agent: vm.agent,
                 boot_timeout,
+                ready,
                 setup: vm.setup,
                 fork,
                 requires: requirement(&vm.requires)?,
@@ -433,7 +491,11 @@ pub fn parse(path: &Path, text: &str) -> Result<Suite, SuiteError> {
             exclusive: t.exclusive,
         });
     }
-    Ok(Suite { vms, cases })
+    Ok(Suite {
+        watchdog,
+        vms,
+        cases,
+    })
 }
 
 #[cfg(test)]
@@ -454,7 +516,7 @@ mod tests {
         let (_d, file) = kernel_dir();
         let s = parse(
             &file,
-            "[vm.tg]\nkernel = \"k\"\nagent = \"testguest\"\nfork = true\nsetup = [[\"true\"]]\n\
+            "watchdog = 90\n[vm.tg]\nkernel = \"k\"\nagent = \"testguest\"\nfork = true\nsetup = [[\"true\"]]\n\
              [[test]]\nname = \"a\"\nvm = \"tg\"\nrun = [\"exit=3\"]\nexit_code = 3\nretries = 2\n\
              requires = \"kvm & !hardware-kvm | cpus>=2\"\n",
         )
@@ -463,6 +525,7 @@ mod tests {
         assert_eq!(s.cases[0].run, CaseRun::Argv(vec!["exit=3".into()]));
         assert!(s.vms["tg"].fork);
         assert_eq!(s.cases[0].retries, 2);
+        assert_eq!(s.watchdog, Some(Duration::from_secs(90)));
     }
 
     #[test]
@@ -506,5 +569,26 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("no vm \"x\""), "{e}");
+        let e = parse(&file, "watchdog = -1\n[vm.tg]\nkernel = \"k\"\n").unwrap_err();
+        assert!(
+            matches!(
+                e,
+                SuiteError::Invalid {
+                    line: 1,
+                    column: 12,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = parse(
+            &file,
+            "[vm.tg]\nkernel = \"k\"\nagent = \"testguest\"\nready = \"up\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("ready is for VMs without an agent"),
+            "{e}"
+        );
     }
 }

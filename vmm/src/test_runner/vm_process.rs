@@ -1,7 +1,9 @@
 //! One VM of a test run: a `skiff run` or `skiff restore` child in a process group of its own
 //! (so a timeout kills skiff and anything it started, virtiofsd included), its stdout and stderr
-//! in the case's artifact directory, killed when dropped; and the agent connection through the
-//! VM's vsock socket (`CONNECT 1024`), retried until the agent listens or the VM ends.
+//! in the case's artifact directory, killed when dropped; the set of a run's live process
+//! groups (`LiveGroups`, which the suite watchdog kills at once); and the agent connection
+//! through the VM's vsock socket (`CONNECT 1024`), retried until the agent listens or the VM
+//! ends.
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
@@ -9,6 +11,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::exec::client::{AgentClient, Interrupt};
@@ -28,6 +31,63 @@ const CONNECT_RETRY: Duration = Duration::from_millis(2);
 pub struct VmProcess {
     child: Child,
     status: Option<ExitStatus>,
+    /// The run's live groups, which hold this child's group until it is killed or ends.
+    live: Option<Arc<LiveGroups>>,
+}
+
+/// The process groups of a run's live VMs. Once `kill_all` has run, the set is closed: a VM
+/// registered afterwards is killed at once.
+#[derive(Debug, Default)]
+pub struct LiveGroups(Mutex<Option<std::collections::BTreeSet<i32>>>);
+
+impl LiveGroups {
+    /// An open, empty set.
+    pub fn new() -> Self {
+        Self(Mutex::new(Some(std::collections::BTreeSet::new())))
+    }
+
+    /// Adds `group`; false when the set is closed (the caller kills the VM).
+    fn register(&self, group: i32) -> bool {
+        let mut set = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        match set.as_mut() {
+            Some(s) => s.insert(group),
+            None => false,
+        }
+    }
+
+    /// Removes `group`, before its leader is reaped (so its id is not reused while listed).
+    fn unregister(&self, group: i32) {
+        if let Some(s) = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_mut()
+        {
+            s.remove(&group);
+        }
+    }
+
+    /// Sends SIGKILL to every listed group and closes the set; how many there were.
+    pub fn kill_all(&self) -> usize {
+        let groups = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .unwrap_or_default();
+        for &group in &groups {
+            kill_group(group);
+        }
+        groups.len()
+    }
+}
+
+/// SIGKILL to process group `group`.
+fn kill_group(group: i32) {
+    // SAFETY: killpg only sends a signal. Every caller holds the group's leader unreaped (a
+    // `VmProcess` not yet waited for, or one listed in `LiveGroups`, which drops it before the
+    // wait), so the id is not reused.
+    unsafe { libc::killpg(group, libc::SIGKILL) };
 }
 
 /// skiff's exit code for a status (128+N for signal N, as a shell says).
@@ -41,7 +101,14 @@ pub fn exit_code(status: ExitStatus) -> i32 {
 impl VmProcess {
     /// Starts `skiff ARGS` with stdout and stderr to `DIR/skiff-stdout.log` and
     /// `DIR/skiff-stderr.log`.
-    pub fn spawn(skiff: &Path, args: &[OsString], dir: &Path) -> std::io::Result<Self> {
+    /// With `live`, the VM's group is listed there for the watchdog; when that set is already
+    /// closed, the VM is killed and the error is `Interrupted`.
+    pub fn spawn(
+        skiff: &Path,
+        args: &[OsString],
+        dir: &Path,
+        live: Option<&Arc<LiveGroups>>,
+    ) -> std::io::Result<Self> {
         std::fs::write(
             dir.join("skiff-command.txt"),
             format!(
@@ -62,10 +129,42 @@ impl VmProcess {
             .stderr(stderr)
             .process_group(0)
             .spawn()?;
-        Ok(Self {
+        let mut vm = Self {
             child,
             status: None,
-        })
+            live: None,
+        };
+        if let Some(live) = live {
+            if !live.register(vm.group()) {
+                vm.kill();
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Interrupted,
+                    "the suite watchdog has fired",
+                ));
+            }
+            vm.live = Some(Arc::clone(live));
+        }
+        Ok(vm)
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Its process group id (its pid).
+    fn group(&self) -> i32 {
+        i32::try_from(self.child.id()).unwrap_or(i32::MAX)
+    }
+
+    /// Sends SIGKILL to its process group unless it has been reaped, without waiting.
+    pub(super) fn signal_kill(&mut self) {
+        if let Some(live) = self.live.take() {
+            live.unregister(self.group());
+        }
+        if self.status.is_none() {
+            kill_group(self.group());
+        }
     }
 
     /// The exit status, once it has ended.
@@ -92,13 +191,11 @@ impl VmProcess {
     /// Kills its whole process group and reaps it.
     pub fn kill(&mut self) {
         if self.ended().is_some() {
+            // Reaped: its group id may be reused, so nothing is signalled.
+            self.signal_kill();
             return;
         }
-        if let Ok(pid) = i32::try_from(self.child.id()) {
-            // SAFETY: killpg only sends a signal; the group is the child's own (process_group(0)
-            // made its pid the group id) and the child is not reaped yet, so the id is not reused.
-            unsafe { libc::killpg(pid, libc::SIGKILL) };
-        }
+        self.signal_kill();
         self.status = self.child.wait().ok();
     }
 }

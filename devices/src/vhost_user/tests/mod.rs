@@ -592,12 +592,14 @@ fn a_stop_position_no_backend_could_report_fails_the_device() {
 }
 
 #[test]
-fn the_identity_is_the_configuration_and_writes_are_untracked() {
+fn the_saved_state_is_the_configuration_and_writes_are_untracked() {
     let events = TestLoop::new();
     let (dev, _backend) = device(Script::good(), 7, &events);
     assert_eq!(
-        dev.identity(),
-        Ok(crate::virtio::DeviceIdentity::VhostUser(blk_config()))
+        crate::persist::Persist::save(&dev),
+        crate::vhost_user::VhostUserState {
+            config: blk_config()
+        }
     );
     assert!(dev
         .untracked_writes()

@@ -23,9 +23,7 @@ use super::disk_thread::DiskThread;
 use super::engine::{self, EngineError, IoEngine};
 use super::queue_handler::BlkQueueHandler;
 use super::request::{MAX_RANGES, MAX_RANGE_SECTORS};
-use crate::virtio::device::{
-    ActivateContext, ActivateError, DeviceIdentity, QueueProgress, VirtioDevice,
-};
+use crate::virtio::device::{ActivateContext, ActivateError, QueueProgress, VirtioDevice};
 
 /// virtio device type of a block device.
 pub const VIRTIO_ID_BLOCK: u32 = 2;
@@ -85,6 +83,9 @@ pub struct VirtioBlk {
     disk: Arc<DiskImage>,
     /// `id=` as configured (for snapshots).
     id: Option<String>,
+    /// `io=` as configured (for snapshots).
+    configured_engine: IoEngineKind,
+    /// The engine in use (never `Auto`).
     engine: IoEngineKind,
     num_queues: u16,
     features: u64,
@@ -133,6 +134,7 @@ impl VirtioBlk {
         Ok(Self {
             disk: Arc::new(disk),
             id: cfg.id.clone(),
+            configured_engine: cfg.engine,
             engine,
             num_queues: cfg.queues,
             features,
@@ -145,6 +147,21 @@ impl VirtioBlk {
     /// device's features and configuration space).
     pub(crate) fn disk(&self) -> &Arc<DiskImage> {
         &self.disk
+    }
+
+    /// `id=` as configured.
+    pub fn id(&self) -> Option<&str> {
+        self.id.as_deref()
+    }
+
+    /// Request queues.
+    pub fn num_queues(&self) -> u16 {
+        self.num_queues
+    }
+
+    /// `io=` as configured (`Auto` unless the user chose).
+    pub fn configured_engine(&self) -> IoEngineKind {
+        self.configured_engine
     }
 
     /// The I/O engine chosen in `new` (never `Auto`).
@@ -322,16 +339,6 @@ impl VirtioDevice for VirtioBlk {
             .unwrap_or_else(PoisonError::into_inner)
             .stop();
         active.thread.stop();
-    }
-
-    fn identity(&self) -> Result<DeviceIdentity, String> {
-        Ok(DeviceIdentity::Blk {
-            path: self.disk.path().to_path_buf(),
-            readonly: self.disk.readonly(),
-            id: self.id.clone(),
-            queues: self.num_queues,
-            threads: self.engine == IoEngineKind::Threads,
-        })
     }
 
     fn quiesce(&mut self) -> Option<Vec<QueueProgress>> {

@@ -23,7 +23,7 @@ pub const ID_BYTES: usize = 20;
 pub const MAX_QUEUES: u16 = 64;
 
 /// Which engine runs the disk's file I/O.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum IoEngineKind {
     /// io_uring when the host kernel has it, the worker pool otherwise.
     #[default]

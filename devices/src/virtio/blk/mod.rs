@@ -5,18 +5,20 @@
 //! the thread each activated disk runs on; `queue_handler` is the subscriber on that thread's
 //! loop that pops descriptor chains when a queue is kicked and completes requests when the I/O
 //! engine reports; `request` parses and checks one request; `engine` runs the file I/O
-//! (io_uring, or a worker pool where io_uring is missing).
+//! (io_uring, or a worker pool where io_uring is missing); `persist` is what a snapshot keeps.
 //! The PCI transport, feature negotiation and interrupts are not here (`transport`, `pci`).
 
 pub mod device;
 pub mod disk;
 mod disk_thread;
 pub(crate) mod engine;
+mod persist;
 mod queue_handler;
 pub(crate) mod request;
 
 pub use device::{BlkError, VirtioBlk};
 pub use disk::{DiskConfig, DiskError, IoEngineKind};
+pub use persist::BlkState;
 
 #[cfg(test)]
 mod tests;

@@ -14,9 +14,7 @@ use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use super::input::ConsoleInput;
 use super::queue_handler::{ConsoleCounters, ConsoleQueueHandler, SharedOutput};
 use super::QUEUE_SIZE;
-use crate::virtio::device::{
-    ActivateContext, ActivateError, DeviceIdentity, QueueProgress, VirtioDevice,
-};
+use crate::virtio::device::{ActivateContext, ActivateError, QueueProgress, VirtioDevice};
 use crate::virtio::queue_ops::rx_tx_slots;
 use crate::virtio::subscription::ActiveHandler;
 
@@ -135,10 +133,6 @@ impl VirtioDevice for VirtioConsole {
             // After this no handler run touches guest memory.
             active.stop();
         }
-    }
-
-    fn identity(&self) -> Result<DeviceIdentity, String> {
-        Ok(DeviceIdentity::Console)
     }
 
     fn quiesce(&mut self) -> Option<Vec<QueueProgress>> {

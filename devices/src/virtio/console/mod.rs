@@ -2,11 +2,13 @@
 //! input to the guest, transmitq0 guest output to a host writer (skiff's stdout).
 //!
 //! `device` holds the configuration space and activation; `queue_handler` is the event-loop
-//! subscriber that moves bytes; `input` is the handle the VMM's stdin reader feeds. Not here:
+//! subscriber that moves bytes; `input` is the handle the VMM's stdin reader feeds; `persist` is what a snapshot keeps.
+//! Not here:
 //! multiport, the control queues, terminal resizing, emergency writes.
 
 mod device;
 mod input;
+mod persist;
 pub(crate) mod queue_handler;
 
 #[cfg(test)]
@@ -14,6 +16,7 @@ mod tests;
 
 pub use device::{ConsoleError, VirtioConsole};
 pub use input::{ConsoleInput, INPUT_CAPACITY};
+pub use persist::ConsoleState;
 pub use queue_handler::ConsoleCounters;
 
 /// Index of receiveq0 (host to guest).

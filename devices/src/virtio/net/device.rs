@@ -21,9 +21,7 @@ use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use super::queue_handler::{NetCounters, NetQueueHandler};
 use super::tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO};
 use super::QUEUE_SIZE;
-use crate::virtio::device::{
-    ActivateContext, ActivateError, DeviceIdentity, QueueProgress, VirtioDevice,
-};
+use crate::virtio::device::{ActivateContext, ActivateError, QueueProgress, VirtioDevice};
 use crate::virtio::queue_ops::rx_tx_slots;
 use crate::virtio::subscription::ActiveHandler;
 
@@ -75,7 +73,7 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
 }
 
 /// A random locally administered unicast MAC.
-fn random_mac() -> Result<[u8; 6], NetError> {
+pub(super) fn random_mac() -> Result<[u8; 6], NetError> {
     let mut mac = [0u8; 6];
     // SAFETY: writes at most `mac.len()` bytes into `mac`, which is that large.
     let n = unsafe { libc::getrandom(mac.as_mut_ptr().cast(), mac.len(), 0) };
@@ -255,13 +253,6 @@ impl VirtioDevice for VirtioNet {
             // After this no handler run touches guest memory.
             active.stop();
         }
-    }
-
-    fn identity(&self) -> Result<DeviceIdentity, String> {
-        Ok(DeviceIdentity::Net {
-            tap: self.tap_name().to_string(),
-            mac: self.mac(),
-        })
     }
 
     fn quiesce(&mut self) -> Option<Vec<QueueProgress>> {

@@ -4,10 +4,11 @@
 //! and segmentation offloads where the tap takes them) and activation; `queue_handler` is the
 //! event-loop subscriber that moves frames between the queues and the tap; `frames` copies one
 //! frame between a descriptor chain and a host buffer, checking everything the guest wrote;
-//! `tap` is the host side. Not here: multiqueue, the control queue, mergeable receive buffers.
+//! `tap` is the host side; `persist` is what a snapshot keeps (tap name, MAC). Not here: multiqueue, the control queue, mergeable receive buffers.
 
 mod device;
 pub(crate) mod frames;
+mod persist;
 mod queue_handler;
 pub mod tap;
 
@@ -17,6 +18,7 @@ mod real_tap_tests;
 mod tests;
 
 pub use device::{NetError, VirtioNet};
+pub use persist::NetState;
 pub use queue_handler::NetCounters;
 pub use tap::{Tap, TapError};
 

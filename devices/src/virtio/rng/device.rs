@@ -8,9 +8,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 
 use super::queue_handler::RngQueueHandler;
-use crate::virtio::device::{
-    ActivateContext, ActivateError, DeviceIdentity, QueueProgress, VirtioDevice,
-};
+use crate::virtio::device::{ActivateContext, ActivateError, QueueProgress, VirtioDevice};
 use crate::virtio::subscription::LoopSubscription;
 
 /// virtio device type of an entropy source.
@@ -107,10 +105,6 @@ impl VirtioDevice for VirtioRng {
                 .stop();
             active.subscription.remove();
         }
-    }
-
-    fn identity(&self) -> Result<DeviceIdentity, String> {
-        Ok(DeviceIdentity::Rng)
     }
 
     fn quiesce(&mut self) -> Option<Vec<QueueProgress>> {

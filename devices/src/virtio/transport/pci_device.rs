@@ -522,11 +522,6 @@ impl VirtioPciDevice {
         Ok(())
     }
 
-    /// Why this function cannot be snapshotted, if it cannot.
-    pub fn snapshot_blocker(&self) -> Option<String> {
-        self.device.identity().err()
-    }
-
     /// Why guest memory writes of this function's device escape dirty tracking, if they do
     /// (`VirtioDevice::untracked_writes`).
     pub fn untracked_writes(&self) -> Option<String> {
@@ -540,7 +535,7 @@ impl VirtioPciDevice {
 
     /// For a snapshot of the paused VM (no vCPU runs): finishes what the device has in flight
     /// and stops its handlers (`VirtioDevice::quiesce`), keeping the queues' positions for
-    /// `save_state` and `resume`. Nothing touches guest memory until `resume`.
+    /// `save` and `resume`. Nothing touches guest memory until `resume`.
     pub fn quiesce(&mut self) {
         if self.quiesced.is_none() && self.activation_attempted {
             let progress = self.device.quiesce();
@@ -565,43 +560,32 @@ impl VirtioPciDevice {
         }
     }
 
-    /// The function's state (call `quiesce` first when the driver may have activated it).
-    pub fn save_state(&self) -> Result<VirtioPciState, StateError> {
-        let identity = self
-            .device
-            .identity()
-            .map_err(|reason| StateError::Unsupported {
-                device: self.name,
-                reason,
-            })?;
-        Ok(VirtioPciState {
-            identity,
+    /// The function's transport state (call `quiesce` first when the driver may have
+    /// activated it). The device's own state is its `Persist::save` (through `device`).
+    pub fn save(&self) -> VirtioPciState {
+        VirtioPciState {
             config: self.config.save(),
             msix: self.lock_msix().save(),
             common: self.common.save(),
             signals: self.signals.save(),
             progress: self.quiesced.clone().unwrap_or_default(),
-        })
+        }
     }
 
-    /// Puts a saved state (untrusted) into this freshly built function, which must be the
-    /// same device: configuration space, MSI-X (routes pushed), common configuration and
+    /// The device model behind the function (for its `Persist::save`).
+    pub fn device(&self) -> &dyn VirtioDevice {
+        &*self.device
+    }
+
+    /// Puts a saved state (untrusted) into this freshly built function, whose device was
+    /// restored from the state saved beside it: configuration space, MSI-X (routes pushed), common configuration and
     /// signals; a device the driver had running is activated at the saved queue positions,
     /// without the driver doing anything. Refused values leave an error. BAR 0 keeps its saved
     /// address in the configuration space; `map_bar` then puts it there (after every function
     /// is restored, so that two BARs the guest swapped do not collide).
-    pub fn restore_state(&mut self, state: &VirtioPciState) -> Result<(), StateError> {
+    pub fn restore(&mut self, state: &VirtioPciState) -> Result<(), StateError> {
         let device = self.name;
         let invalid = |what: String| StateError::Invalid { device, what };
-        match self.device.identity() {
-            Ok(id) if id == state.identity => {}
-            _ => {
-                return Err(StateError::Identity {
-                    device,
-                    found: format!("{:?}", state.identity),
-                })
-            }
-        }
         let mut config = self.config.clone();
         config
             .restore(&state.config)

@@ -4,9 +4,11 @@
 //! configuration space (`PciConfigSpace::save`: BAR as programmed, so a BAR the guest moved
 //! is mapped there again on restore, command register, MSI-X enable and mask), the MSI-X table and PBA (`Msix::save`), the common configuration (feature
 //! selects, acked features, status, queue set-up), the signals (vectors, ISR, configuration
-//! generation, needs-reset), and, for an active device, each queue's position. The state file is
-//! untrusted: `VirtioPciDevice::restore_state` checks every value against the device rebuilt
-//! from `identity` and refuses, with a `StateError`, anything a guest could not have produced.
+//! generation, needs-reset), and, for an active device, each queue's position. What the device
+//! behind the function is (a disk, a tap) is its own state (`crate::persist::Persist`), saved
+//! beside this by the VMM. The state file is untrusted: `VirtioPciDevice::restore` checks every
+//! value against the device rebuilt from its own state and refuses, with a `StateError`,
+//! anything a guest could not have produced.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -14,7 +16,7 @@ use thiserror::Error;
 use super::signals::SignalsState;
 use crate::pci::config_space::{ConfigSpaceError, ConfigSpaceState};
 use crate::pci::msix::{MsixError, MsixState};
-use crate::virtio::device::{DeviceIdentity, QueueProgress};
+use crate::virtio::device::QueueProgress;
 
 /// One queue as the driver programmed it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,11 +50,9 @@ pub struct CommonConfigState {
     pub queues: Vec<QueueSetupState>,
 }
 
-/// Everything a snapshot keeps of one virtio PCI function.
+/// Everything a snapshot keeps of one virtio PCI function's transport.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VirtioPciState {
-    /// What device to build on restore.
-    pub identity: DeviceIdentity,
     /// The PCI configuration space.
     pub config: ConfigSpaceState,
     /// MSI-X table and pending bits.
@@ -66,25 +66,9 @@ pub struct VirtioPciState {
     pub progress: Vec<QueueProgress>,
 }
 
-/// Why a saved virtio PCI function cannot be restored (or saved).
+/// Why a saved virtio PCI function cannot be restored.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum StateError {
-    /// The device cannot be snapshotted.
-    #[error("virtio {device}: {reason}")]
-    Unsupported {
-        /// Device name.
-        device: &'static str,
-        /// Why.
-        reason: String,
-    },
-    /// The saved state is for another device than the one rebuilt.
-    #[error("virtio {device}: saved state is for a different device ({found})")]
-    Identity {
-        /// Device name.
-        device: &'static str,
-        /// The saved identity.
-        found: String,
-    },
     /// The saved configuration space is unusable.
     #[error("virtio {device}: saved PCI configuration space")]
     ConfigSpace {

@@ -4,7 +4,7 @@
 //!
 //! The connection table survives a quiesce (a snapshot of a VM that then keeps running: its
 //! connections carry on). A driver reset closes every connection. A device built for a
-//! restored VM (`VirtioVsock::restored`) has none of the old connections, so on activation it
+//! restored VM (`Persist::restore`, in `persist.rs`) has none of the old connections, so on activation it
 //! sends `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`, and the guest drops its sockets and re-reads its
 //! CID, as Linux expects after a migration. The listener is created anew either way.
 
@@ -20,7 +20,7 @@ use super::muxer::{Muxer, VsockCounters};
 use super::queue_handler::VsockQueueHandler;
 use super::{DEVICE_TYPE_VSOCK, MAX_GUEST_CID, MIN_GUEST_CID, QUEUE_SIZE};
 use crate::virtio::device::{
-    ActivateContext, ActivateError, DeviceIdentity, EventLoop, QueueProgress, VirtioDevice,
+    ActivateContext, ActivateError, EventLoop, QueueProgress, VirtioDevice,
 };
 use crate::virtio::queue_ops::queue_slots;
 use crate::virtio::subscription::ActiveHandler;
@@ -74,17 +74,20 @@ impl VirtioVsock {
         })
     }
 
-    /// The device of a restored VM: like `new`, and the driver hears a transport reset when
-    /// the device is activated again (its connections did not survive).
-    pub fn restored(cid: u64, path: &Path) -> Result<Self, VsockError> {
-        let mut dev = Self::new(cid, path)?;
-        dev.reset_event_pending = true;
-        Ok(dev)
+    /// For a restored VM: the driver hears a transport reset when the device is activated
+    /// again (its connections did not survive).
+    pub(super) fn announce_transport_reset(&mut self) {
+        self.reset_event_pending = true;
     }
 
     /// The guest's CID.
     pub fn cid(&self) -> u64 {
         self.cid
+    }
+
+    /// The listening socket's path.
+    pub fn socket(&self) -> &Path {
+        &self.path
     }
 
     fn muxer(&self) -> std::sync::MutexGuard<'_, Muxer> {
@@ -188,13 +191,6 @@ impl VirtioDevice for VirtioVsock {
             // still has it on file for this handler.
             let _ = event_loop.fire(move |_| drop(closed));
         }
-    }
-
-    fn identity(&self) -> Result<DeviceIdentity, String> {
-        Ok(DeviceIdentity::Vsock {
-            cid: self.cid,
-            socket: self.path.clone(),
-        })
     }
 
     fn quiesce(&mut self) -> Option<Vec<QueueProgress>> {

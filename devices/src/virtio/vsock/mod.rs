@@ -11,7 +11,8 @@
 //! `queue_handler` is the event-loop subscriber that moves packets between the queues and the
 //! host sockets; `muxer` is the connection table and the protocol (credit, shutdown, reset);
 //! `connection` one connection's state and buffers; `host` the Unix-socket side (listener,
-//! `CONNECT` handshakes, non-blocking connects); `packet` the header and descriptor chains.
+//! `CONNECT` handshakes, non-blocking connects); `packet` the header and descriptor chains;
+//! `persist` what a snapshot keeps (CID, socket).
 //!
 //! Not here: datagram and seqpacket sockets, and vsock through vhost-user (a separate device).
 
@@ -20,6 +21,7 @@ mod device;
 mod host;
 mod muxer;
 mod packet;
+mod persist;
 mod queue_handler;
 
 #[cfg(test)]
@@ -27,6 +29,7 @@ mod tests;
 
 pub use device::{VirtioVsock, VsockError};
 pub use host::HostSideError;
+pub use persist::VsockState;
 
 /// virtio device type of a socket device.
 pub const DEVICE_TYPE_VSOCK: u32 = 19;

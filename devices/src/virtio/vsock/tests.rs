@@ -16,7 +16,7 @@ use super::packet::{
     Header, HEADER_LEN, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN,
     SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
 };
-use super::{VirtioVsock, CONN_BUFFER, HOST_CID};
+use super::{VirtioVsock, VsockState, CONN_BUFFER, HOST_CID};
 use crate::virtio::device::{ActivateContext, GuestMemoryMmap, VirtioDevice};
 use crate::virtio::test_support::{guest_memory, DriverQueue, RecordingSignals, TestLoop};
 
@@ -396,7 +396,12 @@ fn guest_data_past_its_credit_resets_the_connection() {
 #[test]
 fn restored_device_announces_a_transport_reset() {
     let dir = tempfile::tempdir().unwrap();
-    let mut dev = VirtioVsock::restored(CID, &dir.path().join("v.sock")).unwrap();
+    let saved = VsockState {
+        cid: CID,
+        socket: dir.path().join("v.sock"),
+    };
+    let mut dev = <VirtioVsock as crate::persist::Persist>::restore((), &saved).unwrap();
+    assert_eq!(crate::persist::Persist::save(&dev), saved);
     let mem = guest_memory(RAM);
     let mut lp = TestLoop::new();
     let mut drv = activate(&mut dev, &mem, &lp);

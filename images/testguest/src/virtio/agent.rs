@@ -1,7 +1,9 @@
 //! The `agent` and `agent-listen` scenarios: the skiff guest agent's protocol (`agent-protocol`)
 //! over vsock, so `skiff exec` and `skiff ctl exec` can be tested end to end on hosts whose KVM
 //! cannot run Linux user space. `agent` connects to the host's port 1024 as the real agent does
-//! under `skiff exec`; `agent-listen` listens on port 1024 as it does under `skiff run --agent`.
+//! under `skiff exec`; `agent-listen` listens on port 1024 as it does under `skiff run --agent`;
+//! `agent-console` speaks it on virtio-console port 0, for VMMs without vsock (QEMU in
+//! `scripts/bench-exec`).
 //! An `Exec` names one of these instead of a program:
 //!
 //! - `exit=N`, `true`, `false`: exit with N, 0, 1.
@@ -9,20 +11,28 @@
 //! - `flood=BYTES`: BYTES of `a..z` on stdout (a newline every 64th byte).
 //! - `signal=N`: end as if killed by signal N.
 //! - `spin`: never ends by itself; reports `TimedOut` once the exec's timeout passes.
+//! - `sleep=MS`: waits MS milliseconds (serving the connection), then exits 0.
+//! - `read-ram`: reads a word of every RAM page, prints `PAGES pages read`, exits 0.
 //! - `die`: the guest ends (debug exit 7) in the middle of the exec.
 //! - `garbage`: bytes that are not a frame.
+//! - `put PATH WORDS...`: WORDS joined by spaces and a newline become the file PATH
+//!   (`agent_files.rs`: a few small files in RAM, kept across connections and snapshots).
+//! - `cat PATH`: the file PATH on stdout, or `cat: PATH: no such file` and exit 1.
 //! - anything else: `NAME: command not found` on stderr and exit 127, as the real agent does.
 //!
-//! `Shutdown` powers the VM off; `Quiesce` and `Resume` answer `Done` (there is nothing to stop).
-//!
-//! The console stays quiet on the way (each byte is a VM exit): only `spin` and `die` say
-//! that they run.
-use agent_protocol::{ByteList, ErrorCode, ExitStatus, Header, Message, AGENT_PORT, HEADER_LEN};
+//! `ReadFile` and `WriteFile` (replace, or append) use the same files. Under `agent-listen`, a
+//! reply the host has reset (it gave up on that connection) drops the connection and the agent
+//! accepts the next one; under `agent`, whose one connection is the run, it fails the guest. `Shutdown` powers the VM
+//! off; `Quiesce` and `Resume` answer `Done` (there is nothing to stop).
+use agent_protocol::{
+    ByteList, ErrorCode, ExitStatus, Header, Message, WriteFlags, AGENT_PORT, HEADER_LEN,
+};
 
 use crate::bootinfo::BootInfo;
 use crate::io;
 use crate::serial;
 use crate::tsc::Deadline;
+use crate::virtio::agent_files::{Files, MAX_DATA};
 use crate::virtio::console::ConsolePort;
 use crate::virtio::vsock::{fail_err, Conn, Vsock};
 
@@ -46,14 +56,14 @@ enum Channel {
 }
 
 impl Channel {
-    fn send_all(&mut self, data: &[u8]) {
+    /// Sends all of `data`; an error only when the vsock peer reset the connection.
+    fn send_all(&mut self, data: &[u8]) -> Result<(), crate::virtio::vsock::Error> {
         match self {
-            Channel::Vsock(v, c) => {
-                if let Err(e) = v.send(*c, data, Deadline::after_ms(FOREVER_MS)) {
-                    fail_err("send", e);
-                }
+            Channel::Vsock(v, c) => v.send(*c, data, Deadline::after_ms(FOREVER_MS)),
+            Channel::Console(port) => {
+                port.write_all(data);
+                Ok(())
             }
-            Channel::Console(port) => port.write_all(data),
         }
     }
 
@@ -83,16 +93,30 @@ impl Channel {
 struct Link {
     ch: Channel,
     out: [u8; HEADER_LEN + OUT_CHUNK],
+    /// `agent-listen`: a send the host reset ends this connection, not the guest (the host
+    /// gave up on it and connects again). `agent`: the one connection is the run; it fails.
+    survive_reset: bool,
+    /// A send failed: nothing more goes out, and `serve` returns after this request.
+    broken: bool,
 }
 
 impl Link {
     fn send(&mut self, req: u32, msg: &Message<'_>) {
+        if self.broken {
+            return;
+        }
         let n = match msg.encode(req, &mut self.out) {
             Ok(n) => n,
             Err(_) => crate::scenario::fail_msg("a reply does not fit the send buffer"),
         };
         let out = self.out;
-        self.ch.send_all(&out[..n]);
+        if let Err(e) = self.ch.send_all(&out[..n]) {
+            if !self.survive_reset {
+                fail_err("send", e);
+            }
+            serial::line().str("testguest: agent: a send failed, the connection is dropped\n");
+            self.broken = true;
+        }
     }
 
     /// Fills `buf`; false when the host closed the connection first.
@@ -129,10 +153,40 @@ pub fn run(info: &BootInfo) -> ! {
     let mut link = Link {
         ch: Channel::Vsock(v, c),
         out: [0; HEADER_LEN + OUT_CHUNK],
+        survive_reset: false,
+        broken: false,
     };
-    serve(info, &mut link);
+    let mut files = Files::new();
+    serve(info, &mut link, &mut files);
     serial::line().str("testguest: agent: the host closed the connection\n");
     io::exit(0);
+}
+
+/// `agent-listen`: listens on port 1024 (as the agent does for `skiff run --agent`) and serves
+/// host connections one after another until one asks for a shutdown.
+pub fn listen(info: &BootInfo) -> ! {
+    let mut v = Vsock::open(info);
+    v.listen(AGENT_PORT);
+    serial::line().str("testguest: agent listening\n");
+    let mut files = Files::new();
+    loop {
+        let c = match v.accept(AGENT_PORT, Deadline::after_ms(FOREVER_MS)) {
+            Ok(c) => c,
+            Err(e) => fail_err("accept", e),
+        };
+        let mut link = Link {
+            ch: Channel::Vsock(v, c),
+            out: [0; HEADER_LEN + OUT_CHUNK],
+            survive_reset: true,
+            broken: false,
+        };
+        serve(info, &mut link, &mut files);
+        let Channel::Vsock(mut back, c) = link.ch else {
+            crate::scenario::fail_msg("the listener's channel is not vsock");
+        };
+        back.close(c, Deadline::after_ms(1000));
+        v = back;
+    }
 }
 
 /// `agent-console`: serves the protocol on virtio-console port 0 (one stream, no
@@ -144,42 +198,21 @@ pub fn console(info: &BootInfo) -> ! {
     let mut link = Link {
         ch: Channel::Console(port),
         out: [0; HEADER_LEN + OUT_CHUNK],
+        survive_reset: false,
+        broken: false,
     };
+    let mut files = Files::new();
     loop {
-        serve(info, &mut link);
-    }
-}
-
-/// `agent-listen`: listens on port 1024 (as the agent does for `skiff run --agent`) and serves
-/// host connections one after another until one asks for a shutdown.
-pub fn listen(info: &BootInfo) -> ! {
-    let mut v = Vsock::open(info);
-    v.listen(AGENT_PORT);
-    serial::line().str("testguest: agent listening\n");
-    loop {
-        let c = match v.accept(AGENT_PORT, Deadline::after_ms(FOREVER_MS)) {
-            Ok(c) => c,
-            Err(e) => fail_err("accept", e),
-        };
-        let mut link = Link {
-            ch: Channel::Vsock(v, c),
-            out: [0; HEADER_LEN + OUT_CHUNK],
-        };
-        serve(info, &mut link);
-        let Channel::Vsock(mut back, c) = link.ch else {
-            crate::scenario::fail_msg("the listener's channel is not vsock");
-        };
-        back.close(c, Deadline::after_ms(1000));
-        v = back;
+        serve(info, &mut link, &mut files);
     }
 }
 
 /// Answers requests until the host closes the connection (or sends something malformed).
-fn serve(info: &BootInfo, link: &mut Link) {
+fn serve(info: &BootInfo, link: &mut Link, files: &mut Files) {
     let mut head = [0u8; HEADER_LEN];
     let mut payload = [0u8; MAX_REQUEST];
     loop {
-        if !link.read_exact(&mut head) {
+        if link.broken || !link.read_exact(&mut head) {
             return;
         }
         let header = match Header::decode(&head) {
@@ -213,7 +246,38 @@ fn serve(info: &BootInfo, link: &mut Link) {
             ),
             Ok(Message::Exec {
                 argv, timeout_ms, ..
-            }) => exec(link, req, argv, timeout_ms),
+            }) => exec(info, link, req, argv, timeout_ms, files),
+            Ok(Message::ReadFile { path }) => match files.get(path) {
+                Some(data) => {
+                    let mut copy = [0u8; MAX_DATA];
+                    copy[..data.len()].copy_from_slice(data);
+                    link.send(req, &Message::FileData(&copy[..data.len()]));
+                    link.send(req, &Message::Done);
+                }
+                None => link.error(req, ErrorCode::Io, "no such file"),
+            },
+            Ok(Message::WriteFile {
+                flags, path, data, ..
+            }) => {
+                let mut joined = [0u8; MAX_DATA];
+                let mut n = 0;
+                if flags.has(WriteFlags::APPEND) {
+                    if let Some(old) = files.get(path) {
+                        joined[..old.len()].copy_from_slice(old);
+                        n = old.len();
+                    }
+                }
+                let result = if n + data.len() > MAX_DATA {
+                    Err("a file over 512 bytes")
+                } else {
+                    joined[n..n + data.len()].copy_from_slice(data);
+                    files.put(path, &joined[..n + data.len()])
+                };
+                match result {
+                    Ok(()) => link.send(req, &Message::Done),
+                    Err(why) => link.error(req, ErrorCode::Io, why),
+                }
+            }
             Ok(Message::Quiesce | Message::Resume { .. }) => link.send(req, &Message::Done),
             Ok(Message::Shutdown) => {
                 link.send(req, &Message::Done);
@@ -237,29 +301,27 @@ fn parse_num(digits: &[u8]) -> Option<u64> {
 }
 
 /// Runs one exec "program" and sends its output and end.
-fn exec(link: &mut Link, req: u32, argv: ByteList<'_>, timeout_ms: u64) {
+fn exec(
+    info: &BootInfo,
+    link: &mut Link,
+    req: u32,
+    argv: ByteList<'_>,
+    timeout_ms: u64,
+    files: &mut Files,
+) {
     let mut args = argv.iter();
     let name = args.next().unwrap_or(b"");
+    serial::line()
+        .str("testguest: agent exec ")
+        .bytes(name)
+        .str("\n");
     link.send(req, &Message::Started { pid: 1 });
     let status = match name {
         b"true" => ExitStatus::Code(0),
         b"false" => ExitStatus::Code(1),
         b"echo" | b"warn" => {
             let mut line = [0u8; OUT_CHUNK];
-            let mut n = 0;
-            for (i, a) in args.enumerate() {
-                if i > 0 && n < line.len() {
-                    line[n] = b' ';
-                    n += 1;
-                }
-                let take = a.len().min(line.len() - n);
-                line[n..n + take].copy_from_slice(&a[..take]);
-                n += take;
-            }
-            if n < line.len() {
-                line[n] = b'\n';
-                n += 1;
-            }
+            let n = join_line(args, &mut line);
             let data = &line[..n];
             let msg = if name == b"echo" {
                 Message::Stdout(data)
@@ -269,9 +331,43 @@ fn exec(link: &mut Link, req: u32, argv: ByteList<'_>, timeout_ms: u64) {
             link.send(req, &msg);
             ExitStatus::Code(0)
         }
+        b"put" => {
+            let path = args.next().unwrap_or(b"");
+            let mut data = [0u8; MAX_DATA];
+            let n = join_line(args, &mut data);
+            match files.put(path, &data[..n]) {
+                Ok(()) => ExitStatus::Code(0),
+                Err(why) => {
+                    link.send(req, &Message::Stderr(why.as_bytes()));
+                    ExitStatus::Code(1)
+                }
+            }
+        }
+        b"cat" => {
+            let path = args.next().unwrap_or(b"");
+            match files.get(path) {
+                Some(data) => {
+                    let mut copy = [0u8; MAX_DATA];
+                    copy[..data.len()].copy_from_slice(data);
+                    link.send(req, &Message::Stdout(&copy[..data.len()]));
+                    ExitStatus::Code(0)
+                }
+                None => {
+                    link.send(req, &Message::Stderr(b"cat: no such file\n"));
+                    ExitStatus::Code(1)
+                }
+            }
+        }
+        b"read-ram" => {
+            let pages = crate::memcheck::read_all(info);
+            let mut line = [0u8; 64];
+            let n = decimal(pages, &mut line);
+            let tail = b" pages read\n";
+            line[n..n + tail.len()].copy_from_slice(tail);
+            link.send(req, &Message::Stdout(&line[..n + tail.len()]));
+            ExitStatus::Code(0)
+        }
         b"spin" => {
-            // The one program that runs until stopped says so, for tests that wait for it.
-            serial::line().str("testguest: agent exec spin\n");
             let deadline = Deadline::after_ms(if timeout_ms == 0 {
                 FOREVER_MS
             } else {
@@ -287,7 +383,10 @@ fn exec(link: &mut Link, req: u32, argv: ByteList<'_>, timeout_ms: u64) {
             io::exit(DIE_CODE);
         }
         b"garbage" => {
-            link.ch.send_all(b"this is not an agent frame, at all");
+            let junk = *b"this is not an agent frame, at all";
+            if let Err(e) = link.ch.send_all(&junk) {
+                fail_err("send", e);
+            }
             // The host should give up on the connection; wait for it to end the VM.
             loop {
                 link.ch.idle();
@@ -301,6 +400,13 @@ fn exec(link: &mut Link, req: u32, argv: ByteList<'_>, timeout_ms: u64) {
             match (key, value) {
                 (b"exit", Some(code)) if code < 256 => ExitStatus::Code(code as i32),
                 (b"signal", Some(sig)) if (1..65).contains(&sig) => ExitStatus::Signal(sig as i32),
+                (b"sleep", Some(ms)) => {
+                    let deadline = Deadline::after_ms(ms);
+                    while !deadline.passed() {
+                        link.ch.idle();
+                    }
+                    ExitStatus::Code(0)
+                }
                 (b"flood", Some(bytes)) => {
                     flood(link, req, bytes);
                     ExitStatus::Code(0)
@@ -313,6 +419,43 @@ fn exec(link: &mut Link, req: u32, argv: ByteList<'_>, timeout_ms: u64) {
         }
     };
     link.send(req, &Message::Exit(status));
+}
+
+/// `v` in decimal at the start of `out` (at least 20 bytes); the length.
+fn decimal(mut v: u64, out: &mut [u8]) -> usize {
+    let mut digits = [0u8; 20];
+    let mut n = 0;
+    loop {
+        digits[n] = b'0' + (v % 10) as u8;
+        n += 1;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    for i in 0..n {
+        out[i] = digits[n - 1 - i];
+    }
+    n
+}
+
+/// `args` joined by spaces and ended by a newline in `line` (cut at its length); the length.
+fn join_line<'a>(args: impl Iterator<Item = &'a [u8]>, line: &mut [u8]) -> usize {
+    let mut n = 0;
+    for (i, a) in args.enumerate() {
+        if i > 0 && n < line.len() {
+            line[n] = b' ';
+            n += 1;
+        }
+        let take = a.len().min(line.len() - n);
+        line[n..n + take].copy_from_slice(&a[..take]);
+        n += take;
+    }
+    if n < line.len() {
+        line[n] = b'\n';
+        n += 1;
+    }
+    n
 }
 
 /// `flood=BYTES`: `a..z` with a newline every 64th byte.

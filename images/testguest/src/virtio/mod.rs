@@ -10,6 +10,7 @@
 //! and each batch of requests costs one notify write at most.
 pub mod abuse;
 pub mod agent;
+pub mod agent_files;
 pub mod bar_move;
 pub mod blk;
 pub mod console;

@@ -54,6 +54,13 @@ impl CpuidPlan {
         &self.exit_leaves
     }
 
+    /// vCPU `vcpu`'s own table, as the plan was built from it.
+    pub fn table(&self, vcpu: u32) -> Option<&[CpuidEntry]> {
+        self.per_vcpu
+            .get(usize::try_from(vcpu).ok()?)
+            .map(Vec::as_slice)
+    }
+
     /// The answer (EAX, EBX, ECX, EDX) to a CPUID exit of vCPU `vcpu` for `leaf`/`subleaf`, or
     /// `None` when skiff has no such vCPU or leaf (the caller then gives the hypervisor's
     /// default result from the exit context).

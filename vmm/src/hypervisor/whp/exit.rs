@@ -6,8 +6,8 @@
 //! to the same buses as KVM exits. Unlike KVM, WHP does not finish an exit by itself: plain
 //! `in`/`out` and CPUID are completed from the decoded context (`Completion`: RAX and the other
 //! registers, and RIP past the instruction). String and `rep` port I/O and MMIO need the
-//! instruction emulator (`WHvEmulatorTry*Emulation`), which is not wired yet; they come out
-//! as `Unhandled`.
+//! instruction emulator (`WHvEmulatorTry*Emulation`); the WHP vCPU (`vcpu`) sends those to the
+//! emulator before they reach this decoder, so here they come out as `Unhandled`.
 //!
 //! Platform-neutral; unit-tested on Linux against a fake exit source.
 
@@ -58,6 +58,12 @@ pub enum RawExit {
     Halt,
     /// `WHvRunVpExitReasonX64InterruptWindow`: the guest can take an interrupt now.
     InterruptWindow,
+    /// `WHvRunVpExitReasonX64ApicEoi`: the guest ended a level-triggered interrupt with this
+    /// vector; the vCPU forwards it to the IOAPIC.
+    ApicEoi {
+        /// The vector.
+        vector: u8,
+    },
     /// `WHvRunVpExitReasonCanceled`: `WHvCancelRunVirtualProcessor` (pause or stop).
     Canceled,
     /// `WHvRunVpExitReasonUnrecoverableException`: the guest triple-faulted.
@@ -66,6 +72,40 @@ pub enum RawExit {
     InvalidRegisterValue,
     /// Any other exit reason.
     Other(i32),
+}
+
+/// What the WHP vCPU does with an exit before anything reaches the shared run loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuStep {
+    /// Run the instruction emulator on a string or `rep` port access, then run again.
+    EmulateIo,
+    /// Run the instruction emulator on an MMIO access at this address, then run again.
+    EmulateMmio(u64),
+    /// The interrupt window opened: clear the request, inject, run again.
+    InterruptWindow,
+    /// Hand the EOI for this vector to the IOAPIC, then run again.
+    Eoi(u8),
+    /// The vCPU halted: wait for an interrupt if it can take one.
+    Halt,
+    /// WHP refused the register state: an internal error.
+    InvalidState,
+    /// Everything else: decode it into a `VcpuExit` for the run loop (`ExitDecoder`).
+    Decode,
+}
+
+impl VcpuStep {
+    /// The step for `raw`.
+    pub fn of(raw: &RawExit) -> Self {
+        match *raw {
+            RawExit::PortAccess { string, rep, .. } if string || rep => Self::EmulateIo,
+            RawExit::MemoryAccess { gpa } => Self::EmulateMmio(gpa),
+            RawExit::InterruptWindow => Self::InterruptWindow,
+            RawExit::ApicEoi { vector } => Self::Eoi(vector),
+            RawExit::Halt => Self::Halt,
+            RawExit::InvalidRegisterValue => Self::InvalidState,
+            _ => Self::Decode,
+        }
+    }
 }
 
 /// Registers to write before the next run, to finish the last exit.
@@ -207,7 +247,9 @@ impl ExitDecoder {
                 "MMIO at {gpa:#x} (needs the WHP instruction emulator)"
             )),
             RawExit::Halt => VcpuExit::Halt,
-            RawExit::InterruptWindow | RawExit::Canceled => VcpuExit::Interrupted,
+            RawExit::InterruptWindow | RawExit::Canceled | RawExit::ApicEoi { .. } => {
+                VcpuExit::Interrupted
+            }
             RawExit::UnrecoverableException => VcpuExit::Shutdown,
             RawExit::InvalidRegisterValue => VcpuExit::InternalError,
             RawExit::Other(reason) => VcpuExit::Unhandled(format!("WHP exit reason {reason:#x}")),

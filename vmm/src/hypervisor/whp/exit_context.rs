@@ -60,6 +60,10 @@ pub fn raw_exit(context: &WHV_RUN_VP_EXIT_CONTEXT) -> RawExit {
         },
         whv::WHvRunVpExitReasonX64Halt => RawExit::Halt,
         whv::WHvRunVpExitReasonX64InterruptWindow => RawExit::InterruptWindow,
+        whv::WHvRunVpExitReasonX64ApicEoi => RawExit::ApicEoi {
+            // SAFETY: WHP fills the ApicEoi member for this exit reason; it is plain data.
+            vector: unsafe { context.Anonymous.ApicEoi }.InterruptVector as u8,
+        },
         whv::WHvRunVpExitReasonCanceled => RawExit::Canceled,
         whv::WHvRunVpExitReasonUnrecoverableException => RawExit::UnrecoverableException,
         whv::WHvRunVpExitReasonInvalidVpRegisterValue => RawExit::InvalidRegisterValue,
@@ -172,6 +176,9 @@ mod tests {
             c.ExitReason = reason;
             assert_eq!(raw_exit(&c), expected, "{reason:?}");
         }
+        c.ExitReason = windows::Win32::System::Hypervisor::WHvRunVpExitReasonX64ApicEoi;
+        c.Anonymous.ApicEoi.InterruptVector = 0x31;
+        assert_eq!(raw_exit(&c), RawExit::ApicEoi { vector: 0x31 });
         c.ExitReason = WHvRunVpExitReasonMemoryAccess;
         c.Anonymous.MemoryAccess.Gpa = 0xfec0_0010;
         assert_eq!(raw_exit(&c), RawExit::MemoryAccess { gpa: 0xfec0_0010 });

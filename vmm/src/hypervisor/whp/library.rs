@@ -15,7 +15,8 @@ use windows::Win32::System::Hypervisor::{
     WHvCapabilityCodeHypervisorPresent, WHV_CAPABILITY, WHV_CAPABILITY_CODE,
     WHV_EMULATOR_CALLBACKS, WHV_EMULATOR_STATUS, WHV_INTERRUPT_CONTROL, WHV_MAP_GPA_RANGE_FLAGS,
     WHV_MEMORY_ACCESS_CONTEXT, WHV_PARTITION_HANDLE, WHV_PARTITION_PROPERTY_CODE,
-    WHV_REGISTER_NAME, WHV_REGISTER_VALUE, WHV_VP_EXIT_CONTEXT, WHV_X64_IO_PORT_ACCESS_CONTEXT,
+    WHV_REGISTER_NAME, WHV_REGISTER_VALUE, WHV_TRANSLATE_GVA_FLAGS, WHV_TRANSLATE_GVA_RESULT,
+    WHV_VP_EXIT_CONTEXT, WHV_X64_IO_PORT_ACCESS_CONTEXT,
 };
 use windows::Win32::System::LibraryLoader::{GetProcAddress, LoadLibraryW};
 
@@ -101,6 +102,21 @@ pub type RequestInterruptFn =
 /// `WHvQueryGpaRangeDirtyBitmap`.
 pub type QueryDirtyBitmapFn =
     unsafe extern "system" fn(WHV_PARTITION_HANDLE, u64, u64, *mut u64, u32) -> HRESULT;
+/// `WHvTranslateGva`.
+pub type TranslateGvaFn = unsafe extern "system" fn(
+    WHV_PARTITION_HANDLE,
+    u32,
+    u64,
+    WHV_TRANSLATE_GVA_FLAGS,
+    *mut WHV_TRANSLATE_GVA_RESULT,
+    *mut u64,
+) -> HRESULT;
+/// `WHvGetVirtualProcessorInterruptControllerState2`.
+pub type GetApicStateFn =
+    unsafe extern "system" fn(WHV_PARTITION_HANDLE, u32, *mut c_void, u32, *mut u32) -> HRESULT;
+/// `WHvSetVirtualProcessorInterruptControllerState2`.
+pub type SetApicStateFn =
+    unsafe extern "system" fn(WHV_PARTITION_HANDLE, u32, *const c_void, u32) -> HRESULT;
 /// `WHvEmulatorCreateEmulator`.
 pub type EmulatorCreateFn =
     unsafe extern "system" fn(*const WHV_EMULATOR_CALLBACKS, *mut *mut c_void) -> HRESULT;
@@ -214,6 +230,12 @@ pub struct WhpLibrary {
     pub request_interrupt: RequestInterruptFn,
     /// `WHvQueryGpaRangeDirtyBitmap`.
     pub query_dirty_bitmap: QueryDirtyBitmapFn,
+    /// `WHvTranslateGva`.
+    pub translate_gva: TranslateGvaFn,
+    /// `WHvGetVirtualProcessorInterruptControllerState2`.
+    pub get_apic_state: GetApicStateFn,
+    /// `WHvSetVirtualProcessorInterruptControllerState2`.
+    pub set_apic_state: SetApicStateFn,
     /// `WHvEmulatorCreateEmulator`.
     pub emulator_create: EmulatorCreateFn,
     /// `WHvEmulatorDestroyEmulator`.
@@ -226,6 +248,13 @@ pub struct WhpLibrary {
     _platform: Library,
     _emulation: Library,
 }
+
+// SAFETY: module handles are process-wide and the function pointers are plain code addresses;
+// nothing in the library is mutated after `load`, and the WHP functions may be called from any
+// thread.
+unsafe impl Send for WhpLibrary {}
+// SAFETY: as above.
+unsafe impl Sync for WhpLibrary {}
 
 impl WhpLibrary {
     /// Loads both DLLs, resolves every entry point and checks that the hypervisor runs.
@@ -248,6 +277,9 @@ impl WhpLibrary {
             set_registers: resolve!(platform, "WHvSetVirtualProcessorRegisters"),
             request_interrupt: resolve!(platform, "WHvRequestInterrupt"),
             query_dirty_bitmap: resolve!(platform, "WHvQueryGpaRangeDirtyBitmap"),
+            translate_gva: resolve!(platform, "WHvTranslateGva"),
+            get_apic_state: resolve!(platform, "WHvGetVirtualProcessorInterruptControllerState2"),
+            set_apic_state: resolve!(platform, "WHvSetVirtualProcessorInterruptControllerState2"),
             emulator_create: resolve!(emulation, "WHvEmulatorCreateEmulator"),
             emulator_destroy: resolve!(emulation, "WHvEmulatorDestroyEmulator"),
             emulator_try_io: resolve!(emulation, "WHvEmulatorTryIoEmulation"),

@@ -10,20 +10,42 @@
 //! - `interrupt`: interrupt requests (MSI, IOAPIC) as `WHvRequestInterrupt` controls.
 //! - `registers`: the neutral register types as WHP register names and values.
 //! - `partition` (Windows): partition set-up, guest RAM as mapped GPA ranges, interrupts.
+//! - `emulation`: what the instruction emulator's port and memory callbacks do (neutral);
+//!   `emulator` (Windows): the emulator and its `extern "system"` callbacks.
+//! - `halt`: a halted vCPU's bounded wait for an interrupt.
+//! - `ext_int`: when and how the PIC's interrupts are injected (neutral).
+//! - `host_cpuid`: the host's CPUID leaves, the starting point of the partition's CPUID.
+//! - `msi_routes`: the GSI-to-MSI table.
+//! - `vcpu` (Windows): `WhpVcpu`, the seam's `Vcpu`, and `VcpuCanceller`.
+//! - `vm` (Windows): `WhpHypervisor` and `WhpVm`, the seam's `Hypervisor` and `Vm`, and the
+//!   user-space IOAPIC, PIC and PIT (`WhpPlatform`).
 //!
-//! What this backend does not have yet (vCPUs, the instruction emulator, the `Hypervisor`
-//! trait impl) is listed in docs/windows.md.
+//! What this backend does not have yet (skiff.exe running a VM on it, snapshots) is listed in
+//! docs/windows.md.
 
 pub mod cpuid;
+pub mod emulation;
+#[cfg(windows)]
+pub mod emulator;
 pub mod exit;
 #[cfg(windows)]
 pub mod exit_context;
+pub mod ext_int;
+pub mod halt;
+pub mod host_cpuid;
 pub mod interrupt;
 #[cfg(windows)]
 pub mod library;
+pub mod msi_routes;
 #[cfg(windows)]
 pub mod partition;
 pub mod registers;
+#[cfg(windows)]
+pub mod vcpu;
+#[cfg(windows)]
+pub mod vm;
 
 #[cfg(windows)]
 pub use library::{WhpLibrary, WhpLoadError};
+#[cfg(windows)]
+pub use vm::{WhpHypervisor, WhpPlatform, WhpVm};

@@ -126,6 +126,21 @@ impl Partition {
         Ok(partition)
     }
 
+    /// The platform's entry points.
+    pub fn lib(&self) -> &WhpLibrary {
+        &self.lib
+    }
+
+    /// The platform's entry points, shared.
+    pub fn lib_arc(&self) -> Arc<WhpLibrary> {
+        self.lib.clone()
+    }
+
+    /// The partition handle, for the vCPUs and the emulator.
+    pub fn handle(&self) -> WHV_PARTITION_HANDLE {
+        self.handle
+    }
+
     /// Sets property `code` to the plain-data array `values`; an empty list is left unset
     /// (the property's default is already empty).
     fn set_property<T: Copy>(

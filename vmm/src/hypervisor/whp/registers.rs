@@ -43,8 +43,43 @@ pub enum WhpRegister {
     Cr3 = 0x1e,
     Cr4 = 0x1f,
     Cr8 = 0x20,
+    Tsc = 0x2000,
     Efer = 0x2001,
+    KernelGsBase = 0x2002,
     ApicBase = 0x2003,
+    Pat = 0x2004,
+    SysenterCs = 0x2005,
+    SysenterEip = 0x2006,
+    SysenterEsp = 0x2007,
+    Star = 0x2008,
+    Lstar = 0x2009,
+    Cstar = 0x200a,
+    Sfmask = 0x200b,
+    MtrrDefType = 0x200e,
+    TscAux = 0x207b,
+}
+
+/// The WHP register that holds MSR `index`, or `None` when WHP does not expose it as a
+/// register (`IA32_MISC_ENABLE`, for one: the hypervisor owns it).
+pub fn msr_register(index: u32) -> Option<WhpRegister> {
+    use WhpRegister as R;
+    Some(match index {
+        0x10 => R::Tsc,
+        0x1b => R::ApicBase,
+        0x174 => R::SysenterCs,
+        0x175 => R::SysenterEsp,
+        0x176 => R::SysenterEip,
+        0x277 => R::Pat,
+        0x2ff => R::MtrrDefType,
+        0xc000_0080 => R::Efer,
+        0xc000_0081 => R::Star,
+        0xc000_0082 => R::Lstar,
+        0xc000_0083 => R::Cstar,
+        0xc000_0084 => R::Sfmask,
+        0xc000_0102 => R::KernelGsBase,
+        0xc000_0103 => R::TscAux,
+        _ => return None,
+    })
 }
 
 /// A segment as WHP holds it.
@@ -363,6 +398,22 @@ mod tests {
         assert_eq!(special_from_whp(&without_efer), None);
     }
 
+    #[test]
+    fn the_boot_msrs_have_registers_except_misc_enable() {
+        for msr in arch::msr::boot_msrs() {
+            let register = msr_register(msr.index);
+            if msr.index == arch::msr::MSR_IA32_MISC_ENABLE {
+                assert_eq!(register, None);
+            } else {
+                assert!(register.is_some(), "MSR {:#x}", msr.index);
+            }
+        }
+        assert_eq!(msr_register(0x175), Some(WhpRegister::SysenterEsp));
+        assert_eq!(msr_register(0x176), Some(WhpRegister::SysenterEip));
+        assert_eq!(msr_register(0xc000_0084), Some(WhpRegister::Sfmask));
+        assert_eq!(msr_register(0x3a), None);
+    }
+
     #[cfg(windows)]
     #[test]
     fn the_codes_match_the_windows_headers() {
@@ -382,6 +433,18 @@ mod tests {
             (WhpRegister::Cr8, h::WHvX64RegisterCr8),
             (WhpRegister::Efer, h::WHvX64RegisterEfer),
             (WhpRegister::ApicBase, h::WHvX64RegisterApicBase),
+            (WhpRegister::Tsc, h::WHvX64RegisterTsc),
+            (WhpRegister::KernelGsBase, h::WHvX64RegisterKernelGsBase),
+            (WhpRegister::Pat, h::WHvX64RegisterPat),
+            (WhpRegister::SysenterCs, h::WHvX64RegisterSysenterCs),
+            (WhpRegister::SysenterEip, h::WHvX64RegisterSysenterEip),
+            (WhpRegister::SysenterEsp, h::WHvX64RegisterSysenterEsp),
+            (WhpRegister::Star, h::WHvX64RegisterStar),
+            (WhpRegister::Lstar, h::WHvX64RegisterLstar),
+            (WhpRegister::Cstar, h::WHvX64RegisterCstar),
+            (WhpRegister::Sfmask, h::WHvX64RegisterSfmask),
+            (WhpRegister::MtrrDefType, h::WHvX64RegisterMsrMtrrDefType),
+            (WhpRegister::TscAux, h::WHvX64RegisterTscAux),
         ] {
             assert_eq!(ours as i32, theirs.0, "{ours:?}");
         }

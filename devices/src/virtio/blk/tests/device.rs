@@ -303,3 +303,39 @@ fn a_kick_right_after_reactivation_reaches_the_new_handler() {
     assert_eq!(used, vec![(head, 513)]);
     assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), S_OK);
 }
+
+#[test]
+fn the_saved_state_is_the_disk_as_configured_and_builds_the_same_device() {
+    use crate::persist::Persist;
+    let f = disk_file();
+    let mut engines = vec![IoEngineKind::Auto, IoEngineKind::Threads];
+    if probe_uring().is_ok() {
+        engines.push(IoEngineKind::IoUring);
+    }
+    for engine in engines {
+        let dev = device(&f, |c| {
+            c.readonly = true;
+            c.id = Some("root".into());
+            c.queues = 2;
+            c.engine = engine;
+        });
+        let saved = dev.save();
+        let engine_in_use = dev.engine_name();
+        assert_eq!(saved.engine, engine, "io= as configured, not as resolved");
+        assert_eq!(saved.path, f.path());
+        assert!(saved.readonly);
+        assert_eq!(saved.id.as_deref(), Some("root"));
+        assert_eq!(saved.queues, 2);
+        drop(dev);
+        let back = VirtioBlk::restore((), &saved).unwrap();
+        assert_eq!(back.save(), saved);
+        assert_eq!(back.engine_name(), engine_in_use);
+    }
+    // A saved state goes through the constructor's checks.
+    let mut bad = device(&f, |_| {}).save();
+    bad.path = f.path().with_extension("missing");
+    assert!(matches!(
+        VirtioBlk::restore((), &bad),
+        Err(BlkError::Disk(DiskError::Missing(_)))
+    ));
+}

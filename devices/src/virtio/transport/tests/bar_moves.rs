@@ -168,12 +168,12 @@ fn restore_maps_the_bar_where_the_guest_had_moved_it() {
     p.decoding(false);
     p.cfg_write(0x10, NEW as u32, 4);
     p.decoding(true);
-    let moved = p.dev.lock().unwrap().save_state().unwrap();
+    let moved = p.dev.lock().unwrap().save();
     p.decoding(false);
-    let off = p.dev.lock().unwrap().save_state().unwrap();
+    let off = p.dev.lock().unwrap().save();
 
     let fresh = attached(harness());
-    fresh.dev.lock().unwrap().restore_state(&moved).unwrap();
+    fresh.dev.lock().unwrap().restore(&moved).unwrap();
     assert_eq!(fresh.dev.lock().unwrap().mapped_bar(), None, "mapped later");
     fresh.dev.lock().unwrap().map_bar().unwrap();
     assert_eq!(fresh.num_queues_at(NEW), 2);
@@ -181,7 +181,7 @@ fn restore_maps_the_bar_where_the_guest_had_moved_it() {
     assert_eq!(fresh.registry.addresses(), Placed::notify_addresses(NEW));
 
     let fresh = attached(harness());
-    fresh.dev.lock().unwrap().restore_state(&off).unwrap();
+    fresh.dev.lock().unwrap().restore(&off).unwrap();
     fresh.dev.lock().unwrap().map_bar().unwrap();
     assert!(fresh.bus.ranges().is_empty(), "decoding was off");
     fresh.decoding(true);

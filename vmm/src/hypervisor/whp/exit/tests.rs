@@ -119,6 +119,10 @@ fn other_exits_map_to_the_seams_exits() {
         VcpuExit::Interrupted
     ));
     assert!(matches!(
+        d.decode(RawExit::ApicEoi { vector: 0x30 }, &p),
+        VcpuExit::Interrupted
+    ));
+    assert!(matches!(
         d.decode(RawExit::UnrecoverableException, &p),
         VcpuExit::Shutdown
     ));
@@ -142,6 +146,39 @@ fn other_exits_map_to_the_seams_exits() {
     ));
     // None of those leaves anything to write back.
     assert_eq!(d.take_completion(), None);
+}
+
+#[test]
+fn the_vcpu_keeps_emulation_eois_windows_and_halts_and_decodes_the_rest() {
+    let string = RawExit::PortAccess {
+        port: 0x3f8,
+        size: 1,
+        write: true,
+        string: true,
+        rep: false,
+        rax: 0,
+        rip: 0x1000,
+        instruction_length: 1,
+    };
+    for (raw, step) in [
+        (string, VcpuStep::EmulateIo),
+        (port_access(0x3f8, 1, true, true, 0), VcpuStep::EmulateIo),
+        (
+            RawExit::MemoryAccess { gpa: 0xfec0_0000 },
+            VcpuStep::EmulateMmio(0xfec0_0000),
+        ),
+        (RawExit::InterruptWindow, VcpuStep::InterruptWindow),
+        (RawExit::ApicEoi { vector: 0x31 }, VcpuStep::Eoi(0x31)),
+        (RawExit::Halt, VcpuStep::Halt),
+        (RawExit::InvalidRegisterValue, VcpuStep::InvalidState),
+        (out(0x3f8, 1, 0x41), VcpuStep::Decode),
+        (inb(0x60, 1, 0), VcpuStep::Decode),
+        (RawExit::Canceled, VcpuStep::Decode),
+        (RawExit::UnrecoverableException, VcpuStep::Decode),
+        (RawExit::Other(0x1000), VcpuStep::Decode),
+    ] {
+        assert_eq!(VcpuStep::of(&raw), step, "{raw:?}");
+    }
 }
 
 #[cfg(target_os = "linux")]
