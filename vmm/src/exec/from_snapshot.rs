@@ -65,10 +65,8 @@ pub(super) fn run(args: &ExecArgs, dir: &Path, env: Vec<Vec<u8>>) -> Result<u8, 
     // A guest that never started its vsock driver cannot answer; say so now rather than after
     // the connect timeout.
     let driver_ok = snap.state.devices.virtio.iter().any(|d| {
-        matches!(
-            d.identity,
-            devices::virtio::device::DeviceIdentity::Vsock { .. }
-        ) && d.common.status & STATUS_DRIVER_OK != 0
+        matches!(d.device, crate::virtio_devices::VirtioDeviceState::Vsock(_))
+            && d.transport.common.status & STATUS_DRIVER_OK != 0
     });
     if !driver_ok {
         return Err(unusable(format!(

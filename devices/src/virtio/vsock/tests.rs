@@ -426,7 +426,11 @@ fn restored_device_announces_a_transport_reset() {
 #[test]
 fn after_a_transport_reset_nothing_reaches_the_guest_until_it_returns_the_event_buffer() {
     let dir = tempfile::tempdir().unwrap();
-    let mut dev = VirtioVsock::restored(CID, &dir.path().join("v.sock")).unwrap();
+    let saved = VsockState {
+        cid: CID,
+        socket: dir.path().join("v.sock"),
+    };
+    let mut dev = <VirtioVsock as crate::persist::Persist>::restore((), &saved).unwrap();
     let mem = guest_memory(RAM);
     let mut lp = TestLoop::new();
     let mut drv = activate(&mut dev, &mem, &lp);
