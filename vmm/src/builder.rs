@@ -16,12 +16,8 @@ use devices::legacy::debug_exit::{DebugExit, DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_LE
 use devices::legacy::i8042::{I8042State, I8042, I8042_PORT, I8042_PORT_LEN};
 use devices::legacy::serial::{Serial, SerialState, COM1_IRQ, COM1_PORT, COM1_PORT_LEN};
 use devices::persist::Persist;
-use devices::vhost_user::VhostUserError;
-use devices::virtio::blk::BlkError;
-use devices::virtio::console::{ConsoleError, ConsoleInput};
-use devices::virtio::net::NetError;
+use devices::virtio::console::ConsoleInput;
 use devices::virtio::transport::{StateError, VirtioPciDevice, VirtioPciState};
-use devices::virtio::vsock::VsockError;
 use devices::vm_exit::VmExitSignal;
 use event_manager::{EventManager, MutEventSubscriber};
 use thiserror::Error;
@@ -37,7 +33,7 @@ use crate::hypervisor::{Hypervisor, HypervisorError, Vcpu, Vm};
 use crate::memory::backing::BackingKind;
 use crate::memory::{GuestRam, MemoryError};
 use crate::pci_devices::{map_bars, PciDevices, PciDevicesError};
-use crate::virtio_devices::{DeviceContext, Origin, VirtioDeviceState};
+use crate::virtio_devices::{DeviceContext, DeviceError, Origin, VirtioDeviceState};
 
 /// The VM's event loop (`event-manager`): device handlers, host input, signals, the VM's end.
 pub type VmEvents = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
@@ -89,24 +85,9 @@ pub enum BuildError {
     /// The PCI devices could not be built (boxed: it is the largest cause).
     #[error(transparent)]
     Pci(Box<PciDevicesError>),
-    /// A `--disk` could not be opened (missing, wrong type or size, locked).
+    /// A virtio device could not be built (boxed: large).
     #[error(transparent)]
-    Disk(#[from] BlkError),
-    /// A `--net` device could not be set up (its tap, its MAC).
-    #[error(transparent)]
-    Net(#[from] NetError),
-    /// A `--vhost-user` backend could not be reached or refused the set-up (boxed: large).
-    #[error(transparent)]
-    VhostUser(Box<VhostUserError>),
-    /// Guest memory cannot be shared with a vhost-user backend.
-    #[error(transparent)]
-    ShareMemory(#[from] crate::memory::share::ShareError),
-    /// The `--console` device could not be set up.
-    #[error(transparent)]
-    Console(#[from] ConsoleError),
-    /// The `--vsock` device could not be set up (its socket).
-    #[error(transparent)]
-    Vsock(#[from] VsockError),
+    Device(Box<DeviceError>),
     /// A saved virtio device state cannot be used.
     #[error(transparent)]
     VirtioState(#[from] StateError),
@@ -130,9 +111,9 @@ impl From<std::convert::Infallible> for BuildError {
     }
 }
 
-impl From<VhostUserError> for BuildError {
-    fn from(e: VhostUserError) -> Self {
-        Self::VhostUser(Box::new(e))
+impl From<DeviceError> for BuildError {
+    fn from(e: DeviceError) -> Self {
+        Self::Device(Box::new(e))
     }
 }
 
@@ -356,12 +337,8 @@ pub(crate) fn create_vm(
     let vm = hypervisor.create_vm()?;
     for (slot, region) in ram.memory().iter().enumerate() {
         let host = region.as_ptr() as u64;
-        let slot = u32::try_from(slot).map_err(|_| {
-            HypervisorError::op(
-                "numbering memory slots",
-                std::io::Error::from_raw_os_error(libc::E2BIG),
-            )
-        })?;
+        let slot =
+            u32::try_from(slot).map_err(|_| HypervisorError::TooManySlots { index: slot })?;
         // SAFETY: the mapping belongs to `ram`, which `BuiltVm` keeps alive as long as the VM.
         unsafe { vm.map_memory(slot, region.start_addr().0, region.len(), host) }?;
     }

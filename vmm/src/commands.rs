@@ -1,129 +1,99 @@
-//! The `skiff restore`, `snapshot-info`, `snapshot-verify`, `snapshot-merge` and `ctl`
-//! subcommands: their arguments (clap) and what they do. `main.rs` parses the command line and
-//! reports outcomes; `skiff run` stays there.
+//! What the `skiff restore`, `snapshot-info`, `snapshot-verify`, `snapshot-merge` and `ctl`
+//! subcommands do (their arguments are in `cli`). `main.rs` parses the command line and reports
+//! outcomes; `skiff run` stays there.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use crate::api::client;
-use crate::config::resource_override::{
-    DiskOverride, NetOverride, VhostUserOverride, VsockOverride,
-};
-use crate::config::{parse_timeout, SerialConfig};
-use crate::runner::{run_vm, RunOptions, RunOutcome};
-use crate::sandbox::{SandboxArgs, SandboxPaths};
-use crate::snapshot::auth::{default_key_path, SnapshotKey};
-use crate::snapshot::authorize::{authorize, ResourceOverrides};
-use crate::snapshot::restore::{load, memory_mode, restore_vm, LoadedSnapshot, MemoryMode};
+use crate::cli::{CtlAction, CtlArgs, InfoArgs, MergeArgs, RestoreArgs, VerifyArgs, CTL_TIMEOUT};
+use crate::runner::{run_vm, RunError, RunOptions, RunOutcome};
+use crate::sandbox::{SandboxError, SandboxPaths};
+use crate::snapshot::auth::{default_key_path, AuthError, SnapshotKey};
+use crate::snapshot::authorize::{authorize, AuthorizeError};
+use crate::snapshot::integrity::Problem;
+use crate::snapshot::loaded_snapshot::LoadedSnapshot;
+use crate::snapshot::merge::MergeError;
+use crate::snapshot::restore::{load, memory_mode, restore_vm, RestoreError};
 
-/// `skiff restore DIR ...`
-#[derive(Debug, clap::Args)]
-pub struct RestoreArgs {
-    /// The snapshot directory.
-    #[arg(value_name = "DIR")]
-    pub dir: PathBuf,
-    /// Guest RAM from the memory files: cow (map them copy-on-write; fast, not shareable with
-    /// vhost-user backends) or copy (copy into fresh memory). Default: cow, or copy for a
-    /// snapshot with vhost-user devices.
-    #[arg(long, value_name = "MODE")]
-    pub memory_mode: Option<MemoryMode>,
-    /// Serve the control API on this Unix socket.
-    #[arg(long, value_name = "PATH")]
-    pub api_socket: Option<PathBuf>,
-    /// Serial port (COM1) output: stdio, file=PATH or off.
-    #[arg(long, value_name = "MODE", default_value = "stdio")]
-    pub serial: SerialConfig,
-    /// End the guest after this many seconds (exit code 124).
-    #[arg(long, value_name = "SECONDS", value_parser = parse_timeout)]
-    pub timeout: Option<Duration>,
-    #[command(flatten)]
-    pub sandbox: SandboxArgs,
-    /// Write how skiff ended (reason, exit code, detail) to this file as JSON, atomically.
-    #[arg(long, value_name = "PATH")]
-    pub exit_status_file: Option<PathBuf>,
-    /// Check the snapshot first, as `skiff snapshot-verify` does (every memory file read and
-    /// summed against the manifest), and refuse it on the first problem.
-    #[arg(long)]
-    pub verify: bool,
-    /// Use this disk for the snapshot's disk ID: id=ID,path=PATH (repeatable; ids as
-    /// `skiff snapshot-info` shows them).
-    #[arg(long = "disk", value_name = "SPEC")]
-    pub disks: Vec<DiskOverride>,
-    /// Use this tap for the snapshot's net device ID: id=ID,tap=TAP (repeatable).
-    #[arg(long = "net", value_name = "SPEC")]
-    pub nets: Vec<NetOverride>,
-    /// Use this backend socket for the snapshot's vhost-user device ID: id=ID,socket=PATH
-    /// (repeatable).
-    #[arg(long = "vhost-user", value_name = "SPEC")]
-    pub vhost_user: Vec<VhostUserOverride>,
-    /// Listen on this socket for the snapshot's vsock device ID: id=ID,socket=PATH.
-    #[arg(long = "vsock", value_name = "SPEC")]
-    pub vsock: Vec<VsockOverride>,
-    /// A diff snapshot's parent directory (instead of the one the diff names).
-    #[arg(long, value_name = "DIR")]
-    pub parent: Option<PathBuf>,
+/// Why `restore`, `snapshot-merge` or `snapshot-info` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError {
+    /// The sandbox could not be set up.
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    /// This user's snapshot key is unusable.
+    #[error(transparent)]
+    Key(#[from] AuthError),
+    /// `--verify` found a problem.
+    #[error(
+        "snapshot {} failed verification: {}{}",
+        dir.display(),
+        crate::error_chain(first),
+        more_problems(*others)
+    )]
+    Verification {
+        /// The snapshot directory.
+        dir: PathBuf,
+        /// The first problem found.
+        first: Box<Problem>,
+        /// How many more were found.
+        others: usize,
+    },
+    /// The snapshot could not be loaded or restored.
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
+    /// The snapshot names host resources it may not open.
+    #[error(transparent)]
+    Authorize(#[from] AuthorizeError),
+    /// The restored VM could not run.
+    #[error(transparent)]
+    Run(#[from] RunError),
+    /// A diff could not be merged.
+    #[error(transparent)]
+    Merge(#[from] MergeError),
+    /// A report could not be encoded as JSON.
+    #[error("cannot encode the report as JSON")]
+    Encode(#[source] serde_json::Error),
 }
 
-impl RestoreArgs {
-    fn overrides(&self) -> ResourceOverrides {
-        ResourceOverrides {
-            disks: self
-                .disks
-                .iter()
-                .map(|d| (d.id.clone(), d.path.clone()))
-                .collect(),
-            nets: self
-                .nets
-                .iter()
-                .map(|n| (n.id.clone(), n.tap.clone()))
-                .collect(),
-            vhost_user: self
-                .vhost_user
-                .iter()
-                .map(|v| (v.id.clone(), v.socket.clone()))
-                .collect(),
-            vsock: self
-                .vsock
-                .iter()
-                .map(|v| (v.id.clone(), v.socket.clone()))
-                .collect(),
-            parent: self.parent.clone(),
-        }
+/// The tail of a verification failure naming how many other problems there are.
+fn more_problems(others: usize) -> String {
+    match others {
+        0 => String::new(),
+        n => format!(" (and {n} more problem(s); skiff snapshot-verify lists them)"),
     }
 }
 
 /// This user's snapshot key if it exists (restore and inspection never create it: without one,
 /// nothing can be authenticated anyway). A key file that is unusable is an error.
-pub(crate) fn existing_key() -> Result<Option<SnapshotKey>, String> {
+pub(crate) fn existing_key() -> Result<Option<SnapshotKey>, AuthError> {
     match default_key_path() {
-        Ok(path) => SnapshotKey::load(&path).map_err(|e| crate::error_chain(&e)),
+        Ok(path) => SnapshotKey::load(&path),
         Err(_) => Ok(None),
     }
 }
 
 /// Restores the snapshot and runs the VM to its end; `ready` is called once the VM is built,
-/// just before it runs. The error is one line.
-pub fn restore(args: RestoreArgs, ready: impl FnOnce()) -> Result<RunOutcome, String> {
-    crate::sandbox::init(&args.sandbox).map_err(|e| crate::error_chain(&e))?;
+/// just before it runs.
+pub fn restore(args: RestoreArgs, ready: impl FnOnce()) -> Result<RunOutcome, CommandError> {
+    crate::sandbox::init(&args.sandbox)?;
     if args.verify {
         let (problems, _) = crate::snapshot::integrity::verify(&args.dir, args.parent.as_deref());
-        if let Some(first) = problems.first() {
-            let more = match problems.len() - 1 {
-                0 => String::new(),
-                n => format!(" (and {n} more problem(s); skiff snapshot-verify lists them)"),
-            };
-            return Err(format!(
-                "snapshot {} failed verification: {first}{more}",
-                args.dir.display()
-            ));
+        let others = problems.len().saturating_sub(1);
+        if let Some(first) = problems.into_iter().next() {
+            return Err(CommandError::Verification {
+                dir: args.dir,
+                first: Box::new(first),
+                others,
+            });
         }
     }
     let key = existing_key()?;
-    let snap = load(&args.dir, key.as_ref()).map_err(|e| crate::error_chain(&e))?;
-    let plan = authorize(&snap, &args.overrides()).map_err(|e| crate::error_chain(&e))?;
-    let mode = memory_mode(&plan.devices, args.memory_mode).map_err(|e| crate::error_chain(&e))?;
-    let vm = restore_vm(&snap, &plan, mode, &args.serial).map_err(|e| crate::error_chain(&e))?;
+    let snap = load(&args.dir, key.as_ref())?;
+    let plan = authorize(&snap, &args.overrides())?;
+    let mode = memory_mode(&plan.devices, args.memory_mode)?;
+    let vm = restore_vm(&snap, &plan, mode, &args.serial)?;
     let sandbox_paths = SandboxPaths::for_restore(
         &args.dir,
         &args.serial,
@@ -138,15 +108,7 @@ pub fn restore(args: RestoreArgs, ready: impl FnOnce()) -> Result<RunOutcome, St
         description: snap.manifest.vm.clone(),
         sandbox_paths,
     };
-    run_vm(vm, &opts).map_err(|e| crate::error_chain(&e))
-}
-
-/// `skiff snapshot-verify DIR`
-#[derive(Debug, clap::Args)]
-pub struct VerifyArgs {
-    /// The snapshot directory (a diff's parents are checked too).
-    #[arg(value_name = "DIR")]
-    pub dir: PathBuf,
+    Ok(run_vm(vm, &opts)?)
 }
 
 /// Checks a snapshot against its manifest: one `skiff:` line on stderr per problem and exit 1,
@@ -161,44 +123,21 @@ pub fn snapshot_verify(args: VerifyArgs) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     for p in &problems {
-        eprintln!("skiff: {p}");
+        eprintln!("skiff: {}", crate::error_chain(p));
     }
     ExitCode::from(crate::exit_code::VMM_ERROR)
 }
 
-/// `skiff snapshot-merge DIFF [PARENT]`
-#[derive(Debug, clap::Args)]
-pub struct MergeArgs {
-    /// The diff snapshot to replace with the equivalent full snapshot.
-    #[arg(value_name = "DIFF")]
-    pub dir: PathBuf,
-    /// Its parent, when it no longer sits where the diff says (its checksum must still match).
-    #[arg(value_name = "PARENT")]
-    pub parent: Option<PathBuf>,
-}
-
 /// Folds a diff and its parents into a full snapshot in the diff's place; prints a JSON
-/// summary. The error is one line.
-pub fn snapshot_merge(args: MergeArgs) -> Result<(), String> {
+/// summary.
+pub fn snapshot_merge(args: MergeArgs) -> Result<(), CommandError> {
     let key = existing_key()?;
-    let report = crate::snapshot::chain::merge(&args.dir, args.parent.as_deref(), key.as_ref())
-        .map_err(|e| crate::error_chain(&e))?;
+    let report = crate::snapshot::merge::merge(&args.dir, args.parent.as_deref(), key.as_ref())?;
     println!(
         "{}",
-        serde_json::to_string(&report).map_err(|e| e.to_string())?
+        serde_json::to_string(&report).map_err(CommandError::Encode)?
     );
     Ok(())
-}
-
-/// `skiff snapshot-info DIR [--json]`
-#[derive(Debug, clap::Args)]
-pub struct InfoArgs {
-    /// The snapshot directory.
-    #[arg(value_name = "DIR")]
-    pub dir: PathBuf,
-    /// Print JSON instead of text.
-    #[arg(long)]
-    pub json: bool,
 }
 
 /// The facts `snapshot-info` shows, as JSON.
@@ -238,10 +177,10 @@ fn info_json(snap: &LoadedSnapshot) -> serde_json::Value {
     })
 }
 
-/// Prints what a snapshot holds and every host resource it names. The error is one line.
-pub fn snapshot_info(args: InfoArgs) -> Result<(), String> {
+/// Prints what a snapshot holds and every host resource it names.
+pub fn snapshot_info(args: InfoArgs) -> Result<(), CommandError> {
     let key = existing_key()?;
-    let snap = load(&args.dir, key.as_ref()).map_err(|e| crate::error_chain(&e))?;
+    let snap = load(&args.dir, key.as_ref())?;
     if args.json {
         println!("{}", info_json(&snap));
         return Ok(());
@@ -297,55 +236,6 @@ pub fn snapshot_info(args: InfoArgs) -> Result<(), String> {
         );
     }
     Ok(())
-}
-
-/// How long `skiff ctl` waits for an answer unless `--timeout` says otherwise.
-pub const CTL_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// `skiff ctl --api-socket PATH [--timeout SECONDS] ACTION`
-#[derive(Debug, clap::Args)]
-pub struct CtlArgs {
-    /// The running skiff's control socket (every action but `exec`).
-    #[arg(long, value_name = "PATH")]
-    pub api_socket: Option<PathBuf>,
-    /// Give up when the server has not answered within this many seconds (default 10). A
-    /// snapshot may take longer, as long as its progress is answered within this time.
-    #[arg(long, value_name = "SECONDS", value_parser = parse_timeout)]
-    pub timeout: Option<Duration>,
-    /// What to do.
-    #[command(subcommand)]
-    pub action: CtlAction,
-}
-
-/// The `ctl` actions.
-#[derive(Debug, clap::Subcommand)]
-pub enum CtlAction {
-    /// Print the VM's state.
-    Status,
-    /// Pause every vCPU.
-    Pause,
-    /// Resume a paused VM.
-    Resume,
-    /// End the VM.
-    Shutdown,
-    /// Write a snapshot to DIR (which must not exist).
-    Snapshot {
-        /// The snapshot directory to create.
-        #[arg(value_name = "DIR")]
-        dir: PathBuf,
-        /// End the VM once the snapshot is complete.
-        #[arg(long)]
-        stop: bool,
-        /// Copy memory while the guest runs; pause only for the last dirty pages and the state.
-        #[arg(long)]
-        live: bool,
-        /// Only the pages dirtied since this VM's previous snapshot, which becomes its parent.
-        #[arg(long)]
-        diff: bool,
-    },
-    /// Run a command through the guest agent of a VM started with `skiff run --agent`, and exit
-    /// with its status (docs/exec.md).
-    Exec(crate::exec::ctl::CtlExecArgs),
 }
 
 /// Sends the request, prints the JSON answer on stdout, and returns 0; on an error answer or

@@ -14,7 +14,8 @@
 //! - `sandbox`: per-thread seccomp filters, no_new_privs, dropped capabilities, closed inherited
 //!   descriptors, and `--sandbox` (Landlock).
 //! - `snapshot`: snapshot directories: manifest, state file, sparse memory files, restore.
-//! - `commands`: the `skiff restore` and `skiff ctl` subcommands.
+//! - `cli`: the command line: every subcommand's arguments and `--help` examples.
+//! - `commands`: the `skiff restore`, `snapshot-*` and `skiff ctl` subcommands.
 //! - `api`: the control API (HTTP + JSON on a Unix socket) and its `skiff ctl` client.
 //! - `exec`: `skiff exec`: boot with the guest agent, run one command, return its status.
 //! - `host_file`: opening command-line files without blocking, with their type checked.
@@ -35,6 +36,8 @@ pub mod api;
 pub mod boot;
 #[cfg(target_os = "linux")]
 pub mod builder;
+#[cfg(target_os = "linux")]
+pub mod cli;
 #[cfg(target_os = "linux")]
 pub mod commands;
 #[cfg(target_os = "linux")]

@@ -1,189 +1,18 @@
-//! The `skiff` command line: parses arguments into a `VmConfig`, builds and runs the VM, and
-//! turns the outcome into a documented exit code with a one-line report on stderr.
-
-// The argument structs' doc comments are the `--help` text, written for a terminal: option
-// syntax such as `[,id=NAME]` is not a rustdoc link.
-#![allow(rustdoc::broken_intra_doc_links)]
+//! The `skiff` binary: parses the command line (`vmm::cli`), builds and runs the VM or hands the
+//! subcommand to its code, and turns the outcome into a documented exit code with a one-line
+//! report on stderr.
 
 #[cfg(target_os = "linux")]
 mod cli {
     use std::ffi::OsString;
     use std::path::{Path, PathBuf};
     use std::process::ExitCode;
-    use std::time::Duration;
 
-    use clap::{Parser, Subcommand};
-    use vmm::config::{
-        parse_cpus, parse_timeout, DiskArg, MemoryArg, NetConfig, RngConfig, SerialConfig,
-        VhostUserArg, VmConfig, VsockConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY,
-    };
+    use clap::Parser;
+    use vmm::cli::{Cli, Command};
+    use vmm::config::VmConfig;
     use vmm::exit_code::ExitStatus;
     use vmm::exit_status_file;
-    use vmm::memory::backing::BackingKind;
-    use vmm::memory::MemoryConfig;
-
-    /// skiff: a small, fast KVM virtual machine monitor.
-    #[derive(Debug, Parser)]
-    #[command(name = "skiff", version, about, after_help = TOP_EXAMPLES)]
-    struct Cli {
-        #[command(subcommand)]
-        command: Command,
-    }
-
-    #[derive(Debug, Subcommand)]
-    enum Command {
-        /// Boot a kernel and run the VM until the guest ends.
-        #[command(after_help = RUN_EXAMPLES)]
-        Run(RunArgs),
-        /// Boot a kernel with skiff's guest agent, run CMD in the guest, and exit with its
-        /// status (docs/exec.md).
-        Exec(vmm::exec::ExecArgs),
-        /// Run a suite of tests in VMs, described in a TOML file (docs/test-runner.md).
-        Test(vmm::test_runner::TestArgs),
-        /// Restore a VM from a snapshot directory and run it until the guest ends.
-        #[command(after_help = RESTORE_EXAMPLES)]
-        Restore(vmm::commands::RestoreArgs),
-        /// Send a control request to a running skiff (its --api-socket) and print the answer.
-        #[command(after_help = CTL_EXAMPLES)]
-        Ctl(vmm::commands::CtlArgs),
-        /// Fold a diff snapshot and its parents into a full snapshot, in the diff's place.
-        #[command(after_help = MERGE_EXAMPLES)]
-        SnapshotMerge(vmm::commands::MergeArgs),
-        /// Check a snapshot's files against its manifest (sizes, state CRC, memory checksums).
-        SnapshotVerify(vmm::commands::VerifyArgs),
-        /// Show what a snapshot holds and every host resource it names.
-        SnapshotInfo(vmm::commands::InfoArgs),
-        /// Serve a raw disk file as a vhost-user-blk backend on a Unix socket.
-        #[command(after_help = VHOST_USER_BLK_EXAMPLES)]
-        VhostUserBlk(vmm::vhost_user_blk::VhostUserBlkArgs),
-    }
-
-    const TOP_EXAMPLES: &str = "Examples:
-  skiff run --kernel vmlinux --cpus 2 --memory size=1G --disk path=disk.img
-  skiff run --kernel bzImage --initrd initrd.cpio --cmdline 'console=ttyS0 quiet' --timeout 60
-  skiff run --kernel vmlinux --api-socket /tmp/vm.sock &
-  skiff ctl --api-socket /tmp/vm.sock snapshot /var/tmp/snap1 --stop
-  skiff restore /var/tmp/snap1
-
-Documentation: README.md and docs/ in the source tree.";
-
-    const RUN_EXAMPLES: &str = "Examples:
-  skiff run --kernel vmlinux
-  skiff run --kernel vmlinux --cpus 4 --memory size=4G,file=/var/tmp/ram.img --serial file=console.log
-  skiff run --kernel bzImage --initrd initrd.cpio --disk path=root.img,id=root --net tap=tap0
-  skiff run --kernel vmlinux --vhost-user type=fs,socket=/tmp/vfs.sock,tag=share
-  skiff run --kernel vmlinux --api-socket /tmp/vm.sock --timeout 30
-
-Exit code: the guest's debug-exit byte, 0 on poweroff, 1 when skiff fails, 2 for a bad command
-line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N signal N.";
-
-    const RESTORE_EXAMPLES: &str = "Examples:
-  skiff restore /var/tmp/snap1
-  skiff restore /var/tmp/snap1 --memory-mode copy --api-socket /tmp/vm2.sock
-  skiff restore /var/tmp/snap1 --serial file=console.log --timeout 10";
-
-    const CTL_EXAMPLES: &str = "Examples:
-  skiff ctl --api-socket /tmp/vm.sock status
-  skiff ctl --api-socket /tmp/vm.sock pause
-  skiff ctl --api-socket /tmp/vm.sock snapshot /var/tmp/snap1 --live
-  skiff ctl --api-socket /tmp/vm.sock snapshot /var/tmp/snap2 --diff
-  skiff ctl --api-socket /tmp/vm.sock shutdown";
-
-    const MERGE_EXAMPLES: &str = "Examples:
-  skiff snapshot-merge /var/tmp/snap2
-  skiff snapshot-merge /var/tmp/snap2 /mnt/moved/snap1";
-
-    const VHOST_USER_BLK_EXAMPLES: &str = "Examples:
-  skiff vhost-user-blk --socket /tmp/blk.sock --disk disk.img
-  skiff vhost-user-blk --socket /tmp/blk.sock --disk disk.img --readonly --once
-  skiff run --kernel vmlinux --vhost-user type=blk,socket=/tmp/blk.sock";
-
-    #[derive(Debug, clap::Args)]
-    struct RunArgs {
-        /// Kernel image: an ELF vmlinux (booted through PVH when it has the PVH note) or a bzImage.
-        #[arg(long, value_name = "PATH")]
-        kernel: PathBuf,
-        /// Initial ramdisk.
-        #[arg(long, value_name = "PATH")]
-        initrd: Option<PathBuf>,
-        /// Kernel command line.
-        #[arg(long, value_name = "STRING", default_value = DEFAULT_CMDLINE)]
-        cmdline: String,
-        /// Number of vCPUs.
-        #[arg(long, value_name = "N", default_value = "1", value_parser = parse_cpus)]
-        cpus: u32,
-        /// Guest RAM: size=SIZE[,file=PATH][,hugepages=on][,prealloc=on][,shared-with-snapshot=on]
-        /// (default 256M, sealed memfd).
-        #[arg(long, value_name = "SPEC")]
-        memory: Option<MemoryArg>,
-        /// Serial port (COM1) output: stdio, file=PATH or off.
-        #[arg(long, value_name = "MODE", default_value = "stdio")]
-        serial: SerialConfig,
-        /// End the guest after this many seconds (exit code 124).
-        #[arg(long, value_name = "SECONDS", value_parser = parse_timeout)]
-        timeout: Option<Duration>,
-        /// Serve the control API (HTTP + JSON) on this Unix socket, created owner-only.
-        #[arg(long, value_name = "PATH")]
-        api_socket: Option<PathBuf>,
-        /// virtio-blk on a raw file or block device:
-        /// path=FILE[,readonly=on][,id=NAME][,queues=N][,io=auto|uring|threads] (repeatable).
-        #[arg(long = "disk", value_name = "SPEC")]
-        disks: Vec<DiskArg>,
-        /// virtio-net on a host tap: tap=NAME[,mac=MAC] (the tap is created if missing; repeatable).
-        #[arg(long = "net", value_name = "SPEC")]
-        nets: Vec<NetConfig>,
-        /// Add a virtio console (hvc0; put console=hvc0 in --cmdline to make it the kernel's).
-        /// Its output goes to stdout, and stdin feeds it instead of the serial port (which
-        /// still prints).
-        #[arg(long)]
-        console: bool,
-        /// Add a virtio-rng device fed from the host's getrandom (repeatable).
-        #[arg(long, action = clap::ArgAction::Count)]
-        rng: u8,
-        /// A virtio device served by a vhost-user backend process:
-        /// type=blk|fs|net|vsock|rng|generic,socket=PATH[,queues=N][,tag=TAG][,reconnect=SECONDS]
-        /// (repeatable).
-        #[arg(long = "vhost-user", value_name = "SPEC")]
-        vhost_user: Vec<VhostUserArg>,
-        /// Boot with skiff's guest agent as PID 1 (its initramfs before any --initrd), listening
-        /// on vsock port 1024 for `skiff ctl exec`; needs --vsock (docs/exec.md).
-        #[arg(long)]
-        agent: bool,
-        /// Write how skiff ended (reason, exit code, detail) to this file as JSON, atomically.
-        #[arg(long, value_name = "PATH")]
-        exit_status_file: Option<PathBuf>,
-        /// virtio-vsock in process: cid=N,socket=PATH. Host programs connect to PATH and write
-        /// "CONNECT PORT\n"; guest connections to port P go to the Unix socket PATH_P.
-        #[arg(long, value_name = "SPEC")]
-        vsock: Option<VsockConfig>,
-        #[command(flatten)]
-        sandbox: vmm::sandbox::SandboxArgs,
-    }
-
-    impl RunArgs {
-        fn into_config(self) -> VmConfig {
-            VmConfig {
-                kernel: self.kernel,
-                initrd: self.initrd,
-                cmdline: self.cmdline,
-                cpus: self.cpus,
-                memory: self.memory.map(|m| m.0).unwrap_or(MemoryConfig {
-                    size: DEFAULT_MEMORY,
-                    backing: BackingKind::Memfd,
-                    prealloc: false,
-                    shared_with_snapshot: false,
-                }),
-                serial: self.serial,
-                timeout: self.timeout,
-                disks: self.disks.into_iter().map(|d| d.0).collect(),
-                nets: self.nets,
-                console: self.console,
-                rngs: RngConfig::repeated(self.rng),
-                vhost_user: self.vhost_user.into_iter().map(|v| v.0).collect(),
-                vsock: self.vsock,
-            }
-        }
-    }
 
     pub fn main() -> ExitCode {
         // No option passes skiff a descriptor: everything beyond stdio was inherited by accident.
@@ -270,7 +99,7 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
                 };
                 let (status, teardown) = match vmm::commands::restore(args, || watch.stop()) {
                     Ok(outcome) => outcome_status(outcome),
-                    Err(e) => (ExitStatus::error(e), None),
+                    Err(e) => (ExitStatus::error(vmm::error_chain(&e)), None),
                 };
                 finish(status_file.as_deref(), &status, teardown)
             }
@@ -281,11 +110,11 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
             Command::SnapshotVerify(args) => vmm::commands::snapshot_verify(args),
             Command::SnapshotMerge(args) => match vmm::commands::snapshot_merge(args) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) => finish(None, &ExitStatus::error(e), None),
+                Err(e) => finish(None, &ExitStatus::error(vmm::error_chain(&e)), None),
             },
             Command::SnapshotInfo(args) => match vmm::commands::snapshot_info(args) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) => finish(None, &ExitStatus::error(e), None),
+                Err(e) => finish(None, &ExitStatus::error(vmm::error_chain(&e)), None),
             },
         }
     }
@@ -436,6 +265,10 @@ line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N si
     #[cfg(test)]
     mod examples {
         use super::*;
+        use vmm::cli::{
+            CTL_EXAMPLES, MERGE_EXAMPLES, RESTORE_EXAMPLES, RUN_EXAMPLES, TOP_EXAMPLES,
+            VHOST_USER_BLK_EXAMPLES,
+        };
 
         /// Splits one shell line into words: whitespace separates, single quotes group.
         fn words(line: &str) -> Vec<String> {

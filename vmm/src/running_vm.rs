@@ -347,7 +347,11 @@ impl RunningVm {
                     let at = f
                         .mapped_bar()
                         .map_or_else(|| "unmapped".into(), |b| format!("at {b:#x}"));
-                    missing.push(format!("virtio {} (BAR {at}): {why}", f.name()));
+                    missing.push(format!(
+                        "virtio {} (BAR {at}): {}",
+                        f.name(),
+                        crate::error_chain(&why)
+                    ));
                 }
             }
         }

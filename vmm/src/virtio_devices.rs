@@ -13,21 +13,59 @@
 use std::sync::{Arc, Mutex};
 
 use devices::persist::Persist;
-use devices::vhost_user::{VhostUserDevice, VhostUserState};
-use devices::virtio::blk::{BlkState, VirtioBlk};
-use devices::virtio::console::{ConsoleInput, ConsoleState, VirtioConsole};
-use devices::virtio::net::{NetState, VirtioNet};
+use devices::vhost_user::{VhostUserDevice, VhostUserError, VhostUserState};
+use devices::virtio::blk::{BlkError, BlkState, VirtioBlk};
+use devices::virtio::console::{ConsoleError, ConsoleInput, ConsoleState, VirtioConsole};
+use devices::virtio::net::{NetError, NetState, VirtioNet};
 use devices::virtio::rng::{RngState, VirtioRng};
 use devices::virtio::transport::VirtioPciState;
-use devices::virtio::vsock::{VirtioVsock, VsockState};
+use devices::virtio::vsock::{VirtioVsock, VsockError, VsockState};
 use devices::virtio::VirtioDevice;
 use event_manager::{MutEventSubscriber, RemoteEndpoint};
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
-use crate::builder::BuildError;
 use crate::config::VmConfig;
 use crate::guest_output::GuestOutputs;
 use crate::memory::GuestRam;
+
+/// Why a virtio device could not be built, from the command line or from its saved state.
+#[derive(Debug, Error)]
+pub enum DeviceError {
+    /// A `--disk` could not be opened (missing, wrong type or size, locked).
+    #[error(transparent)]
+    Disk(#[from] BlkError),
+    /// A `--net` device could not be set up (its tap, its MAC).
+    #[error(transparent)]
+    Net(#[from] NetError),
+    /// A `--vhost-user` backend could not be reached or refused the set-up (boxed: large).
+    #[error(transparent)]
+    VhostUser(Box<VhostUserError>),
+    /// Guest memory cannot be shared with a vhost-user backend.
+    #[error(transparent)]
+    ShareMemory(#[from] crate::memory::share::ShareError),
+    /// The `--console` device could not be set up.
+    #[error(transparent)]
+    Console(#[from] ConsoleError),
+    /// The `--vsock` device could not be set up (its socket).
+    #[error(transparent)]
+    Vsock(#[from] VsockError),
+    /// The writer thread for the console's output could not be started.
+    #[error("cannot start the guest output writer")]
+    OutputWriter(#[source] std::io::Error),
+}
+
+impl From<VhostUserError> for DeviceError {
+    fn from(e: VhostUserError) -> Self {
+        Self::VhostUser(Box::new(e))
+    }
+}
+
+impl From<std::convert::Infallible> for DeviceError {
+    fn from(never: std::convert::Infallible) -> Self {
+        match never {}
+    }
+}
 
 /// One virtio device's own state: what it is and what it needs to be built again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,7 +119,7 @@ pub(crate) struct DeviceContext<'a> {
 impl VirtioDeviceState {
     /// The devices `cfg` asks for, in bus order: disks, rngs, nets, vhost-user devices, vsock,
     /// console. A net device without `mac=` gets its random address here.
-    pub fn from_config(cfg: &VmConfig) -> Result<Vec<Self>, BuildError> {
+    pub fn from_config(cfg: &VmConfig) -> Result<Vec<Self>, DeviceError> {
         let mut list: Vec<Self> = cfg
             .disks
             .iter()
@@ -113,7 +151,7 @@ impl VirtioDeviceState {
         &self,
         origin: Origin,
         ctx: &mut DeviceContext<'_>,
-    ) -> Result<Box<dyn VirtioDevice>, BuildError> {
+    ) -> Result<Box<dyn VirtioDevice>, DeviceError> {
         Ok(match self {
             Self::Blk(s) => Box::new(VirtioBlk::restore((), s)?),
             Self::Rng(s) => {
@@ -122,7 +160,7 @@ impl VirtioDeviceState {
             }
             Self::Net(s) => Box::new(VirtioNet::restore((), s)?),
             Self::Console(s) => {
-                let stdout = ctx.outputs.stdout().map_err(BuildError::OutputWriter)?;
+                let stdout = ctx.outputs.stdout().map_err(DeviceError::OutputWriter)?;
                 let console = VirtioConsole::restore(Box::new(stdout), s)?;
                 ctx.console_input = Some(console.input());
                 Box::new(console)

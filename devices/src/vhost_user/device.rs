@@ -47,7 +47,8 @@ use super::reconnect::{watch, Reconnector};
 use super::session::{bring_up, retarget_calls, ActiveRings, Base, Handler, Ring, Session, Shared};
 use crate::error_chain;
 use crate::virtio::device::{
-    ActivateContext, ActivateError, DeviceDirtyLog, EventLoop, QueueProgress, VirtioDevice,
+    ActivateContext, ActivateError, DeviceDirtyLog, DirtyLogError, EventLoop, QueueProgress,
+    VirtioDevice,
 };
 use crate::virtio::subscription::LoopSubscription;
 
@@ -447,11 +448,12 @@ impl VirtioDevice for VhostUserDevice {
         })
     }
 
-    fn dirty_log(&self) -> Result<Arc<dyn DeviceDirtyLog>, String> {
+    fn dirty_log(&self) -> Result<Arc<dyn DeviceDirtyLog>, DirtyLogError> {
         match self.log_missing {
-            Some(missing) => Err(format!(
-                "its vhost-user backend keeps no dirty log (it lacks {missing})"
-            )),
+            Some(missing) => Err(DirtyLogError::BackendLacks {
+                backend: "vhost-user backend",
+                missing,
+            }),
             None => Ok(self.dirty_log.clone()),
         }
     }

@@ -7,13 +7,30 @@
 //! session holds the buffer. Off: the same messages without the log. The buffer stays readable
 //! after `stop` until the next `start`, so a last `take` still sees the final writes.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
+
+use thiserror::Error;
 
 use super::connection::VhostUserError;
 use super::dirty_log::LogBuffer;
 use super::session::{ring_setup, Shared};
 use crate::error_chain;
-use crate::virtio::device::DeviceDirtyLog;
+use crate::virtio::device::{DeviceDirtyLog, DirtyLogError};
+
+/// Why a backend's dirty log could not be switched on.
+#[derive(Debug, Error)]
+pub enum LogStartError {
+    /// The shared log buffer could not be created.
+    #[error("cannot create the dirty log")]
+    Buffer(#[source] std::io::Error),
+    /// No backend is connected.
+    #[error("the backend at {} is disconnected", .0.display())]
+    Disconnected(PathBuf),
+    /// The backend refused the log.
+    #[error(transparent)]
+    Backend(#[from] VhostUserError),
+}
 
 /// A vhost-user device's dirty log, driven by a live snapshot.
 pub(super) struct BackendDirtyLog {
@@ -28,6 +45,25 @@ impl BackendDirtyLog {
             shared,
             buffer: Mutex::new(None),
         }
+    }
+
+    /// Creates the log buffer, hands it to the backend and logs the running rings.
+    fn try_start(&self, ram_end: u64) -> Result<(), LogStartError> {
+        let buffer = LogBuffer::new(ram_end)
+            .map(Arc::new)
+            .map_err(LogStartError::Buffer)?;
+        {
+            let mut session = self.shared.lock();
+            let conn = session
+                .conn
+                .as_mut()
+                .filter(|_| !self.shared.is_disconnected())
+                .ok_or_else(|| LogStartError::Disconnected(self.shared.path.clone()))?;
+            conn.set_log_base(&buffer)?;
+            session.log = Some(buffer.clone());
+        }
+        *self.buffer.lock().unwrap_or_else(PoisonError::into_inner) = Some(buffer);
+        Ok(self.switch_rings(true)?)
     }
 
     /// Sends the features and ring addresses of the driver's running rings, logged or not.
@@ -50,30 +86,11 @@ impl BackendDirtyLog {
 }
 
 impl DeviceDirtyLog for BackendDirtyLog {
-    fn start(&self, ram_end: u64) -> Result<(), String> {
-        let name = self.shared.name;
-        let buffer = LogBuffer::new(ram_end)
-            .map(Arc::new)
-            .map_err(|e| format!("virtio {name}: cannot create the dirty log: {e}"))?;
-        {
-            let mut session = self.shared.lock();
-            let conn = session
-                .conn
-                .as_mut()
-                .filter(|_| !self.shared.is_disconnected())
-                .ok_or_else(|| {
-                    format!(
-                        "virtio {name}: the backend at {} is disconnected",
-                        self.shared.path.display()
-                    )
-                })?;
-            conn.set_log_base(&buffer)
-                .map_err(|e| format!("virtio {name}: {}", error_chain(&e)))?;
-            session.log = Some(buffer.clone());
-        }
-        *self.buffer.lock().unwrap_or_else(PoisonError::into_inner) = Some(buffer);
-        self.switch_rings(true)
-            .map_err(|e| format!("virtio {name}: {}", error_chain(&e)))
+    fn start(&self, ram_end: u64) -> Result<(), DirtyLogError> {
+        self.try_start(ram_end).map_err(|e| DirtyLogError::Start {
+            device: self.shared.name,
+            source: Box::new(e),
+        })
     }
 
     fn take(&self, page: &mut dyn FnMut(u64)) {

@@ -163,8 +163,8 @@ pub trait VirtioDevice: Send + AsAny {
     }
     /// For a device with `untracked_writes`: its own log of the guest pages it writes, if it
     /// can keep one (a live snapshot then follows its writes); `Err` says why it cannot.
-    fn dirty_log(&self) -> Result<Arc<dyn DeviceDirtyLog>, String> {
-        Err("it keeps no dirty log".into())
+    fn dirty_log(&self) -> Result<Arc<dyn DeviceDirtyLog>, DirtyLogError> {
+        Err(DirtyLogError::NotKept)
     }
     /// The guest masked, unmasked, enabled or disabled MSI-X vectors: a device that handed
     /// `DeviceSignals::queue_irqfd` eventfds to another process asks again. Called on a vCPU
@@ -185,11 +185,36 @@ impl<T: Any> AsAny for T {
     }
 }
 
+/// Why a device has no dirty log of its own, or why its log could not be started.
+#[derive(Debug, Error)]
+pub enum DirtyLogError {
+    /// The device keeps no log of the pages it writes.
+    #[error("it keeps no dirty log")]
+    NotKept,
+    /// The device's backend lacks a feature a log needs.
+    #[error("its {backend} keeps no dirty log (it lacks {missing})")]
+    BackendLacks {
+        /// What the backend is.
+        backend: &'static str,
+        /// The missing feature(s).
+        missing: &'static str,
+    },
+    /// Starting the log failed.
+    #[error("virtio {device}")]
+    Start {
+        /// The device's name.
+        device: &'static str,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
 /// A device's own record of the guest pages it writes (a vhost-user backend's dirty log),
 /// driven by a live snapshot from its own thread.
 pub trait DeviceDirtyLog: Send + Sync {
     /// Starts logging every page the device writes in guest memory `[0, ram_end)`.
-    fn start(&self, ram_end: u64) -> Result<(), String>;
+    fn start(&self, ram_end: u64) -> Result<(), DirtyLogError>;
     /// Calls `page` with the guest-physical address of each page logged since the last call
     /// (all below `ram_end`), and clears them.
     fn take(&self, page: &mut dyn FnMut(u64));

@@ -43,12 +43,33 @@ pub enum ClientError {
         after: Duration,
     },
     /// The answer is not HTTP.
-    #[error("malformed answer from {path}: {reason}")]
-    Malformed {
+    #[error("malformed answer from {path}")]
+    NotHttp {
         /// The socket path.
         path: PathBuf,
-        /// What was wrong.
-        reason: String,
+        /// What the parser refused.
+        #[source]
+        source: httparse::Error,
+    },
+    /// The answer ended before its headers did.
+    #[error("malformed answer from {path}: incomplete ({len} bytes)")]
+    Incomplete {
+        /// The socket path.
+        path: PathBuf,
+        /// The bytes received.
+        len: usize,
+    },
+    /// The answer has no status code.
+    #[error("malformed answer from {path}: no status code")]
+    NoStatus {
+        /// The socket path.
+        path: PathBuf,
+    },
+    /// The thread waiting for the answer panicked.
+    #[error("no answer from {path}: the request thread panicked")]
+    RequestPanicked {
+        /// The socket path.
+        path: PathBuf,
     },
 }
 
@@ -115,28 +136,34 @@ pub fn request(
     let mut answer = Vec::new();
     // On an error (a reset after the answer) the bytes read so far are kept in `answer`.
     let received = stream.read_to_end(&mut answer);
-    if let Ok(parsed) = parse_response(&answer) {
+    if let Ok(parsed) = parse_response(&answer, socket) {
         return Ok(parsed);
     }
     sent.map_err(io)?;
     received.map_err(io)?;
-    parse_response(&answer).map_err(|reason| ClientError::Malformed {
-        path: socket.to_path_buf(),
-        reason,
-    })
+    parse_response(&answer, socket)
 }
 
-fn parse_response(bytes: &[u8]) -> Result<(u16, String), String> {
+/// The status and body of the answer `bytes` that came from `socket`.
+fn parse_response(bytes: &[u8], socket: &Path) -> Result<(u16, String), ClientError> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut resp = httparse::Response::new(&mut headers);
     match resp.parse(bytes) {
         Ok(httparse::Status::Complete(n)) => {
-            let status = resp.code.ok_or("no status code")?;
+            let status = resp.code.ok_or_else(|| ClientError::NoStatus {
+                path: socket.to_path_buf(),
+            })?;
             let body = String::from_utf8_lossy(&bytes[n..]).trim_end().to_string();
             Ok((status, body))
         }
-        Ok(httparse::Status::Partial) => Err(format!("incomplete ({} bytes)", bytes.len())),
-        Err(e) => Err(e.to_string()),
+        Ok(httparse::Status::Partial) => Err(ClientError::Incomplete {
+            path: socket.to_path_buf(),
+            len: bytes.len(),
+        }),
+        Err(source) => Err(ClientError::NotHttp {
+            path: socket.to_path_buf(),
+            source,
+        }),
     }
 }
 
@@ -158,11 +185,17 @@ mod tests {
     #[test]
     fn parses_the_server_s_responses() {
         let r = crate::api::http::response(200, r#"{"state":"paused"}"#);
+        let socket = Path::new("/run/skiff.sock");
         assert_eq!(
-            parse_response(&r),
-            Ok((200, r#"{"state":"paused"}"#.into()))
+            parse_response(&r, socket).unwrap(),
+            (200, r#"{"state":"paused"}"#.into())
         );
-        assert!(parse_response(b"HTTP/1.1 20").is_err());
+        let e = parse_response(b"HTTP/1.1 20", socket).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("malformed answer from /run/skiff.sock"),
+            "{e}"
+        );
         assert_eq!(
             error_line(409, r#"{"error":"a snapshot is already being written"}"#),
             "a snapshot is already being written (HTTP 409)"

@@ -67,9 +67,8 @@ pub fn snapshot_with_progress(
         }
     }
     let result = answer.join().unwrap_or_else(|_| {
-        Err(ClientError::Malformed {
+        Err(ClientError::RequestPanicked {
             path: socket.to_path_buf(),
-            reason: "the request thread panicked".into(),
         })
     });
     match &result {

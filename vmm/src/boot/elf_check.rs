@@ -11,6 +11,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use arch::layout::{RamRange, HIGH_MEMORY_START, HIGH_RAM_START, MMIO_HOLE_START};
+use thiserror::Error;
 
 /// Size of an `Elf64_Ehdr`.
 const EHDR_SIZE: usize = 64;
@@ -22,6 +23,85 @@ const ELFCLASS64: u8 = 2;
 const EM_X86_64: u16 = 62;
 /// A loadable segment.
 const PT_LOAD: u32 = 1;
+
+/// Why an ELF kernel image is refused, with the offending values.
+#[derive(Debug, Error)]
+pub enum ElfError {
+    /// The ELF header cannot be read.
+    #[error("cannot read the {EHDR_SIZE}-byte ELF header")]
+    ReadHeader(#[source] std::io::Error),
+    /// Not a 64-bit image.
+    #[error("ELF class (EI_CLASS) is {0}, not {ELFCLASS64} (64-bit)")]
+    Class(u8),
+    /// Not an x86-64 image.
+    #[error("ELF machine (e_machine) is {0}, not {EM_X86_64} (x86-64)")]
+    Machine(u16),
+    /// Program headers of another size.
+    #[error("program header size (e_phentsize) is {0}, not {PHDR_SIZE}")]
+    ProgramHeaderSize(u16),
+    /// The program headers cannot be read.
+    #[error("cannot read {count} program headers at offset {offset:#x}")]
+    ReadProgramHeaders {
+        /// How many the header announces.
+        count: u16,
+        /// Where they would be.
+        offset: u64,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A segment wraps the address space.
+    #[error("PT_LOAD segment {index} at {start:#x} ({len:#x} bytes) wraps the address space")]
+    Wraps {
+        /// The segment's index.
+        index: usize,
+        /// Its physical address.
+        start: u64,
+        /// Its size.
+        len: u64,
+    },
+    /// A segment overlaps the boot structures.
+    #[error(
+        "PT_LOAD segment {index} at {start:#x}..{end:#x} overlaps the boot structures below \
+         {HIGH_MEMORY_START:#x}"
+    )]
+    BootStructures {
+        /// The segment's index.
+        index: usize,
+        /// Its physical address.
+        start: u64,
+        /// Its end.
+        end: u64,
+    },
+    /// A segment overlaps the MMIO hole.
+    #[error(
+        "PT_LOAD segment {index} at {start:#x}..{end:#x} overlaps the MMIO hole \
+         {MMIO_HOLE_START:#x}..{HIGH_RAM_START:#x}"
+    )]
+    MmioHole {
+        /// The segment's index.
+        index: usize,
+        /// Its physical address.
+        start: u64,
+        /// Its end.
+        end: u64,
+    },
+    /// A segment lies outside guest RAM.
+    #[error(
+        "PT_LOAD segment {index} at {start:#x}..{end:#x} lies beyond guest RAM (which ends at \
+         {ram_end:#x})"
+    )]
+    BeyondRam {
+        /// The segment's index.
+        index: usize,
+        /// Its physical address.
+        start: u64,
+        /// Its end.
+        end: u64,
+        /// Where guest RAM ends.
+        ram_end: u64,
+    },
+}
 
 fn u16_at(b: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([b[at], b[at + 1]])
@@ -37,35 +117,31 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(v)
 }
 
-/// Checks the ELF image in `file` against guest RAM laid out as `ram`. The error is the reason
-/// in words, with the offending values.
-pub fn check_elf(file: &File, ram: &[RamRange]) -> Result<(), String> {
+/// Checks the ELF image in `file` against guest RAM laid out as `ram`.
+pub fn check_elf(file: &File, ram: &[RamRange]) -> Result<(), ElfError> {
     let mut ehdr = [0u8; EHDR_SIZE];
     file.read_exact_at(&mut ehdr, 0)
-        .map_err(|e| format!("cannot read the {EHDR_SIZE}-byte ELF header: {e}"))?;
+        .map_err(ElfError::ReadHeader)?;
     if ehdr[4] != ELFCLASS64 {
-        return Err(format!(
-            "ELF class (EI_CLASS) is {}, not {ELFCLASS64} (64-bit)",
-            ehdr[4]
-        ));
+        return Err(ElfError::Class(ehdr[4]));
     }
     let machine = u16_at(&ehdr, 18);
     if machine != EM_X86_64 {
-        return Err(format!(
-            "ELF machine (e_machine) is {machine}, not {EM_X86_64} (x86-64)"
-        ));
+        return Err(ElfError::Machine(machine));
     }
     let phoff = u64_at(&ehdr, 32);
     let phentsize = u16_at(&ehdr, 54);
     let phnum = u16_at(&ehdr, 56);
     if usize::from(phentsize) != PHDR_SIZE {
-        return Err(format!(
-            "program header size (e_phentsize) is {phentsize}, not {PHDR_SIZE}"
-        ));
+        return Err(ElfError::ProgramHeaderSize(phentsize));
     }
     let mut table = vec![0u8; usize::from(phnum) * PHDR_SIZE];
     file.read_exact_at(&mut table, phoff)
-        .map_err(|e| format!("cannot read {phnum} program headers at offset {phoff:#x}: {e}"))?;
+        .map_err(|source| ElfError::ReadProgramHeaders {
+            count: phnum,
+            offset: phoff,
+            source,
+        })?;
     for (i, phdr) in table.chunks_exact(PHDR_SIZE).enumerate() {
         if u32_at(phdr, 0) != PT_LOAD {
             continue;
@@ -81,28 +157,24 @@ pub fn check_elf(file: &File, ram: &[RamRange]) -> Result<(), String> {
 }
 
 /// Checks one `PT_LOAD` segment `[start, start + len)`.
-fn check_segment(index: usize, start: u64, len: u64, ram: &[RamRange]) -> Result<(), String> {
+fn check_segment(index: usize, start: u64, len: u64, ram: &[RamRange]) -> Result<(), ElfError> {
     let Some(end) = start.checked_add(len) else {
-        return Err(format!(
-            "PT_LOAD segment {index} at {start:#x} ({len:#x} bytes) wraps the address space"
-        ));
+        return Err(ElfError::Wraps { index, start, len });
     };
-    let shown = format!("PT_LOAD segment {index} at {start:#x}..{end:#x}");
     if start < HIGH_MEMORY_START {
-        return Err(format!(
-            "{shown} overlaps the boot structures below {HIGH_MEMORY_START:#x}"
-        ));
+        return Err(ElfError::BootStructures { index, start, end });
     }
     if start < HIGH_RAM_START && end > MMIO_HOLE_START {
-        return Err(format!(
-            "{shown} overlaps the MMIO hole {MMIO_HOLE_START:#x}..{HIGH_RAM_START:#x}"
-        ));
+        return Err(ElfError::MmioHole { index, start, end });
     }
     if !ram.iter().any(|r| start >= r.start && end <= r.end()) {
         let ram_end = ram.iter().map(RamRange::end).max().unwrap_or(0);
-        return Err(format!(
-            "{shown} lies beyond guest RAM (which ends at {ram_end:#x})"
-        ));
+        return Err(ElfError::BeyondRam {
+            index,
+            start,
+            end,
+            ram_end,
+        });
     }
     Ok(())
 }
@@ -138,10 +210,11 @@ pub(crate) mod tests {
         b
     }
 
+    /// The check's verdict, with the whole error chain as one line.
     fn check(bytes: &[u8], ram: &[RamRange]) -> Result<(), String> {
         let mut f = tempfile::tempfile().unwrap();
         f.write_all(bytes).unwrap();
-        check_elf(&f, ram)
+        check_elf(&f, ram).map_err(|e| crate::error_chain(&e))
     }
 
     const RAM_256M: &[RamRange] = &[RamRange {

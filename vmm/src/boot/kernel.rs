@@ -44,6 +44,15 @@ pub enum KernelError {
         /// Hex of the first bytes.
         head: String,
     },
+    /// The ELF image does not fit guest memory.
+    #[error("kernel image {path}: cannot load ELF")]
+    Elf {
+        /// The path.
+        path: PathBuf,
+        /// What is wrong with it (boxed: it carries a segment's values).
+        #[source]
+        source: Box<super::elf_check::ElfError>,
+    },
     /// linux-loader rejected the image.
     #[error("kernel image {path}: cannot load {format}: {reason}")]
     Load {
@@ -134,10 +143,9 @@ pub fn load_kernel(
     };
     match detect(path, &mut file)? {
         Format::Elf => {
-            check_elf(&file, ram).map_err(|reason| KernelError::Load {
+            check_elf(&file, ram).map_err(|e| KernelError::Elf {
                 path: path.to_path_buf(),
-                format: "ELF",
-                reason,
+                source: Box::new(e),
             })?;
             let r = Elf::load(mem, None, &mut file, high).map_err(|e| load_err("ELF", e))?;
             let entry = match r.pvh_boot_cap {
@@ -184,13 +192,13 @@ mod tests {
     fn a_32_bit_class_byte_or_a_low_segment_is_refused_before_loading() {
         use super::super::elf_check::tests::elf;
         let f = file_with(&elf(1, 62, &[]));
-        let msg = load_kernel(&mem(), RAM, f.path()).unwrap_err().to_string();
+        let msg = crate::error_chain(&load_kernel(&mem(), RAM, f.path()).unwrap_err());
         assert!(
             msg.contains("cannot load ELF: ELF class (EI_CLASS) is 1"),
             "{msg}"
         );
         let f = file_with(&elf(2, 62, &[(1, 0x9000, 0x1000)]));
-        let msg = load_kernel(&mem(), RAM, f.path()).unwrap_err().to_string();
+        let msg = crate::error_chain(&load_kernel(&mem(), RAM, f.path()).unwrap_err());
         assert!(msg.contains("overlaps the boot structures"), "{msg}");
     }
 
@@ -212,14 +220,14 @@ mod tests {
     #[test]
     fn empty_file_is_rejected() {
         let f = file_with(b"");
-        let msg = load_kernel(&mem(), RAM, f.path()).unwrap_err().to_string();
+        let msg = crate::error_chain(&load_kernel(&mem(), RAM, f.path()).unwrap_err());
         assert!(msg.contains("empty"), "{msg}");
     }
 
     #[test]
     fn truncated_elf_is_rejected() {
         let f = file_with(b"\x7fELF\x02\x01\x01\x00");
-        let msg = load_kernel(&mem(), RAM, f.path()).unwrap_err().to_string();
+        let msg = crate::error_chain(&load_kernel(&mem(), RAM, f.path()).unwrap_err());
         assert!(msg.contains("cannot load ELF"), "{msg}");
     }
 
@@ -228,7 +236,7 @@ mod tests {
         let mut image = vec![0u8; 0x210];
         image[0x202..0x206].copy_from_slice(b"HdrS");
         let f = file_with(&image);
-        let msg = load_kernel(&mem(), RAM, f.path()).unwrap_err().to_string();
+        let msg = crate::error_chain(&load_kernel(&mem(), RAM, f.path()).unwrap_err());
         assert!(msg.contains("cannot load bzImage"), "{msg}");
     }
 

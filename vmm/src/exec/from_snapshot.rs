@@ -23,7 +23,7 @@ use super::{command_spec, run_session, setup_failed, ExecArgs, Failure, RunDir};
 use crate::config::SerialConfig;
 use crate::exit_code;
 use crate::snapshot::authorize::{authorize, ResourceOverrides};
-use crate::snapshot::resources::HostResource;
+use crate::snapshot::host_resource::HostResource;
 use crate::snapshot::restore::{load, memory_mode, restore_vm, MemoryMode};
 
 /// virtio's `DRIVER_OK` device status bit.
@@ -41,7 +41,7 @@ fn unusable(line: String) -> Failure {
 
 /// Restores `dir` and runs `args.command` in it; the exit code as `skiff exec` gives it.
 pub(super) fn run(args: &ExecArgs, dir: &Path, env: Vec<Vec<u8>>) -> Result<u8, Failure> {
-    let key = crate::commands::existing_key().map_err(setup_failed)?;
+    let key = crate::commands::existing_key().map_err(|e| setup_failed(crate::error_chain(&e)))?;
     let snap = load(dir, key.as_ref()).map_err(|e| {
         unusable(format!(
             "--snapshot {}: not a snapshot skiff can restore: {}",

@@ -13,7 +13,7 @@ pub mod kvm;
 pub mod state;
 pub mod whp;
 
-/// A failed hypervisor operation: which operation, and the OS error.
+/// A failed hypervisor operation, naming the values it failed on (slot, GSI, MSR, ioctl).
 #[derive(Debug, Error)]
 pub enum HypervisorError {
     /// The hypervisor device is missing.
@@ -28,28 +28,179 @@ pub enum HypervisorError {
         /// The device path.
         path: String,
     },
-    /// The host hypervisor lacks a capability skiff needs.
-    #[error("the host hypervisor lacks the required capability {0}")]
-    MissingCapability(&'static str),
     /// The hypervisor backend does not offer this (yet).
     #[error("{0} is not supported by this hypervisor backend")]
     NotSupported(&'static str),
-    /// An operation failed.
-    #[error("{op} failed")]
-    Op {
-        /// What was being done.
-        op: &'static str,
+    /// A call into the platform's hypervisor API (WHP) with no further value to name failed.
+    #[error("{call} failed")]
+    Call {
+        /// The API function, or what was being done.
+        call: &'static str,
         /// The OS error.
         #[source]
         source: std::io::Error,
     },
+    /// The hypervisor device could not be opened for another reason.
+    #[error("cannot open {path}")]
+    Open {
+        /// The device path.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The host hypervisor lacks a capability skiff needs.
+    #[error("the host hypervisor lacks the required capability {0}")]
+    MissingCapability(&'static str),
+    /// The VM descriptor could not be duplicated for a handle shared with other threads.
+    #[error("cannot duplicate the VM descriptor")]
+    DuplicateVm(#[source] std::io::Error),
+    /// An ioctl with no further value to name failed.
+    #[error("{ioctl} failed")]
+    Ioctl {
+        /// The ioctl, as the kernel names it.
+        ioctl: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A guest memory region could not be mapped as a memory slot.
+    #[error("cannot map memory slot {slot} (guest {guest_address:#x}, {size:#x} bytes)")]
+    MapMemory {
+        /// The slot number.
+        slot: u32,
+        /// Guest physical address of the region.
+        guest_address: u64,
+        /// The region's size in bytes.
+        size: u64,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// More memory regions than memory slot numbers.
+    #[error("guest memory region {index} has no memory slot number (at most {max})", max = u32::MAX)]
+    TooManySlots {
+        /// The region's index.
+        index: usize,
+    },
+    /// Dirty page logging could not be switched on one memory slot.
+    #[error("cannot turn dirty page logging {} on memory slot {slot}", if *.on { "on" } else { "off" })]
+    DirtyLogging {
+        /// The slot number.
+        slot: u32,
+        /// Whether logging was being turned on.
+        on: bool,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A memory slot's dirty bitmap could not be read.
+    #[error("KVM_GET_DIRTY_LOG failed on memory slot {slot}")]
+    GetDirtyLog {
+        /// The slot number.
+        slot: u32,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Dirty pages were asked for while tracking is off.
+    #[error("dirty page tracking is off")]
+    TrackingOff,
+    /// An eventfd could not be bound to an interrupt line.
+    #[error("cannot bind an irqfd to GSI {gsi}")]
+    Irqfd {
+        /// The interrupt line.
+        gsi: u32,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An eventfd could not be bound to (or unbound from) guest MMIO writes.
+    #[error("cannot {} an ioeventfd at MMIO address {address:#x}", if *.deassign { "unbind" } else { "bind" })]
+    IoEvent {
+        /// The MMIO address.
+        address: u64,
+        /// Whether the binding was being removed.
+        deassign: bool,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An MSI route would replace a pin of the platform's interrupt controllers.
+    #[error("MSI route on GSI {gsi}, an interrupt controller pin (MSI routes start at GSI {first})", first = FIRST_MSI_GSI)]
+    MsiRouteOnPin {
+        /// The route's GSI.
+        gsi: u32,
+    },
+    /// A list (MSI routes, CPUID leaves, MSRs) is longer than KVM's structure can hold.
+    #[error("{count} {what} do not fit in one KVM list")]
+    ListTooLong {
+        /// What the list holds.
+        what: &'static str,
+        /// Its length.
+        count: usize,
+    },
+    /// A vCPU could not be created.
+    #[error("cannot create vCPU {index}")]
+    CreateVcpu {
+        /// The vCPU number.
+        index: u32,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The host refused an MSR value.
+    #[error("the host refused MSR {index:#x} (value {data:#x})")]
+    MsrRefused {
+        /// The MSR index.
+        index: u32,
+        /// The value written.
+        data: u64,
+    },
+    /// An XSAVE area of the host's size could not be allocated.
+    #[error("cannot allocate an XSAVE area of {size} bytes")]
+    XsaveAllocation {
+        /// The size asked for.
+        size: usize,
+    },
+    /// Saved state does not have the shape KVM needs.
+    #[error("the saved {what} state is invalid")]
+    InvalidState {
+        /// "vCPU" or "VM".
+        what: &'static str,
+        /// What is wrong (boxed: the error stays small on every path that returns it).
+        #[source]
+        source: Box<state::StateError>,
+    },
+    /// The host cannot run the saved guest's TSC at its frequency.
+    #[error("cannot run the saved guest's TSC at {saved_khz} kHz on this host ({host_khz} kHz)")]
+    TscFrequency {
+        /// The saved frequency.
+        saved_khz: u32,
+        /// This host's frequency.
+        host_khz: u32,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The guest runs a nested guest, whose state cannot be saved.
+    #[error("the guest runs a nested guest; saving nested virtualization state is not supported")]
+    NestedGuest,
 }
 
 impl HypervisorError {
-    /// Wraps an OS error from operation `op`.
-    pub fn op(op: &'static str, source: impl Into<std::io::Error>) -> Self {
-        Self::Op {
-            op,
+    /// Wraps the error of a failed hypervisor API call that has no further value to name.
+    pub fn call(call: &'static str, source: impl Into<std::io::Error>) -> Self {
+        Self::Call {
+            call,
+            source: source.into(),
+        }
+    }
+
+    /// Wraps the OS error of a failed `ioctl` that has no further value to name.
+    pub fn ioctl(ioctl: &'static str, source: impl Into<std::io::Error>) -> Self {
+        Self::Ioctl {
+            ioctl,
             source: source.into(),
         }
     }

@@ -7,6 +7,8 @@
 //!   guest address (what the WHP instruction emulator reaches).
 //! - `section`, `view`, `section_ram` (Windows): RAM as a pagefile-backed or file-backed
 //!   section, views of it that unmap on drop, and the regions mapped at their file offsets.
+//! - `host_mapping`: one region's mapping in this process, kept alive by its handle, whose bytes
+//!   snapshot writers hand to the kernel.
 //! - `share`: the regions as a vhost-user backend maps them (descriptor, offset, user address).
 //! - `guest_ram` (this file): lays RAM out around the MMIO hole, creates the backing, validates
 //!   and maps every region `MAP_SHARED` into the `vm-memory` view devices use.
@@ -17,6 +19,8 @@ pub mod region;
 pub mod backing;
 #[cfg(target_os = "linux")]
 mod guest_ram;
+#[cfg(target_os = "linux")]
+mod host_mapping;
 mod mapped_ram;
 #[cfg(target_os = "linux")]
 pub mod share;
@@ -34,6 +38,8 @@ pub mod view;
 
 #[cfg(target_os = "linux")]
 pub use guest_ram::{GuestMemory, GuestRam, MemoryConfig, MemoryError};
+#[cfg(target_os = "linux")]
+pub use host_mapping::RegionMapping;
 pub use mapped_ram::MappedRam;
 pub use region::{Mappable, ShareableRegion};
 #[cfg(windows)]

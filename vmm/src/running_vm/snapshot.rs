@@ -31,15 +31,15 @@ use std::time::Instant;
 use devices::vm_exit::GuestEnd;
 
 use super::{ControlError, RunningVm};
+use crate::memory::RegionMapping;
 use crate::snapshot::dirty::{
-    gather, mappings, mark_backed_pages, reset_device_bitmaps, PageBitmap,
+    gather, mark_backed_pages, reset_device_bitmaps, DirtyError, PageBitmap,
 };
 use crate::snapshot::job::{
     JobMeta, JobOutput, LiveSummary, ProgressStatus, SnapshotJob, SnapshotSummary,
 };
 use crate::snapshot::live::{copy_dirty, FirstPass, Limits, Precopy, PrecopyReport};
 use crate::snapshot::manifest::{ParentRef, SnapshotManifest, DIFF_FORMAT_VERSION};
-use crate::snapshot::memory_file::PrivateMapping;
 use crate::snapshot::state_file;
 use crate::snapshot::writer::{reserve, MemorySource, PendingSnapshot, WriteError};
 use crate::snapshot::SnapshotRequest;
@@ -118,17 +118,17 @@ impl RunningVm {
     }
 
     /// Switches dirty tracking on if it is off (everything counts as saved from now), or
-    /// gathers what was written since the last gather into the diff base. `Err` carries why
+    /// gathers what was written since the last gather into the diff base. `Err` says why
     /// tracking is unavailable.
-    fn track_dirty(&mut self) -> Result<(), String> {
-        let log = self.vm.dirty_log().map_err(|e| crate::error_chain(&e))?;
+    fn track_dirty(&mut self) -> Result<(), DirtyError> {
+        let log = self.vm.dirty_log().map_err(DirtyError::Hypervisor)?;
         let memory = self.ram.memory();
         if !log.is_tracking() {
-            log.set_tracking(true).map_err(|e| crate::error_chain(&e))?;
+            log.set_tracking(true).map_err(DirtyError::Hypervisor)?;
             reset_device_bitmaps(memory);
             return Ok(());
         }
-        let sets = gather(&*log, memory).map_err(|e| crate::error_chain(&e))?;
+        let sets = gather(&*log, memory)?;
         if let Some(base) = &mut self.diff_base {
             for (mine, new) in base.pending.iter_mut().zip(&sets) {
                 mine.merge(new);
@@ -162,11 +162,12 @@ impl RunningVm {
         if let Err(e) = tracked {
             if req.diff {
                 resume_on_error(self);
-                return Err(ControlError::Internal(format!(
-                    "cannot read the dirty page log: {e}"
-                )));
+                return Err(ControlError::Internal(crate::error_chain(&e)));
             }
-            notes.push(format!("diff snapshots unavailable: {e}"));
+            notes.push(format!(
+                "diff snapshots unavailable: {}",
+                crate::error_chain(&e)
+            ));
         }
         if req.diff {
             // What another process wrote is not in the dirty log: every page with data in the
@@ -203,7 +204,7 @@ impl RunningVm {
         };
         let memory = match (&self.diff_base, req.diff) {
             (Some(base), true) => MemorySource::Pages {
-                mappings: mappings(self.ram.memory()),
+                mappings: RegionMapping::of_each(self.ram.memory()),
                 pages: base.pending.clone(),
             },
             _ => MemorySource::Full {
@@ -246,8 +247,12 @@ impl RunningVm {
             .vm
             .dirty_log()
             .map_err(|e| internal(crate::error_chain(&e)))?;
-        self.track_dirty()
-            .map_err(|e| internal(format!("live snapshots need the dirty page log: {e}")))?;
+        self.track_dirty().map_err(|e| {
+            internal(format!(
+                "live snapshots need the dirty page log: {}",
+                crate::error_chain(&e)
+            ))
+        })?;
         // The devices that write guest memory themselves log it too (checked above).
         let devices = self.device_dirty_logs().map_err(|missing| {
             ControlError::Unsupported(format!(
@@ -264,8 +269,12 @@ impl RunningVm {
             .unwrap_or(0);
         for log in &devices {
             self.device_logs.push(log.clone());
-            log.start(ram_end)
-                .map_err(|e| internal(format!("cannot switch a device's dirty log on: {e}")))?;
+            log.start(ram_end).map_err(|e| {
+                internal(format!(
+                    "cannot switch a device's dirty log on: {}",
+                    crate::error_chain(&e)
+                ))
+            })?;
         }
         let first = match (&self.diff_base, req.diff) {
             (Some(base), true) => FirstPass::Pages(base.pending.clone()),
@@ -284,7 +293,7 @@ impl RunningVm {
         let precopy = Precopy {
             temp,
             regions: self.ram.regions().to_vec(),
-            mappings: mappings(self.ram.memory()),
+            mappings: RegionMapping::of_each(self.ram.memory()),
             private: self.ram.is_private(),
             first,
             log,
@@ -378,7 +387,7 @@ impl RunningVm {
                     self.diff_base = None;
                     self.stop_device_logs();
                 }
-                Err(ControlError::Internal(e))
+                Err(ControlError::Internal(crate::error_chain(&e)))
             }
         };
         match &result {
@@ -492,11 +501,10 @@ impl RunningVm {
     }
 
     /// For RAM mapped copy-on-write, each region's mapping in this process (see
-    /// `MemorySource::Full`): they stay mapped while `self.ram` lives, and the snapshot job
-    /// ends before `stop` drops it.
-    fn private_mappings(&self) -> Vec<PrivateMapping> {
+    /// `MemorySource::Full`).
+    fn private_mappings(&self) -> Vec<RegionMapping> {
         if self.ram.is_private() {
-            mappings(self.ram.memory())
+            RegionMapping::of_each(self.ram.memory())
         } else {
             Vec::new()
         }

@@ -69,7 +69,7 @@ pub struct SandboxPaths {
 static RULESET: Mutex<Option<RulesetCreated>> = Mutex::new(None);
 
 /// The kernel's Landlock ABI version, or why there is none.
-fn probe_abi() -> Result<i64, String> {
+fn probe_abi() -> Result<i64, LandlockError> {
     // SAFETY: LANDLOCK_CREATE_RULESET_VERSION with a null attribute only returns the version.
     let rc = unsafe {
         libc::syscall(
@@ -80,7 +80,9 @@ fn probe_abi() -> Result<i64, String> {
         )
     };
     if rc < 1 {
-        return Err(unsupported_reason(&std::io::Error::last_os_error()));
+        return Err(LandlockError::Unsupported(unsupported_reason(
+            &std::io::Error::last_os_error(),
+        )));
     }
     Ok(rc)
 }
@@ -100,7 +102,7 @@ fn handled() -> BitFlags<AccessFs> {
 
 /// Creates the ruleset, allowing nothing yet. Fails when the kernel has no Landlock.
 pub(super) fn init() -> Result<(), LandlockError> {
-    probe_abi().map_err(LandlockError::Unsupported)?;
+    probe_abi()?;
     let ruleset = Ruleset::default().handle_access(handled())?.create()?;
     *RULESET.lock().unwrap_or_else(PoisonError::into_inner) = Some(ruleset);
     Ok(())

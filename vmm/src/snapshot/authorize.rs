@@ -15,8 +15,9 @@ use thiserror::Error;
 
 use super::auth::Authentication;
 use super::chain::{resolve_parents, ChainError, Layer};
-use super::resources::{device_ids, device_resource, HostResource};
-use super::restore::LoadedSnapshot;
+use super::host_resource::HostResource;
+use super::loaded_snapshot::LoadedSnapshot;
+use super::resources::{device_ids, device_resource};
 use crate::virtio_devices::{VirtioDeviceState, VirtioFunctionState};
 
 /// Host resources the user names again for a restore.

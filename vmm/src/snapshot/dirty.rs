@@ -9,7 +9,6 @@
 //! (`live.rs`, `running_vm`), and the hypervisor side (`hypervisor/kvm/dirty_log.rs`).
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -17,10 +16,10 @@ use devices::virtio::DeviceDirtyLog;
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
 
-use super::memory_file::{data_extents, MemoryFileError, PrivateMapping};
+use super::memory_file::{data_extents, MemoryFileError};
 use super::progress::SnapshotProgress;
 use crate::hypervisor::{DirtyLog, HypervisorError, SlotDirtyPages};
-use crate::memory::{GuestMemory, ShareableRegion};
+use crate::memory::{GuestMemory, RegionMapping, ShareableRegion};
 
 /// Granularity of every dirty bitmap.
 pub const DIRTY_PAGE: u64 = 4096;
@@ -230,20 +229,16 @@ fn merge_slots(
 }
 
 /// Writes every page of `pages` from `mapping` into `dst` at the same offset, counting them into
-/// `progress`. Returns the bytes written.
-///
-/// # Safety
-/// `mapping` must be a live mapping of the region that stays mapped for the duration of the
-/// call. The guest may write it meanwhile (a live snapshot): such pages are in the next gather
-/// and written again.
-pub unsafe fn write_pages(
-    mapping: PrivateMapping,
+/// `progress`. Returns the bytes written. The guest may write the mapping meanwhile (a live
+/// snapshot): such pages are in the next gather and written again.
+pub fn write_pages(
+    mapping: &RegionMapping,
     pages: &PageBitmap,
     dst: &File,
     cancel: &AtomicBool,
     progress: Option<&SnapshotProgress>,
 ) -> Result<u64, MemoryFileError> {
-    let len = mapping.len as u64;
+    let len = mapping.len() as u64;
     let mut written = 0;
     for (first, count) in pages.extents() {
         let start = first * DIRTY_PAGE;
@@ -254,26 +249,15 @@ pub unsafe fn write_pages(
                 return Err(MemoryFileError::Cancelled);
             }
             let n = (end - at).min(WRITE_CHUNK);
-            let off = i64::try_from(at).map_err(|_| MemoryFileError::Io {
+            let io_err = |source| MemoryFileError::Io {
                 op: "pwrite",
                 offset: at,
-                source: std::io::Error::from_raw_os_error(libc::EOVERFLOW),
-            })?;
-            // SAFETY: `at + n <= len`, inside the live mapping the caller vouches for; the
-            // kernel copies straight from it and no Rust reference to guest memory is made.
-            let r = unsafe {
-                libc::pwrite(
-                    dst.as_raw_fd(),
-                    (mapping.host_address + at as usize) as *const libc::c_void,
-                    n as usize,
-                    off,
-                )
+                source,
             };
-            let done = u64::try_from(r).map_err(|_| MemoryFileError::Io {
-                op: "pwrite",
-                offset: at,
-                source: std::io::Error::last_os_error(),
-            })?;
+            // `at + n <= len`, so both fit a `usize`.
+            let done = mapping
+                .pwrite_into(dst, at as usize, n as usize, at)
+                .map_err(io_err)? as u64;
             if done == 0 {
                 return Err(MemoryFileError::Io {
                     op: "pwrite",
@@ -315,17 +299,6 @@ pub fn mark_backed_pages(pending: &mut PageBitmap, region: &ShareableRegion) {
             pending.fill();
         }
     }
-}
-
-/// Each region's mapping in this process.
-pub fn mappings(memory: &GuestMemory) -> Vec<PrivateMapping> {
-    memory
-        .iter()
-        .map(|r| PrivateMapping {
-            host_address: r.as_ptr() as usize,
-            len: usize::try_from(r.len()).unwrap_or(0),
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -418,18 +391,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let dst = test_file(dir.path().join("m"));
         dst.set_len(64 * 4096).unwrap();
-        let m = mappings(&memory)[0];
-        // SAFETY: `memory` keeps the mapping alive for the whole call.
-        let n = unsafe { write_pages(m, &set(64, &[3, 4]), &dst, &AtomicBool::new(false), None) }
-            .unwrap();
+        let m = RegionMapping::of_each(&memory).remove(0);
+        let n = write_pages(&m, &set(64, &[3, 4]), &dst, &AtomicBool::new(false), None).unwrap();
         assert_eq!(n, 2 * DIRTY_PAGE);
         let mut buf = [0u8; 8];
         dst.read_exact_at(&mut buf, 4 * DIRTY_PAGE).unwrap();
         assert_eq!(u64::from_le_bytes(buf), 104);
         dst.read_exact_at(&mut buf, 40 * DIRTY_PAGE).unwrap();
         assert_eq!(u64::from_le_bytes(buf), 0, "page 40 was not in the set");
-        // SAFETY: as above.
-        let e = unsafe { write_pages(m, &set(64, &[1]), &dst, &AtomicBool::new(true), None) };
+        let e = write_pages(&m, &set(64, &[1]), &dst, &AtomicBool::new(true), None);
         assert!(matches!(e, Err(MemoryFileError::Cancelled)));
     }
 }

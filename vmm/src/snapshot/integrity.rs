@@ -25,13 +25,14 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use thiserror::Error;
 use xxhash_rust::xxh3::Xxh3;
 
-use super::chain::resolve_parents;
-use super::manifest::{self, MemoryRegionEntry, SnapshotManifest};
+use super::chain::{resolve_parents, ChainError};
+use super::files::FileError;
+use super::manifest::{self, ManifestError, MemoryRegionEntry, SnapshotManifest};
 use super::memory_file::{data_extents, MemoryFileError};
 use super::state_file;
-use super::writer::WriteError;
 
 /// The algorithm's name, the prefix of every checksum string.
 pub const ALGORITHM: &str = "xxh3-64";
@@ -185,9 +186,9 @@ fn read_full(file: &File, buf: &mut [u8], at: u64) -> Result<usize, MemoryFileEr
 
 /// Makes a complete memory file durable and returns its checksum: fsyncs it on one thread
 /// while this one reads it back and sums it.
-pub fn seal(path: &Path, len: u64, cancel: &AtomicBool) -> Result<String, WriteError> {
+pub fn seal(path: &Path, len: u64, cancel: &AtomicBool) -> Result<String, FileError> {
     let io = |op| {
-        move |source| WriteError::Io {
+        move |source| FileError {
             op,
             path: path.to_path_buf(),
             source,
@@ -208,21 +209,156 @@ pub fn seal(path: &Path, len: u64, cancel: &AtomicBool) -> Result<String, WriteE
         (synced, summed)
     });
     synced.map_err(io("fsync"))?;
-    summed.map_err(|source| WriteError::Io {
+    summed.map_err(|source| FileError {
         op: "checksum",
         path: path.to_path_buf(),
         source: std::io::Error::other(crate::error_chain(&source)),
     })
 }
 
+/// One thing `verify` found wrong with a snapshot.
+#[derive(Debug, Error)]
+pub enum Problem {
+    /// The manifest is unusable.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// A diff's parents are unusable.
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    /// A file cannot be opened.
+    #[error("cannot open {path}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file's type or size cannot be read.
+    #[error("cannot stat {path}")]
+    Stat {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file of the snapshot is not a regular file.
+    #[error("{path} is {kind}, not a regular file")]
+    NotRegular {
+        /// The file.
+        path: PathBuf,
+        /// What it is.
+        kind: &'static str,
+    },
+    /// The state file's size differs from the manifest's.
+    #[error("state file {path} is {actual} bytes but the manifest says {expected}")]
+    StateSize {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        actual: u64,
+        /// The manifest's.
+        expected: u64,
+    },
+    /// The state file is larger than any state file.
+    #[error("state file {path} is {len} bytes, larger than a state file can be")]
+    StateTooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        len: u64,
+    },
+    /// The state file cannot be read.
+    #[error("cannot read state file {path}")]
+    ReadState {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state file does not decode.
+    #[error("state file {path}")]
+    State {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: state_file::StateFileError,
+    },
+    /// A memory file's size differs from its region's.
+    #[error("memory file {path} is {actual} bytes but its region is {expected}")]
+    MemorySize {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        actual: u64,
+        /// The region's.
+        expected: u64,
+    },
+    /// A memory file cannot be read (its extents or its data).
+    #[error("memory file {path}")]
+    Memory {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: MemoryFileError,
+    },
+    /// A diff's memory file holds another amount of data than was written.
+    #[error(
+        "memory file {path} holds {actual} bytes of data but the diff wrote {expected} (its \
+         holes were filled or punched)"
+    )]
+    DataBytes {
+        /// The file.
+        path: PathBuf,
+        /// The data it holds.
+        actual: u64,
+        /// The data written.
+        expected: u64,
+    },
+    /// The manifest has no checksum for a memory file.
+    #[error(
+        "memory file {path} has no checksum in the manifest (written by a skiff without \
+         checksums)"
+    )]
+    NoChecksum {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The manifest's checksum is of an unknown kind.
+    #[error("memory file {path}: unknown checksum {checksum:?} (this skiff knows {ALGORITHM})")]
+    UnknownChecksum {
+        /// The file.
+        path: PathBuf,
+        /// The manifest's checksum.
+        checksum: String,
+    },
+    /// A memory file's checksum differs from the manifest's.
+    #[error(
+        "memory file {path} has checksum {actual} but the manifest says {expected}: its \
+         contents changed after the snapshot was written"
+    )]
+    ChecksumMismatch {
+        /// The file.
+        path: PathBuf,
+        /// Its checksum now.
+        actual: String,
+        /// The manifest's.
+        expected: String,
+    },
+}
+
 /// Checks a snapshot directory and, for a diff, its parents: the manifest, the state file's
-/// size and CRC, and each memory file's type, size, data bytes and checksum. Returns one line
-/// per problem found (empty when all is well) and the memory bytes read. `first_parent` is a
+/// size and CRC, and each memory file's type, size, data bytes and checksum. Returns every
+/// problem found (none when all is well) and the memory bytes read. `first_parent` is a
 /// diff's parent when it no longer sits where the diff says (`restore --parent`).
-pub fn verify(dir: &Path, first_parent: Option<&Path>) -> (Vec<String>, u64) {
+pub fn verify(dir: &Path, first_parent: Option<&Path>) -> (Vec<Problem>, u64) {
     let manifest = match manifest::read(dir) {
         Ok(m) => m,
-        Err(e) => return (vec![crate::error_chain(&e)], 0),
+        Err(e) => return (vec![e.into()], 0),
     };
     let mut problems = Vec::new();
     let mut bytes = verify_one(dir, &manifest, &mut problems);
@@ -233,14 +369,14 @@ pub fn verify(dir: &Path, first_parent: Option<&Path>) -> (Vec<String>, u64) {
                     bytes += verify_one(&layer.dir, &layer.manifest, &mut problems);
                 }
             }
-            Err(e) => problems.push(crate::error_chain(&e)),
+            Err(e) => problems.push(e.into()),
         }
     }
     (problems, bytes)
 }
 
 /// One directory's state and memory files; returns the memory bytes read.
-fn verify_one(dir: &Path, m: &SnapshotManifest, problems: &mut Vec<String>) -> u64 {
+fn verify_one(dir: &Path, m: &SnapshotManifest, problems: &mut Vec<Problem>) -> u64 {
     if let Err(p) = verify_state(dir, m) {
         problems.push(p);
     }
@@ -254,99 +390,109 @@ fn verify_one(dir: &Path, m: &SnapshotManifest, problems: &mut Vec<String>) -> u
     bytes
 }
 
-fn verify_state(dir: &Path, m: &SnapshotManifest) -> Result<(), String> {
+fn verify_state(dir: &Path, m: &SnapshotManifest) -> Result<(), Problem> {
     let path = dir.join(&m.state.file);
     let file = open_plain(&path)?;
     let len = file
         .metadata()
-        .map_err(|e| format!("cannot stat state file {}: {e}", path.display()))?
+        .map_err(|source| Problem::Stat {
+            path: path.clone(),
+            source,
+        })?
         .len();
     if len != m.state.size {
-        return Err(format!(
-            "state file {} is {len} bytes but the manifest says {}",
-            path.display(),
-            m.state.size
-        ));
+        return Err(Problem::StateSize {
+            path,
+            actual: len,
+            expected: m.state.size,
+        });
     }
     if len > state_file::MAX_PAYLOAD + 4096 {
-        return Err(format!(
-            "state file {} is {len} bytes, larger than a state file can be",
-            path.display()
-        ));
+        return Err(Problem::StateTooLarge { path, len });
     }
     let mut bytes = vec![0u8; usize::try_from(len).unwrap_or(0)];
-    file.read_exact_at(&mut bytes, 0)
-        .map_err(|e| format!("cannot read state file {}: {e}", path.display()))?;
+    if let Err(source) = file.read_exact_at(&mut bytes, 0) {
+        return Err(Problem::ReadState { path, source });
+    }
     state_file::decode(&bytes)
         .map(|_| ())
-        .map_err(|e| format!("state file {}: {}", path.display(), crate::error_chain(&e)))
+        .map_err(|source| Problem::State { path, source })
 }
 
 /// One memory file; returns the bytes of data it holds.
-fn verify_memory(dir: &Path, entry: &MemoryRegionEntry, diff: bool) -> Result<u64, String> {
+fn verify_memory(dir: &Path, entry: &MemoryRegionEntry, diff: bool) -> Result<u64, Problem> {
     let path = dir.join(&entry.file);
-    let shown = path.display();
     let file = open_plain(&path)?;
-    let meta = file
-        .metadata()
-        .map_err(|e| format!("cannot stat memory file {shown}: {e}"))?;
+    let meta = file.metadata().map_err(|source| Problem::Stat {
+        path: path.clone(),
+        source,
+    })?;
     if meta.len() != entry.size {
-        return Err(format!(
-            "memory file {shown} is {} bytes but its region is {}",
-            meta.len(),
-            entry.size
-        ));
+        return Err(Problem::MemorySize {
+            path,
+            actual: meta.len(),
+            expected: entry.size,
+        });
     }
-    let data: u64 = data_extents(&file, 0, entry.size)
-        .map_err(|e| format!("memory file {shown}: {}", crate::error_chain(&e)))?
-        .iter()
-        .map(|(_, n)| n)
-        .sum();
+    let data: u64 = match data_extents(&file, 0, entry.size) {
+        Ok(extents) => extents.iter().map(|(_, n)| n).sum(),
+        Err(source) => return Err(Problem::Memory { path, source }),
+    };
     if let Some(expected) = entry.data_bytes.filter(|_| diff) {
         if data != expected {
-            return Err(format!(
-                "memory file {shown} holds {data} bytes of data but the diff wrote {expected} (its holes were filled or punched)"
-            ));
+            return Err(Problem::DataBytes {
+                path,
+                actual: data,
+                expected,
+            });
         }
     }
     let Some(expected) = &entry.checksum else {
-        return Err(format!(
-            "memory file {shown} has no checksum in the manifest (written by a skiff without checksums)"
-        ));
+        return Err(Problem::NoChecksum { path });
     };
     if !expected.starts_with(&format!("{ALGORITHM}:")) {
-        return Err(format!(
-            "memory file {shown}: unknown checksum {expected:?} (this skiff knows {ALGORITHM})"
-        ));
+        return Err(Problem::UnknownChecksum {
+            path,
+            checksum: expected.clone(),
+        });
     }
-    let actual = checksum(&file, entry.size, &AtomicBool::new(false))
-        .map_err(|e| format!("memory file {shown}: {}", crate::error_chain(&e)))?;
+    let actual = match checksum(&file, entry.size, &AtomicBool::new(false)) {
+        Ok(sum) => sum,
+        Err(source) => return Err(Problem::Memory { path, source }),
+    };
     if &actual != expected {
-        return Err(format!(
-            "memory file {shown} has checksum {actual} but the manifest says {expected}: its contents changed after the snapshot was written"
-        ));
+        return Err(Problem::ChecksumMismatch {
+            path,
+            actual,
+            expected: expected.clone(),
+        });
     }
     Ok(data)
 }
 
 /// Opens a file of the snapshot for reading: never through a symbolic link, never blocking,
 /// and only a regular file.
-fn open_plain(path: &PathBuf) -> Result<File, String> {
+fn open_plain(path: &Path) -> Result<File, Problem> {
     let file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        .map_err(|source| Problem::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
     let t = file
         .metadata()
-        .map_err(|e| format!("cannot stat {}: {e}", path.display()))?
+        .map_err(|source| Problem::Stat {
+            path: path.to_path_buf(),
+            source,
+        })?
         .file_type();
     if !t.is_file() {
-        return Err(format!(
-            "{} is {}, not a regular file",
-            path.display(),
-            crate::host_file::describe(&t)
-        ));
+        return Err(Problem::NotRegular {
+            path: path.to_path_buf(),
+            kind: crate::host_file::describe(&t),
+        });
     }
     Ok(file)
 }

@@ -18,9 +18,29 @@ use std::time::Instant;
 use serde::Serialize;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::live::{PassStats, Precopy, PrecopyReport};
+use super::live::{LiveError, PassStats, Precopy, PrecopyReport};
 use super::progress::{ProgressReading, SnapshotProgress};
-use super::writer::{write, PendingSnapshot, WriteReport};
+use super::writer::{write, PendingSnapshot, WriteError, WriteReport};
+
+/// Why a snapshot job produced no snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// Writing the snapshot failed.
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    /// A live snapshot's passes failed.
+    #[error(transparent)]
+    Precopy(#[from] LiveError),
+    /// The job's thread panicked.
+    #[error("the snapshot thread panicked")]
+    Panicked,
+    /// The job was collected before.
+    #[error("the snapshot was already collected")]
+    AlreadyCollected,
+    /// A live snapshot's passes ended and `finish` was asked for the written snapshot.
+    #[error("the live snapshot ended before its final pass")]
+    NoFinalPass,
+}
 
 /// What a job's thread produced.
 #[derive(Debug)]
@@ -31,8 +51,8 @@ pub enum JobOutput {
     Precopied(Box<(Precopy, PrecopyReport)>),
 }
 
-/// A job's result: its output or its error as one line.
-type JobResult = Result<JobOutput, String>;
+/// A job's result.
+type JobResult = Result<JobOutput, JobError>;
 
 /// A running snapshot write.
 #[derive(Debug)]
@@ -155,7 +175,7 @@ impl SnapshotJob {
             move |flag| {
                 write(pending, flag, &progress)
                     .map(JobOutput::Written)
-                    .map_err(|e| crate::error_chain(&e))
+                    .map_err(JobError::from)
             },
             done,
             meta,
@@ -170,7 +190,7 @@ impl SnapshotJob {
                 Ok(report) => Ok(JobOutput::Precopied(Box::new((precopy, report)))),
                 Err(e) => {
                     let _ = std::fs::remove_dir_all(&temp);
-                    Err(crate::error_chain(&e))
+                    Err(JobError::from(e))
                 }
             },
             done,
@@ -218,25 +238,24 @@ impl SnapshotJob {
             || self.handle.as_ref().is_none_or(JoinHandle::is_finished)
     }
 
-    /// Waits for the thread and returns what it produced (and the job's meta), or its error as
-    /// one line.
+    /// Waits for the thread and returns what it produced (and the job's meta), or its error.
     pub fn join(mut self) -> (JobMeta, JobResult) {
         let r = match self.handle.take().map(JoinHandle::join) {
             Some(Ok(r)) => r,
-            Some(Err(_)) => Err("the snapshot thread panicked".into()),
-            None => Err("the snapshot was already collected".into()),
+            Some(Err(_)) => Err(JobError::Panicked),
+            None => Err(JobError::AlreadyCollected),
         };
         (self.meta.clone(), r)
     }
 
-    /// Waits for the write and returns its summary or its error, as one line.
-    pub fn finish(self) -> Result<SnapshotSummary, String> {
+    /// Waits for the write and returns its summary or its error.
+    pub fn finish(self) -> Result<SnapshotSummary, JobError> {
         let (meta, r) = self.join();
         match r? {
             JobOutput::Written(report) => Ok(summary(&meta, &report)),
             JobOutput::Precopied(p) => {
                 let _ = std::fs::remove_dir_all(&p.0.temp);
-                Err("the live snapshot ended before its final pass".into())
+                Err(JobError::NoFinalPass)
             }
         }
     }
@@ -249,7 +268,10 @@ impl SnapshotJob {
                 "the VM ended while the snapshot was written; it completed: {}",
                 s.dir.display()
             ),
-            Err(e) => format!("the VM ended while the snapshot was written: {e}"),
+            Err(e) => format!(
+                "the VM ended while the snapshot was written: {}",
+                crate::error_chain(&e)
+            ),
         }
     }
 }

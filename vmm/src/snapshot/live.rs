@@ -20,13 +20,12 @@ use serde::Serialize;
 use thiserror::Error;
 
 use super::dirty::{gather, merge_device_logs, write_pages, DirtyError, PageBitmap, DIRTY_PAGE};
-use super::memory_file::{CopyMethod, MemoryFileError, PrivateMapping};
+use super::files::{create_file, FileError};
+use super::memory_file::{CopyMethod, MemoryFileError};
 use super::progress::SnapshotProgress;
-use super::writer::{
-    create_file, expect_touched, write_region, RegionCopy, RegionReport, WriteError,
-};
+use super::writer::{expect_touched, write_region, RegionCopy, RegionReport, WriteError};
 use crate::hypervisor::DirtyLog;
-use crate::memory::{GuestMemory, ShareableRegion};
+use crate::memory::{GuestMemory, RegionMapping, ShareableRegion};
 
 /// When to stop iterating and pause.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +57,9 @@ pub enum LiveError {
     /// Writing a memory file failed.
     #[error(transparent)]
     Write(#[from] WriteError),
+    /// A memory file could not be created, sized or opened.
+    #[error(transparent)]
+    File(#[from] FileError),
     /// The dirty pages could not be gathered.
     #[error(transparent)]
     Dirty(#[from] DirtyError),
@@ -87,8 +89,8 @@ pub struct Precopy {
     pub temp: PathBuf,
     /// The regions.
     pub regions: Vec<ShareableRegion>,
-    /// Each region's mapping in this process (kept alive by the VM's RAM for the whole job).
-    pub mappings: Vec<PrivateMapping>,
+    /// Each region's mapping in this process.
+    pub mappings: Vec<RegionMapping>,
     /// Whether the mappings are private (a `cow` restore), so the files lack the guest's writes.
     pub private: bool,
     /// The first pass.
@@ -160,19 +162,19 @@ pub fn precopy(job: &Precopy, cancel: &AtomicBool) -> Result<PrecopyReport, Live
         let report = match &job.first {
             FirstPass::Full => {
                 let copy = RegionCopy {
-                    private: job.mappings.get(i).copied().filter(|_| job.private),
+                    private: job.mappings.get(i).filter(|_| job.private),
                     // The guest keeps running: its memory must be copied, never shared.
                     link: false,
                     cancel,
                     progress: Some(&job.progress),
                 };
-                // SAFETY: the mappings stay alive for the job (`Precopy::mappings`); writes the
-                // guest makes meanwhile are in the dirty log and copied by a later pass.
-                unsafe { write_region(region, &copy, &path, name) }?
+                // Writes the guest makes meanwhile are in the dirty log and copied by a later
+                // pass.
+                write_region(region, &copy, &path, name)?
             }
             FirstPass::Pages(sets) => {
                 let dst = create_file(&path)?;
-                dst.set_len(region.size).map_err(|source| WriteError::Io {
+                dst.set_len(region.size).map_err(|source| FileError {
                     op: "size",
                     path: path.clone(),
                     source,
@@ -248,7 +250,7 @@ pub fn copy_dirty(
         let dst = File::options()
             .write(true)
             .open(&path)
-            .map_err(|source| WriteError::Io {
+            .map_err(|source| FileError {
                 op: "open",
                 path: path.clone(),
                 source,
@@ -273,15 +275,12 @@ fn write_set(
     path: &std::path::Path,
     cancel: &AtomicBool,
 ) -> Result<u64, LiveError> {
-    let (Some(&mapping), Some(set)) = (job.mappings.get(index), set) else {
+    let (Some(mapping), Some(set)) = (job.mappings.get(index), set) else {
         return Ok(0);
     };
-    // SAFETY: the mapping stays alive for the job (`Precopy::mappings`).
-    unsafe { write_pages(mapping, set, dst, cancel, Some(&job.progress)) }.map_err(|source| {
-        LiveError::Pages {
-            path: path.to_path_buf(),
-            source,
-        }
+    write_pages(mapping, set, dst, cancel, Some(&job.progress)).map_err(|source| LiveError::Pages {
+        path: path.to_path_buf(),
+        source,
     })
 }
 
@@ -328,7 +327,7 @@ mod tests {
     struct DeviceScript(Mutex<Vec<Vec<u64>>>);
 
     impl DeviceDirtyLog for DeviceScript {
-        fn start(&self, _ram_end: u64) -> Result<(), String> {
+        fn start(&self, _ram_end: u64) -> Result<(), devices::virtio::DirtyLogError> {
             Ok(())
         }
         fn take(&self, page: &mut dyn FnMut(u64)) {
@@ -368,7 +367,7 @@ mod tests {
                 file: Arc::new(Mappable::new(backing.into())),
                 file_offset: 0,
             }],
-            mappings: super::super::dirty::mappings(&memory),
+            mappings: RegionMapping::of_each(&memory),
             private: false,
             first: FirstPass::Full,
             log,

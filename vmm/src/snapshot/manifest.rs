@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::dir::{is_plain_name, DirError, SnapshotDir};
-use super::resources::HostResource;
+use super::host_resource::HostResource;
 use crate::config::{VmConfig, MAX_VCPUS};
 use crate::memory::backing::BackingKind;
 

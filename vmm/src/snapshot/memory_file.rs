@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use thiserror::Error;
 
 use super::progress::SnapshotProgress;
+use crate::memory::RegionMapping;
 
 /// Bytes copied per system call (and between checks of the cancel flag).
 const CHUNK: u64 = 64 << 20;
@@ -393,26 +394,15 @@ const PAGEMAP_PRESENT: u64 = 1 << 63;
 const PAGEMAP_SWAPPED: u64 = 1 << 62;
 const PAGEMAP_FILE_OR_SHARED: u64 = 1 << 61;
 
-/// A private (copy-on-write) mapping of a region in this process: the pages the guest wrote
-/// since the mapping was made live only here, not in the region's file.
-#[derive(Debug, Clone, Copy)]
-pub struct PrivateMapping {
-    /// Host address of the mapping's first byte.
-    pub host_address: usize,
-    /// Its length in bytes.
-    pub len: usize,
-}
-
-/// Writes into `dst` (at the same offsets) every page of `mapping` that this process has made
-/// its own (anonymous: written after a copy-on-write fault, or swapped out), found through
-/// `/proc/self/pagemap`. Pages still backed by the mapped file are left alone: the caller
-/// copied the file already. Returns the bytes written.
-///
-/// # Safety
-/// `mapping` must describe a live mapping of this process that stays mapped, and is not
-/// written by anyone, for the duration of the call (the VM is paused).
-pub unsafe fn overlay_private_pages(
-    mapping: PrivateMapping,
+/// Writes into `dst` (at the same offsets) every page of `mapping`, a private (copy-on-write)
+/// mapping of a region, that this process has made its own (anonymous: written after a
+/// copy-on-write fault, or swapped out), found through `/proc/self/pagemap`. Those pages the
+/// guest wrote since the mapping was made live only here, not in the region's file. Pages
+/// still backed by the mapped file are left alone: the caller copied the file already. Returns
+/// the bytes written. Nobody should write the mapping meanwhile (the VM is paused), or the
+/// writes must be recorded elsewhere (a live snapshot's dirty log).
+pub fn overlay_private_pages(
+    mapping: &RegionMapping,
     dst: &File,
     cancel: &AtomicBool,
     progress: Option<&SnapshotProgress>,
@@ -421,7 +411,7 @@ pub unsafe fn overlay_private_pages(
     const PAGE: usize = 4096;
     const BATCH: usize = 4096;
     let pagemap = File::open("/proc/self/pagemap").map_err(io_err("open /proc/self/pagemap", 0))?;
-    let pages = mapping.len / PAGE;
+    let pages = mapping.len() / PAGE;
     let mut entries = vec![0u8; BATCH * 8];
     let mut written = 0u64;
     let mut first = 0;
@@ -430,7 +420,7 @@ pub unsafe fn overlay_private_pages(
             return Err(MemoryFileError::Cancelled);
         }
         let n = (pages - first).min(BATCH);
-        let at = ((mapping.host_address / PAGE + first) * 8) as u64;
+        let at = ((mapping.host_address() / PAGE + first) * 8) as u64;
         pagemap
             .read_exact_at(&mut entries[..n * 8], at)
             .map_err(io_err("read /proc/self/pagemap", at))?;
@@ -442,19 +432,15 @@ pub unsafe fn overlay_private_pages(
                 continue;
             }
             let offset = (first + i) * PAGE;
-            let off = to_off(offset as u64).map_err(io_err("pwrite", offset as u64))?;
-            // SAFETY: `offset + PAGE <= len`, inside the live mapping the caller vouches for;
-            // the kernel reads the page straight from it, no Rust reference is made.
-            let r = unsafe {
-                libc::pwrite(
-                    dst.as_raw_fd(),
-                    (mapping.host_address + offset) as *const libc::c_void,
-                    PAGE,
-                    off,
-                )
-            };
-            if usize::try_from(r).ok() != Some(PAGE) {
-                return Err(io_err("pwrite", offset as u64)(io::Error::last_os_error()));
+            let r = mapping.pwrite_into(dst, offset, PAGE, offset as u64);
+            match r {
+                Ok(PAGE) => {}
+                Ok(_) => {
+                    return Err(io_err("pwrite", offset as u64)(io::Error::from(
+                        io::ErrorKind::WriteZero,
+                    )))
+                }
+                Err(e) => return Err(io_err("pwrite", offset as u64)(e)),
             }
             written += PAGE as u64;
             if let Some(p) = progress {
@@ -570,37 +556,31 @@ pub(crate) mod tests {
         src.set_len(1 << 20).unwrap();
         src.write_all_at(b"file", 0).unwrap();
         let len = 1 << 20;
-        // SAFETY: a fresh private mapping of the whole file, unmapped below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
+        let private = vm_memory::mmap::MmapRegionBuilder::new_with_bitmap(
+            len,
+            vm_memory::bitmap::AtomicBitmap::new(
                 len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE,
-                src.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        // SAFETY: both writes are inside the mapping; the first page is read, not written.
-        unsafe {
-            let _ = std::ptr::read_volatile(p.cast::<u8>());
-            std::ptr::write_volatile(p.cast::<u8>().add(8192), b'x');
-            std::ptr::write_volatile(p.cast::<u8>().add(len - 1), b'y');
+                std::num::NonZeroUsize::MIN.saturating_add(4095),
+            ),
+        )
+        .with_file_offset(vm_memory::FileOffset::new(src.try_clone().unwrap(), 0))
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_PRIVATE)
+        .build()
+        .unwrap();
+        {
+            use vm_memory::VolatileMemory as _;
+            // The first page is read, not written; two others are written.
+            let _: u8 = private.get_ref::<u8>(0).unwrap().load();
+            private.get_ref::<u8>(8192).unwrap().store(b'x');
+            private.get_ref::<u8>(len - 1).unwrap().store(b'y');
         }
+        let mapping = RegionMapping::from(std::sync::Arc::new(private));
         let dst = test_file(dir.path().join("d"));
         dst.set_len(len as u64).unwrap();
         copy_sparse(&src, 0, &dst, 0, len as u64, &AtomicBool::new(false)).unwrap();
-        let mapping = PrivateMapping {
-            host_address: p as usize,
-            len,
-        };
-        // SAFETY: the mapping is live until the munmap below and nobody writes it meanwhile.
-        let n =
-            unsafe { overlay_private_pages(mapping, &dst, &AtomicBool::new(false), None) }.unwrap();
+        let n = overlay_private_pages(&mapping, &dst, &AtomicBool::new(false), None).unwrap();
         assert_eq!(n, 2 * 4096, "exactly the two written pages");
-        // SAFETY: unmaps the mapping made above.
-        unsafe { libc::munmap(p, len) };
         let out = std::fs::read(dir.path().join("d")).unwrap();
         assert_eq!(&out[..4], b"file");
         assert_eq!(out[8192], b'x');

@@ -7,14 +7,16 @@
 //! a VM from it.
 //!
 //! `dirty` gathers and writes dirty page sets, `live` copies memory while the guest runs,
-//! `chain` resolves a diff's parents (restore and `snapshot-merge`), `progress` counts a write's
-//! bytes for the control API. `integrity` sums each memory file when it is complete and
+//! `chain` resolves a diff's parents and layers their memory files (restore and `merge`, which
+//! folds a diff into a full snapshot), `files` holds the file operations every writer shares,
+//! `progress` counts a write's bytes for the control API. `integrity` sums each memory file when it is complete and
 //! verifies a directory against its manifest; `stale` removes the temporary directories of
 //! snapshot writers that were killed; `memory_lock` is the shared lock a copy-on-write restore
 //! holds on the files it maps.
 //!
 //! A snapshot is untrusted input: `dir` opens its files relative to the directory (regular
-//! files only, sizes checked before reading), `resources` lists the host resources it names,
+//! files only, sizes checked before reading), `resources` lists the host resources it names (each a
+//! `host_resource::HostResource`),
 //! `auth` authenticates it as this user's (HMAC under a per-user key), and `authorize` decides
 //! what a restore may open outside the directory (see docs/snapshot-trust.md).
 //!
@@ -28,14 +30,18 @@ pub mod authorize;
 pub mod chain;
 pub mod dir;
 pub mod dirty;
+pub mod files;
 #[cfg(test)]
 mod fuzz_seeds;
+pub mod host_resource;
 pub mod integrity;
 pub mod job;
 pub mod live;
+pub mod loaded_snapshot;
 pub mod manifest;
 pub mod memory_file;
 pub mod memory_lock;
+pub mod merge;
 pub mod progress;
 pub mod resources;
 pub mod restore;

@@ -33,10 +33,12 @@ use super::auth::{Authentication, SnapshotKey};
 use super::authorize::{AuthorizeError, RestorePlan};
 use super::chain::{layer_file, layer_region, ChainError, Layer};
 use super::dir::{DirError, SnapshotDir, SnapshotFile};
-use super::manifest::{self, ManifestError, SnapshotManifest};
+use super::host_resource::HostResource;
+use super::loaded_snapshot::LoadedSnapshot;
+use super::manifest::{self, ManifestError};
 use super::memory_file::{copy_sparse, MemoryFileError};
-use super::resources::{self, HostResource};
-use super::state_file::{self, SnapshotState, StateFileError, MAX_STATE_FILE_BYTES};
+use super::resources;
+use super::state_file::{self, StateFileError, MAX_STATE_FILE_BYTES};
 use crate::builder::{
     create_legacy_devices, create_pci_devices, create_vcpus, create_vm, BuildError, BuiltVm,
     VcpuStart, VmEvents, VmParts,
@@ -201,23 +203,6 @@ pub fn memory_mode(
         (None, Some(_)) => Ok(MemoryMode::Copy),
         (None, None) => Ok(MemoryMode::Cow),
     }
-}
-
-/// A snapshot directory whose manifest and state have been read and checked.
-#[derive(Debug)]
-pub struct LoadedSnapshot {
-    /// The directory.
-    pub dir: PathBuf,
-    /// Its manifest.
-    pub manifest: SnapshotManifest,
-    /// Its decoded state.
-    pub state: SnapshotState,
-    /// Its memory files, one per region, opened inside the directory and size-checked.
-    pub memory_files: Vec<SnapshotFile>,
-    /// Every host resource it names (equal to the manifest's list).
-    pub resources: Vec<HostResource>,
-    /// Whether it is authenticated as this user's.
-    pub authentication: Authentication,
 }
 
 /// Refuses guest RAM larger than the host's: restored RAM is a memfd (copy) or private

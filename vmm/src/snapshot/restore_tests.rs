@@ -4,8 +4,8 @@
 use super::*;
 use crate::snapshot::auth::KEY_BYTES;
 use crate::snapshot::authorize::{authorize, ResourceOverrides};
-use crate::snapshot::manifest::{MANIFEST_FILE, STATE_FILE};
-use crate::snapshot::state_file::{encode, tests::sample_state};
+use crate::snapshot::manifest::{SnapshotManifest, MANIFEST_FILE, STATE_FILE};
+use crate::snapshot::state_file::{encode, tests::sample_state, SnapshotState};
 
 /// The key the samples are sealed with ("this user's").
 pub(super) fn test_key() -> SnapshotKey {

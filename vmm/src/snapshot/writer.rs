@@ -14,11 +14,8 @@
 //! the caller paused it and gathered the state.
 
 use std::ffi::CString;
-use std::fs::{File, OpenOptions};
-use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
@@ -26,19 +23,19 @@ use std::time::Instant;
 use thiserror::Error;
 
 use super::auth::{default_key_path, SnapshotKey};
-use super::chain::data_bytes;
 use super::dirty::{write_pages, PageBitmap, DIRTY_PAGE};
+use super::files::{create_file, data_bytes, fsync_dir, io, write_file, FileError};
 use super::integrity;
 use super::manifest::{
     MemoryRegionEntry, SnapshotManifest, StateFileEntry, MANIFEST_FILE, STATE_FILE,
 };
 use super::memory_file::{
     copy_sparse_counted, data_extent_bytes, hard_link, overlay_private_pages, reflink, CopyMethod,
-    MemoryFileError, PrivateMapping,
+    MemoryFileError,
 };
 use super::progress::SnapshotProgress;
 use super::{resources, state_file};
-use crate::memory::ShareableRegion;
+use crate::memory::{RegionMapping, ShareableRegion};
 
 /// hugetlbfs's `statfs.f_type`.
 const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
@@ -62,16 +59,8 @@ pub enum WriteError {
         source: std::io::Error,
     },
     /// A file or directory operation failed.
-    #[error("cannot {op} {path}")]
-    Io {
-        /// What was being done.
-        op: &'static str,
-        /// On which path.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    File(#[from] FileError),
     /// Copying a memory region failed.
     #[error("cannot write memory region at {guest_address:#x} to {path}")]
     Memory {
@@ -83,17 +72,6 @@ pub enum WriteError {
         #[source]
         source: MemoryFileError,
     },
-}
-
-pub(super) fn io<'a>(
-    op: &'static str,
-    path: &'a Path,
-) -> impl FnOnce(std::io::Error) -> WriteError + 'a {
-    move |source| WriteError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
 }
 
 /// What one region's memory file holds and how it was made.
@@ -151,7 +129,7 @@ pub enum MemorySource {
     /// mapping, whose own pages are written over the file's data; empty for shared RAM.
     Full {
         /// The private mappings.
-        private: Vec<PrivateMapping>,
+        private: Vec<RegionMapping>,
         /// The VM ends with this snapshot and nothing writes its memory again, so a backing that
         /// is a file of its own may become the memory file itself.
         link: bool,
@@ -159,7 +137,7 @@ pub enum MemorySource {
     /// A diff: only these pages of each region, from its mapping in this process.
     Pages {
         /// Each region's mapping.
-        mappings: Vec<PrivateMapping>,
+        mappings: Vec<RegionMapping>,
         /// Each region's pages.
         pages: Vec<PageBitmap>,
     },
@@ -190,7 +168,7 @@ pub fn reserve(dir: &Path) -> Result<PathBuf, WriteError> {
             path: dir.to_path_buf(),
             source: e,
         }),
-        Err(e) => Err(io("create", &temp)(e)),
+        Err(e) => Err(io("create", &temp)(e).into()),
     }
 }
 
@@ -254,27 +232,22 @@ fn write_inner(
         let report = match &memory {
             MemorySource::Full { private, link } => {
                 let copy = RegionCopy {
-                    private: private.get(i).copied(),
+                    private: private.get(i),
                     link: *link,
                     cancel,
                     progress: Some(progress),
                 };
-                // SAFETY: the caller keeps the private mappings alive and unwritten (VM paused)
-                // until the write ends (`MemorySource::Full`).
-                unsafe { write_region(region, &copy, &path, name) }?
+                write_region(region, &copy, &path, name)?
             }
-            // SAFETY: as above, for the mappings the pages are read from.
-            MemorySource::Pages { mappings, pages } => unsafe {
-                write_dirty_region(
-                    region,
-                    mappings.get(i),
-                    pages.get(i),
-                    &path,
-                    name,
-                    cancel,
-                    progress,
-                )
-            }?,
+            MemorySource::Pages { mappings, pages } => write_dirty_region(
+                region,
+                mappings.get(i),
+                pages.get(i),
+                &path,
+                name,
+                cancel,
+                progress,
+            )?,
             MemorySource::Written(_) => written.next().ok_or_else(|| {
                 io("find the copied memory file", &path)(std::io::Error::from_raw_os_error(
                     libc::ENOENT,
@@ -352,32 +325,31 @@ fn describe_and_seal(
     Ok(())
 }
 
-/// A diff's memory file: as long as the region, holding only `pages`, holes elsewhere.
-///
-/// # Safety
-/// `mapping` must be a live mapping of `region` that stays mapped during the call.
-unsafe fn write_dirty_region(
+/// A diff's memory file: as long as the region, holding only `pages` (read from `mapping`, the
+/// region's mapping), holes elsewhere.
+fn write_dirty_region(
     region: &ShareableRegion,
-    mapping: Option<&PrivateMapping>,
+    mapping: Option<&RegionMapping>,
     pages: Option<&PageBitmap>,
     path: &Path,
     name: String,
     cancel: &AtomicBool,
     progress: &SnapshotProgress,
 ) -> Result<RegionReport, WriteError> {
-    let (Some(&mapping), Some(pages)) = (mapping, pages) else {
-        return Err(io("find the dirty pages for", path)(
+    let (Some(mapping), Some(pages)) = (mapping, pages) else {
+        return Err(WriteError::from(io("find the dirty pages for", path)(
             std::io::Error::from_raw_os_error(libc::EINVAL),
-        ));
+        )));
     };
     let dst = create_file(path)?;
     dst.set_len(region.size).map_err(io("size", path))?;
-    // SAFETY: guaranteed by the caller.
-    let copied_bytes = unsafe { write_pages(mapping, pages, &dst, cancel, Some(progress)) }
-        .map_err(|source| WriteError::Memory {
-            guest_address: region.guest_address,
-            path: path.to_path_buf(),
-            source,
+    let copied_bytes =
+        write_pages(mapping, pages, &dst, cancel, Some(progress)).map_err(|source| {
+            WriteError::Memory {
+                guest_address: region.guest_address,
+                path: path.to_path_buf(),
+                source,
+            }
         })?;
     Ok(RegionReport {
         guest_address: region.guest_address,
@@ -391,8 +363,9 @@ unsafe fn write_dirty_region(
 /// How one region's memory file is made (`write_region`).
 pub(super) struct RegionCopy<'a> {
     /// For RAM mapped copy-on-write: the region's private mapping, whose own pages are written
-    /// over the file's data.
-    pub private: Option<PrivateMapping>,
+    /// over the file's data. Nobody writes it during the copy (the VM is paused), or the dirty
+    /// log records the writes (a live snapshot's first pass).
+    pub private: Option<&'a RegionMapping>,
     /// The VM ends with the snapshot: the backing may be hard-linked.
     pub link: bool,
     /// Set when the VM ends mid-copy.
@@ -430,11 +403,7 @@ pub(super) fn expect_touched(
 /// its own, on the same filesystem), else reflinked, else copied sparsely; a private mapping's
 /// own pages are then written over it. Not fsynced: the caller seals the file when it is
 /// complete (`integrity::seal`).
-///
-/// # Safety
-/// `copy.private`, if given, must be a live mapping of `region` that nobody writes during the
-/// call (or, for a live snapshot's first pass, whose writes meanwhile the dirty log records).
-pub(super) unsafe fn write_region(
+pub(super) fn write_region(
     region: &ShareableRegion,
     copy: &RegionCopy<'_>,
     path: &Path,
@@ -492,9 +461,8 @@ pub(super) unsafe fn write_region(
         (CopyMethod::SparseCopy, n)
     };
     if let Some(mapping) = copy.private {
-        // SAFETY: guaranteed by the caller.
-        copied_bytes += unsafe { overlay_private_pages(mapping, &dst, copy.cancel, copy.progress) }
-            .map_err(mem_err)?;
+        copied_bytes +=
+            overlay_private_pages(mapping, &dst, copy.cancel, copy.progress).map_err(mem_err)?;
     }
     Ok(RegionReport {
         guest_address: region.guest_address,
@@ -518,29 +486,6 @@ fn page_size(region: &ShareableRegion) -> u64 {
     arch::layout::PAGE_SIZE
 }
 
-pub(super) fn create_file(path: &Path) -> Result<File, WriteError> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(path)
-        .map_err(io("create", path))
-}
-
-pub(super) fn write_file(path: &Path, bytes: &[u8]) -> Result<(), WriteError> {
-    let mut f = create_file(path)?;
-    f.write_all(bytes).map_err(io("write", path))?;
-    f.sync_all().map_err(io("fsync", path))
-}
-
-pub(super) fn fsync_dir(path: &Path) -> Result<(), WriteError> {
-    File::open(path)
-        .and_then(|d| d.sync_all())
-        .map_err(io("fsync directory", path))
-}
-
 fn rename_no_replace(from: &Path, to: &Path) -> Result<(), WriteError> {
     let c = |p: &Path| {
         CString::new(p.as_os_str().as_bytes())
@@ -562,7 +507,7 @@ fn rename_no_replace(from: &Path, to: &Path) -> Result<(), WriteError> {
         if e.raw_os_error() == Some(libc::EEXIST) {
             return Err(WriteError::Exists(to.to_path_buf()));
         }
-        return Err(io("rename into place", to)(e));
+        return Err(io("rename into place", to)(e).into());
     }
     Ok(())
 }
@@ -572,6 +517,7 @@ mod tests {
     use super::*;
     use crate::memory::Mappable;
     use crate::snapshot::manifest;
+    use std::fs::File;
     use std::os::unix::fs::FileExt;
     use std::sync::Arc;
 
@@ -658,8 +604,13 @@ mod tests {
 
     #[test]
     fn every_memory_file_gets_a_checksum_that_verify_checks() {
-        use crate::snapshot::integrity::verify;
         use crate::snapshot::state_file::{encode, tests::sample_state};
+        // Each problem `verify` finds, as the line `snapshot-verify` prints.
+        let verify = |dir: &Path| {
+            let (problems, bytes) = crate::snapshot::integrity::verify(dir, None);
+            let lines: Vec<String> = problems.iter().map(|p| crate::error_chain(p)).collect();
+            (lines, bytes)
+        };
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("snap");
         let temp = reserve(&dir).unwrap();
@@ -676,7 +627,7 @@ mod tests {
             .checksum
             .as_deref()
             .is_some_and(|c| c.starts_with("xxh3-64:"))));
-        let (problems, bytes) = verify(&dir, None);
+        let (problems, bytes) = verify(&dir);
         assert!(problems.is_empty(), "{problems:?}");
         assert!(bytes > 0);
         // One byte of guest memory changed behind the snapshot's back.
@@ -685,7 +636,7 @@ mod tests {
             .open(dir.join("memory-0.bin"))
             .unwrap();
         mem.write_all_at(b"X", 4096).unwrap();
-        let (problems, _) = verify(&dir, None);
+        let (problems, _) = verify(&dir);
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert!(
             problems[0].contains("memory-0.bin has checksum")
@@ -700,7 +651,7 @@ mod tests {
             .open(dir.join(STATE_FILE))
             .unwrap();
         state.set_len(10).unwrap();
-        let (problems, _) = verify(&dir, None);
+        let (problems, _) = verify(&dir);
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(
             problems[0].contains("state file") && problems[0].contains("but the manifest says")

@@ -650,7 +650,7 @@ fn without_log_shmfd_or_log_all_the_device_keeps_no_dirty_log() {
         script.features |= features;
         script.protocol |= protocol;
         let (dev, _backend) = device(script, usize::MAX, &events);
-        let why = dev.dirty_log().err().unwrap();
+        let why = dev.dirty_log().err().unwrap().to_string();
         assert!(
             why.contains("keeps no dirty log") && why.contains(missing),
             "{why}"

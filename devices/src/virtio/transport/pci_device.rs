@@ -41,8 +41,8 @@ use crate::pci::config_space::{
 use crate::pci::msix::{MsiRouteUpdater, Msix, MsixError, MSIX_CAPABILITY_ID, MSIX_ENTRY_SIZE};
 use crate::pci::PciDevice;
 use crate::virtio::device::{
-    ActivateContext, ActivatedQueue, DeviceDirtyLog, DeviceSignals, EventLoop, GuestMemoryMmap,
-    QueueProgress, VirtioDevice,
+    ActivateContext, ActivatedQueue, DeviceDirtyLog, DeviceSignals, DirtyLogError, EventLoop,
+    GuestMemoryMmap, QueueProgress, VirtioDevice,
 };
 
 /// PCI vendor ID of virtio devices.
@@ -529,7 +529,7 @@ impl VirtioPciDevice {
     }
 
     /// The device's own dirty log (`VirtioDevice::dirty_log`), or why it has none.
-    pub fn dirty_log(&self) -> Result<Arc<dyn DeviceDirtyLog>, String> {
+    pub fn dirty_log(&self) -> Result<Arc<dyn DeviceDirtyLog>, DirtyLogError> {
         self.device.dirty_log()
     }
 

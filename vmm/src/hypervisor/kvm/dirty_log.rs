@@ -74,7 +74,7 @@ impl KvmDirtyLog {
         let borrowed = unsafe { BorrowedFd::borrow_raw(vm.as_raw_fd()) };
         let owned = borrowed
             .try_clone_to_owned()
-            .map_err(|e| HypervisorError::op("duplicating the VM descriptor", e))?;
+            .map_err(HypervisorError::DuplicateVm)?;
         Ok(Self {
             vm: File::from(owned),
             slots,
@@ -95,10 +95,11 @@ impl KvmDirtyLog {
         // mapped); only its flags change.
         let rc = unsafe { ioctl_with_ref(&self.vm, KVM_SET_USER_MEMORY_REGION(), &region) };
         if rc < 0 {
-            return Err(HypervisorError::op(
-                "KVM_SET_USER_MEMORY_REGION (dirty logging)",
-                std::io::Error::last_os_error(),
-            ));
+            return Err(HypervisorError::DirtyLogging {
+                slot: s.slot,
+                on: flags & KVM_MEM_LOG_DIRTY_PAGES != 0,
+                source: std::io::Error::last_os_error(),
+            });
         }
         Ok(())
     }
@@ -117,10 +118,10 @@ impl KvmDirtyLog {
         // outlives the call.
         let rc = unsafe { ioctl_with_ref(&self.vm, KVM_GET_DIRTY_LOG(), &log) };
         if rc < 0 {
-            return Err(HypervisorError::op(
-                "KVM_GET_DIRTY_LOG",
-                std::io::Error::last_os_error(),
-            ));
+            return Err(HypervisorError::GetDirtyLog {
+                slot: s.slot,
+                source: std::io::Error::last_os_error(),
+            });
         }
         Ok(bitmap)
     }
@@ -154,10 +155,7 @@ impl DirtyLog for KvmDirtyLog {
 
     fn take_dirty_pages(&self) -> Result<Vec<SlotDirtyPages>> {
         if !self.is_tracking() {
-            return Err(HypervisorError::op(
-                "KVM_GET_DIRTY_LOG",
-                std::io::Error::other("dirty page tracking is off"),
-            ));
+            return Err(HypervisorError::TrackingOff);
         }
         let slots = self
             .slots

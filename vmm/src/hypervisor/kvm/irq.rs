@@ -36,10 +36,6 @@ ioctl_iow_nr!(
     kvm_bindings::kvm_irq_routing
 );
 
-fn invalid(op: &'static str) -> HypervisorError {
-    HypervisorError::op(op, std::io::Error::from_raw_os_error(libc::EINVAL))
-}
-
 /// Binds (or with `deassign`, unbinds) `event` to guest writes of any width at MMIO `address`,
 /// with no data match. KVM finds the binding to remove by eventfd, address, length, data match
 /// and flags, so an unbind must be made with the same values as the bind: both come from here.
@@ -61,14 +57,11 @@ fn mmio_ioevent(vm: &File, event: &EventFd, address: u64, deassign: bool) -> Res
     // reference to the eventfd).
     let rc = unsafe { ioctl_with_ref(vm, KVM_IOEVENTFD(), &arg) };
     if rc < 0 {
-        return Err(HypervisorError::op(
-            if deassign {
-                "KVM_IOEVENTFD (deassign)"
-            } else {
-                "KVM_IOEVENTFD"
-            },
-            std::io::Error::last_os_error(),
-        ));
+        return Err(HypervisorError::IoEvent {
+            address,
+            deassign,
+            source: std::io::Error::last_os_error(),
+        });
     }
     Ok(())
 }
@@ -115,8 +108,8 @@ fn default_routes() -> Vec<kvm_irq_routing_entry> {
 
 /// The full routing table: the default routes, then one entry per MSI route.
 fn routing_table(routes: &[MsiRoute]) -> Result<Vec<kvm_irq_routing_entry>> {
-    if routes.iter().any(|r| r.gsi < FIRST_MSI_GSI) {
-        return Err(invalid("KVM_SET_GSI_ROUTING (MSI route on an irqchip pin)"));
+    if let Some(r) = routes.iter().find(|r| r.gsi < FIRST_MSI_GSI) {
+        return Err(HypervisorError::MsiRouteOnPin { gsi: r.gsi });
     }
     let mut table = default_routes();
     table.extend(routes.iter().map(msi_entry));
@@ -126,10 +119,13 @@ fn routing_table(routes: &[MsiRoute]) -> Result<Vec<kvm_irq_routing_entry>> {
 /// Installs the default routes plus `routes`.
 pub(super) fn set_msi_routes(vm: &VmFd, routes: &[MsiRoute]) -> Result<()> {
     let table = routing_table(routes)?;
-    let routing = KvmIrqRouting::from_entries(&table)
-        .map_err(|_| invalid("KVM_SET_GSI_ROUTING (too many routes)"))?;
+    let routing =
+        KvmIrqRouting::from_entries(&table).map_err(|_| HypervisorError::ListTooLong {
+            what: "interrupt routes",
+            count: table.len(),
+        })?;
     vm.set_gsi_routing(&routing)
-        .map_err(|e| HypervisorError::op("KVM_SET_GSI_ROUTING", e))
+        .map_err(|e| HypervisorError::ioctl("KVM_SET_GSI_ROUTING", e))
 }
 
 /// A duplicate of the VM's descriptor, so a handle can be shared with device models on any
@@ -139,7 +135,7 @@ fn duplicate(vm: &VmFd) -> Result<File> {
     let borrowed = unsafe { BorrowedFd::borrow_raw(vm.as_raw_fd()) };
     let owned = borrowed
         .try_clone_to_owned()
-        .map_err(|e| HypervisorError::op("duplicating the VM descriptor", e))?;
+        .map_err(HypervisorError::DuplicateVm)?;
     Ok(File::from(owned))
 }
 
@@ -181,14 +177,17 @@ impl KvmMsiRouting {
 impl MsiRouting for KvmMsiRouting {
     fn set_msi_routes(&self, routes: &[MsiRoute]) -> Result<()> {
         let table = routing_table(routes)?;
-        let routing = KvmIrqRouting::from_entries(&table)
-            .map_err(|_| invalid("KVM_SET_GSI_ROUTING (too many routes)"))?;
+        let routing =
+            KvmIrqRouting::from_entries(&table).map_err(|_| HypervisorError::ListTooLong {
+                what: "interrupt routes",
+                count: table.len(),
+            })?;
         // SAFETY: `self.vm` is a KVM VM descriptor; the kernel reads the routing header and its
         // `nr` entries, which `routing` holds.
         let rc =
             unsafe { ioctl_with_ref(&self.vm, KVM_SET_GSI_ROUTING(), routing.as_fam_struct_ref()) };
         if rc < 0 {
-            return Err(HypervisorError::op(
+            return Err(HypervisorError::ioctl(
                 "KVM_SET_GSI_ROUTING",
                 std::io::Error::last_os_error(),
             ));
@@ -240,11 +239,15 @@ mod tests {
             (msi.address_lo, msi.address_hi, msi.data),
             (0xfee0_1000, 1, 0x4041)
         );
-        assert!(routing_table(&[MsiRoute {
+        let refused = routing_table(&[MsiRoute {
             gsi: 23,
             address: 0,
-            data: 0
+            data: 0,
         }])
-        .is_err());
+        .unwrap_err();
+        assert!(
+            refused.to_string().contains("GSI 23"),
+            "the message names the GSI: {refused}"
+        );
     }
 }

@@ -40,7 +40,10 @@ impl KvmHypervisor {
             libc::EACCES | libc::EPERM => HypervisorError::NoPermission {
                 path: KVM_PATH.into(),
             },
-            errno => HypervisorError::op("opening /dev/kvm", io::Error::from_raw_os_error(errno)),
+            errno => HypervisorError::Open {
+                path: KVM_PATH.into(),
+                source: io::Error::from_raw_os_error(errno),
+            },
         })?;
         for (cap, name) in [
             (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
@@ -64,7 +67,7 @@ impl Hypervisor for KvmHypervisor {
         let fd = self
             .kvm
             .create_vm()
-            .map_err(|e| HypervisorError::op("KVM_CREATE_VM", e))?;
+            .map_err(|e| HypervisorError::ioctl("KVM_CREATE_VM", e))?;
         Ok(Box::new(KvmVm::new(fd)))
     }
 
@@ -80,7 +83,7 @@ impl Hypervisor for KvmHypervisor {
         let cpuid = self
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| HypervisorError::op("KVM_GET_SUPPORTED_CPUID", e))?;
+            .map_err(|e| HypervisorError::ioctl("KVM_GET_SUPPORTED_CPUID", e))?;
         Ok(cpuid
             .as_slice()
             .iter()

@@ -8,7 +8,7 @@ use crate::hypervisor::state::MsrValue;
 use crate::hypervisor::{HypervisorError, Result};
 
 fn op(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> HypervisorError {
-    move |e| HypervisorError::op(what, e)
+    move |e| HypervisorError::ioctl(what, e)
 }
 
 /// Reads every MSR in `indices` that KVM can read. KVM_GET_MSRS stops at the first MSR it
@@ -26,11 +26,9 @@ pub(super) fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<MsrValue>> {
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|_| {
-            HypervisorError::op(
-                "building the MSR list",
-                std::io::Error::from_raw_os_error(libc::E2BIG),
-            )
+        let mut msrs = Msrs::from_entries(&entries).map_err(|_| HypervisorError::ListTooLong {
+            what: "MSRs",
+            count: entries.len(),
         })?;
         let n = fd.get_msrs(&mut msrs).map_err(op("KVM_GET_MSRS"))?;
         out.extend(msrs.as_slice().iter().take(n).map(|m| MsrValue {
@@ -54,19 +52,17 @@ pub(super) fn write_msrs(fd: &VcpuFd, msrs: &[MsrValue]) -> Result<()> {
                 ..Default::default()
             })
             .collect();
-        let list = Msrs::from_entries(&entries).map_err(|_| {
-            HypervisorError::op(
-                "building the MSR list",
-                std::io::Error::from_raw_os_error(libc::E2BIG),
-            )
+        let list = Msrs::from_entries(&entries).map_err(|_| HypervisorError::ListTooLong {
+            what: "MSRs",
+            count: entries.len(),
         })?;
         let written = fd.set_msrs(&list).map_err(op("KVM_SET_MSRS"))?;
         if written != entries.len() {
-            let index = entries.get(written).map_or(0, |e| e.index);
-            return Err(HypervisorError::op(
-                "KVM_SET_MSRS",
-                std::io::Error::other(format!("the host refused saved MSR {index:#x}")),
-            ));
+            let refused = entries.get(written);
+            return Err(HypervisorError::MsrRefused {
+                index: refused.map_or(0, |e| e.index),
+                data: refused.map_or(0, |e| e.data),
+            });
         }
     }
     Ok(())

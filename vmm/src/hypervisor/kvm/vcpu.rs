@@ -62,7 +62,7 @@ impl Vcpu for KvmVcpu {
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 Ok(VcpuExit::Interrupted)
             }
-            Err(e) => Err(HypervisorError::op("KVM_RUN", e)),
+            Err(e) => Err(HypervisorError::ioctl("KVM_RUN", e)),
         }
     }
 
@@ -93,21 +93,21 @@ impl Vcpu for KvmVcpu {
         let r = self
             .fd
             .get_regs()
-            .map_err(|e| HypervisorError::op("KVM_GET_REGS", e))?;
+            .map_err(|e| HypervisorError::ioctl("KVM_GET_REGS", e))?;
         Ok(convert::regs_from_kvm(&r))
     }
 
     fn set_regs(&self, regs: &StandardRegisters) -> Result<()> {
         self.fd
             .set_regs(&convert::regs_to_kvm(regs))
-            .map_err(|e| HypervisorError::op("KVM_SET_REGS", e))
+            .map_err(|e| HypervisorError::ioctl("KVM_SET_REGS", e))
     }
 
     fn sregs(&self) -> Result<SpecialRegisters> {
         let s = self
             .fd
             .get_sregs()
-            .map_err(|e| HypervisorError::op("KVM_GET_SREGS", e))?;
+            .map_err(|e| HypervisorError::ioctl("KVM_GET_SREGS", e))?;
         Ok(convert::sregs_from_kvm(&s))
     }
 
@@ -115,23 +115,22 @@ impl Vcpu for KvmVcpu {
         let base = self
             .fd
             .get_sregs()
-            .map_err(|e| HypervisorError::op("KVM_GET_SREGS", e))?;
+            .map_err(|e| HypervisorError::ioctl("KVM_GET_SREGS", e))?;
         self.fd
             .set_sregs(&convert::sregs_to_kvm(sregs, &base))
-            .map_err(|e| HypervisorError::op("KVM_SET_SREGS", e))
+            .map_err(|e| HypervisorError::ioctl("KVM_SET_SREGS", e))
     }
 
     fn set_cpuid(&self, entries: &[CpuidEntry]) -> Result<()> {
         let kvm_entries: Vec<_> = entries.iter().map(convert::cpuid_to_kvm).collect();
-        let cpuid = CpuId::from_entries(&kvm_entries).map_err(|_| {
-            HypervisorError::op(
-                "building the CPUID list",
-                std::io::Error::from_raw_os_error(libc::E2BIG),
-            )
-        })?;
+        let cpuid =
+            CpuId::from_entries(&kvm_entries).map_err(|_| HypervisorError::ListTooLong {
+                what: "CPUID leaves",
+                count: kvm_entries.len(),
+            })?;
         self.fd
             .set_cpuid2(&cpuid)
-            .map_err(|e| HypervisorError::op("KVM_SET_CPUID2", e))
+            .map_err(|e| HypervisorError::ioctl("KVM_SET_CPUID2", e))
     }
 
     fn set_msrs(&self, msrs: &[MsrEntry]) -> Result<()> {
@@ -154,14 +153,14 @@ impl Vcpu for KvmVcpu {
         };
         self.fd
             .set_fpu(&fpu)
-            .map_err(|e| HypervisorError::op("KVM_SET_FPU", e))
+            .map_err(|e| HypervisorError::ioctl("KVM_SET_FPU", e))
     }
 
     fn setup_lapic_lint(&self) -> Result<()> {
         let mut lapic = self
             .fd
             .get_lapic()
-            .map_err(|e| HypervisorError::op("KVM_GET_LAPIC", e))?;
+            .map_err(|e| HypervisorError::ioctl("KVM_GET_LAPIC", e))?;
         let lint0 = lapic_reg(&lapic.regs, APIC_LVT_LINT0);
         set_lapic_reg(
             &mut lapic.regs,
@@ -176,7 +175,7 @@ impl Vcpu for KvmVcpu {
         );
         self.fd
             .set_lapic(&lapic)
-            .map_err(|e| HypervisorError::op("KVM_SET_LAPIC", e))
+            .map_err(|e| HypervisorError::ioctl("KVM_SET_LAPIC", e))
     }
 }
 

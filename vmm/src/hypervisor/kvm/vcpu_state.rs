@@ -42,12 +42,16 @@ pub fn read_host_facts() -> Result<()> {
 }
 
 fn host_facts() -> Result<&'static HostFacts> {
-    static FACTS: OnceLock<std::result::Result<HostFacts, String>> = OnceLock::new();
+    // The failure is kept as what failed and the errno (`HypervisorError` is not `Clone`), so
+    // every caller gets the same error; `None` is opening the device.
+    static FACTS: OnceLock<
+        std::result::Result<HostFacts, (Option<&'static str>, kvm_ioctls::Error)>,
+    > = OnceLock::new();
     let facts = FACTS.get_or_init(|| {
-        let kvm = Kvm::new().map_err(|e| format!("opening /dev/kvm: {e}"))?;
+        let kvm = Kvm::new().map_err(|e| (None, e))?;
         let msr_indices = kvm
             .get_msr_index_list()
-            .map_err(|e| format!("KVM_GET_MSR_INDEX_LIST: {e}"))?
+            .map_err(|e| (Some("KVM_GET_MSR_INDEX_LIST"), e))?
             .as_slice()
             .to_vec();
         let xsave2 = kvm.check_extension_int(Cap::Xsave2);
@@ -57,16 +61,17 @@ fn host_facts() -> Result<&'static HostFacts> {
             nested_state: kvm.check_extension(Cap::NestedState),
         })
     });
-    facts.as_ref().map_err(|e| {
-        HypervisorError::op(
-            "reading the host's vCPU state facts",
-            std::io::Error::other(e.clone()),
-        )
+    facts.as_ref().map_err(|&(ioctl, errno)| match ioctl {
+        Some(ioctl) => HypervisorError::ioctl(ioctl, errno),
+        None => HypervisorError::Open {
+            path: "/dev/kvm".into(),
+            source: errno.into(),
+        },
     })
 }
 
 fn op(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> HypervisorError {
-    move |e| HypervisorError::op(what, e)
+    move |e| HypervisorError::ioctl(what, e)
 }
 
 impl VcpuSnapshot for KvmVcpu {
@@ -133,9 +138,12 @@ impl VcpuSnapshot for KvmVcpu {
     fn restore_state(&self, state: &VcpuState) -> Result<()> {
         let fd = &self.fd;
         let facts = host_facts()?;
-        state.validate().map_err(|e| {
-            HypervisorError::op("checking the saved vCPU state", std::io::Error::other(e))
-        })?;
+        state
+            .validate()
+            .map_err(|e| HypervisorError::InvalidState {
+                what: "vCPU",
+                source: Box::new(e),
+            })?;
         // 1. CPUID first: it decides which MSRs, XSAVE components and CR4 bits KVM accepts below.
         let cpuid: Vec<_> = state
             .cpuid
@@ -143,10 +151,10 @@ impl VcpuSnapshot for KvmVcpu {
             .map(|l| convert::cpuid_to_kvm(&l.into()))
             .collect();
         let cpuid = kvm_bindings::CpuId::from_entries(&cpuid).map_err(|_| {
-            HypervisorError::op(
-                "building the CPUID list",
-                std::io::Error::from_raw_os_error(libc::E2BIG),
-            )
+            HypervisorError::ListTooLong {
+                what: "CPUID leaves",
+                count: cpuid.len(),
+            }
         })?;
         fd.set_cpuid2(&cpuid).map_err(op("KVM_SET_CPUID2"))?;
         // 2. TSC frequency before the TSC value, so the restored TSC counts at the saved rate.
@@ -232,12 +240,7 @@ fn new_xsave(size: usize) -> Result<Xsave> {
     let extra = size
         .saturating_sub(std::mem::size_of::<kvm_xsave>())
         .div_ceil(std::mem::size_of::<u32>());
-    Xsave::new(extra).map_err(|_| {
-        HypervisorError::op(
-            "allocating the XSAVE area",
-            std::io::Error::from_raw_os_error(libc::ENOMEM),
-        )
-    })
+    Xsave::new(extra).map_err(|_| HypervisorError::XsaveAllocation { size })
 }
 
 fn write_xsave(fd: &VcpuFd, facts: &HostFacts, bytes: &[u8]) -> Result<()> {
@@ -274,14 +277,12 @@ fn restore_tsc_khz(fd: &VcpuFd, saved: u32) -> Result<()> {
     };
     let diff = u64::from(current.abs_diff(saved));
     if diff * 1_000_000 > u64::from(saved) * TSC_KHZ_TOLERANCE_PPM {
-        fd.set_tsc_khz(saved).map_err(|e| {
-            HypervisorError::op(
-                "KVM_SET_TSC_KHZ",
-                std::io::Error::other(format!(
-                    "cannot run the saved guest's TSC at {saved} kHz on this host ({current} kHz): {e}"
-                )),
-            )
-        })?;
+        fd.set_tsc_khz(saved)
+            .map_err(|e| HypervisorError::TscFrequency {
+                saved_khz: saved,
+                host_khz: current,
+                source: e.into(),
+            })?;
     }
     Ok(())
 }
@@ -293,12 +294,7 @@ fn check_nested_state(fd: &VcpuFd, skipped: &mut SkippedState) -> Result<()> {
     let mut buffer = KvmNestedStateBuffer::empty();
     match fd.nested_state(&mut buffer) {
         Ok(None) => Ok(()),
-        Ok(Some(_)) => Err(HypervisorError::op(
-            "KVM_GET_NESTED_STATE",
-            std::io::Error::other(
-                "the guest runs a nested guest; saving nested virtualization state is not supported",
-            ),
-        )),
+        Ok(Some(_)) => Err(HypervisorError::NestedGuest),
         Err(e) => {
             skipped.push(format!(
                 "nested virtualization state (KVM_GET_NESTED_STATE: {e})"

@@ -62,8 +62,14 @@ impl Vm for KvmVm {
             userspace_addr: host_address,
         };
         // SAFETY: the caller guarantees the host range is a live mapping that outlives the VM.
-        unsafe { self.fd.set_user_memory_region(region) }
-            .map_err(|e| HypervisorError::op("KVM_SET_USER_MEMORY_REGION", e))?;
+        unsafe { self.fd.set_user_memory_region(region) }.map_err(|e| {
+            HypervisorError::MapMemory {
+                slot,
+                guest_address,
+                size,
+                source: e.into(),
+            }
+        })?;
         record_slot(
             &self.slots,
             Slot {
@@ -79,10 +85,10 @@ impl Vm for KvmVm {
     fn create_platform_devices(&self) -> Result<()> {
         self.fd
             .set_tss_address(KVM_TSS_ADDRESS)
-            .map_err(|e| HypervisorError::op("KVM_SET_TSS_ADDR", e))?;
+            .map_err(|e| HypervisorError::ioctl("KVM_SET_TSS_ADDR", e))?;
         self.fd
             .create_irq_chip()
-            .map_err(|e| HypervisorError::op("KVM_CREATE_IRQCHIP", e))?;
+            .map_err(|e| HypervisorError::ioctl("KVM_CREATE_IRQCHIP", e))?;
         // The speaker port is left to a dummy so that Linux's PIT calibration through port 0x61
         // works without a userspace device.
         let pit = kvm_pit_config {
@@ -91,13 +97,16 @@ impl Vm for KvmVm {
         };
         self.fd
             .create_pit2(pit)
-            .map_err(|e| HypervisorError::op("KVM_CREATE_PIT2", e))
+            .map_err(|e| HypervisorError::ioctl("KVM_CREATE_PIT2", e))
     }
 
     fn register_irqfd(&self, event: &EventFd, gsi: u32) -> Result<()> {
         self.fd
             .register_irqfd(event, gsi)
-            .map_err(|e| HypervisorError::op("KVM_IRQFD", e))
+            .map_err(|e| HypervisorError::Irqfd {
+                gsi,
+                source: e.into(),
+            })
     }
 
     fn ioevents(&self) -> Result<Arc<dyn IoEvents>> {
@@ -115,10 +124,13 @@ impl Vm for KvmVm {
     }
 
     fn create_vcpu(&self, index: u32) -> Result<Box<dyn Vcpu>> {
-        let fd = self
-            .fd
-            .create_vcpu(u64::from(index))
-            .map_err(|e| HypervisorError::op("KVM_CREATE_VCPU", e))?;
+        let fd =
+            self.fd
+                .create_vcpu(u64::from(index))
+                .map_err(|e| HypervisorError::CreateVcpu {
+                    index,
+                    source: e.into(),
+                })?;
         Ok(Box::new(KvmVcpu::new(fd)))
     }
 

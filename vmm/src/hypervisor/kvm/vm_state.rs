@@ -18,7 +18,7 @@ fn get_chip(fd: &VmFd, chip_id: u32) -> Result<kvm_irqchip> {
         ..Default::default()
     };
     fd.get_irqchip(&mut chip)
-        .map_err(|e| HypervisorError::op("KVM_GET_IRQCHIP", e))?;
+        .map_err(|e| HypervisorError::ioctl("KVM_GET_IRQCHIP", e))?;
     Ok(chip)
 }
 
@@ -30,11 +30,11 @@ impl VmSnapshot for KvmVm {
         let ioapic = get_chip(fd, KVM_IRQCHIP_IOAPIC)?;
         let pit = fd
             .get_pit2()
-            .map_err(|e| HypervisorError::op("KVM_GET_PIT2", e))?;
+            .map_err(|e| HypervisorError::ioctl("KVM_GET_PIT2", e))?;
         // The clock is read with every vCPU paused, so it is the guest's time at the pause.
         let clock = fd
             .get_clock()
-            .map_err(|e| HypervisorError::op("KVM_GET_CLOCK", e))?;
+            .map_err(|e| HypervisorError::ioctl("KVM_GET_CLOCK", e))?;
         // SAFETY: KVM filled the union member named by `chip_id` (PIC); every member is a plain
         // integer struct, valid for any bit pattern.
         let pic_master = sc::pic_from_kvm(unsafe { &master.chip.pic });
@@ -53,9 +53,12 @@ impl VmSnapshot for KvmVm {
 
     fn restore_devices(&self, state: &VmState) -> Result<()> {
         let fd = &self.fd;
-        state.validate().map_err(|e| {
-            HypervisorError::op("checking the saved VM state", std::io::Error::other(e))
-        })?;
+        state
+            .validate()
+            .map_err(|e| HypervisorError::InvalidState {
+                what: "VM",
+                source: Box::new(e),
+            })?;
         // The chips exist once `create_platform_devices` ran; their state goes in before any
         // vCPU runs, so no interrupt is routed through a half-restored controller.
         let mut chip = kvm_irqchip {
@@ -64,23 +67,23 @@ impl VmSnapshot for KvmVm {
         };
         chip.chip.pic = sc::pic_to_kvm(&state.pic_master);
         fd.set_irqchip(&chip)
-            .map_err(|e| HypervisorError::op("KVM_SET_IRQCHIP (PIC master)", e))?;
+            .map_err(|e| HypervisorError::ioctl("KVM_SET_IRQCHIP (PIC master)", e))?;
         let mut chip = kvm_irqchip {
             chip_id: KVM_IRQCHIP_PIC_SLAVE,
             ..Default::default()
         };
         chip.chip.pic = sc::pic_to_kvm(&state.pic_slave);
         fd.set_irqchip(&chip)
-            .map_err(|e| HypervisorError::op("KVM_SET_IRQCHIP (PIC slave)", e))?;
+            .map_err(|e| HypervisorError::ioctl("KVM_SET_IRQCHIP (PIC slave)", e))?;
         let mut chip = kvm_irqchip {
             chip_id: KVM_IRQCHIP_IOAPIC,
             ..Default::default()
         };
         chip.chip.ioapic = sc::ioapic_to_kvm(&state.ioapic);
         fd.set_irqchip(&chip)
-            .map_err(|e| HypervisorError::op("KVM_SET_IRQCHIP (IOAPIC)", e))?;
+            .map_err(|e| HypervisorError::ioctl("KVM_SET_IRQCHIP (IOAPIC)", e))?;
         fd.set_pit2(&sc::pit_to_kvm(&state.pit))
-            .map_err(|e| HypervisorError::op("KVM_SET_PIT2", e))
+            .map_err(|e| HypervisorError::ioctl("KVM_SET_PIT2", e))
     }
 
     fn restore_clock(&self, state: &VmState) -> Result<()> {
@@ -89,6 +92,6 @@ impl VmSnapshot for KvmVm {
         // saved time (no KVM_CLOCK_REALTIME: the guest sees no jump, as after a pause).
         self.fd
             .set_clock(&sc::clock_to_kvm(&state.clock))
-            .map_err(|e| HypervisorError::op("KVM_SET_CLOCK", e))
+            .map_err(|e| HypervisorError::ioctl("KVM_SET_CLOCK", e))
     }
 }

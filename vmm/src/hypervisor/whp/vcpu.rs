@@ -222,7 +222,7 @@ impl VcpuCanceller {
             )
         }
         .ok()
-        .map_err(|e| HypervisorError::op("WHvCancelRunVirtualProcessor", e))
+        .map_err(|e| HypervisorError::call("WHvCancelRunVirtualProcessor", e))
     }
 }
 
@@ -260,7 +260,7 @@ impl WhpVcpu {
         // SAFETY: the partition is set up and live.
         unsafe { (partition.lib().create_virtual_processor)(partition.handle(), index, 0) }
             .ok()
-            .map_err(|e| HypervisorError::op("WHvCreateVirtualProcessor", e))?;
+            .map_err(|e| HypervisorError::call("WHvCreateVirtualProcessor", e))?;
         let emulator = match Emulator::create(partition.lib_arc()) {
             Ok(e) => e,
             Err(e) => {
@@ -268,7 +268,7 @@ impl WhpVcpu {
                 let _ = unsafe {
                     (partition.lib().delete_virtual_processor)(partition.handle(), index)
                 };
-                return Err(HypervisorError::op("WHvEmulatorCreateEmulator", e));
+                return Err(HypervisorError::call("WHvEmulatorCreateEmulator", e));
             }
         };
         Ok(Self {
@@ -305,7 +305,7 @@ impl WhpVcpu {
         let mut values = vec![WHV_REGISTER_VALUE::default(); names.len()];
         self.vp()
             .get_registers(&names, &mut values)
-            .map_err(|e| HypervisorError::op("WHvGetVirtualProcessorRegisters", e))?;
+            .map_err(|e| HypervisorError::call("WHvGetVirtualProcessorRegisters", e))?;
         Ok(values)
     }
 
@@ -321,7 +321,7 @@ impl WhpVcpu {
     fn set_raw(&self, names: &[WHV_REGISTER_NAME], values: &[WHV_REGISTER_VALUE]) -> Result<()> {
         self.vp()
             .set_registers(names, values)
-            .map_err(|e| HypervisorError::op("WHvSetVirtualProcessorRegisters", e))
+            .map_err(|e| HypervisorError::call("WHvSetVirtualProcessorRegisters", e))
     }
 
     fn write_completion(&self, completion: Completion) -> Result<()> {
@@ -363,7 +363,7 @@ impl WhpVcpu {
         let mut values = [WHV_REGISTER_VALUE::default(); 3];
         self.vp()
             .get_registers(&names, &mut values)
-            .map_err(|e| HypervisorError::op("WHvGetVirtualProcessorRegisters", e))?;
+            .map_err(|e| HypervisorError::call("WHvGetVirtualProcessorRegisters", e))?;
         // SAFETY: the three registers are read as their raw 64-bit images.
         let [rflags, state, pending] = values.map(|v| unsafe { v.Reg64 });
         // The PIC may have withdrawn its request meanwhile; `acknowledge` then gives the
@@ -411,13 +411,13 @@ impl WhpVcpu {
             let access = unsafe { self.exit.Anonymous.IoPortAccess };
             self.emulator
                 .try_io(&context, &self.exit.VpContext, &access)
-                .map_err(|e| HypervisorError::op("WHvEmulatorTryIoEmulation", e))?
+                .map_err(|e| HypervisorError::call("WHvEmulatorTryIoEmulation", e))?
         } else {
             // SAFETY: the exit reason is a memory access, for which WHP fills MemoryAccess.
             let access = unsafe { self.exit.Anonymous.MemoryAccess };
             self.emulator
                 .try_mmio(&context, &self.exit.VpContext, &access)
-                .map_err(|e| HypervisorError::op("WHvEmulatorTryMmioEmulation", e))?
+                .map_err(|e| HypervisorError::call("WHvEmulatorTryMmioEmulation", e))?
         };
         Ok(check_status(status).err())
     }
@@ -453,7 +453,7 @@ impl Vcpu for WhpVcpu {
                 )
             }
             .ok()
-            .map_err(|e| HypervisorError::op("WHvRunVirtualProcessor", e))?;
+            .map_err(|e| HypervisorError::call("WHvRunVirtualProcessor", e))?;
             let raw = raw_exit(&self.exit);
             match VcpuStep::of(&raw) {
                 VcpuStep::EmulateIo => {
@@ -570,7 +570,7 @@ impl Vcpu for WhpVcpu {
         let mut values = [WHV_REGISTER_VALUE::default(); 2];
         self.vp()
             .get_registers(&names, &mut values)
-            .map_err(|e| HypervisorError::op("WHvGetVirtualProcessorRegisters", e))?;
+            .map_err(|e| HypervisorError::call("WHvGetVirtualProcessorRegisters", e))?;
         // SAFETY: these two registers hold the control/status unions; plain data.
         unsafe {
             let fp = &mut values[0].FpControlStatus.Anonymous;
@@ -601,7 +601,7 @@ impl Vcpu for WhpVcpu {
             )
         }
         .ok()
-        .map_err(|e| HypervisorError::op("WHvGetVirtualProcessorInterruptControllerState2", e))?;
+        .map_err(|e| HypervisorError::call("WHvGetVirtualProcessorInterruptControllerState2", e))?;
         set_lint_modes(&mut page);
         // SAFETY: `page` is APIC_PAGE readable bytes.
         unsafe {
@@ -613,7 +613,7 @@ impl Vcpu for WhpVcpu {
             )
         }
         .ok()
-        .map_err(|e| HypervisorError::op("WHvSetVirtualProcessorInterruptControllerState2", e))
+        .map_err(|e| HypervisorError::call("WHvSetVirtualProcessorInterruptControllerState2", e))
     }
 }
 

@@ -119,7 +119,7 @@ fn partition_error(e: PartitionError) -> HypervisorError {
         PartitionError::TooManyVcpus { .. } => "setting the WHP partition's processor count",
         _ => "setting up the WHP partition",
     };
-    HypervisorError::op(what, std::io::Error::other(crate::error_chain(&e)))
+    HypervisorError::call(what, std::io::Error::other(crate::error_chain(&e)))
 }
 
 /// Interrupt delivery for one partition: `WHvRequestInterrupt`, then a wake-up for vCPUs that
@@ -323,7 +323,7 @@ impl Vm for WhpVm {
             )
         }
         .ok()
-        .map_err(|e| HypervisorError::op("WHvMapGpaRange", e))?;
+        .map_err(|e| HypervisorError::call("WHvMapGpaRange", e))?;
         self.mapped
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -345,7 +345,7 @@ impl Vm for WhpVm {
         let clock: Arc<dyn PitClock> = Arc::new(HostClock::default());
         let pit = Arc::new(Mutex::new(Pit::new(clock.clone(), irq0)));
         let timer = PitTimer::start(pit.clone(), clock)
-            .map_err(|e| HypervisorError::op("starting the PIT timer thread", e))?;
+            .map_err(|e| HypervisorError::call("starting the PIT timer thread", e))?;
         *self
             .pit_timer
             .lock()
@@ -358,7 +358,7 @@ impl Vm for WhpVm {
     fn set_msi_routes(&self, routes: &[MsiRoute]) -> Result<()> {
         self.routes
             .set(routes)
-            .map_err(|e| HypervisorError::op("setting MSI routes", std::io::Error::other(e)))
+            .map_err(|e| HypervisorError::call("setting MSI routes", std::io::Error::other(e)))
     }
 
     fn msi_routing(&self) -> Result<Arc<dyn MsiRouting>> {
@@ -372,7 +372,7 @@ impl Vm for WhpVm {
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
         else {
-            return Err(HypervisorError::op(
+            return Err(HypervisorError::call(
                 "creating a WHP vCPU",
                 std::io::Error::other("no buses attached (WhpVm::attach_buses comes first)"),
             ));
@@ -382,7 +382,7 @@ impl Vm for WhpVm {
             .and_then(|i| self.interrupts.wakes.get(i))
             .cloned()
             .ok_or_else(|| {
-                HypervisorError::op(
+                HypervisorError::call(
                     "creating a WHP vCPU",
                     std::io::Error::other(format!(
                         "vCPU {index} is past the partition's {} processors",
@@ -437,7 +437,7 @@ impl MsiRouting for Routing {
     fn set_msi_routes(&self, routes: &[MsiRoute]) -> Result<()> {
         self.0
             .set(routes)
-            .map_err(|e| HypervisorError::op("setting MSI routes", std::io::Error::other(e)))
+            .map_err(|e| HypervisorError::call("setting MSI routes", std::io::Error::other(e)))
     }
 }
 
