@@ -330,3 +330,79 @@ fn ctl_exec_runs_commands_in_a_long_running_agent_vm() {
         .assert_code(2)
         .assert_stderr_has("--agent needs --vsock");
 }
+
+/// One agent-protocol frame (what `agent_protocol` encodes; written out here so the test reads
+/// the bytes the guest sends rather than trusting the same encoder).
+fn frame(kind: u8, request: u32, payload: &[u8]) -> Vec<u8> {
+    let mut f = b"SKAG".to_vec();
+    f.extend_from_slice(&[1, kind, 0, 0]);
+    f.extend_from_slice(&request.to_le_bytes());
+    f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+#[test]
+fn the_agent_protocol_also_runs_on_a_virtio_console_port() {
+    use std::io::{Read, Write};
+    require_kvm();
+    let dir = tempfile::tempdir().expect("dir");
+    let log = dir.path().join("serial.log");
+    // `--console` feeds the virtio console from a terminal on stdin and writes it to stdout;
+    // `--timeout` ends stdout (and so the read below) if the guest never answers.
+    let (master, slave) = skiff_tests::open_pty();
+    let mut vm = Command::new(skiff_bin())
+        .args(["run", "--console", "--timeout", "60", "--kernel"])
+        .arg(testguest())
+        .args(["--cmdline", "agent-console", "--serial"])
+        .arg(format!("file={}", log.display()))
+        .stdin(std::process::Stdio::from(slave))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("skiff");
+    let deadline = Instant::now() + LIMIT;
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("testguest: agent on the console")
+    {
+        assert!(Instant::now() < deadline, "the agent never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut keyboard = std::fs::File::from(master);
+    let mut hello = 1u32.to_le_bytes().to_vec();
+    hello.extend_from_slice(&0u32.to_le_bytes());
+    let mut exec = 0u32.to_le_bytes().to_vec(); // flags
+    exec.extend_from_slice(&0u64.to_le_bytes()); // no timeout
+    exec.extend_from_slice(&0u32.to_le_bytes()); // cwd
+    exec.extend_from_slice(&1u32.to_le_bytes()); // argv: one entry
+    exec.extend_from_slice(&6u32.to_le_bytes());
+    exec.extend_from_slice(b"exit=3");
+    exec.extend_from_slice(&0u32.to_le_bytes()); // env
+    exec.extend_from_slice(&0u32.to_le_bytes()); // stdin
+    keyboard
+        .write_all(&[frame(0x01, 0, &hello), frame(0x02, 1, &exec)].concat())
+        .expect("write frames");
+    // HelloReply, Started, Exit(code 3): read stdout until the Exit frame is complete.
+    let want_exit = frame(0x85, 1, &[0, 3, 0, 0, 0]);
+    let mut out = Vec::new();
+    let mut stdout = vm.stdout.take().expect("stdout");
+    let mut buf = [0u8; 256];
+    while !out.windows(want_exit.len()).any(|w| w == want_exit) {
+        assert!(
+            Instant::now() < deadline,
+            "no Exit frame; got {:?}",
+            String::from_utf8_lossy(&out)
+        );
+        let n = stdout.read(&mut buf).expect("read stdout");
+        assert!(n > 0, "stdout ended: {:?}", String::from_utf8_lossy(&out));
+        out.extend_from_slice(&buf[..n]);
+    }
+    assert!(
+        out.starts_with(&frame(0x81, 0, &[])[..5]),
+        "the first frame is not a HelloReply: {out:?}"
+    );
+    assert!(out.windows(15).any(|w| w == b"skiff-testguest"));
+    let _ = vm.kill();
+    let _ = vm.wait();
+}

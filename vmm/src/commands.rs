@@ -67,7 +67,7 @@ fn more_problems(others: usize) -> String {
 
 /// This user's snapshot key if it exists (restore and inspection never create it: without one,
 /// nothing can be authenticated anyway). A key file that is unusable is an error.
-fn existing_key() -> Result<Option<SnapshotKey>, AuthError> {
+pub(crate) fn existing_key() -> Result<Option<SnapshotKey>, AuthError> {
     match default_key_path() {
         Ok(path) => SnapshotKey::load(&path),
         Err(_) => Ok(None),

@@ -34,6 +34,7 @@
 //! | 204 | the guest broke the agent protocol (garbage on the connection) |
 //! | 205 | virtiofsd is missing, could not start, or died |
 //! | 206 | the agent could not set the command up (e.g. its working directory is missing) |
+//! | 207 | `--snapshot DIR` is not a snapshot `skiff exec` can use (unreadable, no vsock device, no agent listening) |
 //!
 //! A command that does not exist in the guest gives 127, and one that cannot be executed 126,
 //! as a shell does.
@@ -71,6 +72,8 @@ pub const EXEC_GARBAGE: u8 = 204;
 pub const EXEC_VIRTIOFSD: u8 = 205;
 /// `skiff exec`: the agent could not set the command up.
 pub const EXEC_NOT_STARTED: u8 = 206;
+/// `skiff exec --snapshot`: not a snapshot it can use (unreadable, no vsock, no agent).
+pub const EXEC_SNAPSHOT: u8 = 207;
 
 /// Why skiff ended, as `--exit-status-file` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

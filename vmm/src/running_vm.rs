@@ -42,6 +42,8 @@ pub use snapshot::DiffBase;
 
 /// How often a vCPU thread is signalled again until it leaves `KVM_RUN`.
 const KICK_INTERVAL: Duration = Duration::from_millis(1);
+/// How often `stop` looks whether a kicked vCPU thread has returned.
+const STOP_POLL: Duration = Duration::from_micros(50);
 /// How long a pause may take before it is reported as failed.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long saving one vCPU's state may take.
@@ -457,10 +459,16 @@ impl RunningVm {
         for t in self.threads.drain(..) {
             // Parked threads wait on their control block, running ones in KVM_RUN: wake the
             // first, kick the second, until the thread returns.
+            // A kicked thread returns within microseconds: look often, kick again rarely.
+            let mut since_kick = KICK_INTERVAL;
             while !t.handle.is_finished() {
-                t.control.wake();
-                let _ = t.handle.kill(SIGRTMIN());
-                thread::sleep(KICK_INTERVAL);
+                if since_kick >= KICK_INTERVAL {
+                    t.control.wake();
+                    let _ = t.handle.kill(SIGRTMIN());
+                    since_kick = Duration::ZERO;
+                }
+                thread::sleep(STOP_POLL);
+                since_kick += STOP_POLL;
             }
             match t.handle.join() {
                 Ok(d) => detail = detail.or(d),

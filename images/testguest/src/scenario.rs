@@ -17,7 +17,7 @@ pub const EXIT_FAIL: u8 = 33;
 pub const EXIT_PANIC: u8 = 34;
 
 /// Names used in FAIL lines, indexed by `CURRENT`.
-const NAMES: [&str; 32] = [
+const NAMES: [&str; 33] = [
     "boot",
     "hello",
     "memcheck",
@@ -50,6 +50,7 @@ const NAMES: [&str; 32] = [
     "agent",
     "agent-listen",
     "flood",
+    "agent-console",
 ];
 const BOOT: u8 = 0;
 const HELLO: u8 = 1;
@@ -83,6 +84,7 @@ const VSOCK_SNAPSHOT: u8 = 28;
 const AGENT: u8 = 29;
 const AGENT_LISTEN: u8 = 30;
 const FLOOD: u8 = 31;
+const AGENT_CONSOLE: u8 = 32;
 
 /// The scenario now running, for FAIL lines from the exception handler. In `.data.tg_hot` (see
 /// linker.ld).
@@ -203,6 +205,10 @@ pub fn run_all(info: &BootInfo) -> ! {
             b"agent-listen" => {
                 start(AGENT_LISTEN);
                 crate::virtio::agent::listen(info);
+            }
+            b"agent-console" => {
+                start(AGENT_CONSOLE);
+                crate::virtio::agent::console(info);
             }
             b"virtio-bar-move" => {
                 start(VIRTIO_BAR_MOVE);

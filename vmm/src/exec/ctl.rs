@@ -6,7 +6,7 @@
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -55,7 +55,7 @@ fn run_inner(args: &CtlExecArgs) -> SessionEnd {
     {
         return SessionEnd::Internal(format!("--env {bad}: expected KEY=VALUE"));
     }
-    let stream = match connect(args) {
+    let stream = match connect_agent(&args.vsock) {
         Ok(s) => s,
         Err(end) => return end,
     };
@@ -98,12 +98,19 @@ fn interrupted(i: Interrupt) -> SessionEnd {
     }
 }
 
-/// Connects to the agent's port through the vsock device's `CONNECT` handshake.
-fn connect(args: &CtlExecArgs) -> Result<UnixStream, SessionEnd> {
-    let path = args.vsock.display();
+/// Connects to the agent's port behind the vsock socket `vsock` through the device's
+/// `CONNECT` handshake.
+fn connect_agent(vsock: &Path) -> Result<UnixStream, SessionEnd> {
+    let stream = UnixStream::connect(vsock)
+        .map_err(|e| SessionEnd::Internal(format!("cannot connect to {}: {e}", vsock.display())))?;
+    handshake(stream, vsock)
+}
+
+/// The device's `CONNECT 1024` handshake on `stream`, connected to the vsock socket `vsock`
+/// (also `skiff exec --snapshot`, whose session thread may not create sockets).
+pub(super) fn handshake(mut stream: UnixStream, vsock: &Path) -> Result<UnixStream, SessionEnd> {
+    let path = vsock.display();
     let port = agent_protocol::AGENT_PORT;
-    let mut stream = UnixStream::connect(&args.vsock)
-        .map_err(|e| SessionEnd::Internal(format!("cannot connect to {path}: {e}")))?;
     stream
         .set_read_timeout(Some(CONNECT_PATIENCE))
         .and_then(|()| stream.write_all(format!("CONNECT {port}\n").as_bytes()))

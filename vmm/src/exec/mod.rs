@@ -11,12 +11,14 @@
 //! - `initramfs`: the embedded agent and the archive skiff boots.
 //! - `client`: the host side of the agent protocol.
 //! - `ctl`: `skiff ctl exec`, through the agent of a `skiff run --agent` VM.
+//! - `from_snapshot`: `skiff exec --snapshot`, a restored VM whose agent already listens.
 //! - `session`: waiting for the agent and running the command, with the run's end as a value.
 //! - `virtiofsd`: the file-sharing daemons.
 
 pub mod client;
 pub mod cpio;
 pub mod ctl;
+mod from_snapshot;
 pub mod initramfs;
 mod session;
 pub mod virtiofsd;
@@ -39,7 +41,7 @@ use crate::config::{
 use crate::exit_code;
 use crate::memory::backing::BackingKind;
 use crate::memory::MemoryConfig;
-use session::{Session, SessionEnd};
+use session::{AgentLink, Session, SessionEnd};
 use virtiofsd::{find_virtiofsd, Virtiofsd};
 
 /// The guest CID `skiff exec` gives its VM.
@@ -53,8 +55,17 @@ const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 #[derive(Debug, clap::Args)]
 pub struct ExecArgs {
     /// Kernel image: an ELF vmlinux (PVH) or a bzImage.
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "snapshot")]
+    pub kernel: Option<PathBuf>,
+    /// Restore this snapshot of a VM whose agent listens on vsock port 1024 (made with `skiff
+    /// run --agent --vsock ... --api-socket S` and `skiff ctl --api-socket S snapshot DIR
+    /// --stop`) copy-on-write instead of booting, run the command in it, and discard it.
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with_all = ["kernel", "initrd", "cmdline", "cpus", "memory", "boot_timeout", "rootfs", "shares"]
+    )]
+    pub snapshot: Option<PathBuf>,
     /// An initramfs appended to skiff's (which holds the agent).
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
@@ -191,11 +202,31 @@ fn virtiofsd_failed(e: virtiofsd::VirtiofsdError) -> Failure {
     )
 }
 
+/// `--env` entries as bytes, each checked to be `KEY=VALUE`.
+fn env_entries(env: &[String]) -> Result<Vec<Vec<u8>>, Failure> {
+    env.iter()
+        .map(|e| {
+            if e.split_once('=').is_some_and(|(k, _)| !k.is_empty()) {
+                Ok(e.as_bytes().to_vec())
+            } else {
+                Err(setup_failed(format!("--env {e}: expected KEY=VALUE")))
+            }
+        })
+        .collect()
+}
+
 fn run_inner(args: ExecArgs) -> Result<u8, Failure> {
-    if !args.kernel.is_file() {
+    let env = env_entries(&args.env)?;
+    if let Some(dir) = &args.snapshot {
+        return from_snapshot::run(&args, dir, env);
+    }
+    let Some(kernel) = args.kernel.clone() else {
+        return Err(setup_failed("--kernel or --snapshot is needed"));
+    };
+    if !kernel.is_file() {
         return Err(setup_failed(format!(
             "kernel {}: not a readable file",
-            args.kernel.display()
+            kernel.display()
         )));
     }
     let root_dir = match &args.rootfs {
@@ -217,17 +248,6 @@ fn run_inner(args: ExecArgs) -> Result<u8, Failure> {
             )));
         }
     }
-    let env = args
-        .env
-        .iter()
-        .map(|e| {
-            if e.split_once('=').is_some_and(|(k, _)| !k.is_empty()) {
-                Ok(e.as_bytes().to_vec())
-            } else {
-                Err(setup_failed(format!("--env {e}: expected KEY=VALUE")))
-            }
-        })
-        .collect::<Result<Vec<_>, _>>()?;
 
     let run_dir = RunDir::create()?;
     let serial_log = args
@@ -287,16 +307,20 @@ fn run_inner(args: ExecArgs) -> Result<u8, Failure> {
         .map_err(|e| setup_failed(format!("cannot listen on {}: {e}", listener_path.display())))?;
 
     let cfg = VmConfig {
-        kernel: args.kernel.clone(),
+        kernel,
         initrd: Some(initrd),
         cmdline,
         cpus: args.cpus,
-        memory: args.memory.map(|m| m.0).unwrap_or(MemoryConfig {
-            size: DEFAULT_MEMORY,
-            backing: BackingKind::Memfd,
-            prealloc: false,
-            shared_with_snapshot: false,
-        }),
+        memory: args
+            .memory
+            .as_ref()
+            .map(|m| m.0.clone())
+            .unwrap_or(MemoryConfig {
+                size: DEFAULT_MEMORY,
+                backing: BackingKind::Memfd,
+                prealloc: false,
+                shared_with_snapshot: false,
+            }),
         serial: SerialConfig::File(serial_log.clone()),
         timeout: None,
         disks: Vec::new(),
@@ -327,33 +351,14 @@ fn run_inner(args: ExecArgs) -> Result<u8, Failure> {
             .unwrap_or_default(),
         (None, _) => Vec::new(),
     };
-    let spec = client::CommandSpec {
-        argv: args.command.iter().map(|a| a.as_bytes().to_vec()).collect(),
-        env,
-        cwd,
-        timeout: args.timeout,
-        forward_stdin: !std::io::IsTerminal::is_terminal(&std::io::stdin()),
-    };
-    // Stop signals are taken by the VM's loop through a signalfd, so no thread may leave them
-    // unblocked; the session thread inherits this mask.
-    crate::event_loop::block_stop_signals()
-        .map_err(|e| setup_failed(format!("cannot block stop signals: {e}")))?;
     let session = Session {
-        listener,
+        link: AgentLink::Listen(listener),
         exit: exit.clone(),
         boot_timeout: args.boot_timeout.unwrap_or(DEFAULT_BOOT_TIMEOUT),
         serial_log: serial_log.clone(),
-        spec,
+        spec: command_spec(&args, env, cwd),
         daemons,
     };
-    let session_thread = std::thread::Builder::new()
-        .name("exec-session".into())
-        .spawn(move || {
-            crate::sandbox::confine_thread_or_exit(crate::sandbox::ThreadKind::ExecSession);
-            session.run()
-        })
-        .map_err(|e| setup_failed(format!("cannot start the session thread: {e}")))?;
-
     let opts = crate::runner::RunOptions {
         serial: SerialConfig::File(serial_log.clone()),
         timeout: None,
@@ -362,7 +367,43 @@ fn run_inner(args: ExecArgs) -> Result<u8, Failure> {
         // Without Landlock (see above) the main thread gets its seccomp filter only.
         sandbox_paths: crate::sandbox::SandboxPaths::default(),
     };
-    let outcome = crate::runner::run_vm(vm, &opts);
+    run_session(vm, &opts, session, &serial_log, run_dir)
+}
+
+/// The command as the agent gets it.
+fn command_spec(args: &ExecArgs, env: Vec<Vec<u8>>, cwd: Vec<u8>) -> client::CommandSpec {
+    client::CommandSpec {
+        argv: args.command.iter().map(|a| a.as_bytes().to_vec()).collect(),
+        env,
+        cwd,
+        timeout: args.timeout,
+        forward_stdin: !std::io::IsTerminal::is_terminal(&std::io::stdin()),
+    }
+}
+
+/// Runs the VM on this thread and `session` on its own, then reports: the exit code, after
+/// one `skiff:` line (and the console's tail) for skiff's own failures. `run_dir` goes last.
+fn run_session(
+    vm: crate::builder::BuiltVm,
+    opts: &crate::runner::RunOptions,
+    session: Session,
+    serial_log: &Path,
+    run_dir: RunDir,
+) -> Result<u8, Failure> {
+    let exit = session.exit.clone();
+    // Stop signals are taken by the VM's loop through a signalfd, so no thread may leave them
+    // unblocked; the session thread inherits this mask.
+    crate::event_loop::block_stop_signals()
+        .map_err(|e| setup_failed(format!("cannot block stop signals: {e}")))?;
+    let session_thread = std::thread::Builder::new()
+        .name("exec-session".into())
+        .spawn(move || {
+            crate::sandbox::confine_thread_or_exit(crate::sandbox::ThreadKind::ExecSession);
+            session.run()
+        })
+        .map_err(|e| setup_failed(format!("cannot start the session thread: {e}")))?;
+
+    let outcome = crate::runner::run_vm(vm, opts);
     // The VM has ended; the session notices (if it has not already finished) and returns.
     exit.request(devices::vm_exit::GuestEnd::Stopped);
     let (end, daemons) = session_thread.join().unwrap_or((
@@ -385,7 +426,7 @@ fn run_inner(args: ExecArgs) -> Result<u8, Failure> {
     if let Some(line) = line {
         eprintln!("skiff: {line}");
         if end.wants_serial_tail() {
-            print_serial_tail(&serial_log);
+            print_serial_tail(serial_log);
         }
     }
     drop(run_dir);

@@ -28,10 +28,23 @@ const INIT_MARKER: &[u8] = b" as init process";
 /// How often the serial console is scanned for `Run /init`.
 const SERIAL_SCAN: Duration = Duration::from_millis(500);
 
+/// How the session reaches the agent.
+#[derive(Debug)]
+pub enum AgentLink {
+    /// A booting guest's agent connects out to this listener (on the vsock device's
+    /// `PATH_1024`).
+    Listen(UnixListener),
+    /// A restored guest's agent listens on vsock port 1024 behind the vsock socket (the
+    /// path), to which the stream is connected, its `CONNECT` not yet sent.
+    Connect(std::os::unix::net::UnixStream, PathBuf),
+    /// `Connect`'s stream, handed on to the session's client.
+    Used,
+}
+
 /// Everything the session needs; moved to its thread.
 #[derive(Debug)]
 pub struct Session {
-    pub listener: UnixListener,
+    pub link: AgentLink,
     pub exit: VmExitSignal,
     pub boot_timeout: Duration,
     pub serial_log: PathBuf,
@@ -62,6 +75,9 @@ pub enum SessionEnd {
     Virtiofsd(String),
     /// The VM ended because skiff was told to stop.
     Stopped,
+    /// `skiff exec --snapshot`: the snapshot cannot run a command (not a snapshot, no vsock
+    /// device, no agent listening in it).
+    SnapshotUnusable(String),
     /// skiff itself failed.
     Internal(String),
 }
@@ -152,6 +168,21 @@ impl Session {
         let mut pvm_stuck = false;
         let exit = self.exit.clone();
         let daemons = &mut self.daemons;
+        if let AgentLink::Connect(..) = self.link {
+            let AgentLink::Connect(stream, path) =
+                std::mem::replace(&mut self.link, AgentLink::Used)
+            else {
+                return SessionEnd::Internal("the agent connection is gone".into());
+            };
+            return match super::ctl::handshake(stream, &path) {
+                Ok(stream) => self.serve(stream, started),
+                Err(SessionEnd::NoListener(m)) => SessionEnd::SnapshotUnusable(m),
+                Err(end) => end,
+            };
+        }
+        let AgentLink::Listen(listener) = &self.link else {
+            return SessionEnd::Internal("the agent listener is gone".into());
+        };
         let stream = {
             let stop = || {
                 if let Some(d) = Self::dead_daemon(daemons) {
@@ -168,7 +199,7 @@ impl Session {
                 }
                 exit.is_requested()
             };
-            match wait_for_agent(&self.listener, started + self.boot_timeout, stop) {
+            match wait_for_agent(listener, started + self.boot_timeout, stop) {
                 Ok(Some(s)) => s,
                 Ok(None) => {
                     return if let Some(d) = dead {
@@ -189,6 +220,12 @@ impl Session {
             }
         };
         log::info!("agent connected after {:?}", started.elapsed());
+        self.serve(stream, started)
+    }
+
+    /// Greets the agent on `stream` and runs the command.
+    fn serve(&mut self, stream: std::os::unix::net::UnixStream, started: Instant) -> SessionEnd {
+        let exit = self.exit.clone();
         let mut client = match AgentClient::new(stream) {
             Ok(c) => c,
             Err(e) => return SessionEnd::Internal(format!("agent connection: {e}")),
@@ -341,6 +378,10 @@ impl SessionEnd {
                 Some(g @ GuestEnd::HostSignal(_)) => guest_verdict(g),
                 _ => (exit_code::EXEC_AGENT_LOST, Some("stopped".into())),
             },
+            SessionEnd::SnapshotUnusable(m) => (
+                exit_code::EXEC_SNAPSHOT,
+                Some(format!("{m} (exit code {})", exit_code::EXEC_SNAPSHOT)),
+            ),
             SessionEnd::Internal(m) => (
                 exit_code::EXEC_SETUP,
                 Some(format!("{m} (exit code {})", exit_code::EXEC_SETUP)),
@@ -378,6 +419,7 @@ mod tests {
             SessionEnd::Lost("x".into()),
             SessionEnd::Garbage("x".into()),
             SessionEnd::Virtiofsd("x".into()),
+            SessionEnd::SnapshotUnusable("x".into()),
             SessionEnd::Internal("x".into()),
         ];
         let codes: Vec<u8> = ends.iter().map(|e| e.report(None).0).collect();

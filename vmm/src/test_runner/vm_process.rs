@@ -17,8 +17,10 @@ use std::time::{Duration, Instant};
 use crate::exec::client::{AgentClient, Interrupt};
 
 /// How long the guest may first take to answer `CONNECT` and then `Hello` before the
-/// connection is made again; doubled on each retry up to `MAX_ANSWER`.
-const FIRST_ANSWER: Duration = Duration::from_millis(5);
+/// connection is made again; doubled on each retry up to `MAX_ANSWER`. A restored guest
+/// answers the first connection (the vsock device holds it until the guest has read its
+/// transport reset), so this only bounds a guest that is slow or stuck.
+const FIRST_ANSWER: Duration = Duration::from_millis(500);
 /// The longest wait for one connection's answers.
 const MAX_ANSWER: Duration = Duration::from_secs(2);
 /// Pause between connection attempts while the guest boots.
@@ -206,8 +208,7 @@ impl Drop for VmProcess {
 
 /// Connects to the agent behind the vsock socket `socket` and greets it, until `deadline`,
 /// giving up early when `vm` ends. A connection that is not answered in time is dropped and
-/// made again, with more patience each time: right after a restore, a connection the guest accepted before it
-/// saw the device's transport reset is dead on its side. The error says why, for the verdict.
+/// made again, with more patience each time. The error says why, for the verdict.
 pub fn connect_agent(
     socket: &Path,
     deadline: Instant,

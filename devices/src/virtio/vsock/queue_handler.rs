@@ -11,6 +11,13 @@
 //!
 //! Transmit chains are read while the control backlog has room; a guest that never posts
 //! receive buffers therefore stops being read instead of making skiff queue replies.
+//!
+//! After a transport reset (a restored VM) nothing goes to the receive queue until the driver
+//! has taken the reset event and handed an event buffer back (its event-queue kick), or
+//! `RESET_ACK_WAIT` passed. Queues carry no order between them: a host `CONNECT` answered
+//! while the driver still had the reset event unread would be accepted by the guest and then
+//! dropped with every other socket when it read the event, leaving the host program with an
+//! `OK` and a dead connection.
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
@@ -19,7 +26,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use virtio_queue::QueueOwnedT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -43,6 +50,11 @@ const BATCH: usize = 256;
 /// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`.
 const EVENT_TRANSPORT_RESET: u32 = 0;
 
+/// How long receive traffic waits for the driver to acknowledge a transport reset (by returning
+/// an event buffer) before it flows anyway: a driver that never refills its event queue still
+/// gets its packets.
+const RESET_ACK_WAIT: Duration = Duration::from_millis(500);
+
 /// The activated device's queues and connections, run by the event loop.
 pub(crate) struct VsockQueueHandler {
     mem: GuestMemoryMmap,
@@ -60,6 +72,11 @@ pub(crate) struct VsockQueueHandler {
     tx_pending: bool,
     /// A transport-reset event waits for an event buffer.
     reset_event_pending: bool,
+    /// Receive traffic is held until the driver acknowledges the reset, or until this instant.
+    reset_hold_until: Option<Instant>,
+    /// The event queue's available index when the reset event went out: the driver has read
+    /// the event once it offers a buffer past it.
+    reset_avail: Option<u16>,
     /// Fires when the oldest unanswered host `CONNECT` times out.
     timer: Option<TimerFd>,
     /// Host fds on epoll and what for.
@@ -101,6 +118,8 @@ impl VsockQueueHandler {
             rx_starved: false,
             tx_pending: false,
             reset_event_pending,
+            reset_hold_until: reset_event_pending.then(|| Instant::now() + RESET_ACK_WAIT),
+            reset_avail: None,
             timer: TimerFd::new()
                 .map_err(|e| {
                     log::warn!(
@@ -175,6 +194,9 @@ impl VsockQueueHandler {
 
     /// Fills receive chains with what the muxer has for the guest.
     fn process_rx(&mut self, m: &mut Muxer) {
+        if self.rx_held() {
+            return;
+        }
         let mut delivered = 0;
         while !self.halted() && m.has_rx_work() && delivered < BATCH {
             let chain = match next_chain(&mut self.rx, &self.mem) {
@@ -222,6 +244,46 @@ impl VsockQueueHandler {
         }
     }
 
+    /// Whether receive traffic waits for the driver to see a transport reset.
+    fn rx_held(&mut self) -> bool {
+        self.check_reset_ack();
+        match self.reset_hold_until {
+            Some(until) if Instant::now() < until => true,
+            Some(_) => {
+                log::debug!("virtio-vsock: the driver did not acknowledge the transport reset");
+                self.release_rx();
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Lets receive traffic flow again, and every connection's interest be recomputed.
+    fn release_rx(&mut self) {
+        self.reset_hold_until = None;
+        self.resync_all = true;
+    }
+
+    /// The driver's available index of the event queue (None if unreadable).
+    fn event_avail(&self) -> Option<u16> {
+        self.event
+            .queue
+            .avail_idx(&self.mem, std::sync::atomic::Ordering::Acquire)
+            .ok()
+            .map(|w| w.0)
+    }
+
+    /// Ends the hold once the driver has offered an event buffer since the reset went out
+    /// (it handled the event and refilled the queue, as Linux does).
+    fn check_reset_ack(&mut self) {
+        if self.reset_hold_until.is_some()
+            && self.reset_avail.is_some()
+            && self.event_avail() != self.reset_avail
+        {
+            self.release_rx();
+        }
+    }
+
     /// Puts a pending transport-reset event into the next event buffer.
     fn process_event(&mut self) {
         if !self.reset_event_pending || self.halted() {
@@ -242,6 +304,7 @@ impl VsockQueueHandler {
             if written.is_ok() {
                 used = 4;
                 self.reset_event_pending = false;
+                self.reset_avail = self.event_avail();
             }
         }
         if let Err(e) = add_used(&mut self.event, &self.mem, head, used) {
@@ -287,7 +350,8 @@ impl VsockQueueHandler {
         keys.sort_unstable();
         keys.dedup();
         for key in keys {
-            let Some((stream, read, write)) = m.interest(key, self.rx_starved) else {
+            let held = self.reset_hold_until.is_some();
+            let Some((stream, read, write)) = m.interest(key, self.rx_starved || held) else {
                 continue;
             };
             let fd = stream.as_raw_fd();
@@ -343,9 +407,14 @@ impl VsockQueueHandler {
             // Batch done with chains left: come back after the other subscribers.
             let _ = self.tx.kick.write(1);
         }
-        let next_expiry = m.expire_requests(Instant::now());
+        let now = Instant::now();
+        let mut next_expiry = m.expire_requests(now);
         // Expired requests were reset: their RSTs go out now.
         self.process_rx(m);
+        if let Some(until) = self.reset_hold_until {
+            let left = until.saturating_duration_since(now);
+            next_expiry = Some(next_expiry.map_or(left, |n| n.min(left)));
+        }
         if let (Some(left), Some(timer)) = (next_expiry, &mut self.timer) {
             // A zero duration would disarm the timer.
             let _ = timer.reset(left.max(Duration::from_millis(1)), None);
@@ -399,6 +468,7 @@ impl MutEventSubscriber for VsockQueueHandler {
             EVENT_KICK => {
                 let _ = self.event.kick.read();
                 self.process_event();
+                self.check_reset_ack();
             }
             LISTENER => self.accept(ops, m),
             CONNECT_TIMER => {

@@ -424,6 +424,45 @@ fn restored_device_announces_a_transport_reset() {
 }
 
 #[test]
+fn after_a_transport_reset_nothing_reaches_the_guest_until_it_returns_the_event_buffer() {
+    let dir = tempfile::tempdir().unwrap();
+    let saved = VsockState {
+        cid: CID,
+        socket: dir.path().join("v.sock"),
+    };
+    let mut dev = <VirtioVsock as crate::persist::Persist>::restore((), &saved).unwrap();
+    let mem = guest_memory(RAM);
+    let mut lp = TestLoop::new();
+    let mut drv = activate(&mut dev, &mem, &lp);
+    drv.event.add_chain(&[(EVENT_BUFS, 8, true)]);
+    drv.kicks[2].write(1).unwrap();
+    turn_until(&mut lp, || !drv.take_used(2).is_empty());
+    // A host program connects at once, before the driver has read the reset: its request
+    // must wait, or the guest would accept it and then drop it with the old sockets.
+    drv.post_rx(4, 4096);
+    let mut host = UnixStream::connect(dir.path().join("v.sock")).unwrap();
+    host.write_all(b"CONNECT 77\n").unwrap();
+    for _ in 0..20 {
+        lp.turn();
+        lp.wait(5);
+    }
+    let early: Vec<u16> = drv.received().iter().map(|(h, _)| h.op).collect();
+    assert!(
+        early.is_empty(),
+        "packets overtook the unread transport reset: ops {early:?}"
+    );
+    // The driver handles the event and hands the buffer back: the request follows.
+    drv.event.add_chain(&[(EVENT_BUFS + 8, 8, true)]);
+    drv.kicks[2].write(1).unwrap();
+    let mut req = None;
+    turn_until(&mut lp, || {
+        req = drv.received().into_iter().find(|(h, _)| h.op == OP_REQUEST);
+        req.is_some()
+    });
+    assert_eq!(req.unwrap().0.dst_port, 77);
+}
+
+#[test]
 fn host_connect_the_guest_never_answers_times_out() {
     let dir = tempfile::tempdir().unwrap();
     let mut dev = device(dir.path());

@@ -1,7 +1,9 @@
 //! The `agent` and `agent-listen` scenarios: the skiff guest agent's protocol (`agent-protocol`)
 //! over vsock, so `skiff exec` and `skiff ctl exec` can be tested end to end on hosts whose KVM
 //! cannot run Linux user space. `agent` connects to the host's port 1024 as the real agent does
-//! under `skiff exec`; `agent-listen` listens on port 1024 as it does under `skiff run --agent`.
+//! under `skiff exec`; `agent-listen` listens on port 1024 as it does under `skiff run --agent`;
+//! `agent-console` speaks it on virtio-console port 0, for VMMs without vsock (QEMU in
+//! `scripts/bench-exec`).
 //! An `Exec` names one of these instead of a program:
 //!
 //! - `exit=N`, `true`, `false`: exit with N, 0, 1.
@@ -31,6 +33,7 @@ use crate::io;
 use crate::serial;
 use crate::tsc::Deadline;
 use crate::virtio::agent_files::{Files, MAX_DATA};
+use crate::virtio::console::ConsolePort;
 use crate::virtio::vsock::{fail_err, Conn, Vsock};
 
 /// The largest request payload the test guest takes.
@@ -42,9 +45,53 @@ const FOREVER_MS: u64 = 24 * 3600 * 1000;
 /// The debug-exit code of `die`.
 const DIE_CODE: u8 = 7;
 
+/// The byte stream the protocol runs over. One lives for the whole scenario and the guest has
+/// no allocator to box the larger variant, so the size difference is fine.
+#[allow(clippy::large_enum_variant)]
+enum Channel {
+    /// A vsock connection.
+    Vsock(Vsock, Conn),
+    /// virtio-console port 0 (for VMMs without vsock: QEMU here has no vhost-vsock).
+    Console(ConsolePort),
+}
+
+impl Channel {
+    /// Sends all of `data`; an error only when the vsock peer reset the connection.
+    fn send_all(&mut self, data: &[u8]) -> Result<(), crate::virtio::vsock::Error> {
+        match self {
+            Channel::Vsock(v, c) => v.send(*c, data, Deadline::after_ms(FOREVER_MS)),
+            Channel::Console(port) => {
+                port.write_all(data);
+                Ok(())
+            }
+        }
+    }
+
+    /// Some bytes (Ok(0): the host closed the stream).
+    fn recv(&mut self, buf: &mut [u8]) -> Result<usize, ()> {
+        match self {
+            Channel::Vsock(v, c) => v
+                .recv(*c, buf, Deadline::after_ms(FOREVER_MS))
+                .map_err(|_| ()),
+            Channel::Console(port) => loop {
+                match port.read(buf, Deadline::after_ms(FOREVER_MS)) {
+                    Some(0) | None => continue,
+                    Some(n) => return Ok(n),
+                }
+            },
+        }
+    }
+
+    /// Does the device work a waiting program would leave undone.
+    fn idle(&mut self) {
+        if let Channel::Vsock(v, _) = self {
+            v.poll();
+        }
+    }
+}
+
 struct Link {
-    v: Vsock,
-    c: Conn,
+    ch: Channel,
     out: [u8; HEADER_LEN + OUT_CHUNK],
     /// `agent-listen`: a send the host reset ends this connection, not the guest (the host
     /// gave up on it and connects again). `agent`: the one connection is the run; it fails.
@@ -63,10 +110,7 @@ impl Link {
             Err(_) => crate::scenario::fail_msg("a reply does not fit the send buffer"),
         };
         let out = self.out;
-        if let Err(e) = self
-            .v
-            .send(self.c, &out[..n], Deadline::after_ms(FOREVER_MS))
-        {
+        if let Err(e) = self.ch.send_all(&out[..n]) {
             if !self.survive_reset {
                 fail_err("send", e);
             }
@@ -79,11 +123,8 @@ impl Link {
     fn read_exact(&mut self, buf: &mut [u8]) -> bool {
         let mut got = 0;
         while got < buf.len() {
-            match self
-                .v
-                .recv(self.c, &mut buf[got..], Deadline::after_ms(FOREVER_MS))
-            {
-                Ok(0) | Err(_) => return false,
+            match self.ch.recv(&mut buf[got..]) {
+                Ok(0) | Err(()) => return false,
                 Ok(n) => got += n,
             }
         }
@@ -109,10 +150,8 @@ pub fn run(info: &BootInfo) -> ! {
         Ok(c) => c,
         Err(e) => fail_err("connect to the host's agent port", e),
     };
-    serial::line().str("testguest: agent connected\n");
     let mut link = Link {
-        v,
-        c,
+        ch: Channel::Vsock(v, c),
         out: [0; HEADER_LEN + OUT_CHUNK],
         survive_reset: false,
         broken: false,
@@ -136,15 +175,35 @@ pub fn listen(info: &BootInfo) -> ! {
             Err(e) => fail_err("accept", e),
         };
         let mut link = Link {
-            v,
-            c,
+            ch: Channel::Vsock(v, c),
             out: [0; HEADER_LEN + OUT_CHUNK],
             survive_reset: true,
             broken: false,
         };
         serve(info, &mut link, &mut files);
-        link.v.close(link.c, Deadline::after_ms(1000));
-        v = link.v;
+        let Channel::Vsock(mut back, c) = link.ch else {
+            crate::scenario::fail_msg("the listener's channel is not vsock");
+        };
+        back.close(c, Deadline::after_ms(1000));
+        v = back;
+    }
+}
+
+/// `agent-console`: serves the protocol on virtio-console port 0 (one stream, no
+/// connections: the host program is whatever reads and writes the port), until a `Shutdown`.
+pub fn console(info: &BootInfo) -> ! {
+    crate::virtio::dma::reset(info);
+    let port = ConsolePort::open_another(info);
+    serial::line().str("testguest: agent on the console\n");
+    let mut link = Link {
+        ch: Channel::Console(port),
+        out: [0; HEADER_LEN + OUT_CHUNK],
+        survive_reset: false,
+        broken: false,
+    };
+    let mut files = Files::new();
+    loop {
+        serve(info, &mut link, &mut files);
     }
 }
 
@@ -315,7 +374,7 @@ fn exec(
                 timeout_ms
             });
             while !deadline.passed() {
-                link.v.poll();
+                link.ch.idle();
             }
             ExitStatus::TimedOut
         }
@@ -325,12 +384,12 @@ fn exec(
         }
         b"garbage" => {
             let junk = *b"this is not an agent frame, at all";
-            if let Err(e) = link.v.send(link.c, &junk, Deadline::after_ms(FOREVER_MS)) {
+            if let Err(e) = link.ch.send_all(&junk) {
                 fail_err("send", e);
             }
             // The host should give up on the connection; wait for it to end the VM.
             loop {
-                link.v.poll();
+                link.ch.idle();
             }
         }
         _ => {
@@ -344,7 +403,7 @@ fn exec(
                 (b"sleep", Some(ms)) => {
                     let deadline = Deadline::after_ms(ms);
                     while !deadline.passed() {
-                        link.v.poll();
+                        link.ch.idle();
                     }
                     ExitStatus::Code(0)
                 }

@@ -2,7 +2,8 @@
 //! `testguest: virtio-console hello\n` to port 0's transmit queue (transmitq0, queue 1) and waits
 //! for the device to consume it. No MULTIPORT, so only port 0 exists. Its receive queue
 //! (receiveq0, queue 0) is enabled too, as Linux does, but given no buffers: nothing is read.
-//! `ConsolePort` (both directions, for `io_loop`) gives the receive queue one buffer.
+//! `ConsolePort` (both directions, for `io_loop` and the `agent-console` scenario) gives the
+//! receive queue one buffer.
 use crate::bootinfo::BootInfo;
 use crate::mmio::Region;
 use crate::serial;
@@ -49,6 +50,9 @@ pub struct ConsolePort {
     tx: Queue,
     inbuf: Region,
     outbuf: Region,
+    /// Bytes the device put in `inbuf` and how many of them `read` has handed out.
+    in_len: u64,
+    in_taken: u64,
 }
 
 impl ConsolePort {
@@ -64,6 +68,8 @@ impl ConsolePort {
             tx,
             inbuf: dma::alloc(PORT_BUF),
             outbuf: dma::alloc(PORT_BUF),
+            in_len: 0,
+            in_taken: 0,
         };
         port.rx
             .add(&[Buf::of(&port.inbuf, true)])
@@ -99,5 +105,37 @@ impl ConsolePort {
             .expect("rx queue has room");
         self.rx.kick();
         first
+    }
+
+    /// Writes all of `bytes`, `PORT_BUF` at a time.
+    pub fn write_all(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(PORT_BUF as usize) {
+            self.write(chunk);
+        }
+    }
+
+    /// Host input as a byte stream: copies what arrived (waiting until `deadline` for some)
+    /// into `out` and keeps the rest of the buffer for the next call; `None` on timeout. The
+    /// buffer is posted again once all of it was read.
+    pub fn read(&mut self, out: &mut [u8], deadline: Deadline) -> Option<usize> {
+        if self.in_taken == self.in_len {
+            let (_, len) = self.rx.wait(deadline)?;
+            self.in_len = u64::from(len).min(self.inbuf.len());
+            self.in_taken = 0;
+        }
+        let n = ((self.in_len - self.in_taken) as usize).min(out.len());
+        for (i, b) in out[..n].iter_mut().enumerate() {
+            *b = self.inbuf.read::<u8>(self.in_taken + i as u64);
+        }
+        self.in_taken += n as u64;
+        if self.in_taken == self.in_len {
+            self.in_len = 0;
+            self.in_taken = 0;
+            self.rx
+                .add(&[Buf::of(&self.inbuf, true)])
+                .expect("rx queue has room");
+            self.rx.kick();
+        }
+        Some(n)
     }
 }

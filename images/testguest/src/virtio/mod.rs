@@ -100,22 +100,37 @@ impl Device {
                 w.str(") on bus 0");
             })
         };
-        let bars = pci.enable(&f);
-        // Regions by cfg_type (the first capability of each type wins), and the notify
-        // multiplier.
-        let mut regions: [Option<Region>; 5] = [None; 5];
+        // The capabilities of each cfg_type the driver uses (the first of each type wins):
+        // (BAR, offset, length), and the notify multiplier. Only the BARs they name are
+        // enabled.
+        let mut caps: [Option<(usize, u64, u64)>; 5] = [None; 5];
         let mut notify_multiplier = 0;
+        let mut wanted_bars = 0u8;
         for (at, dword) in pci.capabilities(f.dev) {
             let cfg_type = (dword >> 24) as usize;
             if dword & 0xff != CAP_ID_VENDOR
                 || !matches!(cfg_type, CFG_COMMON | CFG_NOTIFY | CFG_DEVICE)
-                || regions[cfg_type].is_some()
+                || caps[cfg_type].is_some()
             {
                 continue;
             }
             let bar = (pci.read(f.dev, at + 4) & 0xff) as usize;
             let offset = u64::from(pci.read(f.dev, at + 8));
             let length = u64::from(pci.read(f.dev, at + 12));
+            caps[cfg_type] = Some((bar, offset, length));
+            if bar < 6 {
+                wanted_bars |= 1 << bar;
+            }
+            if cfg_type == CFG_NOTIFY {
+                notify_multiplier = pci.read(f.dev, at + 16);
+            }
+        }
+        let bars = pci.enable_bars(&f, wanted_bars);
+        let mut regions: [Option<Region>; 5] = [None; 5];
+        for (cfg_type, cap) in caps.iter().enumerate() {
+            let Some((bar, offset, length)) = *cap else {
+                continue;
+            };
             let base = bars.get(bar).copied().unwrap_or(0);
             let region = (base != 0)
                 .then(|| Region::new(base + offset, length))
@@ -135,9 +150,6 @@ impl Device {
                 });
             }
             regions[cfg_type] = region;
-            if cfg_type == CFG_NOTIFY {
-                notify_multiplier = pci.read(f.dev, at + 16);
-            }
         }
         let (Some(common), Some(notify)) = (regions[CFG_COMMON], regions[CFG_NOTIFY]) else {
             fail(|w| {

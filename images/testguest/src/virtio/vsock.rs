@@ -390,23 +390,9 @@ impl Vsock {
     /// Handles everything the device has returned: received packets, transmit completions,
     /// events.
     pub fn poll(&mut self) {
-        let mut reposted = false;
-        while let Some((head, len)) = self.rx.pop_used() {
-            let i = usize::from(self.rx_buf_of[usize::from(head)]);
-            let buf = self.rx_buf(i);
-            if u64::from(len) >= HDR_LEN {
-                let h = Header::read(&buf);
-                self.handle(&h, &buf, u64::from(len) - HDR_LEN);
-            } else {
-                self.bad_packets += 1;
-            }
-            self.post_rx(i);
-            reposted = true;
-        }
-        if reposted {
-            self.rx.kick();
-        }
-        self.reclaim_tx();
+        // Events first: a transport reset drops the connections made before it, not the ones
+        // packets received after it make. Returning the buffer (the kick) tells the device the
+        // reset was seen.
         let mut events = false;
         while let Some((head, len)) = self.ev.pop_used() {
             let i = usize::from(self.ev_buf_of[usize::from(head)]);
@@ -424,6 +410,23 @@ impl Vsock {
         if events {
             self.ev.kick();
         }
+        let mut reposted = false;
+        while let Some((head, len)) = self.rx.pop_used() {
+            let i = usize::from(self.rx_buf_of[usize::from(head)]);
+            let buf = self.rx_buf(i);
+            if u64::from(len) >= HDR_LEN {
+                let h = Header::read(&buf);
+                self.handle(&h, &buf, u64::from(len) - HDR_LEN);
+            } else {
+                self.bad_packets += 1;
+            }
+            self.post_rx(i);
+            reposted = true;
+        }
+        if reposted {
+            self.rx.kick();
+        }
+        self.reclaim_tx();
     }
 
     fn handle(&mut self, h: &Header, buf: &Region, room: u64) {
