@@ -3,7 +3,6 @@
 //! (`CONNECT 1024`, `OK <port>`), then speaks the agent protocol on that connection, so several
 //! can run at once and output streams without skiff buffering it. Exit codes are `skiff exec`'s.
 
-use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -13,9 +12,6 @@ use std::time::Duration;
 use super::client::{AgentClient, CommandEnd, CommandSpec, Interrupt};
 use super::session::SessionEnd;
 use crate::config::parse_timeout;
-
-/// How long the vsock device may take to answer `CONNECT`.
-const CONNECT_PATIENCE: Duration = Duration::from_secs(10);
 
 /// `skiff ctl exec` options.
 #[derive(Debug, clap::Args)]
@@ -101,39 +97,5 @@ fn interrupted(i: Interrupt) -> SessionEnd {
 /// Connects to the agent's port behind the vsock socket `vsock` through the device's
 /// `CONNECT` handshake.
 fn connect_agent(vsock: &Path) -> Result<UnixStream, SessionEnd> {
-    let stream = UnixStream::connect(vsock)
-        .map_err(|e| SessionEnd::Internal(format!("cannot connect to {}: {e}", vsock.display())))?;
-    handshake(stream, vsock)
-}
-
-/// The device's `CONNECT 1024` handshake on `stream`, connected to the vsock socket `vsock`
-/// (also `skiff exec --snapshot`, whose session thread may not create sockets).
-pub(super) fn handshake(mut stream: UnixStream, vsock: &Path) -> Result<UnixStream, SessionEnd> {
-    let path = vsock.display();
-    let port = agent_protocol::AGENT_PORT;
-    stream
-        .set_read_timeout(Some(CONNECT_PATIENCE))
-        .and_then(|()| stream.write_all(format!("CONNECT {port}\n").as_bytes()))
-        .map_err(|e| SessionEnd::Internal(format!("{path}: {e}")))?;
-    // The answer is one short line; read it byte by byte so nothing after it is consumed.
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while line.len() < 32 {
-        match stream.read(&mut byte) {
-            Ok(1) if byte[0] == b'\n' => break,
-            Ok(1) => line.push(byte[0]),
-            _ => {
-                return Err(SessionEnd::NoListener(format!(
-                    "no agent listens on vsock port {port} behind {path} (was the VM started with --agent?)"
-                )))
-            }
-        }
-    }
-    if !line.starts_with(b"OK ") {
-        return Err(SessionEnd::Garbage(format!(
-            "{path} answered CONNECT with {:?}",
-            String::from_utf8_lossy(&line)
-        )));
-    }
-    Ok(stream)
+    Ok(super::vsock_connect::connect_agent(vsock)?)
 }

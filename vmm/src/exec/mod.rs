@@ -22,6 +22,7 @@ mod from_snapshot;
 pub mod initramfs;
 mod session;
 pub mod virtiofsd;
+mod vsock_connect;
 
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;

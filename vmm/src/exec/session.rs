@@ -17,6 +17,7 @@ use devices::vm_exit::{GuestEnd, VmExitSignal};
 
 use super::client::{wait_for_agent, AgentClient, CommandEnd, CommandSpec, Interrupt};
 use super::virtiofsd::Virtiofsd;
+use super::vsock_connect::ConnectError;
 use crate::exit_code;
 
 /// How long after `Run /init` a PVM host is declared unable to run the agent.
@@ -50,6 +51,18 @@ pub struct Session {
     pub serial_log: PathBuf,
     pub spec: CommandSpec,
     pub daemons: Vec<Virtiofsd>,
+}
+
+impl From<ConnectError> for SessionEnd {
+    fn from(e: ConnectError) -> Self {
+        match e {
+            ConnectError::Connect { .. } | ConnectError::Io { .. } => {
+                SessionEnd::Internal(crate::error_chain(&e))
+            }
+            ConnectError::NoListener { .. } => SessionEnd::NoListener(e.to_string()),
+            ConnectError::Garbage { .. } => SessionEnd::Garbage(e.to_string()),
+        }
+    }
 }
 
 /// How the session ended.
@@ -174,10 +187,12 @@ impl Session {
             else {
                 return SessionEnd::Internal("the agent connection is gone".into());
             };
-            return match super::ctl::handshake(stream, &path) {
+            return match super::vsock_connect::handshake(stream, &path) {
                 Ok(stream) => self.serve(stream, started),
-                Err(SessionEnd::NoListener(m)) => SessionEnd::SnapshotUnusable(m),
-                Err(end) => end,
+                Err(e @ ConnectError::NoListener { .. }) => {
+                    SessionEnd::SnapshotUnusable(e.to_string())
+                }
+                Err(e) => e.into(),
             };
         }
         let AgentLink::Listen(listener) = &self.link else {
