@@ -4,6 +4,8 @@
 //! `CONNECT` (no retries: a restored guest hears the transport reset before the connection).
 //! Snapshots that cannot run a command get exit code 207 and one line saying why.
 
+#![cfg(unix)] // KVM tests: Linux only (the Windows build compiles them to nothing)
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
