@@ -8,17 +8,18 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use arch::layout::RamRange;
+use devices::guest_memory::TrackedGuestMemory;
 use libfuzzer_sys::fuzz_target;
 use vm_memory::GuestAddress;
 use vmm::boot::{prepare_boot, BootConfig};
-use vmm::memory::GuestMemory;
 
 const RAM: u64 = 64 << 20;
 
-fn memory() -> &'static GuestMemory {
-    static MEM: OnceLock<GuestMemory> = OnceLock::new();
+fn memory() -> &'static TrackedGuestMemory {
+    static MEM: OnceLock<TrackedGuestMemory> = OnceLock::new();
     MEM.get_or_init(|| {
-        GuestMemory::from_ranges(&[(GuestAddress(0), RAM as usize)]).expect("64 MiB of guest RAM")
+        TrackedGuestMemory::from_ranges(&[(GuestAddress(0), RAM as usize)])
+            .expect("64 MiB of guest RAM")
     })
 }
 

@@ -18,6 +18,7 @@ use arch::layout::{
     PCI_MMIO32_START, PCI_MMIO64_SIZE, PCI_MMIO64_START,
 };
 use devices::bus::{Bus, BusError};
+use devices::guest_memory::TrackedGuestMemory;
 use devices::pci::{
     BarAllocError, BarAllocator, BarMapError, BarSpace, BarWindow, IoEventRegistry, MsiMessage,
     MsiRouteUpdater, PciConfigIo, PciEcam, PciRoot, PciRootError,
@@ -30,7 +31,6 @@ use thiserror::Error;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::hypervisor::{HypervisorError, IoEvents, MsiRoute, MsiRouting, Vm, FIRST_MSI_GSI};
-use crate::memory::GuestMemory;
 
 /// Highest GSI KVM routes (its routing table holds 4096 entries).
 const MAX_GSI: u32 = 4095;
@@ -188,7 +188,7 @@ impl IoEventRegistry for VmIoEvents {
 /// Builds the PCI segment of one VM.
 pub struct PciDevices<'a> {
     vm: &'a dyn Vm,
-    mem: GuestMemory,
+    mem: TrackedGuestMemory,
     event_loop: EventLoop,
     root: PciRoot,
     bars: BarAllocator,
@@ -212,7 +212,7 @@ impl<'a> PciDevices<'a> {
     /// their handlers with `event_loop`.
     pub fn new(
         vm: &'a dyn Vm,
-        mem: GuestMemory,
+        mem: TrackedGuestMemory,
         event_loop: EventLoop,
     ) -> Result<Self, PciDevicesError> {
         Ok(Self {

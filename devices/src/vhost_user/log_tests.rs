@@ -18,19 +18,20 @@ use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestRegion
 use super::blk_backend::{serve, BlkBackendConfig};
 use super::config::{SharedMemoryRegion, VhostUserConfig, VhostUserKind};
 use super::device::VhostUserDevice;
-use crate::virtio::device::{ActivateContext, GuestMemoryMmap, VirtioDevice};
+use crate::guest_memory::TrackedGuestMemory;
+use crate::virtio::device::{ActivateContext, VirtioDevice};
 use crate::virtio::test_support::{DriverQueue, RecordingSignals, TestLoop};
 
 const SIZE: usize = 1 << 20;
 
 /// Guest memory backed by a file, and the region a backend maps.
-fn shared_memory() -> (GuestMemoryMmap, SharedMemoryRegion) {
+fn shared_memory() -> (TrackedGuestMemory, SharedMemoryRegion) {
     let file = tempfile::tempfile().unwrap();
     file.set_len(SIZE as u64).unwrap();
     let mapping: MmapRegion<AtomicBitmap> =
         MmapRegion::from_file(FileOffset::new(file.try_clone().unwrap(), 0), SIZE).unwrap();
     let region = GuestRegionMmap::new(mapping, GuestAddress(0)).unwrap();
-    let mem = GuestMemoryMmap::from_regions(vec![region]).unwrap();
+    let mem = TrackedGuestMemory::from_regions(vec![region]).unwrap();
     let host_address = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
     let shared = SharedMemoryRegion {
         guest_address: 0,

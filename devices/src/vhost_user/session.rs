@@ -28,7 +28,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::config::SharedMemoryRegion;
 use super::connection::{Connection, RingSetup, VhostUserError};
 use super::dirty_log::LogBuffer;
-use crate::virtio::device::{DeviceSignals, EventLoop, GuestMemoryMmap};
+use crate::guest_memory::TrackedGuestMemory;
+use crate::virtio::device::{DeviceSignals, EventLoop};
 use crate::virtio::subscription::LoopSubscription;
 
 /// The state a device, its watcher and its reconnect thread share.
@@ -170,7 +171,7 @@ pub(super) struct ActiveRings {
     /// Features the driver accepted.
     pub acked_features: u64,
     /// Guest memory (to translate ring addresses and read used indexes).
-    pub mem: GuestMemoryMmap,
+    pub mem: TrackedGuestMemory,
     /// The enabled queues.
     pub rings: Vec<Ring>,
     /// The backend serves these rings (false while disconnected, until a replay).
@@ -278,7 +279,7 @@ pub(super) fn kick_all(name: &str, active: &ActiveRings) {
 pub(super) fn guest_used_index(
     index: u16,
     queue: &Queue,
-    mem: &GuestMemoryMmap,
+    mem: &TrackedGuestMemory,
 ) -> Result<u16, VhostUserError> {
     queue
         .used_idx(mem, Ordering::Acquire)
@@ -295,7 +296,7 @@ pub(super) fn guest_used_index(
 pub(super) fn ring_setup(
     index: u16,
     q: &Queue,
-    mem: &GuestMemoryMmap,
+    mem: &TrackedGuestMemory,
 ) -> Result<RingSetup, VhostUserError> {
     let size = u64::from(q.size());
     let host = |what: &'static str, address: u64, len: u64| {

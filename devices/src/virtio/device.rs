@@ -10,12 +10,9 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{MutEventSubscriber, RemoteEndpoint};
 use thiserror::Error;
-use vm_memory::bitmap::AtomicBitmap;
 use vmm_sys_util::eventfd::EventFd;
 
-/// Guest memory as every device sees it: the VM's `ShareableRegion` mappings, with a dirty
-/// bitmap that records device writes (for live snapshots). Cloning shares the mappings.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+use crate::guest_memory::TrackedGuestMemory;
 
 /// A handle to the VMM's event loop (`event-manager`), for registering queue handlers from any
 /// thread. `call_blocking` runs a closure on the loop's thread.
@@ -85,7 +82,7 @@ pub struct ActivatedQueue {
 /// Everything a device gets on activation (the driver set `DRIVER_OK`).
 pub struct ActivateContext {
     /// Guest memory.
-    pub mem: GuestMemoryMmap,
+    pub mem: TrackedGuestMemory,
     /// The features the driver accepted (a subset of `device_features`).
     pub acked_features: u64,
     /// The enabled queues, in index order.

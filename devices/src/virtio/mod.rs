@@ -24,5 +24,5 @@ pub mod vsock;
 
 pub use device::{
     ActivateContext, ActivateError, ActivatedQueue, AsAny, DeviceDirtyLog, DeviceSignals,
-    DirtyLogError, EventLoop, GuestMemoryMmap, QueueProgress, VirtioDevice,
+    DirtyLogError, EventLoop, QueueProgress, VirtioDevice,
 };

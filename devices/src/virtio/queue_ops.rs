@@ -11,7 +11,8 @@ use thiserror::Error;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::device::{ActivateError, ActivatedQueue, GuestMemoryMmap};
+use super::device::{ActivateError, ActivatedQueue};
+use crate::guest_memory::TrackedGuestMemory;
 
 /// A queue the device can no longer use.
 #[derive(Debug, Error)]
@@ -27,8 +28,8 @@ pub struct QueueFailure {
 /// The next available chain, `None` when the driver offers none (or never enabled the queue).
 pub fn next_chain<'m>(
     queue: &mut ActivatedQueue,
-    mem: &'m GuestMemoryMmap,
-) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, QueueFailure> {
+    mem: &'m TrackedGuestMemory,
+) -> Result<Option<DescriptorChain<&'m TrackedGuestMemory>>, QueueFailure> {
     if !queue.queue.ready() {
         return Ok(None);
     }
@@ -45,7 +46,7 @@ pub fn next_chain<'m>(
 /// Returns chain `head` to the driver with `len` bytes written.
 pub fn add_used(
     queue: &mut ActivatedQueue,
-    mem: &GuestMemoryMmap,
+    mem: &TrackedGuestMemory,
     head: u16,
     len: u32,
 ) -> Result<(), QueueFailure> {
@@ -60,7 +61,7 @@ pub fn add_used(
 
 /// Whether the driver wants an interrupt for what was just used (no `NO_INTERRUPT` flag, or
 /// the event index reached). Errs on the side of notifying when the ring is unreadable.
-pub fn needs_notification(queue: &mut ActivatedQueue, mem: &GuestMemoryMmap) -> bool {
+pub fn needs_notification(queue: &mut ActivatedQueue, mem: &TrackedGuestMemory) -> bool {
     queue.queue.needs_notification(mem).unwrap_or(true)
 }
 

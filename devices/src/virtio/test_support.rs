@@ -15,11 +15,12 @@ use virtio_queue::Queue;
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::device::{ActivatedQueue, DeviceSignals, EventLoop, GuestMemoryMmap};
+use super::device::{ActivatedQueue, DeviceSignals, EventLoop};
+use crate::guest_memory::TrackedGuestMemory;
 
 /// Guest memory of `size` bytes at address 0, with a dirty bitmap like the VMM's.
-pub(crate) fn guest_memory(size: usize) -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap()
+pub(crate) fn guest_memory(size: usize) -> TrackedGuestMemory {
+    TrackedGuestMemory::from_ranges(&[(GuestAddress(0), size)]).unwrap()
 }
 
 /// Records what a device signalled.
@@ -97,8 +98,8 @@ pub(crate) type Buf = (u64, u32, bool);
 
 /// The driver's side of one queue.
 pub(crate) struct DriverQueue<'a> {
-    mem: &'a GuestMemoryMmap,
-    vq: MockSplitQueue<'a, GuestMemoryMmap>,
+    mem: &'a TrackedGuestMemory,
+    vq: MockSplitQueue<'a, TrackedGuestMemory>,
     next_desc: u16,
     size: u16,
     seen_used: u16,
@@ -106,7 +107,7 @@ pub(crate) struct DriverQueue<'a> {
 
 impl<'a> DriverQueue<'a> {
     /// A queue of `size` entries whose rings start at `base`.
-    pub(crate) fn new(mem: &'a GuestMemoryMmap, base: u64, size: u16) -> Self {
+    pub(crate) fn new(mem: &'a TrackedGuestMemory, base: u64, size: u16) -> Self {
         Self {
             mem,
             vq: MockSplitQueue::create(mem, GuestAddress(base), size),

@@ -3,10 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
+use devices::guest_memory::TrackedGuestMemory;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
-
-use crate::memory::GuestMemory;
 
 /// Errors from loading the initrd.
 #[derive(Debug, Error)]
@@ -62,7 +61,7 @@ pub fn place(size: u64, low: u64, high: u64) -> Option<u64> {
 
 /// Loads the initrd at `path` between `kernel_end` and `ram_top` (exclusive).
 pub fn load_initrd(
-    mem: &GuestMemory,
+    mem: &TrackedGuestMemory,
     path: &Path,
     kernel_end: u64,
     ram_top: u64,
@@ -106,7 +105,7 @@ mod tests {
 
     #[test]
     fn loads_bytes_and_rejects_oversize() {
-        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let mem = TrackedGuestMemory::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(b"initrd-bytes").unwrap();
         let r = load_initrd(&mem, f.path(), 2 << 20, 4 << 20).unwrap();

@@ -5,6 +5,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use devices::guest_memory::TrackedGuestMemory;
 use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::elf::PvhBootCapability;
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
@@ -13,7 +14,6 @@ use vm_memory::GuestAddress;
 
 use super::elf_check::check_elf;
 use crate::host_file::{open_regular, HostFileError};
-use crate::memory::GuestMemory;
 use arch::layout::RamRange;
 
 /// Offset of the bzImage "HdrS" magic.
@@ -130,7 +130,7 @@ fn detect(path: &Path, file: &mut File) -> Result<Format, KernelError> {
 
 /// Loads the kernel at `path` into `mem` (laid out as `ram`), above 1 MiB.
 pub fn load_kernel(
-    mem: &GuestMemory,
+    mem: &TrackedGuestMemory,
     ram: &[RamRange],
     path: &Path,
 ) -> Result<LoadedKernel, KernelError> {
@@ -179,8 +179,8 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    fn mem() -> GuestMemory {
-        GuestMemory::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap()
+    fn mem() -> TrackedGuestMemory {
+        TrackedGuestMemory::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap()
     }
 
     const RAM: &[RamRange] = &[RamRange {

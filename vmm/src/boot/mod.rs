@@ -10,11 +10,11 @@ use std::path::PathBuf;
 
 use arch::layout::{RamRange, CMDLINE_MAX_SIZE, CMDLINE_START};
 use arch::regs::{SpecialRegisters, StandardRegisters};
+use devices::guest_memory::TrackedGuestMemory;
 use linux_loader::cmdline::Cmdline;
 use thiserror::Error;
 use vm_memory::{ByteValued, GuestAddress};
 
-use crate::memory::GuestMemory;
 use initrd::{load_initrd, InitrdError};
 use kernel::{load_kernel, KernelEntry, KernelError};
 
@@ -89,7 +89,7 @@ impl BootCpuState {
 
 /// Loads everything `cfg` names into `mem`, laid out as `ram`, and returns the boot vCPU's state.
 pub fn prepare_boot(
-    mem: &GuestMemory,
+    mem: &TrackedGuestMemory,
     ram: &[RamRange],
     cfg: &BootConfig,
 ) -> Result<BootCpuState, BootError> {

@@ -13,8 +13,8 @@ use super::*;
 const RAM: u64 = 64 << 20;
 const SETUP_SECTS: u8 = 4;
 
-fn memory() -> (GuestMemory, Vec<RamRange>) {
-    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
+fn memory() -> (TrackedGuestMemory, Vec<RamRange>) {
+    let mem = TrackedGuestMemory::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
     (
         mem,
         vec![RamRange {

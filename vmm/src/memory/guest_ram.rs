@@ -1,15 +1,16 @@
 //! `GuestRam`: guest RAM as `ShareableRegion`s plus the process's own `MAP_SHARED` mapping of
-//! each, exposed as a `vm-memory` `GuestMemoryMmap` with a dirty bitmap (for device writes during
-//! live snapshots).
+//! each, exposed as the `TrackedGuestMemory` every device uses (vm-memory's `GuestMemoryMmap`
+//! with a dirty bitmap for device writes during live snapshots).
 
 use std::num::NonZeroUsize;
 use std::path::Path;
 use std::sync::Arc;
 
+use devices::guest_memory::TrackedGuestMemory;
 use thiserror::Error;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{FileOffset, GuestAddress, GuestRegionMmap};
 
 use super::backing::{Backing, BackingError, BackingKind};
 use super::region::ShareableRegion;
@@ -20,9 +21,6 @@ const DIRTY_PAGE_SIZE: NonZeroUsize = match NonZeroUsize::new(arch::layout::PAGE
     Some(v) => v,
     None => panic!("page size is zero"),
 };
-
-/// The `vm-memory` view of guest RAM every device uses.
-pub type GuestMemory = GuestMemoryMmap<AtomicBitmap>;
 
 /// What the user asked for with `--memory`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,7 +78,7 @@ pub enum MemoryError {
 #[derive(Debug)]
 pub struct GuestRam {
     regions: Vec<ShareableRegion>,
-    memory: GuestMemory,
+    memory: TrackedGuestMemory,
     created_file: bool,
     private: bool,
 }
@@ -177,7 +175,7 @@ impl GuestRam {
             .iter()
             .map(|r| map_region(r, hugetlb, private))
             .collect::<Result<Vec<_>, _>>()?;
-        let memory = GuestMemoryMmap::from_regions(mapped)
+        let memory = TrackedGuestMemory::from_regions(mapped)
             .map_err(|e| MemoryError::Assemble(e.to_string()))?;
         Ok(Self {
             regions,
@@ -213,7 +211,7 @@ impl GuestRam {
     }
 
     /// The `vm-memory` view.
-    pub fn memory(&self) -> &GuestMemory {
+    pub fn memory(&self) -> &TrackedGuestMemory {
         &self.memory
     }
 }

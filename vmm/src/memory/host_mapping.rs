@@ -13,11 +13,10 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
+use devices::guest_memory::TrackedGuestMemory;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{GuestMemoryBackend as _, VolatileMemory as _};
-
-use super::GuestMemory;
 
 /// One region's mapping in this process, kept mapped by this handle.
 #[derive(Debug, Clone)]
@@ -27,7 +26,7 @@ pub struct RegionMapping {
 
 impl RegionMapping {
     /// Each region of `memory`, in guest address order.
-    pub fn of_each(memory: &GuestMemory) -> Vec<Self> {
+    pub fn of_each(memory: &TrackedGuestMemory) -> Vec<Self> {
         memory
             .iter()
             .map(|r| Self {
@@ -92,7 +91,7 @@ mod tests {
 
     #[test]
     fn writes_the_bytes_asked_for_and_refuses_ranges_outside() {
-        let memory = GuestMemory::from_ranges(&[(GuestAddress(0x1000), 0x4000)]).unwrap();
+        let memory = TrackedGuestMemory::from_ranges(&[(GuestAddress(0x1000), 0x4000)]).unwrap();
         memory.write_slice(b"guest", GuestAddress(0x2000)).unwrap();
         let mapping = RegionMapping::of_each(&memory).remove(0);
         assert_eq!(mapping.len(), 0x4000);
@@ -107,7 +106,7 @@ mod tests {
 
     #[test]
     fn the_mapping_outlives_the_memory_it_came_from() {
-        let memory = GuestMemory::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let memory = TrackedGuestMemory::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
         memory.write_slice(b"kept", GuestAddress(0)).unwrap();
         let mapping = RegionMapping::of_each(&memory).remove(0);
         drop(memory);

@@ -37,7 +37,7 @@ mod section_tests;
 pub mod view;
 
 #[cfg(target_os = "linux")]
-pub use guest_ram::{GuestMemory, GuestRam, MemoryConfig, MemoryError};
+pub use guest_ram::{GuestRam, MemoryConfig, MemoryError};
 #[cfg(target_os = "linux")]
 pub use host_mapping::RegionMapping;
 pub use mapped_ram::MappedRam;

@@ -1,6 +1,6 @@
 //! Dirty page sets for live and diff snapshots: one bitmap per memory region, gathered from the
 //! hypervisor's dirty log (vCPU writes), `vm-memory`'s `AtomicBitmap` (writes skiff's own
-//! devices make through `GuestMemory`) and, during a live snapshot, the devices' own logs
+//! devices make through `TrackedGuestMemory`) and, during a live snapshot, the devices' own logs
 //! (vhost-user backends' writes: `merge_device_logs`), and written from the guest mapping into a memory file
 //! at the pages' own offsets.
 //!
@@ -12,6 +12,7 @@ use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use devices::guest_memory::TrackedGuestMemory;
 use devices::virtio::DeviceDirtyLog;
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
@@ -19,7 +20,7 @@ use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion as _};
 use super::memory_file::{data_extents, MemoryFileError};
 use super::progress::SnapshotProgress;
 use crate::hypervisor::{DirtyLog, HypervisorError, SlotDirtyPages};
-use crate::memory::{GuestMemory, RegionMapping, ShareableRegion};
+use crate::memory::{RegionMapping, ShareableRegion};
 
 /// Granularity of every dirty bitmap.
 pub const DIRTY_PAGE: u64 = 4096;
@@ -154,7 +155,10 @@ impl PageBitmap {
 /// Gathers, per region of `memory` (in its order), the pages written since the last gather:
 /// the hypervisor's log for vCPU writes, and each region's `AtomicBitmap` for device writes.
 /// Both are cleared.
-pub fn gather(log: &dyn DirtyLog, memory: &GuestMemory) -> Result<Vec<PageBitmap>, DirtyError> {
+pub fn gather(
+    log: &dyn DirtyLog,
+    memory: &TrackedGuestMemory,
+) -> Result<Vec<PageBitmap>, DirtyError> {
     let slots = log.take_dirty_pages().map_err(DirtyError::Hypervisor)?;
     let mut sets: Vec<PageBitmap> = memory.iter().map(|r| PageBitmap::clean(r.len())).collect();
     merge_slots(&mut sets, memory, &slots)?;
@@ -170,7 +174,7 @@ pub fn gather(log: &dyn DirtyLog, memory: &GuestMemory) -> Result<Vec<PageBitmap
 /// logs reported in guest memory.
 pub fn merge_device_logs(
     sets: &mut [PageBitmap],
-    memory: &GuestMemory,
+    memory: &TrackedGuestMemory,
     logs: &[Arc<dyn DeviceDirtyLog>],
 ) -> u64 {
     let mut count = 0;
@@ -192,7 +196,7 @@ pub fn merge_device_logs(
 }
 
 /// Clears the devices' bitmaps (when tracking starts: everything counts as copied).
-pub fn reset_device_bitmaps(memory: &GuestMemory) {
+pub fn reset_device_bitmaps(memory: &TrackedGuestMemory) {
     for region in memory.iter() {
         region.deref_bitmap().reset();
     }
@@ -210,7 +214,7 @@ impl RegionBitmap for vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap
 
 fn merge_slots(
     sets: &mut [PageBitmap],
-    memory: &GuestMemory,
+    memory: &TrackedGuestMemory,
     slots: &[SlotDirtyPages],
 ) -> Result<(), DirtyError> {
     for slot in slots {
@@ -353,7 +357,7 @@ mod tests {
 
     #[test]
     fn slots_merge_into_their_region_and_unknown_slots_are_refused() {
-        let memory = GuestMemory::from_ranges(&[
+        let memory = TrackedGuestMemory::from_ranges(&[
             (vm_memory::GuestAddress(0), 1 << 20),
             (vm_memory::GuestAddress(1 << 32), 1 << 20),
         ])
@@ -381,7 +385,8 @@ mod tests {
 
     #[test]
     fn writes_only_the_dirty_pages_at_their_offsets() {
-        let memory = GuestMemory::from_ranges(&[(vm_memory::GuestAddress(0), 64 * 4096)]).unwrap();
+        let memory =
+            TrackedGuestMemory::from_ranges(&[(vm_memory::GuestAddress(0), 64 * 4096)]).unwrap();
         use vm_memory::Bytes;
         for p in [3u64, 4, 40] {
             memory

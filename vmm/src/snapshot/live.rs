@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use devices::guest_memory::TrackedGuestMemory;
 use devices::virtio::DeviceDirtyLog;
 use serde::Serialize;
 use thiserror::Error;
@@ -25,7 +26,7 @@ use super::memory_file::{CopyMethod, MemoryFileError};
 use super::progress::SnapshotProgress;
 use super::writer::{expect_touched, write_region, RegionCopy, RegionReport, WriteError};
 use crate::hypervisor::DirtyLog;
-use crate::memory::{GuestMemory, RegionMapping, ShareableRegion};
+use crate::memory::{RegionMapping, ShareableRegion};
 
 /// When to stop iterating and pause.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,7 +99,7 @@ pub struct Precopy {
     /// The hypervisor's dirty log, tracking already.
     pub log: Arc<dyn DirtyLog>,
     /// Guest memory, for the devices' dirty bitmaps.
-    pub memory: GuestMemory,
+    pub memory: TrackedGuestMemory,
     /// The devices' own dirty logs (vhost-user backends), logging already.
     pub devices: Vec<Arc<dyn DeviceDirtyLog>>,
     /// When to stop.
@@ -340,7 +341,7 @@ mod tests {
     #[test]
     fn passes_copy_what_was_dirtied_and_stop_when_small() {
         let size = 1u64 << 20;
-        let memory = GuestMemory::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap();
+        let memory = TrackedGuestMemory::from_ranges(&[(GuestAddress(0), size as usize)]).unwrap();
         memory.write_obj(1u64, GuestAddress(0)).unwrap();
         let dir = tempfile::tempdir().unwrap();
         // The backing the first pass copies: empty, so only later passes bring data.

@@ -502,7 +502,7 @@ fn without_reply_ack_activation_waits_for_the_backend_to_apply_the_enable() {
 fn activate_at(
     dev: &mut VhostUserDevice,
     driver: &DriverQueue<'_>,
-    mem: &crate::virtio::device::GuestMemoryMmap,
+    mem: &crate::guest_memory::TrackedGuestMemory,
     signals: &Arc<impl DeviceSignals + 'static>,
     events: &TestLoop,
     next_avail: u16,

@@ -47,7 +47,7 @@ pub(super) fn reconnecting_device(
     path: &Path,
     events: &TestLoop,
     driver: &DriverQueue<'_>,
-    mem: &crate::virtio::device::GuestMemoryMmap,
+    mem: &crate::guest_memory::TrackedGuestMemory,
     signals: Arc<RecordingSignals>,
 ) -> (VhostUserDevice, vmm_sys_util::eventfd::EventFd) {
     let mut cfg = VhostUserConfig::new(VhostUserKind::Blk, path);

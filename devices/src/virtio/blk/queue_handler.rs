@@ -23,7 +23,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use super::disk::DiskImage;
 use super::engine::{Completion, IoEngine, MAX_IN_FLIGHT};
 use super::request::{self, Action, BadChain, Segment};
-use crate::virtio::device::{ActivatedQueue, DeviceSignals, GuestMemoryMmap, QueueProgress};
+use crate::guest_memory::TrackedGuestMemory;
+use crate::virtio::device::{ActivatedQueue, DeviceSignals, QueueProgress};
 
 /// Event data of the engine's completion eventfd (queue kicks use their queue position).
 const COMPLETION_TOKEN: u32 = u32::MAX;
@@ -56,7 +57,7 @@ struct InFlight {
 pub(crate) struct BlkQueueHandler {
     // Declared first so it is dropped (and drained) while `mem` is still mapped.
     engine: IoEngine,
-    mem: GuestMemoryMmap,
+    mem: TrackedGuestMemory,
     queues: Vec<ActivatedQueue>,
     disk: Arc<DiskImage>,
     signals: Arc<dyn DeviceSignals>,
@@ -86,7 +87,7 @@ impl std::fmt::Debug for BlkQueueHandler {
 
 impl BlkQueueHandler {
     pub(crate) fn new(
-        mem: GuestMemoryMmap,
+        mem: TrackedGuestMemory,
         queues: Vec<ActivatedQueue>,
         disk: Arc<DiskImage>,
         engine: IoEngine,

@@ -14,7 +14,8 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 use super::input::ConsoleInput;
-use crate::virtio::device::{ActivatedQueue, DeviceSignals, GuestMemoryMmap, QueueProgress};
+use crate::guest_memory::TrackedGuestMemory;
+use crate::virtio::device::{ActivatedQueue, DeviceSignals, QueueProgress};
 use crate::virtio::queue_ops::{add_used, needs_notification, next_chain, QueueFailure};
 
 const RX_KICK: u32 = 0;
@@ -44,7 +45,7 @@ pub struct ConsoleCounters {
 
 /// The activated console's queues, run by the event loop.
 pub(crate) struct ConsoleQueueHandler {
-    mem: GuestMemoryMmap,
+    mem: TrackedGuestMemory,
     rx: ActivatedQueue,
     tx: ActivatedQueue,
     input: ConsoleInput,
@@ -67,8 +68,8 @@ impl std::fmt::Debug for ConsoleQueueHandler {
 /// The chain's descriptors as (address, length), if all have direction `writable` and lie in
 /// guest memory.
 fn checked_buffers(
-    mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
+    mem: &TrackedGuestMemory,
+    chain: DescriptorChain<&TrackedGuestMemory>,
     writable: bool,
 ) -> Option<Vec<(GuestAddress, usize)>> {
     let access = if writable {
@@ -87,7 +88,7 @@ fn checked_buffers(
 
 impl ConsoleQueueHandler {
     pub(crate) fn new(
-        mem: GuestMemoryMmap,
+        mem: TrackedGuestMemory,
         rx: ActivatedQueue,
         tx: ActivatedQueue,
         input: ConsoleInput,

@@ -10,7 +10,8 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ConsoleCounters, VirtioConsole};
-use crate::virtio::device::{ActivateContext, GuestMemoryMmap, VirtioDevice};
+use crate::guest_memory::TrackedGuestMemory;
+use crate::virtio::device::{ActivateContext, VirtioDevice};
 use crate::virtio::test_support::{guest_memory, DriverQueue, RecordingSignals, TestLoop};
 
 const RAM: usize = 0x40_0000;
@@ -36,7 +37,7 @@ impl SharedBuf {
 }
 
 struct Driver<'a> {
-    mem: &'a GuestMemoryMmap,
+    mem: &'a TrackedGuestMemory,
     rx: DriverQueue<'a>,
     tx: DriverQueue<'a>,
     rx_kick: EventFd,
@@ -44,7 +45,7 @@ struct Driver<'a> {
     signals: Arc<RecordingSignals>,
 }
 
-fn activate<'a>(dev: &mut VirtioConsole, mem: &'a GuestMemoryMmap, lp: &TestLoop) -> Driver<'a> {
+fn activate<'a>(dev: &mut VirtioConsole, mem: &'a TrackedGuestMemory, lp: &TestLoop) -> Driver<'a> {
     let rx = DriverQueue::new(mem, 0, QSIZE);
     let tx = DriverQueue::new(mem, 0x4000, QSIZE);
     let (rxa, rx_kick) = rx.activated(0);

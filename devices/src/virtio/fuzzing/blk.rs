@@ -6,10 +6,10 @@ use std::sync::OnceLock;
 use vm_memory::GuestMemoryBackend;
 
 use super::{activated_queue, guest_memory, serve_chains, Config};
+use crate::guest_memory::TrackedGuestMemory;
 use crate::virtio::blk::disk::{DiskConfig, DiskImage, SECTOR_SIZE};
 use crate::virtio::blk::engine::IoOp;
 use crate::virtio::blk::request::{self, Action, Segment};
-use crate::virtio::device::GuestMemoryMmap;
 
 /// Sectors of the scratch disks.
 const DISK_SECTORS: u64 = 2048;
@@ -48,7 +48,7 @@ fn disks() -> Option<&'static (DiskImage, DiskImage)> {
         .as_ref()
 }
 
-fn in_memory(mem: &GuestMemoryMmap, segs: &[Segment]) -> bool {
+fn in_memory(mem: &TrackedGuestMemory, segs: &[Segment]) -> bool {
     segs.iter().all(|s| mem.check_range(s.addr, s.len as usize))
 }
 

@@ -28,8 +28,9 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::device::{ActivatedQueue, DeviceSignals, GuestMemoryMmap};
+use super::device::{ActivatedQueue, DeviceSignals};
 use super::queue_ops::{add_used, needs_notification, next_chain};
+use crate::guest_memory::TrackedGuestMemory;
 
 /// Size of each guest RAM region.
 pub const REGION_LEN: usize = 0x1000;
@@ -91,8 +92,8 @@ pub fn ring_base(index: u16) -> u64 {
 
 /// Guest memory holding `image` (first region, then second), or `None` if the host refuses
 /// the mapping.
-pub fn guest_memory(image: &[u8]) -> Option<GuestMemoryMmap> {
-    let mem = GuestMemoryMmap::from_ranges(&[
+pub fn guest_memory(image: &[u8]) -> Option<TrackedGuestMemory> {
+    let mem = TrackedGuestMemory::from_ranges(&[
         (GuestAddress(0), REGION_LEN),
         (GuestAddress(SECOND_REGION), REGION_LEN),
     ])
@@ -108,7 +109,7 @@ pub fn guest_memory(image: &[u8]) -> Option<GuestMemoryMmap> {
 /// of `config`, the rings at `ring_base(index)`, ready. `None` when the transport would refuse
 /// it (it checks the same `is_valid`).
 pub fn activated_queue(
-    mem: &GuestMemoryMmap,
+    mem: &TrackedGuestMemory,
     config: Config,
     index: u16,
 ) -> Option<ActivatedQueue> {
@@ -142,9 +143,9 @@ pub fn activated_queue(
 /// used length, then to the used ring, and the driver's notification wish is read. Stops when
 /// the queue is empty or fails. Returns how many chains were served.
 pub fn serve_chains(
-    mem: &GuestMemoryMmap,
+    mem: &TrackedGuestMemory,
     queue: &mut ActivatedQueue,
-    mut serve: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
+    mut serve: impl FnMut(DescriptorChain<&TrackedGuestMemory>) -> u32,
 ) -> usize {
     let mut served = 0;
     for _ in 0..MAX_CHAINS {

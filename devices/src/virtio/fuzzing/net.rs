@@ -5,8 +5,8 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 
 use super::{activated_queue, guest_memory, serve_chains, Config};
+use crate::guest_memory::TrackedGuestMemory;
 use crate::virtio::blk::request;
-use crate::virtio::device::GuestMemoryMmap;
 use crate::virtio::net::frames::{gather_tx, scatter_rx};
 use crate::virtio::net::{MAX_BUFFER_LEN, VNET_HDR_LEN};
 
@@ -25,7 +25,11 @@ pub struct NetOutcome {
 }
 
 /// One receive chain: the frame goes in whole or not at all.
-fn receive(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>, len: usize) -> u32 {
+fn receive(
+    mem: &TrackedGuestMemory,
+    chain: DescriptorChain<&TrackedGuestMemory>,
+    len: usize,
+) -> u32 {
     let mut frame: Vec<u8> = (0..len).map(|i| i as u8).collect();
     match scatter_rx(mem, chain, &mut frame) {
         Ok(used) => {
@@ -38,8 +42,8 @@ fn receive(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>, len:
 
 /// One transmit chain, gathered whole.
 fn transmit(
-    mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
+    mem: &TrackedGuestMemory,
+    chain: DescriptorChain<&TrackedGuestMemory>,
     buf: &mut [u8],
 ) -> bool {
     match gather_tx(mem, chain, buf) {

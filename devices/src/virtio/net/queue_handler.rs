@@ -18,7 +18,8 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use super::frames::{gather_tx, scatter_rx, FrameError};
 use super::tap::Tap;
 use super::{MAX_BUFFER_LEN, VNET_HDR_LEN};
-use crate::virtio::device::{ActivatedQueue, DeviceSignals, GuestMemoryMmap, QueueProgress};
+use crate::guest_memory::TrackedGuestMemory;
+use crate::virtio::device::{ActivatedQueue, DeviceSignals, QueueProgress};
 use crate::virtio::queue_ops::{add_used, needs_notification, next_chain, QueueFailure};
 
 /// Event data tags.
@@ -44,7 +45,7 @@ pub struct NetCounters {
 
 /// The activated device's queues and host side, run by the event loop.
 pub(crate) struct NetQueueHandler {
-    mem: GuestMemoryMmap,
+    mem: TrackedGuestMemory,
     rx: ActivatedQueue,
     tx: ActivatedQueue,
     tap: Arc<Tap>,
@@ -76,7 +77,7 @@ impl std::fmt::Debug for NetQueueHandler {
 
 impl NetQueueHandler {
     pub(crate) fn new(
-        mem: GuestMemoryMmap,
+        mem: TrackedGuestMemory,
         rx: ActivatedQueue,
         tx: ActivatedQueue,
         tap: Arc<Tap>,

@@ -13,7 +13,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::tap::Tap;
 use super::{NetCounters, VirtioNet, VNET_HDR_LEN};
-use crate::virtio::device::{ActivateContext, GuestMemoryMmap, VirtioDevice};
+use crate::guest_memory::TrackedGuestMemory;
+use crate::virtio::device::{ActivateContext, VirtioDevice};
 use crate::virtio::test_support::{guest_memory, DriverQueue, RecordingSignals, TestLoop};
 
 pub(super) const RAM: usize = 0x40_0000;
@@ -33,7 +34,7 @@ pub(super) fn frame(payload: &[u8]) -> Vec<u8> {
 }
 
 pub(super) struct Driver<'a> {
-    mem: &'a GuestMemoryMmap,
+    mem: &'a TrackedGuestMemory,
     pub(super) rx: DriverQueue<'a>,
     pub(super) tx: DriverQueue<'a>,
     rx_kick: EventFd,
@@ -43,7 +44,7 @@ pub(super) struct Driver<'a> {
 
 pub(super) fn activate<'a>(
     dev: &mut VirtioNet,
-    mem: &'a GuestMemoryMmap,
+    mem: &'a TrackedGuestMemory,
     lp: &TestLoop,
     acked: u64,
 ) -> Driver<'a> {

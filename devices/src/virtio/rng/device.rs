@@ -135,7 +135,7 @@ mod tests {
 
     fn activate(
         rng: &mut VirtioRng,
-        mem: &crate::virtio::GuestMemoryMmap,
+        mem: &crate::guest_memory::TrackedGuestMemory,
         driver: &DriverQueue<'_>,
         events: &TestLoop,
         signals: &Arc<RecordingSignals>,
@@ -226,7 +226,7 @@ mod tests {
     /// activation gets the same kick eventfd (the one KVM's ioeventfd writes).
     fn activate_with_kick(
         rng: &mut VirtioRng,
-        mem: &crate::virtio::GuestMemoryMmap,
+        mem: &crate::guest_memory::TrackedGuestMemory,
         driver: &DriverQueue<'_>,
         events: &TestLoop,
         kick: &vmm_sys_util::eventfd::EventFd,

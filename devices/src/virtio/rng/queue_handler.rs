@@ -9,12 +9,13 @@ use std::sync::Arc;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
 use super::request::fill_request;
-use crate::virtio::device::{ActivatedQueue, DeviceSignals, GuestMemoryMmap, QueueProgress};
+use crate::guest_memory::TrackedGuestMemory;
+use crate::virtio::device::{ActivatedQueue, DeviceSignals, QueueProgress};
 use crate::virtio::queue_ops::{add_used, needs_notification, next_chain};
 
 /// Serves the request queue.
 pub(super) struct RngQueueHandler {
-    mem: GuestMemoryMmap,
+    mem: TrackedGuestMemory,
     queue: ActivatedQueue,
     signals: Arc<dyn DeviceSignals>,
     /// Set when the device is broken or reset: do nothing more.
@@ -32,7 +33,7 @@ impl std::fmt::Debug for RngQueueHandler {
 
 impl RngQueueHandler {
     pub(super) fn new(
-        mem: GuestMemoryMmap,
+        mem: TrackedGuestMemory,
         queue: ActivatedQueue,
         signals: Arc<dyn DeviceSignals>,
     ) -> Self {

@@ -10,7 +10,7 @@ use thiserror::Error;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError};
 
-use crate::virtio::device::GuestMemoryMmap;
+use crate::guest_memory::TrackedGuestMemory;
 
 /// Most bytes one request gets (the rest of its buffers is left untouched).
 pub const MAX_REQUEST_BYTES: u32 = 64 * 1024;
@@ -75,7 +75,7 @@ fn host_random(buf: &mut [u8]) -> io::Result<()> {
 /// Checks every descriptor of one request and fills its buffers in order; returns the bytes
 /// written (what the used ring reports).
 pub fn fill_request(
-    mem: &GuestMemoryMmap,
+    mem: &TrackedGuestMemory,
     chain: impl Iterator<Item = Descriptor>,
 ) -> Result<u32, RequestError> {
     // The chain iterator stops after the queue size's worth of descriptors, so this is bounded.
@@ -135,7 +135,7 @@ mod tests {
         Descriptor::new(addr, len, flags, 0)
     }
 
-    fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+    fn read(mem: &TrackedGuestMemory, addr: u64, len: usize) -> Vec<u8> {
         let mut v = vec![0u8; len];
         mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
         v

@@ -21,7 +21,8 @@ use vm_memory::GuestAddress;
 use super::signals::{SignalsState, VirtioPciSignals};
 use super::state::{CommonConfigState, QueueSetupState};
 use super::NO_VECTOR;
-use crate::virtio::device::{DeviceSignals, GuestMemoryMmap};
+use crate::guest_memory::TrackedGuestMemory;
+use crate::virtio::device::DeviceSignals;
 
 /// Size of the common configuration structure (virtio 1.0 fields, through `queue_device`).
 pub const COMMON_CONFIG_SIZE: u64 = 0x38;
@@ -117,7 +118,7 @@ pub struct CommonConfig {
     queue_select: u16,
     queues: Vec<QueueSetup>,
     vector_count: u16,
-    mem: GuestMemoryMmap,
+    mem: TrackedGuestMemory,
     signals: Arc<VirtioPciSignals>,
 }
 
@@ -128,7 +129,7 @@ impl CommonConfig {
         device_features: u64,
         queue_max_sizes: &[u16],
         vector_count: u16,
-        mem: GuestMemoryMmap,
+        mem: TrackedGuestMemory,
         signals: Arc<VirtioPciSignals>,
     ) -> Self {
         Self {

@@ -34,6 +34,7 @@ use super::common_config::{CommonConfig, StatusAction, COMMON_CONFIG_SIZE};
 use super::signals::VirtioPciSignals;
 use super::state::{StateError, VirtioPciState};
 use crate::bus::BusDevice;
+use crate::guest_memory::TrackedGuestMemory;
 use crate::pci::bar_mapping::{BarMapError, BarMapping};
 use crate::pci::config_space::{
     BarDecode, BarKind, ConfigSpaceError, PciConfigSpace, PciIds, COMMAND, COMMAND_MEMORY,
@@ -42,7 +43,7 @@ use crate::pci::msix::{MsiRouteUpdater, Msix, MsixError, MSIX_CAPABILITY_ID, MSI
 use crate::pci::PciDevice;
 use crate::virtio::device::{
     ActivateContext, ActivatedQueue, DeviceDirtyLog, DeviceSignals, DirtyLogError, EventLoop,
-    GuestMemoryMmap, QueueProgress, VirtioDevice,
+    QueueProgress, VirtioDevice,
 };
 
 /// PCI vendor ID of virtio devices.
@@ -166,7 +167,7 @@ pub fn msix_vector_count(device: &dyn VirtioDevice) -> usize {
 /// What a virtio PCI function needs from the VMM.
 pub struct VirtioPciResources {
     /// Guest memory.
-    pub mem: GuestMemoryMmap,
+    pub mem: TrackedGuestMemory,
     /// The event loop device handlers register with.
     pub event_loop: EventLoop,
     /// Where BAR 0 starts out (aligned to `VIRTIO_PCI_BAR_SIZE`, below 4 GiB).
@@ -197,7 +198,7 @@ pub struct VirtioPciDevice {
     msix_cap: usize,
     pci_cfg_cap: usize,
     kicks: Vec<EventFd>,
-    mem: GuestMemoryMmap,
+    mem: TrackedGuestMemory,
     event_loop: EventLoop,
     /// BAR 0 on the MMIO bus, once the VMM attached the function (`set_bar_mapping`).
     bar: Option<BarMapping>,

@@ -33,7 +33,8 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::muxer::{Key, Muxer};
 use super::packet::{read_tx, rx_room, write_rx, ChainError};
 use super::MAX_PAYLOAD;
-use crate::virtio::device::{ActivatedQueue, DeviceSignals, GuestMemoryMmap, QueueProgress};
+use crate::guest_memory::TrackedGuestMemory;
+use crate::virtio::device::{ActivatedQueue, DeviceSignals, QueueProgress};
 use crate::virtio::queue_ops::{add_used, needs_notification, next_chain, QueueFailure};
 
 /// Event data tags; host fds use `FD_TAG + fd`.
@@ -57,7 +58,7 @@ const RESET_ACK_WAIT: Duration = Duration::from_millis(500);
 
 /// The activated device's queues and connections, run by the event loop.
 pub(crate) struct VsockQueueHandler {
-    mem: GuestMemoryMmap,
+    mem: TrackedGuestMemory,
     rx: ActivatedQueue,
     tx: ActivatedQueue,
     event: ActivatedQueue,
@@ -98,7 +99,7 @@ impl std::fmt::Debug for VsockQueueHandler {
 
 impl VsockQueueHandler {
     pub(crate) fn new(
-        mem: GuestMemoryMmap,
+        mem: TrackedGuestMemory,
         queues: [ActivatedQueue; 3],
         muxer: Arc<Mutex<Muxer>>,
         signals: Arc<dyn DeviceSignals>,
@@ -436,7 +437,7 @@ impl VsockQueueHandler {
     }
 }
 
-fn notify(mem: &GuestMemoryMmap, signals: &dyn DeviceSignals, queue: &mut ActivatedQueue) {
+fn notify(mem: &TrackedGuestMemory, signals: &dyn DeviceSignals, queue: &mut ActivatedQueue) {
     if needs_notification(queue, mem) {
         if let Err(e) = signals.notify_queue(queue.index) {
             log::warn!("virtio-vsock: cannot notify queue {}: {e}", queue.index);

@@ -17,7 +17,8 @@ use super::packet::{
     SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
 };
 use super::{VirtioVsock, VsockState, CONN_BUFFER, HOST_CID};
-use crate::virtio::device::{ActivateContext, GuestMemoryMmap, VirtioDevice};
+use crate::guest_memory::TrackedGuestMemory;
+use crate::virtio::device::{ActivateContext, VirtioDevice};
 use crate::virtio::test_support::{guest_memory, DriverQueue, RecordingSignals, TestLoop};
 
 const RAM: usize = 0x40_0000;
@@ -28,7 +29,7 @@ const TX_BUFS: u64 = 0x20_0000;
 const EVENT_BUFS: u64 = 0x30_0000;
 
 struct Driver<'a> {
-    mem: &'a GuestMemoryMmap,
+    mem: &'a TrackedGuestMemory,
     rx: DriverQueue<'a>,
     tx: DriverQueue<'a>,
     event: DriverQueue<'a>,
@@ -45,7 +46,7 @@ struct Driver<'a> {
 const RINGS: [u64; 3] = [0x0, 0x4000, 0x8000];
 const USED_OFFSET: u64 = 0x1000;
 
-fn activate<'a>(dev: &mut VirtioVsock, mem: &'a GuestMemoryMmap, lp: &TestLoop) -> Driver<'a> {
+fn activate<'a>(dev: &mut VirtioVsock, mem: &'a TrackedGuestMemory, lp: &TestLoop) -> Driver<'a> {
     use virtio_queue::QueueT;
     let rx = DriverQueue::new(mem, RINGS[0], QSIZE);
     let tx = DriverQueue::new(mem, RINGS[1], QSIZE);

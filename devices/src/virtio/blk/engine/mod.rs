@@ -10,7 +10,7 @@
 //!
 //! Memory safety rests on one rule the caller keeps: the guest memory an `IoVecs` points into
 //! stays mapped until the engine has reported that operation complete (or `drain` has returned).
-//! The queue handler holds the VM's `GuestMemoryMmap` for as long as it owns an engine, and the
+//! The queue handler holds the VM's `TrackedGuestMemory` for as long as it owns an engine, and the
 //! engine drains itself on drop.
 
 mod pool;

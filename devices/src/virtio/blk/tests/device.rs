@@ -127,7 +127,7 @@ struct Activated<'a> {
     signals: Arc<RecordingSignals>,
 }
 
-fn activate<'a>(dev: &mut VirtioBlk, mem: &'a GuestMemoryMmap, lp: &TestLoop) -> Activated<'a> {
+fn activate<'a>(dev: &mut VirtioBlk, mem: &'a TrackedGuestMemory, lp: &TestLoop) -> Activated<'a> {
     let mut queues = Vec::new();
     let mut activated = Vec::new();
     for (i, base) in [(0u16, RINGS), (1, RINGS_1)] {
@@ -149,7 +149,7 @@ fn activate<'a>(dev: &mut VirtioBlk, mem: &'a GuestMemoryMmap, lp: &TestLoop) ->
 }
 
 /// Offers a one-sector read of `sector` on queue `q` and kicks it.
-fn read_sector(mem: &GuestMemoryMmap, a: &mut Activated<'_>, q: usize, sector: u64, at: u64) {
+fn read_sector(mem: &TrackedGuestMemory, a: &mut Activated<'_>, q: usize, sector: u64, at: u64) {
     let mut h = [0u8; 16];
     h[8..].copy_from_slice(&sector.to_le_bytes());
     mem.write_slice(&h, GuestAddress(HDR + 64 * q as u64))

@@ -5,7 +5,8 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::virtio::device::{ActivatedQueue, GuestMemoryMmap};
+use crate::guest_memory::TrackedGuestMemory;
+use crate::virtio::device::ActivatedQueue;
 use crate::virtio::test_support::Buf;
 
 const F_NEXT: u16 = 1;
@@ -13,7 +14,7 @@ const F_WRITE: u16 = 2;
 
 /// A split queue laid out at `base`: descriptor table, available ring, used ring.
 pub(crate) struct Driver<'a> {
-    mem: &'a GuestMemoryMmap,
+    mem: &'a TrackedGuestMemory,
     size: u16,
     desc: u64,
     avail: u64,
@@ -24,7 +25,7 @@ pub(crate) struct Driver<'a> {
 }
 
 impl<'a> Driver<'a> {
-    pub fn new(mem: &'a GuestMemoryMmap, base: u64, size: u16) -> Self {
+    pub fn new(mem: &'a TrackedGuestMemory, base: u64, size: u16) -> Self {
         let desc = base;
         let avail = desc + 16 * u64::from(size);
         // flags, idx, ring, used_event; the used ring is 4-byte aligned.

@@ -21,7 +21,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::disk::{DiskConfig, DiskImage, IoEngineKind};
 use super::engine::{probe_uring, IoEngine};
 use super::queue_handler::BlkQueueHandler;
-use crate::virtio::device::GuestMemoryMmap;
+use crate::guest_memory::TrackedGuestMemory;
 use crate::virtio::test_support::{guest_memory, Buf, RecordingSignals};
 use driver::Driver;
 
@@ -56,7 +56,7 @@ pub(super) fn pattern(len: usize) -> Vec<u8> {
 
 /// The handler on one queue of a temporary disk, and the driver's side of that queue.
 pub(super) struct Rig<'a> {
-    pub mem: &'a GuestMemoryMmap,
+    pub mem: &'a TrackedGuestMemory,
     pub driver: Driver<'a>,
     pub handler: BlkQueueHandler,
     pub signals: Arc<RecordingSignals>,
@@ -65,12 +65,12 @@ pub(super) struct Rig<'a> {
 
 impl<'a> Rig<'a> {
     /// A writable 1 MiB disk holding `pattern`.
-    pub fn new(mem: &'a GuestMemoryMmap, engine: IoEngineKind) -> Self {
+    pub fn new(mem: &'a TrackedGuestMemory, engine: IoEngineKind) -> Self {
         Self::with(mem, engine, QSIZE, |_| {})
     }
 
     pub fn with(
-        mem: &'a GuestMemoryMmap,
+        mem: &'a TrackedGuestMemory,
         engine: IoEngineKind,
         qsize: u16,
         tweak: impl FnOnce(&mut DiskConfig),
@@ -79,7 +79,7 @@ impl<'a> Rig<'a> {
     }
 
     pub fn build(
-        mem: &'a GuestMemoryMmap,
+        mem: &'a TrackedGuestMemory,
         engine: IoEngineKind,
         qsize: u16,
         event_idx: bool,
@@ -190,6 +190,6 @@ impl<'a> Rig<'a> {
 }
 
 /// Fresh guest memory for a rig.
-pub(super) fn memory() -> GuestMemoryMmap {
+pub(super) fn memory() -> TrackedGuestMemory {
     guest_memory(RAM)
 }

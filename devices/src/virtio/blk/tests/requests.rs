@@ -8,7 +8,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::*;
 
-fn dirty(mem: &GuestMemoryMmap, addr: u64) -> bool {
+fn dirty(mem: &TrackedGuestMemory, addr: u64) -> bool {
     let region = mem.find_region(GuestAddress(addr)).unwrap();
     region
         .bitmap()
