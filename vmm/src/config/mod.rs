@@ -220,7 +220,12 @@ pub fn parse_timeout(s: &str) -> Result<Duration, ConfigError> {
     if !(secs > 0.0 && secs.is_finite() && secs < 1e9) {
         return Err(ConfigError::Timeout(s.to_string()));
     }
-    Ok(Duration::from_secs_f64(secs))
+    // A positive value below a nanosecond rounds to no time at all.
+    let timeout = Duration::from_secs_f64(secs);
+    if timeout.is_zero() {
+        return Err(ConfigError::Timeout(s.to_string()));
+    }
+    Ok(timeout)
 }
 
 /// Checks `--cpus`.
@@ -389,5 +394,8 @@ mod tests {
         assert!(parse_timeout("0").is_err());
         assert!(parse_timeout("-3").is_err());
         assert!(parse_timeout("inf").is_err());
+        // Positive, but below a nanosecond: no time at all (found by the option_parsers fuzzer).
+        assert!(parse_timeout("0.0000000001").is_err());
+        assert_eq!(parse_timeout("0.000000001"), Ok(Duration::from_nanos(1)));
     }
 }
