@@ -170,3 +170,62 @@ fn snapshots_that_cannot_run_a_command_get_207() {
     )
     .assert_code(2);
 }
+
+#[test]
+fn a_snapshot_taken_with_a_host_connection_open_answers_the_first_connect() {
+    // The restored device numbers host ports from the start again, so the first connection
+    // after the restore carries the same ports as the one the guest held (and now sees reset).
+    // The guest must take it as a new connection: `skiff exec --snapshot` connects once and
+    // waits 10 s for `OK`, so an ignored request would end in 207, not the command's code.
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    require_kvm();
+    let dir = tempfile::tempdir().expect("dir");
+    let socket = dir.path().join("v");
+    let api = dir.path().join("api.sock");
+    let log = dir.path().join("serial.log");
+    let snap = dir.path().join("snap");
+    let mut cmd = Command::new(skiff_bin());
+    cmd.args(["run", "--kernel"])
+        .arg(testguest())
+        .args(["--cmdline", "agent-listen", "--api-socket"])
+        .arg(&api)
+        .arg("--serial")
+        .arg(format!("file={}", log.display()))
+        .arg("--vsock")
+        .arg(format!("cid=3,socket={}", socket.display()));
+    let vm = Skiff::spawn_command(&mut cmd);
+    let deadline = Instant::now() + LIMIT;
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("testguest: agent listening")
+    {
+        assert!(Instant::now() < deadline, "the guest never got ready");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut held = UnixStream::connect(&socket).expect("connect to the vsock socket");
+    held.set_read_timeout(Some(LIMIT)).expect("timeout");
+    held.write_all(b"CONNECT 1024\n").expect("CONNECT");
+    let mut answer = String::new();
+    BufReader::new(&held)
+        .read_line(&mut answer)
+        .expect("the answer");
+    assert!(answer.starts_with("OK "), "{answer:?}");
+    let api_arg = api.to_string_lossy().into_owned();
+    let snap_arg = snap.to_string_lossy().into_owned();
+    run_skiff(
+        &[
+            "ctl",
+            "--api-socket",
+            &api_arg,
+            "snapshot",
+            &snap_arg,
+            "--stop",
+        ],
+        LIMIT,
+    )
+    .assert_code(0);
+    vm.wait(LIMIT).assert_code(0);
+    drop(held);
+    exec_in(&snap, &["exit=3"]).assert_code(3);
+}

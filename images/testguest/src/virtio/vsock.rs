@@ -365,10 +365,16 @@ impl Vsock {
         );
     }
 
+    /// The live connection with these ports. A reset connection is closed: it takes no more
+    /// packets, and a new connection may reuse its ports (a restored VM's device numbers host
+    /// ports from the start again, so the host's first connection after a restore can carry
+    /// the same ports as one the guest still holds, reset, until its owner lets go).
     fn find(&self, local: u32, peer: u32) -> Option<usize> {
-        self.conns
-            .iter()
-            .position(|s| s.state != State::Free && s.local_port == local && s.peer_port == peer)
+        self.conns.iter().position(|s| {
+            !matches!(s.state, State::Free | State::Reset)
+                && s.local_port == local
+                && s.peer_port == peer
+        })
     }
 
     fn new_slot(&mut self, local: u32, peer: u32, state: State) -> Option<usize> {
