@@ -17,6 +17,18 @@ const LIMIT: Duration = Duration::from_secs(60);
 /// Boots the test guest with `cmdline` (and `extra` options), waits for `ready` on its console
 /// (or, without one, for the API socket) and stops it into a snapshot at `dir/snap`.
 fn snapshot_of(dir: &Path, cmdline: &str, extra: &[&str], ready: Option<&str>) -> PathBuf {
+    snapshot_with(dir, cmdline, extra, ready, || ())
+}
+
+/// `snapshot_of`, calling `before` once the guest is ready; what it returns lives until the VM
+/// has stopped into the snapshot.
+fn snapshot_with<T>(
+    dir: &Path,
+    cmdline: &str,
+    extra: &[&str],
+    ready: Option<&str>,
+    before: impl FnOnce() -> T,
+) -> PathBuf {
     let api = dir.join("api.sock");
     let log = dir.join("serial.log");
     let snap = dir.join("snap");
@@ -43,6 +55,7 @@ fn snapshot_of(dir: &Path, cmdline: &str, extra: &[&str], ready: Option<&str>) -
         assert!(Instant::now() < deadline, "the guest never got ready");
         std::thread::sleep(Duration::from_millis(10));
     }
+    let kept = before();
     let api_arg = api.to_string_lossy().into_owned();
     let snap_arg = snap.to_string_lossy().into_owned();
     run_skiff(
@@ -58,6 +71,7 @@ fn snapshot_of(dir: &Path, cmdline: &str, extra: &[&str], ready: Option<&str>) -
     )
     .assert_code(0);
     vm.wait(LIMIT).assert_code(0);
+    drop(kept);
     snap
 }
 
@@ -182,50 +196,24 @@ fn a_snapshot_taken_with_a_host_connection_open_answers_the_first_connect() {
     require_kvm();
     let dir = tempfile::tempdir().expect("dir");
     let socket = dir.path().join("v");
-    let api = dir.path().join("api.sock");
-    let log = dir.path().join("serial.log");
-    let snap = dir.path().join("snap");
-    let mut cmd = Command::new(skiff_bin());
-    cmd.args(["run", "--kernel"])
-        .arg(testguest())
-        .args(["--cmdline", "agent-listen", "--api-socket"])
-        .arg(&api)
-        .arg("--serial")
-        .arg(format!("file={}", log.display()))
-        .arg("--vsock")
-        .arg(format!("cid=3,socket={}", socket.display()));
-    let vm = Skiff::spawn_command(&mut cmd);
-    let deadline = Instant::now() + LIMIT;
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("testguest: agent listening")
-    {
-        assert!(Instant::now() < deadline, "the guest never got ready");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let mut held = UnixStream::connect(&socket).expect("connect to the vsock socket");
-    held.set_read_timeout(Some(LIMIT)).expect("timeout");
-    held.write_all(b"CONNECT 1024\n").expect("CONNECT");
-    let mut answer = String::new();
-    BufReader::new(&held)
-        .read_line(&mut answer)
-        .expect("the answer");
-    assert!(answer.starts_with("OK "), "{answer:?}");
-    let api_arg = api.to_string_lossy().into_owned();
-    let snap_arg = snap.to_string_lossy().into_owned();
-    run_skiff(
-        &[
-            "ctl",
-            "--api-socket",
-            &api_arg,
-            "snapshot",
-            &snap_arg,
-            "--stop",
-        ],
-        LIMIT,
-    )
-    .assert_code(0);
-    vm.wait(LIMIT).assert_code(0);
-    drop(held);
+    let vsock = format!("cid=3,socket={}", socket.display());
+    let hold_a_connection = || {
+        let mut held = UnixStream::connect(&socket).expect("connect to the vsock socket");
+        held.set_read_timeout(Some(LIMIT)).expect("timeout");
+        held.write_all(b"CONNECT 1024\n").expect("CONNECT");
+        let mut answer = String::new();
+        BufReader::new(&held)
+            .read_line(&mut answer)
+            .expect("the answer");
+        assert!(answer.starts_with("OK "), "{answer:?}");
+        held
+    };
+    let snap = snapshot_with(
+        dir.path(),
+        "agent-listen",
+        &["--vsock", &vsock],
+        Some("testguest: agent listening"),
+        hold_a_connection,
+    );
     exec_in(&snap, &["exit=3"]).assert_code(3);
 }
