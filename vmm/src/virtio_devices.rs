@@ -61,11 +61,6 @@ impl From<VhostUserError> for DeviceError {
     }
 }
 
-impl From<std::convert::Infallible> for DeviceError {
-    fn from(never: std::convert::Infallible) -> Self {
-        match never {}
-    }
-}
 
 /// One virtio device's own state: what it is and what it needs to be built again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
