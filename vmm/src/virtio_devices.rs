@@ -61,7 +61,6 @@ impl From<VhostUserError> for DeviceError {
     }
 }
 
-
 /// One virtio device's own state: what it is and what it needs to be built again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VirtioDeviceState {

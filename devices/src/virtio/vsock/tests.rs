@@ -173,6 +173,16 @@ fn device(dir: &Path) -> VirtioVsock {
     VirtioVsock::new(CID, &dir.join("v.sock")).unwrap()
 }
 
+/// Turns the loop until the driver receives a connection request; returns its header.
+fn next_request(lp: &mut TestLoop, drv: &mut Driver<'_>) -> Header {
+    let mut req = None;
+    turn_until(lp, || {
+        req = drv.received().into_iter().find(|(h, _)| h.op == OP_REQUEST);
+        req.is_some()
+    });
+    req.expect("a request").0
+}
+
 fn turn_until(lp: &mut TestLoop, mut done: impl FnMut() -> bool) {
     for _ in 0..200 {
         lp.turn();
@@ -296,12 +306,7 @@ fn host_connect_line_reaches_the_guest_and_ok_comes_back() {
     drv.post_rx(4, 4096);
     let mut host = UnixStream::connect(dir.path().join("v.sock")).unwrap();
     host.write_all(b"CONNECT 77\nearly").unwrap();
-    let mut req = None;
-    turn_until(&mut lp, || {
-        req = drv.received().into_iter().find(|(h, _)| h.op == OP_REQUEST);
-        req.is_some()
-    });
-    let (req, _) = req.unwrap();
+    let req = next_request(&mut lp, &mut drv);
     assert_eq!(
         (req.dst_port, req.dst_cid, req.src_cid),
         (77, CID, HOST_CID)
@@ -455,12 +460,7 @@ fn after_a_transport_reset_nothing_reaches_the_guest_until_it_returns_the_event_
     // The driver handles the event and hands the buffer back: the request follows.
     drv.event.add_chain(&[(EVENT_BUFS + 8, 8, true)]);
     drv.kicks[2].write(1).unwrap();
-    let mut req = None;
-    turn_until(&mut lp, || {
-        req = drv.received().into_iter().find(|(h, _)| h.op == OP_REQUEST);
-        req.is_some()
-    });
-    assert_eq!(req.unwrap().0.dst_port, 77);
+    assert_eq!(next_request(&mut lp, &mut drv).dst_port, 77);
 }
 
 #[test]
@@ -473,12 +473,7 @@ fn host_connect_the_guest_never_answers_times_out() {
     drv.post_rx(4, 4096);
     let mut host = UnixStream::connect(dir.path().join("v.sock")).unwrap();
     host.write_all(b"CONNECT 77\n").unwrap();
-    let mut req = None;
-    turn_until(&mut lp, || {
-        req = drv.received().into_iter().find(|(h, _)| h.op == OP_REQUEST);
-        req.is_some()
-    });
-    let port = req.unwrap().0.src_port;
+    let port = next_request(&mut lp, &mut drv).src_port;
     // The guest stays silent: after the timeout it hears a reset and the host sees EOF.
     let started = std::time::Instant::now();
     let mut rst = false;
