@@ -33,11 +33,14 @@ pub enum ThreadKind {
     GuestOutput,
     /// `skiff exec`'s session: waits for the guest agent, runs the command, streams its output.
     ExecSession,
+    /// Runs one `POST /vm/exec` of the control API: connects to the VM's agent through its
+    /// vsock socket, runs the command, writes the HTTP answer.
+    ApiExec,
 }
 
 impl ThreadKind {
     /// Every kind, for tables and tests.
-    pub const ALL: [ThreadKind; 11] = [
+    pub const ALL: [ThreadKind; 12] = [
         ThreadKind::Vcpu,
         ThreadKind::EventLoop,
         ThreadKind::Disk,
@@ -49,6 +52,7 @@ impl ThreadKind {
         ThreadKind::VhostUserBlkBackend,
         ThreadKind::GuestOutput,
         ThreadKind::ExecSession,
+        ThreadKind::ApiExec,
     ];
 
     /// The kind's name in options, messages and docs (`vcpu`, `event-loop`, ...).
@@ -65,6 +69,7 @@ impl ThreadKind {
             ThreadKind::VhostUserBlkBackend => "vhost-user-blk",
             ThreadKind::GuestOutput => "guest-output",
             ThreadKind::ExecSession => "exec-session",
+            ThreadKind::ApiExec => "api-exec",
         }
     }
 

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use skiff_tests::{
     processes_mentioning, require_kvm, skiff_bin, testguest, virtiofsd_bin, Finished, Skiff,
 };
+use vmm::test_runner::suite::{AgentKind, VmSpec};
+use vmm::test_runner::test_vm::TestVm;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -156,18 +158,52 @@ fn garbage_from_the_guest_is_its_own_code() {
 #[test]
 fn a_guest_that_never_starts_the_agent() {
     let run = Run::new();
-    // The guest ends before any agent connects.
+    // The guest drives its vsock device (it listens on port 1024) but never connects: the
+    // boot timeout ends it.
+    let start = Instant::now();
+    let mut cmd = run.command(
+        &["--cmdline", "agent-listen", "--boot-timeout", "1"],
+        &["true"],
+    );
+    let r = run.finish(Skiff::spawn_command(&mut cmd));
+    r.assert_code(201)
+        .assert_stderr_has("the guest never came up: no agent connected within 1 s")
+        .assert_stderr_has("testguest: agent listening");
+    assert_eq!(own_lines(&r), 1, "{}", r.stderr);
+    assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+/// skiff's own `skiff: ` lines, without the serial tail's heading.
+fn own_lines(r: &Finished) -> usize {
+    r.stderr
+        .lines()
+        .filter(|l| l.starts_with("skiff: ") && !l.starts_with("skiff: last lines"))
+        .count()
+}
+
+#[test]
+fn a_kernel_without_vsock_support_is_its_own_code() {
+    // A guest that never sets its virtio-vsock device up is what a kernel without vsock
+    // support looks like from the host.
+    let run = Run::new();
+    // It ends before any agent could connect.
     let mut cmd = run.command(&["--cmdline", "exit=3"], &["true"]);
-    run.finish(Skiff::spawn_command(&mut cmd))
-        .assert_code(201)
-        .assert_stderr_has("the guest never came up: it ended before its agent connected")
+    let r = run.finish(Skiff::spawn_command(&mut cmd));
+    r.assert_code(208)
+        .assert_stderr_has(
+            "the guest ended before its agent connected and never set up its virtio-vsock device",
+        )
+        .assert_stderr_has("CONFIG_VIRTIO_VSOCKETS")
         .assert_stderr_has("testguest: exit 3");
-    // The guest runs but never connects: the boot timeout ends it.
+    assert_eq!(own_lines(&r), 1, "{}", r.stderr);
+    // It runs on and never does: the boot timeout ends it.
     let start = Instant::now();
     let mut cmd = run.command(&["--cmdline", "spin", "--boot-timeout", "1"], &["true"]);
     run.finish(Skiff::spawn_command(&mut cmd))
-        .assert_code(201)
-        .assert_stderr_has("no agent connected within 1 s")
+        .assert_code(208)
+        .assert_stderr_has(
+            "had no agent connected within 1 s and never set up its virtio-vsock device",
+        )
         .assert_stderr_has("testguest: spinning");
     assert!(start.elapsed() < Duration::from_secs(10));
 }
@@ -284,27 +320,16 @@ fn ctl_exec(vsock: &Path, extra: &[&str], cmd: &[&str]) -> Finished {
 fn ctl_exec_runs_commands_in_a_long_running_agent_vm() {
     require_kvm();
     let dir = tempfile::tempdir().expect("dir");
-    let vsock = dir.path().join("v");
-    let log = dir.path().join("serial.log");
-    let mut vm = Command::new(skiff_bin());
-    vm.args(["run", "--agent", "--kernel"])
-        .arg(testguest())
-        .args(["--cmdline", "agent-listen", "--serial"])
-        .arg(format!("file={}", log.display()))
-        .arg("--vsock")
-        .arg(format!("cid=3,socket={}", vsock.display()));
-    let vm = Skiff::spawn_command(&mut vm);
-    let deadline = Instant::now() + LIMIT;
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("testguest: agent listening")
-    {
-        assert!(Instant::now() < deadline, "the guest never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // `skiff run --agent` (the `Linux` agent kind) with the test guest listening as the agent.
+    let mut spec = VmSpec::new("ctl", testguest(), AgentKind::Linux);
+    spec.cmdline = "agent-listen".into();
+    let mut vm = TestVm::boot(skiff_bin(), &spec, dir.path()).expect("boot");
+    // `ctl exec` makes its own connections; the test guest serves one at a time.
+    vm.disconnect();
+    let vsock = vm.vsock_socket().to_path_buf();
     // The agent's initramfs and its parameters came after the user's command line.
-    assert!(std::fs::read_to_string(&log)
-        .expect("log")
+    assert!(vm
+        .serial()
         .contains("agent-listen rdinit=/skiff-agent skiff.agent=vsock:1024"));
 
     let r = ctl_exec(&vsock, &[], &["echo", "one"]);
@@ -320,6 +345,8 @@ fn ctl_exec_runs_commands_in_a_long_running_agent_vm() {
     ctl_exec(&dir.path().join("nope"), &[], &["true"])
         .assert_code(200)
         .assert_stderr_has("cannot connect to");
+    // The library's own connection comes back after `ctl exec`'s.
+    assert_eq!(vm.exec(&["exit=4"]).expect("exec").code(), Some(4));
     drop(vm);
 
     // --agent without --vsock is a usage error.

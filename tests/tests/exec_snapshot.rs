@@ -11,24 +11,14 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use skiff_tests::{require_kvm, run_skiff, skiff_bin, testguest, Finished, Skiff};
+use vmm::test_runner::suite::{AgentKind, VmSpec};
+use vmm::test_runner::test_vm::TestVm;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
 /// Boots the test guest with `cmdline` (and `extra` options), waits for `ready` on its console
 /// (or, without one, for the API socket) and stops it into a snapshot at `dir/snap`.
 fn snapshot_of(dir: &Path, cmdline: &str, extra: &[&str], ready: Option<&str>) -> PathBuf {
-    snapshot_with(dir, cmdline, extra, ready, || ())
-}
-
-/// `snapshot_of`, calling `before` once the guest is ready; what it returns lives until the VM
-/// has stopped into the snapshot.
-fn snapshot_with<T>(
-    dir: &Path,
-    cmdline: &str,
-    extra: &[&str],
-    ready: Option<&str>,
-    before: impl FnOnce() -> T,
-) -> PathBuf {
     let api = dir.join("api.sock");
     let log = dir.join("serial.log");
     let snap = dir.join("snap");
@@ -55,7 +45,6 @@ fn snapshot_with<T>(
         assert!(Instant::now() < deadline, "the guest never got ready");
         std::thread::sleep(Duration::from_millis(10));
     }
-    let kept = before();
     let api_arg = api.to_string_lossy().into_owned();
     let snap_arg = snap.to_string_lossy().into_owned();
     run_skiff(
@@ -71,7 +60,6 @@ fn snapshot_with<T>(
     )
     .assert_code(0);
     vm.wait(LIMIT).assert_code(0);
-    drop(kept);
     snap
 }
 
@@ -191,29 +179,12 @@ fn a_snapshot_taken_with_a_host_connection_open_answers_the_first_connect() {
     // after the restore carries the same ports as the one the guest held (and now sees reset).
     // The guest must take it as a new connection: `skiff exec --snapshot` connects once and
     // waits 10 s for `OK`, so an ignored request would end in 207, not the command's code.
-    use std::io::{BufRead, BufReader, Write};
-    use std::os::unix::net::UnixStream;
+    // The runner's library keeps its agent connection open through `snapshot`.
     require_kvm();
     let dir = tempfile::tempdir().expect("dir");
-    let socket = dir.path().join("v");
-    let vsock = format!("cid=3,socket={}", socket.display());
-    let hold_a_connection = || {
-        let mut held = UnixStream::connect(&socket).expect("connect to the vsock socket");
-        held.set_read_timeout(Some(LIMIT)).expect("timeout");
-        held.write_all(b"CONNECT 1024\n").expect("CONNECT");
-        let mut answer = String::new();
-        BufReader::new(&held)
-            .read_line(&mut answer)
-            .expect("the answer");
-        assert!(answer.starts_with("OK "), "{answer:?}");
-        held
-    };
-    let snap = snapshot_with(
-        dir.path(),
-        "agent-listen",
-        &["--vsock", &vsock],
-        Some("testguest: agent listening"),
-        hold_a_connection,
-    );
+    let spec = VmSpec::new("held", testguest(), AgentKind::Testguest);
+    let vm = TestVm::boot(skiff_bin(), &spec, dir.path()).expect("boot");
+    let snap = dir.path().join("snap");
+    vm.snapshot(&snap).expect("snapshot");
     exec_in(&snap, &["exit=3"]).assert_code(3);
 }

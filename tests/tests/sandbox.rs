@@ -169,6 +169,54 @@ fn the_exec_session_thread_is_stopped_by_its_filter() {
 }
 
 #[test]
+fn the_api_exec_thread_is_stopped_by_its_filter() {
+    use std::io::{Read, Write};
+    require_kvm();
+    let dir = tempfile::tempdir().unwrap();
+    let api = dir.path().join("api.sock");
+    let log = dir.path().join("serial.log");
+    let mut cmd = Command::new(skiff_bin());
+    cmd.env(TRIGGER, "api-exec")
+        .args([
+            "run",
+            "--agent",
+            "--kernel",
+            &guest(),
+            "--cmdline",
+            "agent-listen",
+        ])
+        .arg("--serial")
+        .arg(format!("file={}", log.display()))
+        .arg("--vsock")
+        .arg(format!("cid=3,socket={}", dir.path().join("v").display()))
+        .arg("--api-socket")
+        .arg(&api);
+    let vm = Skiff::spawn_command(&mut cmd);
+    let deadline = std::time::Instant::now() + T;
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("testguest: agent listening")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent never listened"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let body = r#"{"argv": ["true"]}"#;
+    let mut s = std::os::unix::net::UnixStream::connect(&api).unwrap();
+    write!(
+        s,
+        "POST /vm/exec HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    // The process ends before any answer.
+    let _ = s.read_to_end(&mut Vec::new());
+    assert_stopped_by_filter(&vm.wait(T), "api-exec");
+}
+
+#[test]
 fn skiff_exec_runs_a_command_with_every_filter_on() {
     // The session, the VM's threads and the main thread's end (stopping, removing the run
     // directory) all stay inside their filters: a command's exit code comes back untouched.

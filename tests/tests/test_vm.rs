@@ -1,7 +1,7 @@
 //! The runner as a library (`vmm::test_runner::test_vm`): boot a test-guest VM with its agent,
-//! run commands and read files through it, stop it into a snapshot, fork two VMs from that
-//! snapshot, and see each fork start from the snapshot's state and keep its own changes; every
-//! VM is gone once its `TestVm` is dropped.
+//! run commands and read and write files through it (closing and remaking its connection),
+//! stop it into a snapshot, fork two VMs from that snapshot, and see each fork start from the
+//! snapshot's state and keep its own changes; every VM is gone once its `TestVm` is dropped.
 
 #![cfg(unix)] // KVM tests: Linux only (the Windows build compiles them to nothing)
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
@@ -54,6 +54,20 @@ fn boot_exec_read_snapshot_and_fork() {
         matches!(missing, TestVmError::Agent(ref m) if m.contains("no such file")),
         "{missing}"
     );
+    vm.write_file("/w", b"written by the library\n").unwrap();
+    assert_eq!(
+        vm.exec(&["cat", "/w"]).unwrap().stdout_text(),
+        "written by the library\n"
+    );
+    // The test guest keeps files of at most 512 bytes: a larger one is the agent's refusal.
+    let refused = vm.write_file("/big", &[b'x'; 600]).unwrap_err();
+    assert!(
+        matches!(refused, TestVmError::Agent(ref m) if m.contains("over 512 bytes")),
+        "{refused}"
+    );
+    // Closed and made again on the next call.
+    vm.disconnect();
+    assert_eq!(vm.read_file("/w").unwrap(), b"written by the library\n");
     let snapshot = root.path().join("snap");
     vm.snapshot(&snapshot).unwrap();
 

@@ -4,7 +4,9 @@
 //!
 //! Control requests are parsed by the API subscriber during an event-loop turn and acted on here
 //! between turns; a snapshot's memory write runs on its own thread and wakes the loop when done,
-//! so the loop keeps answering (status, a refused second snapshot, shutdown) meanwhile.
+//! so the loop keeps answering (status, a refused second snapshot, shutdown) meanwhile. A
+//! `POST /vm/exec` is admitted here and run by a worker thread (`api::exec_worker`), which
+//! answers it itself.
 
 use std::io;
 use std::os::fd::AsFd;
@@ -19,9 +21,10 @@ use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
+use crate::api::exec_worker::{ExecWorkers, END_PATIENCE};
 use crate::api::server::{ApiServer, ServerError, Token};
 use crate::api::Route;
-use crate::builder::BuiltVm;
+use crate::builder::{BuiltVm, VirtioFunctions};
 use crate::config::SerialConfig;
 use crate::event_loop::{block_stop_signals, ExitWatcher, SerialInput, StopSignals};
 use crate::guest_output::{OutputReport, DRAIN_LIMIT};
@@ -161,6 +164,7 @@ pub fn run_vm(mut vm: BuiltVm, opts: &RunOptions) -> Result<RunOutcome, RunError
     // reports them at the end.
     let outputs = std::mem::take(&mut vm.outputs);
     let output_dropped = outputs.dropped_counter();
+    let exec_workers = ExecWorkers::new(vsock_socket(&vm.virtio), vm.exit.clone());
     let mut running = RunningVm::start(vm, opts.description.clone())
         .map_err(|(index, source)| RunError::Spawn { index, source })?;
     let exit = running.exit().clone();
@@ -209,7 +213,12 @@ pub fn run_vm(mut vm: BuiltVm, opts: &RunOptions) -> Result<RunOutcome, RunError
         }
         if let Some(api) = &api {
             let mut api = api.lock().unwrap_or_else(PoisonError::into_inner);
-            serve_requests(&mut api, &mut running, &mut snapshot_token, &output_dropped);
+            let control = Control {
+                snapshot_token: &mut snapshot_token,
+                output_dropped: &output_dropped,
+                exec_workers: &exec_workers,
+            };
+            serve_requests(&mut api, &mut running, control);
         }
     }
 
@@ -222,6 +231,11 @@ pub fn run_vm(mut vm: BuiltVm, opts: &RunOptions) -> Result<RunOutcome, RunError
         api.respond(token, 500, &crate::api::http::error_body(&msg));
     }
     drop(api);
+    // The exec workers saw the end and answer 503; give them a moment to write it.
+    let left = exec_workers.wait_idle(END_PATIENCE);
+    if left > 0 {
+        log::warn!("control socket: {left} exec request(s) still running at exit");
+    }
     drop(raw_mode);
     // The counts of the guest-caused warnings that were not shown, one line per device and kind.
     devices::guest_warnings::summarize_all();
@@ -239,14 +253,51 @@ fn json<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_else(|e| crate::api::http::error_body(&e.to_string()))
 }
 
+/// The VM's vsock socket (`--vsock ...,socket=PATH`, or a restore's), if it has a vsock
+/// device: where `POST /vm/exec` reaches the agent.
+fn vsock_socket(virtio: &VirtioFunctions) -> Option<PathBuf> {
+    virtio.iter().find_map(|f| {
+        let f = f.lock().unwrap_or_else(PoisonError::into_inner);
+        f.device()
+            .as_any()
+            .downcast_ref::<devices::virtio::vsock::VirtioVsock>()
+            .map(|v| v.socket().to_path_buf())
+    })
+}
+
+/// The VM's first virtio function whose device has `device_type`.
+pub fn virtio_function(
+    virtio: &VirtioFunctions,
+    device_type: u32,
+) -> Option<Arc<Mutex<devices::virtio::transport::VirtioPciDevice>>> {
+    virtio
+        .iter()
+        .find(|f| {
+            f.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .device()
+                .device_type()
+                == device_type
+        })
+        .cloned()
+}
+
+/// What `serve_requests` keeps between turns besides the server and the VM.
+struct Control<'a> {
+    /// The request whose answer waits for the snapshot write.
+    snapshot_token: &'a mut Option<Token>,
+    output_dropped: &'a AtomicU64,
+    exec_workers: &'a ExecWorkers,
+}
+
 /// Acts on the queued control requests and on a finished snapshot write.
-fn serve_requests(
-    api: &mut ApiServer,
-    vm: &mut RunningVm,
-    snapshot_token: &mut Option<Token>,
-    output_dropped: &AtomicU64,
-) {
+fn serve_requests(api: &mut ApiServer, vm: &mut RunningVm, control: Control<'_>) {
     use crate::api::http::error_body;
+    let Control {
+        snapshot_token,
+        output_dropped,
+        exec_workers,
+    } = control;
     for (token, route) in api.take_requests() {
         let answer = match route {
             Route::Status => {
@@ -275,6 +326,17 @@ fn serve_requests(
                 }
                 Err(e) => Err(e),
             },
+            Route::Exec(req) => {
+                match exec_workers.admit(vm.is_paused()) {
+                    Ok(slot) => {
+                        if let Some(client) = api.take_connection(token) {
+                            exec_workers.spawn(slot, client, req);
+                        }
+                    }
+                    Err((status, msg)) => api.respond(token, status, &error_body(&msg)),
+                }
+                continue;
+            }
         };
         match answer {
             Ok(body) => api.respond(token, 200, &body),

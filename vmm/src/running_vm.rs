@@ -224,6 +224,11 @@ impl RunningVm {
         }
     }
 
+    /// Whether the vCPUs are paused (`PUT /vm/pause`).
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
     /// Parks every vCPU outside `KVM_RUN`. Returns how long it took.
     pub fn pause(&mut self) -> Result<Duration, ControlError> {
         let started = Instant::now();

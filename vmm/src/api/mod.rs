@@ -7,9 +7,12 @@
 //! - `http`: request parsing and response formatting.
 //! - `server`: the socket, as an event-loop subscriber that queues parsed requests.
 //! - `client`: the `skiff ctl` side.
+//! - `exec`: `POST /vm/exec`'s body and answer; `exec_worker`: running it off the event loop.
 //! - `progress_bar`: `skiff ctl snapshot`'s progress bar on a terminal.
 
 pub mod client;
+pub mod exec;
+pub mod exec_worker;
 pub mod http;
 pub mod progress_bar;
 pub mod server;
@@ -37,6 +40,8 @@ pub enum Route {
     SnapshotProgress,
     /// `PUT /vm/shutdown`.
     Shutdown,
+    /// `POST /vm/exec`.
+    Exec(exec::ExecRequest),
 }
 
 #[derive(Deserialize)]
@@ -61,6 +66,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/vm/shutdown"),
     ("GET", "/vm/snapshot/progress"),
     ("PUT", "/vm/snapshot"),
+    ("POST", "/vm/exec"),
 ];
 
 /// Maps a request to a route, or to the error status and message to answer with.
@@ -81,6 +87,9 @@ pub fn route(req: &Request) -> Result<Route, (u16, String)> {
         "/vm/resume" => Ok(Route::Resume),
         "/vm/shutdown" => Ok(Route::Shutdown),
         "/vm/snapshot/progress" => Ok(Route::SnapshotProgress),
+        "/vm/exec" => exec::parse(&req.body)
+            .map(Route::Exec)
+            .map_err(|e| (400, e)),
         "/vm/snapshot" => {
             let body: SnapshotBody = serde_json::from_slice(&req.body).map_err(|e| {
                 (
@@ -145,6 +154,12 @@ mod tests {
             route(&req("GET", "/vm/snapshot/progress", "")),
             Ok(Route::SnapshotProgress)
         );
+        assert_eq!(
+            route(&req("POST", "/vm/exec", r#"{"argv": ["true"]}"#)),
+            Ok(Route::Exec(exec::parse(br#"{"argv": ["true"]}"#).unwrap()))
+        );
+        assert_eq!(route(&req("POST", "/vm/exec", "{")).unwrap_err().0, 400);
+        assert_eq!(route(&req("PUT", "/vm/exec", "")).unwrap_err().0, 405);
         assert_eq!(route(&req("GET", "/vm/pause", "")).unwrap_err().0, 405);
         assert_eq!(route(&req("GET", "/nope", "")).unwrap_err().0, 404);
         assert_eq!(route(&req("PUT", "/vm/snapshot", "{}")).unwrap_err().0, 400);

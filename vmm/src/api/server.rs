@@ -6,7 +6,8 @@
 //! it as a `Route` with a token; invalid requests are answered at once. The runner takes the
 //! queue after each event-loop turn, acts on the VM, and answers through `respond`, which writes
 //! the response and closes the connection. A snapshot's answer comes later, when its write ends;
-//! the connection waits meanwhile.
+//! the connection waits meanwhile. A `POST /vm/exec`'s connection is taken out of the server
+//! (`take_connection`) and answered by the worker that runs the command.
 //!
 //! Nothing a client does can stall the event loop or lock others out: sockets are non-blocking
 //! (an answer the peer does not take is dropped), a request must be complete within
@@ -147,6 +148,14 @@ impl ApiServer {
     /// Takes the requests that arrived since the last call.
     pub fn take_requests(&mut self) -> Vec<(Token, Route)> {
         std::mem::take(&mut self.queued)
+    }
+
+    /// Takes request `token`'s connection out of the server, for an answer written elsewhere
+    /// (`POST /vm/exec`'s worker). The socket is left blocking.
+    pub fn take_connection(&mut self, token: Token) -> Option<UnixStream> {
+        let conn = self.waiting.remove(&token)?;
+        let _ = conn.stream.set_nonblocking(false);
+        Some(conn.stream)
     }
 
     /// Answers request `token` and closes its connection.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use agent_protocol::{
     read_frame, write_message, ByteList, ErrorCode, ExecFlags, ExitStatus, Message, ReadFrameError,
-    DATA_CHUNK,
+    WriteFlags, DATA_CHUNK,
 };
 
 /// The request id of the one exec `skiff exec` runs.
@@ -29,6 +29,8 @@ pub struct CommandSpec {
     pub timeout: Option<Duration>,
     /// Forward skiff's stdin (it is not a terminal).
     pub forward_stdin: bool,
+    /// The first stdin bytes, sent with the `Exec` (the whole input unless `forward_stdin`).
+    pub stdin: Vec<u8>,
 }
 
 /// How a wait or a run ended, short of the command's own exit.
@@ -228,6 +230,47 @@ impl AgentClient {
         }
     }
 
+    /// Writes `data` to the guest file at `path` (mode 0644): a `WriteFile` of the first
+    /// `DATA_CHUNK` bytes, then appends. The inner error is the agent's refusal.
+    pub fn write_file(
+        &mut self,
+        path: &[u8],
+        data: &[u8],
+        mut stop: impl FnMut() -> bool,
+    ) -> Result<Result<(), String>, Interrupt> {
+        const WRITE_REQUEST: u32 = 4;
+        let mut chunks: Vec<&[u8]> = data.chunks(DATA_CHUNK).collect();
+        if chunks.is_empty() {
+            chunks.push(&[]);
+        }
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let msg = Message::WriteFile {
+                flags: WriteFlags(if i == 0 { 0 } else { WriteFlags::APPEND }),
+                mode: 0o644,
+                path,
+                data: chunk,
+            };
+            write_message(&mut self.stream, &msg, WRITE_REQUEST)
+                .map_err(|e| Interrupt::Lost(format!("writing to the agent: {e}")))?;
+            match self.next(&mut stop)? {
+                (WRITE_REQUEST, Message::Done) => {}
+                (WRITE_REQUEST, Message::Error { code, message }) => {
+                    return Ok(Err(format!(
+                        "{code:?}: {}",
+                        String::from_utf8_lossy(message)
+                    )))
+                }
+                (req, other) => {
+                    return Err(Interrupt::Garbage(format!(
+                        "expected Done for request {WRITE_REQUEST}, got {:?} for {req}",
+                        other.kind()
+                    )))
+                }
+            }
+        }
+        Ok(Ok(()))
+    }
+
     /// Runs `spec`, writing its output to `stdout` and `stderr` as it arrives.
     pub fn run(
         &mut self,
@@ -250,7 +293,7 @@ impl AgentClient {
             cwd: &spec.cwd,
             argv: ByteList::Items(&argv),
             env: ByteList::Items(&env),
-            stdin: b"",
+            stdin: &spec.stdin,
         };
         if let Err(e) = write_message(&mut self.stream, &exec, EXEC_REQUEST) {
             return CommandEnd::Interrupted(Interrupt::Lost(format!("writing to the agent: {e}")));

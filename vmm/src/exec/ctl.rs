@@ -69,6 +69,7 @@ fn run_inner(args: &CtlExecArgs) -> SessionEnd {
             .unwrap_or_default(),
         timeout: args.timeout,
         forward_stdin: !std::io::IsTerminal::is_terminal(&std::io::stdin()),
+        stdin: Vec::new(),
     };
     let never = || false;
     if let Err(i) = client.hello(never) {

@@ -121,6 +121,8 @@ pub(super) fn run(args: &ExecArgs, dir: &Path, env: Vec<Vec<u8>>) -> Result<u8, 
         serial_log: serial_log.clone(),
         spec: command_spec(args, env, cwd),
         daemons: Vec::new(),
+        // A restored guest's driver set its vsock device up before the snapshot.
+        vsock_device: None,
     };
     let opts = crate::runner::RunOptions {
         serial,

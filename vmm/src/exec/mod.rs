@@ -22,7 +22,7 @@ mod from_snapshot;
 pub mod initramfs;
 mod session;
 pub mod virtiofsd;
-mod vsock_connect;
+pub(crate) mod vsock_connect;
 
 use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
@@ -359,6 +359,10 @@ fn run_inner(args: ExecArgs) -> Result<u8, Failure> {
         serial_log: serial_log.clone(),
         spec: command_spec(&args, env, cwd),
         daemons,
+        vsock_device: crate::runner::virtio_function(
+            &vm.virtio,
+            devices::virtio::vsock::DEVICE_TYPE_VSOCK,
+        ),
     };
     let opts = crate::runner::RunOptions {
         serial: SerialConfig::File(serial_log.clone()),
@@ -379,6 +383,7 @@ fn command_spec(args: &ExecArgs, env: Vec<Vec<u8>>, cwd: Vec<u8>) -> client::Com
         cwd,
         timeout: args.timeout,
         forward_stdin: !std::io::IsTerminal::is_terminal(&std::io::stdin()),
+        stdin: Vec::new(),
     }
 }
 

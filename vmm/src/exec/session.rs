@@ -5,11 +5,14 @@
 //! While waiting it watches the VM (ended early: the guest never came up), the virtiofsd
 //! processes (one died: its own code) and, on a PVM host, the serial console: once the kernel
 //! has printed `Run /skiff-agent as init process` and the agent still has not connected after `PVM_GRACE`, the host's
-//! KVM cannot run Linux user space and waiting longer would only hang.
+//! KVM cannot run Linux user space and waiting longer would only hang. When no agent came and
+//! the guest never set its virtio-vsock device up (`DRIVER_OK`), its kernel has no vsock driver,
+//! and the end says that rather than "never came up".
 
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use agent_protocol::ExitStatus;
@@ -51,6 +54,9 @@ pub struct Session {
     pub serial_log: PathBuf,
     pub spec: CommandSpec,
     pub daemons: Vec<Virtiofsd>,
+    /// The VM's vsock device, to tell a guest without a vsock driver from one whose agent did
+    /// not come (`None`: do not tell them apart).
+    pub vsock_device: Option<Arc<Mutex<devices::virtio::transport::VirtioPciDevice>>>,
 }
 
 impl From<ConnectError> for SessionEnd {
@@ -76,6 +82,8 @@ pub enum SessionEnd {
     NotStarted(String),
     /// No agent connected: within the boot timeout, or before the VM ended.
     NoAgent { waited: Duration, vm_ended: bool },
+    /// No agent connected, and the guest never set its virtio-vsock device up.
+    NoVsockDriver { waited: Duration, vm_ended: bool },
     /// `skiff ctl exec`: nothing listens on the agent's port.
     NoListener(String),
     /// The kernel reached `Run /init` on a PVM host and no agent came.
@@ -217,18 +225,19 @@ impl Session {
             match wait_for_agent(listener, started + self.boot_timeout, stop) {
                 Ok(Some(s)) => s,
                 Ok(None) => {
+                    let waited = started.elapsed();
+                    let vm_ended = exit.is_requested();
                     return if let Some(d) = dead {
                         SessionEnd::Virtiofsd(d)
+                    } else if self.stopped_by_host() {
+                        SessionEnd::Stopped
+                    } else if !self.vsock_driven() {
+                        SessionEnd::NoVsockDriver { waited, vm_ended }
                     } else if pvm_stuck || (pvm && serial.scan().is_some()) {
                         // Stuck after starting init, or init died (the kernel panicked).
                         SessionEnd::PvmHost
-                    } else if self.stopped_by_host() {
-                        SessionEnd::Stopped
                     } else {
-                        SessionEnd::NoAgent {
-                            waited: started.elapsed(),
-                            vm_ended: exit.is_requested(),
-                        }
+                        SessionEnd::NoAgent { waited, vm_ended }
                     };
                 }
                 Err(e) => return SessionEnd::Internal(format!("waiting for the agent: {e}")),
@@ -282,6 +291,13 @@ impl Session {
             CommandEnd::NotStarted(m) => SessionEnd::NotStarted(m),
             CommandEnd::Interrupted(i) => self.interrupted(i, dead, host_timeout),
         }
+    }
+
+    /// Whether the guest's driver has set the vsock device up (true when unknown).
+    fn vsock_driven(&self) -> bool {
+        self.vsock_device
+            .as_ref()
+            .is_none_or(|d| d.lock().unwrap_or_else(PoisonError::into_inner).driver_ok())
     }
 
     fn stopped_by_host(&self) -> bool {
@@ -359,6 +375,19 @@ impl SessionEnd {
                     )
                 }),
             ),
+            SessionEnd::NoVsockDriver { waited, vm_ended } => (
+                exit_code::EXEC_NO_VSOCK_DRIVER,
+                Some(format!(
+                    "the guest {} and never set up its virtio-vsock device: does its kernel have vsock support built in (CONFIG_VSOCKETS, CONFIG_VIRTIO_VSOCKETS)?{} (exit code {})",
+                    if *vm_ended {
+                        "ended before its agent connected".to_string()
+                    } else {
+                        format!("had no agent connected within {:.0} s", waited.as_secs_f64())
+                    },
+                    if *vm_ended { how(guest) } else { String::new() },
+                    exit_code::EXEC_NO_VSOCK_DRIVER
+                )),
+            ),
             SessionEnd::NoListener(m) => (
                 exit_code::EXEC_NO_AGENT,
                 Some(format!("{m} (exit code {})", exit_code::EXEC_NO_AGENT)),
@@ -409,6 +438,7 @@ impl SessionEnd {
         matches!(
             self,
             SessionEnd::NoAgent { .. }
+                | SessionEnd::NoVsockDriver { .. }
                 | SessionEnd::PvmHost
                 | SessionEnd::Lost(_)
                 | SessionEnd::Garbage(_)
@@ -429,6 +459,10 @@ mod tests {
             SessionEnd::NoAgent {
                 waited: Duration::from_secs(1),
                 vm_ended: false,
+            },
+            SessionEnd::NoVsockDriver {
+                waited: Duration::from_secs(1),
+                vm_ended: true,
             },
             SessionEnd::PvmHost,
             SessionEnd::Lost("x".into()),

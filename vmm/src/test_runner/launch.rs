@@ -137,6 +137,7 @@ pub fn spec(argv: &[String], timeout: Option<Duration>) -> CommandSpec {
         cwd: Vec::new(),
         timeout,
         forward_stdin: false,
+        stdin: Vec::new(),
     }
 }
 

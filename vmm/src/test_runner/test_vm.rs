@@ -1,6 +1,9 @@
 //! The runner's pieces for Rust tests: a VM booted from a `VmSpec` or forked from a snapshot
-//! (`TestVm::boot`, `TestVm::fork`), commands run and files read through its agent, stopped into
-//! a snapshot to fork more from. Every VM is a `skiff` child in a process group of its own,
+//! (`TestVm::boot`, `TestVm::fork`), commands run and files read and written through its agent,
+//! stopped into a snapshot to fork more from. The agent connection is the library's own; a test
+//! that drives the VM's agent another way (`skiff ctl exec`, `POST /vm/exec`) first closes it
+//! (`disconnect`: the test guest's agent serves one connection at a time), and the next call
+//! that needs it connects again. Every VM is a `skiff` child in a process group of its own,
 //! killed with everything it started when the `TestVm` is dropped, so a failing test leaves
 //! nothing running. Logs (serial, skiff's stdout and stderr, the command line) go to the
 //! directory the test gives, which also holds the VM's sockets (keep its path short).
@@ -83,9 +86,27 @@ pub struct TestVm {
     skiff: PathBuf,
     dir: PathBuf,
     api: PathBuf,
-    // Dropped before `proc`: the connection closes first.
-    client: AgentClient,
+    /// The VM's vsock socket (`--vsock ...,socket=`).
+    vsock: PathBuf,
+    // Dropped before `proc`: the connection closes first. `None` after `disconnect`.
+    client: Option<AgentClient>,
     proc: VmProcess,
+}
+
+/// The agent connection in `client`, made again (as at a fork) if `disconnect` closed it.
+fn agent<'a>(
+    client: &'a mut Option<AgentClient>,
+    vsock: &Path,
+    proc: &mut VmProcess,
+) -> Result<&'a mut AgentClient, TestVmError> {
+    if client.is_none() {
+        let c = connect_agent(vsock, Instant::now() + FORK_TIMEOUT, proc)
+            .map_err(|e| TestVmError::Agent(format!("reconnect: {e}")))?;
+        *client = Some(c);
+    }
+    client
+        .as_mut()
+        .ok_or_else(|| TestVmError::Agent("no agent connection".into()))
 }
 
 fn start(skiff: &Path, args: &[OsString], dir: &Path) -> Result<VmProcess, TestVmError> {
@@ -120,7 +141,8 @@ impl TestVm {
             skiff: skiff.to_path_buf(),
             dir: dir.to_path_buf(),
             api,
-            client,
+            vsock: socket,
+            client: Some(client),
             proc,
         })
     }
@@ -154,7 +176,8 @@ impl TestVm {
             skiff: skiff.to_path_buf(),
             dir: dir.to_path_buf(),
             api,
-            client,
+            vsock: socket,
+            client: Some(client),
             proc,
         })
     }
@@ -172,8 +195,9 @@ impl TestVm {
     ) -> Result<Output, TestVmError> {
         let argv: Vec<String> = argv.iter().map(|a| (*a).to_string()).collect();
         let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        let client = agent(&mut self.client, &self.vsock, &mut self.proc)?;
         let proc = &mut self.proc;
-        let end = self.client.run(
+        let end = client.run(
             &spec(&argv, Some(timeout)),
             &mut stdout,
             &mut stderr,
@@ -196,15 +220,40 @@ impl TestVm {
 
     /// The guest file at `path`, read through the agent.
     pub fn read_file(&mut self, path: &str) -> Result<Vec<u8>, TestVmError> {
+        let client = agent(&mut self.client, &self.vsock, &mut self.proc)?;
         let proc = &mut self.proc;
-        match self
-            .client
-            .read_file(path.as_bytes(), READ_LIMIT, || proc.ended().is_some())
-        {
+        match client.read_file(path.as_bytes(), READ_LIMIT, || proc.ended().is_some()) {
             Ok(Ok(data)) => Ok(data),
             Ok(Err(refused)) => Err(TestVmError::Agent(format!("read {path}: {refused}"))),
             Err(e) => Err(TestVmError::Agent(format!("read {path}: {e:?}"))),
         }
+    }
+
+    /// Writes `data` to the guest file at `path` (replacing it) through the agent.
+    pub fn write_file(&mut self, path: &str, data: &[u8]) -> Result<(), TestVmError> {
+        let client = agent(&mut self.client, &self.vsock, &mut self.proc)?;
+        let proc = &mut self.proc;
+        match client.write_file(path.as_bytes(), data, || proc.ended().is_some()) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(refused)) => Err(TestVmError::Agent(format!("write {path}: {refused}"))),
+            Err(e) => Err(TestVmError::Agent(format!("write {path}: {e:?}"))),
+        }
+    }
+
+    /// Closes the library's agent connection, so another client can reach an agent that
+    /// serves one connection at a time; the next call that needs the agent connects again.
+    pub fn disconnect(&mut self) {
+        self.client = None;
+    }
+
+    /// The VM's vsock socket, for `skiff ctl exec --vsock` or any hybrid-vsock host program.
+    pub fn vsock_socket(&self) -> &Path {
+        &self.vsock
+    }
+
+    /// The VM's control API socket (`--api-socket`).
+    pub fn api_socket(&self) -> &Path {
+        &self.api
     }
 
     /// Quiesces the agent and stops the VM into a snapshot at `path` (to `fork` from).
@@ -213,8 +262,9 @@ impl TestVm {
             path: path.to_path_buf(),
             message,
         };
+        let client = agent(&mut self.client, &self.vsock, &mut self.proc)?;
         let proc = &mut self.proc;
-        self.client
+        client
             .request_done(&Message::Quiesce, || proc.ended().is_some())
             .map_err(|e| fail(format!("agent quiesce: {e:?}")))?;
         let out = Command::new(&self.skiff)

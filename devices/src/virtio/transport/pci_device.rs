@@ -391,6 +391,12 @@ impl VirtioPciDevice {
         self.name
     }
 
+    /// Whether the guest's driver has set the device up (`DRIVER_OK`) since its last reset: a
+    /// guest that never did has no driver for it (`skiff exec` says so).
+    pub fn driver_ok(&self) -> bool {
+        self.activation_attempted
+    }
+
     /// Where BAR 0 responds on the MMIO bus now, if anywhere (decoding off, a refused
     /// address, or not attached yet: nowhere).
     pub fn mapped_bar(&self) -> Option<u64> {

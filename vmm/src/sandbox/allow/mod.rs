@@ -11,6 +11,7 @@
 //! threads it starts do afterwards (the event loop starts the snapshot writer; the reconnect
 //! thread starts watchdogs).
 
+mod api_exec;
 mod common;
 mod disk;
 mod event_loop;
@@ -88,6 +89,7 @@ pub(super) fn rules_for(kind: ThreadKind) -> Result<Vec<(i64, Vec<SeccompRule>)>
         // Writes to a descriptor it already holds and waits on a condvar: the common calls.
         ThreadKind::GuestOutput => {}
         ThreadKind::ExecSession => exec_session::add(&mut list)?,
+        ThreadKind::ApiExec => api_exec::add(&mut list)?,
     }
     Ok(list.into_rules())
 }
