@@ -182,9 +182,9 @@ fn own_lines(r: &Finished) -> usize {
 }
 
 #[test]
-fn a_kernel_without_vsock_support_is_its_own_code() {
-    // A guest that never sets its virtio-vsock device up is what a kernel without vsock
-    // support looks like from the host.
+fn a_kernel_without_vsock_or_virtiofs_support_is_its_own_code() {
+    // A guest that never sets its virtio-vsock (or virtio-fs) device up is what a kernel
+    // without vsock (or virtio-fs) support looks like from the host.
     let run = Run::new();
     // It ends before any agent could connect.
     let mut cmd = run.command(&["--cmdline", "exit=3"], &["true"]);
@@ -206,6 +206,31 @@ fn a_kernel_without_vsock_support_is_its_own_code() {
         )
         .assert_stderr_has("testguest: spinning");
     assert!(start.elapsed() < Duration::from_secs(10));
+
+    // The agent connects, but the guest never set up the virtio-fs device of a `--share`
+    // (`agent-nofs`): the command is not run without its files. The virtiofsd goes too.
+    let share = tempfile::tempdir().expect("share dir");
+    let share_arg = format!("{}:/mnt/share", share.path().display());
+    let mut cmd = run.command(
+        &["--cmdline", "agent-nofs", "--share", &share_arg],
+        &["echo", "never run"],
+    );
+    cmd.env("SKIFF_VIRTIOFSD", virtiofsd_bin());
+    let r = run.finish(Skiff::spawn_command(&mut cmd));
+    r.assert_code(208).assert_stderr_has(&format!(
+        "its kernel never set up the virtio-fs device for --share {share_arg}"
+    ));
+    assert_eq!(r.stdout, "", "the command ran");
+    assert_eq!(own_lines(&r), 1, "{}", r.stderr);
+    // The same guest with a virtio-fs driver (`agent`) runs it.
+    let mut cmd = run.command(
+        &["--cmdline", "agent", "--share", &share_arg],
+        &["echo", "run"],
+    );
+    cmd.env("SKIFF_VIRTIOFSD", virtiofsd_bin());
+    let r = run.finish(Skiff::spawn_command(&mut cmd));
+    r.assert_code(0);
+    assert_eq!(r.stdout, "run\n");
 }
 
 #[test]

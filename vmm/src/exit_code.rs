@@ -35,7 +35,7 @@
 //! | 205 | virtiofsd is missing, could not start, or died |
 //! | 206 | the agent could not set the command up (e.g. its working directory is missing) |
 //! | 207 | `--snapshot DIR` is not a snapshot `skiff exec` can use (unreadable, no vsock device, no agent listening) |
-//! | 208 | no agent connected and the guest never set up its virtio-vsock device (a kernel without vsock support) |
+//! | 208 | the guest's kernel has no driver for a device `skiff exec` needs: no agent connected and it never set up its virtio-vsock device, or the agent connected without it having set up a `--rootfs`/`--share` virtio-fs device |
 //!
 //! A command that does not exist in the guest gives 127, and one that cannot be executed 126,
 //! as a shell does.
@@ -75,8 +75,9 @@ pub const EXEC_VIRTIOFSD: u8 = 205;
 pub const EXEC_NOT_STARTED: u8 = 206;
 /// `skiff exec --snapshot`: not a snapshot it can use (unreadable, no vsock, no agent).
 pub const EXEC_SNAPSHOT: u8 = 207;
-/// `skiff exec`: no agent came and the guest never drove its virtio-vsock device.
-pub const EXEC_NO_VSOCK_DRIVER: u8 = 208;
+/// `skiff exec`: the guest never drove its virtio-vsock device (no agent came) or a virtio-fs
+/// device (the agent came without it).
+pub const EXEC_NO_DRIVER: u8 = 208;
 
 /// Why skiff ended, as `--exit-status-file` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

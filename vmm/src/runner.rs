@@ -265,14 +265,14 @@ fn vsock_socket(virtio: &VirtioFunctions) -> Option<PathBuf> {
     })
 }
 
-/// The VM's first virtio function whose device has `device_type`.
-pub fn virtio_function(
+/// The VM's virtio functions whose device has `device_type`, in bus order.
+pub fn virtio_functions(
     virtio: &VirtioFunctions,
     device_type: u32,
-) -> Option<Arc<Mutex<devices::virtio::transport::VirtioPciDevice>>> {
+) -> Vec<Arc<Mutex<devices::virtio::transport::VirtioPciDevice>>> {
     virtio
         .iter()
-        .find(|f| {
+        .filter(|f| {
             f.lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .device()
@@ -280,6 +280,7 @@ pub fn virtio_function(
                 == device_type
         })
         .cloned()
+        .collect()
 }
 
 /// What `serve_requests` keeps between turns besides the server and the VM.

@@ -17,7 +17,7 @@ pub const EXIT_FAIL: u8 = 33;
 pub const EXIT_PANIC: u8 = 34;
 
 /// Names used in FAIL lines, indexed by `CURRENT`.
-const NAMES: [&str; 33] = [
+const NAMES: [&str; 34] = [
     "boot",
     "hello",
     "memcheck",
@@ -51,6 +51,7 @@ const NAMES: [&str; 33] = [
     "agent-listen",
     "flood",
     "agent-console",
+    "agent-nofs",
 ];
 const BOOT: u8 = 0;
 const HELLO: u8 = 1;
@@ -85,6 +86,7 @@ const AGENT: u8 = 29;
 const AGENT_LISTEN: u8 = 30;
 const FLOOD: u8 = 31;
 const AGENT_CONSOLE: u8 = 32;
+const AGENT_NOFS: u8 = 33;
 
 /// The scenario now running, for FAIL lines from the exception handler. In `.data.tg_hot` (see
 /// linker.ld).
@@ -200,7 +202,11 @@ pub fn run_all(info: &BootInfo) -> ! {
             }
             b"agent" => {
                 start(AGENT);
-                crate::virtio::agent::run(info);
+                crate::virtio::agent::run(info, true);
+            }
+            b"agent-nofs" => {
+                start(AGENT_NOFS);
+                crate::virtio::agent::run(info, false);
             }
             b"agent-listen" => {
                 start(AGENT_LISTEN);

@@ -123,6 +123,7 @@ pub(super) fn run(args: &ExecArgs, dir: &Path, env: Vec<Vec<u8>>) -> Result<u8, 
         daemons: Vec::new(),
         // A restored guest's driver set its vsock device up before the snapshot.
         vsock_device: None,
+        fs_devices: Vec::new(),
     };
     let opts = crate::runner::RunOptions {
         serial,

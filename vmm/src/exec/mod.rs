@@ -272,6 +272,14 @@ fn run_inner(args: ExecArgs) -> Result<u8, Failure> {
             Some(&share.guest),
         ));
     }
+    // What each virtio-fs device is for, in device order, for a guest that never drives one.
+    let share_labels: Vec<String> = shared
+        .iter()
+        .map(|(dir, _, _, guest)| match guest {
+            None => format!("--rootfs {}", dir.display()),
+            Some(g) => format!("--share {}:{g}", dir.display()),
+        })
+        .collect();
     if !shared.is_empty() {
         let bin = find_virtiofsd().map_err(virtiofsd_failed)?;
         for (i, (dir, tag, read_only, guest)) in shared.iter().enumerate() {
@@ -359,10 +367,19 @@ fn run_inner(args: ExecArgs) -> Result<u8, Failure> {
         serial_log: serial_log.clone(),
         spec: command_spec(&args, env, cwd),
         daemons,
-        vsock_device: crate::runner::virtio_function(
+        vsock_device: crate::runner::virtio_functions(
             &vm.virtio,
             devices::virtio::vsock::DEVICE_TYPE_VSOCK,
-        ),
+        )
+        .into_iter()
+        .next(),
+        fs_devices: share_labels
+            .into_iter()
+            .zip(crate::runner::virtio_functions(
+                &vm.virtio,
+                VhostUserKind::Fs.device_type(),
+            ))
+            .collect(),
     };
     let opts = crate::runner::RunOptions {
         serial: SerialConfig::File(serial_log.clone()),

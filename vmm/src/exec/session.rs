@@ -7,7 +7,9 @@
 //! has printed `Run /skiff-agent as init process` and the agent still has not connected after `PVM_GRACE`, the host's
 //! KVM cannot run Linux user space and waiting longer would only hang. When no agent came and
 //! the guest never set its virtio-vsock device up (`DRIVER_OK`), its kernel has no vsock driver,
-//! and the end says that rather than "never came up".
+//! and the end says that rather than "never came up". Likewise a guest whose agent connects
+//! without its kernel having set up the virtio-fs device of a `--rootfs` or `--share`: its
+//! kernel has no virtio-fs driver, and the command would run without its files.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::net::UnixListener;
@@ -57,6 +59,12 @@ pub struct Session {
     /// The VM's vsock device, to tell a guest without a vsock driver from one whose agent did
     /// not come (`None`: do not tell them apart).
     pub vsock_device: Option<Arc<Mutex<devices::virtio::transport::VirtioPciDevice>>>,
+    /// The virtio-fs devices of `--rootfs` and `--share`, each with the option it serves: a
+    /// guest whose agent connects without having set one up has no virtio-fs driver.
+    pub fs_devices: Vec<(
+        String,
+        Arc<Mutex<devices::virtio::transport::VirtioPciDevice>>,
+    )>,
 }
 
 impl From<ConnectError> for SessionEnd {
@@ -84,6 +92,8 @@ pub enum SessionEnd {
     NoAgent { waited: Duration, vm_ended: bool },
     /// No agent connected, and the guest never set its virtio-vsock device up.
     NoVsockDriver { waited: Duration, vm_ended: bool },
+    /// The agent connected, but the guest never set up the virtio-fs device of this option.
+    NoFsDriver(String),
     /// `skiff ctl exec`: nothing listens on the agent's port.
     NoListener(String),
     /// The kernel reached `Run /init` on a PVM host and no agent came.
@@ -244,6 +254,11 @@ impl Session {
             }
         };
         log::info!("agent connected after {:?}", started.elapsed());
+        // The kernel probes its drivers before it starts init, so by now every device it has
+        // a driver for is set up.
+        if let Some(option) = self.undriven_share() {
+            return SessionEnd::NoFsDriver(option);
+        }
         self.serve(stream, started)
     }
 
@@ -298,6 +313,14 @@ impl Session {
         self.vsock_device
             .as_ref()
             .is_none_or(|d| d.lock().unwrap_or_else(PoisonError::into_inner).driver_ok())
+    }
+
+    /// The option of the first virtio-fs device the guest has not set up.
+    fn undriven_share(&self) -> Option<String> {
+        self.fs_devices
+            .iter()
+            .find(|(_, d)| !d.lock().unwrap_or_else(PoisonError::into_inner).driver_ok())
+            .map(|(option, _)| option.clone())
     }
 
     fn stopped_by_host(&self) -> bool {
@@ -376,7 +399,7 @@ impl SessionEnd {
                 }),
             ),
             SessionEnd::NoVsockDriver { waited, vm_ended } => (
-                exit_code::EXEC_NO_VSOCK_DRIVER,
+                exit_code::EXEC_NO_DRIVER,
                 Some(format!(
                     "the guest {} and never set up its virtio-vsock device: does its kernel have vsock support built in (CONFIG_VSOCKETS, CONFIG_VIRTIO_VSOCKETS)?{} (exit code {})",
                     if *vm_ended {
@@ -385,7 +408,14 @@ impl SessionEnd {
                         format!("had no agent connected within {:.0} s", waited.as_secs_f64())
                     },
                     if *vm_ended { how(guest) } else { String::new() },
-                    exit_code::EXEC_NO_VSOCK_DRIVER
+                    exit_code::EXEC_NO_DRIVER
+                )),
+            ),
+            SessionEnd::NoFsDriver(option) => (
+                exit_code::EXEC_NO_DRIVER,
+                Some(format!(
+                    "the guest's agent connected but its kernel never set up the virtio-fs device for {option}: does it have virtio-fs support built in (CONFIG_VIRTIO_FS, CONFIG_FUSE_FS)? (exit code {})",
+                    exit_code::EXEC_NO_DRIVER
                 )),
             ),
             SessionEnd::NoListener(m) => (
@@ -439,6 +469,7 @@ impl SessionEnd {
             self,
             SessionEnd::NoAgent { .. }
                 | SessionEnd::NoVsockDriver { .. }
+                | SessionEnd::NoFsDriver(_)
                 | SessionEnd::PvmHost
                 | SessionEnd::Lost(_)
                 | SessionEnd::Garbage(_)
@@ -480,6 +511,12 @@ mod tests {
             let (code, line) = e.report(None);
             assert!(line.expect("a line").contains(&format!("exit code {code}")));
         }
+        // Both kinds of missing driver share 208, with the device named.
+        let (code, line) = SessionEnd::NoFsDriver("--share /a:/b".into()).report(None);
+        assert_eq!(code, exit_code::EXEC_NO_DRIVER);
+        assert!(line
+            .expect("a line")
+            .contains("virtio-fs device for --share /a:/b"));
         assert_eq!(
             SessionEnd::Command(ExitStatus::Code(3)).report(None),
             (3, None)

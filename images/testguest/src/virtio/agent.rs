@@ -1,7 +1,8 @@
-//! The `agent` and `agent-listen` scenarios: the skiff guest agent's protocol (`agent-protocol`)
+//! The `agent`, `agent-nofs` and `agent-listen` scenarios: the skiff guest agent's protocol (`agent-protocol`)
 //! over vsock, so `skiff exec` and `skiff ctl exec` can be tested end to end on hosts whose KVM
 //! cannot run Linux user space. `agent` connects to the host's port 1024 as the real agent does
-//! under `skiff exec`; `agent-listen` listens on port 1024 as it does under `skiff run --agent`;
+//! under `skiff exec`, after setting up a virtio-fs device as a kernel's driver would
+//! (`agent-nofs` leaves it alone, as a kernel without virtio-fs support does); `agent-listen` listens on port 1024 as it does under `skiff run --agent`;
 //! `agent-console` speaks it on virtio-console port 0, for VMMs without vsock (QEMU in
 //! `scripts/bench-exec`).
 //! An `Exec` names one of these instead of a program:
@@ -142,10 +143,19 @@ impl Link {
     }
 }
 
-/// `agent`: connects to the host's port 1024 and serves that connection; the VM ends when it
-/// closes.
-pub fn run(info: &BootInfo) -> ! {
+/// `agent`: sets up a virtio-fs device if there is one (as a kernel's driver would at boot,
+/// before `skiff exec` starts its agent), connects to the host's port 1024 and serves that
+/// connection; the VM ends when it closes. `agent-nofs` is the same in a guest without a
+/// virtio-fs driver (it leaves the device alone).
+pub fn run(info: &BootInfo, drive_fs: bool) -> ! {
     let mut v = Vsock::open(info);
+    // Kept for the guest's life: dropping the device would reset it.
+    let fs = drive_fs
+        .then(|| crate::virtio::fs::set_up_if_present(info))
+        .flatten();
+    if fs.is_some() {
+        serial::line().str("testguest: agent: virtio-fs device set up\n");
+    }
     let c = match v.connect(AGENT_PORT, Deadline::after_ms(60_000)) {
         Ok(c) => c,
         Err(e) => fail_err("connect to the host's agent port", e),

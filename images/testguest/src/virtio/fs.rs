@@ -82,6 +82,21 @@ pub fn run(info: &BootInfo, name: &[u8]) {
     serial::line().str("testguest: virtio-fs ok\n");
 }
 
+/// What a kernel's virtio-fs driver does when it probes the device at boot, for the `agent`
+/// scenario under `skiff exec --share`/`--rootfs`: sets the first virtio-fs device up (its two
+/// queues, then DRIVER_OK) if there is one, keeping the DMA arena of the devices opened before.
+/// Returns the device and its queues, which the caller keeps (dropping the device resets it).
+pub fn set_up_if_present(info: &BootInfo) -> Option<(Device, Queue, Queue)> {
+    if !crate::virtio::present(info, DEVICE_TYPE) {
+        return None;
+    }
+    let dev = Device::open_another(info, DEVICE_TYPE, "virtio-fs", F_VERSION_1);
+    let hiprio = dev.setup_queue(HIPRIO, QUEUE_MAX);
+    let requests = dev.setup_queue(REQUEST, QUEUE_MAX);
+    dev.driver_ok();
+    Some((dev, hiprio, requests))
+}
+
 /// Prints the tag and the request queue count; fails on an empty or unprintable tag or no
 /// request queue.
 fn check_config(dev: &Device) {

@@ -80,6 +80,13 @@ pub struct Device {
     pub features: u64,
 }
 
+/// Whether a virtio device of type `device_type` sits on bus 0.
+pub fn present(info: &BootInfo, device_type: u16) -> bool {
+    Pci::new(info)
+        .find(VENDOR, MODERN_ID_BASE + device_type)
+        .is_some()
+}
+
 impl Device {
     /// Opens the first device of virtio type `device_type` (`name` is for messages), starts a
     /// fresh DMA arena, resets the device and negotiates `wanted & offered`, which must include
