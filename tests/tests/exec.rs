@@ -2,8 +2,8 @@
 //! protocol over vsock and runs named scenarios instead of programs: exit codes, signals,
 //! streaming, timeouts, agent death, garbage, a guest that never starts the agent, bad input,
 //! and virtiofsd missing or dying. Every run gets a TMPDIR of its own, checked empty afterwards
-//! (no temporary file left), and no process may be left that mentions it (no orphaned
-//! virtiofsd).
+//! (no temporary file left), and no process may be left that mentions it or runs with it as
+//! its TMPDIR (no orphaned virtiofsd, skiff or VM teardown process).
 
 #![cfg(unix)] // KVM tests: Linux only (the Windows build compiles them to nothing)
 
@@ -60,7 +60,9 @@ impl Run {
         done
     }
 
-    /// Nothing left in TMPDIR, and no process mentions it.
+    /// Nothing left in TMPDIR, and no process mentions it in its command line (a virtiofsd)
+    /// or runs with it as its TMPDIR (skiff, the process that tears its VM down, anything
+    /// they started).
     fn assert_clean(&self) {
         let left: Vec<_> = std::fs::read_dir(self.tmp.path())
             .expect("read TMPDIR")
@@ -69,7 +71,8 @@ impl Run {
         assert!(left.is_empty(), "skiff exec left {left:?}");
         let deadline = Instant::now() + Duration::from_secs(3);
         loop {
-            let procs = processes_mentioning(self.tmp.path());
+            let mut procs = processes_mentioning(self.tmp.path());
+            procs.extend(processes_with_tmpdir(self.tmp.path()));
             if procs.is_empty() {
                 return;
             }
@@ -80,6 +83,32 @@ impl Run {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// Live processes (not zombies) whose environment has `TMPDIR=tmp`: (pid, command line).
+fn processes_with_tmpdir(tmp: &Path) -> Vec<(u32, String)> {
+    let needle = format!("TMPDIR={}", tmp.display()).into_bytes();
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(env) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        let zombie = std::fs::read_to_string(entry.path().join("stat"))
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true);
+        if !zombie && env.split(|&b| b == 0).any(|var| var == needle.as_slice()) {
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            out.push((pid, String::from_utf8_lossy(&cmdline).replace('\0', " ")));
+        }
+    }
+    out
 }
 
 #[test]
