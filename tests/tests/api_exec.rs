@@ -2,7 +2,9 @@
 //! scenario, driven over the control socket with plain HTTP. A command's exit code, signal,
 //! output (capped, with `stdout_truncated`) and timeout come back as JSON; a command that
 //! hangs blocks neither `GET /vm` nor pause and resume; bad bodies, a paused VM, a VM without
-//! vsock and a VM without an agent each get their status and one line.
+//! vsock and a VM without an agent each get their status and one line; a restored VM runs
+//! commands through the vsock socket its restore gave it. The agent VMs come from the runner's
+//! library (`TestVm`).
 
 #![cfg(unix)] // KVM tests: Linux only (the Windows build compiles them to nothing)
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
@@ -251,4 +253,24 @@ fn an_agent_that_dies_mid_command_ends_the_request() {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(vm.ended(), Some(7));
+}
+
+#[test]
+fn a_restored_vm_runs_commands_through_its_new_vsock_socket() {
+    // `skiff restore --vsock id=vsock0,socket=NEW` (what `TestVm::fork` runs): the API reaches
+    // the agent behind the socket the restore gave the device, not the snapshot's.
+    let root = tempfile::tempdir().unwrap();
+    let base = root.path().join("base");
+    let fork = root.path().join("fork");
+    std::fs::create_dir(&base).unwrap();
+    std::fs::create_dir(&fork).unwrap();
+    let mut vm = agent_vm(&base);
+    assert_eq!(vm.exec(&["put", "/f", "kept"]).unwrap().code(), Some(0));
+    let snap = root.path().join("snap");
+    vm.snapshot(&snap).unwrap();
+    let mut restored = TestVm::fork(skiff_bin(), &snap, &fork).unwrap();
+    restored.disconnect();
+    let (status, v) = exec(restored.api_socket(), r#"{"argv": ["cat", "/f"]}"#);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["stdout"], "kept\n");
 }
