@@ -1,4 +1,4 @@
-//! `POST /vm/exec` end to end: a `skiff run --agent` VM whose test guest runs the `agent-listen`
+//! `POST /vm/exec` end to end: a VM with a vsock device whose test guest runs the `agent-listen`
 //! scenario, driven over the control socket with plain HTTP. A command's exit code, signal,
 //! output (capped, with `stdout_truncated`) and timeout come back as JSON; a command that
 //! hangs blocks neither `GET /vm` nor pause and resume; bad bodies, a paused VM, a VM without
