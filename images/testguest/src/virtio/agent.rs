@@ -149,8 +149,14 @@ impl Link {
 /// virtio-fs driver (it leaves the device alone).
 pub fn run(info: &BootInfo, drive_fs: bool) -> ! {
     let mut v = Vsock::open(info);
-    // Kept for the guest's life: dropping the device would reset it.
-    let fs = drive_fs
+    // Only when `skiff exec` shares files (`skiff.root=`, `skiff.share=` on the command line):
+    // looking for a device that is not there costs a config-space exit per PCI slot. Kept for
+    // the guest's life: dropping the device would reset it.
+    let shares = info
+        .cmdline()
+        .split(|&b| b == b' ')
+        .any(|w| w.starts_with(b"skiff.root=") || w.starts_with(b"skiff.share="));
+    let fs = (drive_fs && shares)
         .then(|| crate::virtio::fs::set_up_if_present(info))
         .flatten();
     if fs.is_some() {
