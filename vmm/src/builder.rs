@@ -157,6 +157,24 @@ pub struct BuiltVm {
 /// The VM's virtio PCI functions, in bus order.
 pub type VirtioFunctions = Vec<Arc<Mutex<VirtioPciDevice>>>;
 
+/// The VM's virtio functions whose device has `device_type`, in bus order.
+pub fn virtio_functions(
+    virtio: &VirtioFunctions,
+    device_type: u32,
+) -> Vec<Arc<Mutex<VirtioPciDevice>>> {
+    virtio
+        .iter()
+        .filter(|f| {
+            f.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .device()
+                .device_type()
+                == device_type
+        })
+        .cloned()
+        .collect()
+}
+
 impl std::fmt::Debug for BuiltVm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BuiltVm")

@@ -265,24 +265,6 @@ fn vsock_socket(virtio: &VirtioFunctions) -> Option<PathBuf> {
     })
 }
 
-/// The VM's virtio functions whose device has `device_type`, in bus order.
-pub fn virtio_functions(
-    virtio: &VirtioFunctions,
-    device_type: u32,
-) -> Vec<Arc<Mutex<devices::virtio::transport::VirtioPciDevice>>> {
-    virtio
-        .iter()
-        .filter(|f| {
-            f.lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .device()
-                .device_type()
-                == device_type
-        })
-        .cloned()
-        .collect()
-}
-
 /// What `serve_requests` keeps between turns besides the server and the VM.
 struct Control<'a> {
     /// The request whose answer waits for the snapshot write.

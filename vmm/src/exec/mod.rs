@@ -367,7 +367,7 @@ fn run_inner(args: ExecArgs) -> Result<u8, Failure> {
         serial_log: serial_log.clone(),
         spec: command_spec(&args, env, cwd),
         daemons,
-        vsock_device: crate::runner::virtio_functions(
+        vsock_device: crate::builder::virtio_functions(
             &vm.virtio,
             devices::virtio::vsock::DEVICE_TYPE_VSOCK,
         )
@@ -375,7 +375,7 @@ fn run_inner(args: ExecArgs) -> Result<u8, Failure> {
         .next(),
         fs_devices: share_labels
             .into_iter()
-            .zip(crate::runner::virtio_functions(
+            .zip(crate::builder::virtio_functions(
                 &vm.virtio,
                 VhostUserKind::Fs.device_type(),
             ))
