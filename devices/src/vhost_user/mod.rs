@@ -45,8 +45,6 @@ mod session;
 mod watchdog;
 
 #[cfg(test)]
-mod log_tests;
-#[cfg(test)]
 mod tests;
 
 pub use config::{SharedMemoryRegion, VhostUserConfig, VhostUserKind};

@@ -30,9 +30,6 @@ pub mod validate;
 pub mod section;
 #[cfg(windows)]
 mod section_ram;
-#[cfg(test)]
-#[cfg(windows)]
-mod section_tests;
 #[cfg(windows)]
 pub mod view;
 

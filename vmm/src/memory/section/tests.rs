@@ -3,11 +3,11 @@
 
 use std::sync::Arc;
 
-use super::region::{Mappable, ShareableRegion};
-use super::section::{allocation_granularity, Section, SectionBacking, SectionError};
-use super::validate::RegionError;
-use super::view::{SectionView, ViewError};
-use super::{SectionRam, SectionRamError};
+use crate::memory::region::{Mappable, ShareableRegion};
+use crate::memory::section::{allocation_granularity, Section, SectionBacking, SectionError};
+use crate::memory::validate::RegionError;
+use crate::memory::view::{SectionView, ViewError};
+use crate::memory::{SectionRam, SectionRamError};
 
 const MIB: u64 = 1 << 20;
 const P: u64 = 4096;
