@@ -127,8 +127,8 @@ mod cli {
                 "--agent needs --vsock cid=N,socket=PATH (skiff ctl exec reaches the agent through it)".into(),
             ));
         }
-        let initrd =
-            vmm::exec::AgentInitrd::create(cfg.initrd.as_deref()).map_err(ExitStatus::error)?;
+        let initrd = vmm::exec::AgentInitrd::create(cfg.initrd.as_deref())
+            .map_err(|e| ExitStatus::error(vmm::error_chain(&e)))?;
         cfg.initrd = Some(initrd.path());
         cfg.cmdline.push(' ');
         cfg.cmdline.push_str(&vmm::exec::agent_listen_cmdline());

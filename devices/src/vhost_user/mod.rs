@@ -47,7 +47,7 @@ mod watchdog;
 #[cfg(test)]
 mod tests;
 
-pub use config::{SharedMemoryRegion, VhostUserConfig, VhostUserKind};
+pub use config::{ConfigError, SharedMemoryRegion, VhostUserConfig, VhostUserKind};
 pub use connection::VhostUserError;
 pub use device::VhostUserDevice;
 pub use persist::VhostUserState;

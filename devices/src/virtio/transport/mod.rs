@@ -19,7 +19,7 @@ mod state;
 #[cfg(test)]
 mod tests;
 
-pub use common_config::{CommonConfig, StatusAction, COMMON_CONFIG_SIZE};
+pub use common_config::{CommonConfig, CommonConfigError, StatusAction, COMMON_CONFIG_SIZE};
 
 /// "No MSI-X vector" in the vector registers.
 pub const NO_VECTOR: u16 = 0xffff;

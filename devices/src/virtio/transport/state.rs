@@ -13,6 +13,8 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use super::common_config::CommonConfigError;
+use super::pci_device::TransportError;
 use super::signals::SignalsState;
 use crate::pci::config_space::{ConfigSpaceError, ConfigSpaceState};
 use crate::pci::msix::{MsixError, MsixState};
@@ -67,7 +69,7 @@ pub struct VirtioPciState {
 }
 
 /// Why a saved virtio PCI function cannot be restored.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Error)]
 pub enum StateError {
     /// The saved configuration space is unusable.
     #[error("virtio {device}: saved PCI configuration space")]
@@ -87,20 +89,30 @@ pub enum StateError {
         #[source]
         source: MsixError,
     },
-    /// A value out of range.
-    #[error("virtio {device}: saved state is invalid: {what}")]
-    Invalid {
+    /// A saved common-configuration value out of range.
+    #[error("virtio {device}: saved state is invalid")]
+    CommonConfig {
         /// Device name.
         device: &'static str,
-        /// What is wrong, with the value.
-        what: String,
+        /// Which value, and why.
+        #[source]
+        source: Box<CommonConfigError>,
+    },
+    /// Queue positions saved for a device the driver never activated.
+    #[error(
+        "virtio {device}: saved state is invalid: queue positions saved for a device the driver never activated"
+    )]
+    ProgressWithoutDriverOk {
+        /// Device name.
+        device: &'static str,
     },
     /// Activating the restored device failed.
-    #[error("virtio {device}: cannot activate the restored device: {reason}")]
+    #[error("virtio {device}: cannot activate the restored device")]
     Activate {
         /// Device name.
         device: &'static str,
         /// Why.
-        reason: String,
+        #[source]
+        source: Box<TransportError>,
     },
 }
