@@ -223,18 +223,14 @@ pub trait Hypervisor: Send + Sync {
 
 /// One virtual machine.
 pub trait Vm: Send + Sync + VmSnapshot {
-    /// Maps `size` bytes of host memory at `host_address` as guest physical `guest_address..`,
-    /// in memory slot `slot`.
-    ///
-    /// # Safety
-    /// `host_address..host_address + size` must be a live, writable mapping that outlives the VM
-    /// (or the slot's removal).
-    unsafe fn map_memory(
+    /// Maps `memory` as guest physical `guest_address..guest_address + memory.size()`, in
+    /// memory slot `slot`. The VM keeps `memory` for as long as the hypervisor can reach the
+    /// slot (on KVM: as long as the VM's descriptor or any vCPU's is open).
+    fn map_memory(
         &self,
         slot: u32,
         guest_address: u64,
-        size: u64,
-        host_address: u64,
+        memory: std::sync::Arc<dyn crate::memory::SlotMemory>,
     ) -> Result<()>;
     /// Creates the platform interrupt controllers and timer: in-kernel PIC, IOAPIC, local APICs
     /// and PIT on KVM.

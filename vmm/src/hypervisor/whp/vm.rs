@@ -40,7 +40,7 @@ use crate::hypervisor::state::VmState;
 use crate::hypervisor::{
     DirtyLog, Hypervisor, HypervisorError, MsiRoute, MsiRouting, Result, Vcpu, Vm, VmSnapshot,
 };
-use crate::memory::MappedRam;
+use crate::memory::{MappedRam, SlotMemory};
 
 /// At most this many vCPUs: xAPIC IDs are 8 bits and 0xFF is the broadcast ID.
 pub const MAX_VCPUS: usize = 254;
@@ -222,7 +222,8 @@ pub struct WhpVm {
     interrupts: Arc<WhpInterrupts>,
     cpuid: Arc<CpuidPlan>,
     ram: Arc<MappedRam>,
-    mapped: Mutex<Vec<(u64, u64)>>,
+    /// Each mapped GPA range with the memory behind it, held until the range is unmapped.
+    mapped: Mutex<Vec<(u64, Arc<dyn SlotMemory>)>>,
     routes: Arc<MsiRoutes>,
     platform: Mutex<Option<WhpPlatform>>,
     pit_timer: Mutex<Option<PitTimer>>,
@@ -285,52 +286,53 @@ impl WhpVm {
 impl Drop for WhpVm {
     fn drop(&mut self) {
         let partition = &self.interrupts.partition;
-        for (gpa, size) in self
+        for (gpa, memory) in self
             .mapped
             .get_mut()
             .unwrap_or_else(PoisonError::into_inner)
             .drain(..)
         {
             // SAFETY: the range was mapped by `map_memory` on this live partition.
-            let hr = unsafe { (partition.lib().unmap_gpa_range)(partition.handle(), gpa, size) };
+            let hr = unsafe {
+                (partition.lib().unmap_gpa_range)(partition.handle(), gpa, memory.size())
+            };
             if let Err(e) = hr.ok() {
                 log::warn!("WHvUnmapGpaRange at {gpa:#x} failed: {e}");
+                // The partition may still reach the memory: keep it mapped for good.
+                std::mem::forget(memory);
             }
         }
     }
 }
 
 impl Vm for WhpVm {
-    unsafe fn map_memory(
+    fn map_memory(
         &self,
         _slot: u32,
         guest_address: u64,
-        size: u64,
-        host_address: u64,
+        memory: Arc<dyn SlotMemory>,
     ) -> Result<()> {
         let flags =
             WHvMapGpaRangeFlagRead.0 | WHvMapGpaRangeFlagWrite.0 | WHvMapGpaRangeFlagExecute.0;
         let partition = self.partition();
-        // SAFETY: the caller promises a live writable mapping of `size` bytes at
-        // `host_address` that outlives the VM; it is unmapped in `Drop`.
+        // SAFETY: `memory` is a readable and writable mapping of `memory.size()` bytes
+        // (`SlotMemory`'s contract), which `mapped` holds until `Drop` unmaps the range.
         unsafe {
             (partition.lib().map_gpa_range)(
                 partition.handle(),
-                host_address as *const _,
+                memory.as_ptr().cast_const().cast(),
                 guest_address,
-                size,
+                memory.size(),
                 WHV_MAP_GPA_RANGE_FLAGS(flags),
             )
         }
         .ok()
         .map_err(|e| HypervisorError::call("WHvMapGpaRange", e))?;
+        self.ram.add(guest_address, memory.clone());
         self.mapped
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push((guest_address, size));
-        // SAFETY: the same promise covers the emulator's accesses through `ram`, which the VM
-        // holds no longer than the mapping lives.
-        unsafe { self.ram.add(guest_address, size, host_address) };
+            .push((guest_address, memory));
         Ok(())
     }
 
