@@ -266,8 +266,8 @@ mod cli {
     mod examples {
         use super::*;
         use vmm::cli::{
-            CTL_EXAMPLES, MERGE_EXAMPLES, RESTORE_EXAMPLES, RUN_EXAMPLES, TOP_EXAMPLES,
-            VHOST_USER_BLK_EXAMPLES,
+            CTL_EXAMPLES, EXEC_EXAMPLES, INFO_EXAMPLES, MERGE_EXAMPLES, RESTORE_EXAMPLES,
+            RUN_EXAMPLES, TEST_EXAMPLES, TOP_EXAMPLES, VERIFY_EXAMPLES, VHOST_USER_BLK_EXAMPLES,
         };
 
         /// Splits one shell line into words: whitespace separates, single quotes group.
@@ -345,9 +345,13 @@ mod cli {
             let n: usize = [
                 TOP_EXAMPLES,
                 RUN_EXAMPLES,
+                EXEC_EXAMPLES,
+                TEST_EXAMPLES,
                 RESTORE_EXAMPLES,
                 CTL_EXAMPLES,
                 MERGE_EXAMPLES,
+                VERIFY_EXAMPLES,
+                INFO_EXAMPLES,
                 VHOST_USER_BLK_EXAMPLES,
             ]
             .iter()

@@ -11,6 +11,7 @@
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use virtio_bindings::virtio_config::{
@@ -21,10 +22,41 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 
 use super::signals::{SignalsState, VirtioPciSignals};
-use super::state::{CommonConfigState, QueueSetupState};
 use super::NO_VECTOR;
 use crate::guest_memory::TrackedGuestMemory;
 use crate::virtio::device::DeviceSignals;
+
+/// One queue as the driver programmed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSetupState {
+    /// Queue size (a power of two up to the device's maximum).
+    pub size: u16,
+    /// Descriptor table address.
+    pub desc: u64,
+    /// Available (driver) ring address.
+    pub driver: u64,
+    /// Used (device) ring address.
+    pub device: u64,
+    /// `queue_enable` was written.
+    pub enabled: bool,
+}
+
+/// The common configuration's registers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommonConfigState {
+    /// `device_feature_select`.
+    pub device_feature_select: u32,
+    /// `driver_feature_select`.
+    pub driver_feature_select: u32,
+    /// The features the driver wrote (accepted ones once `FEATURES_OK` is set).
+    pub driver_features: u64,
+    /// Device status (without `DEVICE_NEEDS_RESET`, which the signals hold).
+    pub status: u8,
+    /// `queue_select`.
+    pub queue_select: u16,
+    /// Every queue, in index order.
+    pub queues: Vec<QueueSetupState>,
+}
 
 /// Why a queue set-up, or a saved common configuration (untrusted), is refused.
 #[derive(Debug, Error)]

@@ -30,6 +30,7 @@ use thiserror::Error;
 use virtio_bindings::virtio_config::{VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_F_VERSION_1};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::activation::ActivationError;
 use super::common_config::{CommonConfig, StatusAction, COMMON_CONFIG_SIZE};
 use super::signals::VirtioPciSignals;
 use super::state::{StateError, VirtioPciState};
@@ -42,8 +43,8 @@ use crate::pci::config_space::{
 use crate::pci::msix::{MsiRouteUpdater, Msix, MsixError, MSIX_CAPABILITY_ID, MSIX_ENTRY_SIZE};
 use crate::pci::PciDevice;
 use crate::virtio::device::{
-    ActivateContext, ActivateError, ActivatedQueue, DeviceDirtyLog, DeviceSignals, DirtyLogError,
-    EventLoop, QueueProgress, VirtioDevice,
+    ActivateContext, ActivatedQueue, DeviceDirtyLog, DeviceSignals, DirtyLogError, EventLoop,
+    QueueProgress, VirtioDevice,
 };
 
 /// PCI vendor ID of virtio devices.
@@ -156,34 +157,6 @@ pub enum TransportError {
         #[source]
         source: std::io::Error,
     },
-    /// An enabled queue's set-up is refused now (the device is marked as needing a reset).
-    #[error("virtio {device}: an enabled queue's set-up is refused")]
-    QueueRefused {
-        /// Device name.
-        device: &'static str,
-    },
-    /// A saved queue position names a queue that is not enabled, or one named twice.
-    #[error("virtio {device}: saved position of queue {queue} does not match an enabled queue")]
-    Progress {
-        /// Device name.
-        device: &'static str,
-        /// Queue index the position names.
-        queue: u16,
-    },
-    /// A queue's notification eventfd could not be shared with the device model.
-    #[error("virtio {device}: cannot share queue {queue}'s eventfd")]
-    ShareEventFd {
-        /// Device name.
-        device: &'static str,
-        /// Queue index.
-        queue: u16,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The device model refused activation.
-    #[error(transparent)]
-    Activate(#[from] ActivateError),
 }
 
 /// MSI-X vectors a virtio PCI function needs for `device`: one per queue and one for
@@ -505,17 +478,17 @@ impl VirtioPciDevice {
     /// Activates the device model on the enabled queues; with `progress` (a snapshot's resume
     /// or restore) each queue continues at its saved position and is kicked once, so chains
     /// the driver made available before the snapshot are taken. `Err` says why not.
-    fn activate_at(&mut self, progress: Option<&[QueueProgress]>) -> Result<(), TransportError> {
+    fn activate_at(&mut self, progress: Option<&[QueueProgress]>) -> Result<(), ActivationError> {
         use virtio_queue::QueueT;
         let device = self.name;
         let Some(enabled) = self.common.enabled_queues() else {
-            return Err(TransportError::QueueRefused { device }); // Marked broken already.
+            return Err(ActivationError::QueueRefused { device }); // Marked broken already.
         };
         if let Some(progress) = progress {
             for (i, p) in progress.iter().enumerate() {
                 let known = enabled.iter().any(|(index, _)| *index == p.index);
                 if !known || progress[..i].iter().any(|o| o.index == p.index) {
-                    return Err(TransportError::Progress {
+                    return Err(ActivationError::Progress {
                         device,
                         queue: p.index,
                     });
@@ -526,7 +499,7 @@ impl VirtioPciDevice {
         for (index, mut queue) in enabled {
             let kick = self.kicks[usize::from(index)]
                 .try_clone()
-                .map_err(|source| TransportError::ShareEventFd {
+                .map_err(|source| ActivationError::ShareEventFd {
                     device,
                     queue: index,
                     source,

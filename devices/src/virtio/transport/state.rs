@@ -13,44 +13,12 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use super::common_config::CommonConfigError;
-use super::pci_device::TransportError;
+use super::activation::ActivationError;
+use super::common_config::{CommonConfigError, CommonConfigState};
 use super::signals::SignalsState;
 use crate::pci::config_space::{ConfigSpaceError, ConfigSpaceState};
 use crate::pci::msix::{MsixError, MsixState};
 use crate::virtio::device::QueueProgress;
-
-/// One queue as the driver programmed it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QueueSetupState {
-    /// Queue size (a power of two up to the device's maximum).
-    pub size: u16,
-    /// Descriptor table address.
-    pub desc: u64,
-    /// Available (driver) ring address.
-    pub driver: u64,
-    /// Used (device) ring address.
-    pub device: u64,
-    /// `queue_enable` was written.
-    pub enabled: bool,
-}
-
-/// The common configuration's registers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CommonConfigState {
-    /// `device_feature_select`.
-    pub device_feature_select: u32,
-    /// `driver_feature_select`.
-    pub driver_feature_select: u32,
-    /// The features the driver wrote (accepted ones once `FEATURES_OK` is set).
-    pub driver_features: u64,
-    /// Device status (without `DEVICE_NEEDS_RESET`, which the signals hold).
-    pub status: u8,
-    /// `queue_select`.
-    pub queue_select: u16,
-    /// Every queue, in index order.
-    pub queues: Vec<QueueSetupState>,
-}
 
 /// Everything a snapshot keeps of one virtio PCI function's transport.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,6 +81,6 @@ pub enum StateError {
         device: &'static str,
         /// Why.
         #[source]
-        source: Box<TransportError>,
+        source: Box<ActivationError>,
     },
 }
