@@ -1,4 +1,4 @@
-//! The hypervisor seam: what skiff needs from KVM (and, later, WHP), in neutral types.
+//! The hypervisor seam: what skiff needs from KVM and WHP, in neutral types.
 //!
 //! `Hypervisor` opens the platform and creates VMs; `Vm` maps guest memory regions as slots, sets
 //! up the platform interrupt controller and creates vCPUs; `Vcpu` runs and reports exits and gets
@@ -186,6 +186,27 @@ pub enum HypervisorError {
     /// The guest runs a nested guest, whose state cannot be saved.
     #[error("the guest runs a nested guest; saving nested virtualization state is not supported")]
     NestedGuest,
+    /// A vCPU was asked for before the VM's buses were attached (WHP).
+    #[error("cannot create vCPU {index}: no buses attached (attach_buses comes first)")]
+    NoBuses {
+        /// The vCPU.
+        index: u32,
+    },
+    /// A vCPU index past the VM's processor count (WHP fixes it at creation).
+    #[error("cannot create vCPU {index}: the VM has {count} processors")]
+    VcpuIndex {
+        /// The vCPU asked for.
+        index: u32,
+        /// The VM's processors.
+        count: usize,
+    },
+    /// The MSI route table was refused.
+    #[error("cannot set MSI routes")]
+    MsiRoutes(#[source] whp::msi_routes::MsiRouteError),
+    /// The WHP partition could not be set up.
+    #[cfg(windows)]
+    #[error("cannot set up the WHP partition")]
+    Partition(#[source] whp::partition::PartitionError),
 }
 
 impl HypervisorError {

@@ -34,7 +34,7 @@ use super::halt::HaltWake;
 use super::host_cpuid::host_cpuid;
 use super::library::{WhpLibrary, WhpLoadError};
 use super::msi_routes::MsiRoutes;
-use super::partition::{Partition, PartitionError};
+use super::partition::Partition;
 use super::vcpu::{VcpuCanceller, VcpuIo, WhpVcpu};
 use crate::hypervisor::state::VmState;
 use crate::hypervisor::{
@@ -81,7 +81,7 @@ impl WhpHypervisor {
 impl Hypervisor for WhpHypervisor {
     fn create_vm(&self) -> Result<Box<dyn Vm>> {
         let partition = Partition::create(self.lib.clone(), self.vcpus, &self.cpuid)
-            .map_err(partition_error)?;
+            .map_err(HypervisorError::Partition)?;
         let wakes = (0..self.vcpus)
             .map(|_| Arc::new(HaltWake::default()))
             .collect();
@@ -112,14 +112,6 @@ impl Hypervisor for WhpHypervisor {
     fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>> {
         Ok(self.supported.clone())
     }
-}
-
-fn partition_error(e: PartitionError) -> HypervisorError {
-    let what = match &e {
-        PartitionError::TooManyVcpus { .. } => "setting the WHP partition's processor count",
-        _ => "setting up the WHP partition",
-    };
-    HypervisorError::call(what, std::io::Error::other(crate::error_chain(&e)))
 }
 
 /// Interrupt delivery for one partition: `WHvRequestInterrupt`, then a wake-up for vCPUs that
@@ -358,9 +350,7 @@ impl Vm for WhpVm {
     }
 
     fn set_msi_routes(&self, routes: &[MsiRoute]) -> Result<()> {
-        self.routes
-            .set(routes)
-            .map_err(|e| HypervisorError::call("setting MSI routes", std::io::Error::other(e)))
+        self.routes.set(routes).map_err(HypervisorError::MsiRoutes)
     }
 
     fn msi_routing(&self) -> Result<Arc<dyn MsiRouting>> {
@@ -374,23 +364,15 @@ impl Vm for WhpVm {
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
         else {
-            return Err(HypervisorError::call(
-                "creating a WHP vCPU",
-                std::io::Error::other("no buses attached (WhpVm::attach_buses comes first)"),
-            ));
+            return Err(HypervisorError::NoBuses { index });
         };
         let wake = usize::try_from(index)
             .ok()
             .and_then(|i| self.interrupts.wakes.get(i))
             .cloned()
-            .ok_or_else(|| {
-                HypervisorError::call(
-                    "creating a WHP vCPU",
-                    std::io::Error::other(format!(
-                        "vCPU {index} is past the partition's {} processors",
-                        self.interrupts.wakes.len()
-                    )),
-                )
+            .ok_or(HypervisorError::VcpuIndex {
+                index,
+                count: self.interrupts.wakes.len(),
             })?;
         let eoi = self.platform().map(|p| {
             let ioapic = p.ioapic;
@@ -437,9 +419,7 @@ struct Routing(Arc<MsiRoutes>);
 
 impl MsiRouting for Routing {
     fn set_msi_routes(&self, routes: &[MsiRoute]) -> Result<()> {
-        self.0
-            .set(routes)
-            .map_err(|e| HypervisorError::call("setting MSI routes", std::io::Error::other(e)))
+        self.0.set(routes).map_err(HypervisorError::MsiRoutes)
     }
 }
 

@@ -7,7 +7,7 @@ use crate::memory::region::{Mappable, ShareableRegion};
 use crate::memory::section::{allocation_granularity, Section, SectionBacking, SectionError};
 use crate::memory::validate::RegionError;
 use crate::memory::view::{SectionView, ViewError};
-use crate::memory::{SectionRam, SectionRamError, SlotMemory as _};
+use crate::memory::{SectionRam, SectionRamError};
 
 const MIB: u64 = 1 << 20;
 const P: u64 = 4096;
