@@ -496,3 +496,32 @@ fn host_connect_the_guest_never_answers_times_out() {
     );
     assert_eq!(dev.connection_count(), 0);
 }
+
+#[test]
+fn the_driver_kicks_the_receive_queue_only_when_the_device_ran_out_of_chains() {
+    const NO_NOTIFY: u16 = 1;
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = device(dir.path());
+    let mem = guest_memory(RAM);
+    let mut lp = TestLoop::new();
+    let mut drv = activate(&mut dev, &mem, &lp);
+    let rx_flags = |mem: &TrackedGuestMemory| -> u16 {
+        mem.read_obj(GuestAddress(RINGS[0] + USED_OFFSET)).unwrap()
+    };
+    lp.turn();
+    // Nothing for the guest yet: refills need no kick.
+    assert_eq!(rx_flags(&mem), NO_NOTIFY);
+    // A refused request needs a receive chain and finds none: now the device wants the kick.
+    drv.send(&header(OP_REQUEST, 500, 99, 0), &[]);
+    turn_until(&mut lp, || rx_flags(&mem) == 0);
+    assert!(drv.received().is_empty());
+    drv.post_rx(4, 4096);
+    let mut got = Vec::new();
+    turn_until(&mut lp, || {
+        got.extend(drv.received());
+        !got.is_empty()
+    });
+    assert_eq!((got[0].0.op, got[0].0.dst_port), (OP_RST, 500));
+    // Fed again: the driver's next refills go without a kick.
+    assert_eq!(rx_flags(&mem), NO_NOTIFY);
+}
