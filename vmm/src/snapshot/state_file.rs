@@ -26,8 +26,9 @@ use crate::virtio_devices::VirtioFunctionState;
 pub const STATE_MAGIC: [u8; 8] = *b"SKIFFSTA";
 /// The version of the state file's layout and payload.
 /// Version 3: each virtio function's state is the device's own (`VirtioDeviceState`, a
-/// disk's `io=` engine as configured) beside the transport's.
-pub const STATE_FORMAT_VERSION: u32 = 3;
+/// disk's `io=` engine as configured) beside the transport's. Version 4: a vsock device's
+/// state holds its next host port.
+pub const STATE_FORMAT_VERSION: u32 = 4;
 /// Bytes before the payload.
 pub const HEADER_LEN: usize = 24;
 /// Largest payload `decode` accepts (254 vCPUs with large XSAVE areas fit easily).

@@ -16,7 +16,7 @@ use super::packet::{
     Header, HEADER_LEN, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN,
     SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
 };
-use super::{VirtioVsock, VsockState, CONN_BUFFER, HOST_CID};
+use super::{VirtioVsock, VsockState, CONN_BUFFER, FIRST_HOST_PORT, HOST_CID};
 use crate::guest_memory::TrackedGuestMemory;
 use crate::virtio::device::{ActivateContext, VirtioDevice};
 use crate::virtio::test_support::{guest_memory, DriverQueue, RecordingSignals, TestLoop};
@@ -405,6 +405,7 @@ fn restored_device_announces_a_transport_reset() {
     let saved = VsockState {
         cid: CID,
         socket: dir.path().join("v.sock"),
+        next_host_port: FIRST_HOST_PORT + 3,
     };
     let mut dev = <VirtioVsock as crate::persist::Persist>::restore((), &saved).unwrap();
     assert_eq!(crate::persist::Persist::save(&dev), saved);
@@ -435,6 +436,7 @@ fn after_a_transport_reset_nothing_reaches_the_guest_until_it_returns_the_event_
     let saved = VsockState {
         cid: CID,
         socket: dir.path().join("v.sock"),
+        next_host_port: FIRST_HOST_PORT + 41,
     };
     let mut dev = <VirtioVsock as crate::persist::Persist>::restore((), &saved).unwrap();
     let mem = guest_memory(RAM);
@@ -460,7 +462,13 @@ fn after_a_transport_reset_nothing_reaches_the_guest_until_it_returns_the_event_
     // The driver handles the event and hands the buffer back: the request follows.
     drv.event.add_chain(&[(EVENT_BUFS + 8, 8, true)]);
     drv.kicks[2].write(1).unwrap();
-    assert_eq!(next_request(&mut lp, &mut drv).dst_port, 77);
+    let request = next_request(&mut lp, &mut drv);
+    assert_eq!(request.dst_port, 77);
+    // Host ports continue where the snapshot left them: none of the guest's old (reset)
+    // connections can have these.
+    assert_eq!(request.src_port, FIRST_HOST_PORT + 41);
+    let next = <VirtioVsock as crate::persist::Persist>::save(&dev).next_host_port;
+    assert_eq!(next, FIRST_HOST_PORT + 42);
 }
 
 #[test]

@@ -399,9 +399,10 @@ impl Vsock {
     }
 
     /// The live connection with these ports. A reset connection is closed: it takes no more
-    /// packets, and a new connection may reuse its ports (a restored VM's device numbers host
-    /// ports from the start again, so the host's first connection after a restore can carry
-    /// the same ports as one the guest still holds, reset, until its owner lets go).
+    /// packets, and a new connection may reuse its ports (skiff's device continues host ports
+    /// across a snapshot, but a device that numbers them from the start again after a restore
+    /// would give the host's first connection the ports of one the guest still holds, reset,
+    /// until its owner lets go).
     fn find(&self, local: u32, peer: u32) -> Option<usize> {
         self.conns.iter().position(|s| {
             !matches!(s.state, State::Free | State::Reset)
