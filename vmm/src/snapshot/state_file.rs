@@ -364,13 +364,13 @@ pub(crate) mod tests {
         b[0] = b'X';
         assert!(matches!(decode(&b), Err(StateFileError::Magic { .. })));
         let mut b = bytes.clone();
-        b[8] = 4;
-        assert_eq!(decode(&b), Err(StateFileError::Version { found: 4 }));
-        b[8] = 2;
+        b[8] = 5;
+        assert_eq!(decode(&b), Err(StateFileError::Version { found: 5 }));
+        b[8] = 3;
         assert_eq!(
             decode(&b),
-            Err(StateFileError::Version { found: 2 }),
-            "a version 2 file (a device identity, not the device's own state) is refused"
+            Err(StateFileError::Version { found: 3 }),
+            "a version 3 file (a vsock state without its next host port) is refused"
         );
         b[8] = 1;
         assert_eq!(
