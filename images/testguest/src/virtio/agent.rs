@@ -97,6 +97,17 @@ impl Channel {
         }
     }
 
+    /// Whether received bytes wait to be read (after taking what the device delivered).
+    fn has_input(&mut self) -> bool {
+        match self {
+            Channel::Vsock(v, c) => {
+                v.poll();
+                v.available(*c) > 0
+            }
+            Channel::Console(_) => false,
+        }
+    }
+
     /// Sends what is queued (replies share one transmit kick until the agent waits).
     fn flush(&mut self) {
         if let Channel::Vsock(v, _) = self {
@@ -165,9 +176,13 @@ impl Link {
         self.ch.idle();
     }
 
-    /// Fills `buf`; false when the host closed the connection first.
+    /// Fills `buf`; false when the host closed the connection first. Replies go out (and the
+    /// exec's console line is printed) once the agent would wait: not while requests the host
+    /// sent together are still being read.
     fn read_exact(&mut self, buf: &mut [u8]) -> bool {
-        self.settle();
+        if !self.ch.has_input() {
+            self.settle();
+        }
         let mut got = 0;
         while got < buf.len() {
             match self.ch.recv(&mut buf[got..]) {
