@@ -53,6 +53,17 @@ pub enum Interrupt {
     Garbage(String),
 }
 
+/// Why the agent did not hand over a guest file (`ReadFile`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadFileRefusal {
+    /// The file is larger than the caller's limit.
+    #[error("the file is over {limit} bytes")]
+    TooLarge { limit: usize },
+    /// The agent refused (no such file, ...), in its own words.
+    #[error("{code:?}: {message}")]
+    Agent { code: ErrorCode, message: String },
+}
+
 /// How the command ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommandEnd {
@@ -262,7 +273,7 @@ impl AgentClient {
         path: &[u8],
         limit: usize,
         mut stop: impl FnMut() -> bool,
-    ) -> Result<Result<Vec<u8>, String>, Interrupt> {
+    ) -> Result<Result<Vec<u8>, ReadFileRefusal>, Interrupt> {
         const READ_REQUEST: u32 = 3;
         let _ = write_message(&mut self.queued, &Message::ReadFile { path }, READ_REQUEST);
         self.settle(&mut stop)?;
@@ -278,14 +289,14 @@ impl AgentClient {
                     }
                 }
                 (READ_REQUEST, Message::Done) if over => {
-                    return Ok(Err(format!("the file is over {limit} bytes")))
+                    return Ok(Err(ReadFileRefusal::TooLarge { limit }))
                 }
                 (READ_REQUEST, Message::Done) => return Ok(Ok(data)),
                 (READ_REQUEST, Message::Error { code, message }) => {
-                    return Ok(Err(format!(
-                        "{code:?}: {}",
-                        String::from_utf8_lossy(message)
-                    )))
+                    return Ok(Err(ReadFileRefusal::Agent {
+                        code,
+                        message: String::from_utf8_lossy(message).into_owned(),
+                    }))
                 }
                 (req, other) => {
                     return Err(Interrupt::Garbage(format!(

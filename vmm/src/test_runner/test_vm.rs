@@ -110,7 +110,13 @@ impl TestVm {
             &mut proc,
             Greeting::Answered,
         )
-        .map_err(|e| TestVmError::Boot(format!("{e}{}", serial_tail(&dir.join("serial.log")))))?;
+        .map_err(|e| {
+            TestVmError::Boot(format!(
+                "{}{}",
+                crate::error_chain(&e),
+                serial_tail(&dir.join("serial.log"))
+            ))
+        })?;
         let mut transcript =
             std::fs::File::create(dir.join("agent-transcript.log")).map_err(|source| {
                 TestVmError::Start {
@@ -118,7 +124,8 @@ impl TestVm {
                     source,
                 }
             })?;
-        run_setup(&mut client, vm, dir, &mut transcript, &mut proc).map_err(TestVmError::Setup)?;
+        run_setup(&mut client, vm, dir, &mut transcript, &mut proc)
+            .map_err(|e| TestVmError::Setup(crate::error_chain(&e)))?;
         Ok(Self {
             skiff: skiff.to_path_buf(),
             dir: dir.to_path_buf(),
@@ -155,7 +162,13 @@ impl TestVm {
             &mut proc,
             Greeting::Pipelined,
         )
-        .map_err(|e| TestVmError::Boot(format!("{e}{}", serial_tail(&dir.join("serial.log")))))?;
+        .map_err(|e| {
+            TestVmError::Boot(format!(
+                "{}{}",
+                crate::error_chain(&e),
+                serial_tail(&dir.join("serial.log"))
+            ))
+        })?;
         resume(&mut client, &mut proc).map_err(|e| TestVmError::Agent(format!("resume: {e:?}")))?;
         Ok(Self {
             skiff: skiff.to_path_buf(),
