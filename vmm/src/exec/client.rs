@@ -403,3 +403,115 @@ fn forward_stdin(mut writer: UnixStream) {
     }
     let _ = write_message(&mut writer, &Message::StdinEof, EXEC_REQUEST);
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use agent_protocol::Header;
+
+    /// Reads one frame from the agent's end of the socket pair.
+    fn request(agent: &mut UnixStream) -> (Header, Vec<u8>) {
+        let mut payload = Vec::new();
+        let header = read_frame(agent, &mut payload).unwrap().unwrap();
+        (header, payload)
+    }
+
+    #[test]
+    fn queued_requests_go_in_one_write_and_their_replies_are_read_first() {
+        let (host, mut agent) = UnixStream::pair().unwrap();
+        let mut client = AgentClient::new(host).unwrap();
+        client.queue_hello();
+        client.queue_request(&Message::Resume {
+            unix_time_ns: 7,
+            entropy: b"seed",
+        });
+        // Nothing is written until an answer is waited for.
+        agent.set_nonblocking(true).unwrap();
+        let mut byte = [0u8; 1];
+        assert!(
+            agent.read(&mut byte).is_err(),
+            "a queued request was sent early"
+        );
+        agent.set_nonblocking(false).unwrap();
+        let guest = std::thread::spawn(move || {
+            // All three requests are there before any reply is written.
+            let kinds: Vec<(Kind, u32)> = (0..3)
+                .map(|_| {
+                    let (h, _) = request(&mut agent);
+                    (h.kind, h.request)
+                })
+                .collect();
+            let reply = |agent: &mut UnixStream, msg: &Message<'_>, req| {
+                write_message(agent, msg, req).unwrap();
+            };
+            reply(
+                &mut agent,
+                &Message::HelloReply {
+                    version: 1,
+                    features: 0,
+                    agent: b"scripted",
+                },
+                HELLO_REQUEST,
+            );
+            reply(&mut agent, &Message::Done, CONTROL_REQUEST);
+            reply(&mut agent, &Message::Started { pid: 9 }, EXEC_REQUEST);
+            reply(&mut agent, &Message::Stdout(b"hi\n"), EXEC_REQUEST);
+            reply(
+                &mut agent,
+                &Message::Exit(ExitStatus::Code(3)),
+                EXEC_REQUEST,
+            );
+            kinds
+        });
+        let spec = CommandSpec {
+            argv: vec![b"true".to_vec()],
+            env: Vec::new(),
+            cwd: Vec::new(),
+            timeout: None,
+            forward_stdin: false,
+        };
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        let end = client.run(&spec, &mut out, &mut err, || false);
+        assert_eq!(end, CommandEnd::Exit(ExitStatus::Code(3)));
+        assert_eq!(out, b"hi\n");
+        assert_eq!(client.agent(), Some("scripted"));
+        assert_eq!(
+            guest.join().unwrap(),
+            vec![
+                (Kind::Hello, HELLO_REQUEST),
+                (Kind::Resume, CONTROL_REQUEST),
+                (Kind::Exec, EXEC_REQUEST)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_refused_queued_request_ends_the_wait_with_its_reason() {
+        let (host, mut agent) = UnixStream::pair().unwrap();
+        let mut client = AgentClient::new(host).unwrap();
+        client.queue_request(&Message::Quiesce);
+        let guest = std::thread::spawn(move || {
+            request(&mut agent);
+            write_message(
+                &mut agent,
+                &Message::Error {
+                    code: ErrorCode::Io,
+                    message: b"sync failed",
+                },
+                CONTROL_REQUEST,
+            )
+            .unwrap();
+        });
+        let refused = client.wait_queued(|| false).unwrap_err();
+        guest.join().unwrap();
+        match refused {
+            Interrupt::Garbage(m) => {
+                assert!(m.contains("Quiesce") && m.contains("sync failed"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
