@@ -165,6 +165,14 @@ pub fn run_vm(mut vm: BuiltVm, opts: &RunOptions) -> Result<RunOutcome, RunError
     let outputs = std::mem::take(&mut vm.outputs);
     let output_dropped = outputs.dropped_counter();
     let exec_workers = ExecWorkers::new(vsock_socket(&vm.virtio), vm.exit.clone());
+    // Devices a restore activated join the loop now (their `init` runs: a restored vsock device
+    // announces its transport reset), before the vCPUs: otherwise a guest that polls its rings
+    // spins on them unanswered until this thread gets a core, which on a busy host can be a
+    // scheduler tick or more.
+    if let Err(e) = events.run_with_timeout(0) {
+        log::error!("event loop failed: {e:?}");
+        vm.exit.request(GuestEnd::VmmError);
+    }
     let mut running = RunningVm::start(vm, opts.description.clone())
         .map_err(|(index, source)| RunError::Spawn { index, source })?;
     let exit = running.exit().clone();

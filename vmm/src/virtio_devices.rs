@@ -132,6 +132,7 @@ impl VirtioDeviceState {
             Self::Vsock(VsockState {
                 cid: v.cid,
                 socket: v.socket.clone(),
+                next_host_port: devices::virtio::vsock::FIRST_HOST_PORT,
             })
         }));
         if cfg.console {
@@ -278,7 +279,8 @@ mod tests {
             list[4],
             VirtioDeviceState::Vsock(VsockState {
                 cid: 3,
-                socket: "/v.sock".into()
+                socket: "/v.sock".into(),
+                next_host_port: devices::virtio::vsock::FIRST_HOST_PORT,
             })
         );
     }
@@ -294,6 +296,7 @@ mod tests {
         let vsock = VsockState {
             cid: 3,
             socket: dir.path().join("v.sock"),
+            next_host_port: devices::virtio::vsock::FIRST_HOST_PORT + 9,
         };
         let device = VirtioVsock::restore((), &vsock).unwrap();
         assert_eq!(

@@ -59,6 +59,34 @@ pub fn add_used(
         })
 }
 
+/// Asks the driver to kick the queue when it adds chains (`wanted`) or to spare the kick
+/// (`VIRTQ_USED_F_NO_NOTIFY`, or no new `avail_event` with `VIRTIO_F_EVENT_IDX`). When asking
+/// for kicks again, `Ok(true)` says chains arrived while they were off. A queue the driver never
+/// enabled is left alone.
+pub fn want_kicks(
+    queue: &mut ActivatedQueue,
+    mem: &TrackedGuestMemory,
+    wanted: bool,
+) -> Result<bool, QueueFailure> {
+    if !queue.queue.ready() {
+        return Ok(false);
+    }
+    let index = queue.index;
+    let failure = |source| QueueFailure {
+        queue: index,
+        source,
+    };
+    if wanted {
+        queue.queue.enable_notification(mem).map_err(failure)
+    } else {
+        queue
+            .queue
+            .disable_notification(mem)
+            .map(|()| false)
+            .map_err(failure)
+    }
+}
+
 /// Whether the driver wants an interrupt for what was just used (no `NO_INTERRUPT` flag, or
 /// the event index reached). Errs on the side of notifying when the ring is unreadable.
 pub fn needs_notification(queue: &mut ActivatedQueue, mem: &TrackedGuestMemory) -> bool {

@@ -2,19 +2,30 @@
 //! greet it, run one command, stream its output to skiff's own stdout and stderr (and skiff's
 //! stdin to it), and say how it ended. Whatever the guest sends is checked; anything that is
 //! not the protocol ends the run as `Garbage`.
+//!
+//! Requests may be pipelined: `queue_hello` and `queue_request` only encode a request, and the
+//! next call that waits for an answer sends everything queued in one write, then takes the
+//! queued requests' replies in order before its own. The agent handles requests in order (an
+//! `Exec` starts once the requests before it are answered), so `Hello`, `Resume` and `Exec`
+//! cost one round trip to the guest instead of three.
 
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
 use agent_protocol::{
-    read_frame, write_message, ByteList, ErrorCode, ExecFlags, ExitStatus, Message, ReadFrameError,
-    WriteFlags, DATA_CHUNK,
+    read_frame, write_message, ByteList, ErrorCode, ExecFlags, ExitStatus, Kind, Message,
+    ReadFrameError, WriteFlags, DATA_CHUNK,
 };
 
 /// The request id of the one exec `skiff exec` runs.
 const EXEC_REQUEST: u32 = 1;
+/// The request id of `Hello`.
+const HELLO_REQUEST: u32 = 0;
+/// The request id of requests answered by `Done` (`Quiesce`, `Resume`, `Shutdown`).
+const CONTROL_REQUEST: u32 = 2;
 /// How long a frame, once begun, may take to arrive in full.
 const FRAME_PATIENCE: Duration = Duration::from_secs(10);
 /// How often waits look at the VM and the virtiofsd processes.
@@ -109,6 +120,12 @@ fn poll_in(fd: i32, wait: Duration) -> bool {
 pub struct AgentClient {
     stream: UnixStream,
     payload: Vec<u8>,
+    /// Encoded requests not yet written.
+    queued: Vec<u8>,
+    /// Requests written or queued whose reply has not been read, in order.
+    owed: VecDeque<Kind>,
+    /// The agent's name, from its `HelloReply`.
+    agent: Option<String>,
 }
 
 impl AgentClient {
@@ -118,7 +135,87 @@ impl AgentClient {
         Ok(Self {
             stream,
             payload: Vec::new(),
+            queued: Vec::new(),
+            owed: VecDeque::new(),
+            agent: None,
         })
+    }
+
+    /// The agent's name, once its `HelloReply` was read.
+    pub fn agent(&self) -> Option<&str> {
+        self.agent.as_deref()
+    }
+
+    /// Queues a `Hello`; its reply is read before the next answer waited for.
+    pub fn queue_hello(&mut self) {
+        self.queue(
+            &Message::Hello {
+                version: u32::from(agent_protocol::VERSION),
+                features: 0,
+            },
+            HELLO_REQUEST,
+        );
+    }
+
+    /// Queues a request answered by `Done` (`Quiesce`, `Resume`, `Shutdown`); its reply is
+    /// read before the next answer waited for, and a refusal ends that wait.
+    pub fn queue_request(&mut self, msg: &Message<'_>) {
+        self.queue(msg, CONTROL_REQUEST);
+    }
+
+    fn queue(&mut self, msg: &Message<'_>, request: u32) {
+        // Writing to a Vec cannot fail.
+        let _ = write_message(&mut self.queued, msg, request);
+        self.owed.push_back(msg.kind());
+    }
+
+    /// Writes every queued request in one go.
+    fn send_queued(&mut self) -> Result<(), Interrupt> {
+        if self.queued.is_empty() {
+            return Ok(());
+        }
+        let result = self.stream.write_all(&self.queued);
+        self.queued.clear();
+        result.map_err(|e| Interrupt::Lost(format!("writing to the agent: {e}")))
+    }
+
+    /// Sends what is queued and waits for the answers.
+    pub fn wait_queued(&mut self, mut stop: impl FnMut() -> bool) -> Result<(), Interrupt> {
+        self.settle(&mut stop)
+    }
+
+    /// Sends what is queued and reads the replies owed, in order.
+    fn settle(&mut self, stop: &mut dyn FnMut() -> bool) -> Result<(), Interrupt> {
+        self.send_queued()?;
+        while let Some(kind) = self.owed.pop_front() {
+            let expected = if kind == Kind::Hello {
+                HELLO_REQUEST
+            } else {
+                CONTROL_REQUEST
+            };
+            let (req, msg) = self.next(stop)?;
+            match msg {
+                Message::HelloReply { agent, .. } if req == expected && kind == Kind::Hello => {
+                    let name = String::from_utf8_lossy(agent).into_owned();
+                    log::debug!("agent {name} answered Hello");
+                    self.agent = Some(name);
+                }
+                Message::Done if req == expected && kind != Kind::Hello => {}
+                Message::Error { code, message } if req == expected => {
+                    return Err(Interrupt::Garbage(format!(
+                        "the agent refused {kind:?}: {code:?}: {}",
+                        String::from_utf8_lossy(message)
+                    )))
+                }
+                other => {
+                    return Err(Interrupt::Garbage(format!(
+                        "expected the answer to {kind:?}, got {:?} for request {req}",
+                        other.kind()
+                    )))
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Reads the next frame, checking `stop` every tick while none has begun.
@@ -154,26 +251,11 @@ impl AgentClient {
         Ok((header.request, msg))
     }
 
-    /// Greets the agent; returns its name.
+    /// Greets the agent (and answers what was queued before); returns its name.
     pub fn hello(&mut self, mut stop: impl FnMut() -> bool) -> Result<String, Interrupt> {
-        write_message(
-            &mut self.stream,
-            &Message::Hello {
-                version: u32::from(agent_protocol::VERSION),
-                features: 0,
-            },
-            0,
-        )
-        .map_err(|e| Interrupt::Lost(format!("writing to the agent: {e}")))?;
-        match self.next(&mut stop)? {
-            (0, Message::HelloReply { agent, .. }) => {
-                Ok(String::from_utf8_lossy(agent).into_owned())
-            }
-            (_, other) => Err(Interrupt::Garbage(format!(
-                "expected HelloReply, got {:?}",
-                other.kind()
-            ))),
-        }
+        self.queue_hello();
+        self.settle(&mut stop)?;
+        Ok(self.agent.clone().unwrap_or_default())
     }
 
     /// Sends a request answered by `Done` (`Quiesce`, `Resume`, `Shutdown`) and waits for it.
@@ -182,21 +264,8 @@ impl AgentClient {
         msg: &Message<'_>,
         mut stop: impl FnMut() -> bool,
     ) -> Result<(), Interrupt> {
-        const CONTROL_REQUEST: u32 = 2;
-        write_message(&mut self.stream, msg, CONTROL_REQUEST)
-            .map_err(|e| Interrupt::Lost(format!("writing to the agent: {e}")))?;
-        match self.next(&mut stop)? {
-            (CONTROL_REQUEST, Message::Done) => Ok(()),
-            (_, Message::Error { code, message }) => Err(Interrupt::Garbage(format!(
-                "the agent refused {:?}: {code:?}: {}",
-                msg.kind(),
-                String::from_utf8_lossy(message)
-            ))),
-            (_, other) => Err(Interrupt::Garbage(format!(
-                "expected Done, got {:?}",
-                other.kind()
-            ))),
-        }
+        self.queue_request(msg);
+        self.settle(&mut stop)
     }
 
     /// Reads the guest file at `path` (`ReadFile`): its bytes, up to `limit`; the inner error
@@ -208,8 +277,8 @@ impl AgentClient {
         mut stop: impl FnMut() -> bool,
     ) -> Result<Result<Vec<u8>, ReadFileRefusal>, Interrupt> {
         const READ_REQUEST: u32 = 3;
-        write_message(&mut self.stream, &Message::ReadFile { path }, READ_REQUEST)
-            .map_err(|e| Interrupt::Lost(format!("writing to the agent: {e}")))?;
+        let _ = write_message(&mut self.queued, &Message::ReadFile { path }, READ_REQUEST);
+        self.settle(&mut stop)?;
         let mut data = Vec::new();
         let mut over = false;
         loop {
@@ -306,8 +375,10 @@ impl AgentClient {
             env: ByteList::Items(&env),
             stdin: &spec.stdin,
         };
-        if let Err(e) = write_message(&mut self.stream, &exec, EXEC_REQUEST) {
-            return CommandEnd::Interrupted(Interrupt::Lost(format!("writing to the agent: {e}")));
+        // Sent with whatever was queued before it, whose replies come first.
+        let _ = write_message(&mut self.queued, &exec, EXEC_REQUEST);
+        if let Err(i) = self.settle(&mut stop) {
+            return CommandEnd::Interrupted(i);
         }
         if spec.forward_stdin {
             if let Ok(writer) = self.stream.try_clone() {
@@ -374,4 +445,116 @@ fn forward_stdin(mut writer: UnixStream) {
         }
     }
     let _ = write_message(&mut writer, &Message::StdinEof, EXEC_REQUEST);
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use agent_protocol::Header;
+
+    /// Reads one frame from the agent's end of the socket pair.
+    fn request(agent: &mut UnixStream) -> (Header, Vec<u8>) {
+        let mut payload = Vec::new();
+        let header = read_frame(agent, &mut payload).unwrap().unwrap();
+        (header, payload)
+    }
+
+    #[test]
+    fn queued_requests_go_in_one_write_and_their_replies_are_read_first() {
+        let (host, mut agent) = UnixStream::pair().unwrap();
+        let mut client = AgentClient::new(host).unwrap();
+        client.queue_hello();
+        client.queue_request(&Message::Resume {
+            unix_time_ns: 7,
+            entropy: b"seed",
+        });
+        // Nothing is written until an answer is waited for.
+        agent.set_nonblocking(true).unwrap();
+        let mut byte = [0u8; 1];
+        assert!(
+            agent.read(&mut byte).is_err(),
+            "a queued request was sent early"
+        );
+        agent.set_nonblocking(false).unwrap();
+        let guest = std::thread::spawn(move || {
+            // All three requests are there before any reply is written.
+            let kinds: Vec<(Kind, u32)> = (0..3)
+                .map(|_| {
+                    let (h, _) = request(&mut agent);
+                    (h.kind, h.request)
+                })
+                .collect();
+            let reply = |agent: &mut UnixStream, msg: &Message<'_>, req| {
+                write_message(agent, msg, req).unwrap();
+            };
+            reply(
+                &mut agent,
+                &Message::HelloReply {
+                    version: 1,
+                    features: 0,
+                    agent: b"scripted",
+                },
+                HELLO_REQUEST,
+            );
+            reply(&mut agent, &Message::Done, CONTROL_REQUEST);
+            reply(&mut agent, &Message::Started { pid: 9 }, EXEC_REQUEST);
+            reply(&mut agent, &Message::Stdout(b"hi\n"), EXEC_REQUEST);
+            reply(
+                &mut agent,
+                &Message::Exit(ExitStatus::Code(3)),
+                EXEC_REQUEST,
+            );
+            kinds
+        });
+        let spec = CommandSpec {
+            argv: vec![b"true".to_vec()],
+            env: Vec::new(),
+            cwd: Vec::new(),
+            timeout: None,
+            forward_stdin: false,
+        };
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        let end = client.run(&spec, &mut out, &mut err, || false);
+        assert_eq!(end, CommandEnd::Exit(ExitStatus::Code(3)));
+        assert_eq!(out, b"hi\n");
+        assert_eq!(client.agent(), Some("scripted"));
+        assert_eq!(
+            guest.join().unwrap(),
+            vec![
+                (Kind::Hello, HELLO_REQUEST),
+                (Kind::Resume, CONTROL_REQUEST),
+                (Kind::Exec, EXEC_REQUEST)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_refused_queued_request_ends_the_wait_with_its_reason() {
+        let (host, mut agent) = UnixStream::pair().unwrap();
+        let mut client = AgentClient::new(host).unwrap();
+        client.queue_request(&Message::Quiesce);
+        let guest = std::thread::spawn(move || {
+            request(&mut agent);
+            write_message(
+                &mut agent,
+                &Message::Error {
+                    code: ErrorCode::Io,
+                    message: b"sync failed",
+                },
+                CONTROL_REQUEST,
+            )
+            .unwrap();
+        });
+        let refused = client.wait_queued(|| false).unwrap_err();
+        guest.join().unwrap();
+        match refused {
+            Interrupt::Garbage(m) => {
+                assert!(m.contains("Quiesce") && m.contains("sync failed"), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
 }

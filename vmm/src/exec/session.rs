@@ -262,7 +262,8 @@ impl Session {
         self.serve(stream, started)
     }
 
-    /// Greets the agent on `stream` and runs the command.
+    /// Greets the agent on `stream` and runs the command (the greeting and the command in one
+    /// write).
     fn serve(&mut self, stream: std::os::unix::net::UnixStream, started: Instant) -> SessionEnd {
         let exit = self.exit.clone();
         let mut client = match AgentClient::new(stream) {
@@ -288,18 +289,20 @@ impl Session {
                 }
                 exit.is_requested()
             };
-            match client.hello(&mut stop) {
-                Err(i) => CommandEnd::Interrupted(i),
-                Ok(agent) => {
-                    log::info!("{agent} is ready after {:?}", started.elapsed());
-                    client.run(
-                        &self.spec,
-                        &mut std::io::stdout().lock(),
-                        &mut std::io::stderr().lock(),
-                        &mut stop,
-                    )
-                }
-            }
+            // Hello goes with the Exec (one round trip): its reply is read first.
+            client.queue_hello();
+            let end = client.run(
+                &self.spec,
+                &mut std::io::stdout().lock(),
+                &mut std::io::stderr().lock(),
+                &mut stop,
+            );
+            log::info!(
+                "{} answered; the command ended after {:?}",
+                client.agent().unwrap_or("the agent"),
+                started.elapsed()
+            );
+            end
         };
         match end {
             CommandEnd::Exit(status) => SessionEnd::Command(status),

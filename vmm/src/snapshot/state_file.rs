@@ -26,8 +26,9 @@ use crate::virtio_devices::VirtioFunctionState;
 pub const STATE_MAGIC: [u8; 8] = *b"SKIFFSTA";
 /// The version of the state file's layout and payload.
 /// Version 3: each virtio function's state is the device's own (`VirtioDeviceState`, a
-/// disk's `io=` engine as configured) beside the transport's.
-pub const STATE_FORMAT_VERSION: u32 = 3;
+/// disk's `io=` engine as configured) beside the transport's. Version 4: a vsock device's
+/// state holds its next host port.
+pub const STATE_FORMAT_VERSION: u32 = 4;
 /// Bytes before the payload.
 pub const HEADER_LEN: usize = 24;
 /// Largest payload `decode` accepts (254 vCPUs with large XSAVE areas fit easily).
@@ -363,13 +364,13 @@ pub(crate) mod tests {
         b[0] = b'X';
         assert!(matches!(decode(&b), Err(StateFileError::Magic { .. })));
         let mut b = bytes.clone();
-        b[8] = 4;
-        assert_eq!(decode(&b), Err(StateFileError::Version { found: 4 }));
-        b[8] = 2;
+        b[8] = 5;
+        assert_eq!(decode(&b), Err(StateFileError::Version { found: 5 }));
+        b[8] = 3;
         assert_eq!(
             decode(&b),
-            Err(StateFileError::Version { found: 2 }),
-            "a version 2 file (a device identity, not the device's own state) is refused"
+            Err(StateFileError::Version { found: 3 }),
+            "a version 3 file (a vsock state without its next host port) is refused"
         );
         b[8] = 1;
         assert_eq!(

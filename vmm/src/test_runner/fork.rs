@@ -18,7 +18,7 @@ use thiserror::Error;
 
 use super::launch::{run_setup, says_no_space, serial_tail, vm_args, LaunchError, RunContext};
 use super::suite::VmSpec;
-use super::vm_process::{connect_agent, exit_code};
+use super::vm_process::{connect_agent, exit_code, Greeting};
 
 /// Why a fork's `skiff restore` arguments could not be made.
 #[derive(Debug, Error)]
@@ -103,14 +103,19 @@ fn prepare_base(ctx: &RunContext, vm: &VmSpec, index: usize) -> Result<ForkBase,
     args.push(api.clone().into());
     let mut base = ctx.spawn(&args, &dir)?;
     let fail = |why: String| format!("{why}{}", serial_tail(&dir.join("serial.log")));
-    let mut client =
-        connect_agent(&socket, Instant::now() + vm.boot_timeout, &mut base).map_err(|e| {
-            fail(format!(
-                "vm {:?} did not come up: {}",
-                vm.name,
-                crate::error_chain(&e)
-            ))
-        })?;
+    let mut client = connect_agent(
+        &socket,
+        Instant::now() + vm.boot_timeout,
+        &mut base,
+        Greeting::Answered,
+    )
+    .map_err(|e| {
+        fail(format!(
+            "vm {:?} did not come up: {}",
+            vm.name,
+            crate::error_chain(&e)
+        ))
+    })?;
     let mut transcript = std::fs::File::create(dir.join("setup-transcript.log"))
         .map_err(|e| format!("vm {:?}: artifact directory: {e}", vm.name))?;
     run_setup(&mut client, vm, &dir, &mut transcript, &mut base)

@@ -226,17 +226,21 @@ fn entropy() -> Vec<u8> {
     }
 }
 
-/// Tells a restored VM's agent to resume: the wall clock now and fresh entropy.
-pub fn resume(client: &mut AgentClient, proc: &mut VmProcess) -> Result<(), Interrupt> {
+/// Queues `Resume` for a restored VM's agent (the wall clock now and fresh entropy), to go
+/// with the next request; its `Done` is read before that request's answer.
+pub fn queue_resume(client: &mut AgentClient) {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
     let seed = entropy();
-    client.request_done(
-        &Message::Resume {
-            unix_time_ns: now,
-            entropy: &seed,
-        },
-        || proc.ended().is_some(),
-    )
+    client.queue_request(&Message::Resume {
+        unix_time_ns: now,
+        entropy: &seed,
+    });
+}
+
+/// Tells a restored VM's agent to resume and waits for its answer.
+pub fn resume(client: &mut AgentClient, proc: &mut VmProcess) -> Result<(), Interrupt> {
+    queue_resume(client);
+    client.wait_queued(|| proc.ended().is_some())
 }

@@ -20,11 +20,12 @@ use thiserror::Error;
 
 use super::fork::{restore_args, ForkBase, ForkError};
 use super::launch::{
-    describe, resume, run_setup, says_no_space, serial_tail, spec, vm_args, LaunchError, RunContext,
+    describe, queue_resume, run_setup, says_no_space, serial_tail, spec, vm_args, LaunchError,
+    RunContext,
 };
 use super::report::{CaseResult, Verdict};
 use super::suite::{AgentKind, CaseRun, CaseSpec, VmSpec};
-use super::vm_process::{connect_agent, exit_code, VmProcess};
+use super::vm_process::{connect_agent, exit_code, Greeting, VmProcess};
 use crate::exec::client::{CommandEnd, Interrupt};
 
 /// How long past a case's timeout the agent may take to report it before the VM is killed.
@@ -260,12 +261,17 @@ fn drive_agent(
     let mut transcript = std::fs::File::create(dir.join("agent-transcript.log"))
         .map_err(|e| format!("artifact: {e}"))?;
     let boot_fail = |why: String| format!("{why}{}", serial_tail(&serial));
-    let mut client = connect_agent(socket, Instant::now() + w.vm.boot_timeout, proc)
+    let greeting = match w.mode {
+        // Hello and Resume go with the Exec: one round trip to the restored guest.
+        Mode::Fork(_) => Greeting::Pipelined,
+        _ => Greeting::Answered,
+    };
+    let mut client = connect_agent(socket, Instant::now() + w.vm.boot_timeout, proc, greeting)
         .map_err(|e| boot_fail(crate::error_chain(&e)))?;
     let _ = writeln!(transcript, "-> Hello, <- HelloReply");
     if let Mode::Fork(_) = w.mode {
-        let _ = writeln!(transcript, "-> Resume");
-        resume(&mut client, proc).map_err(|e| format!("agent resume: {e:?}"))?;
+        let _ = writeln!(transcript, "-> Resume (with the Exec)");
+        queue_resume(&mut client);
     } else {
         run_setup(&mut client, &w.vm, dir, &mut transcript, proc).map_err(|e| {
             Failure::from(format!(

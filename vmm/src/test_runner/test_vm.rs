@@ -18,7 +18,7 @@ use thiserror::Error;
 
 use super::launch::{describe, resume, run_setup, serial_tail, spec, vm_args};
 use super::suite::VmSpec;
-use super::vm_process::{connect_agent, exit_code, VmProcess};
+use super::vm_process::{connect_agent, exit_code, Greeting, VmProcess};
 use crate::exec::client::{AgentClient, CommandEnd};
 
 /// How long a command may run unless the test says otherwise.
@@ -125,14 +125,19 @@ impl TestVm {
         let mut args = vm_args(vm, &socket, &dir.join("serial.log"));
         args.extend(["--api-socket".into(), api.clone().into()]);
         let mut proc = start(skiff, &args, dir)?;
-        let mut client = connect_agent(&socket, Instant::now() + vm.boot_timeout, &mut proc)
-            .map_err(|e| {
-                TestVmError::Boot(format!(
-                    "{}{}",
-                    crate::error_chain(&e),
-                    serial_tail(&dir.join("serial.log"))
-                ))
-            })?;
+        let mut client = connect_agent(
+            &socket,
+            Instant::now() + vm.boot_timeout,
+            &mut proc,
+            Greeting::Answered,
+        )
+        .map_err(|e| {
+            TestVmError::Boot(format!(
+                "{}{}",
+                crate::error_chain(&e),
+                serial_tail(&dir.join("serial.log"))
+            ))
+        })?;
         let mut transcript =
             std::fs::File::create(dir.join("agent-transcript.log")).map_err(|source| {
                 TestVmError::Start {
@@ -172,14 +177,20 @@ impl TestVm {
             api.clone().into(),
         ];
         let mut proc = start(skiff, &args, dir)?;
-        let mut client =
-            connect_agent(&socket, Instant::now() + FORK_TIMEOUT, &mut proc).map_err(|e| {
-                TestVmError::Boot(format!(
-                    "{}{}",
-                    crate::error_chain(&e),
-                    serial_tail(&dir.join("serial.log"))
-                ))
-            })?;
+        // Hello and Resume in one round trip.
+        let mut client = connect_agent(
+            &socket,
+            Instant::now() + FORK_TIMEOUT,
+            &mut proc,
+            Greeting::Pipelined,
+        )
+        .map_err(|e| {
+            TestVmError::Boot(format!(
+                "{}{}",
+                crate::error_chain(&e),
+                serial_tail(&dir.join("serial.log"))
+            ))
+        })?;
         resume(&mut client, &mut proc).map_err(|e| TestVmError::Agent(format!("resume: {e:?}")))?;
         Ok(Self {
             skiff: skiff.to_path_buf(),

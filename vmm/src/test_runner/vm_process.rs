@@ -25,8 +25,11 @@ use crate::exec::client::{AgentClient, Interrupt};
 const FIRST_ANSWER: Duration = Duration::from_millis(500);
 /// The longest wait for one connection's answers.
 const MAX_ANSWER: Duration = Duration::from_secs(2);
-/// Pause between connection attempts while the guest boots.
-const CONNECT_RETRY: Duration = Duration::from_millis(2);
+/// First pause between connection attempts while the VM starts (its vsock socket appears a few
+/// milliseconds after the spawn: a restore's whole start); doubled up to `CONNECT_RETRY_MAX`.
+const CONNECT_RETRY: Duration = Duration::from_micros(200);
+/// The longest pause between connection attempts (a cold boot takes longer).
+const CONNECT_RETRY_MAX: Duration = Duration::from_millis(2);
 
 /// A running skiff child.
 #[derive(Debug)]
@@ -208,6 +211,18 @@ impl Drop for VmProcess {
     }
 }
 
+/// How `connect_agent` greets the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Greeting {
+    /// `Hello`, answered before the connection is handed over: a booting guest's agent may
+    /// accept and not yet answer, and the connection is made again if it stays silent.
+    Answered,
+    /// `Hello` queued to go with the caller's first requests (one round trip for all): for a
+    /// restored guest, whose agent was answering before the snapshot and whose `OK` to
+    /// `CONNECT` already came from the guest.
+    Pipelined,
+}
+
 /// Why a VM's agent could not be reached (part of a case's verdict).
 #[derive(Debug, Error)]
 pub enum AgentConnectError {
@@ -232,9 +247,11 @@ pub fn connect_agent(
     socket: &Path,
     deadline: Instant,
     vm: &mut VmProcess,
+    greeting: Greeting,
 ) -> Result<AgentClient, AgentConnectError> {
     let port = agent_protocol::AGENT_PORT;
     let mut answer = FIRST_ANSWER;
+    let mut retry = CONNECT_RETRY;
     loop {
         if let Some(status) = vm.ended() {
             return Err(AgentConnectError::VmEnded {
@@ -247,6 +264,10 @@ pub fn connect_agent(
         if let Ok(stream) = UnixStream::connect(socket) {
             if let Ok(true) = handshake(&stream, port, answer) {
                 let mut client = AgentClient::new(stream).map_err(AgentConnectError::Connection)?;
+                if greeting == Greeting::Pipelined {
+                    client.queue_hello();
+                    return Ok(client);
+                }
                 let asked = Instant::now();
                 match client.hello(|| asked.elapsed() >= answer) {
                     Ok(_) => return Ok(client),
@@ -256,7 +277,8 @@ pub fn connect_agent(
             }
             answer = (answer * 2).min(MAX_ANSWER);
         }
-        std::thread::sleep(CONNECT_RETRY);
+        std::thread::sleep(retry);
+        retry = (retry * 2).min(CONNECT_RETRY_MAX);
     }
 }
 

@@ -80,6 +80,16 @@ impl VirtioVsock {
         self.reset_event_pending = true;
     }
 
+    /// The host port the next host-initiated connection gets.
+    pub fn next_host_port(&self) -> u32 {
+        self.muxer().next_host_port()
+    }
+
+    /// Continues host port numbering at `port` (see `Muxer::continue_host_ports`).
+    pub(super) fn continue_host_ports(&mut self, port: u32) {
+        self.muxer().continue_host_ports(port);
+    }
+
     /// The guest's CID.
     pub fn cid(&self) -> u64 {
         self.cid

@@ -37,6 +37,10 @@ pub const DEVICE_TYPE_VSOCK: u32 = 19;
 /// The host's CID (`VMADDR_CID_HOST`): packets from the guest must be addressed to it.
 pub const HOST_CID: u64 = 2;
 
+/// The first host port of host-initiated connections (the ports a guest sees them come from):
+/// numbering continues upward from here, across snapshots.
+pub const FIRST_HOST_PORT: u32 = 1 << 30;
+
 /// Lowest CID a guest may have (0-2 are reserved: hypervisor, local, host).
 pub const MIN_GUEST_CID: u64 = 3;
 

@@ -22,13 +22,10 @@ use super::packet::{
     Header, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW,
     OP_SHUTDOWN, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
 };
-use super::{CONN_BUFFER, HOST_CID, MAX_CONNECTIONS};
+use super::{CONN_BUFFER, FIRST_HOST_PORT, HOST_CID, MAX_CONNECTIONS};
 
 /// A connection's ports: (host port, guest port).
 pub type Key = (u32, u32);
-
-/// First host port handed to host-initiated connections.
-const FIRST_HOST_PORT: u32 = 1 << 30;
 
 /// Most control packets waiting for receive buffers; the transmit queue is not read beyond
 /// it, so a guest that sends without ever reading cannot make skiff buffer replies.
@@ -109,6 +106,18 @@ impl Muxer {
             awaiting: 0,
             counters: VsockCounters::default(),
         }
+    }
+
+    /// The host port the next host-initiated connection gets (or the first free one after it).
+    pub fn next_host_port(&self) -> u32 {
+        self.next_host_port
+    }
+
+    /// Continues host port numbering at `port` (a restored device: the guest may still hold
+    /// reset connections with the ports handed out before the snapshot). Ports below the host
+    /// range start it again.
+    pub fn continue_host_ports(&mut self, port: u32) {
+        self.next_host_port = port.max(FIRST_HOST_PORT);
     }
 
     /// The host side (listener and handshakes).

@@ -1,7 +1,9 @@
-//! What a snapshot keeps of a virtio-vsock device (`VsockState`): the guest CID and the host
-//! socket. Connections are not kept: the restored device listens anew and, when the driver
-//! has it running again, announces a transport reset (`VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`) so
-//! the guest drops its old ones.
+//! What a snapshot keeps of a virtio-vsock device (`VsockState`): the guest CID, the host
+//! socket and the next host port. Connections are not kept: the restored device listens anew
+//! and, when the driver has it running again, announces a transport reset
+//! (`VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`) so the guest drops its old ones. Host ports continue
+//! where they were, so a restored VM's first host connection never carries the ports of a
+//! connection the guest still holds (reset, until its owner lets go).
 
 use std::path::PathBuf;
 
@@ -17,6 +19,8 @@ pub struct VsockState {
     pub cid: u64,
     /// The listening socket `PATH` (guest connections go to `PATH_<port>`).
     pub socket: PathBuf,
+    /// The host port the next host-initiated connection gets.
+    pub next_host_port: u32,
 }
 
 impl Persist for VirtioVsock {
@@ -28,6 +32,7 @@ impl Persist for VirtioVsock {
         VsockState {
             cid: self.cid(),
             socket: self.socket().to_path_buf(),
+            next_host_port: self.next_host_port(),
         }
     }
 
@@ -35,6 +40,7 @@ impl Persist for VirtioVsock {
     /// a transport reset when the device is activated.
     fn restore((): (), state: &VsockState) -> Result<Self, VsockError> {
         let mut device = Self::new(state.cid, &state.socket)?;
+        device.continue_host_ports(state.next_host_port);
         device.announce_transport_reset();
         Ok(device)
     }

@@ -16,7 +16,7 @@ use super::packet::{
     Header, HEADER_LEN, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RST, OP_RW, OP_SHUTDOWN,
     SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM,
 };
-use super::{VirtioVsock, VsockState, CONN_BUFFER, HOST_CID};
+use super::{VirtioVsock, VsockState, CONN_BUFFER, FIRST_HOST_PORT, HOST_CID};
 use crate::guest_memory::TrackedGuestMemory;
 use crate::virtio::device::{ActivateContext, VirtioDevice};
 use crate::virtio::test_support::{guest_memory, DriverQueue, RecordingSignals, TestLoop};
@@ -405,6 +405,7 @@ fn restored_device_announces_a_transport_reset() {
     let saved = VsockState {
         cid: CID,
         socket: dir.path().join("v.sock"),
+        next_host_port: FIRST_HOST_PORT + 3,
     };
     let mut dev = <VirtioVsock as crate::persist::Persist>::restore((), &saved).unwrap();
     assert_eq!(crate::persist::Persist::save(&dev), saved);
@@ -435,6 +436,7 @@ fn after_a_transport_reset_nothing_reaches_the_guest_until_it_returns_the_event_
     let saved = VsockState {
         cid: CID,
         socket: dir.path().join("v.sock"),
+        next_host_port: FIRST_HOST_PORT + 41,
     };
     let mut dev = <VirtioVsock as crate::persist::Persist>::restore((), &saved).unwrap();
     let mem = guest_memory(RAM);
@@ -460,7 +462,13 @@ fn after_a_transport_reset_nothing_reaches_the_guest_until_it_returns_the_event_
     // The driver handles the event and hands the buffer back: the request follows.
     drv.event.add_chain(&[(EVENT_BUFS + 8, 8, true)]);
     drv.kicks[2].write(1).unwrap();
-    assert_eq!(next_request(&mut lp, &mut drv).dst_port, 77);
+    let request = next_request(&mut lp, &mut drv);
+    assert_eq!(request.dst_port, 77);
+    // Host ports continue where the snapshot left them: none of the guest's old (reset)
+    // connections can have these.
+    assert_eq!(request.src_port, FIRST_HOST_PORT + 41);
+    let next = <VirtioVsock as crate::persist::Persist>::save(&dev).next_host_port;
+    assert_eq!(next, FIRST_HOST_PORT + 42);
 }
 
 #[test]
@@ -495,4 +503,33 @@ fn host_connect_the_guest_never_answers_times_out() {
         "the host stream was closed without OK"
     );
     assert_eq!(dev.connection_count(), 0);
+}
+
+#[test]
+fn the_driver_kicks_the_receive_queue_only_when_the_device_ran_out_of_chains() {
+    const NO_NOTIFY: u16 = 1;
+    let dir = tempfile::tempdir().unwrap();
+    let mut dev = device(dir.path());
+    let mem = guest_memory(RAM);
+    let mut lp = TestLoop::new();
+    let mut drv = activate(&mut dev, &mem, &lp);
+    let rx_flags = |mem: &TrackedGuestMemory| -> u16 {
+        mem.read_obj(GuestAddress(RINGS[0] + USED_OFFSET)).unwrap()
+    };
+    lp.turn();
+    // Nothing for the guest yet: refills need no kick.
+    assert_eq!(rx_flags(&mem), NO_NOTIFY);
+    // A refused request needs a receive chain and finds none: now the device wants the kick.
+    drv.send(&header(OP_REQUEST, 500, 99, 0), &[]);
+    turn_until(&mut lp, || rx_flags(&mem) == 0);
+    assert!(drv.received().is_empty());
+    drv.post_rx(4, 4096);
+    let mut got = Vec::new();
+    turn_until(&mut lp, || {
+        got.extend(drv.received());
+        !got.is_empty()
+    });
+    assert_eq!((got[0].0.op, got[0].0.dst_port), (OP_RST, 500));
+    // Fed again: the driver's next refills go without a kick.
+    assert_eq!(rx_flags(&mem), NO_NOTIFY);
 }

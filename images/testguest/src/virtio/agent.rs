@@ -21,6 +21,11 @@
 //! - `cat PATH`: the file PATH on stdout, or `cat: PATH: no such file` and exit 1.
 //! - anything else: `NAME: command not found` on stderr and exit 127, as the real agent does.
 //!
+//! Each exec leaves `testguest: agent exec NAME` on the serial console, printed once its
+//! replies are sent (or, for an exec that waits, as it starts waiting), so the line's VM exits
+//! are not between the `Exec` and its `Exit`. Replies to requests the host sent together
+//! (`Hello`, `Resume`, `Exec`) leave with one transmit kick.
+//!
 //! `ReadFile` and `WriteFile` (replace, or append) use the same files. Under `agent-listen`, a
 //! reply the host has reset (it gave up on that connection) drops the connection and the agent
 //! accepts the next one; under `agent`, whose one connection is the run, it fails the guest. `Shutdown` powers the VM
@@ -45,6 +50,8 @@ const OUT_CHUNK: usize = 4096;
 const FOREVER_MS: u64 = 24 * 3600 * 1000;
 /// The debug-exit code of `die`.
 const DIE_CODE: u8 = 7;
+/// The longest console line an exec leaves (longer names are cut).
+const LOG_LINE: usize = 96;
 
 /// The byte stream the protocol runs over. One lives for the whole scenario and the guest has
 /// no allocator to box the larger variant, so the size difference is fine.
@@ -83,10 +90,29 @@ impl Channel {
         }
     }
 
-    /// Does the device work a waiting program would leave undone.
+    /// Does the device work a waiting program would leave undone (and sends what is queued).
     fn idle(&mut self) {
         if let Channel::Vsock(v, _) = self {
+            v.flush();
             v.poll();
+        }
+    }
+
+    /// Whether received bytes wait to be read (after taking what the device delivered).
+    fn has_input(&mut self) -> bool {
+        match self {
+            Channel::Vsock(v, c) => {
+                v.poll();
+                v.available(*c) > 0
+            }
+            Channel::Console(_) => false,
+        }
+    }
+
+    /// Sends what is queued (replies share one transmit kick until the agent waits).
+    fn flush(&mut self) {
+        if let Channel::Vsock(v, _) = self {
+            v.flush();
         }
     }
 }
@@ -99,6 +125,11 @@ struct Link {
     survive_reset: bool,
     /// A send failed: nothing more goes out, and `serve` returns after this request.
     broken: bool,
+    /// The console line of the exec being run, printed once its replies are on their way
+    /// (every byte on the 16550 is a VM exit: tens of microseconds each on the PVM hosts, a
+    /// millisecond or more per line, which would otherwise sit between an `Exec` and its `Exit`).
+    log: [u8; LOG_LINE],
+    log_len: usize,
 }
 
 impl Link {
@@ -120,8 +151,39 @@ impl Link {
         }
     }
 
-    /// Fills `buf`; false when the host closed the connection first.
+    /// Remembers `name` for the console line `testguest: agent exec NAME`.
+    fn log_exec(&mut self, name: &[u8]) {
+        const PREFIX: &[u8] = b"testguest: agent exec ";
+        let take = name.len().min(LOG_LINE - PREFIX.len() - 1);
+        self.log[..PREFIX.len()].copy_from_slice(PREFIX);
+        self.log[PREFIX.len()..PREFIX.len() + take].copy_from_slice(&name[..take]);
+        self.log[PREFIX.len() + take] = b'\n';
+        self.log_len = PREFIX.len() + take + 1;
+    }
+
+    /// Sends what is queued, then prints the pending console line: the agent is about to wait,
+    /// and the host has its replies.
+    fn settle(&mut self) {
+        self.ch.flush();
+        if self.log_len > 0 {
+            serial::line().bytes(&self.log[..self.log_len]);
+            self.log_len = 0;
+        }
+    }
+
+    /// `settle`, then the channel's idle work: for execs that wait.
+    fn idle(&mut self) {
+        self.settle();
+        self.ch.idle();
+    }
+
+    /// Fills `buf`; false when the host closed the connection first. Replies go out (and the
+    /// exec's console line is printed) once the agent would wait: not while requests the host
+    /// sent together are still being read.
     fn read_exact(&mut self, buf: &mut [u8]) -> bool {
+        if !self.ch.has_input() {
+            self.settle();
+        }
         let mut got = 0;
         while got < buf.len() {
             match self.ch.recv(&mut buf[got..]) {
@@ -162,6 +224,7 @@ pub fn run(info: &BootInfo, drive_fs: bool) -> ! {
     if fs.is_some() {
         serial::line().str("testguest: agent: virtio-fs device set up\n");
     }
+    v.set_batched_kicks(true);
     let c = match v.connect(AGENT_PORT, Deadline::after_ms(60_000)) {
         Ok(c) => c,
         Err(e) => fail_err("connect to the host's agent port", e),
@@ -171,6 +234,8 @@ pub fn run(info: &BootInfo, drive_fs: bool) -> ! {
         out: [0; HEADER_LEN + OUT_CHUNK],
         survive_reset: false,
         broken: false,
+        log: [0; LOG_LINE],
+        log_len: 0,
     };
     let mut files = Files::new();
     serve(info, &mut link, &mut files);
@@ -182,6 +247,7 @@ pub fn run(info: &BootInfo, drive_fs: bool) -> ! {
 /// host connections one after another until one asks for a shutdown.
 pub fn listen(info: &BootInfo) -> ! {
     let mut v = Vsock::open(info);
+    v.set_batched_kicks(true);
     v.listen(AGENT_PORT);
     serial::line().str("testguest: agent listening\n");
     let mut files = Files::new();
@@ -195,6 +261,8 @@ pub fn listen(info: &BootInfo) -> ! {
             out: [0; HEADER_LEN + OUT_CHUNK],
             survive_reset: true,
             broken: false,
+            log: [0; LOG_LINE],
+            log_len: 0,
         };
         serve(info, &mut link, &mut files);
         let Channel::Vsock(mut back, c) = link.ch else {
@@ -216,6 +284,8 @@ pub fn console(info: &BootInfo) -> ! {
         out: [0; HEADER_LEN + OUT_CHUNK],
         survive_reset: false,
         broken: false,
+        log: [0; LOG_LINE],
+        log_len: 0,
     };
     let mut files = Files::new();
     loop {
@@ -327,10 +397,7 @@ fn exec(
 ) {
     let mut args = argv.iter();
     let name = args.next().unwrap_or(b"");
-    serial::line()
-        .str("testguest: agent exec ")
-        .bytes(name)
-        .str("\n");
+    link.log_exec(name);
     link.send(req, &Message::Started { pid: 1 });
     let status = match name {
         b"true" => ExitStatus::Code(0),
@@ -390,11 +457,12 @@ fn exec(
                 timeout_ms
             });
             while !deadline.passed() {
-                link.ch.idle();
+                link.idle();
             }
             ExitStatus::TimedOut
         }
         b"die" => {
+            link.settle();
             serial::line().str("testguest: agent dies mid-exec\n");
             io::exit(DIE_CODE);
         }
@@ -405,7 +473,7 @@ fn exec(
             }
             // The host should give up on the connection; wait for it to end the VM.
             loop {
-                link.ch.idle();
+                link.idle();
             }
         }
         _ => {
@@ -419,7 +487,7 @@ fn exec(
                 (b"sleep", Some(ms)) => {
                     let deadline = Deadline::after_ms(ms);
                     while !deadline.passed() {
-                        link.ch.idle();
+                        link.idle();
                     }
                     ExitStatus::Code(0)
                 }

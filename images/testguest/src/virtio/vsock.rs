@@ -10,6 +10,8 @@
 //! header and payload in one buffer) are reposted as they are consumed; each connection has a
 //! `CONN_BUF`-byte receive ring, which is the credit (`buf_alloc`) it advertises; transmit
 //! packets go out of `TX_SLOTS` slots. A transport reset event marks every connection reset.
+//! Receive refills are kicked only while the device asks for it (it sets `NO_NOTIFY` while it
+//! has chains), and with `set_batched_kicks` consecutive packets share one transmit kick.
 use crate::bootinfo::BootInfo;
 use crate::mmio::Region;
 use crate::scenario::fail;
@@ -177,6 +179,10 @@ pub struct Vsock {
     pub stray_resets: u32,
     /// Packets received that made no sense (peer sent past our credit, unknown op).
     pub bad_packets: u32,
+    /// Transmit kicks wait until the driver is about to wait (`set_batched_kicks`).
+    batch_kicks: bool,
+    /// Packets were queued since the last transmit kick.
+    tx_unkicked: bool,
 }
 
 impl Vsock {
@@ -207,6 +213,8 @@ impl Vsock {
             transport_resets: 0,
             stray_resets: 0,
             bad_packets: 0,
+            batch_kicks: false,
+            tx_unkicked: false,
         };
         for i in 0..RX_BUFS {
             v.post_rx(i);
@@ -218,6 +226,26 @@ impl Vsock {
         v.rx.kick();
         v.ev.kick();
         v
+    }
+
+    /// With `on`, packets queued one after another share one transmit kick (one VM exit and one
+    /// device wake-up), given when the driver next waits for anything (the peer's data, credit,
+    /// a free slot, a connection) or `flush` is called. For a request/reply loop such as the
+    /// agent's: its replies to a batch of requests leave together. Off by default: the scenarios
+    /// that test the device see each packet kicked as it is queued.
+    pub fn set_batched_kicks(&mut self, on: bool) {
+        self.batch_kicks = on;
+        if !on {
+            self.flush();
+        }
+    }
+
+    /// Kicks the transmit queue if packets wait for a kick.
+    pub fn flush(&mut self) {
+        if self.tx_unkicked {
+            self.tx_unkicked = false;
+            self.tx.kick();
+        }
     }
 
     /// The guest's CID as the device reports it.
@@ -271,6 +299,7 @@ impl Vsock {
             if deadline.passed() {
                 self.dev.fail_timeout("a free vsock transmit slot");
             }
+            self.flush();
             core::hint::spin_loop();
         }
     }
@@ -309,7 +338,11 @@ impl Vsock {
         });
         self.tx_busy[slot] = true;
         self.tx_slot_of[usize::from(head)] = slot as u8;
-        self.tx.kick();
+        if self.batch_kicks {
+            self.tx_unkicked = true;
+        } else {
+            self.tx.kick();
+        }
     }
 
     /// Sends a packet on connection slot `c` (or for ports with no slot when `c` is None).
@@ -366,9 +399,10 @@ impl Vsock {
     }
 
     /// The live connection with these ports. A reset connection is closed: it takes no more
-    /// packets, and a new connection may reuse its ports (a restored VM's device numbers host
-    /// ports from the start again, so the host's first connection after a restore can carry
-    /// the same ports as one the guest still holds, reset, until its owner lets go).
+    /// packets, and a new connection may reuse its ports (skiff's device continues host ports
+    /// across a snapshot, but a device that numbers them from the start again after a restore
+    /// would give the host's first connection the ports of one the guest still holds, reset,
+    /// until its owner lets go).
     fn find(&self, local: u32, peer: u32) -> Option<usize> {
         self.conns.iter().position(|s| {
             !matches!(s.state, State::Free | State::Reset)
@@ -492,6 +526,7 @@ impl Vsock {
     /// Waits for a host connection to `port` that no `accept` returned yet.
     pub fn accept(&mut self, port: u32, deadline: Deadline) -> Result<Conn, Error> {
         loop {
+            self.flush();
             self.poll();
             if let Some(c) = self
                 .conns
@@ -517,6 +552,7 @@ impl Vsock {
         self.conns[c].owned = true;
         self.send_on(c, OP_REQUEST, 0, &[]);
         loop {
+            self.flush();
             self.poll();
             match self.conns[c].state {
                 State::Established => return Ok(Conn(c)),
@@ -579,8 +615,12 @@ impl Vsock {
         let mut off = 0;
         while off < data.len() {
             off += self.try_send(c, &data[off..])?;
-            if off < data.len() && deadline.passed() {
-                return Err(Error::Timeout);
+            if off < data.len() {
+                // Waiting for credit: what is queued must reach the peer first.
+                self.flush();
+                if deadline.passed() {
+                    return Err(Error::Timeout);
+                }
             }
         }
         Ok(())
@@ -634,6 +674,7 @@ impl Vsock {
             if self.conns[c.0].peer_shut & SHUTDOWN_SEND != 0 {
                 return Ok(0);
             }
+            self.flush();
             if deadline.passed() {
                 return Err(Error::Timeout);
             }
@@ -653,6 +694,7 @@ impl Vsock {
         self.shutdown(c, SHUTDOWN_RCV | SHUTDOWN_SEND);
         let mut reset = false;
         loop {
+            self.flush();
             self.poll();
             if self.conns[c.0].state == State::Reset {
                 reset = true;
@@ -661,6 +703,7 @@ impl Vsock {
             if deadline.passed() {
                 // Like Linux after its close timeout: reset it ourselves.
                 self.send_on(c.0, OP_RST, 0, &[]);
+                self.flush();
                 break;
             }
         }
