@@ -59,10 +59,7 @@ fn rustc_links_with_lld() -> bool {
 }
 
 fn main() {
-    let manifest_dir_for_order = PathBuf::from(
-        std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
-    );
-    start_path_order(&manifest_dir_for_order);
+    start_path_order(Path::new(env!("CARGO_MANIFEST_DIR")));
     let out =
         PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("skiff-agent");
     println!("cargo:rerun-if-env-changed=SKIFF_AGENT_BIN");

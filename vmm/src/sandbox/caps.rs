@@ -2,12 +2,12 @@
 //! inheritable sets once per thread.
 //!
 //! The bounding set belongs to each thread's credentials (`PR_CAPBSET_DROP` changes the calling
-//! thread's only) and a new thread copies its creator's. So [`drop_bounding_set_for_process`] runs once, on
-//! the main thread in `sandbox::init`, before any thread that confines itself is started: every
-//! later thread (and a forked child) starts with an empty bounding set, and a thread's own step
-//! ([`drop_all`]) is one `capget` and one `capset` instead of a `prctl` per capability. Dropping
-//! the bounding set needs CAP_SETPCAP in the effective set, which the per-thread step removes, so
-//! the order is fixed: bounding set first.
+//! thread's only) and a new thread copies its creator's. So [`drop_bounding_set_for_process`]
+//! runs once, on the main thread in `sandbox::init`, before any thread that confines itself is
+//! started: every later thread (and a forked child) starts with an empty bounding set, and a
+//! thread's own step ([`drop_all`]) is one `capget` and one `capset` instead of a `prctl` per
+//! capability. Dropping the bounding set needs CAP_SETPCAP in the effective set, which the
+//! per-thread step removes, so the order is fixed: bounding set first.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,8 +46,8 @@ fn capget() -> io::Result<[CapData; 2]> {
 /// Above every capability number a kernel defines (40 in 6.x; the sets are 64 bits wide).
 const CAP_NUMBERS: u32 = 64;
 
-/// Set once [`drop_bounding_set_for_process`] has emptied the calling (main) thread's bounding set: threads
-/// started after it inherit the empty set.
+/// Set once [`drop_bounding_set_for_process`] has emptied the main thread's bounding set:
+/// threads started after it inherit the empty set.
 static BOUNDING_SET_DROPPED: AtomicBool = AtomicBool::new(false);
 
 /// Whether the calling thread holds any capability (effective, permitted or inheritable).
@@ -60,8 +60,7 @@ pub(super) fn holds_any() -> io::Result<bool> {
 /// Empties the calling thread's bounding set for the whole process: call on the main thread
 /// before any thread that confines itself is started (threads started afterwards inherit the
 /// empty set, and their [`drop_all`] skips the step). Nothing to do for a thread that holds no
-/// capability: it has no CAP_SETPCAP to drop with, and `execve` under no_new_privs grants
-/// nothing from the bounding set.
+/// capability (it has no CAP_SETPCAP to drop with; no thread's filter allows `execve`).
 pub(super) fn drop_bounding_set_for_process() -> io::Result<()> {
     if !holds_any()? {
         return Ok(());
