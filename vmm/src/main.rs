@@ -163,11 +163,12 @@ mod cli {
         if let Err(e) = vmm::sandbox::init(sandbox) {
             return (ExitStatus::error(vmm::error_chain(&e)), None);
         }
-        let sandbox_paths = vmm::sandbox::SandboxPaths::for_run(
-            &cfg,
-            api_socket.as_deref(),
-            &sandbox.sandbox_allow,
-        );
+        // Only Landlock (`--sandbox`) reads the list; without it, no look-ups for it.
+        let sandbox_paths = if sandbox.sandbox {
+            vmm::sandbox::SandboxPaths::for_run(&cfg, api_socket.as_deref(), &sandbox.sandbox_allow)
+        } else {
+            vmm::sandbox::SandboxPaths::default()
+        };
         let vm = match vmm::builder::build_vm(&cfg) {
             Ok(vm) => vm,
             Err(e) => return (ExitStatus::error(vmm::error_chain(&e)), None),

@@ -4,7 +4,8 @@
 //!   (one file per kind) when the kind's first thread starts, installed by each thread on itself.
 //! - `sigsys`: the `SIGSYS` handler that turns a forbidden system call into one `skiff:` line
 //!   naming the thread kind and the call, and exit code 159.
-//! - `caps`: drops every capability once set-up (taps, files) is done.
+//! - `caps`: empties the bounding set once per process in [`init`], and every thread's own
+//!   capabilities once set-up (taps, files) is done.
 //! - `fds`: closes inherited descriptors at start.
 //! - `landlock`: `--sandbox`, confining file-system access to the paths the VM was given.
 //!
@@ -175,12 +176,17 @@ struct Settings {
 
 static SETTINGS: OnceLock<Settings> = OnceLock::new();
 
-/// Sets the process up before any thread starts: no_new_privs, the filters' mode, the
+/// Sets the process up before any thread starts: no_new_privs, an empty capability bounding
+/// set (inherited by every thread started later), the filters' mode, the
 /// `SIGSYS` handler, the hook devices' threads call, and (with `--sandbox`) an empty Landlock
 /// ruleset that threads started during set-up confine themselves with. Call once, from the main
 /// thread, before building the VM.
 pub fn init(args: &SandboxArgs) -> Result<(), SandboxError> {
     set_no_new_privs()?;
+    // Once here, before the VM's threads start (they inherit the empty set), instead of once
+    // in every thread. The effective and permitted sets stay until each thread is confined:
+    // set-up (taps) still needs them.
+    caps::drop_bounding_set_for_process().map_err(SandboxError::Caps)?;
     if args.seccomp != SeccompMode::Off {
         seccomp::set_mode(args.seccomp);
         sigsys::install().map_err(SandboxError::Sigsys)?;
