@@ -17,7 +17,7 @@ pub const EXIT_FAIL: u8 = 33;
 pub const EXIT_PANIC: u8 = 34;
 
 /// Names used in FAIL lines, indexed by `CURRENT`.
-const NAMES: [&str; 33] = [
+const NAMES: [&str; 34] = [
     "boot",
     "hello",
     "memcheck",
@@ -51,6 +51,7 @@ const NAMES: [&str; 33] = [
     "agent-listen",
     "flood",
     "agent-console",
+    "netbench",
 ];
 const BOOT: u8 = 0;
 const HELLO: u8 = 1;
@@ -85,6 +86,7 @@ const AGENT: u8 = 29;
 const AGENT_LISTEN: u8 = 30;
 const FLOOD: u8 = 31;
 const AGENT_CONSOLE: u8 = 32;
+const NETBENCH: u8 = 33;
 
 /// The scenario now running, for FAIL lines from the exception handler. In `.data.tg_hot` (see
 /// linker.ld).
@@ -224,6 +226,13 @@ pub fn run_all(info: &BootInfo) -> ! {
                             .bytes(digits)
                             .str("\" (want MiB, 1..16777215)");
                     }),
+                }
+            }
+            _ if token.starts_with(b"netbench=") => {
+                start(NETBENCH);
+                match parse_u64(&token[9..]).filter(|&n| (2..1 << 32).contains(&n)) {
+                    Some(frames) => crate::virtio::netbench::run(info, frames),
+                    None => fail_msg("bad frame count (want netbench=N, 2 <= N < 2^32)"),
                 }
             }
             _ if token.starts_with(b"virtio-loop=") => {
