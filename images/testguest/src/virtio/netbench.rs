@@ -6,9 +6,10 @@
 //! 1. transmit: N full-size frames (payload `skiff-nb-tx`), the queue kept full; timed from
 //!    the first offer to the last frame returned.
 //! 2. receive: the guest sends `skiff-nb-go` (again every `GO_EVERY_MS` until data comes) and
-//!    the peer sends N full-size frames (`skiff-nb-rx`) as fast as it can; the tap drops what
-//!    the device does not take in time, so the guest counts what arrives, timed from the first
-//!    frame to the last, and stops at N or after `IDLE_MS` without one.
+//!    the peer sends N full-size frames (`skiff-nb-rx`), keeping at most a window of them
+//!    unacknowledged (fewer than the tap's queue holds, so none is dropped); the guest sends
+//!    `skiff-nb-ack` with its count every `ACK_EVERY` frames. Timed from the first frame to the
+//!    last; the guest stops at N, or after `IDLE_MS` without a frame.
 //! 3. ping-pong: N / 10 (at least 100) rounds of a small `skiff-nb-ping` frame carrying the
 //!    round number, each answered by the peer's `skiff-nb-pong` with the same number.
 //!
@@ -40,6 +41,9 @@ const GO: &[u8] = b"skiff-nb-go";
 const PING: &[u8] = b"skiff-nb-ping";
 const PONG: &[u8] = b"skiff-nb-pong";
 const DONE: &[u8] = b"skiff-nb-done";
+const ACK: &[u8] = b"skiff-nb-ack";
+/// Receive frames per acknowledgement.
+const ACK_EVERY: u64 = 64;
 /// Bound on each phase (a slow host under load included).
 const PHASE_MS: u64 = 120_000;
 const GO_EVERY_MS: u64 = 500;
@@ -234,6 +238,9 @@ impl Bench {
                         bytes += len - HDR_LEN;
                     }
                     got += 1;
+                    if got % ACK_EVERY == 0 {
+                        self.send_small(ACK, got as u32);
+                    }
                 }
                 self.post_rx();
                 reposted = true;
