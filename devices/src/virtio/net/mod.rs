@@ -12,7 +12,7 @@
 mod device;
 pub(crate) mod frames;
 mod persist;
-mod queue_handler;
+pub(crate) mod queue_handler;
 pub mod tap;
 
 #[cfg(test)]

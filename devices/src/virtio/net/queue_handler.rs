@@ -198,8 +198,11 @@ impl NetQueueHandler {
         }
     }
 
-    /// Moves frames from the tap into receive buffers until either runs out.
-    fn process_rx(&mut self, ops: &mut EventOps) {
+    /// Moves frames from the tap into receive buffers until either runs out. Returns whether
+    /// the tap should leave the loop until the next receive kick (the driver has too few
+    /// buffers for the frame waiting, or reading the tap failed).
+    pub(crate) fn process_rx(&mut self) -> bool {
+        let mut wait_for_kick = false;
         for _ in 0..BATCH {
             if self.halted() {
                 break;
@@ -217,7 +220,7 @@ impl NetQueueHandler {
                     Err(e) => {
                         // Retried on the next receive kick rather than spinning on an error.
                         log::warn!("virtio-net {}: reading the tap: {e}", self.tap.name());
-                        self.watch_tap(ops, false);
+                        wait_for_kick = true;
                         break;
                     }
                 },
@@ -227,10 +230,13 @@ impl NetQueueHandler {
                 Ok(RxOutcome::Done) => self.rx_pending = None,
                 Ok(RxOutcome::NoBuffers) => {
                     // Keep the frame, stop watching the tap until a receive kick.
-                    self.watch_tap(ops, false);
+                    wait_for_kick = true;
                     break;
                 }
-                Err(e) => return self.fail(e),
+                Err(e) => {
+                    self.fail(e);
+                    return true;
+                }
             }
         }
         if self.rx.queue.next_used() != self.rx_notified_at && !self.halted() {
@@ -240,6 +246,7 @@ impl NetQueueHandler {
                 self.signal(RX_QUEUE);
             }
         }
+        wait_for_kick
     }
 
     /// Puts the `len`-byte frame in `rx_buf` into receive chains: one chain, or with
@@ -360,14 +367,17 @@ impl MutEventSubscriber for NetQueueHandler {
         match events.data() {
             RX_KICK => {
                 let _ = self.rx.kick.read();
-                self.watch_tap(ops, true);
-                self.process_rx(ops);
+                let wait_for_kick = self.process_rx();
+                self.watch_tap(ops, !wait_for_kick);
             }
             TX_KICK => {
                 let _ = self.tx.kick.read();
                 self.process_tx();
             }
-            TAP_READABLE => self.process_rx(ops),
+            TAP_READABLE => {
+                let wait_for_kick = self.process_rx();
+                self.watch_tap(ops, !wait_for_kick);
+            }
             _ => {}
         }
         if self.broken {
