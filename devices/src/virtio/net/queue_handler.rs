@@ -268,6 +268,7 @@ impl NetQueueHandler {
         let start = self.rx.queue.next_avail();
         self.rx_bufs.clear();
         self.rx_used.clear();
+        let mut refused_head = None;
         let refused = loop {
             let Some(chain) = next_chain(&mut self.rx, &self.mem)? else {
                 // Not enough yet: the chains go back on the ring until the driver adds more.
@@ -276,7 +277,7 @@ impl NetQueueHandler {
             };
             let head = chain.head_index();
             if let Err(e) = self.rx_bufs.push(&self.mem, chain) {
-                self.rx_used.push((head, 0));
+                refused_head = Some(head);
                 break Some(e);
             }
             if self.rx_bufs.room() >= len as u64 {
@@ -301,11 +302,15 @@ impl NetQueueHandler {
             Err(e) => {
                 self.counters.rx_dropped += 1;
                 self.bad_chain(&e);
-                let refused_head = self.rx_used.first().copied();
+                // Every chain the frame took goes back empty (a failed write may have
+                // recorded some already).
                 self.rx_used.clear();
-                self.rx_used
-                    .extend(self.rx_bufs.heads().map(|head| (head, 0)));
-                self.rx_used.extend(refused_head);
+                self.rx_used.extend(
+                    self.rx_bufs
+                        .heads()
+                        .chain(refused_head)
+                        .map(|head| (head, 0)),
+                );
             }
         }
         add_used_together(&mut self.rx, &self.mem, &self.rx_used)?;
