@@ -1,7 +1,7 @@
 //! The skiff virtual machine monitor.
 //!
 //! - `memory`: guest RAM as `ShareableRegion`s (backing files, validation, mapping).
-//! - `hypervisor`: the seam to KVM (and later WHP).
+//! - `hypervisor`: the seam to the hypervisor: KVM on Linux, the Windows Hypervisor Platform.
 //! - `config`: the typed, validated VM configuration parsed from the command line.
 //! - `boot`: loading the kernel, initrd and command line, and the boot CPU state.
 //! - `builder`: builds a VM in named steps (memory, VM, boot, devices, vCPUs).
@@ -18,6 +18,8 @@
 //! - `commands`: the `skiff restore`, `snapshot-*` and `skiff ctl` subcommands.
 //! - `api`: the control API (HTTP + JSON on a Unix socket) and its `skiff ctl` client.
 //! - `exec`: `skiff exec`: boot with the guest agent, run one command, return its status.
+//! - `test_runner`: `skiff test`: a TOML suite of cases run in VMs, cold or forked from a
+//!   snapshot, and the runner as a library (`test_runner::test_vm`).
 //! - `host_file`: opening command-line files without blocking, with their type checked.
 //! - `exit_code`: the process exit codes skiff documents, their reasons and verdict lines.
 //! - `exit_status_file`: `--exit-status-file`, the verdict as JSON written atomically.

@@ -10,6 +10,7 @@
 //! - `host_mapping`: one region's mapping in this process, kept alive by its handle, whose bytes
 //!   snapshot writers hand to the kernel.
 //! - `share`: the regions as a vhost-user backend maps them (descriptor, offset, user address).
+//! - `slot_memory`: `SlotMemory`, a region's host mapping as a VM's memory slot holds it.
 //! - `guest_ram` (this file): lays RAM out around the MMIO hole, creates the backing, validates
 //!   and maps every region `MAP_SHARED` into the `vm-memory` view devices use.
 
@@ -24,15 +25,13 @@ mod host_mapping;
 mod mapped_ram;
 #[cfg(target_os = "linux")]
 pub mod share;
+pub mod slot_memory;
 pub mod validate;
 
 #[cfg(windows)]
 pub mod section;
 #[cfg(windows)]
 mod section_ram;
-#[cfg(test)]
-#[cfg(windows)]
-mod section_tests;
 #[cfg(windows)]
 pub mod view;
 
@@ -44,3 +43,4 @@ pub use mapped_ram::MappedRam;
 pub use region::{Mappable, ShareableRegion};
 #[cfg(windows)]
 pub use section_ram::{SectionRam, SectionRamError};
+pub use slot_memory::SlotMemory;

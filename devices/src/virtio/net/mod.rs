@@ -16,10 +16,6 @@ pub(crate) mod queue_handler;
 pub mod tap;
 
 #[cfg(test)]
-mod real_tap_tests;
-#[cfg(test)]
-mod ring_tests;
-#[cfg(test)]
 mod tests;
 
 pub use device::{NetError, VirtioNet};

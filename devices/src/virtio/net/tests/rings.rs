@@ -12,12 +12,12 @@ use std::sync::Arc;
 use virtio_queue::QueueT;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::tap::Tap;
-use super::tests::{frame, RAM};
-use super::{VirtioNet, VNET_HDR_LEN};
+use super::{frame, RAM};
 use crate::guest_memory::TrackedGuestMemory;
 use crate::virtio::blk::tests::driver::Driver;
 use crate::virtio::device::{ActivateContext, VirtioDevice};
+use crate::virtio::net::tap::Tap;
+use crate::virtio::net::{VirtioNet, VNET_HDR_LEN};
 use crate::virtio::test_support::{guest_memory, Buf, RecordingSignals, TestLoop};
 use vm_memory::{Bytes, GuestAddress};
 
