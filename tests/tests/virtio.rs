@@ -190,6 +190,48 @@ fn virtio_net_frames_cross_the_tap_both_ways() {
     );
 }
 
+/// `netbench=N` against `scripts/net-peer` (the benchmark's own peer): every transmitted frame
+/// reaches the host, every frame the peer sends arrives (the first only starts the clock), and
+/// every ping is answered.
+#[test]
+fn netbench_streams_both_ways_and_ping_pongs_through_the_tap() {
+    require_kvm();
+    let ns = NetNs::new("skb0");
+    let peer_script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/net-peer");
+    let mut peer: Child = ns
+        .command("python3")
+        .arg(&peer_script)
+        .args(["skb0", "300"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(peer.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    let kernel = testguest().to_string_lossy().into_owned();
+    let mut cmd = ns.command(&skiff_bin().to_string_lossy());
+    cmd.args([
+        "run",
+        "--kernel",
+        &kernel,
+        "--cmdline",
+        "netbench=300",
+        "--net",
+        "tap=skb0",
+    ]);
+    let r = Skiff::spawn_command(&mut cmd).wait(T);
+    let summary = lines.next().map(|l| l.unwrap());
+    let _ = peer.kill();
+    let _ = peer.wait();
+    r.assert_code(0)
+        .assert_stdout_has("testguest: netbench tx frames=300 bytes=454200 ")
+        .assert_stdout_has("testguest: netbench rx frames=299 ")
+        .assert_stdout_has("testguest: netbench pingpong rounds=100 ");
+    assert_eq!(
+        summary.as_deref(),
+        Some("peer: tx frames received=300 rx frames sent=300")
+    );
+}
+
 #[test]
 fn disk_start_up_errors_are_one_line() {
     let guest = testguest().to_string_lossy().into_owned();

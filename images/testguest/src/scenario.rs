@@ -52,6 +52,7 @@ const NAMES: [&str; 34] = [
     "flood",
     "agent-console",
     "agent-nofs",
+    "netbench",
 ];
 const BOOT: u8 = 0;
 const HELLO: u8 = 1;
@@ -87,6 +88,7 @@ const AGENT_LISTEN: u8 = 30;
 const FLOOD: u8 = 31;
 const AGENT_CONSOLE: u8 = 32;
 const AGENT_NOFS: u8 = 33;
+const NETBENCH: u8 = 34;
 
 /// The scenario now running, for FAIL lines from the exception handler. In `.data.tg_hot` (see
 /// linker.ld).
@@ -230,6 +232,13 @@ pub fn run_all(info: &BootInfo) -> ! {
                             .bytes(digits)
                             .str("\" (want MiB, 1..16777215)");
                     }),
+                }
+            }
+            _ if token.starts_with(b"netbench=") => {
+                start(NETBENCH);
+                match parse_u64(&token[9..]).filter(|&n| (2..1 << 32).contains(&n)) {
+                    Some(frames) => crate::virtio::netbench::run(info, frames),
+                    None => fail_msg("bad frame count (want netbench=N, 2 <= N < 2^32)"),
                 }
             }
             _ if token.starts_with(b"virtio-loop=") => {

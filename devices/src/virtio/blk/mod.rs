@@ -21,4 +21,4 @@ pub use disk::{DiskConfig, DiskError, IoEngineKind};
 pub use persist::BlkState;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
 
 use super::input::ConsoleInput;
 use super::queue_handler::{ConsoleCounters, ConsoleQueueHandler, SharedOutput};
@@ -83,7 +85,9 @@ impl VirtioDevice for VirtioConsole {
     }
 
     fn device_features(&self) -> u64 {
-        (1u64 << VIRTIO_F_VERSION_1) | (1u64 << VIRTIO_RING_F_INDIRECT_DESC)
+        (1u64 << VIRTIO_F_VERSION_1)
+            | (1u64 << VIRTIO_RING_F_INDIRECT_DESC)
+            | (1u64 << VIRTIO_RING_F_EVENT_IDX)
     }
 
     fn read_config(&self, _offset: u64, data: &mut [u8]) {

@@ -22,7 +22,7 @@ mod tests;
 
 pub use blk::{blk_requests, BlkOutcome};
 pub use console::{console_queues, ConsoleOutcome};
-pub use net::{indirect_chains, net_chains, NetOutcome};
+pub use net::{indirect_chains, net_chains, net_rx_merged, NetOutcome, RxOutcome};
 
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};

@@ -1,13 +1,20 @@
 //! virtio-net frames from fuzzed chains (`gather_tx` on the transmit queue, `scatter_rx` on
-//! the receive queue), and the plain chain walk with indirect tables that every device relies
+//! the receive queue), the device's receive path with mergeable buffers (`net_rx_merged`), and the plain chain walk with indirect tables that every device relies
 //! on, fed to both the blk and the net parsers.
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 
-use super::{activated_queue, guest_memory, serve_chains, Config};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixDatagram;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use super::{activated_queue, guest_memory, serve_chains, Config, NoSignals};
 use crate::guest_memory::TrackedGuestMemory;
 use crate::virtio::blk::request;
 use crate::virtio::net::frames::{gather_tx, scatter_rx};
+use crate::virtio::net::queue_handler::{NetQueueHandler, RxFeatures};
+use crate::virtio::net::Tap;
 use crate::virtio::net::{MAX_BUFFER_LEN, VNET_HDR_LEN};
 
 /// Frame lengths (header included) a receive case delivers, by `Config::variant`.
@@ -125,4 +132,80 @@ pub fn indirect_chains(data: &[u8]) -> NetOutcome {
         used
     });
     outcome
+}
+
+/// Frames (header included) the host side offers in `net_rx_merged`, by `Config::variant`.
+const MERGED_FRAMES: [&[usize]; 4] = [
+    &[VNET_HDR_LEN + 60],
+    &[VNET_HDR_LEN + 1514, VNET_HDR_LEN + 60],
+    &[VNET_HDR_LEN + 3000, VNET_HDR_LEN + 3000, VNET_HDR_LEN + 100],
+    &[9000, VNET_HDR_LEN, VNET_HDR_LEN + 1],
+];
+
+/// What `net_rx_merged` saw: the handler's counters, and whether it waits for buffers.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RxOutcome {
+    /// Frames delivered.
+    pub delivered: u64,
+    /// Frames dropped with their chains.
+    pub dropped: u64,
+    /// A frame is held until the driver offers more buffers.
+    pub waiting: bool,
+}
+
+/// Runs virtio-net's receive path with `VIRTIO_NET_F_MRG_RXBUF` (and `EVENT_IDX` as the config
+/// says) over the fuzzed queue 0, with a datagram socket pair standing in for the tap and the
+/// frames of `Config::variant` queued on it. Panics when the counters account for more frames
+/// than were offered.
+pub fn net_rx_merged(data: &[u8]) -> RxOutcome {
+    let Some((&config, image)) = data.split_first() else {
+        return RxOutcome::default();
+    };
+    let config = Config(config);
+    let Some(mem) = guest_memory(image) else {
+        return RxOutcome::default();
+    };
+    let (Some(rx), Some(tx)) = (
+        activated_queue(&mem, config, 0),
+        activated_queue(&mem, config, 1),
+    ) else {
+        return RxOutcome::default();
+    };
+    let Ok((ours, host)) = UnixDatagram::pair() else {
+        return RxOutcome::default();
+    };
+    if ours.set_nonblocking(true).is_err() {
+        return RxOutcome::default();
+    }
+    let frames = MERGED_FRAMES[usize::from(config.variant())];
+    for &len in frames {
+        let frame: Vec<u8> = (0..len).map(|i| i as u8).collect();
+        if host.send(&frame).is_err() {
+            return RxOutcome::default();
+        }
+    }
+    let mut handler = NetQueueHandler::new(
+        mem,
+        rx,
+        tx,
+        Arc::new(Tap::from_socket(OwnedFd::from(ours))),
+        Arc::new(NoSignals),
+        RxFeatures {
+            guest_csum: config.alternate(),
+            mrg_rxbuf: true,
+        },
+        Arc::new(AtomicBool::new(false)),
+    );
+    let waiting = handler.process_rx();
+    let c = handler.counters();
+    assert!(
+        c.rx_frames + c.rx_dropped <= frames.len() as u64,
+        "{c:?} for {} frames",
+        frames.len()
+    );
+    RxOutcome {
+        delivered: c.rx_frames,
+        dropped: c.rx_dropped,
+        waiting,
+    }
 }

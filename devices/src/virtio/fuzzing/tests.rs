@@ -308,3 +308,58 @@ fn a_used_ring_over_the_descriptors_and_endless_chains_are_refused() {
     assert_eq!(net_chains(&[0xff]).chains, 0);
     assert!(!console_queues(&[0x1f]).broken);
 }
+
+/// Receive chains for `net_rx_merged`: `lens` one-descriptor chains at `DATA` (they may share
+/// it: a frame written over another is the driver's choice), with the frames of `variant`.
+fn merged_rx(variant: u8, lens: &[u32]) -> Input {
+    let mut i = Input::new(SIZE8 | (variant << 5));
+    for (k, &len) in lens.iter().enumerate() {
+        i.desc(0, k as u16, (DATA, len, WRITE, 0));
+    }
+    let heads: Vec<u16> = (0..lens.len() as u16).collect();
+    i.avail(0, &heads, heads.len() as u16);
+    i
+}
+
+fn merged_rx_seeds() -> Vec<(&'static str, Input)> {
+    let mut readable = merged_rx(1, &[1024, 1024]);
+    readable.desc(0, 1, (DATA, 1024, 0, 0));
+    let mut outside = merged_rx(0, &[1024]);
+    outside.desc(0, 0, (REGION_LEN as u64 - 8, 64, WRITE, 0));
+    vec![
+        ("spanning", merged_rx(2, &[1024; 8])),
+        ("too-few", merged_rx(1, &[1024])),
+        ("short", merged_rx(0, &[8, 1024])),
+        ("zero-length", merged_rx(0, &[0])),
+        ("readable", readable),
+        ("outside", outside),
+        ("ring-too-small", merged_rx(3, &[16; 8])),
+    ]
+}
+
+#[test]
+fn merged_receive_spans_chains_waits_for_more_and_drops_only_bad_frames() {
+    let seeds = merged_rx_seeds();
+    let got: Vec<_> = seeds
+        .iter()
+        .map(|(_, i)| {
+            let o = net_rx_merged(&i.bytes());
+            (o.delivered, o.dropped, o.waiting)
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (3, 0, false), // 3012 + 3012 + 112 bytes over 3 + 3 + 1 chains
+            (0, 0, true),  // 1526 bytes, 1024 offered: held
+            (0, 1, false), // an 8-byte chain drops the frame, the next chain has none left
+            (0, 1, false),
+            (0, 1, true), // the second chain is device-readable; the next frame waits
+            (0, 1, false),
+            (0, 1, true), // 9000 bytes never fit 8 chains of 16: dropped; the next one waits
+        ],
+        "{:?}",
+        seeds.iter().map(|s| s.0).collect::<Vec<_>>()
+    );
+    write_seeds("virtio_net_rx_merged", &seeds);
+}

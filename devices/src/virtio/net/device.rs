@@ -14,11 +14,14 @@ use virtio_bindings::bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
     VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4,
-    VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_S_LINK_UP,
 };
-use virtio_bindings::bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+use virtio_bindings::bindings::virtio_ring::{
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
 
-use super::queue_handler::{NetCounters, NetQueueHandler};
+use super::queue_handler::{NetCounters, NetQueueHandler, RxFeatures};
 use super::tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO};
 use super::QUEUE_SIZE;
 use crate::virtio::device::{ActivateContext, ActivateError, QueueProgress, VirtioDevice};
@@ -121,7 +124,9 @@ impl VirtioNet {
         };
         let mut features = bit(VIRTIO_F_VERSION_1)
             | bit(VIRTIO_RING_F_INDIRECT_DESC)
+            | bit(VIRTIO_RING_F_EVENT_IDX)
             | bit(VIRTIO_NET_F_MAC)
+            | bit(VIRTIO_NET_F_MRG_RXBUF)
             | bit(VIRTIO_NET_F_STATUS);
         for feature in HOST_OFFLOADS {
             features |= bit(feature);
@@ -235,7 +240,10 @@ impl VirtioDevice for VirtioNet {
             tx,
             self.tap.clone(),
             signals,
-            acked_features & bit(VIRTIO_NET_F_GUEST_CSUM) != 0,
+            RxFeatures {
+                guest_csum: acked_features & bit(VIRTIO_NET_F_GUEST_CSUM) != 0,
+                mrg_rxbuf: acked_features & bit(VIRTIO_NET_F_MRG_RXBUF) != 0,
+            },
             stopped.clone(),
         );
         let active = ActiveHandler::start(&event_loop, stopped, handler).map_err(|source| {

@@ -3,12 +3,13 @@
 //! touched through `vm-memory` accessors (which also mark written pages dirty).
 //!
 //! A transmit chain is all device-readable: the virtio-net header, then the frame. A receive
-//! chain is all device-writable and gets the header (with `num_buffers` = 1) and the frame.
+//! chain is all device-writable; a frame goes into one chain, or with mergeable receive
+//! buffers across several (`RxBuffers`), and the header's `num_buffers` says how many.
 //! Not here: which queue the chain came from, the used ring, and notifications.
 
 use thiserror::Error;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestMemory, Permissions};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 use super::{MAX_BUFFER_LEN, VNET_HDR_LEN};
 
@@ -16,7 +17,7 @@ use super::{MAX_BUFFER_LEN, VNET_HDR_LEN};
 const NUM_BUFFERS_OFFSET: usize = 10;
 
 /// Why a chain could not carry a frame. The chain is returned to the driver unused.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum FrameError {
     /// A descriptor of the wrong direction (device-writable in a transmit chain, or
     /// device-readable in a receive chain).
@@ -109,74 +110,143 @@ pub fn gather_tx<M: GuestMemory>(
     Ok(total)
 }
 
-/// Writes `frame` (virtio-net header first, as the tap delivered it) into a receive chain,
+/// The receive chains taken for one frame, each checked once (all device-writable, inside
+/// guest memory, room for at least the virtio-net header) and kept as the segments that were
+/// checked, so what is written is exactly what was checked. With `VIRTIO_NET_F_MRG_RXBUF` a
+/// frame spans as many chains as it needs; without it, one. Reused frame after frame.
+#[derive(Debug, Default)]
+pub struct RxBuffers {
+    segments: Vec<(GuestAddress, u32)>,
+    /// Per chain: its head index and where its segments end in `segments`.
+    chains: Vec<(u16, usize)>,
+    room: u64,
+}
+
+impl RxBuffers {
+    /// Forgets every chain.
+    pub fn clear(&mut self) {
+        self.segments.clear();
+        self.chains.clear();
+        self.room = 0;
+    }
+
+    /// How many chains are held.
+    pub fn len(&self) -> usize {
+        self.chains.len()
+    }
+
+    /// Bytes the held chains can take.
+    pub fn room(&self) -> u64 {
+        self.room
+    }
+
+    /// Head indices of the held chains, in order.
+    pub fn heads(&self) -> impl Iterator<Item = u16> + '_ {
+        self.chains.iter().map(|&(head, _)| head)
+    }
+
+    /// Checks `chain` and holds it after the others. A refused chain adds nothing.
+    pub fn push<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        chain: DescriptorChain<&M>,
+    ) -> Result<(), FrameError> {
+        let head = chain.head_index();
+        let first = self.segments.len();
+        let mut room: u64 = 0;
+        let refuse = |this: &mut Self, e: FrameError| {
+            this.segments.truncate(first);
+            Err(e)
+        };
+        for desc in chain {
+            let (addr, len) = (desc.addr(), desc.len());
+            if !desc.is_write_only() {
+                return refuse(self, FrameError::WrongDirection { head, addr: addr.0 });
+            }
+            if !mem.check_range(addr, len as usize, Permissions::Write) {
+                return refuse(
+                    self,
+                    FrameError::OutOfMemory {
+                        head,
+                        addr: addr.0,
+                        len,
+                    },
+                );
+            }
+            if len > 0 {
+                self.segments.push((addr, len));
+            }
+            room += u64::from(len);
+        }
+        if room < VNET_HDR_LEN as u64 {
+            return refuse(self, FrameError::TooShort { head, len: room });
+        }
+        self.chains.push((head, self.segments.len()));
+        self.room += room;
+        Ok(())
+    }
+
+    /// Writes `frame` (virtio-net header first, as the tap delivered it) across the held
+    /// chains in order, with the header's `num_buffers` set to their number, and appends each
+    /// chain's head and written length to `used`. The caller holds no more chains than the
+    /// frame needs, so every chain gets bytes.
+    pub fn write<M: GuestMemory>(
+        &self,
+        mem: &M,
+        frame: &mut [u8],
+        used: &mut Vec<(u16, u32)>,
+    ) -> Result<(), FrameError> {
+        let head = self.chains.first().map_or(0, |&(head, _)| head);
+        let no_room = FrameError::NoRoom {
+            head,
+            room: self.room,
+            needed: frame.len(),
+        };
+        let count = u16::try_from(self.chains.len()).map_err(|_| no_room.clone())?;
+        if frame.len() < VNET_HDR_LEN || frame.len() as u64 > self.room {
+            return Err(no_room);
+        }
+        frame[NUM_BUFFERS_OFFSET..VNET_HDR_LEN].copy_from_slice(&count.to_le_bytes());
+        let mut rest: &[u8] = frame;
+        let mut seg_start = 0;
+        for &(chain_head, seg_end) in &self.chains {
+            let mut written: u32 = 0;
+            for &(addr, len) in &self.segments[seg_start..seg_end] {
+                if rest.is_empty() {
+                    break;
+                }
+                let n = rest.len().min(len as usize);
+                mem.write_slice(&rest[..n], addr)
+                    .map_err(|_| FrameError::OutOfMemory {
+                        head: chain_head,
+                        addr: addr.0,
+                        len,
+                    })?;
+                rest = &rest[n..];
+                // `n <= len`, a u32, and the chain's total fits the frame's u32-sized length.
+                written = written.saturating_add(n as u32);
+            }
+            seg_start = seg_end;
+            used.push((chain_head, written));
+        }
+        Ok(())
+    }
+}
+
+/// Writes `frame` (virtio-net header first, as the tap delivered it) into one receive chain,
 /// with the header's `num_buffers` set to 1. Checks the whole chain before writing anything.
 /// Returns the number of bytes written (the used length).
+#[cfg(any(test, feature = "fuzzing"))]
 pub fn scatter_rx<M: GuestMemory>(
     mem: &M,
     chain: DescriptorChain<&M>,
     frame: &mut [u8],
 ) -> Result<u32, FrameError> {
-    let head = chain.head_index();
-    let mut room: u64 = 0;
-    for desc in chain.clone() {
-        if !desc.is_write_only() {
-            return Err(FrameError::WrongDirection {
-                head,
-                addr: desc.addr().0,
-            });
-        }
-        if !mem.check_range(desc.addr(), desc.len() as usize, Permissions::Write) {
-            return Err(FrameError::OutOfMemory {
-                head,
-                addr: desc.addr().0,
-                len: desc.len(),
-            });
-        }
-        room += u64::from(desc.len());
-    }
-    if room < VNET_HDR_LEN as u64 {
-        return Err(FrameError::TooShort { head, len: room });
-    }
-    let used = u32::try_from(frame.len())
-        .ok()
-        .filter(|_| frame.len() >= VNET_HDR_LEN && frame.len() as u64 <= room)
-        .ok_or(FrameError::NoRoom {
-            head,
-            room,
-            needed: frame.len(),
-        })?;
-    frame[NUM_BUFFERS_OFFSET..VNET_HDR_LEN].copy_from_slice(&1u16.to_le_bytes());
-
-    let mut rest: &[u8] = frame;
-    for desc in chain {
-        if rest.is_empty() {
-            break;
-        }
-        // The driver may have rewritten the descriptor since the first pass; check again.
-        if !desc.is_write_only() {
-            return Err(FrameError::WrongDirection {
-                head,
-                addr: desc.addr().0,
-            });
-        }
-        let n = rest.len().min(desc.len() as usize);
-        mem.write_slice(&rest[..n], desc.addr())
-            .map_err(|_| FrameError::OutOfMemory {
-                head,
-                addr: desc.addr().0,
-                len: desc.len(),
-            })?;
-        rest = &rest[n..];
-    }
-    if !rest.is_empty() {
-        return Err(FrameError::NoRoom {
-            head,
-            room,
-            needed: frame.len(),
-        });
-    }
-    Ok(used)
+    let mut buffers = RxBuffers::default();
+    buffers.push(mem, chain)?;
+    let mut used = Vec::with_capacity(1);
+    buffers.write(mem, frame, &mut used)?;
+    Ok(used.first().map_or(0, |&(_, len)| len))
 }
 
 #[cfg(test)]

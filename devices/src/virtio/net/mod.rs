@@ -4,12 +4,15 @@
 //! and segmentation offloads where the tap takes them) and activation; `queue_handler` is the
 //! event-loop subscriber that moves frames between the queues and the tap; `frames` copies one
 //! frame between a descriptor chain and a host buffer, checking everything the guest wrote;
-//! `tap` is the host side; `persist` is what a snapshot keeps (tap name, MAC). Not here: multiqueue, the control queue, mergeable receive buffers.
+//! `tap` is the host side; `persist` is what a snapshot keeps (tap name, MAC). With
+//! `VIRTIO_NET_F_MRG_RXBUF` a received frame spans as many receive chains as it needs; with
+//! `VIRTIO_RING_F_EVENT_IDX` the driver says when it wants kicks and interrupts. Not here:
+//! multiqueue, the control queue.
 
 mod device;
 pub(crate) mod frames;
 mod persist;
-mod queue_handler;
+pub(crate) mod queue_handler;
 pub mod tap;
 
 #[cfg(test)]

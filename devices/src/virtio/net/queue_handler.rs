@@ -1,8 +1,9 @@
 //! The virtio-net event-loop subscriber: knows which fd fired (a receive-queue kick, a
 //! transmit-queue kick, or the tap becoming readable) and moves frames accordingly.
 //!
-//! Receive: a frame is read from the tap first and kept until a receive chain is available;
-//! when the driver has no buffers left the tap is taken off the loop (so a level-triggered
+//! Receive: a frame is read from the tap first and kept until enough receive chains are
+//! available (one, or several with mergeable receive buffers, handed over in one used-index
+//! update); when the driver has too few buffers the tap is taken off the loop (so a level-triggered
 //! readable tap cannot spin it) and put back on the next receive kick. Transmit: every
 //! available chain is gathered and written to the tap; chains that cannot be used are
 //! returned with length 0. A queue the device can no longer use safely (an available index
@@ -14,13 +15,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use virtio_queue::QueueT;
 
-use super::frames::{gather_tx, scatter_rx, FrameError};
+use super::frames::{gather_tx, FrameError, RxBuffers};
 use super::tap::Tap;
-use super::{MAX_BUFFER_LEN, VNET_HDR_LEN};
+use super::{MAX_BUFFER_LEN, RX_QUEUE, TX_QUEUE, VNET_HDR_LEN};
 use crate::guest_memory::TrackedGuestMemory;
 use crate::virtio::device::{ActivatedQueue, DeviceSignals, QueueProgress};
-use crate::virtio::queue_ops::{add_used, needs_notification, next_chain, QueueFailure};
+use crate::virtio::queue_ops::{
+    add_used, add_used_together, needs_notification, needs_notification_since, next_chain,
+    QueueFailure,
+};
 
 /// Event data tags.
 const RX_KICK: u32 = 0;
@@ -43,6 +48,23 @@ pub struct NetCounters {
     pub rx_dropped: u64,
 }
 
+/// What became of the frame waiting for receive buffers.
+enum RxOutcome {
+    /// Delivered, or dropped with its chains returned.
+    Done,
+    /// The driver offers too few buffers for it: kept for the next receive kick.
+    NoBuffers,
+}
+
+/// Receive features the driver accepted.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct RxFeatures {
+    /// VIRTIO_NET_F_GUEST_CSUM: the header's flags reach the driver.
+    pub(crate) guest_csum: bool,
+    /// VIRTIO_NET_F_MRG_RXBUF: a frame may span receive chains.
+    pub(crate) mrg_rxbuf: bool,
+}
+
 /// The activated device's queues and host side, run by the event loop.
 pub(crate) struct NetQueueHandler {
     mem: TrackedGuestMemory,
@@ -52,6 +74,8 @@ pub(crate) struct NetQueueHandler {
     signals: Arc<dyn DeviceSignals>,
     /// The driver accepted VIRTIO_NET_F_GUEST_CSUM; without it the header's flags must be 0.
     guest_csum: bool,
+    /// The driver accepted VIRTIO_NET_F_MRG_RXBUF: a frame may span receive chains.
+    mrg_rxbuf: bool,
     /// Set by `reset`: do nothing more with guest memory.
     stopped: Arc<AtomicBool>,
     /// The queues are unusable; the driver was told to reset.
@@ -60,6 +84,12 @@ pub(crate) struct NetQueueHandler {
     rx_buf: Box<[u8]>,
     /// Length of a frame read from the tap and not yet delivered.
     rx_pending: Option<usize>,
+    /// The receive chains taken for the frame being delivered.
+    rx_bufs: RxBuffers,
+    /// Used entries of the frame being delivered.
+    rx_used: Vec<(u16, u32)>,
+    /// The receive queue's used index when the device last decided whether to notify.
+    rx_notified_at: u16,
     tx_buf: Box<[u8]>,
     counters: NetCounters,
 }
@@ -82,21 +112,26 @@ impl NetQueueHandler {
         tx: ActivatedQueue,
         tap: Arc<Tap>,
         signals: Arc<dyn DeviceSignals>,
-        guest_csum: bool,
+        offloads: RxFeatures,
         stopped: Arc<AtomicBool>,
     ) -> Self {
+        let rx_notified_at = rx.queue.next_used();
         Self {
             mem,
             rx,
             tx,
             tap,
             signals,
-            guest_csum,
+            guest_csum: offloads.guest_csum,
+            mrg_rxbuf: offloads.mrg_rxbuf,
             stopped,
             broken: false,
             tap_watched: false,
             rx_buf: vec![0u8; MAX_BUFFER_LEN].into_boxed_slice(),
             rx_pending: None,
+            rx_bufs: RxBuffers::default(),
+            rx_used: Vec::new(),
+            rx_notified_at,
             tx_buf: vec![0u8; MAX_BUFFER_LEN].into_boxed_slice(),
             counters: NetCounters::default(),
         }
@@ -135,17 +170,12 @@ impl NetQueueHandler {
         self.signals.set_needs_reset();
     }
 
-    fn notify(&mut self, rx: bool) {
-        let queue = if rx { &mut self.rx } else { &mut self.tx };
-        // A used ring the guest asked not to be interrupted for: no notification.
-        if needs_notification(queue, &self.mem) {
-            if let Err(e) = self.signals.notify_queue(queue.index) {
-                log::warn!(
-                    "virtio-net {}: cannot notify queue {}: {e}",
-                    self.tap.name(),
-                    queue.index
-                );
-            }
+    fn signal(&self, queue: u16) {
+        if let Err(e) = self.signals.notify_queue(queue) {
+            log::warn!(
+                "virtio-net {}: cannot notify queue {queue}: {e}",
+                self.tap.name()
+            );
         }
     }
 
@@ -168,9 +198,11 @@ impl NetQueueHandler {
         }
     }
 
-    /// Moves frames from the tap into receive buffers until either runs out.
-    fn process_rx(&mut self, ops: &mut EventOps) {
-        let mut delivered = false;
+    /// Moves frames from the tap into receive buffers until either runs out. Returns whether
+    /// the tap should leave the loop until the next receive kick (the driver has too few
+    /// buffers for the frame waiting, or reading the tap failed).
+    pub(crate) fn process_rx(&mut self) -> bool {
+        let mut wait_for_kick = false;
         for _ in 0..BATCH {
             if self.halted() {
                 break;
@@ -188,47 +220,101 @@ impl NetQueueHandler {
                     Err(e) => {
                         // Retried on the next receive kick rather than spinning on an error.
                         log::warn!("virtio-net {}: reading the tap: {e}", self.tap.name());
-                        self.watch_tap(ops, false);
+                        wait_for_kick = true;
                         break;
                     }
                 },
             };
             self.rx_pending = Some(len);
-            let chain = match next_chain(&mut self.rx, &self.mem) {
-                Ok(Some(chain)) => chain,
-                Ok(None) => {
-                    // No buffers: keep the frame, stop watching the tap until a kick.
-                    self.watch_tap(ops, false);
+            match self.deliver(len) {
+                Ok(RxOutcome::Done) => self.rx_pending = None,
+                Ok(RxOutcome::NoBuffers) => {
+                    // Keep the frame, stop watching the tap until a receive kick.
+                    wait_for_kick = true;
                     break;
                 }
-                Err(e) => return self.fail(e),
+                Err(e) => {
+                    self.fail(e);
+                    return true;
+                }
+            }
+        }
+        if self.rx.queue.next_used() != self.rx_notified_at && !self.halted() {
+            let since = self.rx_notified_at;
+            self.rx_notified_at = self.rx.queue.next_used();
+            if needs_notification_since(&self.rx, &self.mem, since) {
+                self.signal(RX_QUEUE);
+            }
+        }
+        wait_for_kick
+    }
+
+    /// Puts the `len`-byte frame in `rx_buf` into receive chains: one chain, or with
+    /// mergeable buffers as many as it needs. When the driver offers too few, the chains are
+    /// left on the ring and the frame is kept for the next kick. A chain that cannot take a
+    /// frame (wrong direction, outside memory, shorter than the header), or a whole ring too
+    /// small for it, drops the frame and returns its chains with length 0.
+    fn deliver(&mut self, len: usize) -> Result<RxOutcome, QueueFailure> {
+        if !self.guest_csum {
+            // The tap may mark frames DATA_VALID; a driver without GUEST_CSUM gets flags 0
+            // (its frames are fully checksummed: the tap's offloads are off).
+            self.rx_buf[0] = 0;
+        }
+        let most = if self.mrg_rxbuf {
+            usize::from(self.rx.queue.size())
+        } else {
+            1
+        };
+        let start = self.rx.queue.next_avail();
+        self.rx_bufs.clear();
+        self.rx_used.clear();
+        let mut refused_head = None;
+        let refused = loop {
+            let Some(chain) = next_chain(&mut self.rx, &self.mem)? else {
+                // Not enough yet: the chains go back on the ring until the driver adds more.
+                self.rx.queue.set_next_avail(start);
+                return Ok(RxOutcome::NoBuffers);
             };
             let head = chain.head_index();
-            if !self.guest_csum {
-                // The tap may mark frames DATA_VALID; a driver without GUEST_CSUM gets flags 0
-                // (its frames are fully checksummed: the tap's offloads are off).
-                self.rx_buf[0] = 0;
+            if let Err(e) = self.rx_bufs.push(&self.mem, chain) {
+                refused_head = Some(head);
+                break Some(e);
             }
-            let used = match scatter_rx(&self.mem, chain, &mut self.rx_buf[..len]) {
-                Ok(used) => {
-                    self.counters.rx_frames += 1;
-                    used
-                }
-                Err(e) => {
-                    self.counters.rx_dropped += 1;
-                    self.bad_chain(&e);
-                    0
-                }
-            };
-            self.rx_pending = None;
-            if let Err(e) = add_used(&mut self.rx, &self.mem, head, used) {
-                return self.fail(e);
+            if self.rx_bufs.room() >= len as u64 {
+                break None;
             }
-            delivered = true;
+            if self.rx_bufs.len() >= most {
+                break Some(FrameError::NoRoom {
+                    head: self.rx_bufs.heads().next().unwrap_or(head),
+                    room: self.rx_bufs.room(),
+                    needed: len,
+                });
+            }
+        };
+        let written = match refused {
+            Some(e) => Err(e),
+            None => self
+                .rx_bufs
+                .write(&self.mem, &mut self.rx_buf[..len], &mut self.rx_used),
+        };
+        match written {
+            Ok(()) => self.counters.rx_frames += 1,
+            Err(e) => {
+                self.counters.rx_dropped += 1;
+                self.bad_chain(&e);
+                // Every chain the frame took goes back empty (a failed write may have
+                // recorded some already).
+                self.rx_used.clear();
+                self.rx_used.extend(
+                    self.rx_bufs
+                        .heads()
+                        .chain(refused_head)
+                        .map(|head| (head, 0)),
+                );
+            }
         }
-        if delivered && !self.halted() {
-            self.notify(true);
-        }
+        add_used_together(&mut self.rx, &self.mem, &self.rx_used)?;
+        Ok(RxOutcome::Done)
     }
 
     /// Sends every available transmit chain to the tap.
@@ -264,8 +350,9 @@ impl NetQueueHandler {
             }
             completed += 1;
         }
-        if completed > 0 && !self.halted() {
-            self.notify(false);
+        // A used ring the guest asked not to be interrupted for: no notification.
+        if completed > 0 && !self.halted() && needs_notification(&mut self.tx, &self.mem) {
+            self.signal(TX_QUEUE);
         }
     }
 
@@ -285,14 +372,17 @@ impl MutEventSubscriber for NetQueueHandler {
         match events.data() {
             RX_KICK => {
                 let _ = self.rx.kick.read();
-                self.watch_tap(ops, true);
-                self.process_rx(ops);
+                let wait_for_kick = self.process_rx();
+                self.watch_tap(ops, !wait_for_kick);
             }
             TX_KICK => {
                 let _ = self.tx.kick.read();
                 self.process_tx();
             }
-            TAP_READABLE => self.process_rx(ops),
+            TAP_READABLE => {
+                let wait_for_kick = self.process_rx();
+                self.watch_tap(ops, !wait_for_kick);
+            }
             _ => {}
         }
         if self.broken {

@@ -183,7 +183,7 @@ impl Tap {
 
     /// A stand-in for a tap in tests: a non-blocking datagram socket, so that reads and
     /// writes keep frame boundaries as a tap's do. No offloads.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn from_socket(fd: OwnedFd) -> Self {
         Self {
             file: File::from(fd),

@@ -19,6 +19,7 @@ pub mod fs;
 pub mod fuse;
 pub mod io_loop;
 pub mod net;
+pub mod netbench;
 pub mod queue;
 pub mod rng;
 pub mod snapshot_loop;

@@ -4,7 +4,8 @@
 //! The guest never enables interrupts, so the available ring asks the device not to interrupt
 //! (VIRTQ_AVAIL_F_NO_INTERRUPT) and completions are found by polling the used ring, which lives
 //! in RAM: polling costs no VM exit. The only exit per batch of requests is the notify write, and
-//! it is skipped while the device says it does not need one (VIRTQ_USED_F_NO_NOTIFY).
+//! it is skipped while the device says it does not need one (VIRTQ_USED_F_NO_NOTIFY, or with
+//! VIRTIO_RING_F_EVENT_IDX, an `avail_event` the new entries have not reached).
 use core::hint::spin_loop;
 use core::sync::atomic::{fence, Ordering};
 
@@ -52,6 +53,10 @@ pub struct Queue {
     free: u16,
     avail_idx: u16,
     last_used: u16,
+    /// VIRTIO_RING_F_EVENT_IDX was negotiated: `kick` follows `avail_event`.
+    event_idx: bool,
+    /// The available index at the last `kick`.
+    kicked_idx: u16,
 }
 
 impl Queue {
@@ -76,11 +81,24 @@ impl Queue {
             free: size,
             avail_idx: 0,
             last_used: 0,
+            event_idx: false,
+            kicked_idx: 0,
         }
+    }
+
+    /// Follows `avail_event` instead of the used ring's flags when kicking (the driver
+    /// negotiated VIRTIO_RING_F_EVENT_IDX).
+    pub fn use_event_idx(&mut self) {
+        self.event_idx = true;
     }
 
     pub fn size(&self) -> u16 {
         self.size
+    }
+
+    /// The head index the next one-descriptor chain `add` makes will get.
+    pub fn peek_free_head(&self) -> u16 {
+        self.free_head
     }
 
     /// Physical addresses of the descriptor table, available ring and used ring.
@@ -121,11 +139,21 @@ impl Queue {
     }
 
     /// Notifies the device of new buffers unless it has said it needs no notification.
-    pub fn kick(&self) {
+    pub fn kick(&mut self) {
         // The avail index store must be globally visible before the flags load (mfence), or the
         // device could go idle between our load and its next look at the ring.
         fence(Ordering::SeqCst);
-        if self.used.read::<u16>(0) & USED_F_NO_NOTIFY == 0 {
+        let needed = if self.event_idx {
+            // `vring_need_event`: the device asked for a kick once the index passes
+            // `avail_event`, which follows the used ring's entries.
+            let event = self.used.read::<u16>(4 + 8 * u64::from(self.size));
+            let (new, old) = (self.avail_idx, self.kicked_idx);
+            new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+        } else {
+            self.used.read::<u16>(0) & USED_F_NO_NOTIFY == 0
+        };
+        self.kicked_idx = self.avail_idx;
+        if needed {
             self.notify.write::<u16>(0, self.index);
         }
     }

@@ -133,6 +133,17 @@ impl<'a> Driver<'a> {
         self.mem.write_obj(idx.to_le(), GuestAddress(at)).unwrap();
     }
 
+    /// `avail_event` (written by the device when `VIRTIO_RING_F_EVENT_IDX` is on).
+    pub fn avail_event(&self) -> u16 {
+        let at = self.used + 4 + 8 * u64::from(self.size);
+        u16::from_le(self.mem.read_obj(GuestAddress(at)).unwrap())
+    }
+
+    /// The available index as last offered.
+    pub fn avail_idx(&self) -> u16 {
+        self.avail_idx
+    }
+
     /// Used entries (head, length) the device added since the last call.
     pub fn take_used(&mut self) -> Vec<(u16, u32)> {
         let idx: u16 = self.mem.read_obj(GuestAddress(self.used + 2)).unwrap();

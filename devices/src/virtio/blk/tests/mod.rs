@@ -6,7 +6,7 @@
 
 mod bad_chains;
 mod device;
-mod driver;
+pub(crate) mod driver;
 mod requests;
 
 use std::io::{Read, Seek, SeekFrom, Write};

@@ -1,10 +1,12 @@
 //! virtio-net through its public interface: activation with mock queues, a hand-turned event
 //! loop, and a datagram socket pair standing in for the tap. The same driver helpers serve
-//! `real_tap`, the tests on a real tap.
+//! `real_tap`, the tests on a real tap; `rings` drives many frames through wrapping rings
+//! (event index, mergeable receive buffers).
 
 #![allow(clippy::unwrap_used)]
 
 mod real_tap;
+mod rings;
 
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixDatagram;
