@@ -18,6 +18,10 @@
 //! - `commands`: the `skiff restore`, `snapshot-*` and `skiff ctl` subcommands.
 //! - `api`: the control API (HTTP + JSON on a Unix socket) and its `skiff ctl` client.
 //! - `exec`: `skiff exec`: boot with the guest agent, run one command, return its status.
+//! - `kernel_image`: loading an ELF or bzImage kernel into any vm-memory guest memory without
+//!   linux-loader (the Windows path; checked against linux-loader in tests).
+//! - `windows_vm`: `skiff run` on Windows: the VM built on section RAM and the Windows
+//!   Hypervisor Platform, its vCPU threads, and the wait for its end.
 //! - `host_file`: opening command-line files without blocking, with their type checked.
 //! - `exit_code`: the process exit codes skiff documents, their reasons and verdict lines.
 //! - `exit_status_file`: `--exit-status-file`, the verdict as JSON written atomically.
@@ -40,7 +44,6 @@ pub mod builder;
 pub mod cli;
 #[cfg(target_os = "linux")]
 pub mod commands;
-#[cfg(target_os = "linux")]
 pub mod config;
 #[cfg(target_os = "linux")]
 pub mod event_loop;
@@ -53,6 +56,8 @@ pub mod exit_status_file;
 pub mod guest_output;
 #[cfg(target_os = "linux")]
 pub mod host_file;
+#[cfg(any(windows, test))]
+pub mod kernel_image;
 #[cfg(target_os = "linux")]
 pub mod pci_devices;
 #[cfg(target_os = "linux")]
@@ -69,12 +74,14 @@ pub mod teardown;
 pub mod terminal;
 #[cfg(target_os = "linux")]
 pub mod test_runner;
-#[cfg(target_os = "linux")]
+#[cfg(any(target_os = "linux", windows))]
 pub mod vcpu;
 #[cfg(target_os = "linux")]
 pub mod vhost_user_blk;
 #[cfg(target_os = "linux")]
 pub mod virtio_devices;
+#[cfg(any(windows, test))]
+pub mod windows_vm;
 
 /// Formats an error and its `source()` chain on one line: `outer: inner: root` (one helper for
 /// every crate: `devices` owns it).
