@@ -172,7 +172,11 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(v)
 }
 
-fn write<M: GuestMemoryBackend>(mem: &M, address: u64, data: &[u8]) -> Result<(), KernelImageError> {
+fn write<M: GuestMemoryBackend>(
+    mem: &M,
+    address: u64,
+    data: &[u8],
+) -> Result<(), KernelImageError> {
     mem.write_slice(data, GuestAddress(address))
         .map_err(|_| KernelImageError::Write {
             address,
@@ -242,9 +246,20 @@ fn load_elf<M: GuestMemoryBackend>(
     let mut end = 0;
     for p in &phdrs {
         match p.kind {
-            PT_NOTE => pvh = pvh.or(pvh_entry(bytes(image, "PT_NOTE segment", p.offset, p.filesz)?)),
+            PT_NOTE => {
+                pvh = pvh.or(pvh_entry(bytes(
+                    image,
+                    "PT_NOTE segment",
+                    p.offset,
+                    p.filesz,
+                )?))
+            }
             PT_LOAD if p.filesz > 0 => {
-                write(mem, p.paddr, bytes(image, "PT_LOAD segment", p.offset, p.filesz)?)?;
+                write(
+                    mem,
+                    p.paddr,
+                    bytes(image, "PT_LOAD segment", p.offset, p.filesz)?,
+                )?;
                 // `check_segment` ruled out a wrap.
                 end = end.max(p.paddr + p.memsz);
             }
@@ -283,7 +298,12 @@ fn pvh_entry(notes: &[u8]) -> Option<u64> {
 }
 
 /// Checks one `PT_LOAD` segment `[start, start + len)` (the Linux path's `elf_check` rules).
-fn check_segment(index: usize, start: u64, len: u64, ram: &[RamRange]) -> Result<(), KernelImageError> {
+fn check_segment(
+    index: usize,
+    start: u64,
+    len: u64,
+    ram: &[RamRange],
+) -> Result<(), KernelImageError> {
     let refuse = |problem| {
         Err(KernelImageError::Segment {
             index,
@@ -307,7 +327,10 @@ fn check_segment(index: usize, start: u64, len: u64, ram: &[RamRange]) -> Result
     Ok(())
 }
 
-fn load_bzimage<M: GuestMemoryBackend>(mem: &M, image: &[u8]) -> Result<LoadedImage, KernelImageError> {
+fn load_bzimage<M: GuestMemoryBackend>(
+    mem: &M,
+    image: &[u8],
+) -> Result<LoadedImage, KernelImageError> {
     let offset = arch::linux_boot::SETUP_HEADER_OFFSET;
     let header = bytes(
         image,
@@ -327,7 +350,11 @@ fn load_bzimage<M: GuestMemoryBackend>(mem: &M, image: &[u8]) -> Result<LoadedIm
         return Err(KernelImageError::Code32Start(code32_start));
     }
     // The real-mode part: the boot sector plus `setup_sects` sectors (0 means 4).
-    let sects = if setup_sects == 0 { 4 } else { usize::from(setup_sects) };
+    let sects = if setup_sects == 0 {
+        4
+    } else {
+        usize::from(setup_sects)
+    };
     let setup_size = (sects + 1) * 512;
     let Some(payload) = image.get(setup_size..) else {
         return Err(KernelImageError::Truncated {

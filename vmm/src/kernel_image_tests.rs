@@ -60,7 +60,11 @@ fn elf(entry: u64, segments: &[(u32, u64, Vec<u8>, u64)]) -> Vec<u8> {
 /// A PVH ELF: two loaded segments, a note segment with an unrelated note before the PVH one.
 pub(crate) fn pvh_elf() -> Vec<u8> {
     let mut notes = note(b"GNU\0", 3, &[1, 2, 3, 4, 5]);
-    notes.extend(note(b"Xen\0", XEN_ELFNOTE_PHYS32_ENTRY, &0x10_0040u32.to_le_bytes()));
+    notes.extend(note(
+        b"Xen\0",
+        XEN_ELFNOTE_PHYS32_ENTRY,
+        &0x10_0040u32.to_le_bytes(),
+    ));
     elf(
         0x20_0000,
         &[
@@ -73,7 +77,11 @@ pub(crate) fn pvh_elf() -> Vec<u8> {
 
 /// A bzImage: `setup_sects` sectors of setup, then `payload`, loaded at `code32_start`.
 pub(crate) fn bzimage(setup_sects: u8, version: u16, loadflags: u8, payload: &[u8]) -> Vec<u8> {
-    let sects = if setup_sects == 0 { 4 } else { usize::from(setup_sects) };
+    let sects = if setup_sects == 0 {
+        4
+    } else {
+        usize::from(setup_sects)
+    };
     let mut b = vec![0u8; (sects + 1) * 512];
     b[0x1f1] = setup_sects;
     b[0x202..0x206].copy_from_slice(b"HdrS");
@@ -140,7 +148,10 @@ fn a_bzimage_s_protected_mode_part_loads_at_code32_start() {
 fn bad_images_are_refused_with_their_values() {
     let ram = ram();
     let err = |image: &[u8]| load_image(&mem(), &ram, image).unwrap_err().to_string();
-    assert_eq!(err(b""), "not an ELF or bzImage (first bytes none: the file is empty)");
+    assert_eq!(
+        err(b""),
+        "not an ELF or bzImage (first bytes none: the file is empty)"
+    );
     assert_eq!(
         err(b"#!/bin/sh\necho"),
         "not an ELF or bzImage (first bytes 23 21 2f 62 69 6e 2f 73)"
@@ -166,7 +177,10 @@ fn bad_images_are_refused_with_their_values() {
         "PT_LOAD segment 0 at 0x1f00000 (0x200000 bytes) lies beyond guest RAM"
     );
     let low_entry = elf(0x8000, &[(PT_LOAD, MIB, vec![0; 16], 16)]);
-    assert_eq!(err(&low_entry), "ELF entry point 0x8000 lies below 0x100000");
+    assert_eq!(
+        err(&low_entry),
+        "ELF entry point 0x8000 lies below 0x100000"
+    );
     assert_eq!(
         err(&bzimage(0, 0x1ff, 1, b"x")),
         "bzImage boot protocol 0x1ff with loadflags 0x1: needs 2.00 or later, loaded high"
@@ -179,7 +193,10 @@ fn bad_images_are_refused_with_their_values() {
         "bzImage setup code at offset 0x0 (0x1200 bytes) lies past the end of the 0x400-byte image"
     );
     let big = bzimage(0, 0x20f, 1, &vec![0u8; 32 << 20]);
-    assert_eq!(err(&big), "0x2000000 bytes at 0x100000 do not fit guest RAM");
+    assert_eq!(
+        err(&big),
+        "0x2000000 bytes at 0x100000 do not fit guest RAM"
+    );
 }
 
 /// The same images through linux-loader (what the Linux path uses): the same bytes at the same
@@ -240,7 +257,9 @@ mod against_linux_loader {
             loaded.entry,
             ImageEntry::Linux64 {
                 entry: r.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
-                setup_header: Some(header.as_slice()[..arch::linux_boot::SETUP_HEADER_SIZE].to_vec()),
+                setup_header: Some(
+                    header.as_slice()[..arch::linux_boot::SETUP_HEADER_SIZE].to_vec()
+                ),
             }
         );
     }

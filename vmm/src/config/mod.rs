@@ -119,7 +119,8 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
     n.checked_mul(1u64 << shift).ok_or_else(err)
 }
 
-pub(crate) fn parse_switch(key: &'static str, value: &str) -> Result<bool, ConfigError> {
+#[cfg(target_os = "linux")]
+fn parse_switch(key: &'static str, value: &str) -> Result<bool, ConfigError> {
     match value {
         "on" | "true" | "yes" => Ok(true),
         "off" | "false" | "no" => Ok(false),

@@ -70,7 +70,10 @@ impl GuestMemoryRegion for ViewRegion {
 
     fn bitmap(&self) -> BS<'_, ()> {}
 
-    fn get_host_address(&self, addr: MemoryRegionAddress) -> vm_memory::guest_memory::Result<*mut u8> {
+    fn get_host_address(
+        &self,
+        addr: MemoryRegionAddress,
+    ) -> vm_memory::guest_memory::Result<*mut u8> {
         let offset = usize::try_from(addr.0)
             .ok()
             .filter(|&o| o < self.len)
@@ -84,7 +87,8 @@ impl GuestMemoryRegion for ViewRegion {
         offset: MemoryRegionAddress,
         count: usize,
     ) -> vm_memory::guest_memory::Result<VolatileSlice<'_, BS<'_, ()>>> {
-        let start = usize::try_from(offset.0).map_err(|_| GuestMemoryError::InvalidBackendAddress)?;
+        let start =
+            usize::try_from(offset.0).map_err(|_| GuestMemoryError::InvalidBackendAddress)?;
         match start.checked_add(count) {
             Some(end) if end <= self.len => {}
             _ => return Err(GuestMemoryError::InvalidBackendAddress),
@@ -155,12 +159,16 @@ mod tests {
     fn writes_land_in_the_owner_s_buffers_at_their_guest_addresses() {
         let (mem, owner) = memory();
         mem.write_slice(b"low", GuestAddress(0xffd)).unwrap();
-        mem.write_obj(0x1122_3344u32, GuestAddress(0x10_1ffc)).unwrap();
+        mem.write_obj(0x1122_3344u32, GuestAddress(0x10_1ffc))
+            .unwrap();
         let buffers = owner.lock().unwrap();
         assert_eq!(&buffers[0][0xffd..], b"low");
         assert_eq!(&buffers[1][0x1ffc..], &0x1122_3344u32.to_le_bytes());
         drop(buffers);
-        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x10_1ffc)).unwrap(), 0x1122_3344);
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(0x10_1ffc)).unwrap(),
+            0x1122_3344
+        );
         assert_eq!(mem.num_regions(), 2);
         assert_eq!(mem.last_addr(), GuestAddress(0x10_1fff));
     }
@@ -174,7 +182,9 @@ mod tests {
         let region = mem.find_region(GuestAddress(0x10_0000)).unwrap();
         assert!(region.get_slice(MemoryRegionAddress(0x1fff), 2).is_err());
         assert!(region.get_slice(MemoryRegionAddress(u64::MAX), 1).is_err());
-        assert!(region.get_host_address(MemoryRegionAddress(0x2000)).is_err());
+        assert!(region
+            .get_host_address(MemoryRegionAddress(0x2000))
+            .is_err());
         assert!(region.get_host_address(MemoryRegionAddress(0x1fff)).is_ok());
     }
 
@@ -184,8 +194,12 @@ mod tests {
         let weak = Arc::downgrade(&owner);
         drop(owner);
         assert!(weak.upgrade().is_some(), "the memory holds the owner");
-        mem.write_slice(b"still mapped", GuestAddress(0x10_0000)).unwrap();
+        mem.write_slice(b"still mapped", GuestAddress(0x10_0000))
+            .unwrap();
         drop(mem);
-        assert!(weak.upgrade().is_none(), "dropping the memory releases the owner");
+        assert!(
+            weak.upgrade().is_none(),
+            "dropping the memory releases the owner"
+        );
     }
 }

@@ -213,22 +213,20 @@ mod tests {
 
     #[test]
     fn bad_values_and_linux_only_options_are_one_line_errors() {
-        let first_line = |args: &[&str]| {
-            parse(args)
-                .unwrap_err()
-                .lines()
-                .next()
-                .unwrap()
-                .to_string()
-        };
+        let first_line =
+            |args: &[&str]| parse(args).unwrap_err().lines().next().unwrap().to_string();
         assert!(first_line(&["--kernel", "k", "--cpus", "0"])
             .contains("--cpus 0 is out of range: expected 1 to 254"));
-        assert!(first_line(&["--kernel", "k", "--memory", "size=1G,hugepages=on"])
-            .contains("hugepages"));
+        assert!(
+            first_line(&["--kernel", "k", "--memory", "size=1G,hugepages=on"])
+                .contains("hugepages")
+        );
         assert!(first_line(&["--kernel", "k", "--disk", "path=x"])
             .contains("unexpected argument '--disk'"));
         assert!(first_line(&["--kernel", "k", "--serial", "tcp"]).contains("invalid --serial"));
-        assert!(parse(&["--cpus", "2"]).unwrap_err().contains("--kernel <PATH>"));
+        assert!(parse(&["--cpus", "2"])
+            .unwrap_err()
+            .contains("--kernel <PATH>"));
         assert_eq!(
             "file=x".parse::<WindowsMemoryArg>(),
             Err(ConfigError::MissingSize)

@@ -1,7 +1,7 @@
 use super::*;
 use std::io::Write;
 
-use crate::kernel_image::tests::{bzimage, pvh_elf};
+use crate::kernel_image::tests::pvh_elf;
 
 const RAM_SIZE: u64 = 32 << 20;
 
@@ -23,7 +23,10 @@ fn files(kernel: &Path, initrd: Option<&Path>, cmdline: &str) -> BootFiles {
 #[test]
 fn initrd_placement_is_the_highest_aligned_fit() {
     assert_eq!(place_initrd(0x1800, 0x10_0000, 0x20_0000), Some(0x1f_e000));
-    assert_eq!(place_initrd(0x10_0000, 0x10_0000, 0x20_0000), Some(0x10_0000));
+    assert_eq!(
+        place_initrd(0x10_0000, 0x10_0000, 0x20_0000),
+        Some(0x10_0000)
+    );
     assert_eq!(place_initrd(0x10_0001, 0x10_0000, 0x20_0000), None);
     assert_eq!(place_initrd(u64::MAX, 0, 0x20_0000), None);
 }
@@ -31,7 +34,8 @@ fn initrd_placement_is_the_highest_aligned_fit() {
 #[test]
 fn bad_command_lines_and_files_are_refused() {
     let ram = arch::layout::ram_ranges(RAM_SIZE).unwrap();
-    let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
+    let mem =
+        vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
     let kernel = file_with(&pvh_elf());
     let err = |f: &BootFiles| crate::error_chain(&load_guest(&mem, &ram, f).unwrap_err());
     let long = "x".repeat(CMDLINE_MAX_SIZE);
@@ -42,14 +46,21 @@ fn bad_command_lines_and_files_are_refused() {
     assert!(err(&files(kernel.path(), None, "a\nb")).contains("(3 bytes) is invalid"));
     let dir = tempfile::tempdir().unwrap();
     let msg = err(&files(dir.path(), None, "x"));
-    assert!(msg.starts_with("cannot read kernel ") && msg.ends_with("not a regular file"), "{msg}");
+    assert!(
+        msg.starts_with("cannot read kernel ") && msg.ends_with("not a regular file"),
+        "{msg}"
+    );
     let missing = dir.path().join("missing");
     assert!(err(&files(&missing, None, "x")).starts_with("cannot read kernel "));
     let junk = file_with(b"MZ\x90\x00");
-    assert!(err(&files(junk.path(), None, "x")).ends_with("not an ELF or bzImage (first bytes 4d 5a 90 00)"));
+    assert!(err(&files(junk.path(), None, "x"))
+        .ends_with("not an ELF or bzImage (first bytes 4d 5a 90 00)"));
     let big = file_with(&vec![0u8; 31 << 20]);
     let msg = err(&files(kernel.path(), Some(big.path()), "x"));
-    assert!(msg.contains("does not fit in guest RAM between the kernel's end 0x308000"), "{msg}");
+    assert!(
+        msg.contains("does not fit in guest RAM between the kernel's end 0x308000"),
+        "{msg}"
+    );
 }
 
 /// The Windows loader and the Linux path's `boot::prepare_boot` (linux-loader) leave the same
@@ -66,7 +77,12 @@ mod against_the_linux_path {
         let ram = arch::layout::ram_ranges(RAM_SIZE).unwrap();
         let cmdline = "console=ttyS0 reboot=k panic=-1";
         let ours = TrackedGuestMemory::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
-        let boot = load_guest(&ours, &ram, &files(kernel.path(), Some(initrd.path()), cmdline)).unwrap();
+        let boot = load_guest(
+            &ours,
+            &ram,
+            &files(kernel.path(), Some(initrd.path()), cmdline),
+        )
+        .unwrap();
         let theirs = TrackedGuestMemory::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
         let linux = crate::boot::prepare_boot(
             &theirs,
@@ -101,6 +117,6 @@ mod against_the_linux_path {
     #[test]
     fn bzimage() {
         let payload: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
-        compare(&super::bzimage(17, 0x20f, 1, &payload));
+        compare(&crate::kernel_image::tests::bzimage(17, 0x20f, 1, &payload));
     }
 }

@@ -185,7 +185,9 @@ impl VmWait {
     fn first_event(&self, deadline: Option<Instant>) -> WaitEvent {
         let received = match deadline {
             None => self.rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-            Some(d) => self.rx.recv_timeout(d.saturating_duration_since(Instant::now())),
+            Some(d) => self
+                .rx
+                .recv_timeout(d.saturating_duration_since(Instant::now())),
         };
         match received {
             Ok(event) => event,
