@@ -23,7 +23,7 @@ fn skiff(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_skiff"))
         .args(args)
         .output()
-        .unwrap()
+        .expect("skiff.exe starts")
 }
 
 /// Asserts exit `code` and one stderr line starting with `start`; returns the line.

@@ -8,7 +8,9 @@
 //!    platform, or says in one line why it cannot), every view registered with
 //!    `WHvMapGpaRange`, the IOAPIC, PIC and PIT, the legacy devices (COM1 on ISA IRQ 4, the
 //!    i8042, debug-exit, ACPI PM) on the buses the vCPUs' emulators reach, and the vCPUs with
-//!    CPUID, MSRs, FPU, LINTs and, on the boot vCPU, the boot registers.
+//!    CPUID, MSRs, FPU, LINTs and, on the boot vCPU, the boot registers. Port 0x61 is the
+//!    PIT's (gate and speaker bits), as with KVM's in-kernel PIT, so the i8042 takes only its
+//!    data (0x60) and status/command (0x64) ports here.
 //!
 //! Drop order keeps every mapping alive while something may use it: the vCPUs, then the
 //! partition (which unmaps its GPA ranges), then the views.
@@ -17,8 +19,10 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use devices::bus::{Bus, BusError};
+use devices::bus::{Bus, BusDevice, BusError};
 use devices::interrupt::InterruptLine;
+use devices::irqchip::pit::SPEAKER_PORT;
+use devices::irqchip::PitPorts;
 use devices::legacy::acpi_pm::AcpiPm;
 use devices::legacy::debug_exit::{DebugExit, DEBUG_EXIT_PORT, DEBUG_EXIT_PORT_LEN};
 use devices::legacy::i8042::{I8042, I8042_PORT, I8042_PORT_LEN};
@@ -32,7 +36,7 @@ use super::wait::VcpuKick;
 use crate::config::SerialConfig;
 use crate::hypervisor::whp::vcpu::VcpuCanceller;
 use crate::hypervisor::whp::vm::MAX_MEMORY_RANGES;
-use crate::hypervisor::whp::{WhpHypervisor, WhpLoadError, WhpVm};
+use crate::hypervisor::whp::{WhpHypervisor, WhpLoadError, WhpPlatform, WhpVm};
 use crate::hypervisor::{Hypervisor, HypervisorError, Vcpu, Vm};
 use crate::memory::section::SectionBacking;
 use crate::memory::view_memory::section_memory;
@@ -216,12 +220,16 @@ pub fn build_vm(
     let exit = VmExitSignal::new().map_err(WindowsBuildError::ExitSignal)?;
     let pio = Arc::new(Bus::new());
     let mmio = Arc::new(Bus::new());
-    let serial = attach_legacy_devices(&vm, &cfg.serial, &exit, &pio)?;
-    if let Some(platform) = vm.platform() {
-        platform
-            .attach(&pio, &mmio)
-            .map_err(WindowsBuildError::Bus)?;
-    }
+    let (Some(platform), Some(com1_irq)) = (
+        vm.platform(),
+        u8::try_from(COM1_IRQ).ok().and_then(|irq| vm.isa_irq(irq)),
+    ) else {
+        return Err(HypervisorError::NotSupported(
+            "a WHP VM without its platform devices after create_platform_devices",
+        )
+        .into());
+    };
+    let serial = attach_devices(&platform, com1_irq, &cfg.serial, &exit, &pio, &mmio)?;
     vm.attach_buses(pio.clone(), mmio.clone());
     let vcpus = create_vcpus(&hypervisor, &vm, cpus, &guest.boot)?
         .into_iter()
@@ -251,12 +259,15 @@ pub fn build_vm(
     })
 }
 
-/// COM1, the i8042, the debug-exit port and ACPI PM on the port bus, as on Linux.
-fn attach_legacy_devices(
-    vm: &WhpVm,
+/// The IOAPIC, PIC and PIT (its speaker port 0x61 included) on the buses, then COM1 (raising
+/// `com1_irq`), the i8042's two ports, the debug-exit port and ACPI PM as on Linux.
+fn attach_devices(
+    platform: &WhpPlatform,
+    com1_irq: Arc<dyn InterruptLine>,
     serial_cfg: &SerialConfig,
     exit: &VmExitSignal,
     pio: &Bus,
+    mmio: &Bus,
 ) -> Result<Arc<Mutex<Serial>>, WindowsBuildError> {
     let output: Option<Box<dyn Write + Send>> = match serial_cfg {
         SerialConfig::Stdio => Some(Box::new(std::io::stdout())),
@@ -272,20 +283,26 @@ fn attach_legacy_devices(
                 })?,
         )),
     };
-    let irq = u8::try_from(COM1_IRQ)
-        .ok()
-        .and_then(|irq| vm.isa_irq(irq))
-        .ok_or(HypervisorError::NotSupported(
-            "COM1's ISA interrupt before the platform devices exist",
-        ))?;
-    let serial = Arc::new(Mutex::new(Serial::new(output, SharedLine(irq))));
+    let serial = Arc::new(Mutex::new(Serial::new(output, SharedLine(com1_irq))));
     let bus = |r: Result<(), BusError>| r.map_err(WindowsBuildError::Bus);
-    bus(pio.insert(serial.clone(), COM1_PORT, COM1_PORT_LEN))?;
+    bus(platform.attach(pio, mmio))?;
     bus(pio.insert(
-        Arc::new(Mutex::new(I8042::new(exit.clone()))),
-        I8042_PORT,
-        I8042_PORT_LEN,
+        Arc::new(Mutex::new(PitPorts::new(
+            platform.pit.clone(),
+            SPEAKER_PORT,
+        ))),
+        u64::from(SPEAKER_PORT),
+        1,
     ))?;
+    bus(pio.insert(serial.clone(), COM1_PORT, COM1_PORT_LEN))?;
+    let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone())));
+    for offset in [0, I8042_PORT_LEN - 1] {
+        let port = I8042Port {
+            i8042: i8042.clone(),
+            offset,
+        };
+        bus(pio.insert(Arc::new(Mutex::new(port)), I8042_PORT + offset, 1))?;
+    }
     bus(pio.insert(
         Arc::new(Mutex::new(DebugExit::new(exit.clone()))),
         DEBUG_EXIT_PORT,
@@ -297,6 +314,28 @@ fn attach_legacy_devices(
         arch::layout::ACPI_PM_PORT_LEN,
     ))?;
     Ok(serial)
+}
+
+/// One port of the i8042 (data at offset 0, status/command at offset 4) on its own bus range.
+struct I8042Port {
+    i8042: Arc<Mutex<I8042>>,
+    offset: u64,
+}
+
+impl BusDevice for I8042Port {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.i8042
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .read(self.offset + offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.i8042
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .write(self.offset + offset, data);
+    }
 }
 
 /// `count` vCPUs with CPUID, MSRs, FPU and LINTs; the boot vCPU with the boot registers (the

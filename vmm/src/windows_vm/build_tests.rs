@@ -209,3 +209,102 @@ fn without_the_platform_the_build_stops_at_the_hypervisor_with_its_own_error() {
     assert!(matches!(err, WindowsBuildError::Unavailable(_)), "{err:?}");
     assert!(crate::error_chain(&err).starts_with("Windows Hypervisor Platform is not enabled: "));
 }
+
+/// The devices on real buses as `build_vm` places them, with the platform made without a
+/// partition (its interrupt requests collected).
+mod devices_on_the_buses {
+    use super::*;
+    use devices::irqchip::{
+        HostClock, InterruptRequest, InterruptSink, Ioapic, IoapicPin, IsaIrq, Pic, Pit,
+    };
+    use devices::vm_exit::GuestEnd;
+
+    #[derive(Debug, Default)]
+    struct Requests(Mutex<Vec<InterruptRequest>>);
+
+    impl InterruptSink for Requests {
+        fn deliver(&self, request: InterruptRequest) -> std::io::Result<()> {
+            self.0.lock().unwrap().push(request);
+            Ok(())
+        }
+    }
+
+    struct Buses {
+        pio: Bus,
+        exit: VmExitSignal,
+        sink: Arc<Requests>,
+        serial_file: PathBuf,
+        _dir: tempfile::TempDir,
+    }
+
+    fn buses() -> Buses {
+        let sink = Arc::new(Requests::default());
+        let ioapic = Arc::new(Mutex::new(Ioapic::new(sink.clone())));
+        let pic = Arc::new(Mutex::new(Pic::new()));
+        let irq0 = Arc::new(IsaIrq::new(pic.clone(), ioapic.clone(), 0, 2));
+        let pit = Arc::new(Mutex::new(Pit::new(Arc::new(HostClock::default()), irq0)));
+        let com1: Arc<dyn InterruptLine> = Arc::new(IoapicPin::new(ioapic.clone(), 4));
+        let platform = WhpPlatform { ioapic, pic, pit };
+        let dir = tempfile::tempdir().unwrap();
+        let serial_file = dir.path().join("serial.log");
+        let exit = VmExitSignal::new().unwrap();
+        let (pio, mmio) = (Bus::new(), Bus::new());
+        attach_devices(
+            &platform,
+            com1,
+            &SerialConfig::File(serial_file.clone()),
+            &exit,
+            &pio,
+            &mmio,
+        )
+        .unwrap();
+        // The guest routes COM1's pin to vector 0x24 through the IOAPIC's window.
+        let base = arch::layout::IOAPIC_START;
+        mmio.write(base, &(0x10u32 + 2 * 4).to_le_bytes());
+        mmio.write(base + 0x10, &0x24u32.to_le_bytes());
+        Buses {
+            pio,
+            exit,
+            sink,
+            serial_file,
+            _dir: dir,
+        }
+    }
+
+    #[test]
+    fn serial_output_reaches_its_file_and_its_interrupt_the_ioapic() {
+        let b = buses();
+        b.pio.write(COM1_PORT + 1, &[0x02]); // IER: THR empty
+        for byte in b"hi\n" {
+            b.pio.write(COM1_PORT, &[*byte]);
+        }
+        assert_eq!(std::fs::read(&b.serial_file).unwrap(), b"hi\n");
+        let requests = b.sink.0.lock().unwrap();
+        assert!(!requests.is_empty(), "COM1 raised no interrupt");
+        assert!(requests.iter().all(|r| r.vector == 0x24));
+    }
+
+    #[test]
+    fn port_0x61_is_the_pit_s_and_the_i8042_keeps_0x60_and_0x64() {
+        let b = buses();
+        // Channel 2's gate and the speaker data bit read back from the PIT.
+        b.pio.write(0x61, &[0x03]);
+        let mut port_b = [0u8];
+        b.pio.read(0x61, &mut port_b);
+        assert_eq!(port_b[0] & 0x03, 0x03);
+        let mut status = [0xffu8];
+        b.pio.read(I8042_PORT + 4, &mut status);
+        assert_ne!(status[0], 0xff, "the i8042's status port answers");
+        assert!(b.pio.check_free(0x62, 2).is_ok());
+        // The i8042's reset pulse ends the VM, as on Linux.
+        b.pio.write(I8042_PORT + 4, &[0xfe]);
+        assert_eq!(b.exit.reason(), Some(GuestEnd::Reset));
+    }
+
+    #[test]
+    fn the_debug_exit_port_ends_the_vm_with_the_guest_s_code() {
+        let b = buses();
+        b.pio.write(DEBUG_EXIT_PORT, &[5]);
+        assert_eq!(b.exit.reason(), Some(GuestEnd::DebugExit(5)));
+    }
+}
