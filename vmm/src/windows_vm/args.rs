@@ -211,6 +211,39 @@ mod tests {
         assert_eq!(cfg.timeout, Some(Duration::from_millis(2500)));
     }
 
+    /// The `skiff run` examples in docs/windows.md parse with skiff.exe's command line (the
+    /// Linux one checks them too, in `cli::examples`).
+    #[test]
+    fn the_windows_page_s_examples_parse() {
+        let mut path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/windows.md").to_string();
+        if cfg!(windows) && path.starts_with('/') {
+            // Under wine the build's Unix path is reached through the Z: drive.
+            path = format!("Z:{}", path.replace('/', "\\"));
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut in_code = false;
+        let mut examples = 0;
+        for line in text.lines() {
+            if line.starts_with("```") {
+                in_code = !in_code;
+            } else if in_code && line.starts_with("skiff run ") {
+                let mut words = Vec::new();
+                for (i, part) in line.split('\'').enumerate() {
+                    if i % 2 == 1 {
+                        words.push(part.to_string());
+                    } else {
+                        words.extend(part.split_whitespace().map(str::to_string));
+                    }
+                }
+                if let Err(e) = WindowsCli::try_parse_from(&words) {
+                    panic!("docs/windows.md: {line}: {e}");
+                }
+                examples += 1;
+            }
+        }
+        assert!(examples >= 3, "only {examples} examples in docs/windows.md");
+    }
+
     #[test]
     fn bad_values_and_linux_only_options_are_one_line_errors() {
         let first_line =
