@@ -138,6 +138,46 @@ fn place_initrd(size: u64, low: u64, high: u64) -> Option<u64> {
     (start >= low).then_some(start)
 }
 
+/// How much of the initrd is read into memory at a time on its way into guest RAM.
+const INITRD_CHUNK: usize = 1 << 20;
+
+/// Copies the initrd at `path` into the highest page-aligned spot between `low` and `high`,
+/// a chunk at a time; its `(address, size)`.
+fn load_initrd<M: GuestMemoryBackend>(
+    mem: &M,
+    path: &Path,
+    low: u64,
+    high: u64,
+) -> Result<(u64, u64), GuestBootError> {
+    let err = |source| GuestBootError::Read {
+        what: "initrd",
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(err)?;
+    let meta = file.metadata().map_err(err)?;
+    if !meta.is_file() {
+        return Err(err(std::io::Error::other("not a regular file")));
+    }
+    let size = meta.len();
+    let address = place_initrd(size, low, high).ok_or_else(|| GuestBootError::InitrdTooLarge {
+        path: path.to_path_buf(),
+        size,
+        low,
+        high,
+    })?;
+    let mut chunk = vec![0u8; INITRD_CHUNK];
+    let mut done = 0u64;
+    while done < size {
+        let n = usize::try_from(size - done).map_or(INITRD_CHUNK, |left| left.min(INITRD_CHUNK));
+        std::io::Read::read_exact(&mut file, &mut chunk[..n]).map_err(err)?;
+        mem.write_slice(&chunk[..n], GuestAddress(address + done))
+            .map_err(|_| GuestBootError::Write("initrd"))?;
+        done += n as u64;
+    }
+    Ok((address, size))
+}
+
 fn header_u32(header: &[u8], at: usize) -> u32 {
     header
         .get(at..at + 4)
@@ -188,21 +228,7 @@ pub fn load_guest<M: GuestMemoryBackend>(
     };
     let initrd = match &files.initrd {
         None => None,
-        Some(path) => {
-            let bytes = read_file("initrd", path)?;
-            let size = bytes.len() as u64;
-            let address = place_initrd(size, kernel.end, initrd_top).ok_or_else(|| {
-                GuestBootError::InitrdTooLarge {
-                    path: path.clone(),
-                    size,
-                    low: kernel.end,
-                    high: initrd_top,
-                }
-            })?;
-            mem.write_slice(&bytes, GuestAddress(address))
-                .map_err(|_| GuestBootError::Write("initrd"))?;
-            Some((address, size))
-        }
+        Some(path) => Some(load_initrd(mem, path, kernel.end, initrd_top)?),
     };
 
     let cpus = u8::try_from(files.cpus).unwrap_or(u8::MAX);

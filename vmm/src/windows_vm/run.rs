@@ -27,6 +27,14 @@ static CONSOLE_STOP: Mutex<Option<VmStopper>> = Mutex::new(None);
 
 /// skiff.exe's `main`.
 pub fn main() -> ExitCode {
+    log::set_max_level(match std::env::var("SKIFF_LOG").as_deref() {
+        Ok("trace") => log::LevelFilter::Trace,
+        Ok("debug") => log::LevelFilter::Debug,
+        Ok("info") => log::LevelFilter::Info,
+        Ok("error") => log::LevelFilter::Error,
+        _ => log::LevelFilter::Warn,
+    });
+    let _ = log::set_logger(&StderrLogger);
     let argv: Vec<OsString> = std::env::args_os().collect();
     let cli = match WindowsCli::try_parse_from(&argv) {
         Ok(cli) => cli,
@@ -127,6 +135,24 @@ unsafe extern "system" fn on_console_ctrl(event: u32) -> BOOL {
         }
         None => BOOL::from(false),
     }
+}
+
+/// Log records as `skiff: LEVEL: message` lines on stderr (`SKIFF_LOG` sets the level).
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            let level = record.level().as_str().to_lowercase();
+            eprintln!("skiff: {level}: {}", record.args());
+        }
+    }
+
+    fn flush(&self) {}
 }
 
 /// Prints the verdict line (if any) and returns the exit code.
