@@ -5,6 +5,7 @@
 //!   `WindowsVmConfig` (platform-neutral).
 //! - `boot`: the kernel, initrd, command line and boot structures written into guest memory
 //!   through vm-memory, without linux-loader (platform-neutral).
+//! - `serial_input`: host input moved into COM1's RX FIFO by a thread (platform-neutral).
 //! - `wait`: the vCPU threads and the wait for the VM's end: the first vCPU to leave its run
 //!   loop, or the timeout, ends the VM and every other vCPU is kicked out of its run
 //!   (platform-neutral; `VcpuKick` is `WHvCancelRunVirtualProcessor` on Windows).
@@ -17,6 +18,7 @@
 
 pub mod args;
 pub mod boot;
+pub mod serial_input;
 pub mod wait;
 
 #[cfg(windows)]

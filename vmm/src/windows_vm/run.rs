@@ -1,20 +1,30 @@
 //! skiff.exe's command: parse the command line, build the VM (`build`), run it to its end
 //! (`wait`), and turn the end into the same exit codes and one-line verdicts as on Linux
 //! (`exit_code`). Ctrl-C and Ctrl-Break stop the VM as SIGINT does on Linux (exit code 130);
-//! closing the console, logging off or shutting down as SIGHUP (129).
+//! closing the console, logging off or shutting down as SIGHUP (129). With `--serial stdio` and
+//! a console on stdin, the console goes to raw input (no line editing, no echo; Ctrl-C still
+//! stops skiff) and what is typed reaches COM1, as a terminal does on Linux.
 
 use std::ffi::OsString;
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::{Mutex, PoisonError};
 
 use clap::Parser;
 use devices::vm_exit::GuestEnd;
 use windows::core::BOOL;
-use windows::Win32::System::Console::{SetConsoleCtrlHandler, CTRL_BREAK_EVENT, CTRL_C_EVENT};
+use windows::Win32::Foundation::HANDLE;
+use windows::Win32::System::Console::{
+    GetConsoleMode, GetStdHandle, SetConsoleCtrlHandler, SetConsoleMode, CONSOLE_MODE,
+    CTRL_BREAK_EVENT, CTRL_C_EVENT, ENABLE_ECHO_INPUT, ENABLE_LINE_INPUT,
+    ENABLE_VIRTUAL_TERMINAL_INPUT, STD_INPUT_HANDLE,
+};
 
 use super::args::{WindowsCli, WindowsCommand, WindowsVmConfig};
 use super::build::{build_vm, load_guest_ram, remove_created_file, WindowsBuildError};
+use super::serial_input::feed_serial;
 use super::wait::{VmStopper, VmWait};
+use crate::config::SerialConfig;
 use crate::exit_code::{ExitReason, ExitStatus, HYPERVISOR_UNAVAILABLE};
 
 /// SIGINT's number, for the verdict of a Ctrl-C or Ctrl-Break.
@@ -88,6 +98,19 @@ pub fn run(cfg: &WindowsVmConfig) -> ExitStatus {
         log::warn!("cannot handle Ctrl-C: {e}");
     }
     let exit = vm.exit.clone();
+    let raw_console = if cfg.serial == SerialConfig::Stdio && std::io::stdin().is_terminal() {
+        let raw = ConsoleRawMode::enable();
+        let (serial, exit) = (vm.serial.clone(), exit.clone());
+        let started = std::thread::Builder::new()
+            .name("serial-input".into())
+            .spawn(move || feed_serial(std::io::stdin(), &serial, &exit));
+        if let Err(e) = started {
+            log::warn!("cannot start the serial input thread: {e}");
+        }
+        raw
+    } else {
+        None
+    };
     let mut vm = vm;
     let vcpus = std::mem::take(&mut vm.vcpus);
     let end = wait.run(vcpus, &exit, cfg.timeout);
@@ -95,6 +118,7 @@ pub fn run(cfg: &WindowsVmConfig) -> ExitStatus {
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .take();
+    drop(raw_console);
     if !end.stuck_vcpus.is_empty() {
         log::warn!(
             "vCPUs {:?} did not leave their run; skiff ends without them",
@@ -134,6 +158,40 @@ unsafe extern "system" fn on_console_ctrl(event: u32) -> BOOL {
             BOOL::from(true)
         }
         None => BOOL::from(false),
+    }
+}
+
+/// The console's input mode while a VM reads it: no line editing or echo, VT input sequences
+/// (arrow keys as the guest's terminal expects them); Ctrl-C stays a stop. Restored on drop.
+struct ConsoleRawMode {
+    handle: HANDLE,
+    saved: CONSOLE_MODE,
+}
+
+impl ConsoleRawMode {
+    fn enable() -> Option<Self> {
+        // SAFETY: GetStdHandle only returns this process's standard input handle.
+        let handle = unsafe { GetStdHandle(STD_INPUT_HANDLE) }.ok()?;
+        let mut saved = CONSOLE_MODE(0);
+        // SAFETY: `handle` is the console input handle and `saved` is writable.
+        unsafe { GetConsoleMode(handle, &mut saved) }.ok()?;
+        let raw =
+            (saved & !(ENABLE_LINE_INPUT | ENABLE_ECHO_INPUT)) | ENABLE_VIRTUAL_TERMINAL_INPUT;
+        // SAFETY: as above; only the mode bits of this console change.
+        if let Err(e) = unsafe { SetConsoleMode(handle, raw) } {
+            log::warn!("cannot put the console in raw input mode: {e}");
+            return None;
+        }
+        Some(Self { handle, saved })
+    }
+}
+
+impl Drop for ConsoleRawMode {
+    fn drop(&mut self) {
+        // SAFETY: the handle is still this process's console input; the mode is the one read.
+        if let Err(e) = unsafe { SetConsoleMode(self.handle, self.saved) } {
+            log::warn!("cannot restore the console's input mode: {e}");
+        }
     }
 }
 
