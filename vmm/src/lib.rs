@@ -4,6 +4,8 @@
 //! - `hypervisor`: the seam to KVM (and later WHP).
 //! - `config`: the typed, validated VM configuration parsed from the command line.
 //! - `boot`: loading the kernel, initrd and command line, and the boot CPU state.
+//! - `boot_state`: the boot protocol, the boot vCPU's state and the initrd's place, shared by
+//!   both boot paths.
 //! - `builder`: builds a VM in named steps (memory, VM, boot, devices, vCPUs).
 //! - `vcpu`: the per-vCPU run loop that dispatches exits to the device buses.
 //! - `guest_output`: bounded buffers and writer threads between guest output and host sinks.
@@ -38,6 +40,7 @@ pub mod memory;
 pub mod api;
 #[cfg(target_os = "linux")]
 pub mod boot;
+pub mod boot_state;
 #[cfg(target_os = "linux")]
 pub mod builder;
 #[cfg(target_os = "linux")]

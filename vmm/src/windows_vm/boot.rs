@@ -8,11 +8,12 @@
 
 use std::path::{Path, PathBuf};
 
-use arch::layout::{RamRange, CMDLINE_MAX_SIZE, CMDLINE_START, PAGE_SIZE};
-use arch::regs::{SpecialRegisters, StandardRegisters};
+use arch::layout::{RamRange, CMDLINE_MAX_SIZE, CMDLINE_START};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use crate::boot_state::place_initrd;
+pub use crate::boot_state::{BootCpuState, BootProtocol};
 use crate::kernel_image::{load_image, ImageEntry, KernelImageError};
 
 /// Where `cmdline_size` sits in the bzImage setup header (file offset 0x238 less 0x1f1).
@@ -90,34 +91,6 @@ pub enum GuestBootError {
     Linux(#[source] arch::linux_boot::LinuxBootError),
 }
 
-/// The boot protocol chosen for the loaded kernel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BootProtocol {
-    /// PVH: 32-bit protected mode, paging off.
-    Pvh,
-    /// Linux 64-bit boot protocol: long mode with identity page tables.
-    Linux64,
-}
-
-/// The boot vCPU's initial state.
-#[derive(Debug, Clone, Copy)]
-pub struct BootCpu {
-    /// Protocol the registers follow.
-    pub protocol: BootProtocol,
-    /// General-purpose registers (entry point, boot structure pointer).
-    pub regs: StandardRegisters,
-}
-
-impl BootCpu {
-    /// Applies the protocol's segment and control registers on top of the vCPU's reset state.
-    pub fn apply_sregs(&self, sregs: &mut SpecialRegisters) {
-        match self.protocol {
-            BootProtocol::Pvh => arch::pvh::pvh_boot_sregs(sregs),
-            BootProtocol::Linux64 => arch::linux_boot::long_mode_boot_sregs(sregs),
-        }
-    }
-}
-
 fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, GuestBootError> {
     let err = |source| GuestBootError::Read {
         what,
@@ -129,13 +102,6 @@ fn read_file(what: &'static str, path: &Path) -> Result<Vec<u8>, GuestBootError>
         return Err(err(std::io::Error::other("not a regular file")));
     }
     std::fs::read(path).map_err(err)
-}
-
-/// The highest page-aligned `a` with `a + size <= high` and `a >= low`.
-fn place_initrd(size: u64, low: u64, high: u64) -> Option<u64> {
-    let start = high.checked_sub(size)? & !(PAGE_SIZE - 1);
-    let low = low.checked_add(PAGE_SIZE - 1)? & !(PAGE_SIZE - 1);
-    (start >= low).then_some(start)
 }
 
 /// How much of the initrd is read into memory at a time on its way into guest RAM.
@@ -190,7 +156,7 @@ pub fn load_guest<M: GuestMemoryBackend>(
     mem: &M,
     ram: &[RamRange],
     files: &BootFiles,
-) -> Result<BootCpu, GuestBootError> {
+) -> Result<BootCpuState, GuestBootError> {
     let image = read_file("kernel", &files.kernel)?;
     let kernel = load_image(mem, ram, &image).map_err(|source| GuestBootError::Kernel {
         path: files.kernel.clone(),
@@ -241,7 +207,7 @@ pub fn load_guest<M: GuestMemoryBackend>(
             let start_info =
                 arch::pvh::configure_pvh(mem, CMDLINE_START, initrd, &e820, Some(rsdp))
                     .map_err(GuestBootError::Pvh)?;
-            Ok(BootCpu {
+            Ok(BootCpuState {
                 protocol: BootProtocol::Pvh,
                 regs: arch::pvh::pvh_boot_regs(entry, start_info),
             })
@@ -261,7 +227,7 @@ pub fn load_guest<M: GuestMemoryBackend>(
                 Some(rsdp),
             )
             .map_err(GuestBootError::Linux)?;
-            Ok(BootCpu {
+            Ok(BootCpuState {
                 protocol: BootProtocol::Linux64,
                 regs: arch::linux_boot::long_mode_boot_regs(entry, boot_params),
             })

@@ -31,7 +31,7 @@ use devices::vm_exit::VmExitSignal;
 use thiserror::Error;
 
 use super::args::{RamBacking, WindowsVmConfig};
-use super::boot::{load_guest, BootCpu, GuestBootError};
+use super::boot::{load_guest, BootCpuState, GuestBootError};
 use super::wait::VcpuKick;
 use crate::config::SerialConfig;
 use crate::hypervisor::whp::vcpu::VcpuCanceller;
@@ -92,7 +92,7 @@ pub struct LoadedGuest {
     /// The RAM (shared with the `ViewMemory` that wrote it, which is gone by now).
     pub ram: Arc<SectionRam>,
     /// The boot vCPU's state.
-    pub boot: BootCpu,
+    pub boot: BootCpuState,
 }
 
 /// Step 1: guest RAM and the guest loaded into it. A `file=` RAM file skiff created is removed
@@ -344,7 +344,7 @@ fn create_vcpus(
     hypervisor: &WhpHypervisor,
     vm: &WhpVm,
     count: u32,
-    boot: &BootCpu,
+    boot: &BootCpuState,
 ) -> Result<Vec<Box<dyn Vcpu>>, HypervisorError> {
     let supported = hypervisor.supported_cpuid()?;
     let msrs = arch::msr::boot_msrs();
