@@ -59,7 +59,6 @@ pub mod exit_status_file;
 pub mod guest_output;
 #[cfg(target_os = "linux")]
 pub mod host_file;
-#[cfg(any(windows, test))]
 pub mod kernel_image;
 #[cfg(target_os = "linux")]
 pub mod pci_devices;
@@ -83,7 +82,6 @@ pub mod vcpu;
 pub mod vhost_user_blk;
 #[cfg(target_os = "linux")]
 pub mod virtio_devices;
-#[cfg(any(windows, test))]
 pub mod windows_vm;
 
 /// Formats an error and its `source()` chain on one line: `outer: inner: root` (one helper for

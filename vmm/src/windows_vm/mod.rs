@@ -13,6 +13,9 @@
 //!   the GPA mappings, the legacy and platform devices on the buses, and the vCPUs.
 //! - `run` (Windows): the `skiff run` command: parse, build, run, and the exit status.
 //!
+//! The platform-neutral modules build on Linux too, where they are tested (tests/ compares
+//! the loader with the Linux path on the project's real kernel images).
+//!
 //! Linux's event loop (epoll, eventfds, signalfd) does not exist here: the main thread waits on
 //! a channel the vCPU threads report to, with the timeout as its deadline.
 
