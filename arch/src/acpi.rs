@@ -363,5 +363,4 @@ fn mcfg() -> Vec<u8> {
 }
 
 #[cfg(test)]
-#[path = "acpi_tests.rs"]
 mod tests;

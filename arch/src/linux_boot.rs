@@ -375,5 +375,4 @@ pub fn long_mode_boot_sregs(sregs: &mut SpecialRegisters) {
 // The tests read boot_params back through linux-loader, a Unix-only dev-dependency.
 #[cfg(test)]
 #[cfg(unix)]
-#[path = "linux_boot_tests.rs"]
 mod tests;

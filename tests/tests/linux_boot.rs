@@ -187,9 +187,9 @@ fn minimal_kernel_snapshotted_mid_boot_restores_and_boots_on() {
     let root = tempfile::tempdir().unwrap();
     let sock = root.path().join("api.sock");
     let snap = root.path().join("snap");
-    // Serial only: the state of virtio devices cannot be saved yet, so the VM has none. The
-    // minimal initramfs on both tiers: its init prints a marker and powers off where user space
-    // runs.
+    // Serial only: this test is about the vCPU and platform state of a kernel caught mid-boot
+    // (virtio devices mid-run have their own tests in snapshot_virtio.rs). The minimal
+    // initramfs on both tiers: its init prints a marker and powers off where user space runs.
     let cmdline = format!("console=ttyS0 reboot=k panic=-1 {PVM_SAFE_ARGS}");
     let mut vm = Skiff::spawn(&[
         "run".as_ref(),

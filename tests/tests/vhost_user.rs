@@ -504,7 +504,7 @@ fn snapshot_mid_run_and_restore(kind: Kind, start: StartBackend) {
         assert!(!passes.is_empty(), "{summary}");
         assert!(summary["live"]["final_pass"].is_object(), "{summary}");
         // How many pages the backend's log gave depends on the I/O in flight during the short
-        // precopy (often none); `vhost_user::log_tests` checks the log's contents.
+        // precopy (often none); `vhost_user::tests::dirty_log` checks the log's contents.
         assert!(passes[0]["device_pages"].is_u64(), "{summary}");
     }
     if diff {

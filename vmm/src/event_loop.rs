@@ -1,7 +1,8 @@
 //! The event-loop thread's subscribers (`event-manager`): the VM-end eventfd, host terminal input
 //! for the serial port (or the virtio console with `--console`), and SIGINT/SIGTERM/SIGHUP
-//! through a signalfd. The same loop also carries the control socket and the net, rng and
-//! console queues; each virtio-blk disk runs on a thread of its own (`devices::virtio::blk`).
+//! through a signalfd. The same loop also carries the control socket, the net, rng, console
+//! and vsock queues, and each vhost-user connection's hang-up watch; each virtio-blk disk runs
+//! on a thread of its own (`devices::virtio::blk`), so a slow disk never delays the others.
 //! While the VM is still being built, `StartupSignalWatch` takes the stop signals instead.
 
 use std::io::{self, Read};

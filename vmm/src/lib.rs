@@ -1,7 +1,7 @@
 //! The skiff virtual machine monitor.
 //!
 //! - `memory`: guest RAM as `ShareableRegion`s (backing files, validation, mapping).
-//! - `hypervisor`: the seam to KVM (and later WHP).
+//! - `hypervisor`: the seam to the hypervisor: KVM on Linux, the Windows Hypervisor Platform.
 //! - `config`: the typed, validated VM configuration parsed from the command line.
 //! - `boot`: loading the kernel, initrd and command line, and the boot CPU state.
 //! - `boot_state`: the boot protocol, the boot vCPU's state and the initrd's place, shared by
@@ -24,6 +24,8 @@
 //!   linux-loader (the Windows path; checked against linux-loader in tests).
 //! - `windows_vm`: `skiff run` on Windows: the VM built on section RAM and the Windows
 //!   Hypervisor Platform, its vCPU threads, and the wait for its end.
+//! - `test_runner`: `skiff test`: a TOML suite of cases run in VMs, cold or forked from a
+//!   snapshot, and the runner as a library (`test_runner::test_vm`).
 //! - `host_file`: opening command-line files without blocking, with their type checked.
 //! - `exit_code`: the process exit codes skiff documents, their reasons and verdict lines.
 //! - `exit_status_file`: `--exit-status-file`, the verdict as JSON written atomically.

@@ -127,8 +127,8 @@ mod cli {
                 "--agent needs --vsock cid=N,socket=PATH (skiff ctl exec reaches the agent through it)".into(),
             ));
         }
-        let initrd =
-            vmm::exec::AgentInitrd::create(cfg.initrd.as_deref()).map_err(ExitStatus::error)?;
+        let initrd = vmm::exec::AgentInitrd::create(cfg.initrd.as_deref())
+            .map_err(|e| ExitStatus::error(vmm::error_chain(&e)))?;
         cfg.initrd = Some(initrd.path());
         cfg.cmdline.push(' ');
         cfg.cmdline.push_str(&vmm::exec::agent_listen_cmdline());
@@ -266,8 +266,8 @@ mod cli {
     mod examples {
         use super::*;
         use vmm::cli::{
-            CTL_EXAMPLES, MERGE_EXAMPLES, RESTORE_EXAMPLES, RUN_EXAMPLES, TOP_EXAMPLES,
-            VHOST_USER_BLK_EXAMPLES,
+            CTL_EXAMPLES, EXEC_EXAMPLES, INFO_EXAMPLES, MERGE_EXAMPLES, RESTORE_EXAMPLES,
+            RUN_EXAMPLES, TEST_EXAMPLES, TOP_EXAMPLES, VERIFY_EXAMPLES, VHOST_USER_BLK_EXAMPLES,
         };
 
         /// Splits one shell line into words: whitespace separates, single quotes group.
@@ -345,9 +345,13 @@ mod cli {
             let n: usize = [
                 TOP_EXAMPLES,
                 RUN_EXAMPLES,
+                EXEC_EXAMPLES,
+                TEST_EXAMPLES,
                 RESTORE_EXAMPLES,
                 CTL_EXAMPLES,
                 MERGE_EXAMPLES,
+                VERIFY_EXAMPLES,
+                INFO_EXAMPLES,
                 VHOST_USER_BLK_EXAMPLES,
             ]
             .iter()

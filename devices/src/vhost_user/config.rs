@@ -10,6 +10,8 @@ use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use thiserror::Error;
+
 /// Queue size every vhost-user queue offers the driver.
 pub const QUEUE_MAX_SIZE: u16 = 256;
 
@@ -107,6 +109,35 @@ pub struct VhostUserConfig {
     pub reconnect: Option<Duration>,
 }
 
+/// Why a `VhostUserConfig` (a snapshot's saved copy, untrusted) is refused: the value the
+/// command line would not accept.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// No socket path.
+    #[error("empty socket path")]
+    EmptySocket,
+    /// A queue count outside what the device type allows.
+    #[error("{queues} queues (expected {least} to {MAX_QUEUES})")]
+    Queues {
+        /// The saved count.
+        queues: u16,
+        /// The least the device type needs.
+        least: u16,
+    },
+    /// A generic device type outside 1..=63.
+    #[error("virtio device type {0} (expected 1 to 63)")]
+    DeviceType(u32),
+    /// A tag on a device that is not virtio-fs.
+    #[error("a tag on a device that is not virtio-fs")]
+    TagNotFs,
+    /// A virtio-fs tag of the wrong length.
+    #[error("tag of {0} bytes (expected 1 to {FS_TAG_BYTES})")]
+    TagLength(usize),
+    /// A reconnect interval of zero or above `MAX_RECONNECT_SECS`.
+    #[error("reconnect interval {0:?}")]
+    Reconnect(Duration),
+}
+
 impl VhostUserConfig {
     /// A device of `kind` on `socket` with its default queue count.
     pub fn new(kind: VhostUserKind, socket: impl Into<PathBuf>) -> Self {
@@ -123,37 +154,32 @@ impl VhostUserConfig {
     /// queue count (1 to `MAX_QUEUES`, at least 2 for virtio-fs), a tag only for virtio-fs and
     /// of 1 to `FS_TAG_BYTES` bytes, a generic type of 1 to 63, a positive reconnect interval
     /// of at most `MAX_RECONNECT_SECS`, a socket path. `Err` names the bad value.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), ConfigError> {
         if self.socket.as_os_str().is_empty() {
-            return Err("empty socket path".into());
+            return Err(ConfigError::EmptySocket);
         }
         let least = if self.kind == VhostUserKind::Fs { 2 } else { 1 };
         if !(least..=MAX_QUEUES).contains(&self.queues) {
-            return Err(format!(
-                "{} queues (expected {least} to {MAX_QUEUES})",
-                self.queues
-            ));
+            return Err(ConfigError::Queues {
+                queues: self.queues,
+                least,
+            });
         }
         if let VhostUserKind::Generic(id) = self.kind {
             if !(1..64).contains(&id) {
-                return Err(format!("virtio device type {id} (expected 1 to 63)"));
+                return Err(ConfigError::DeviceType(id));
             }
         }
         match &self.tag {
-            Some(_) if self.kind != VhostUserKind::Fs => {
-                return Err("a tag on a device that is not virtio-fs".into())
-            }
+            Some(_) if self.kind != VhostUserKind::Fs => return Err(ConfigError::TagNotFs),
             Some(tag) if tag.is_empty() || tag.len() > FS_TAG_BYTES => {
-                return Err(format!(
-                    "tag of {} bytes (expected 1 to {FS_TAG_BYTES})",
-                    tag.len()
-                ))
+                return Err(ConfigError::TagLength(tag.len()))
             }
             _ => {}
         }
         if let Some(every) = self.reconnect {
             if every.is_zero() || every > Duration::from_secs(MAX_RECONNECT_SECS) {
-                return Err(format!("reconnect interval {every:?}"));
+                return Err(ConfigError::Reconnect(every));
             }
         }
         Ok(())
@@ -189,7 +215,7 @@ mod tests {
         let bad = |change: &dyn Fn(&mut VhostUserConfig)| {
             let mut cfg = good.clone();
             change(&mut cfg);
-            cfg.check().expect_err("accepted")
+            cfg.check().expect_err("accepted").to_string()
         };
         assert!(bad(&|c| c.queues = 0).contains("0 queues"));
         assert!(bad(&|c| c.queues = MAX_QUEUES + 1).contains("65 queues"));
@@ -204,11 +230,20 @@ mod tests {
             ..VhostUserConfig::new(VhostUserKind::Fs, "/s")
         };
         assert_eq!(fs("shared", 2).check(), Ok(()));
-        assert!(fs("shared", 1).check().unwrap_err().contains("1 queues"));
-        assert!(fs("", 2).check().unwrap_err().contains("tag of 0 bytes"));
+        assert!(fs("shared", 1)
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("1 queues"));
+        assert!(fs("", 2)
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("tag of 0 bytes"));
         assert!(fs(&"x".repeat(FS_TAG_BYTES + 1), 2)
             .check()
             .unwrap_err()
+            .to_string()
             .contains("tag of 37 bytes"));
     }
 }

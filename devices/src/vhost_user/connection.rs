@@ -29,7 +29,7 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use super::config::{SharedMemoryRegion, VhostUserConfig};
+use super::config::{ConfigError, SharedMemoryRegion, VhostUserConfig};
 use super::dirty_log::LogBuffer;
 use super::watchdog::Watchdog;
 
@@ -52,12 +52,13 @@ const VHOST_VRING_F_LOG: u32 = 1;
 #[derive(Debug, Error)]
 pub enum VhostUserError {
     /// A saved configuration (from a snapshot) is invalid.
-    #[error("saved vhost-user device on socket {socket}: {what}")]
+    #[error("saved vhost-user device on socket {socket}")]
     SavedConfig {
         /// The saved socket path.
         socket: PathBuf,
         /// What is wrong, with the value.
-        what: String,
+        #[source]
+        source: ConfigError,
     },
     /// The socket path does not exist.
     #[error("vhost-user socket {0} does not exist (start the backend first)")]

@@ -45,11 +45,9 @@ mod session;
 mod watchdog;
 
 #[cfg(test)]
-mod log_tests;
-#[cfg(test)]
 mod tests;
 
-pub use config::{SharedMemoryRegion, VhostUserConfig, VhostUserKind};
+pub use config::{ConfigError, SharedMemoryRegion, VhostUserConfig, VhostUserKind};
 pub use connection::VhostUserError;
 pub use device::VhostUserDevice;
 pub use persist::VhostUserState;

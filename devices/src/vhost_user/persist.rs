@@ -40,9 +40,9 @@ impl Persist for VhostUserDevice {
         state
             .config
             .check()
-            .map_err(|what| VhostUserError::SavedConfig {
+            .map_err(|source| VhostUserError::SavedConfig {
                 socket: state.config.socket.clone(),
-                what,
+                source,
             })?;
         Self::new(&state.config, regions, event_loop)
     }

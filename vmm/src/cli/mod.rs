@@ -43,8 +43,10 @@ pub enum Command {
     Run(RunArgs),
     /// Boot a kernel with skiff's guest agent, run CMD in the guest, and exit with its
     /// status (docs/exec.md).
+    #[command(after_help = EXEC_EXAMPLES)]
     Exec(crate::exec::ExecArgs),
     /// Run a suite of tests in VMs, described in a TOML file (docs/test-runner.md).
+    #[command(after_help = TEST_EXAMPLES)]
     Test(crate::test_runner::TestArgs),
     /// Restore a VM from a snapshot directory and run it until the guest ends.
     #[command(after_help = RESTORE_EXAMPLES)]
@@ -56,8 +58,10 @@ pub enum Command {
     #[command(after_help = MERGE_EXAMPLES)]
     SnapshotMerge(MergeArgs),
     /// Check a snapshot's files against its manifest (sizes, state CRC, memory checksums).
+    #[command(after_help = VERIFY_EXAMPLES)]
     SnapshotVerify(VerifyArgs),
     /// Show what a snapshot holds and every host resource it names.
+    #[command(after_help = INFO_EXAMPLES)]
     SnapshotInfo(InfoArgs),
     /// Serve a raw disk file as a vhost-user-blk backend on a Unix socket.
     #[command(after_help = VHOST_USER_BLK_EXAMPLES)]
@@ -86,6 +90,30 @@ Exit code: the guest's debug-exit byte, 0 on poweroff, 1 when skiff fails, 2 for
 line, 120 reset, 121 triple fault, 122 KVM internal error, 124 timeout, 128+N signal N.";
 
 /// Examples in `--help`.
+pub const EXEC_EXAMPLES: &str = "Examples:
+  skiff exec --kernel bzImage --rootfs host -- ./run-tests.sh
+  skiff exec --kernel vmlinux --share /srv/out:/out --timeout 60 -- sh -c 'make check > /out/log'
+  skiff exec --snapshot /var/tmp/agent-snap --env K=V -- sh -c 'echo $K'
+
+Exit code: the command's own; 124 when --timeout expires; 200-207 when skiff could not run it
+(docs/exec.md).";
+
+/// Examples in `--help`.
+pub const TEST_EXAMPLES: &str = "Examples:
+  skiff test suite.toml
+  skiff test suite.toml --filter smoke --jobs 4 --junit junit.xml
+  skiff test ci.toml --watchdog 1800 --partition 1/2 --snapshot-on-failure";
+
+/// Examples in `--help`.
+pub const VERIFY_EXAMPLES: &str = "Examples:
+  skiff snapshot-verify /var/tmp/snap1";
+
+/// Examples in `--help`.
+pub const INFO_EXAMPLES: &str = "Examples:
+  skiff snapshot-info /var/tmp/snap1
+  skiff snapshot-info /var/tmp/snap1 --json";
+
+/// Examples in `--help`.
 pub const RESTORE_EXAMPLES: &str = "Examples:
   skiff restore /var/tmp/snap1
   skiff restore /var/tmp/snap1 --memory-mode copy --api-socket /tmp/vm2.sock
@@ -97,7 +125,8 @@ pub const CTL_EXAMPLES: &str = "Examples:
   skiff ctl --api-socket /tmp/vm.sock pause
   skiff ctl --api-socket /tmp/vm.sock snapshot /var/tmp/snap1 --live
   skiff ctl --api-socket /tmp/vm.sock snapshot /var/tmp/snap2 --diff
-  skiff ctl --api-socket /tmp/vm.sock shutdown";
+  skiff ctl --api-socket /tmp/vm.sock shutdown
+  skiff ctl exec --vsock /tmp/vm.vsock -- uname -a";
 
 /// Examples in `--help`.
 pub const MERGE_EXAMPLES: &str = "Examples:

@@ -42,6 +42,17 @@ pub enum Interrupt {
     Garbage(String),
 }
 
+/// Why the agent did not hand over a guest file (`ReadFile`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadFileRefusal {
+    /// The file is larger than the caller's limit.
+    #[error("the file is over {limit} bytes")]
+    TooLarge { limit: usize },
+    /// The agent refused (no such file, ...), in its own words.
+    #[error("{code:?}: {message}")]
+    Agent { code: ErrorCode, message: String },
+}
+
 /// How the command ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommandEnd {
@@ -193,7 +204,7 @@ impl AgentClient {
         path: &[u8],
         limit: usize,
         mut stop: impl FnMut() -> bool,
-    ) -> Result<Result<Vec<u8>, String>, Interrupt> {
+    ) -> Result<Result<Vec<u8>, ReadFileRefusal>, Interrupt> {
         const READ_REQUEST: u32 = 3;
         write_message(&mut self.stream, &Message::ReadFile { path }, READ_REQUEST)
             .map_err(|e| Interrupt::Lost(format!("writing to the agent: {e}")))?;
@@ -209,14 +220,14 @@ impl AgentClient {
                     }
                 }
                 (READ_REQUEST, Message::Done) if over => {
-                    return Ok(Err(format!("the file is over {limit} bytes")))
+                    return Ok(Err(ReadFileRefusal::TooLarge { limit }))
                 }
                 (READ_REQUEST, Message::Done) => return Ok(Ok(data)),
                 (READ_REQUEST, Message::Error { code, message }) => {
-                    return Ok(Err(format!(
-                        "{code:?}: {}",
-                        String::from_utf8_lossy(message)
-                    )))
+                    return Ok(Err(ReadFileRefusal::Agent {
+                        code,
+                        message: String::from_utf8_lossy(message).into_owned(),
+                    }))
                 }
                 (req, other) => {
                     return Err(Interrupt::Garbage(format!(

@@ -75,7 +75,7 @@ pub(super) fn run(args: &ExecArgs, dir: &Path, env: Vec<Vec<u8>>) -> Result<u8, 
         )));
     }
 
-    let run_dir = RunDir::create()?;
+    let run_dir = RunDir::create().map_err(|e| setup_failed(crate::error_chain(&e)))?;
     let serial_log = args
         .serial_log
         .clone()

@@ -52,6 +52,41 @@ const ROOT_TAG: &str = "skiffroot";
 /// How long `skiff exec` waits for the agent by default.
 const DEFAULT_BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// Why an `exec` argument or the agent's initramfs is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// `--rootfs` with an empty value.
+    #[error("--rootfs: expected host or a directory")]
+    EmptyRootfs,
+    /// `--share` without a `:`.
+    #[error("--share {0}: expected HOSTDIR:GUESTDIR")]
+    ShareForm(String),
+    /// `--share` with an empty host directory.
+    #[error("--share {0}: empty host directory")]
+    ShareHost(String),
+    /// `--share` with a guest directory the kernel command line cannot carry.
+    #[error("--share {0}: the guest directory must be absolute, without spaces or quotes")]
+    ShareGuest(String),
+    /// The run's temporary directory could not be created.
+    #[error("cannot create {}", .path.display())]
+    RunDir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The temporary directory's path leaves no room for a vsock socket name.
+    #[error(
+        "temporary directory {} is too long for a Unix socket path; set TMPDIR shorter",
+        .0.display()
+    )]
+    RunDirTooLong(PathBuf),
+    /// The agent's initramfs could not be written.
+    #[error(transparent)]
+    Initramfs(#[from] initramfs::InitramfsError),
+}
+
 /// `skiff exec` options.
 #[derive(Debug, clap::Args)]
 pub struct ExecArgs {
@@ -128,11 +163,11 @@ pub enum RootfsArg {
 }
 
 impl FromStr for RootfsArg {
-    type Err = String;
+    type Err = ExecError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, ExecError> {
         match s {
-            "" => Err("--rootfs: expected host or a directory".into()),
+            "" => Err(ExecError::EmptyRootfs),
             "host" => Ok(Self::Host),
             dir => Ok(Self::Dir(PathBuf::from(dir))),
         }
@@ -150,19 +185,17 @@ pub struct ShareArg {
 }
 
 impl FromStr for ShareArg {
-    type Err = String;
+    type Err = ExecError;
 
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, ExecError> {
         let (host, guest) = s
             .rsplit_once(':')
-            .ok_or_else(|| format!("--share {s}: expected HOSTDIR:GUESTDIR"))?;
+            .ok_or_else(|| ExecError::ShareForm(s.to_string()))?;
         if host.is_empty() {
-            return Err(format!("--share {s}: empty host directory"));
+            return Err(ExecError::ShareHost(s.to_string()));
         }
         if !guest.starts_with('/') || guest.chars().any(|c| c.is_whitespace() || c == '"') {
-            return Err(format!(
-                "--share {s}: the guest directory must be absolute, without spaces or quotes"
-            ));
+            return Err(ExecError::ShareGuest(s.to_string()));
         }
         Ok(Self {
             host: PathBuf::from(host),
@@ -250,7 +283,7 @@ fn run_inner(args: ExecArgs) -> Result<u8, Failure> {
         }
     }
 
-    let run_dir = RunDir::create()?;
+    let run_dir = RunDir::create().map_err(|e| setup_failed(crate::error_chain(&e)))?;
     let serial_log = args
         .serial_log
         .clone()
@@ -451,11 +484,11 @@ pub struct AgentInitrd {
 }
 
 impl AgentInitrd {
-    /// Writes the agent's initramfs, with `user_initrd` appended. The error is one line.
-    pub fn create(user_initrd: Option<&Path>) -> Result<AgentInitrd, String> {
-        let dir = RunDir::create().map_err(|Failure(_, line)| line)?;
+    /// Writes the agent's initramfs, with `user_initrd` appended.
+    pub fn create(user_initrd: Option<&Path>) -> Result<AgentInitrd, ExecError> {
+        let dir = RunDir::create()?;
         let me = AgentInitrd { dir };
-        initramfs::write_initramfs(&me.path(), user_initrd).map_err(|e| crate::error_chain(&e))?;
+        initramfs::write_initramfs(&me.path(), user_initrd)?;
         Ok(me)
     }
 
@@ -490,7 +523,7 @@ struct RunDir {
 }
 
 impl RunDir {
-    fn create() -> Result<RunDir, Failure> {
+    fn create() -> Result<RunDir, ExecError> {
         let base = std::env::temp_dir();
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -500,16 +533,16 @@ impl RunDir {
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&path)
-            .map_err(|e| setup_failed(format!("cannot create {}: {e}", path.display())))?;
+            .map_err(|source| ExecError::RunDir {
+                path: path.clone(),
+                source,
+            })?;
         let dir = RunDir { path };
         // The vsock device appends `_PORT` to its socket path, and a Unix socket path holds
         // at most 107 bytes.
         let longest = dir.path.join("v_4294967295");
         if longest.as_os_str().len() > 107 {
-            return Err(setup_failed(format!(
-                "temporary directory {} is too long for a Unix socket path; set TMPDIR shorter",
-                dir.path.display()
-            )));
+            return Err(ExecError::RunDirTooLong(dir.path.clone()));
         }
         Ok(dir)
     }
@@ -534,10 +567,10 @@ mod tests {
         assert!("/a:/with space".parse::<ShareArg>().is_err());
         assert!(":/x".parse::<ShareArg>().is_err());
         assert!("nocolon".parse::<ShareArg>().is_err());
-        assert_eq!("host".parse::<RootfsArg>(), Ok(RootfsArg::Host));
+        assert_eq!("host".parse::<RootfsArg>().unwrap(), RootfsArg::Host);
         assert_eq!(
-            "/srv".parse::<RootfsArg>(),
-            Ok(RootfsArg::Dir("/srv".into()))
+            "/srv".parse::<RootfsArg>().unwrap(),
+            RootfsArg::Dir("/srv".into())
         );
         assert!("".parse::<RootfsArg>().is_err());
     }

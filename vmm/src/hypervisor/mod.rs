@@ -1,4 +1,4 @@
-//! The hypervisor seam: what skiff needs from KVM (and, later, WHP), in neutral types.
+//! The hypervisor seam: what skiff needs from KVM and WHP, in neutral types.
 //!
 //! `Hypervisor` opens the platform and creates VMs; `Vm` maps guest memory regions as slots, sets
 //! up the platform interrupt controller and creates vCPUs; `Vcpu` runs and reports exits and gets
@@ -186,6 +186,27 @@ pub enum HypervisorError {
     /// The guest runs a nested guest, whose state cannot be saved.
     #[error("the guest runs a nested guest; saving nested virtualization state is not supported")]
     NestedGuest,
+    /// A vCPU was asked for before the VM's buses were attached (WHP).
+    #[error("cannot create vCPU {index}: no buses attached (attach_buses comes first)")]
+    NoBuses {
+        /// The vCPU.
+        index: u32,
+    },
+    /// A vCPU index past the VM's processor count (WHP fixes it at creation).
+    #[error("cannot create vCPU {index}: the VM has {count} processors")]
+    VcpuIndex {
+        /// The vCPU asked for.
+        index: u32,
+        /// The VM's processors.
+        count: usize,
+    },
+    /// The MSI route table was refused.
+    #[error("cannot set MSI routes")]
+    MsiRoutes(#[source] whp::msi_routes::MsiRouteError),
+    /// The WHP partition could not be set up.
+    #[cfg(windows)]
+    #[error("cannot set up the WHP partition")]
+    Partition(#[source] whp::partition::PartitionError),
 }
 
 impl HypervisorError {
@@ -223,18 +244,14 @@ pub trait Hypervisor: Send + Sync {
 
 /// One virtual machine.
 pub trait Vm: Send + Sync + VmSnapshot {
-    /// Maps `size` bytes of host memory at `host_address` as guest physical `guest_address..`,
-    /// in memory slot `slot`.
-    ///
-    /// # Safety
-    /// `host_address..host_address + size` must be a live, writable mapping that outlives the VM
-    /// (or the slot's removal).
-    unsafe fn map_memory(
+    /// Maps `memory` as guest physical `guest_address..guest_address + memory.size()`, in
+    /// memory slot `slot`. The VM keeps `memory` for as long as the hypervisor can reach the
+    /// slot (on KVM: as long as the VM's descriptor or any vCPU's is open).
+    fn map_memory(
         &self,
         slot: u32,
         guest_address: u64,
-        size: u64,
-        host_address: u64,
+        memory: std::sync::Arc<dyn crate::memory::SlotMemory>,
     ) -> Result<()>;
     /// Creates the platform interrupt controllers and timer: in-kernel PIC, IOAPIC, local APICs
     /// and PIT on KVM.

@@ -3,9 +3,10 @@
 //! mapping made its own are found in `/proc/self/pagemap` at its address.
 //!
 //! A `RegionMapping` holds the region's `Arc`, so the mapping stays mapped for as long as any
-//! handle lives: a thread copying guest memory needs no promise from whoever started it. No
-//! pointer leaves this module; the bytes go to the kernel through bounds-checked `vm-memory`
-//! slices. Not here: the guest's own accesses (`vm-memory` accessors) and which pages to copy
+//! handle lives: a thread copying guest memory needs no promise from whoever started it, and a
+//! VM's memory slot holds one (`SlotMemory`) for as long as the hypervisor can reach it. The
+//! only pointer that leaves this module is the one the hypervisor registers; skiff's own bytes
+//! go to the kernel through bounds-checked `vm-memory` slices. Not here: the guest's own accesses (`vm-memory` accessors) and which pages to copy
 //! (`snapshot::dirty`).
 
 use std::fs::File;
@@ -17,6 +18,8 @@ use devices::guest_memory::TrackedGuestMemory;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{GuestMemoryBackend as _, VolatileMemory as _};
+
+use super::SlotMemory;
 
 /// One region's mapping in this process, kept mapped by this handle.
 #[derive(Debug, Clone)]
@@ -77,6 +80,21 @@ impl RegionMapping {
     }
 }
 
+// SAFETY: a `RegionMapping` is a guest RAM region (`of_each`), which is mapped readable and
+// writable (`guest_ram`; `vm-memory`'s anonymous regions likewise); the `Arc` keeps it mapped
+// for as long as this value lives, and a mapping's address and size never change.
+unsafe impl SlotMemory for RegionMapping {
+    fn as_ptr(&self) -> *mut u8 {
+        self.mapping.as_ptr()
+    }
+
+    fn size(&self) -> u64 {
+        self.mapping.size() as u64
+    }
+}
+
+/// A private (copy-on-write) mapping made by a test, read-write like guest RAM.
+#[cfg(test)]
 impl From<Arc<MmapRegion<AtomicBitmap>>> for RegionMapping {
     fn from(mapping: Arc<MmapRegion<AtomicBitmap>>) -> Self {
         Self { mapping }

@@ -1,21 +1,20 @@
 //! `MappedRam`: guest RAM as a list of host mappings registered with the hypervisor (guest
 //! address, size, host address), read and written by guest physical address with every access
 //! bounds-checked. It is what the WHP instruction emulator's memory callback reaches for the
-//! memory operand of string I/O and MMIO instructions (`whp::emulation::GuestRam`). It does not
-//! own the mappings: whoever registers a range promises it outlives this value, as
-//! `Vm::map_memory` does.
+//! memory operand of string I/O and MMIO instructions (`whp::emulation::GuestRam`). Each range
+//! holds its `SlotMemory`, so the emulator never reaches memory that is no longer mapped.
 //!
 //! Platform-neutral; unit-tested on Linux over plain buffers.
 
-use std::sync::{PoisonError, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 
+use super::SlotMemory;
 use crate::hypervisor::whp::emulation::GuestRam;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Range {
     guest_address: u64,
-    size: u64,
-    host_address: u64,
+    memory: Arc<dyn SlotMemory>,
 }
 
 impl Range {
@@ -23,10 +22,12 @@ impl Range {
     fn host(&self, gpa: u64, len: usize) -> Option<*mut u8> {
         let offset = gpa.checked_sub(self.guest_address)?;
         let end = offset.checked_add(u64::try_from(len).ok()?)?;
-        if end > self.size {
+        if end > self.memory.size() {
             return None;
         }
-        Some(self.host_address.checked_add(offset)? as *mut u8)
+        // SAFETY: `offset + len` is within the mapping (checked above), so the result stays
+        // inside it.
+        Some(unsafe { self.memory.as_ptr().add(usize::try_from(offset).ok()?) })
     }
 }
 
@@ -37,19 +38,14 @@ pub struct MappedRam {
 }
 
 impl MappedRam {
-    /// Adds the mapping of guest `guest_address..+size` at `host_address`.
-    ///
-    /// # Safety
-    /// `host_address..host_address + size` must be a live, readable and writable mapping that
-    /// outlives this value.
-    pub unsafe fn add(&self, guest_address: u64, size: u64, host_address: u64) {
+    /// Adds `memory` as guest `guest_address..guest_address + memory.size()`.
+    pub fn add(&self, guest_address: u64, memory: Arc<dyn SlotMemory>) {
         self.ranges
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .push(Range {
                 guest_address,
-                size,
-                host_address,
+                memory,
             });
     }
 
@@ -68,7 +64,8 @@ impl GuestRam for MappedRam {
             return false;
         };
         // SAFETY: `host..host + data.len()` lies inside one registered mapping (checked by
-        // `Range::host`), live by `add`'s contract; `data` is a separate allocation. Guest RAM
+        // `Range::host`), which the range keeps mapped (`SlotMemory`); `data` is a separate
+        // allocation. Guest RAM
         // may change under a running vCPU, so this is a plain byte copy.
         unsafe { std::ptr::copy_nonoverlapping(host, data.as_mut_ptr(), data.len()) };
         true
@@ -87,17 +84,15 @@ impl GuestRam for MappedRam {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::memory::slot_memory::TestMemory;
 
     #[test]
     fn accesses_inside_a_range_reach_its_host_bytes_and_others_do_not() {
-        let mut low = vec![0u8; 0x100];
-        let mut high = vec![0u8; 0x100];
+        let low = TestMemory::new(0x100);
+        let high = TestMemory::new(0x100);
         let ram = MappedRam::default();
-        // SAFETY: both buffers outlive `ram` (dropped first, declared later).
-        unsafe {
-            ram.add(0x1000, 0x100, low.as_mut_ptr() as u64);
-            ram.add(0x8000, 0x100, high.as_mut_ptr() as u64);
-        }
+        ram.add(0x1000, low.clone());
+        ram.add(0x8000, high.clone());
         assert!(ram.write(0x10fc, b"abcd"));
         assert!(ram.write(0x8000, b"xy"));
         let mut back = [0u8; 4];
@@ -109,7 +104,7 @@ mod tests {
         assert!(!ram.read(u64::MAX - 1, &mut back));
         assert_eq!(&back, b"abcd");
         drop(ram);
-        assert_eq!(&low[0xfc..], b"abcd");
-        assert_eq!(&high[..2], b"xy");
+        assert_eq!(low.bytes(0xfc, 4), b"abcd");
+        assert_eq!(high.bytes(0, 2), b"xy");
     }
 }

@@ -264,3 +264,6 @@ impl Mappable {
         Ok(Mappable::new(handle, remote.size))
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -10,6 +10,7 @@ use thiserror::Error;
 
 use super::region::ShareableRegion;
 use super::section::{allocation_granularity, Section, SectionBacking, SectionError};
+use super::slot_memory::SlotMemory;
 use super::validate::{validate_regions, validate_view_offsets, RegionError};
 use super::view::{SectionView, ViewError};
 
@@ -121,6 +122,21 @@ impl SectionRam {
         &self.views
     }
 
+    /// Each region's view as the memory of a hypervisor slot (`Vm::map_memory`), in region
+    /// order; each holds `self`, so the views stay mapped while a slot uses them.
+    pub fn slot_memory(self: &Arc<Self>) -> Vec<Arc<dyn SlotMemory>> {
+        self.views
+            .iter()
+            .map(|view| {
+                Arc::new(SectionSlot {
+                    host_address: view.host_address(),
+                    size: view.len() as u64,
+                    _ram: self.clone(),
+                }) as Arc<dyn SlotMemory>
+            })
+            .collect()
+    }
+
     /// Whether skiff created the memory file (it did not exist before).
     pub fn created_file(&self) -> bool {
         self.created.is_some()
@@ -133,5 +149,27 @@ impl SectionRam {
             .zip(&self.views)
             .find(|(r, _)| r.contains(address))
             .and_then(|(r, v)| Some((v, usize::try_from(address - r.guest_address).ok()?)))
+    }
+}
+
+/// One view of a `SectionRam` as a slot's memory: its address and size, and the RAM that owns
+/// the view.
+#[derive(Debug)]
+struct SectionSlot {
+    host_address: u64,
+    size: u64,
+    _ram: Arc<SectionRam>,
+}
+
+// SAFETY: the view at `host_address` is `size` bytes mapped readable and writable
+// (`SectionView::map`), owned by `_ram`, which this value holds; a view never moves or changes
+// size while it is mapped.
+unsafe impl SlotMemory for SectionSlot {
+    fn as_ptr(&self) -> *mut u8 {
+        self.host_address as *mut u8
+    }
+
+    fn size(&self) -> u64 {
+        self.size
     }
 }

@@ -31,8 +31,6 @@ pub mod chain;
 pub mod dir;
 pub mod dirty;
 pub mod files;
-#[cfg(test)]
-mod fuzz_seeds;
 pub mod host_resource;
 pub mod integrity;
 pub mod job;
@@ -48,6 +46,9 @@ pub mod restore;
 pub mod stale;
 pub mod state_file;
 pub mod writer;
+
+#[cfg(test)]
+mod tests;
 
 pub use state_file::{DeviceStates, SnapshotState};
 

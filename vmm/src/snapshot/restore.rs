@@ -482,5 +482,4 @@ pub fn restore_vm(
 }
 
 #[cfg(test)]
-#[path = "restore_tests.rs"]
 mod tests;

@@ -14,10 +14,23 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use agent_protocol::Message;
+use thiserror::Error;
 
-use super::launch::{run_setup, says_no_space, serial_tail, vm_args, RunContext};
+use super::launch::{run_setup, says_no_space, serial_tail, vm_args, LaunchError, RunContext};
 use super::suite::VmSpec;
 use super::vm_process::{connect_agent, exit_code};
+
+/// Why a fork's `skiff restore` arguments could not be made.
+#[derive(Debug, Error)]
+pub enum ForkError {
+    /// A writable disk could not be copied for the fork.
+    #[error("copying disk {} for this fork", .path.display())]
+    CopyDisk {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
 
 /// How long the stopped VM may take to exit after its snapshot.
 const STOP_PATIENCE: Duration = Duration::from_secs(30);
@@ -45,6 +58,12 @@ impl From<String> for BaseFailure {
             reason,
             no_space: false,
         }
+    }
+}
+
+impl From<LaunchError> for BaseFailure {
+    fn from(e: LaunchError) -> Self {
+        crate::error_chain(&e).into()
     }
 }
 
@@ -84,12 +103,18 @@ fn prepare_base(ctx: &RunContext, vm: &VmSpec, index: usize) -> Result<ForkBase,
     args.push(api.clone().into());
     let mut base = ctx.spawn(&args, &dir)?;
     let fail = |why: String| format!("{why}{}", serial_tail(&dir.join("serial.log")));
-    let mut client = connect_agent(&socket, Instant::now() + vm.boot_timeout, &mut base)
-        .map_err(|e| fail(format!("vm {:?} did not come up: {e}", vm.name)))?;
+    let mut client =
+        connect_agent(&socket, Instant::now() + vm.boot_timeout, &mut base).map_err(|e| {
+            fail(format!(
+                "vm {:?} did not come up: {}",
+                vm.name,
+                crate::error_chain(&e)
+            ))
+        })?;
     let mut transcript = std::fs::File::create(dir.join("setup-transcript.log"))
         .map_err(|e| format!("vm {:?}: artifact directory: {e}", vm.name))?;
     run_setup(&mut client, vm, &dir, &mut transcript, &mut base)
-        .map_err(|e| fail(format!("vm {:?}: {e}", vm.name)))?;
+        .map_err(|e| fail(format!("vm {:?}: {}", vm.name, crate::error_chain(&e))))?;
     client
         .request_done(&Message::Quiesce, || false)
         .map_err(|e| fail(format!("vm {:?}: agent quiesce: {e:?}", vm.name)))?;
@@ -145,7 +170,7 @@ pub fn restore_args(
     socket: &Path,
     serial: &Path,
     dir: &Path,
-) -> Result<Vec<OsString>, String> {
+) -> Result<Vec<OsString>, ForkError> {
     let mut args: Vec<OsString> = vec!["restore".into(), base.snapshot.clone().into()];
     let mut vsock = OsString::from("id=vsock0,socket=");
     vsock.push(socket);
@@ -155,8 +180,10 @@ pub fn restore_args(
     args.extend(["--serial".into(), serial_arg]);
     for (id, original) in &base.writable_disks {
         let copy = dir.join(format!("{id}.img"));
-        copy_disk(original, &copy)
-            .map_err(|e| format!("copying disk {} for this fork: {e}", original.display()))?;
+        copy_disk(original, &copy).map_err(|source| ForkError::CopyDisk {
+            path: original.clone(),
+            source,
+        })?;
         let mut spec = OsString::from(format!("id={id},path="));
         spec.push(&copy);
         args.extend(["--disk".into(), spec]);

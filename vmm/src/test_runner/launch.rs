@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use agent_protocol::{ExitStatus, Message};
+use thiserror::Error;
 
 use super::artifacts::Artifacts;
 use super::reaper::Reaper;
@@ -23,6 +24,24 @@ use crate::exec::client::{AgentClient, CommandEnd, CommandSpec, Interrupt};
 
 /// Serial lines quoted in a boot failure.
 const SERIAL_TAIL_LINES: usize = 3;
+
+/// Why a VM of the run could not be started or set up.
+#[derive(Debug, Error)]
+pub enum LaunchError {
+    /// The skiff process could not be started (or the watchdog has fired).
+    #[error("cannot start skiff")]
+    Spawn(#[source] std::io::Error),
+    /// An artifact file could not be created.
+    #[error("artifact {}", .path.display())]
+    Artifact {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A `setup` command did not exit 0; `end` describes how it ended.
+    #[error("setup command {argv:?} failed: {end}")]
+    Setup { argv: Vec<String>, end: String },
+}
 
 /// What every case of a run shares.
 #[derive(Debug)]
@@ -45,9 +64,9 @@ pub struct RunContext {
 impl RunContext {
     /// Starts `skiff ARGS` (artifacts in `dir`) as a VM the watchdog can kill; refused once the
     /// watchdog has fired.
-    pub fn spawn(&self, args: &[OsString], dir: &Path) -> Result<VmProcess, String> {
+    pub fn spawn(&self, args: &[OsString], dir: &Path) -> Result<VmProcess, LaunchError> {
         VmProcess::spawn(&self.skiff, args, dir, Some(self.watchdog.live()))
-            .map_err(|e| format!("cannot start skiff: {e}"))
+            .map_err(LaunchError::Spawn)
     }
 
     /// Records that `what` did not fit on its file system, and says so in one `skiff:` line
@@ -170,12 +189,13 @@ pub fn run_setup(
     dir: &Path,
     transcript: &mut std::fs::File,
     proc: &mut VmProcess,
-) -> Result<(), String> {
+) -> Result<(), LaunchError> {
+    let create = |path: PathBuf| {
+        std::fs::File::create(&path).map_err(|source| LaunchError::Artifact { path, source })
+    };
     for (n, argv) in vm.setup.iter().enumerate() {
-        let mut out = std::fs::File::create(dir.join(format!("setup-{n}.stdout")))
-            .map_err(|e| format!("artifact: {e}"))?;
-        let mut err = std::fs::File::create(dir.join(format!("setup-{n}.stderr")))
-            .map_err(|e| format!("artifact: {e}"))?;
+        let mut out = create(dir.join(format!("setup-{n}.stdout")))?;
+        let mut err = create(dir.join(format!("setup-{n}.stderr")))?;
         let _ = writeln!(transcript, "-> Exec {argv:?} (setup)");
         let end = client.run(
             &spec(argv, Some(vm.boot_timeout)),
@@ -186,7 +206,10 @@ pub fn run_setup(
         let what = describe(&end, proc);
         let _ = writeln!(transcript, "<- {what}");
         if end != CommandEnd::Exit(ExitStatus::Code(0)) {
-            return Err(format!("setup command {argv:?} failed: {what}"));
+            return Err(LaunchError::Setup {
+                argv: argv.clone(),
+                end: what,
+            });
         }
     }
     Ok(())

@@ -101,12 +101,17 @@ pub struct TestArgs {
     pub watchdog: Option<Duration>,
 }
 
-fn watchdog_seconds(s: &str) -> Result<Duration, String> {
+/// A `--watchdog` value that is not a positive number of seconds.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not a positive number of seconds")]
+pub struct WatchdogSecondsError(String);
+
+fn watchdog_seconds(s: &str) -> Result<Duration, WatchdogSecondsError> {
     s.parse::<f64>()
         .ok()
         .filter(|v| v.is_finite() && *v > 0.0 && *v < 1e9)
         .map(Duration::from_secs_f64)
-        .ok_or_else(|| format!("{s:?} is not a positive number of seconds"))
+        .ok_or_else(|| WatchdogSecondsError(s.to_string()))
 }
 
 fn suite_exit(e: &SuiteError) -> u8 {
@@ -139,7 +144,7 @@ fn gate(
             if let Some(cap) = required.iter().find(|c| mentions(r, c)) {
                 return Err(Mode::Fail(format!("{why}, and --require {cap} was given")));
             }
-            return Err(Mode::Skip(why));
+            return Err(Mode::Skip(why.to_string()));
         }
     }
     Ok(())

@@ -9,7 +9,7 @@ use thiserror::Error;
 
 use super::host_probe::HostCapabilities;
 
-/// A requirement that does not parse.
+/// A requirement that does not parse, or that the host does not meet.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum RequirementError {
     #[error("unexpected {found:?} at offset {at}")]
@@ -18,6 +18,9 @@ pub enum RequirementError {
     UnexpectedEnd,
     #[error("bad number {0:?} (expected digits, for mem>= optionally followed by K, M, G or T)")]
     Number(String),
+    /// The host does not meet the requirement: `terms` names each deciding term's value.
+    #[error("requires {requirement} ({terms})")]
+    Unmet { requirement: String, terms: String },
 }
 
 /// One term of an expression.
@@ -213,12 +216,15 @@ impl Requirement {
     }
 
     /// `Ok` when the host meets it, else the reason (the requirement and each term's value).
-    pub fn check(&self, host: &HostCapabilities) -> Result<(), String> {
+    pub fn check(&self, host: &HostCapabilities) -> Result<(), RequirementError> {
         let mut terms = Vec::new();
         if self.holds(host, &mut terms) {
             Ok(())
         } else {
-            Err(format!("requires {self} ({})", terms.join(", ")))
+            Err(RequirementError::Unmet {
+                requirement: self.to_string(),
+                terms: terms.join(", "),
+            })
         }
     }
 }
@@ -238,7 +244,10 @@ mod tests {
         let r = Requirement::parse("kvm & !hardware-kvm | cpus>=8").unwrap();
         assert_eq!(r.to_string(), "((kvm & !hardware-kvm) | cpus>=8)");
         assert!(r.check(&host(&["kvm"])).is_ok());
-        let e = r.check(&host(&["kvm", "hardware-kvm"])).unwrap_err();
+        let e = r
+            .check(&host(&["kvm", "hardware-kvm"]))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cpus>=8 unmet"), "{e}");
         let r = Requirement::parse("!(a | b) & mem>=2G").unwrap();
         assert!(r.check(&host(&[])).is_ok());

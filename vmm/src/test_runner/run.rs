@@ -16,10 +16,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use agent_protocol::ExitStatus;
+use thiserror::Error;
 
-use super::fork::{restore_args, ForkBase};
+use super::fork::{restore_args, ForkBase, ForkError};
 use super::launch::{
-    describe, resume, run_setup, says_no_space, serial_tail, spec, vm_args, RunContext,
+    describe, resume, run_setup, says_no_space, serial_tail, spec, vm_args, LaunchError, RunContext,
 };
 use super::report::{CaseResult, Verdict};
 use super::suite::{AgentKind, CaseRun, CaseSpec, VmSpec};
@@ -71,19 +72,57 @@ impl From<String> for Failure {
     }
 }
 
-fn matches_output(case: &CaseSpec, file: &Path) -> Result<(), String> {
+/// A case's output that fails its `output` pattern, or cannot be read.
+#[derive(Debug, Error)]
+enum OutputError {
+    /// The output file could not be read.
+    #[error("reading {}", .path.display())]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The output does not match the case's pattern.
+    #[error("output does not match /{pattern}/ (see {})", .path.display())]
+    Mismatch {
+        pattern: String,
+        path: std::path::PathBuf,
+    },
+}
+
+impl From<OutputError> for Failure {
+    fn from(e: OutputError) -> Self {
+        crate::error_chain(&e).into()
+    }
+}
+
+impl From<LaunchError> for Failure {
+    fn from(e: LaunchError) -> Self {
+        crate::error_chain(&e).into()
+    }
+}
+
+impl From<ForkError> for Failure {
+    fn from(e: ForkError) -> Self {
+        crate::error_chain(&e).into()
+    }
+}
+
+fn matches_output(case: &CaseSpec, file: &Path) -> Result<(), OutputError> {
     let Some(pattern) = &case.output else {
         return Ok(());
     };
-    let text = std::fs::read(file).map_err(|e| format!("reading {}: {e}", file.display()))?;
+    let text = std::fs::read(file).map_err(|source| OutputError::Read {
+        path: file.to_path_buf(),
+        source,
+    })?;
     if pattern.is_match(&String::from_utf8_lossy(&text)) {
         Ok(())
     } else {
-        Err(format!(
-            "output does not match /{}/ (see {})",
-            pattern.as_str(),
-            file.display()
-        ))
+        Err(OutputError::Mismatch {
+            pattern: pattern.as_str().to_string(),
+            path: file.to_path_buf(),
+        })
     }
 }
 
@@ -221,15 +260,20 @@ fn drive_agent(
     let mut transcript = std::fs::File::create(dir.join("agent-transcript.log"))
         .map_err(|e| format!("artifact: {e}"))?;
     let boot_fail = |why: String| format!("{why}{}", serial_tail(&serial));
-    let mut client =
-        connect_agent(socket, Instant::now() + w.vm.boot_timeout, proc).map_err(boot_fail)?;
+    let mut client = connect_agent(socket, Instant::now() + w.vm.boot_timeout, proc)
+        .map_err(|e| boot_fail(crate::error_chain(&e)))?;
     let _ = writeln!(transcript, "-> Hello, <- HelloReply");
     if let Mode::Fork(_) = w.mode {
         let _ = writeln!(transcript, "-> Resume");
         resume(&mut client, proc).map_err(|e| format!("agent resume: {e:?}"))?;
     } else {
-        run_setup(&mut client, &w.vm, dir, &mut transcript, proc)
-            .map_err(|e| Failure::from(format!("setup of vm {:?} failed: {e}", w.vm.name)))?;
+        run_setup(&mut client, &w.vm, dir, &mut transcript, proc).map_err(|e| {
+            Failure::from(format!(
+                "setup of vm {:?} failed: {}",
+                w.vm.name,
+                crate::error_chain(&e)
+            ))
+        })?;
     }
     let stdout_path = dir.join("stdout.log");
     let mut stdout = std::fs::File::create(&stdout_path).map_err(|e| format!("artifact: {e}"))?;
@@ -247,7 +291,7 @@ fn drive_agent(
     let _ = writeln!(transcript, "<- {what}");
     let verdict = match &end {
         CommandEnd::Exit(ExitStatus::Code(c)) if *c == w.case.exit_code => {
-            matches_output(&w.case, &stdout_path)
+            matches_output(&w.case, &stdout_path).map_err(|e| crate::error_chain(&e))
         }
         CommandEnd::Exit(ExitStatus::Code(c)) => {
             Err(format!("exit {c}, expected {}", w.case.exit_code))

@@ -106,7 +106,11 @@ impl TestVm {
         let mut proc = start(skiff, &args, dir)?;
         let mut client = connect_agent(&socket, Instant::now() + vm.boot_timeout, &mut proc)
             .map_err(|e| {
-                TestVmError::Boot(format!("{e}{}", serial_tail(&dir.join("serial.log"))))
+                TestVmError::Boot(format!(
+                    "{}{}",
+                    crate::error_chain(&e),
+                    serial_tail(&dir.join("serial.log"))
+                ))
             })?;
         let mut transcript =
             std::fs::File::create(dir.join("agent-transcript.log")).map_err(|source| {
@@ -115,7 +119,8 @@ impl TestVm {
                     source,
                 }
             })?;
-        run_setup(&mut client, vm, dir, &mut transcript, &mut proc).map_err(TestVmError::Setup)?;
+        run_setup(&mut client, vm, dir, &mut transcript, &mut proc)
+            .map_err(|e| TestVmError::Setup(crate::error_chain(&e)))?;
         Ok(Self {
             skiff: skiff.to_path_buf(),
             dir: dir.to_path_buf(),
@@ -147,7 +152,11 @@ impl TestVm {
         let mut proc = start(skiff, &args, dir)?;
         let mut client =
             connect_agent(&socket, Instant::now() + FORK_TIMEOUT, &mut proc).map_err(|e| {
-                TestVmError::Boot(format!("{e}{}", serial_tail(&dir.join("serial.log"))))
+                TestVmError::Boot(format!(
+                    "{}{}",
+                    crate::error_chain(&e),
+                    serial_tail(&dir.join("serial.log"))
+                ))
             })?;
         resume(&mut client, &mut proc).map_err(|e| TestVmError::Agent(format!("resume: {e:?}")))?;
         Ok(Self {

@@ -14,6 +14,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use thiserror::Error;
+
 use crate::exec::client::{AgentClient, Interrupt};
 
 /// How long the guest may first take to answer `CONNECT` and then `Hello` before the
@@ -206,6 +208,23 @@ impl Drop for VmProcess {
     }
 }
 
+/// Why a VM's agent could not be reached (part of a case's verdict).
+#[derive(Debug, Error)]
+pub enum AgentConnectError {
+    /// The VM's skiff ended first.
+    #[error("the VM ended (skiff exit {code}) before its agent answered")]
+    VmEnded { code: i32 },
+    /// No agent answered before the deadline.
+    #[error("no agent answered on vsock port {port} within the boot timeout")]
+    NoAnswer { port: u32 },
+    /// The connected stream could not be set up.
+    #[error("agent connection")]
+    Connection(#[source] std::io::Error),
+    /// The agent answered the greeting with something that is not a reply.
+    #[error("agent hello: {0}")]
+    Hello(String),
+}
+
 /// Connects to the agent behind the vsock socket `socket` and greets it, until `deadline`,
 /// giving up early when `vm` ends. A connection that is not answered in time is dropped and
 /// made again, with more patience each time. The error says why, for the verdict.
@@ -213,29 +232,25 @@ pub fn connect_agent(
     socket: &Path,
     deadline: Instant,
     vm: &mut VmProcess,
-) -> Result<AgentClient, String> {
+) -> Result<AgentClient, AgentConnectError> {
     let port = agent_protocol::AGENT_PORT;
     let mut answer = FIRST_ANSWER;
     loop {
         if let Some(status) = vm.ended() {
-            return Err(format!(
-                "the VM ended (skiff exit {}) before its agent answered",
-                exit_code(status)
-            ));
+            return Err(AgentConnectError::VmEnded {
+                code: exit_code(status),
+            });
         }
         if Instant::now() >= deadline {
-            return Err(format!(
-                "no agent answered on vsock port {port} within the boot timeout"
-            ));
+            return Err(AgentConnectError::NoAnswer { port });
         }
         if let Ok(stream) = UnixStream::connect(socket) {
             if let Ok(true) = handshake(&stream, port, answer) {
-                let mut client =
-                    AgentClient::new(stream).map_err(|e| format!("agent connection: {e}"))?;
+                let mut client = AgentClient::new(stream).map_err(AgentConnectError::Connection)?;
                 let asked = Instant::now();
                 match client.hello(|| asked.elapsed() >= answer) {
                     Ok(_) => return Ok(client),
-                    Err(Interrupt::Garbage(m)) => return Err(format!("agent hello: {m}")),
+                    Err(Interrupt::Garbage(m)) => return Err(AgentConnectError::Hello(m)),
                     Err(_) => {}
                 }
             }

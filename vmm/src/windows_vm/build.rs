@@ -203,18 +203,16 @@ pub fn build_vm(
         });
     }
     let vm = hypervisor.create_whp_vm()?;
-    for (slot, (region, view)) in guest
+    for (slot, (region, memory)) in guest
         .ram
         .regions()
         .iter()
-        .zip(guest.ram.views())
+        .zip(guest.ram.slot_memory())
         .enumerate()
     {
         let slot =
             u32::try_from(slot).map_err(|_| HypervisorError::TooManySlots { index: slot })?;
-        // SAFETY: the view belongs to `guest.ram`, which `WindowsVm` keeps until after the
-        // partition (and with it the GPA mapping) is gone.
-        unsafe { vm.map_memory(slot, region.guest_address, region.size, view.host_address()) }?;
+        vm.map_memory(slot, region.guest_address, memory)?;
     }
     vm.create_platform_devices()?;
     let exit = VmExitSignal::new().map_err(WindowsBuildError::ExitSignal)?;

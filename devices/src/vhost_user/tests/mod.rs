@@ -6,10 +6,12 @@
 //! `LOG_SHMFD` or `VHOST_F_LOG_ALL`), and a property test feeding random replies to the
 //! handshake (it must fail cleanly, never panic or hang). The scripted backend and its helpers
 //! live here; `reconnect`, `log_reconnect` and `interrupts` hold the tests of reconnects, of a
-//! restart while the dirty log is on, and of where a backend's interrupts go.
+//! restart while the dirty log is on, and of where a backend's interrupts go; `dirty_log` runs
+//! the log end to end against skiff's own backend.
 
 #![allow(clippy::unwrap_used)]
 
+mod dirty_log;
 mod interrupts;
 mod log_reconnect;
 mod reconnect;

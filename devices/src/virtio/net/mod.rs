@@ -13,8 +13,6 @@ mod queue_handler;
 pub mod tap;
 
 #[cfg(test)]
-mod real_tap_tests;
-#[cfg(test)]
 mod tests;
 
 pub use device::{NetError, VirtioNet};

@@ -11,6 +11,9 @@
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK,
     VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1,
@@ -19,10 +22,131 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 
 use super::signals::{SignalsState, VirtioPciSignals};
-use super::state::{CommonConfigState, QueueSetupState};
 use super::NO_VECTOR;
 use crate::guest_memory::TrackedGuestMemory;
 use crate::virtio::device::DeviceSignals;
+
+/// One queue as the driver programmed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSetupState {
+    /// Queue size (a power of two up to the device's maximum).
+    pub size: u16,
+    /// Descriptor table address.
+    pub desc: u64,
+    /// Available (driver) ring address.
+    pub driver: u64,
+    /// Used (device) ring address.
+    pub device: u64,
+    /// `queue_enable` was written.
+    pub enabled: bool,
+}
+
+/// The common configuration's registers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommonConfigState {
+    /// `device_feature_select`.
+    pub device_feature_select: u32,
+    /// `driver_feature_select`.
+    pub driver_feature_select: u32,
+    /// The features the driver wrote (accepted ones once `FEATURES_OK` is set).
+    pub driver_features: u64,
+    /// Device status (without `DEVICE_NEEDS_RESET`, which the signals hold).
+    pub status: u8,
+    /// `queue_select`.
+    pub queue_select: u16,
+    /// Every queue, in index order.
+    pub queues: Vec<QueueSetupState>,
+}
+
+/// Why a queue set-up, or a saved common configuration (untrusted), is refused.
+#[derive(Debug, Error)]
+pub enum CommonConfigError {
+    /// `virtio-queue` refused the set-up (size, alignment, address overflow).
+    #[error(
+        "queue {index}: invalid set-up (desc {desc:#x}, driver {driver:#x}, device {device:#x}, size {size})"
+    )]
+    QueueSetUp {
+        /// Queue index.
+        index: u16,
+        /// Descriptor table address.
+        desc: u64,
+        /// Driver (available) ring address.
+        driver: u64,
+        /// Device (used) ring address.
+        device: u64,
+        /// Queue size.
+        size: u16,
+        /// What `virtio-queue` refused.
+        #[source]
+        source: virtio_queue::Error,
+    },
+    /// The rings do not lie inside guest memory.
+    #[error(
+        "queue {index}: rings (desc {desc:#x}, driver {driver:#x}, device {device:#x}, size {size}) lie outside guest memory"
+    )]
+    RingsOutsideMemory {
+        /// Queue index.
+        index: u16,
+        /// Descriptor table address.
+        desc: u64,
+        /// Driver (available) ring address.
+        driver: u64,
+        /// Device (used) ring address.
+        device: u64,
+        /// Queue size.
+        size: u16,
+    },
+    /// The saved queue or vector count is not the device's.
+    #[error("{queues} queues and {vectors} queue vectors, the device has {expected} queues")]
+    QueueCount {
+        /// Saved queues.
+        queues: usize,
+        /// Saved queue vectors.
+        vectors: usize,
+        /// The device's queues.
+        expected: usize,
+    },
+    /// The saved status has bits no driver can set.
+    #[error("device status {status:#04x} has unknown bits")]
+    UnknownStatus {
+        /// The saved status.
+        status: u8,
+    },
+    /// The saved status skips feature negotiation.
+    #[error("device status {status:#04x} has DRIVER_OK without FEATURES_OK")]
+    DriverOkWithoutFeaturesOk {
+        /// The saved status.
+        status: u8,
+    },
+    /// The saved accepted features are not a valid choice from the offered ones.
+    #[error(
+        "accepted features {accepted:#x} are not a subset of the device's {offered:#x} with VERSION_1"
+    )]
+    Features {
+        /// The saved accepted features.
+        accepted: u64,
+        /// The features the device offers.
+        offered: u64,
+    },
+    /// A saved MSI-X vector is outside the table.
+    #[error("MSI-X vector {vector} is beyond the device's {count} vectors")]
+    Vector {
+        /// The saved vector.
+        vector: u16,
+        /// The device's vector count.
+        count: u16,
+    },
+    /// A saved queue size is not one the driver could have written.
+    #[error("queue {index}: size {size} is not a power of two in 1..={max}")]
+    QueueSize {
+        /// Queue index.
+        index: u16,
+        /// The saved size.
+        size: u16,
+        /// The queue's maximum size.
+        max: u16,
+    },
+}
 
 /// Size of the common configuration structure (virtio 1.0 fields, through `queue_device`).
 pub const COMMON_CONFIG_SIZE: u64 = 0x38;
@@ -182,16 +306,16 @@ impl CommonConfig {
     }
 
     fn build_queue(&self, index: u16, q: &QueueSetup) -> Option<Queue> {
-        match self.try_build_queue(q) {
+        match self.try_build_queue(index, q) {
             Ok(queue) => Some(queue),
             Err(e) => {
-                self.broken(format_args!("queue {index}: {e}"));
+                self.broken(format_args!("{}", crate::error_chain(&e)));
                 None
             }
         }
     }
 
-    fn try_build_queue(&self, q: &QueueSetup) -> Result<Queue, String> {
+    fn try_build_queue(&self, index: u16, q: &QueueSetup) -> Result<Queue, CommonConfigError> {
         let built = Queue::new(q.max_size).and_then(|mut queue| {
             queue.try_set_size(q.size)?;
             queue.try_set_desc_table_address(GuestAddress(q.desc))?;
@@ -202,14 +326,21 @@ impl CommonConfig {
         });
         match built {
             Ok(queue) if queue.is_valid(&self.mem) => Ok(queue),
-            Ok(_) => Err(format!(
-                "rings (desc {:#x}, driver {:#x}, device {:#x}, size {}) lie outside guest memory",
-                q.desc, q.driver, q.device, q.size
-            )),
-            Err(e) => Err(format!(
-                "invalid set-up (desc {:#x}, driver {:#x}, device {:#x}, size {}): {e}",
-                q.desc, q.driver, q.device, q.size
-            )),
+            Ok(_) => Err(CommonConfigError::RingsOutsideMemory {
+                index,
+                desc: q.desc,
+                driver: q.driver,
+                device: q.device,
+                size: q.size,
+            }),
+            Err(source) => Err(CommonConfigError::QueueSetUp {
+                index,
+                desc: q.desc,
+                driver: q.driver,
+                device: q.device,
+                size: q.size,
+                source,
+            }),
         }
     }
 
@@ -480,55 +611,53 @@ impl CommonConfig {
         &mut self,
         state: &CommonConfigState,
         signals: &SignalsState,
-    ) -> Result<(), String> {
+    ) -> Result<(), CommonConfigError> {
         if state.queues.len() != self.queues.len()
             || signals.queue_vectors.len() != self.queues.len()
         {
-            return Err(format!(
-                "{} queues and {} queue vectors, the device has {} queues",
-                state.queues.len(),
-                signals.queue_vectors.len(),
-                self.queues.len()
-            ));
+            return Err(CommonConfigError::QueueCount {
+                queues: state.queues.len(),
+                vectors: signals.queue_vectors.len(),
+                expected: self.queues.len(),
+            });
         }
         const KNOWN: u8 = 1 | 2 | STATUS_FEATURES_OK | STATUS_DRIVER_OK | STATUS_FAILED;
         if state.status & !KNOWN != 0 {
-            return Err(format!(
-                "device status {:#04x} has unknown bits",
-                state.status
-            ));
+            return Err(CommonConfigError::UnknownStatus {
+                status: state.status,
+            });
         }
         if state.status & STATUS_DRIVER_OK != 0 && state.status & STATUS_FEATURES_OK == 0 {
-            return Err(format!(
-                "device status {:#04x} has DRIVER_OK without FEATURES_OK",
-                state.status
-            ));
+            return Err(CommonConfigError::DriverOkWithoutFeaturesOk {
+                status: state.status,
+            });
         }
         let accepted = state.driver_features & !self.device_features == 0
             && state.driver_features & VERSION_1 != 0;
         if state.status & STATUS_FEATURES_OK != 0 && !accepted {
-            return Err(format!(
-                "accepted features {:#x} are not a subset of the device's {:#x} with VERSION_1",
-                state.driver_features, self.device_features
-            ));
+            return Err(CommonConfigError::Features {
+                accepted: state.driver_features,
+                offered: self.device_features,
+            });
         }
         let vector_ok = |v: u16| v == NO_VECTOR || v < self.vector_count;
         if let Some(v) = std::iter::once(&signals.config_vector)
             .chain(&signals.queue_vectors)
             .find(|&&v| !vector_ok(v))
         {
-            return Err(format!(
-                "MSI-X vector {v} is beyond the device's {} vectors",
-                self.vector_count
-            ));
+            return Err(CommonConfigError::Vector {
+                vector: *v,
+                count: self.vector_count,
+            });
         }
         let mut queues = self.queues.clone();
-        for (index, (q, saved)) in queues.iter_mut().zip(&state.queues).enumerate() {
+        for (index, (q, saved)) in (0u16..).zip(queues.iter_mut().zip(&state.queues)) {
             if saved.size == 0 || saved.size > q.max_size || !saved.size.is_power_of_two() {
-                return Err(format!(
-                    "queue {index}: size {} is not a power of two in 1..={}",
-                    saved.size, q.max_size
-                ));
+                return Err(CommonConfigError::QueueSize {
+                    index,
+                    size: saved.size,
+                    max: q.max_size,
+                });
             }
             q.size = saved.size;
             q.desc = saved.desc;
@@ -536,8 +665,7 @@ impl CommonConfig {
             q.device = saved.device;
             q.enabled = saved.enabled;
             if q.enabled {
-                self.try_build_queue(q)
-                    .map_err(|e| format!("queue {index}: {e}"))?;
+                self.try_build_queue(index, q)?;
             }
         }
         self.device_feature_select = state.device_feature_select;

@@ -30,6 +30,7 @@ use thiserror::Error;
 use virtio_bindings::virtio_config::{VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_F_VERSION_1};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::activation::ActivationError;
 use super::common_config::{CommonConfig, StatusAction, COMMON_CONFIG_SIZE};
 use super::signals::VirtioPciSignals;
 use super::state::{StateError, VirtioPciState};
@@ -466,8 +467,9 @@ impl VirtioPciDevice {
             crate::guest_warn!(
                 self.signals.guest_warnings(),
                 "activation refused",
-                "virtio {}: activation failed: {e}",
-                self.name
+                "virtio {}: activation failed: {}",
+                self.name,
+                crate::error_chain(&e)
             );
             self.signals.set_needs_reset();
         }
@@ -476,19 +478,20 @@ impl VirtioPciDevice {
     /// Activates the device model on the enabled queues; with `progress` (a snapshot's resume
     /// or restore) each queue continues at its saved position and is kicked once, so chains
     /// the driver made available before the snapshot are taken. `Err` says why not.
-    fn activate_at(&mut self, progress: Option<&[QueueProgress]>) -> Result<(), String> {
+    fn activate_at(&mut self, progress: Option<&[QueueProgress]>) -> Result<(), ActivationError> {
         use virtio_queue::QueueT;
+        let device = self.name;
         let Some(enabled) = self.common.enabled_queues() else {
-            return Err("a queue no longer checks out".into()); // Marked broken already.
+            return Err(ActivationError::QueueRefused { device }); // Marked broken already.
         };
         if let Some(progress) = progress {
             for (i, p) in progress.iter().enumerate() {
                 let known = enabled.iter().any(|(index, _)| *index == p.index);
                 if !known || progress[..i].iter().any(|o| o.index == p.index) {
-                    return Err(format!(
-                        "saved position of queue {} does not match an enabled queue",
-                        p.index
-                    ));
+                    return Err(ActivationError::Progress {
+                        device,
+                        queue: p.index,
+                    });
                 }
             }
         }
@@ -496,7 +499,11 @@ impl VirtioPciDevice {
         for (index, mut queue) in enabled {
             let kick = self.kicks[usize::from(index)]
                 .try_clone()
-                .map_err(|e| format!("cannot share queue {index}'s eventfd: {e}"))?;
+                .map_err(|source| ActivationError::ShareEventFd {
+                    device,
+                    queue: index,
+                    source,
+                })?;
             if let Some(p) = progress.and_then(|p| p.iter().find(|p| p.index == index)) {
                 queue.set_next_avail(p.next_avail);
                 queue.set_next_used(p.next_used);
@@ -512,7 +519,7 @@ impl VirtioPciDevice {
             event_loop: self.event_loop.clone(),
         };
         self.activation_attempted = true;
-        self.device.activate(ctx).map_err(|e| e.to_string())?;
+        self.device.activate(ctx)?;
         if progress.is_some() {
             for index in kicks {
                 if let Err(e) = self.kicks[usize::from(index)].write(1) {
@@ -553,8 +560,9 @@ impl VirtioPciDevice {
         if let Some(progress) = self.quiesced.take() {
             if let Err(e) = self.activate_at(Some(&progress)) {
                 log::warn!(
-                    "virtio {}: cannot resume after the snapshot: {e}",
-                    self.name
+                    "virtio {}: cannot resume after the snapshot: {}",
+                    self.name,
+                    crate::error_chain(&e)
                 );
                 self.signals.set_needs_reset();
             }
@@ -586,7 +594,6 @@ impl VirtioPciDevice {
     /// is restored, so that two BARs the guest swapped do not collide).
     pub fn restore(&mut self, state: &VirtioPciState) -> Result<(), StateError> {
         let device = self.name;
-        let invalid = |what: String| StateError::Invalid { device, what };
         let mut config = self.config.clone();
         config
             .restore(&state.config)
@@ -596,21 +603,25 @@ impl VirtioPciDevice {
             .map_err(|source| StateError::Msix { device, source })?;
         self.common
             .restore(&state.common, &state.signals)
-            .map_err(invalid)?;
+            .map_err(|source| StateError::CommonConfig {
+                device,
+                source: Box::new(source),
+            })?;
         self.config = config;
         let control = self.config.read_u16(self.msix_cap + 2);
         self.lock_msix().set_control(control);
         let driver_ok = self.common.status() & VIRTIO_CONFIG_S_DRIVER_OK as u8 != 0;
         if !driver_ok && !state.progress.is_empty() {
-            return Err(invalid(
-                "queue positions saved for a device the driver never activated".into(),
-            ));
+            return Err(StateError::ProgressWithoutDriverOk { device });
         }
         if driver_ok {
             self.activation_attempted = true;
             if !state.progress.is_empty() {
                 self.activate_at(Some(&state.progress))
-                    .map_err(|reason| StateError::Activate { device, reason })?;
+                    .map_err(|source| StateError::Activate {
+                        device,
+                        source: Box::new(source),
+                    })?;
             }
         }
         Ok(())

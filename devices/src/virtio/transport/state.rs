@@ -13,42 +13,12 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use super::activation::ActivationError;
+use super::common_config::{CommonConfigError, CommonConfigState};
 use super::signals::SignalsState;
 use crate::pci::config_space::{ConfigSpaceError, ConfigSpaceState};
 use crate::pci::msix::{MsixError, MsixState};
 use crate::virtio::device::QueueProgress;
-
-/// One queue as the driver programmed it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QueueSetupState {
-    /// Queue size (a power of two up to the device's maximum).
-    pub size: u16,
-    /// Descriptor table address.
-    pub desc: u64,
-    /// Available (driver) ring address.
-    pub driver: u64,
-    /// Used (device) ring address.
-    pub device: u64,
-    /// `queue_enable` was written.
-    pub enabled: bool,
-}
-
-/// The common configuration's registers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CommonConfigState {
-    /// `device_feature_select`.
-    pub device_feature_select: u32,
-    /// `driver_feature_select`.
-    pub driver_feature_select: u32,
-    /// The features the driver wrote (accepted ones once `FEATURES_OK` is set).
-    pub driver_features: u64,
-    /// Device status (without `DEVICE_NEEDS_RESET`, which the signals hold).
-    pub status: u8,
-    /// `queue_select`.
-    pub queue_select: u16,
-    /// Every queue, in index order.
-    pub queues: Vec<QueueSetupState>,
-}
 
 /// Everything a snapshot keeps of one virtio PCI function's transport.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,7 +37,7 @@ pub struct VirtioPciState {
 }
 
 /// Why a saved virtio PCI function cannot be restored.
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Error)]
 pub enum StateError {
     /// The saved configuration space is unusable.
     #[error("virtio {device}: saved PCI configuration space")]
@@ -87,20 +57,30 @@ pub enum StateError {
         #[source]
         source: MsixError,
     },
-    /// A value out of range.
-    #[error("virtio {device}: saved state is invalid: {what}")]
-    Invalid {
+    /// A saved common-configuration value out of range.
+    #[error("virtio {device}: saved state is invalid")]
+    CommonConfig {
         /// Device name.
         device: &'static str,
-        /// What is wrong, with the value.
-        what: String,
+        /// Which value, and why.
+        #[source]
+        source: Box<CommonConfigError>,
+    },
+    /// Queue positions saved for a device the driver never activated.
+    #[error(
+        "virtio {device}: saved state is invalid: queue positions saved for a device the driver never activated"
+    )]
+    ProgressWithoutDriverOk {
+        /// Device name.
+        device: &'static str,
     },
     /// Activating the restored device failed.
-    #[error("virtio {device}: cannot activate the restored device: {reason}")]
+    #[error("virtio {device}: cannot activate the restored device")]
     Activate {
         /// Device name.
         device: &'static str,
         /// Why.
-        reason: String,
+        #[source]
+        source: Box<ActivationError>,
     },
 }

@@ -23,6 +23,7 @@ use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_iow_nr;
 
 use crate::hypervisor::{DirtyLog, HypervisorError, Result, SlotDirtyPages};
+use crate::memory::SlotMemory;
 
 ioctl_iow_nr!(
     KVM_SET_USER_MEMORY_REGION,
@@ -35,16 +36,35 @@ ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
 /// KVM's dirty bitmap granularity: one bit per 4 KiB guest page, whatever backs the slot.
 const DIRTY_PAGE: u64 = 4096;
 
-/// One registered memory slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One registered memory slot, holding the host memory behind it.
+#[derive(Debug, Clone)]
 pub(super) struct Slot {
     pub(super) slot: u32,
     pub(super) guest_address: u64,
-    pub(super) size: u64,
-    pub(super) host_address: u64,
+    pub(super) memory: Arc<dyn SlotMemory>,
 }
 
-/// The memory slots of one VM, as `map_memory` registered them.
+impl Slot {
+    /// The slot's length in bytes.
+    pub(super) fn size(&self) -> u64 {
+        self.memory.size()
+    }
+
+    /// The registration KVM takes for this slot, with `flags`.
+    pub(super) fn region(&self, flags: u32) -> kvm_userspace_memory_region {
+        kvm_userspace_memory_region {
+            slot: self.slot,
+            flags,
+            guest_phys_addr: self.guest_address,
+            memory_size: self.size(),
+            userspace_addr: self.memory.as_ptr() as u64,
+        }
+    }
+}
+
+/// The memory slots of one VM, as `map_memory` registered them. Everything that can reach the
+/// VM in the kernel (its descriptor, each duplicate, each vCPU) holds this table, so the host
+/// memory of every slot stays mapped for as long as the guest can use it.
 pub(super) type SlotTable = Arc<Mutex<Vec<Slot>>>;
 
 /// Records `slot` (replacing an entry with the same number).
@@ -83,16 +103,10 @@ impl KvmDirtyLog {
     }
 
     fn register(&self, s: &Slot, flags: u32) -> Result<()> {
-        let region = kvm_userspace_memory_region {
-            slot: s.slot,
-            flags,
-            guest_phys_addr: s.guest_address,
-            memory_size: s.size,
-            userspace_addr: s.host_address,
-        };
+        let region = s.region(flags);
         // SAFETY: `self.vm` is a KVM VM descriptor and the kernel only reads `region`. The slot
-        // keeps exactly the range `map_memory` registered (whose caller vouched that it stays
-        // mapped); only its flags change.
+        // keeps exactly the range `map_memory` registered, whose memory the slot table holds
+        // (and this handle holds the table); only its flags change.
         let rc = unsafe { ioctl_with_ref(&self.vm, KVM_SET_USER_MEMORY_REGION(), &region) };
         if rc < 0 {
             return Err(HypervisorError::DirtyLogging {
@@ -105,7 +119,7 @@ impl KvmDirtyLog {
     }
 
     fn fetch(&self, s: &Slot) -> Result<Vec<u64>> {
-        let mut bitmap = vec![0u64; bitmap_words(s.size)];
+        let mut bitmap = vec![0u64; bitmap_words(s.size())];
         let log = kvm_dirty_log {
             slot: s.slot,
             padding1: 0,
@@ -167,7 +181,7 @@ impl DirtyLog for KvmDirtyLog {
             .map(|s| {
                 Ok(SlotDirtyPages {
                     guest_address: s.guest_address,
-                    size: s.size,
+                    size: s.size(),
                     bitmap: self.fetch(s)?,
                 })
             })
@@ -178,15 +192,16 @@ impl DirtyLog for KvmDirtyLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::memory::slot_memory::TestMemory;
 
     #[test]
     fn slot_table_keeps_one_entry_per_slot_in_address_order() {
         let table: SlotTable = Arc::default();
+        let memory = TestMemory::new(1 << 20);
         let slot = |n, at| Slot {
             slot: n,
             guest_address: at,
-            size: 1 << 20,
-            host_address: 0x1000,
+            memory: memory.clone(),
         };
         record_slot(&table, slot(1, 1 << 32));
         record_slot(&table, slot(0, 0));
@@ -211,25 +226,11 @@ mod tests {
             return;
         };
         let vm = kvm.create_vm().unwrap();
-        let size = 2 << 20;
-        // SAFETY: a fresh anonymous mapping, unmapped at the end of the test after the VM.
-        let host = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(host, libc::MAP_FAILED);
         let table: SlotTable = Arc::default();
         let slot = Slot {
             slot: 0,
             guest_address: 0,
-            size: size as u64,
-            host_address: host as u64,
+            memory: TestMemory::new(2 << 20),
         };
         let log = KvmDirtyLog::new(&vm, table.clone(), Arc::default()).unwrap();
         log.register(&slot, 0).unwrap();
@@ -245,7 +246,5 @@ mod tests {
         assert!(!log.is_tracking());
         drop(log);
         drop(vm);
-        // SAFETY: unmaps the mapping made above; the VM using it is gone.
-        unsafe { libc::munmap(host, size) };
     }
 }

@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_iow_nr;
 
+use super::dirty_log::SlotTable;
 use crate::hypervisor::{HypervisorError, IoEvents, MsiRoute, MsiRouting, Result, FIRST_MSI_GSI};
 
 /// Pins of the in-kernel IOAPIC.
@@ -143,11 +144,16 @@ fn duplicate(vm: &VmFd) -> Result<File> {
 #[derive(Debug)]
 pub(super) struct KvmIoEvents {
     vm: File,
+    /// Keeps every memory slot's host memory mapped while `vm` can reach the VM.
+    _slots: SlotTable,
 }
 
 impl KvmIoEvents {
-    pub(super) fn new(vm: &VmFd) -> Result<Self> {
-        Ok(Self { vm: duplicate(vm)? })
+    pub(super) fn new(vm: &VmFd, slots: SlotTable) -> Result<Self> {
+        Ok(Self {
+            vm: duplicate(vm)?,
+            _slots: slots,
+        })
     }
 }
 
@@ -166,11 +172,16 @@ impl IoEvents for KvmIoEvents {
 #[derive(Debug)]
 pub(super) struct KvmMsiRouting {
     vm: File,
+    /// Keeps every memory slot's host memory mapped while `vm` can reach the VM.
+    _slots: SlotTable,
 }
 
 impl KvmMsiRouting {
-    pub(super) fn new(vm: &VmFd) -> Result<Self> {
-        Ok(Self { vm: duplicate(vm)? })
+    pub(super) fn new(vm: &VmFd, slots: SlotTable) -> Result<Self> {
+        Ok(Self {
+            vm: duplicate(vm)?,
+            _slots: slots,
+        })
     }
 }
 

@@ -5,6 +5,7 @@ use kvm_bindings::{kvm_fpu, CpuId, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUT
 use kvm_ioctls::{VcpuExit as KvmExit, VcpuFd};
 
 use super::convert;
+use super::dirty_log::SlotTable;
 use crate::hypervisor::state::MsrValue;
 use crate::hypervisor::{HypervisorError, Result, Vcpu, VcpuExit};
 
@@ -19,11 +20,14 @@ const APIC_MODE_NMI: u32 = 0x4;
 #[derive(Debug)]
 pub struct KvmVcpu {
     pub(super) fd: VcpuFd,
+    /// Keeps every memory slot's host memory mapped while this vCPU (which holds a kernel
+    /// reference to its VM) can run. Declared after `fd`, so dropped after it.
+    _slots: SlotTable,
 }
 
 impl KvmVcpu {
-    pub(super) fn new(fd: VcpuFd) -> Self {
-        Self { fd }
+    pub(super) fn new(fd: VcpuFd, slots: SlotTable) -> Self {
+        Self { fd, _slots: slots }
     }
 }
 

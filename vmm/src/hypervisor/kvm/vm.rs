@@ -5,9 +5,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
-};
+use kvm_bindings::{kvm_pit_config, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -16,6 +14,7 @@ use super::vcpu::KvmVcpu;
 use crate::hypervisor::{
     DirtyLog, HypervisorError, IoEvents, MsiRoute, MsiRouting, Result, Vcpu, Vm,
 };
+use crate::memory::SlotMemory;
 
 /// Where KVM places the three-page TSS it needs for real-mode emulation on Intel: inside the MMIO
 /// hole, above the local APIC, clear of RAM and devices.
@@ -25,7 +24,9 @@ const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 #[derive(Debug)]
 pub struct KvmVm {
     pub(super) fd: VmFd,
-    /// Every memory slot registered, for dirty logging (`dirty_log.rs`).
+    /// Every memory slot registered, with its memory: for dirty logging (`dirty_log.rs`), and
+    /// shared with every handle that can reach the VM in the kernel, so each slot's memory
+    /// stays mapped as long as the guest can use it. Declared after `fd`, so dropped after it.
     slots: SlotTable,
     /// Whether the slots log dirty pages (shared with every `dirty_log` handle).
     tracking: Arc<AtomicBool>,
@@ -42,43 +43,31 @@ impl KvmVm {
 }
 
 impl Vm for KvmVm {
-    unsafe fn map_memory(
-        &self,
-        slot: u32,
-        guest_address: u64,
-        size: u64,
-        host_address: u64,
-    ) -> Result<()> {
+    fn map_memory(&self, slot: u32, guest_address: u64, memory: Arc<dyn SlotMemory>) -> Result<()> {
         let flags = if self.tracking.load(Ordering::Acquire) {
             KVM_MEM_LOG_DIRTY_PAGES
         } else {
             0
         };
-        let region = kvm_userspace_memory_region {
+        let record = Slot {
             slot,
-            flags,
-            guest_phys_addr: guest_address,
-            memory_size: size,
-            userspace_addr: host_address,
+            guest_address,
+            memory,
         };
-        // SAFETY: the caller guarantees the host range is a live mapping that outlives the VM.
+        let region = record.region(flags);
+        // SAFETY: the range is `record.memory`, a readable and writable mapping (`SlotMemory`'s
+        // contract) that the slot table keeps mapped; every holder of a kernel reference to
+        // this VM (its descriptor, each duplicate, each vCPU) holds the table, so the mapping
+        // outlives the slot.
         unsafe { self.fd.set_user_memory_region(region) }.map_err(|e| {
             HypervisorError::MapMemory {
                 slot,
                 guest_address,
-                size,
+                size: region.memory_size,
                 source: e.into(),
             }
         })?;
-        record_slot(
-            &self.slots,
-            Slot {
-                slot,
-                guest_address,
-                size,
-                host_address,
-            },
-        );
+        record_slot(&self.slots, record);
         Ok(())
     }
 
@@ -110,7 +99,10 @@ impl Vm for KvmVm {
     }
 
     fn ioevents(&self) -> Result<Arc<dyn IoEvents>> {
-        Ok(Arc::new(super::irq::KvmIoEvents::new(&self.fd)?))
+        Ok(Arc::new(super::irq::KvmIoEvents::new(
+            &self.fd,
+            self.slots.clone(),
+        )?))
     }
 
     fn set_msi_routes(&self, routes: &[MsiRoute]) -> Result<()> {
@@ -120,6 +112,7 @@ impl Vm for KvmVm {
     fn msi_routing(&self) -> Result<std::sync::Arc<dyn MsiRouting>> {
         Ok(std::sync::Arc::new(super::irq::KvmMsiRouting::new(
             &self.fd,
+            self.slots.clone(),
         )?))
     }
 
@@ -131,7 +124,7 @@ impl Vm for KvmVm {
                     index,
                     source: e.into(),
                 })?;
-        Ok(Box::new(KvmVcpu::new(fd)))
+        Ok(Box::new(KvmVcpu::new(fd, self.slots.clone())))
     }
 
     fn dirty_log(&self) -> Result<Arc<dyn DirtyLog>> {

@@ -29,6 +29,12 @@ pub enum EmulationError {
         /// Size the emulator asked for.
         size: u8,
     },
+    /// The emulator did not finish the instruction; the message names every failure bit.
+    #[error("emulation failed{} (status {status:#x})", failure_reasons(*status))]
+    Failed {
+        /// `WHV_EMULATOR_STATUS` as the emulator returned it.
+        status: u32,
+    },
 }
 
 /// Guest RAM as the emulator's memory callback reaches it.
@@ -126,12 +132,17 @@ const STATUS_BITS: [&str; 10] = [
     "the guest cannot be faulted",
 ];
 
-/// `Ok` when the emulator's status says it finished the instruction, otherwise every failure
-/// bit it set, as one line.
-pub fn check_status(status: u32) -> Result<(), String> {
+/// `Ok` when the emulator's status says it finished the instruction, otherwise
+/// `EmulationError::Failed`, whose message lists every failure bit it set.
+pub fn check_status(status: u32) -> Result<(), EmulationError> {
     if status & 1 != 0 {
         return Ok(());
     }
+    Err(EmulationError::Failed { status })
+}
+
+/// The failure bits of an emulator status as ": a, b", or nothing when none is set.
+fn failure_reasons(status: u32) -> String {
     let reasons: Vec<&str> = STATUS_BITS
         .iter()
         .enumerate()
@@ -140,12 +151,9 @@ pub fn check_status(status: u32) -> Result<(), String> {
         .map(|(_, text)| *text)
         .collect();
     if reasons.is_empty() {
-        Err(format!("emulation failed (status {status:#x})"))
+        String::new()
     } else {
-        Err(format!(
-            "emulation failed: {} (status {status:#x})",
-            reasons.join(", ")
-        ))
+        format!(": {}", reasons.join(", "))
     }
 }
 
@@ -318,12 +326,12 @@ mod tests {
         assert_eq!(check_status(1), Ok(()));
         assert_eq!(check_status(1 | 1 << 3), Ok(()));
         assert_eq!(
-            check_status(1 << 3 | 1 << 9),
-            Err(
-                "emulation failed: memory callback failed, the guest cannot be faulted (status 0x208)"
-                    .into()
-            )
+            check_status(1 << 3 | 1 << 9).unwrap_err().to_string(),
+            "emulation failed: memory callback failed, the guest cannot be faulted (status 0x208)"
         );
-        assert_eq!(check_status(0), Err("emulation failed (status 0x0)".into()));
+        assert_eq!(
+            check_status(0).unwrap_err().to_string(),
+            "emulation failed (status 0x0)"
+        );
     }
 }

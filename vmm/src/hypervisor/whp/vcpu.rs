@@ -30,7 +30,7 @@ use windows::Win32::System::Hypervisor::{
 };
 
 use super::cpuid::CpuidPlan;
-use super::emulation::{check_status, EmulatedAccess, GuestRam};
+use super::emulation::{check_status, EmulatedAccess, EmulationError, GuestRam};
 use super::emulator::{CallbackContext, Emulator, VpAccess};
 use super::exit::{Completion, ExitDecoder, VcpuStep};
 use super::exit_context::raw_exit;
@@ -402,7 +402,7 @@ impl WhpVcpu {
 
     /// Runs the emulator on the current exit (port I/O when `io`, MMIO otherwise). `None`
     /// when it finished the instruction, else why not.
-    fn emulate(&mut self, io: bool) -> Result<Option<String>> {
+    fn emulate(&mut self, io: bool) -> Result<Option<EmulationError>> {
         let vp = Vp {
             partition: &self.partition,
             index: self.index,

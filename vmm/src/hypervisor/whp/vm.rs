@@ -34,13 +34,13 @@ use super::halt::HaltWake;
 use super::host_cpuid::host_cpuid;
 use super::library::{WhpLibrary, WhpLoadError};
 use super::msi_routes::MsiRoutes;
-use super::partition::{Partition, PartitionError};
+use super::partition::Partition;
 use super::vcpu::{VcpuCanceller, VcpuIo, WhpVcpu};
 use crate::hypervisor::state::VmState;
 use crate::hypervisor::{
     DirtyLog, Hypervisor, HypervisorError, MsiRoute, MsiRouting, Result, Vcpu, Vm, VmSnapshot,
 };
-use crate::memory::MappedRam;
+use crate::memory::{MappedRam, SlotMemory};
 
 /// At most this many vCPUs: xAPIC IDs are 8 bits and 0xFF is the broadcast ID.
 pub const MAX_VCPUS: usize = 254;
@@ -83,7 +83,7 @@ impl WhpHypervisor {
     /// `WhpVm`'s own steps (`attach_buses`, `platform`, `isa_irq`, `canceller`).
     pub fn create_whp_vm(&self) -> Result<WhpVm> {
         let partition = Partition::create(self.lib.clone(), self.vcpus, &self.cpuid)
-            .map_err(partition_error)?;
+            .map_err(HypervisorError::Partition)?;
         let wakes = (0..self.vcpus)
             .map(|_| Arc::new(HaltWake::default()))
             .collect();
@@ -120,14 +120,6 @@ impl Hypervisor for WhpHypervisor {
     fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>> {
         Ok(self.supported.clone())
     }
-}
-
-fn partition_error(e: PartitionError) -> HypervisorError {
-    let what = match &e {
-        PartitionError::TooManyVcpus { .. } => "setting the WHP partition's processor count",
-        _ => "setting up the WHP partition",
-    };
-    HypervisorError::call(what, std::io::Error::other(crate::error_chain(&e)))
 }
 
 /// Interrupt delivery for one partition: `WHvRequestInterrupt`, then a wake-up for vCPUs that
@@ -230,7 +222,8 @@ pub struct WhpVm {
     interrupts: Arc<WhpInterrupts>,
     cpuid: Arc<CpuidPlan>,
     ram: Arc<MappedRam>,
-    mapped: Mutex<Vec<(u64, u64)>>,
+    /// Each mapped GPA range with the memory behind it, held until the range is unmapped.
+    mapped: Mutex<Vec<(u64, Arc<dyn SlotMemory>)>>,
     routes: Arc<MsiRoutes>,
     platform: Mutex<Option<WhpPlatform>>,
     pit_timer: Mutex<Option<PitTimer>>,
@@ -304,52 +297,53 @@ impl WhpVm {
 impl Drop for WhpVm {
     fn drop(&mut self) {
         let partition = &self.interrupts.partition;
-        for (gpa, size) in self
+        for (gpa, memory) in self
             .mapped
             .get_mut()
             .unwrap_or_else(PoisonError::into_inner)
             .drain(..)
         {
             // SAFETY: the range was mapped by `map_memory` on this live partition.
-            let hr = unsafe { (partition.lib().unmap_gpa_range)(partition.handle(), gpa, size) };
+            let hr = unsafe {
+                (partition.lib().unmap_gpa_range)(partition.handle(), gpa, memory.size())
+            };
             if let Err(e) = hr.ok() {
                 log::warn!("WHvUnmapGpaRange at {gpa:#x} failed: {e}");
+                // The partition may still reach the memory: keep it mapped for good.
+                std::mem::forget(memory);
             }
         }
     }
 }
 
 impl Vm for WhpVm {
-    unsafe fn map_memory(
+    fn map_memory(
         &self,
         _slot: u32,
         guest_address: u64,
-        size: u64,
-        host_address: u64,
+        memory: Arc<dyn SlotMemory>,
     ) -> Result<()> {
         let flags =
             WHvMapGpaRangeFlagRead.0 | WHvMapGpaRangeFlagWrite.0 | WHvMapGpaRangeFlagExecute.0;
         let partition = self.partition();
-        // SAFETY: the caller promises a live writable mapping of `size` bytes at
-        // `host_address` that outlives the VM; it is unmapped in `Drop`.
+        // SAFETY: `memory` is a readable and writable mapping of `memory.size()` bytes
+        // (`SlotMemory`'s contract), which `mapped` holds until `Drop` unmaps the range.
         unsafe {
             (partition.lib().map_gpa_range)(
                 partition.handle(),
-                host_address as *const _,
+                memory.as_ptr().cast_const().cast(),
                 guest_address,
-                size,
+                memory.size(),
                 WHV_MAP_GPA_RANGE_FLAGS(flags),
             )
         }
         .ok()
         .map_err(|e| HypervisorError::call("WHvMapGpaRange", e))?;
+        self.ram.add(guest_address, memory.clone());
         self.mapped
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .push((guest_address, size));
-        // SAFETY: the same promise covers the emulator's accesses through `ram`, which the VM
-        // holds no longer than the mapping lives.
-        unsafe { self.ram.add(guest_address, size, host_address) };
+            .push((guest_address, memory));
         Ok(())
     }
 
@@ -375,9 +369,7 @@ impl Vm for WhpVm {
     }
 
     fn set_msi_routes(&self, routes: &[MsiRoute]) -> Result<()> {
-        self.routes
-            .set(routes)
-            .map_err(|e| HypervisorError::call("setting MSI routes", std::io::Error::other(e)))
+        self.routes.set(routes).map_err(HypervisorError::MsiRoutes)
     }
 
     fn msi_routing(&self) -> Result<Arc<dyn MsiRouting>> {
@@ -391,23 +383,15 @@ impl Vm for WhpVm {
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
         else {
-            return Err(HypervisorError::call(
-                "creating a WHP vCPU",
-                std::io::Error::other("no buses attached (WhpVm::attach_buses comes first)"),
-            ));
+            return Err(HypervisorError::NoBuses { index });
         };
         let wake = usize::try_from(index)
             .ok()
             .and_then(|i| self.interrupts.wakes.get(i))
             .cloned()
-            .ok_or_else(|| {
-                HypervisorError::call(
-                    "creating a WHP vCPU",
-                    std::io::Error::other(format!(
-                        "vCPU {index} is past the partition's {} processors",
-                        self.interrupts.wakes.len()
-                    )),
-                )
+            .ok_or(HypervisorError::VcpuIndex {
+                index,
+                count: self.interrupts.wakes.len(),
             })?;
         let eoi = self.platform().map(|p| {
             let ioapic = p.ioapic;
@@ -454,9 +438,7 @@ struct Routing(Arc<MsiRoutes>);
 
 impl MsiRouting for Routing {
     fn set_msi_routes(&self, routes: &[MsiRoute]) -> Result<()> {
-        self.0
-            .set(routes)
-            .map_err(|e| HypervisorError::call("setting MSI routes", std::io::Error::other(e)))
+        self.0.set(routes).map_err(HypervisorError::MsiRoutes)
     }
 }
 

@@ -7,10 +7,10 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use super::tap::{Tap, TUN_F_CSUM};
-use super::tests::{activate, frame, ETHERTYPE, RAM};
-use super::{VirtioNet, VNET_HDR_LEN};
+use super::{activate, frame, ETHERTYPE, RAM};
 use crate::virtio::device::VirtioDevice;
+use crate::virtio::net::tap::{Tap, TUN_F_CSUM};
+use crate::virtio::net::{VirtioNet, VNET_HDR_LEN};
 use crate::virtio::test_support::{guest_memory, TestLoop};
 
 /// Runs `f` on a thread in a new network namespace (gone once its fds are closed).

@@ -15,10 +15,10 @@ use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestRegionMmap};
 
-use super::blk_backend::{serve, BlkBackendConfig};
-use super::config::{SharedMemoryRegion, VhostUserConfig, VhostUserKind};
-use super::device::VhostUserDevice;
 use crate::guest_memory::TrackedGuestMemory;
+use crate::vhost_user::blk_backend::{serve, BlkBackendConfig};
+use crate::vhost_user::config::{SharedMemoryRegion, VhostUserConfig, VhostUserKind};
+use crate::vhost_user::device::VhostUserDevice;
 use crate::virtio::device::{ActivateContext, VirtioDevice};
 use crate::virtio::test_support::{DriverQueue, RecordingSignals, TestLoop};
 

@@ -3,11 +3,11 @@
 
 use std::sync::Arc;
 
-use super::region::{Mappable, ShareableRegion};
-use super::section::{allocation_granularity, Section, SectionBacking, SectionError};
-use super::validate::RegionError;
-use super::view::{SectionView, ViewError};
-use super::{SectionRam, SectionRamError};
+use crate::memory::region::{Mappable, ShareableRegion};
+use crate::memory::section::{allocation_granularity, Section, SectionBacking, SectionError};
+use crate::memory::validate::RegionError;
+use crate::memory::view::{SectionView, ViewError};
+use crate::memory::{SectionRam, SectionRamError};
 
 const MIB: u64 = 1 << 20;
 const P: u64 = 4096;
@@ -108,6 +108,28 @@ fn default_ram_is_one_pagefile_section_mapped_per_region() {
     let other = SectionView::map(&r.file.try_clone().unwrap(), r.file_offset, r.size).unwrap();
     assert_eq!(read(&other, 0x1234, 5), b"guest");
     assert!(ram.view_at(size + (1 << 40)).is_none());
+}
+
+#[test]
+fn slot_memory_is_each_view_and_keeps_the_ram_mapped() {
+    use crate::hypervisor::whp::emulation::GuestRam as _;
+    use crate::memory::MappedRam;
+    let ram = Arc::new(SectionRam::create(&SectionBacking::Pagefile, 64 * MIB, 32).unwrap());
+    let slots = ram.slot_memory();
+    assert_eq!(slots.len(), ram.regions().len());
+    let mapped = MappedRam::default();
+    for (slot, region) in slots.iter().zip(ram.regions()) {
+        assert_eq!(slot.size(), region.size);
+        mapped.add(region.guest_address, slot.clone());
+    }
+    // The slots hold the views after the RAM's own handle is gone.
+    let weak = Arc::downgrade(&ram);
+    drop(ram);
+    assert!(weak.upgrade().is_some());
+    assert!(mapped.write(0x2000, b"slot"));
+    let ram = weak.upgrade().unwrap();
+    let (view, offset) = ram.view_at(0x2000).unwrap();
+    assert_eq!(read(view, offset, 4), b"slot");
 }
 
 #[test]

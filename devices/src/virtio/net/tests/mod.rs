@@ -1,8 +1,10 @@
 //! virtio-net through its public interface: activation with mock queues, a hand-turned event
 //! loop, and a datagram socket pair standing in for the tap. The same driver helpers serve
-//! `real_tap_tests`.
+//! `real_tap`, the tests on a real tap.
 
 #![allow(clippy::unwrap_used)]
+
+mod real_tap;
 
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixDatagram;

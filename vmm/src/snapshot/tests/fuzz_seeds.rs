@@ -8,9 +8,9 @@
 
 use std::path::Path;
 
-use super::manifest::{self, tests::sample};
-use super::state_file::tests::sample_state;
-use super::state_file::{decode, encode, HEADER_LEN};
+use crate::snapshot::manifest::{self, tests::sample};
+use crate::snapshot::state_file::tests::sample_state;
+use crate::snapshot::state_file::{decode, encode, HEADER_LEN};
 
 #[test]
 fn a_sample_state_file_round_trips_and_makes_the_fuzz_seeds() {
