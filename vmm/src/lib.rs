@@ -4,6 +4,8 @@
 //! - `hypervisor`: the seam to the hypervisor: KVM on Linux, the Windows Hypervisor Platform.
 //! - `config`: the typed, validated VM configuration parsed from the command line.
 //! - `boot`: loading the kernel, initrd and command line, and the boot CPU state.
+//! - `boot_state`: the boot protocol, the boot vCPU's state and the initrd's place, shared by
+//!   both boot paths.
 //! - `builder`: builds a VM in named steps (memory, VM, boot, devices, vCPUs).
 //! - `vcpu`: the per-vCPU run loop that dispatches exits to the device buses.
 //! - `guest_output`: bounded buffers and writer threads between guest output and host sinks.
@@ -18,6 +20,10 @@
 //! - `commands`: the `skiff restore`, `snapshot-*` and `skiff ctl` subcommands.
 //! - `api`: the control API (HTTP + JSON on a Unix socket) and its `skiff ctl` client.
 //! - `exec`: `skiff exec`: boot with the guest agent, run one command, return its status.
+//! - `kernel_image`: loading an ELF or bzImage kernel into any vm-memory guest memory without
+//!   linux-loader (the Windows path; checked against linux-loader in tests).
+//! - `windows_vm`: `skiff run` on Windows: the VM built on section RAM and the Windows
+//!   Hypervisor Platform, its vCPU threads, and the wait for its end.
 //! - `test_runner`: `skiff test`: a TOML suite of cases run in VMs, cold or forked from a
 //!   snapshot, and the runner as a library (`test_runner::test_vm`).
 //! - `host_file`: opening command-line files without blocking, with their type checked.
@@ -36,13 +42,13 @@ pub mod memory;
 pub mod api;
 #[cfg(target_os = "linux")]
 pub mod boot;
+pub mod boot_state;
 #[cfg(target_os = "linux")]
 pub mod builder;
 #[cfg(target_os = "linux")]
 pub mod cli;
 #[cfg(target_os = "linux")]
 pub mod commands;
-#[cfg(target_os = "linux")]
 pub mod config;
 #[cfg(target_os = "linux")]
 pub mod event_loop;
@@ -55,6 +61,7 @@ pub mod exit_status_file;
 pub mod guest_output;
 #[cfg(target_os = "linux")]
 pub mod host_file;
+pub mod kernel_image;
 #[cfg(target_os = "linux")]
 pub mod pci_devices;
 #[cfg(target_os = "linux")]
@@ -71,12 +78,13 @@ pub mod teardown;
 pub mod terminal;
 #[cfg(target_os = "linux")]
 pub mod test_runner;
-#[cfg(target_os = "linux")]
+#[cfg(any(target_os = "linux", windows))]
 pub mod vcpu;
 #[cfg(target_os = "linux")]
 pub mod vhost_user_blk;
 #[cfg(target_os = "linux")]
 pub mod virtio_devices;
+pub mod windows_vm;
 
 /// Formats an error and its `source()` chain on one line: `outer: inner: root` (one helper for
 /// every crate: `devices` owns it).

@@ -390,21 +390,11 @@ fn main() -> std::process::ExitCode {
     cli::main()
 }
 
-/// On Windows: loads the Windows Hypervisor Platform, or says in one line why it cannot
-/// (exit code 123). Running a VM there is not built yet (docs/windows.md).
+/// On Windows: `skiff run` on the Windows Hypervisor Platform (`vmm::windows_vm`); where the
+/// platform is missing or disabled, one line and exit code 123 (docs/windows.md).
 #[cfg(windows)]
 fn main() -> std::process::ExitCode {
-    use vmm::exit_code;
-    match vmm::hypervisor::whp::WhpLibrary::load() {
-        Err(e) => {
-            eprintln!("skiff: {}", vmm::error_chain(&e));
-            std::process::ExitCode::from(exit_code::HYPERVISOR_UNAVAILABLE)
-        }
-        Ok(_) => {
-            eprintln!("skiff: the Windows Hypervisor Platform is present, but skiff cannot run VMs on Windows yet (docs/windows.md)");
-            std::process::ExitCode::from(exit_code::VMM_ERROR)
-        }
-    }
+    vmm::windows_vm::run::main()
 }
 
 #[cfg(not(any(target_os = "linux", windows)))]

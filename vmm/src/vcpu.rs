@@ -434,7 +434,7 @@ mod tests {
         let (control, exit, thread) = start();
         control.request_pause();
         assert!(control.wait_parked(WAIT));
-        exit.request(GuestEnd::HostSignal(libc::SIGTERM));
+        exit.request(GuestEnd::Stopped);
         control.wake();
         assert_eq!(thread.join().unwrap(), None);
         assert!(control.is_parked(), "a finished thread counts as parked");

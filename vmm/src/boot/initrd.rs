@@ -51,13 +51,7 @@ pub struct LoadedInitrd {
     pub size: u64,
 }
 
-/// Picks the initrd's address: the highest page-aligned `a` with `a + size <= high`, `a >= low`.
-pub fn place(size: u64, low: u64, high: u64) -> Option<u64> {
-    let page = arch::layout::PAGE_SIZE;
-    let start = high.checked_sub(size)? & !(page - 1);
-    let low = low.checked_add(page - 1)? & !(page - 1);
-    (start >= low).then_some(start)
-}
+use crate::boot_state::place_initrd as place;
 
 /// Loads the initrd at `path` between `kernel_end` and `ram_top` (exclusive).
 pub fn load_initrd(
@@ -93,15 +87,6 @@ pub fn load_initrd(
 mod tests {
     use super::*;
     use std::io::Write;
-
-    #[test]
-    fn placement_is_highest_aligned_fit() {
-        assert_eq!(place(0x1800, 0x10_0000, 0x20_0000), Some(0x1f_e000));
-        assert_eq!(place(0x1000, 0x10_0000, 0x20_0000), Some(0x1f_f000));
-        assert_eq!(place(0x10_0000, 0x10_0000, 0x20_0000), Some(0x10_0000));
-        assert_eq!(place(0x10_0001, 0x10_0000, 0x20_0000), None);
-        assert_eq!(place(u64::MAX, 0, 0x20_0000), None);
-    }
 
     #[test]
     fn loads_bytes_and_rejects_oversize() {

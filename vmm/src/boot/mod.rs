@@ -9,7 +9,6 @@ pub mod kernel;
 use std::path::PathBuf;
 
 use arch::layout::{RamRange, CMDLINE_MAX_SIZE, CMDLINE_START};
-use arch::regs::{SpecialRegisters, StandardRegisters};
 use devices::guest_memory::TrackedGuestMemory;
 use linux_loader::cmdline::Cmdline;
 use thiserror::Error;
@@ -59,33 +58,7 @@ pub enum BootError {
     Linux(#[source] arch::linux_boot::LinuxBootError),
 }
 
-/// The boot protocol chosen for the loaded kernel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BootProtocol {
-    /// PVH: 32-bit protected mode, paging off.
-    Pvh,
-    /// Linux 64-bit boot protocol: long mode with identity page tables.
-    Linux64,
-}
-
-/// The boot vCPU's initial state.
-#[derive(Debug, Clone, Copy)]
-pub struct BootCpuState {
-    /// Protocol the registers follow.
-    pub protocol: BootProtocol,
-    /// General-purpose registers (entry point, boot structure pointer).
-    pub regs: StandardRegisters,
-}
-
-impl BootCpuState {
-    /// Applies the protocol's segment and control registers on top of the vCPU's reset state.
-    pub fn apply_sregs(&self, sregs: &mut SpecialRegisters) {
-        match self.protocol {
-            BootProtocol::Pvh => arch::pvh::pvh_boot_sregs(sregs),
-            BootProtocol::Linux64 => arch::linux_boot::long_mode_boot_sregs(sregs),
-        }
-    }
-}
+pub use crate::boot_state::{BootCpuState, BootProtocol};
 
 /// Loads everything `cfg` names into `mem`, laid out as `ram`, and returns the boot vCPU's state.
 pub fn prepare_boot(

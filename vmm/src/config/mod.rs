@@ -6,6 +6,10 @@
 //! type=...,socket=PATH[,...]` a `VhostUserConfig` (module `vhost_user`), `--vsock
 //! cid=N,socket=PATH` a `VsockConfig` (module `vsock`). Nothing downstream re-parses these
 //! strings.
+//!
+//! On Windows only the neutral parsers build (sizes, `--serial`, `--cpus`, `--timeout`,
+//! `key=value` lists); `windows_vm::args` builds its options from them. The memory backings,
+//! the virtio options and `VmConfig` are Linux's.
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -13,20 +17,31 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+#[cfg(target_os = "linux")]
 use crate::memory::backing::BackingKind;
+#[cfg(target_os = "linux")]
 use crate::memory::MemoryConfig;
 
+#[cfg(target_os = "linux")]
 pub mod disk;
 pub mod key_values;
+#[cfg(target_os = "linux")]
 pub mod net;
+#[cfg(target_os = "linux")]
 pub mod resource_override;
+#[cfg(target_os = "linux")]
 pub mod vhost_user;
+#[cfg(target_os = "linux")]
 pub mod vsock;
 
+#[cfg(target_os = "linux")]
 pub use disk::{DiskArg, DiskConfig};
 pub use key_values::{KeyValueError, KeyValueSpec};
+#[cfg(target_os = "linux")]
 pub use net::NetConfig;
+#[cfg(target_os = "linux")]
 pub use vhost_user::{VhostUserArg, VhostUserConfig};
+#[cfg(target_os = "linux")]
 pub use vsock::VsockConfig;
 
 /// Most vCPUs skiff creates: APIC IDs and ACPI processor UIDs are 8-bit in the xAPIC MADT
@@ -104,6 +119,7 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
     n.checked_mul(1u64 << shift).ok_or_else(err)
 }
 
+#[cfg(target_os = "linux")]
 fn parse_switch(key: &'static str, value: &str) -> Result<bool, ConfigError> {
     match value {
         "on" | "true" | "yes" => Ok(true),
@@ -117,8 +133,9 @@ fn parse_switch(key: &'static str, value: &str) -> Result<bool, ConfigError> {
 
 /// The smallest page any backing has; larger ones (huge pages) are checked when the backing
 /// is opened.
-const SMALL_PAGE: u64 = 4096;
+pub(crate) const SMALL_PAGE: u64 = 4096;
 
+#[cfg(target_os = "linux")]
 const MEMORY_KEYS: KeyValueSpec = KeyValueSpec {
     option: "--memory",
     keys: &[
@@ -132,9 +149,11 @@ const MEMORY_KEYS: KeyValueSpec = KeyValueSpec {
 };
 
 /// `--memory` as typed on the command line.
+#[cfg(target_os = "linux")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemoryArg(pub MemoryConfig);
 
+#[cfg(target_os = "linux")]
 impl FromStr for MemoryArg {
     type Err = ConfigError;
 
@@ -240,6 +259,7 @@ pub fn parse_cpus(s: &str) -> Result<u32, ConfigError> {
 }
 
 /// Everything needed to build and run one VM.
+#[cfg(target_os = "linux")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
     /// Kernel image (ELF vmlinux or bzImage).
@@ -272,9 +292,11 @@ pub struct VmConfig {
 }
 
 /// One virtio-rng device (`--rng`): entropy from the host's `getrandom`. No options yet.
+#[cfg(target_os = "linux")]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RngConfig;
 
+#[cfg(target_os = "linux")]
 impl RngConfig {
     /// The devices `--rng` given `count` times asks for.
     pub fn repeated(count: u8) -> Vec<Self> {
@@ -304,6 +326,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_os = "linux")]
     fn memory_option() {
         let m: MemoryArg = "size=1G,prealloc=on".parse().unwrap();
         assert_eq!(m.0.size, 1 << 30);
@@ -376,6 +399,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_os = "linux")]
     fn rng_flag_counts_devices() {
         assert_eq!(RngConfig::repeated(0), vec![]);
         assert_eq!(RngConfig::repeated(3), vec![RngConfig; 3]);

@@ -7,6 +7,8 @@
 //!   guest address (what the WHP instruction emulator reaches).
 //! - `section`, `view`, `section_ram` (Windows): RAM as a pagefile-backed or file-backed
 //!   section, views of it that unmap on drop, and the regions mapped at their file offsets.
+//! - `view_memory`: those views (any `SlotMemory`) as vm-memory's
+//!   `GuestMemoryBackend`, which the boot loader writes through on Windows.
 //! - `host_mapping`: one region's mapping in this process, kept alive by its handle, whose bytes
 //!   snapshot writers hand to the kernel.
 //! - `share`: the regions as a vhost-user backend maps them (descriptor, offset, user address).
@@ -34,6 +36,8 @@ pub mod section;
 mod section_ram;
 #[cfg(windows)]
 pub mod view;
+#[cfg(any(windows, test))]
+pub mod view_memory;
 
 #[cfg(target_os = "linux")]
 pub use guest_ram::{GuestRam, MemoryConfig, MemoryError};

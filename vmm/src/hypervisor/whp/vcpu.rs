@@ -209,6 +209,15 @@ pub struct VcpuCanceller {
 }
 
 impl VcpuCanceller {
+    /// The canceller of vCPU `index` of `partition`, whose halts wait on `wake`.
+    pub(super) fn new(partition: Arc<Partition>, index: u32, wake: Arc<HaltWake>) -> Self {
+        Self {
+            partition,
+            index,
+            wake,
+        }
+    }
+
     /// Makes the vCPU's current or next `WHvRunVirtualProcessor` return
     /// (`WHvRunVpExitReasonCanceled`), and ends a halt wait.
     pub fn cancel(&self) -> Result<()> {

@@ -78,14 +78,16 @@ impl WhpHypervisor {
     }
 }
 
-impl Hypervisor for WhpHypervisor {
-    fn create_vm(&self) -> Result<Box<dyn Vm>> {
+impl WhpHypervisor {
+    /// `create_vm` with the concrete type, for the Windows builder, which also needs
+    /// `WhpVm`'s own steps (`attach_buses`, `platform`, `isa_irq`, `canceller`).
+    pub fn create_whp_vm(&self) -> Result<WhpVm> {
         let partition = Partition::create(self.lib.clone(), self.vcpus, &self.cpuid)
             .map_err(HypervisorError::Partition)?;
         let wakes = (0..self.vcpus)
             .map(|_| Arc::new(HaltWake::default()))
             .collect();
-        Ok(Box::new(WhpVm {
+        Ok(WhpVm {
             interrupts: Arc::new(WhpInterrupts {
                 partition: Arc::new(partition),
                 wakes,
@@ -98,7 +100,13 @@ impl Hypervisor for WhpHypervisor {
             pit_timer: Mutex::new(None),
             buses: Mutex::new(None),
             boot_kick: Arc::new(Mutex::new(None)),
-        }))
+        })
+    }
+}
+
+impl Hypervisor for WhpHypervisor {
+    fn create_vm(&self) -> Result<Box<dyn Vm>> {
+        Ok(Box::new(self.create_whp_vm()?))
     }
 
     fn max_vcpus(&self) -> usize {
@@ -263,6 +271,17 @@ impl WhpVm {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// What cancels vCPU `index`'s runs from another thread (`None` past the partition's
+    /// processors); the same as that vCPU's own `WhpVcpu::canceller`.
+    pub fn canceller(&self, index: u32) -> Option<VcpuCanceller> {
+        let wake = self.interrupts.wakes.get(usize::try_from(index).ok()?)?;
+        Some(VcpuCanceller::new(
+            self.interrupts.partition.clone(),
+            index,
+            wake.clone(),
+        ))
     }
 
     /// Delivers the MSI routed to `gsi`, if any (a device's interrupt on WHP, where KVM would
