@@ -514,6 +514,7 @@ mod tests {
             cwd: Vec::new(),
             timeout: None,
             forward_stdin: false,
+            stdin: Vec::new(),
         };
         let mut out = Vec::new();
         let mut err = Vec::new();

@@ -100,8 +100,13 @@ fn agent<'a>(
     proc: &mut VmProcess,
 ) -> Result<&'a mut AgentClient, TestVmError> {
     if client.is_none() {
-        let c = connect_agent(vsock, Instant::now() + FORK_TIMEOUT, proc)
-            .map_err(|e| TestVmError::Agent(format!("reconnect: {e}")))?;
+        let c = connect_agent(
+            vsock,
+            Instant::now() + FORK_TIMEOUT,
+            proc,
+            Greeting::Answered,
+        )
+        .map_err(|e| TestVmError::Agent(format!("reconnect: {e}")))?;
         *client = Some(c);
     }
     client
